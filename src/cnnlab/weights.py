@@ -1,0 +1,123 @@
+"""Loading pretrained weights from local files only: nothing is ever downloaded."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnlab.errors import CnnlabError
+from cnnlab.registry import ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadReport:
+    """What happened to each tensor of a pretrained state_dict."""
+
+    source: Path
+    loaded: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)  # first conv summed/repeated to in_channels
+    skipped: list[str] = field(default_factory=list)  # shape differs: the new head, say
+
+
+def torch_hub_checkpoints() -> Path:
+    """``$TORCH_HOME/hub/checkpoints`` (default ``~/.cache/torch/hub/checkpoints``)."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch"
+    )
+    return Path(torch_home) / "hub" / "checkpoints"
+
+
+def torchvision_weight_files(torchvision_name: str) -> list[str]:
+    """File names torchvision uses for a model's weights, its default first."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(torchvision_name)
+    default = enum.DEFAULT
+    members = [default, *(w for w in enum if w is not default)]
+    return [w.url.rsplit("/", 1)[-1] for w in members]
+
+
+def find_torchvision_weights(info: ModelInfo) -> Path:
+    """The local torchvision weight file for a model, or a clear error saying where to put it."""
+    if info.torchvision is None:
+        raise CnnlabError(f"{info.name} has no torchvision weights; pass a file path instead")
+    folder = torch_hub_checkpoints()
+    names = torchvision_weight_files(info.torchvision)
+    for file_name in names:
+        if (folder / file_name).is_file():
+            return folder / file_name
+    raise CnnlabError(
+        f"no torchvision weights for {info.name} on this machine: expected {folder / names[0]} "
+        f"(copy torchvision's {names[0]} there, or set TORCH_HOME; nothing is downloaded)"
+    )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file or a .pt/.pth state_dict without unpickling objects."""
+    if not path.is_file():
+        raise CnnlabError(f"{path}: weight file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any decoding failure is the file's fault, not ours
+        raise CnnlabError(f"{path}: not a readable weight file ({error})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CnnlabError(f"{path}: does not hold a state_dict of tensors")
+    return state
+
+
+def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    # timm's recipe: grayscale sums the RGB filters; more channels repeat them, rescaled so
+    # activations keep their scale.
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_channels // weight.shape[1])
+    tiled = weight.repeat(1, repeats, 1, 1)[:, :in_channels]
+    return tiled * (weight.shape[1] / in_channels)
+
+
+def load_pretrained(model: nn.Module, info: ModelInfo, weights: str | Path) -> LoadReport:
+    """Load weights into ``model``: matching tensors load, the first conv adapts to
+    ``in_channels``, tensors of another shape (a head for other classes) stay new."""
+    path = find_torchvision_weights(info) if weights == "torchvision" else Path(weights)
+    source = read_state_dict(path)
+    target = model.state_dict()
+    report = LoadReport(source=path)
+    merged = dict(target)
+    for key, tensor in source.items():
+        if key not in target:
+            continue
+        wanted = target[key].shape
+        if tensor.shape == wanted:
+            merged[key] = tensor
+            report.loaded.append(key)
+        elif tensor.dim() == 4 and tensor.shape[0] == wanted[0] and tensor.shape[2:] == wanted[2:]:
+            merged[key] = _adapt_input_conv(tensor, wanted[1])
+            report.adapted.append(key)
+        else:
+            report.skipped.append(key)
+    if not report.loaded:
+        raise CnnlabError(f"{path}: no tensor matches {info.name}; is it a weight file for it?")
+    missing = [k for k in target if k not in source]
+    model.load_state_dict(merged)
+    if report.skipped or missing:
+        log.warning(
+            "%s: loaded %d tensors; new (not in the file or of another shape): %s",
+            path.name,
+            len(report.loaded) + len(report.adapted),
+            ", ".join(report.skipped + missing),
+        )
+    model.pretrained_report = report
+    return report
