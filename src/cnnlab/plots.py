@@ -1,0 +1,157 @@
+"""Plots for a run folder: learning curves, confusion matrix and the worst test errors.
+
+Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so plotting never
+touches global GUI state and works in threads, notebooks and headless machines alike.
+matplotlib is imported inside each function to keep ``import cnnlab`` fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from cnnlab.checkpoint import atomic_write_bytes
+from cnnlab.errors import CnnlabError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+_CELL_TEXT_MAX_CLASSES = 20  # above this, numbers in cells are unreadable
+_MAX_ERROR_IMAGES = 16
+
+
+def plot_curves(metrics_csv: Path, out: Path) -> None:
+    """Loss and top-1 accuracy per epoch, train vs val, from a run's ``metrics.csv``."""
+    rows = _read_metrics(Path(metrics_csv))
+    fig = _new_figure((10, 4))
+    epochs = [_number(row.get("epoch")) for row in rows]
+    for ax, metric, label in zip(
+        fig.subplots(1, 2), ("loss", "top1"), ("loss", "top-1 accuracy"), strict=True
+    ):
+        for split in ("train", "val"):
+            values = [_number(row.get(f"{split}_{metric}")) for row in rows]
+            # Markers make a one-epoch run visible as a point rather than nothing.
+            ax.plot(epochs, values, marker="o", markersize=3, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if not rows:
+            ax.text(0.5, 0.5, "no epochs yet", ha="center", va="center", transform=ax.transAxes)
+    _save(fig, Path(out))
+
+
+def plot_confusion(matrix: torch.Tensor, classes: list[str], out: Path) -> None:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted class)."""
+    counts = torch.as_tensor(matrix, dtype=torch.float64).cpu()
+    k = len(classes)
+    if counts.shape != (k, k):
+        raise ValueError(f"confusion matrix of shape {tuple(counts.shape)} for {k} classes")
+    # Each row sums to 1 (recall per class on the diagonal); empty rows stay 0.
+    normalised = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+
+    side = min(max(2.5 + 0.22 * k, 5.0), 40.0)  # inches: ~0.2 in per class, bounded
+    # Tick labels fill at most ~half of each class's row (72 pt per inch, ~80% is the axes).
+    fontsize = min(max(0.5 * side * 72 * 0.8 / max(k, 1), 2.0), 10.0)
+    fig = _new_figure((side + 1.5, side))
+    ax = fig.subplots()
+    image = ax.imshow(normalised.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
+    ticks = list(range(k))
+    ax.set_xticks(ticks, labels=classes, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, labels=classes, fontsize=fontsize)
+    label_size = max(10.0, side / 2)  # stays readable when a large figure is scaled down
+    ax.set_xlabel("predicted", fontsize=label_size)
+    ax.set_ylabel("true", fontsize=label_size)
+    title = f"confusion matrix ({int(counts.sum())} images, rows normalised)"
+    ax.set_title(title, fontsize=label_size)
+    if k <= _CELL_TEXT_MAX_CLASSES:
+        for (row, col), value in _cells(normalised):
+            colour = "white" if value > 0.5 else "black"
+            ax.text(
+                col, row, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=fontsize
+            )
+    fig.colorbar(image, ax=ax, fraction=0.3 / side)  # a bar ~0.3 inch wide at any size
+    _save(fig, Path(out))
+
+
+def plot_errors(
+    images: Sequence[torch.Tensor],
+    true: Sequence[str],
+    pred: Sequence[str],
+    losses: Sequence[float],
+    out: Path,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> None:
+    """A grid of the highest-loss images, each titled "true: X / pred: Y (loss)".
+
+    ``images`` are normalised (C, H, W) tensors as the model saw them; ``mean`` and ``std``
+    undo that normalisation for display. At most 16 images are shown, worst first.
+    """
+    if not len(images) == len(true) == len(pred) == len(losses):
+        raise ValueError("images, true, pred and losses must have the same length")
+    worst = sorted(range(len(images)), key=lambda i: -float(losses[i]))[:_MAX_ERROR_IMAGES]
+    cols = max(1, min(4, math.ceil(math.sqrt(len(worst)))))
+    rows = max(1, math.ceil(len(worst) / cols))
+    fig = _new_figure((3 * cols, 3.2 * rows))
+    if not worst:
+        fig.text(0.5, 0.5, "no test images to show", ha="center", va="center")
+    for slot, i in enumerate(worst):
+        ax = fig.add_subplot(rows, cols, slot + 1)
+        pixels = _denormalise(images[i], mean, std)  # (H, W) or (H, W, 3) in [0, 1]
+        ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0.0, vmax=1.0)
+        ax.set_title(f"true: {true[i]} / pred: {pred[i]} ({float(losses[i]):.2f})", fontsize=8)
+        ax.axis("off")
+    _save(fig, Path(out))
+
+
+def _read_metrics(path: Path) -> list[dict[str, str]]:
+    try:
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+    except OSError as e:
+        raise CnnlabError(f"{path}: cannot read metrics ({e.strerror or e})") from e
+
+
+def _number(text: str | None) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def _cells(matrix: torch.Tensor) -> list[tuple[tuple[int, int], float]]:
+    rows, cols = matrix.shape
+    return [((r, c), float(matrix[r, c])) for r in range(rows) for c in range(cols)]
+
+
+def _denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
+    image = image.detach().float().cpu()  # (C, H, W)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+    pixels = (image * std_t + mean_t).clamp(0.0, 1.0)
+    if pixels.shape[0] == 1:
+        return pixels[0].numpy()  # (H, W): drawn with the grey colour map
+    return pixels[:3].permute(1, 2, 0).numpy()  # (H, W, 3)
+
+
+def _new_figure(size: tuple[float, float]) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, out: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write_bytes(out, buffer.getvalue())

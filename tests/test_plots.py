@@ -1,0 +1,129 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnlab.errors import CnnlabError
+from cnnlab.plots import plot_confusion, plot_curves, plot_errors
+
+HEADER = "epoch,lr,train_loss,train_top1,val_loss,val_top1,val_top5,seconds\n"
+
+
+def read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return np.asarray(image.convert("RGB"))
+
+
+def assert_only_file(path: Path) -> None:
+    # Written atomically: no temporary file is left beside the PNG.
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def write_metrics(path: Path, epochs: int) -> Path:
+    rows = [
+        f"{e},0.001,{2.0 / e:.3f},{0.2 * e:.3f},{2.2 / e:.3f},{0.18 * e:.3f},0.9,1.5\n"
+        for e in range(1, epochs + 1)
+    ]
+    path.write_text(HEADER + "".join(rows))
+    return path
+
+
+@pytest.mark.parametrize("epochs", [0, 1, 4])
+def test_curves_png_two_panels(tmp_path: Path, epochs: int) -> None:
+    csv = write_metrics(tmp_path / "metrics.csv", epochs)
+    out = tmp_path / "plots" / "curves.png"
+    out.parent.mkdir()
+    plot_curves(csv, out)
+    pixels = read_png(out)
+    height, width, _ = pixels.shape
+    assert 800 <= width <= 1200 and 300 <= height <= 500  # two panels side by side
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # axes, text and lines drawn
+    assert_only_file(out)
+
+
+def test_curves_missing_csv_names_file(tmp_path: Path) -> None:
+    with pytest.raises(CnnlabError, match=r"nothere\.csv"):
+        plot_curves(tmp_path / "nothere.csv", tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.parametrize("k", [1, 3, 120])
+def test_confusion_png_grows_with_classes(tmp_path: Path, k: int) -> None:
+    matrix = torch.randint(0, 20, (k, k))
+    matrix[0] = 0  # a class with no test images must not divide by zero
+    out = tmp_path / "confusion.png"
+    plot_confusion(matrix, [f"class_{i}" for i in range(k)], out)
+    height, width, _ = read_png(out).shape
+    assert height >= 400 and width >= height
+    if k == 120:
+        assert height >= 2000  # ~0.2 inch per class keeps 120 names readable
+    assert_only_file(out)
+
+
+def test_confusion_shape_must_match_classes(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="3 classes"):
+        plot_confusion(torch.zeros(2, 2), ["a", "b", "c"], tmp_path / "c.png")
+
+
+def test_confusion_is_row_normalised(tmp_path: Path) -> None:
+    def draw(matrix: list[list[int]]) -> np.ndarray:
+        out = tmp_path / "confusion.png"
+        plot_confusion(torch.tensor(matrix), ["a", "b"], out)
+        return read_png(out)
+
+    # Same total, rows scaled differently: identical once each row sums to 1.
+    assert np.array_equal(draw([[50, 0], [0, 5]]), draw([[5, 0], [0, 50]]))
+    assert not np.array_equal(draw([[50, 0], [0, 5]]), draw([[45, 5], [0, 5]]))
+
+
+def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    return (images - mean) / std
+
+
+def test_errors_grid_rgb(tmp_path: Path) -> None:
+    images = normalise(torch.rand(5, 3, 16, 16), 0.5, 0.25)
+    out = tmp_path / "errors.png"
+    plot_errors(list(images), list("abcde"), list("edcba"), [0.1, 3, 2, 1, 0.5], out,
+                mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
+    pixels = read_png(out).astype(int)
+    assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600  # 2 rows x 3 columns
+    colourful = np.abs(pixels[..., 0] - pixels[..., 1]) + np.abs(pixels[..., 1] - pixels[..., 2])
+    assert (colourful > 30).sum() > 1000
+    assert_only_file(out)
+
+
+def test_errors_grayscale_shown_in_grey_and_denormalised(tmp_path: Path) -> None:
+    # A uniform 0.5 grey image normalised with mean 0.5 / std 0.5 is all zeros.
+    images = [torch.zeros(1, 16, 16), torch.zeros(1, 16, 16)]
+    out = tmp_path / "errors.png"
+    plot_errors(images, ["3", "8"], ["8", "3"], [1.0, 2.0], out, mean=(0.5,), std=(0.5,))
+    pixels = read_png(out).astype(int)
+    # Only neutral greys (image, black text on white): no colour map was applied.
+    assert np.abs(pixels[..., 0] - pixels[..., 2]).max() <= 2
+    mid_grey = (np.abs(pixels - 128) <= 2).all(axis=-1)
+    assert mid_grey.sum() > 5000  # the de-normalised image, not black (0) or clipped
+
+
+def test_errors_capped_to_sixteen_worst(tmp_path: Path) -> None:
+    def draw(n: int) -> tuple[int, ...]:
+        out = tmp_path / f"errors{n}.png"
+        images = list(torch.zeros(n, 3, 8, 8))
+        labels = [str(i) for i in range(n)]
+        plot_errors(images, labels, labels, list(range(n)), out, (0.0,) * 3, (1.0,) * 3)
+        return read_png(out).shape
+
+    assert draw(40) == draw(16) != draw(4)
+
+
+def test_errors_empty_is_a_valid_png(tmp_path: Path) -> None:
+    out = tmp_path / "errors.png"
+    plot_errors([], [], [], [], out, (0.5,), (0.5,))
+    assert read_png(out).shape[0] >= 200
+
+
+def test_errors_length_mismatch(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="same length"):
+        plot_errors([torch.zeros(1, 4, 4)], ["a"], [], [1.0], tmp_path / "e.png", (0,), (1,))
