@@ -1,0 +1,82 @@
+import pytest
+import torch
+from torch import nn
+
+import cnnlab.models.fcn  # noqa: F401  (registers the FCNs; the zoo imports it later)
+from cnnlab import create_model
+from cnnlab.convolutionalize import FullyConvolutional, convolutionalize
+from cnnlab.errors import CnnlabError, InputSizeError
+
+CLASSES = 5
+
+# (model, builder kwargs, training input (C, H, W), larger input (H, W), the head's kernel on
+# the feature map: the window the first Linear flattened, 1 for global-pooling heads)
+FAMILIES = [
+    ("convnet", {"in_channels": 1, "hdims": (32,)}, (1, 28, 28), (44, 52), 7),
+    ("alexnet", {}, (3, 224, 224), (256, 288), 6),
+    ("vgg11", {}, (3, 224, 224), (256, 288), 7),
+    ("resnet18", {}, (3, 32, 32), (64, 96), 1),
+    ("densenet121", {}, (3, 32, 32), (64, 96), 1),
+    ("googlenet", {}, (3, 32, 32), (64, 96), 1),
+]
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "kwargs", "train", "large", "kernel"), FAMILIES)
+@torch.no_grad()
+def test_same_logits_same_parameters_and_a_score_map(name, kwargs, train, large, kernel):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=CLASSES, **kwargs).eval()
+    copy = convolutionalize(model)
+    assert isinstance(copy, FullyConvolutional)
+    assert _params(copy) == _params(model)
+
+    x = torch.randn(1, *train)
+    logits = model(x)  # (1, K)
+    scores = copy(x)  # (1, K, h, w)
+    assert logits.std() > 1e-3  # a real comparison, not two zero tensors
+    if kernel > 1:  # flatten heads: the window covers the whole map at the training size
+        assert scores.shape == (1, CLASSES, 1, 1)
+    torch.testing.assert_close(scores.mean((-2, -1)), logits, atol=1e-5, rtol=0)
+
+    big = torch.randn(1, train[0], *large)
+    features = model.forward_features(big).shape[-2:]
+    expected = (features[0] - kernel + 1, features[1] - kernel + 1)
+    assert copy(big).shape == (1, CLASSES, *expected)
+    assert expected[0] > 1 and expected[1] > 1
+
+
+@torch.no_grad()
+def test_convnet_copy_drops_the_fixed_size_but_keeps_a_minimum():
+    model = create_model("convnet", num_classes=3, in_channels=1, hdims=(16,)).eval()
+    copy = convolutionalize(model)
+    with pytest.raises(InputSizeError):
+        model(torch.zeros(1, 1, 40, 40))  # the original still takes 28x28 only
+    assert copy(torch.zeros(1, 1, 40, 40)).shape == (1, 3, 4, 4)
+    assert copy.min_input_size == 28  # two 2x2 pools, then a 7x7 window
+    with pytest.raises(InputSizeError, match="at least 28x28"):
+        copy(torch.zeros(1, 1, 27, 40))
+
+
+def test_original_is_left_unchanged():
+    model = create_model("resnet18", num_classes=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    convolutionalize(model)
+    assert isinstance(model.fc, nn.Linear)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2)),
+        create_model("fcn32s", num_classes=3, backbone="resnet18"),
+    ],
+    ids=["plain-sequential", "fcn32s"],
+)
+def test_unsupported_models_get_a_clear_error(model):
+    with pytest.raises(CnnlabError, match=r"cannot convolutionalize .*supported families"):
+        convolutionalize(model)
