@@ -1,0 +1,358 @@
+"""The inspector against torchinfo and fvcore, and against receptive fields worked by hand."""
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchinfo
+import torchvision
+from fvcore.nn import FlopCountAnalysis
+from rich.console import Console
+from torch import nn
+
+from cnnlab.errors import CnnlabError, InputSizeError
+from cnnlab.inspect import render_summary, summarize
+
+TORCHVISION = {
+    "alexnet": (torchvision.models.alexnet, (3, 224, 224)),
+    "vgg11": (torchvision.models.vgg11, (3, 64, 64)),
+    "vgg16": (torchvision.models.vgg16, (3, 64, 64)),
+    "resnet18": (torchvision.models.resnet18, (3, 64, 64)),
+    "resnet50": (torchvision.models.resnet50, (3, 64, 64)),
+    "googlenet": (
+        functools.partial(torchvision.models.googlenet, aux_logits=False, init_weights=False),
+        (3, 64, 64),
+    ),
+    "densenet121": (torchvision.models.densenet121, (3, 64, 64)),
+}
+
+
+@functools.cache
+def tv_model(name: str) -> nn.Module:
+    """A torchvision model with zero weights: counting needs shapes, not values, and
+    skipping the random initialisation of 100M+ parameters keeps the tests fast."""
+    with torch.device("meta"):
+        model = TORCHVISION[name][0]()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.zero_()  # uninitialised memory may hold denormals, which are slow
+    return model
+
+
+def rows_by_name(summary):
+    return {row.name: row for row in summary.layers}
+
+
+@pytest.mark.parametrize("name", sorted(set(TORCHVISION) - {"vgg16"}))
+def test_params_exact_and_macs_within_one_percent_of_torchinfo(name):
+    model, size = tv_model(name), TORCHVISION[name][1]
+    ours = summarize(model, size)
+    theirs = torchinfo.summary(model, input_size=(1, *size), verbose=0)
+    assert ours.total_params == theirs.total_params
+    assert ours.trainable_params == theirs.trainable_params
+    assert ours.total_macs == pytest.approx(theirs.total_mult_adds, rel=0.01)
+    assert sum(row.macs for row in ours.layers) == ours.total_macs
+
+
+@pytest.mark.parametrize("name", ["alexnet", "resnet18"])
+def test_conv_and_linear_macs_equal_fvcore(name):
+    model, size = tv_model(name).eval(), TORCHVISION[name][1]
+    counts = FlopCountAnalysis(model, torch.zeros(1, *size))
+    counts.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    by_op = counts.by_operator()
+    ours = summarize(model, size)
+    conv_linear = sum(row.macs for row in ours.layers if row.type in ("Conv2d", "Linear"))
+    assert conv_linear == by_op["conv"] + by_op["linear"]
+
+
+def test_alexnet_and_vgg16_feature_receptive_fields():
+    alexnet = summarize(tv_model("alexnet"), (3, 224, 224), depth=1)
+    features = rows_by_name(alexnet)["features"]
+    assert (features.rf, features.jump) == (195, 32)
+    assert features.output_shape == [256, 6, 6]
+    assert alexnet.receptive_field == 195  # the adaptive pool to 6x6 is the identity here
+
+    vgg16 = summarize(tv_model("vgg16"), (3, 64, 64))
+    pool5 = rows_by_name(vgg16)["features.30"]
+    assert (pool5.type, pool5.rf, pool5.jump) == ("MaxPool2d", 212, 32)
+
+
+def test_hand_computed_receptive_fields_and_shapes():
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),  # r 1+2*1=3, j 1
+        nn.MaxPool2d(2),  # r 3+1*1=4, j 2
+        nn.Conv2d(4, 4, 3, padding=2, dilation=2),  # k_eff 5: r 4+4*2=12, j 2
+        nn.Conv2d(4, 8, 3, stride=2, padding=1),  # r 12+2*2=16, j 4
+        nn.AvgPool2d(3, stride=1, padding=1),  # r 16+2*4=24, j 4
+        nn.AdaptiveAvgPool2d(1),  # 4x4 -> 1: r 24+3*4=36, j 16
+        nn.Flatten(),
+        nn.Linear(8, 2),
+    )
+    summary = summarize(net, (1, 16, 16))
+    fields = [(row.rf, row.jump) for row in summary.layers]
+    expected = [(3, 1), (4, 2), (12, 2), (16, 4), (24, 4), (36, 16), (None, None), (None, None)]
+    assert fields == expected
+    shapes = [row.output_shape for row in summary.layers]
+    assert shapes == [[4, 16, 16], [4, 8, 8], [4, 8, 8], [8, 4, 4], [8, 4, 4], [8, 1, 1], [8], [2]]
+    assert summary.receptive_field == 36
+
+
+class TwoBranch(nn.Module):
+    """Branch a sees 3x3, branch b 7x7 (two 1-stride convs, then a stride-2 pool that is
+    undone by upsampling); they meet in an add and a concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(2, 2, 3, padding=1)  # r 3, j 1
+        self.b1 = nn.Conv2d(2, 2, 5, padding=2)  # r 5, j 1
+        self.b2 = nn.MaxPool2d(2)  # r 6, j 2
+        self.head = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        a = self.a(x)
+        b = F.interpolate(self.b2(self.b1(x)), scale_factor=2.0)  # r 6, j 2/2 = 1
+        merged = torch.cat([a + b, a], dim=1)  # widest branch wins: r 6, j 1
+        return self.head(merged)  # r 6 + 2*1 = 8
+
+
+def test_branches_take_the_widest_receptive_field():
+    rows = rows_by_name(summarize(TwoBranch(), (2, 8, 8)))
+    assert (rows["a"].rf, rows["b2"].rf, rows["b2"].jump) == (3, 6, 2)
+    assert (rows["head"].rf, rows["head"].jump) == (8, 1)
+
+
+def test_squeeze_excitation_makes_the_field_global():
+    class SE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)  # r 3, j 1
+            self.out = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            scale = y.mean((2, 3), keepdim=True).sigmoid()  # (B, 4, 1, 1) sees all: r 3+7
+            return self.out(y * scale)  # r 10, and the jump of y, not of the broadcast gate
+
+    rows = rows_by_name(summarize(SE(), (1, 8, 8)))
+    assert (rows["conv"].rf, rows["out"].rf, rows["out"].jump) == (3, 10, 1)
+
+
+def test_formulas_written_out():
+    net = nn.Sequential(
+        nn.Conv2d(128, 64, 3, bias=False),
+        nn.Conv2d(128, 64, 3),
+        nn.BatchNorm2d(64),
+        nn.Conv2d(128, 64, 3, groups=32, bias=False),
+        nn.Linear(4096, 1000),
+    )
+    formulas = [_formula_of(layer, size) for layer, size in zip(net, SIZES, strict=True)]
+    assert formulas == [
+        "3*3*128*64 = 73,728",
+        "3*3*128*64 + 64 = 73,792",
+        "2*64 = 128",
+        "3*3*(128/32)*64 = 2,304",
+        "4096*1000 + 1000 = 4,097,000",
+    ]
+
+
+SIZES = [(128, 8, 8), (128, 8, 8), (64, 8, 8), (128, 8, 8), (4096,)]
+
+
+def _formula_of(layer, size):
+    (row,) = summarize(layer, size).layers
+    assert row.params == sum(p.numel() for p in layer.parameters())
+    return row.formula
+
+
+def test_batchnorm_running_stats_are_buffers_not_params():
+    summary = summarize(nn.BatchNorm2d(64), (64, 4, 4))
+    assert summary.total_params == 128
+    # weight, bias, running mean and var (float32) plus num_batches_tracked (int64)
+    assert summary.weight_mb == pytest.approx((4 * 64 * 4 + 8) / 1e6)
+
+
+def test_depth_collapses_containers_into_summed_rows():
+    model = tv_model("resnet18")
+    full = summarize(model, (3, 64, 64))
+    collapsed = summarize(model, (3, 64, 64), depth=1)
+    names = [row.name for row in collapsed.layers]
+    assert names == [
+        *("conv1", "bn1", "relu", "maxpool"),
+        *("layer1", "layer2", "layer3", "layer4"),
+        *("avgpool", "fc"),
+    ]
+    layer2 = rows_by_name(collapsed)["layer2"]
+    assert layer2.params == sum(p.numel() for p in model.layer2.parameters())
+    inside = [row for row in full.layers if row.name.startswith("layer2.")]
+    assert layer2.macs == sum(row.macs for row in inside)
+    assert (layer2.rf, layer2.jump) == (inside[-1].rf, inside[-1].jump)
+    assert layer2.output_shape == [128, 8, 8]
+    assert sum(row.params for row in collapsed.layers) == collapsed.total_params
+    assert collapsed.total_macs == full.total_macs
+
+    (whole,) = summarize(model, (3, 64, 64), depth=0).layers
+    assert (whole.params, whole.macs, whole.output_shape) == (
+        full.total_params,
+        full.total_macs,
+        [1000],
+    )
+
+
+def test_to_dict_schema_is_exact_and_json_serialisable():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    document = json.loads(json.dumps(summarize(model, (3, 9, 9)).to_dict("tiny")))
+    assert set(document) == {
+        "model",
+        "input",
+        "layers",
+        "total_params",
+        "trainable_params",
+        "total_macs",
+        "receptive_field",
+        "weight_mb",
+    }
+    assert (document["model"], document["input"]) == ("tiny", [3, 9, 9])
+    assert document["layers"][0] == {
+        "name": "0",
+        "type": "Conv2d",
+        "output_shape": [8, 4, 4],
+        "params": 3 * 3 * 3 * 8 + 8,
+        "formula": "3*3*3*8 + 8 = 224",
+        "macs": 8 * 4 * 4 * 3 * 3 * 3,
+        "rf": 3,
+        "jump": 2,
+    }
+    assert document["layers"][2]["rf"] is None
+    assert document["total_macs"] == 8 * 4 * 4 * 27 + 128 * 4
+    assert document["receptive_field"] == 3
+
+
+def test_training_mode_and_running_stats_are_restored():
+    model = torchvision.models.resnet18()
+    model.train()
+    model.layer1.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    mean = model.bn1.running_mean.clone()
+    summarize(model, (3, 32, 32), batch_size=2)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert torch.equal(model.bn1.running_mean, mean)
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+def test_transposed_conv_output_size_macs_and_fractional_jump():
+    # (n-1)*s - 2p + d*(k-1) + output_padding + 1 = 4*2 - 2 + 2*2 + 1 + 1 = 12
+    layer = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, dilation=2, groups=2)
+    (row,) = summarize(layer, (8, 5, 5)).layers
+    assert row.output_shape == [6, 12, 12]
+    assert row.macs == 5 * 5 * 8 * (6 // 2) * 3 * 3  # each input element meets cout/groups*k*k
+    assert row.formula == "3*3*8*(6/2) + 6 = 222"
+    # j = 1/2, r = 1 + d*(k-1)*j = 1 + 2*2*0.5
+    assert (row.rf, row.jump) == (3, 0.5)
+    table = _render(summarize(nn.ConvTranspose2d(1, 1, 4, stride=4), (1, 2, 2)))
+    assert "0.25" in table
+
+
+def test_upsampling_path_restores_the_jump():
+    # An FCN-like encoder-decoder: down by 4, up by 4 with a transposed conv.
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 4, stride=4), nn.ConvTranspose2d(4, 1, 4, stride=4)
+    )  # r 4, j 4 then j 1, r 4 + 3*1
+    summary = summarize(net, (1, 16, 16))
+    assert [(row.rf, row.jump) for row in summary.layers] == [(4, 4), (7, 1)]
+    assert summary.layers[1].macs == 4 * 4 * 4 * 1 * 4 * 4
+
+
+def test_shared_module_gives_a_row_per_call_and_counts_params_once():
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(self.conv(x))
+
+    summary = summarize(Twice(), (4, 8, 8))
+    assert [(row.name, row.rf) for row in summary.layers] == [("conv", 3), ("conv", 5)]
+    assert summary.total_params == 4 * 4 * 9 + 4
+    assert summary.total_macs == 2 * (4 * 8 * 8 * 4 * 9)
+
+
+def test_functional_layers_and_frozen_params_in_any_module():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3)
+            self.kernel = nn.Parameter(torch.zeros(8, 4, 3, 3))
+            self.stem.requires_grad_(False)
+
+        def forward(self, x):
+            return F.conv2d(self.stem(x), self.kernel, stride=2)
+
+    summary = summarize(Functional(), (3, 11, 11))
+    own = summary.layers[-1]
+    assert (own.name, own.params, own.formula) == ("Functional", 288, "8*4*3*3 = 288")
+    assert own.macs == 8 * 4 * 4 * 4 * 9 and (own.rf, own.jump) == (5, 2)
+    assert summary.total_params == 288 + 112
+    assert summary.trainable_params == 288
+
+
+def test_meta_device_gives_the_same_counts_as_cpu():
+    cpu = summarize(tv_model("resnet18"), (3, 64, 64))
+    with torch.device("meta"):
+        model = torchvision.models.resnet18()
+    meta = summarize(model, (3, 64, 64), device="meta")
+    assert (meta.total_params, meta.total_macs) == (cpu.total_params, cpu.total_macs)
+    assert meta.receptive_field == cpu.receptive_field
+
+
+def test_forward_failure_is_one_line_cnnlab_error():
+    with pytest.raises(CnnlabError, match=r"^ResNet failed on input 4,32,32: .*channels") as info:
+        summarize(tv_model("resnet18"), (4, 32, 32))
+    assert "\n" not in str(info.value)
+
+
+def test_input_size_error_is_not_swallowed():
+    def too_small(module, args):
+        raise InputSizeError("tiny needs inputs of at least 32x32, got 8x8")
+
+    model = nn.Conv2d(3, 3, 3)
+    model.register_forward_pre_hook(too_small)
+    with pytest.raises(InputSizeError, match="at least 32x32"):
+        summarize(model, (3, 8, 8))
+    assert len(model._forward_pre_hooks) == 1  # ours are gone, the model's own stays
+
+
+def test_render_summary_lists_layers_and_totals():
+    text = _render(summarize(tv_model("alexnet"), (3, 224, 224)), title="alexnet")
+    assert "alexnet" in text
+    assert "11*11*3*64 + 64 = 23,296" in text
+    assert "61,100,840" in text  # total parameters
+    assert "Receptive field:      195 px" in text
+    macs = summarize(tv_model("alexnet"), (3, 224, 224)).total_macs
+    assert f"{macs:,} ({macs / 1e9:.2f} G)" in text
+    assert text.count("Conv2d") == 5 and text.count("Linear") == 3
+
+
+def _render(summary, title="t"):
+    console = Console(record=True, width=250)
+    console.print(render_summary(summary, title))
+    return console.export_text()
+
+
+def test_batch_size_scales_macs_not_params():
+    one = summarize(tv_model("resnet18"), (3, 32, 32))
+    four = summarize(tv_model("resnet18"), (3, 32, 32), batch_size=4)
+    assert four.total_macs == 4 * one.total_macs
+    assert four.total_params == one.total_params
+    assert four.layers[0].output_shape == one.layers[0].output_shape == [64, 16, 16]
+
+
+def test_adaptive_pool_window_when_sizes_do_not_divide():
+    # 5 -> 3: windows [0,2) [1,4) [3,5): the widest has 3 inputs, the stride is 5/3.
+    (row,) = summarize(nn.AdaptiveMaxPool2d(3), (1, 5, 5)).layers
+    assert row.rf == 3
+    assert math.isclose(row.jump, 5 / 3)
