@@ -1,0 +1,354 @@
+"""Object-detection data: COCO and YOLO-txt folders, a seeded split, box-aware transforms.
+
+Two on-disk layouts are read, both with the images under ``DIR/images/``:
+
+* COCO: ``DIR/annotations.json`` with ``images``, ``annotations`` (``bbox`` = x, y, w, h in
+  pixels) and ``categories``; classes are the categories sorted by id.
+* YOLO txt: ``DIR/labels/STEM.txt`` per image, one ``class cx cy w h`` line per object
+  (normalised to 0..1), and ``DIR/classes.txt`` with one class name per line; an image
+  without a label file has no objects.
+
+Everywhere in cnnlab a box is ``[x1, y1, x2, y2]`` in pixels of its image and a label is
+the 0-based index of its class (no background class). ``DIR/train`` and ``DIR/val`` in
+either layout give a fixed split; otherwise a seeded random split is made and recorded in
+``RUN/split.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from cnnlab.data.folders import IMAGE_EXTENSIONS
+from cnnlab.errors import CnnlabError
+
+log = logging.getLogger(__name__)
+
+_FILL = 114  # grey for pixels that scale jitter uncovers (Ultralytics' choice)
+
+
+@dataclass(frozen=True)
+class DetectionSample:
+    """One image and its objects, boxes in the image's own pixels."""
+
+    path: Path
+    width: int
+    height: int
+    boxes: tuple[tuple[float, float, float, float], ...]  # (x1, y1, x2, y2) each
+    labels: tuple[int, ...]  # 0-based class index per box
+
+
+@dataclass
+class DetectionSplits:
+    """The classes and the train/val images of a detection folder."""
+
+    root: Path
+    format: str  # "coco" or "yolo"
+    classes: list[str]
+    train: list[DetectionSample]
+    val: list[DetectionSample]
+    seed: int
+    val_split: float
+    presplit: bool
+
+    def to_json(self) -> dict:
+        """Which files went where, paths relative to ``root`` (for ``RUN/split.json``)."""
+        return {
+            "root": str(self.root),
+            "format": self.format,
+            "classes": self.classes,
+            "seed": self.seed,
+            "val_split": self.val_split,
+            "presplit": self.presplit,
+            "train": [_relative(s.path, self.root) for s in self.train],
+            "val": [_relative(s.path, self.root) for s in self.val],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, root: Path | None = None) -> DetectionSplits:
+        """Re-read the annotations and rebuild the recorded split (``root`` overrides)."""
+        root = Path(root or data["root"])
+        splits = make_detection_splits(root, data["val_split"], data["seed"])
+        by_path = {_relative(s.path, root): s for s in splits.train + splits.val}
+        missing = [p for p in data["train"] + data["val"] if p not in by_path]
+        if missing:
+            raise CnnlabError(f"{root}: {missing[0]} from split.json is no longer in the data")
+        splits.train = [by_path[p] for p in data["train"]]
+        splits.val = [by_path[p] for p in data["val"]]
+        return splits
+
+
+def make_detection_splits(root: Path, val_split: float = 0.2, seed: int = 0) -> DetectionSplits:
+    """``root/train`` + ``root/val`` when both exist, else a seeded split of ``root``."""
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        fmt, classes, train = read_detection_folder(root / "train")
+        _, val_classes, val = read_detection_folder(root / "val")
+        if val_classes != classes:
+            raise CnnlabError(f"{root}: train and val have different classes")
+        return DetectionSplits(root, fmt, classes, train, val, seed, val_split, True)
+    if not 0.0 < val_split < 1.0:
+        raise CnnlabError(f"val_split must be between 0 and 1, got {val_split}")
+    fmt, classes, samples = read_detection_folder(root)
+    if len(samples) < 2:
+        raise CnnlabError(f"{root}: at least 2 images are needed to split train and val")
+    order = sorted(samples, key=lambda s: str(s.path))
+    random.Random(seed).shuffle(order)
+    n_val = min(max(1, round(len(order) * val_split)), len(order) - 1)
+    return DetectionSplits(root, fmt, classes, order[n_val:], order[:n_val], seed, val_split, False)
+
+
+def read_detection_folder(folder: Path) -> tuple[str, list[str], list[DetectionSample]]:
+    """(format, classes, samples) of a COCO or YOLO-txt folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CnnlabError(f"{folder}: no such folder")
+    if (folder / "annotations.json").is_file():
+        return ("coco", *read_coco(folder))
+    if (folder / "labels").is_dir() and (folder / "classes.txt").is_file():
+        return ("yolo", *read_yolo(folder))
+    raise CnnlabError(
+        f"{folder}: no annotations.json (COCO) or labels/ and classes.txt (YOLO txt) found"
+    )
+
+
+def read_coco(folder: Path) -> tuple[list[str], list[DetectionSample]]:
+    """Classes (categories sorted by id) and samples of ``folder/annotations.json``."""
+    path = Path(folder) / "annotations.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise CnnlabError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
+    ):
+        raise CnnlabError(f"{path}: needs the lists 'images', 'annotations' and 'categories'")
+    try:
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        label_of = {c["id"]: i for i, c in enumerate(categories)}
+        classes = [str(c["name"]) for c in categories]
+        images = {
+            im["id"]: (im["file_name"], im.get("width"), im.get("height")) for im in data["images"]
+        }
+    except (KeyError, TypeError) as error:
+        raise CnnlabError(f"{path}: an image or category lacks {error}") from None
+    objects: dict[object, list[tuple[list[float], int]]] = {key: [] for key in images}
+    for index, ann in enumerate(data["annotations"]):
+        image_id = _check_annotation(path, index, ann, images, label_of)
+        # Crowd regions are not objects to detect; COCO's own evaluation ignores them too.
+        if not ann.get("iscrowd", 0):
+            objects[image_id].append((ann["bbox"], label_of[ann["category_id"]]))
+    samples = []
+    for image_id, (file_name, width, height) in images.items():
+        image_path = _coco_image_path(Path(folder), file_name)
+        if width is None or height is None:
+            width, height = _image_size(image_path)
+        boxes, labels = [], []
+        for (x, y, w, h), label in objects[image_id]:
+            box = _clip_box(image_path, (x, y, x + w, y + h), width, height)
+            if box is not None:
+                boxes.append(box)
+                labels.append(label)
+        samples.append(DetectionSample(image_path, width, height, tuple(boxes), tuple(labels)))
+    return classes, samples
+
+
+def _check_annotation(path: Path, index: int, ann: object, images: dict, label_of: dict):
+    """The annotation's image id, after checking its fields; errors name the annotation."""
+    where = f"{path}: annotation {index}"
+    if not isinstance(ann, dict):
+        raise CnnlabError(f"{where} is not an object")
+    bbox = ann.get("bbox")
+    if not (
+        isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)
+    ):
+        raise CnnlabError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
+    if ann.get("image_id") not in images:
+        raise CnnlabError(f"{where}: unknown image_id {ann.get('image_id')!r}")
+    if ann.get("category_id") not in label_of:
+        raise CnnlabError(f"{where}: unknown category_id {ann.get('category_id')!r}")
+    return ann["image_id"]
+
+
+def _coco_image_path(folder: Path, file_name: str) -> Path:
+    # COCO files name images relative to an images folder; some tools prefix "images/".
+    inside = folder / "images" / file_name
+    return inside if inside.exists() or not (folder / file_name).exists() else folder / file_name
+
+
+def read_yolo(folder: Path) -> tuple[list[str], list[DetectionSample]]:
+    """Classes (``classes.txt``) and samples of a YOLO-txt folder."""
+    folder = Path(folder)
+    classes = [
+        line.strip()
+        for line in (folder / "classes.txt").read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
+    if not classes:
+        raise CnnlabError(f"{folder / 'classes.txt'}: no class names")
+    samples = []
+    for image_path in _image_files(folder / "images"):
+        width, height = _image_size(image_path)
+        boxes, labels = [], []
+        for box, label in _read_yolo_labels(folder / "labels" / f"{image_path.stem}.txt", classes):
+            cx, cy, w, h = box
+            pixels = ((cx - w / 2) * width, (cy - h / 2) * height)
+            pixels += (pixels[0] + w * width, pixels[1] + h * height)
+            clipped = _clip_box(image_path, pixels, width, height)
+            if clipped is not None:
+                boxes.append(clipped)
+                labels.append(label)
+        samples.append(DetectionSample(image_path, width, height, tuple(boxes), tuple(labels)))
+    return classes, samples
+
+
+def _read_yolo_labels(path: Path, classes: list[str]) -> list[tuple[list[float], int]]:
+    """(cx, cy, w, h) normalised and the class index per line; errors give the line number."""
+    if not path.is_file():
+        return []
+    objects = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 5:
+            raise CnnlabError(f"{path}:{number}: expected 'class cx cy w h', got {line.strip()!r}")
+        try:
+            label, values = int(fields[0]), [float(v) for v in fields[1:]]
+        except ValueError:
+            raise CnnlabError(f"{path}:{number}: not numbers: {line.strip()!r}") from None
+        if not 0 <= label < len(classes):
+            raise CnnlabError(
+                f"{path}:{number}: class {label} is not in classes.txt (0..{len(classes) - 1})"
+            )
+        objects.append((values, label))
+    return objects
+
+
+def _clip_box(
+    image: Path, box: Sequence[float], width: int, height: int
+) -> tuple[float, float, float, float] | None:
+    """The box clipped to the image (warning when it moved), or None for zero area."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    clipped = (min(max(x1, 0.0), width), min(max(y1, 0.0), height))
+    clipped += (min(max(x2, 0.0), width), min(max(y2, 0.0), height))
+    shown = [round(v, 1) for v in box]
+    if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
+        log.warning(
+            "%s: dropped box %s: zero area inside the %dx%d image", image, shown, width, height
+        )
+        return None
+    if clipped != (x1, y1, x2, y2):
+        log.warning(
+            "%s: box %s lies partly outside the %dx%d image; clipped", image, shown, width, height
+        )
+    return clipped
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise CnnlabError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise CnnlabError(f"{folder}: no image files")
+    return files
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, UnidentifiedImageError) as error:
+        raise CnnlabError(f"{path}: not a readable image ({error})") from None
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def read_rgb(path: Path, in_channels: int = 3) -> torch.Tensor:
+    """uint8 (in_channels, H, W) of an image file; unreadable files name themselves."""
+    mode = ImageReadMode.GRAY if in_channels == 1 else ImageReadMode.RGB
+    try:
+        return decode_image(str(path), mode=mode)
+    except (RuntimeError, OSError) as error:
+        raise CnnlabError(f"{path}: not a readable image ({error})") from None
+
+
+def train_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], augment: bool = True
+) -> Callable:
+    """Resize to ``img_size`` square, then (with ``augment``) colour jitter, horizontal flip
+    and scale/translate jitter that move the boxes along; boxes that leave the image go."""
+    steps: list = [v2.Resize((img_size, img_size), antialias=True)]
+    if augment:
+        steps += [
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02),
+            v2.RandomHorizontalFlip(),
+            # YOLOv1's recipe: random scaling and translation of up to 20% of the image.
+            v2.RandomAffine(degrees=0.0, translate=(0.2, 0.2), scale=(0.8, 1.2), fill=_FILL),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=2.0),
+        ]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Resize to ``img_size`` square (boxes follow) and normalise."""
+    return train_transform(img_size, mean, std, augment=False)
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Samples as (image float (C, S, S), target) with target ``boxes`` (N, 4) in the
+    transformed image's pixels, ``labels`` (N,), ``size`` (2,) = original (H, W) and
+    ``index`` into ``samples``."""
+
+    def __init__(
+        self, samples: list[DetectionSample], transform: Callable, in_channels: int = 3
+    ) -> None:
+        self.samples = samples
+        self.transform = transform
+        self.in_channels = in_channels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        sample = self.samples[index]
+        image = tv_tensors.Image(read_rgb(sample.path, self.in_channels))
+        height, width = image.shape[-2:]
+        boxes = tv_tensors.BoundingBoxes(
+            torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4),
+            format="XYXY",
+            canvas_size=(height, width),
+        )
+        labels = torch.tensor(sample.labels, dtype=torch.int64)
+        image, target = self.transform(image, {"boxes": boxes, "labels": labels})
+        return image.as_subclass(torch.Tensor), {
+            "boxes": target["boxes"].as_subclass(torch.Tensor),
+            "labels": target["labels"],
+            "size": torch.tensor([height, width]),
+            "index": torch.tensor(index),
+        }
+
+
+def collate_detection(
+    batch: list[tuple[torch.Tensor, dict]],
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Stack the (equal-sized) images; targets stay a list, one dict per image."""
+    images, targets = zip(*batch, strict=True)
+    return torch.stack(images), list(targets)
