@@ -28,6 +28,8 @@ _MAX_ERROR_IMAGES = 16
 
 def plot_curves(metrics_csv: Path, out: Path) -> None:
     """Loss and top-1 accuracy per epoch, train vs val, from a run's ``metrics.csv``."""
+    from matplotlib.ticker import MaxNLocator
+
     rows = _read_metrics(Path(metrics_csv))
     fig = _new_figure((10, 4))
     epochs = [_number(row.get("epoch")) for row in rows]
@@ -39,6 +41,7 @@ def plot_curves(metrics_csv: Path, out: Path) -> None:
             # Markers make a one-epoch run visible as a point rather than nothing.
             ax.plot(epochs, values, marker="o", markersize=3, label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.25" ticks
         ax.set_ylabel(label)
         ax.set_title(label)
         ax.grid(alpha=0.3)
