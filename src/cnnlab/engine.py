@@ -1,0 +1,798 @@
+"""Training and evaluation: one loop, read top to bottom in ``_fit``.
+
+What differs between tasks (the loss, the per-batch score, evaluation, batching, which
+validation number picks the best checkpoint) lives in a small task object; classification
+is ``ClassifyTask``. Everything a run produces goes to its run folder (see ``train``), each
+file written atomically, so a crash or a SIGKILL never leaves a half-written file and
+``resume`` continues exactly where the last completed epoch left off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import inspect
+import io
+import json
+import math
+import random
+import signal
+import sys
+import threading
+import time
+import typing
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cnnlab import checkpoint, metrics
+from cnnlab.errors import CnnlabError
+from cnnlab.registry import create_model, model_info
+
+METRICS_COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "seconds",
+)
+CHOICES = {
+    "optimizer": ("adam", "adamw", "sgd"),
+    "balance": ("none", "weights", "sampler"),
+    "amp": ("auto", "bf16", "fp16", "off"),
+    "lr_interval": ("step", "epoch"),
+    "augment": ("none", "light", "strong"),
+}
+# AdamW's decoupled decay wants a much larger value than SGD's L2 penalty (timm's defaults).
+DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 5e-4}
+WORST_IMAGES = 16  # highest-loss test images kept for errors.png
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved (resolved) as RUN/config.yaml."""
+
+    data: str  # folder of class folders, or with train/ val/ (test/) inside
+    out: str  # run folder to create; refused when it already holds a run
+    model: str = "resnet18"  # registered model name (`cnnlab models`)
+    model_args: dict = field(default_factory=dict)  # extra builder kwargs, e.g. {"cdims": [32, 64]}
+    weights: str | None = None  # initial weights: a file, or "torchvision"
+    epochs: int = 10  # passes over the training split
+    batch_size: int = 64  # images per optimizer step
+    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
+    optimizer: str = "adamw"  # adam | adamw | sgd (momentum 0.9, Nesterov)
+    weight_decay: float | None = None  # None: 0.05 adamw, 5e-4 sgd, 0 adam; never on norms/biases
+    warmup_epochs: int = 1  # linear warm-up length, then cosine decay to 0
+    lr_interval: str = "step"  # the schedule advances every "step" or every "epoch"
+    grad_clip: float | None = 1.0  # max global gradient norm; None: no clipping
+    img_size: int | None = None  # square input side; None: the model's natural size
+    in_channels: int | None = None  # None: 1 when every sampled image is grayscale, else 3
+    augment: str = "light"  # none | light | strong training augmentation
+    flip: bool = True  # random horizontal flips (turn off for digits, text, ...)
+    label_smoothing: float = 0.0  # cross-entropy label smoothing for training
+    patience: int | None = None  # stop after this many epochs without a better val top-1
+    val_split: float = 0.1  # fraction held out for validation (unless DIR/val exists)
+    test_split: float = 0.1  # fraction held out for the final test (unless DIR/test exists)
+    balance: str = "none"  # none | weights (weighted loss) | sampler (balanced batches)
+    amp: str = "auto"  # CUDA mixed precision: auto (bf16, else fp16) | bf16 | fp16 | off
+    seed: int = 0  # split, initialisation, shuffling and augmentation
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = 0  # DataLoader worker processes
+    quiet: bool = False  # no progress bar and no per-epoch line
+
+    def __post_init__(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise CnnlabError(
+                    f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        _require(self.epochs >= 1, "epochs must be at least 1")
+        _require(self.batch_size >= 1, "batch_size must be at least 1")
+        _require(self.lr > 0, "lr must be positive")
+        _require(self.warmup_epochs >= 0, "warmup_epochs must be 0 or more")
+        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be positive")
+        _require(self.img_size is None or self.img_size >= 1, "img_size must be positive")
+        _require(self.in_channels in (None, 1, 3), "in_channels must be 1 or 3")
+        _require(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        _require(self.patience is None or self.patience >= 1, "patience must be at least 1")
+        _require(0 <= self.val_split < 1, "val_split must be in [0, 1)")
+        _require(0 <= self.test_split < 1, "test_split must be in [0, 1)")
+        _require(self.val_split + self.test_split < 1, "val_split + test_split must be below 1")
+        _require(self.workers >= 0, "workers must be 0 or more")
+        # JSON types only, so config.yaml and model.json hold plain lists, never tuples.
+        self.model_args = json.loads(json.dumps(self.model_args))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """Build a config from a mapping, refusing unknown keys and wrongly typed values."""
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(data) - set(hints))
+        if unknown:
+            known = ", ".join(f.name for f in fields(cls))
+            raise CnnlabError(f"unknown config key {unknown[0]!r} (known: {known})")
+        for key, value in data.items():
+            if not _has_type(value, hints[key]):
+                raise CnnlabError(f"config key {key!r}: {value!r} is not a {hints[key]}")
+        return cls(**data)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CnnlabError(message)
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    options = typing.get_args(hint) if typing.get_origin(hint) is not None else (hint,)
+    if value is None:
+        return type(None) in options
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if base is int and isinstance(value, bool):
+            continue
+        if base is not type(None) and isinstance(value, base):
+            return True
+    return False
+
+
+# ---------------------------------------------------------------------------- the task
+
+
+@dataclass
+class ClassifyTask:
+    """What the loop needs to know about classification (segmentation and detection
+    bring their own task objects with the same members)."""
+
+    classes: list[str]
+    label_smoothing: float = 0.0
+    class_weights: torch.Tensor | None = None  # (K,) on the training device
+    name: ClassVar[str] = "classify"
+    best_key: ClassVar[str] = "top1"  # validation number that picks best.safetensors
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Training objective; outputs (B, K) logits, targets (B,) class indices."""
+        return F.cross_entropy(
+            outputs, targets, weight=self.class_weights, label_smoothing=self.label_smoothing
+        )
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Number of right answers in the batch, as a 0-dim device tensor (no sync)."""
+        return (outputs.argmax(dim=1) == targets).sum()
+
+    @staticmethod
+    def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack a batch, dropping samples whose image could not be read."""
+        from cnnlab.data.datasets import collate_skip_bad
+
+        return collate_skip_bad(batch)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        worst: int = 0,
+    ) -> dict:
+        """See ``evaluate``."""
+        return evaluate(
+            model, loader, device, self.classes, autocast_dtype=autocast_dtype, worst=worst
+        )
+
+
+def is_better(candidate: dict, best: dict | None, key: str = "top1") -> bool:
+    """Whether validation results ``candidate`` beat ``best``: a higher ``key``, or an
+    equal ``key`` with a lower loss. Anything beats no best at all."""
+    if best is None:
+        return True
+    if candidate[key] != best[key]:
+        return candidate[key] > best[key]
+    return candidate["loss"] < best["loss"]
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    classes: list[str],
+    *,
+    autocast_dtype: torch.dtype | None = None,
+    worst: int = 0,
+) -> dict:
+    """Classification metrics of ``model`` over ``loader`` (model left in eval mode).
+
+    Returns ``{"top1", "top5", "loss", "n", "per_class": {name: {"precision", "recall",
+    "f1", "support"}}}`` (accuracies as fractions, top5 meaning top-min(5, K), loss the
+    plain mean cross-entropy) plus, for plots, ``_confusion`` (K, K), ``_losses`` (N,),
+    ``_preds`` (N,), ``_targets`` (N,) and, when ``worst`` > 0, ``_worst``: the ``worst``
+    highest-loss samples as ``{"images", "targets", "preds", "losses"}`` CPU tensors.
+    """
+    model.eval()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    all_logits, all_targets = [], []
+    kept: tuple[torch.Tensor, ...] | None = None  # (images, targets, preds, losses)
+    for images, targets in loader:  # (B, C, S, S), (B,)
+        if len(targets) == 0:
+            continue
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images).float()  # (B, K)
+        all_logits.append(logits)
+        all_targets.append(targets)
+        if worst:
+            losses = F.cross_entropy(logits, targets, reduction="none")  # (B,)
+            kept = _keep_worst(kept, (images, targets, logits.argmax(dim=1), losses), worst)
+    if not all_logits:
+        raise CnnlabError("no readable images to evaluate")
+    logits = torch.cat(all_logits).cpu()  # (N, K)
+    targets = torch.cat(all_targets).cpu()  # (N,)
+    losses = F.cross_entropy(logits, targets, reduction="none")  # (N,)
+    report = {
+        "top1": metrics.topk_accuracy(logits, targets, k=1),
+        "top5": metrics.topk_accuracy(logits, targets, k=5),
+        "loss": losses.mean().item(),
+        "n": len(targets),
+        "per_class": metrics.per_class(logits, targets, classes),
+        "_confusion": metrics.confusion_matrix(logits, targets),
+        "_losses": losses,
+        "_preds": logits.argmax(dim=1),
+        "_targets": targets,
+    }
+    if kept is not None:
+        names = ("images", "targets", "preds", "losses")
+        report["_worst"] = {name: t.cpu() for name, t in zip(names, kept, strict=True)}
+    return report
+
+
+def _keep_worst(
+    kept: tuple[torch.Tensor, ...] | None, batch: tuple[torch.Tensor, ...], count: int
+) -> tuple[torch.Tensor, ...]:
+    """The ``count`` highest-loss samples of ``kept`` and ``batch`` (losses last)."""
+    pool = batch if kept is None else tuple(torch.cat(p) for p in zip(kept, batch, strict=True))
+    order = pool[-1].topk(min(count, len(pool[-1]))).indices
+    return tuple(t[order] for t in pool)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise CnnlabError(f"device {name!r}: CUDA is not available on this machine")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise CnnlabError(f"device {name!r}: not a valid CUDA device name") from None
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CnnlabError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) here")
+        return device
+    raise CnnlabError(f"device {name!r}: choose auto, cpu or cuda")
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train into the new run folder ``cfg.out`` and return the test report.
+
+    The folder receives config.yaml, split.json and model.json first, then metrics.csv,
+    last.pt and best.safetensors after every epoch, and at the end report.json (test split,
+    or val when there is none) and curves.png, confusion.png, errors.png. Ctrl-C stops
+    training and still reports on the best weights when an epoch has completed.
+    """
+    from cnnlab.data.folders import make_splits
+
+    run_dir = Path(cfg.out)
+    if checkpoint.is_run_dir(run_dir):
+        raise CnnlabError(f"{run_dir} already holds a run; use --resume or another --out")
+    cfg = _resolve_model_settings(cfg)
+    splits = make_splits(Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return _fit(cfg, run_dir, splits, state=None)
+
+
+def resume(run_dir: str | Path, **overrides: Any) -> dict:
+    """Continue the run in ``run_dir`` from its last completed epoch and return the report.
+
+    Uses RUN/config.yaml and RUN/split.json (never re-splits) and RUN/last.pt (model,
+    optimizer, scheduler, scaler, best, patience counter, RNG states, per-epoch history).
+    ``overrides`` may change settings that do not define the run: device, workers, quiet.
+    """
+    from cnnlab.data.folders import Splits
+
+    run_dir = checkpoint.require_run_dir(run_dir)
+    allowed = {"device", "workers", "quiet"}
+    if set(overrides) - allowed:
+        raise CnnlabError(f"resume can only change {', '.join(sorted(allowed))}")
+    saved = checkpoint.read_yaml(run_dir / "config.yaml")
+    if not isinstance(saved, dict):
+        raise CnnlabError(f"{run_dir / 'config.yaml'}: not a mapping of settings")
+    cfg = _resolve_model_settings(
+        TrainConfig.from_dict({**saved, **overrides, "out": str(run_dir)})
+    )
+    splits = Splits.from_json(checkpoint.read_json(run_dir / "split.json"))
+    last = run_dir / "last.pt"
+    state = checkpoint.load_state(last) if last.is_file() else None
+    return _fit(cfg, run_dir, splits, state)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None) -> dict:
+    device = pick_device(cfg.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    if not splits.val:
+        raise CnnlabError(f"{cfg.data}: no validation images; raise val_split or add val/")
+    _seed_everything(cfg.seed)
+
+    # Data: the transforms follow the channels and size the model is built for.
+    if cfg.in_channels is None:
+        from cnnlab.data.folders import detect_in_channels
+
+        cfg = replace(cfg, in_channels=detect_in_channels([p for p, _ in splits.train]))
+    from cnnlab.data.transforms import default_stats
+
+    mean, std = default_stats(cfg.in_channels)
+    task = ClassifyTask(splits.classes, cfg.label_smoothing)
+    generator = torch.Generator()  # reseeded every epoch: shuffling is epoch-determined
+    loaders = _loaders(cfg, splits, mean, std, task, generator, device)
+    train_loader, val_loader, test_loader = loaders
+    if cfg.balance == "weights":
+        from cnnlab.data.datasets import class_weights
+
+        task.class_weights = class_weights(splits.train, len(splits.classes)).to(device)
+
+    # Model, optimizer, schedule, mixed precision.
+    model, model_args = _build_model(cfg, len(splits.classes), pretrained=state is None)
+    model.to(device)
+    memory_format = torch.channels_last if cuda else torch.preserve_format
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    optimizer = _make_optimizer(model, cfg, fused=cuda)
+    per_step = cfg.lr_interval == "step"
+    steps = len(train_loader) if per_step else 1  # scheduler steps per epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(step, cfg.warmup_epochs * steps, cfg.epochs * steps),
+    )
+    amp_dtype = _amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # Where we start: a fresh run writes its description, a resumed one restores its state.
+    start_epoch, best, stale, history = 0, None, 0, []
+    if state is None:
+        checkpoint.write_yaml(run_dir / "config.yaml", asdict(cfg))
+        checkpoint.write_json(run_dir / "split.json", splits.to_json())
+        meta = _model_meta(cfg, splits.classes, model_args, mean, std)
+        checkpoint.save_model_json(run_dir, meta)  # last: model.json marks a run folder
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best = state["epoch"], state["best"]
+        stale, history = state["epochs_without_improvement"], state["history"]
+        _set_rng_state(state["rng"])
+        _sync_epoch_files(run_dir, history, best, model)
+
+    say = _Reporter(cfg.quiet)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if cfg.patience is not None and stale >= cfg.patience:
+                say.line(f"early stop: no better val top-1 for {stale} epochs")
+                break
+            _seed_everything(cfg.seed * 1000 + epoch)
+            generator.manual_seed(cfg.seed * 1000 + epoch)
+            model.train()
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            seen, lr = 0, optimizer.param_groups[0]["lr"]
+            say.start(f"epoch {epoch + 1}/{cfg.epochs}", len(train_loader))
+            for images, targets in train_loader:  # (B, C, S, S), (B,)
+                if len(targets) == 0:  # every image of the batch was unreadable
+                    continue
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                targets = targets.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = model(images)  # (B, K)
+                    loss = task.loss(outputs, targets)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                lr = optimizer.param_groups[0]["lr"]
+                scaler.step(optimizer)
+                scaler.update()
+                if per_step:
+                    scheduler.step()
+                # Running sums stay on the device: no host sync per step.
+                seen += len(targets)
+                loss_sum += loss.detach() * len(targets)
+                correct += task.correct(outputs.detach(), targets)
+                say.step(seen, loss_sum, correct)
+            if not per_step:
+                scheduler.step()
+            say.stop()
+            if seen == 0:
+                raise CnnlabError(f"{cfg.data}: no readable training images")
+            train_seconds = time.perf_counter() - started
+
+            val = task.evaluate(model, val_loader, device, amp_dtype)
+            improved = is_better(val, best, task.best_key)
+            if improved:
+                best = {task.best_key: val[task.best_key], "loss": val["loss"], "epoch": epoch + 1}
+            stale = 0 if improved else stale + 1
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    "train_loss": (loss_sum / seen).item(),
+                    "train_top1": correct.item() / seen,
+                    "val_loss": val["loss"],
+                    "val_top1": val["top1"],
+                    "val_top5": val["top5"],
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            )
+            # last.pt first: it is the truth a resume starts from, and it can rebuild
+            # metrics.csv and best.safetensors if we die before writing them.
+            with _hold_ctrl_c():
+                checkpoint.save_state(
+                    run_dir / "last.pt",
+                    {
+                        "epoch": epoch + 1,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "best": best,
+                        "epochs_without_improvement": stale,
+                        "history": history,
+                        "rng": _get_rng_state(),
+                    },
+                )
+                _sync_epoch_files(run_dir, history, best, model)
+            say.line(_epoch_line(history[-1], cfg.epochs, seen / train_seconds))
+    except KeyboardInterrupt:
+        if not history:
+            raise CnnlabError(
+                f"interrupted before the first epoch finished; {run_dir} has no weights yet"
+                " (start again with --resume)"
+            ) from None
+        say.stop()
+        say.line(f"interrupted: reporting on the best weights (epoch {best['epoch']})")
+
+    # Final report on the best weights, read back from the file a user will load.
+    checkpoint.load_weights(run_dir / "best.safetensors", model)
+    split, loader = ("test", test_loader) if test_loader is not None else ("val", val_loader)
+    result = task.evaluate(model, loader, device, amp_dtype, worst=WORST_IMAGES)
+    report = {"split": split, "best_epoch": best["epoch"]}
+    report.update({k: v for k, v in result.items() if not k.startswith("_")})
+    checkpoint.write_json(run_dir / "report.json", report)
+    _write_plots(run_dir, result, splits.classes, mean, std)
+    say.line(f"{split} top1 {100 * report['top1']:.2f}%  loss {report['loss']:.4f}  -> {run_dir}")
+    return report
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then a half cosine from
+    1 down to 0 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def _resolve_model_settings(cfg: TrainConfig) -> TrainConfig:
+    """Fill img_size and weight_decay, and refuse an image size the model cannot take."""
+    info = model_info(cfg.model)
+    if info.task != "classify":
+        raise CnnlabError(f"{cfg.model} is a {info.task} model, not a classifier")
+    img_size = cfg.img_size or info.input_size[1]
+    # A model built for img_size (convnet) knows its own minimum; check it once built.
+    if not _takes_img_size(cfg.model) and img_size < info.min_size:
+        raise CnnlabError(
+            f"{cfg.model} needs images of at least {info.min_size}x{info.min_size};"
+            f" img_size is {img_size}"
+        )
+    weight_decay = cfg.weight_decay
+    if weight_decay is None:
+        weight_decay = DEFAULT_WEIGHT_DECAY[cfg.optimizer]
+    return replace(cfg, img_size=img_size, weight_decay=weight_decay)
+
+
+def _build_model(cfg: TrainConfig, num_classes: int, pretrained: bool) -> tuple[nn.Module, dict]:
+    """The model and the full keyword arguments that rebuild it with create_model."""
+    args: dict[str, Any] = {"num_classes": num_classes, "in_channels": cfg.in_channels}
+    if _takes_img_size(cfg.model):
+        args["img_size"] = cfg.img_size
+    args.update(cfg.model_args)
+    try:
+        model = create_model(cfg.model, weights=cfg.weights if pretrained else None, **args)
+    except TypeError as error:  # a model_args key the builder does not take
+        raise CnnlabError(f"{cfg.model}: {error}") from None
+    minimum = getattr(model, "min_input_size", 1)
+    fixed = getattr(model, "fixed_input_size", None)
+    if cfg.img_size < minimum:
+        raise CnnlabError(
+            f"{cfg.model} needs images of at least {minimum}x{minimum}; img_size is {cfg.img_size}"
+        )
+    if fixed is not None and tuple(fixed) != (cfg.img_size, cfg.img_size):
+        raise CnnlabError(
+            f"{cfg.model} takes {fixed[0]}x{fixed[1]} images; img_size is {cfg.img_size}"
+        )
+    return model, args
+
+
+def _takes_img_size(model: str) -> bool:
+    return "img_size" in inspect.signature(model_info(model).builder).parameters
+
+
+def _model_meta(cfg: TrainConfig, classes: list[str], model_args: dict, mean, std) -> dict:
+    from cnnlab import __version__
+
+    return {
+        "task": ClassifyTask.name,
+        "architecture": cfg.model,
+        "model_args": model_args,
+        "classes": list(classes),
+        "input_size": [cfg.in_channels, cfg.img_size, cfg.img_size],
+        "mean": list(mean),
+        "std": list(std),
+        "cnnlab_version": __version__,
+    }
+
+
+def _loaders(
+    cfg: TrainConfig,
+    splits: Any,
+    mean,
+    std,
+    task: ClassifyTask,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+    from cnnlab.data.datasets import ImageDataset
+    from cnnlab.data.transforms import eval_transform, train_transform
+
+    size, channels = cfg.img_size, cfg.in_channels
+    train_tf = train_transform(size, cfg.augment, cfg.flip, mean, std, channels)
+    eval_tf = eval_transform(size, mean, std, channels)
+    common = {
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.workers,
+        "pin_memory": device.type == "cuda",
+        "collate_fn": task.collate,
+    }
+    sampler = None
+    if cfg.balance == "sampler":
+        from cnnlab.data.datasets import balanced_sampler
+
+        sampler = balanced_sampler(splits.train, len(splits.classes), generator)
+    # Dropping the partial last batch (when there is a full one) avoids a batch of one,
+    # which BatchNorm cannot train on; reshuffling spreads the dropped images over epochs.
+    train = DataLoader(
+        ImageDataset(splits.train, train_tf),
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=len(splits.train) > cfg.batch_size,
+        **common,
+    )
+    # Evaluation draws no random numbers, so its workers can live across epochs.
+    persistent = {"persistent_workers": cfg.workers > 0}
+    val = DataLoader(ImageDataset(splits.val, eval_tf), **common, **persistent)
+    test = DataLoader(ImageDataset(splits.test, eval_tf), **common) if splits.test else None
+    return train, val, test
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm scales (1-D tensors): decaying them only hurts.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    extra = {"fused": True} if fused else {}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **extra)
+    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=cfg.lr, **extra)
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+# ---------------------------------------------------------------------------- run files
+
+
+def _sync_epoch_files(run_dir: Path, history: list[dict], best: dict, model: nn.Module) -> None:
+    """Make metrics.csv and best.safetensors agree with last.pt (already written)."""
+    checkpoint.atomic_write_text(run_dir / "metrics.csv", _metrics_csv(history))
+    # The model holds the best weights exactly when the best epoch is the last one.
+    if best["epoch"] == history[-1]["epoch"]:
+        checkpoint.save_weights(
+            run_dir / "best.safetensors", model, metadata={"epoch": str(best["epoch"])}
+        )
+
+
+def _metrics_csv(history: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)  # floats as repr: they read back bit-identical
+    return buffer.getvalue()
+
+
+def _write_plots(run_dir: Path, result: dict, classes: list[str], mean, std) -> None:
+    from cnnlab import plots
+
+    plots.plot_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+    plots.plot_confusion(result["_confusion"], classes, run_dir / "confusion.png")
+    worst = result["_worst"]
+    plots.plot_errors(
+        list(worst["images"]),
+        [classes[i] for i in worst["targets"].tolist()],
+        [classes[i] for i in worst["preds"].tolist()],
+        worst["losses"].tolist(),
+        run_dir / "errors.png",
+        mean,
+        std,
+    )
+
+
+@contextlib.contextmanager
+def _hold_ctrl_c() -> Iterator[None]:
+    """Delay Ctrl-C until the block ends, so an epoch's files are written all or none."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+# ---------------------------------------------------------------------------- randomness
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _get_rng_state() -> dict:
+    # Only tensors and plain Python values, so last.pt loads with weights_only=True.
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+class _Reporter:
+    """Per-epoch progress bar (rich, on stderr, only on a terminal) and summary lines.
+
+    The bar reads the device-side running sums at most four times a second, so it adds
+    no per-step host sync.
+    """
+
+    REFRESH_SECONDS = 0.25
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.show_bar = not quiet and sys.stderr.isatty()
+        self.progress = None
+
+    def start(self, description: str, total: int) -> None:
+        if not self.show_bar:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.progress.start()
+        self.task_id = self.progress.add_task(description, total=total, stats="")
+        self.steps, self.started, self.shown = 0, time.perf_counter(), 0.0
+
+    def step(self, seen: int, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        if self.progress is None:
+            return
+        self.steps += 1
+        now = time.perf_counter()
+        if now - self.shown < self.REFRESH_SECONDS:
+            return
+        self.shown = now
+        stats = (
+            f"loss {loss_sum.item() / seen:.3f}  top1 {100 * correct.item() / seen:.1f}%"
+            f"  {seen / (now - self.started):.0f} img/s"
+        )
+        self.progress.update(self.task_id, completed=self.steps, stats=stats)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _epoch_line(row: dict, epochs: int, images_per_second: float) -> str:
+    return (
+        f"epoch {row['epoch']}/{epochs}"
+        f"  train loss {row['train_loss']:.3f} top1 {100 * row['train_top1']:.1f}%"
+        f"  val loss {row['val_loss']:.3f} top1 {100 * row['val_top1']:.1f}%"
+        f"  lr {_short_float(row['lr'])}  {images_per_second:.0f} img/s"
+    )
+
+
+def _short_float(value: float) -> str:
+    """1e-3, 2.5e-4: the way people write learning rates."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
