@@ -1,0 +1,221 @@
+"""FCN (Long, Shelhamer & Darrell 2015, "Fully Convolutional Networks for Semantic
+Segmentation"): any zoo backbone's stride-32 features scored by a 1x1 convolution and
+upsampled back to the input, with skips from the stride-16 (FCN-16s) and stride-8 (FCN-8s)
+stages refining the coarse map.
+
+The backbone is a zoo classifier whose ``forward_features`` runs as usual while forward
+hooks keep the outputs of the modules its ``feature_info`` names at strides 8, 16 and 32;
+the layers ``forward_features`` never calls (the classifier head, auxiliary heads) are
+removed. Each skip fuses by summing a 2x-upsampled score map with a 1x1
+score of the finer stage; the final upsampling returns exactly the input's H x W, for any
+size (maps are cropped or edge-padded to fit after each upsampling).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnnlab.errors import CnnlabError
+from cnnlab.registry import create_model, register_model
+
+_STRIDES = (32, 16, 8)  # score map strides, coarse to fine
+
+
+def bilinear_kernel(channels: int, kernel_size: int) -> Tensor:
+    """ConvTranspose2d weights (channels, channels, k, k) that interpolate each channel
+    bilinearly (the FCN paper's initialisation; with stride k/2 and padding k/4 they equal
+    ``F.interpolate(..., mode="bilinear", align_corners=False)`` away from the border)."""
+    factor = (kernel_size + 1) // 2
+    centre = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    taps = 1 - (torch.arange(kernel_size, dtype=torch.float32) - centre).abs() / factor
+    weight = torch.zeros(channels, channels, kernel_size, kernel_size)
+    weight[range(channels), range(channels)] = taps[:, None] * taps[None, :]
+    return weight
+
+
+def bilinear_upsampling(channels: int, factor: int) -> nn.ConvTranspose2d:
+    """A transposed convolution that upsamples (B, C, h, w) to (B, C, h*factor, w*factor),
+    initialised to bilinear interpolation."""
+    layer = nn.ConvTranspose2d(
+        channels, channels, 2 * factor, stride=factor, padding=factor // 2, bias=False
+    )
+    with torch.no_grad():
+        layer.weight.copy_(bilinear_kernel(channels, 2 * factor))
+    return layer
+
+
+def fit(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Crop (B, C, h, w) at the bottom/right, or pad it by repeating the edge, to ``size``."""
+    height, width = size
+    x = x[..., :height, :width]
+    pad_h, pad_w = height - x.shape[-2], width - x.shape[-1]
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+    return x
+
+
+def _zero_score(in_channels: int, num_classes: int) -> nn.Conv2d:
+    # The paper zero-initialises the skip scores, so a new skip starts by changing nothing.
+    layer = nn.Conv2d(in_channels, num_classes, 1)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _taps(backbone: nn.Module, name: str, strides: tuple[int, ...]) -> dict[int, dict]:
+    """For each stride, the last ``feature_info`` entry with that reduction."""
+    info = getattr(backbone, "feature_info", None)
+    if not info:
+        raise CnnlabError(f"backbone {name} has no feature_info; pick a zoo classifier")
+    found = {entry["reduction"]: entry for entry in info}
+    missing = [s for s in strides if s not in found]
+    if missing:
+        have = sorted(found)
+        raise CnnlabError(f"backbone {name} has no stride-{missing[0]} stage (its strides: {have})")
+    return {s: found[s] for s in strides}
+
+
+def _called_modules(backbone: nn.Module, in_channels: int) -> set[str]:
+    """Names of the modules ``forward_features`` calls, from one small eval-mode pass."""
+    called: set[str] = set()
+    handles = [
+        module.register_forward_pre_hook(lambda *_, name=name: called.add(name))
+        for name, module in backbone.named_modules()
+    ]
+    size = max(getattr(backbone, "min_input_size", 32), 32)
+    training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone.forward_features(torch.zeros(1, in_channels, size, size))
+    finally:
+        for handle in handles:
+            handle.remove()
+        backbone.train(training)
+    return called
+
+
+def drop_head(backbone: nn.Module, in_channels: int) -> nn.Module:
+    """Remove (set to None) every submodule ``forward_features`` does not call: the
+    classifier head, auxiliary heads. Returns the same module."""
+    called = _called_modules(backbone, in_channels)
+    for parent_name, parent in list(backbone.named_modules()):
+        if parent_name and parent_name not in called:
+            continue
+        for child_name, _ in list(parent.named_children()):
+            if f"{parent_name}.{child_name}".lstrip(".") not in called:
+                setattr(parent, child_name, None)
+    return backbone
+
+
+class FCN(nn.Module):
+    """FCN-32s, -16s or -8s (``skips`` = 0, 1 or 2) over a zoo backbone."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        backbone_name: str,
+        num_classes: int,
+        skips: int,
+        in_channels: int,
+    ) -> None:
+        super().__init__()
+        strides = _STRIDES[: skips + 1]
+        taps = _taps(backbone, backbone_name, strides)
+        self.backbone = drop_head(backbone, in_channels)
+        self._tapped: dict[int, Tensor] = {}  # stride -> feature map, filled by the hooks
+        for stride in strides:
+            module = backbone.get_submodule(taps[stride]["module"])
+            # A bound method (not a closure), so deepcopy hooks the copy to the copy.
+            module.register_forward_hook(partial(self._keep, stride))
+        self.score32 = nn.Conv2d(taps[32]["num_chs"], num_classes, 1)
+        if skips >= 1:
+            self.up32 = bilinear_upsampling(num_classes, 2)
+            self.score16 = _zero_score(taps[16]["num_chs"], num_classes)
+        if skips >= 2:
+            self.up16 = bilinear_upsampling(num_classes, 2)
+            self.score8 = _zero_score(taps[8]["num_chs"], num_classes)
+        # The paper learns the 2x upsamplings but fixes the final one to bilinear.
+        self.upsample = bilinear_upsampling(num_classes, strides[-1]).requires_grad_(False)
+        self.feature_info = [
+            {
+                "num_chs": taps[s]["num_chs"],
+                "reduction": s,
+                "module": f"backbone.{taps[s]['module']}",
+            }
+            for s in reversed(strides)
+        ]
+
+    def _keep(self, stride: int, module: nn.Module, args: tuple, output: Tensor) -> None:
+        self._tapped[stride] = output
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.backbone.forward_features(x)
+        features, self._tapped = self._tapped, {}  # hold no activations between calls
+        score = self.score32(features[32])  # (B, K, H/32, W/32)
+        if hasattr(self, "score16"):
+            skip = self.score16(features[16])  # (B, K, H/16, W/16)
+            score = fit(self.up32(score), skip.shape[-2:]) + skip
+        if hasattr(self, "score8"):
+            skip = self.score8(features[8])  # (B, K, H/8, W/8)
+            score = fit(self.up16(score), skip.shape[-2:]) + skip
+        return fit(self.upsample(score), x.shape[-2:])  # (B, K, H, W)
+
+
+def _fcn(
+    skips: int,
+    num_classes: int,
+    in_channels: int,
+    backbone: str,
+    backbone_weights: str | Path | None,
+    backbone_args: dict[str, Any] | None,
+) -> FCN:
+    # The backbone is built whole (so classifier weight files load), then its head dropped.
+    features = create_model(
+        backbone, in_channels=in_channels, weights=backbone_weights, **(backbone_args or {})
+    )
+    model = FCN(features, backbone, num_classes, skips, in_channels)
+    model.min_input_size = max(32, features.min_input_size)  # AlexNet needs more than 32
+    return model
+
+
+@register_model(min_size=32, task="segment")
+def fcn32s(
+    num_classes: int = 21,
+    in_channels: int = 3,
+    backbone: str = "vgg16",
+    backbone_weights: str | Path | None = None,
+    backbone_args: dict[str, Any] | None = None,
+) -> FCN:
+    """FCN-32s: stride-32 scores upsampled 32x in one step."""
+    return _fcn(0, num_classes, in_channels, backbone, backbone_weights, backbone_args)
+
+
+@register_model(min_size=32, task="segment")
+def fcn16s(
+    num_classes: int = 21,
+    in_channels: int = 3,
+    backbone: str = "vgg16",
+    backbone_weights: str | Path | None = None,
+    backbone_args: dict[str, Any] | None = None,
+) -> FCN:
+    """FCN-16s: FCN-32s plus a skip from the stride-16 stage, upsampled 16x."""
+    return _fcn(1, num_classes, in_channels, backbone, backbone_weights, backbone_args)
+
+
+@register_model(min_size=32, task="segment")
+def fcn8s(
+    num_classes: int = 21,
+    in_channels: int = 3,
+    backbone: str = "vgg16",
+    backbone_weights: str | Path | None = None,
+    backbone_args: dict[str, Any] | None = None,
+) -> FCN:
+    """FCN-8s: FCN-16s plus a skip from the stride-8 stage, upsampled 8x."""
+    return _fcn(2, num_classes, in_channels, backbone, backbone_weights, backbone_args)
