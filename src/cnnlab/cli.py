@@ -1,0 +1,403 @@
+"""The ``cnnlab`` command: parses arguments, calls the Python API, prints the result.
+
+Every command that reports numbers takes ``--format json`` and then prints exactly one JSON
+document on stdout; tables and progress go to the terminal (progress on stderr). A
+``CnnlabError`` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from cnnlab.errors import CnnlabError
+
+Handler = Callable[[argparse.Namespace, dict], int]
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _print_json(document: object) -> None:
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _console():  # rich is imported lazily so `cnnlab --help` starts fast
+    from rich.console import Console
+
+    return Console()
+
+
+def _parse_input(text: str) -> tuple[int, int, int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise CnnlabError(
+            f"--input {text!r}: expected C,H,W as three positive integers (3,224,224)"
+        )
+    return dims  # type: ignore[return-value]
+
+
+def _parse_value(text: str) -> object:
+    """A model argument from the command line: 32,64 -> (32, 64); 3 -> 3; 0.5 -> 0.5."""
+    lowered = text.lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if "," in text:
+        return tuple(_parse_value(p) for p in text.split(",") if p)
+    return text
+
+
+def _model_args(extra: Sequence[str], model: str) -> dict:
+    """Turn unknown ``--key value`` pairs into keyword arguments the model's builder takes."""
+    import inspect
+
+    from cnnlab.registry import model_info
+
+    args: dict = {}
+    tokens = list(extra)
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("--"):
+            raise CnnlabError(f"unexpected argument {token!r}")
+        key, _, value = token[2:].partition("=")
+        if not value:
+            if not tokens or tokens[0].startswith("--"):
+                raise CnnlabError(f"--{key} needs a value")
+            value = tokens.pop(0)
+        args[key.replace("-", "_")] = _parse_value(value)
+    if not args:
+        return args
+    parameters = inspect.signature(model_info(model).builder).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    own = [n for n in parameters if n not in {"num_classes", "in_channels", "kwargs"}]
+    for key in args:
+        if key not in parameters and not takes_any:
+            known = ", ".join(f"--{n.replace('_', '-')}" for n in own) or "none"
+            raise CnnlabError(
+                f"{model} does not take --{key.replace('_', '-')} (it takes: {known})"
+            )
+    return args
+
+
+# ---------------------------------------------------------------------------- zoo
+
+
+def cmd_models(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.inspect import model_table_rows
+
+    rows = model_table_rows()
+    if args.format == "json":
+        _print_json(rows)
+        return 0
+    from rich.table import Table
+
+    table = Table(title="cnnlab models")
+    for column in ("name", "family", "task", "params", "MACs", "input", "min input"):
+        table.add_column(column, justify="right" if column in {"params", "MACs"} else "left")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["family"],
+            row["task"],
+            f"{row['params']:,}",
+            f"{row['macs'] / 1e9:.2f} G",
+            "x".join(str(d) for d in row["input_size"]),
+            str(row["min_size"]),
+        )
+    _console().print(table)
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.inspect import render_summary, summarize
+    from cnnlab.registry import create_model, model_info
+
+    info = model_info(args.model)
+    input_size = _parse_input(args.input) if args.input else info.input_size
+    kwargs = dict(extra)
+    if args.num_classes is not None:
+        kwargs["num_classes"] = args.num_classes
+    kwargs.setdefault("in_channels", input_size[0])
+    if "img_size" in _builder_parameters(args.model):
+        kwargs.setdefault("img_size", (input_size[1], input_size[2]))
+    model = create_model(args.model, **kwargs)
+    summary = summarize(model, input_size=input_size, depth=args.depth)
+    if args.format == "json":
+        _print_json(summary.to_dict(args.model))
+    else:
+        _console().print(render_summary(summary, title=f"{args.model} {input_size}"))
+    return 0
+
+
+def _builder_parameters(model: str) -> set[str]:
+    import inspect
+
+    from cnnlab.registry import model_info
+
+    return set(inspect.signature(model_info(model).builder).parameters)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def cmd_data_digits(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.data.digits import write_digits
+
+    counts = write_digits(Path(args.dst), size=args.size)
+    print(f"wrote {sum(counts.values())} digit images ({len(counts)} classes) to {args.dst}")
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.data.folders import check_folder, summarize_check
+
+    report = check_folder(Path(args.dir))
+    if args.format == "json":
+        _print_json(report)
+    else:
+        print(summarize_check(report))
+    return 0
+
+
+def cmd_data_clean(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.data.folders import clean_folder
+
+    report = clean_folder(Path(args.src), Path(args.dst), strip_prefix=args.strip_prefix)
+    if args.format == "json":
+        _print_json(report)
+    else:
+        left_out = len(report.get("left_out", []))
+        print(
+            f"cleaned {args.src} into {args.dst}; {left_out} files left out "
+            f"(see {Path(args.dst) / 'clean_report.json'})"
+        )
+    return 0
+
+
+# ---------------------------------------------------------------------------- classify
+
+
+def _train_config(args: argparse.Namespace, extra: dict):
+    from dataclasses import fields
+
+    from cnnlab.engine import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)} - {"model_args"}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return TrainConfig(model_args=extra, **values)
+
+
+def cmd_train(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab import engine
+
+    if args.resume:
+        overrides = {k: getattr(args, k) for k in ("device", "workers") if getattr(args, k)}
+        report = engine.resume(Path(args.resume), quiet=args.quiet, **overrides)
+    else:
+        if not args.data or not args.out:
+            raise CnnlabError("train needs DIR and --out RUN (or --resume RUN)")
+        report = engine.train(_train_config(args, extra))
+    _report_classification(report, args.format)
+    return 0
+
+
+def _report_classification(report: dict, form: str) -> None:
+    if form == "json":
+        _print_json(report)
+        return
+    split = report.get("split", "test")
+    print(
+        f"{split} top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  "
+        f"loss {report['loss']:.4f}  ({report['n']} images)"
+    )
+
+
+def cmd_eval(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.runs import load_run
+
+    run = load_run(Path(args.run), device=args.device)
+    report = run.evaluate(Path(args.dir) if args.dir else None, split=args.split)
+    _report_classification(report, args.format)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.runs import load_run
+
+    run = load_run(Path(args.run), device=args.device)
+    results, errors = run.predict_files([Path(p) for p in args.paths], topk=args.topk)
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    if args.format == "json":
+        _print_json(results)
+    else:
+        for result in results:
+            top = ", ".join(f"{t['class']} {t['prob']:.1%}" for t in result["top"])
+            print(f"{result['file']}: {top}")
+    return 2 if errors else 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.demo import run_demo
+
+    return run_demo(args.task, Path(args.out) if args.out else None, quiet=args.quiet)
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnlab",
+        description="Build, inspect and train the classic convolutional networks.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str, **kw) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text, **kw)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    def fmt(sub: argparse.ArgumentParser, choices=("table", "json")) -> None:
+        sub.add_argument("--format", choices=choices, default=choices[0])
+
+    sub = add("models", cmd_models, "list every registered model")
+    fmt(sub)
+
+    sub = add(
+        "summary",
+        cmd_summary,
+        "per-layer output shape, parameters (with formula), MACs and receptive field",
+    )
+    sub.add_argument("model", help="a registered model name (see `cnnlab models`)")
+    sub.add_argument("--input", help="C,H,W (default: the model's natural input)")
+    sub.add_argument("--num-classes", type=int)
+    sub.add_argument("--depth", type=int, help="expand containers this deep (default: all)")
+    fmt(sub)
+    sub.set_defaults(model_args_from="model")
+
+    data = add("data", None, "make, check and clean image folders")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+
+    def add_data(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        sub = data_commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = add_data("digits", cmd_data_digits, "write scikit-learn's 1,797 digits as PNG folders")
+    sub.add_argument("dst")
+    sub.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    sub = add_data("check", cmd_data_check, "counts, sizes, unreadable files and duplicates")
+    sub.add_argument("dir")
+    fmt(sub, ("text", "json"))
+    sub = add_data("clean", cmd_data_clean, "copy a class-folder tree into a clean new folder")
+    sub.add_argument("src")
+    sub.add_argument("dst")
+    sub.add_argument(
+        "--strip-prefix",
+        default=r"^n\d+[-_]",
+        help="regex removed from class folder names (default: WordNet ids like n02085620-)",
+    )
+    fmt(sub, ("text", "json"))
+
+    sub = add("train", cmd_train, "train a classifier on a folder of class folders")
+    sub.add_argument("data", nargs="?", metavar="DIR", help="class folders, or train/ val/ test/")
+    sub.add_argument("--out", help="the run folder to create")
+    sub.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    sub.add_argument(
+        "--model",
+        default="resnet18",
+        help="registered model name; builder arguments pass through, e.g. --cdims 32,64",
+    )
+    sub.add_argument("--weights", help="initial weights: a .pth/.safetensors file or torchvision")
+    sub.add_argument("--epochs", type=int)
+    sub.add_argument("--batch-size", type=int)
+    sub.add_argument("--lr", type=float)
+    sub.add_argument("--optimizer", choices=("adam", "adamw", "sgd"))
+    sub.add_argument("--weight-decay", type=float)
+    sub.add_argument("--warmup-epochs", type=int)
+    sub.add_argument("--grad-clip", type=float)
+    sub.add_argument("--img-size", type=int)
+    sub.add_argument("--in-channels", type=int, choices=(1, 3))
+    sub.add_argument("--augment", choices=("none", "light", "strong"))
+    sub.add_argument(
+        "--no-flip",
+        dest="flip",
+        action="store_false",
+        default=None,
+        help="no horizontal flips (digits, text)",
+    )
+    sub.add_argument("--label-smoothing", type=float)
+    sub.add_argument("--patience", type=int, help="early stopping on validation top-1")
+    sub.add_argument("--val-split", type=float)
+    sub.add_argument("--test-split", type=float)
+    sub.add_argument("--balance", choices=("none", "weights", "sampler"))
+    sub.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"))
+    sub.add_argument("--seed", type=int)
+    sub.add_argument("--device", help="auto | cpu | cuda")
+    sub.add_argument("--workers", type=int)
+    sub.add_argument("--quiet", action="store_true", default=None)
+    fmt(sub, ("text", "json"))
+    sub.set_defaults(model_args_from="model")
+
+    sub = add("eval", cmd_eval, "evaluate a run on its test split or on another folder")
+    sub.add_argument("run")
+    sub.add_argument("dir", nargs="?")
+    sub.add_argument("--split", default="test", choices=("train", "val", "test"))
+    sub.add_argument("--device", default="auto")
+    fmt(sub, ("text", "json"))
+
+    sub = add("predict", cmd_predict, "top-k classes for images or folders of images")
+    sub.add_argument("run")
+    sub.add_argument("paths", nargs="+", metavar="PATH")
+    sub.add_argument("--topk", type=int, default=5)
+    sub.add_argument("--device", default="auto")
+    fmt(sub, ("text", "json"))
+
+    sub = add("demo", cmd_demo, "the built-in job: train the notes' ConvNet on the digits")
+    sub.add_argument("--task", choices=("classify", "segment", "detect"), default="classify")
+    sub.add_argument("--out", help="run folder (default runs/demo, runs/demo2, ...)")
+    sub.add_argument("--quiet", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s: %(message)s" if args.verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        model_name = getattr(args, getattr(args, "model_args_from", ""), None)
+        if unknown and not model_name:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        extra = _model_args(unknown, model_name) if model_name else {}
+        return args.handler(args, extra)
+    except CnnlabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
