@@ -1,0 +1,191 @@
+"""Faster R-CNN (Ren et al. 2015, arXiv:1506.01497) on a cnnlab zoo backbone.
+
+Assembled from torchvision's detection parts rather than rewritten: the zoo backbone is cut
+at one level of its ``feature_info`` (stride 16 by default, the paper's VGG-16 conv5_3),
+then torchvision's ``AnchorGenerator`` + ``RegionProposalNetwork`` propose regions,
+``MultiScaleRoIAlign`` (or the original ``RoIPool``) crops them and ``RoIHeads`` classifies
+and refines them.
+
+Conventions that differ from torchvision's ``FasterRCNN``:
+
+* ``num_classes`` counts the user's classes only; the background class torchvision puts at
+  label 0 is added inside. Labels in targets and detections are 0-based user classes.
+* The model takes a batched tensor ``(B, C, H, W)`` (or torchvision's list of tensors) that
+  cnnlab's data pipeline has already resized and normalised; torchvision's internal
+  resize and normalisation are switched off, so boxes come back in the input's pixels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.ops import MultiScaleRoIAlign, roi_pool
+
+from cnnlab.errors import CnnlabError
+from cnnlab.registry import create_model, model_info, register_model
+
+Detections = list[dict[str, Tensor]]  # per image: boxes (N, 4) xyxy, scores (N,), labels (N,)
+
+
+def zoo_backbone(
+    name: str,
+    in_channels: int = 3,
+    weights: str | None = None,
+    reduction: int = 32,
+) -> tuple[nn.Module, int]:
+    """A zoo model cut after its ``feature_info`` level of the given ``reduction``.
+
+    Returns (module mapping (B, C, H, W) to ``{"0": (B, num_chs, H/r, W/r)}``, num_chs).
+    Layers after the cut (the classifier head included) are not part of the module.
+    """
+    model = create_model(name, num_classes=1, in_channels=in_channels, weights=weights)
+    levels = [f for f in getattr(model, "feature_info", []) if f["reduction"] == reduction]
+    if not levels:
+        found = sorted({f["reduction"] for f in getattr(model, "feature_info", [])})
+        raise CnnlabError(f"backbone {name} has no features at stride {reduction} (has {found})")
+    try:
+        body = create_feature_extractor(model, return_nodes={levels[-1]["module"]: "0"})
+    except Exception as error:  # torch.fx refuses data-dependent Python control flow
+        raise CnnlabError(f"backbone {name} cannot be cut at stride {reduction}: {error}") from None
+    body.min_input_size = model_info(name).min_size
+    return body, levels[-1]["num_chs"]
+
+
+class _PreparedImages(GeneralizedRCNNTransform):
+    # cnnlab's data pipeline resizes and normalises; doing it again here would resize boxes
+    # twice and normalise twice. Batching (padding to a multiple of 32) still happens.
+    def __init__(self) -> None:
+        super().__init__(min_size=1, max_size=1, image_mean=[0.0], image_std=[1.0])
+
+    def normalize(self, image: Tensor) -> Tensor:
+        return image
+
+    def resize(self, image: Tensor, target: dict | None = None) -> tuple[Tensor, dict | None]:
+        return image, target
+
+
+class _RoIPool(nn.Module):
+    """The original Fast R-CNN RoIPool (max pooling over quantised bins) with the call
+    signature of MultiScaleRoIAlign, so RoIHeads can use either."""
+
+    def __init__(self, output_size: int, spatial_scale: float) -> None:
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+
+    def forward(
+        self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list
+    ) -> Tensor:
+        return roi_pool(features["0"], proposals, self.output_size, self.spatial_scale)
+
+
+class FasterRCNN(TorchvisionFasterRCNN):
+    """torchvision's FasterRCNN with 0-based user labels and batched-tensor input."""
+
+    def forward(
+        self, images: Tensor | list[Tensor], targets: list[dict[str, Tensor]] | None = None
+    ) -> dict[str, Tensor] | Detections:
+        """Training: the loss dict. Eval: detections per image, labels 0-based."""
+        if isinstance(images, Tensor):
+            images = list(images.unbind(0))
+        if targets is not None:
+            # torchvision reserves label 0 for the background class.
+            targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+        output = super().forward(images, targets)
+        if self.training:
+            return output
+        return [{**d, "labels": d["labels"] - 1} for d in output]
+
+    def losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """RPN and box-head losses, plus their sum under ``"loss"`` (model in train mode)."""
+        parts = self(images, targets)
+        return {"loss": sum(parts.values()), **parts}
+
+    @torch.no_grad()
+    def detect(
+        self,
+        images: Tensor,
+        score_threshold: float = 0.001,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
+    ) -> Detections:
+        """Detections per image in the input's pixels (model in eval mode)."""
+        self.roi_heads.score_thresh = score_threshold
+        self.roi_heads.nms_thresh = nms_threshold
+        self.roi_heads.detections_per_img = max_detections
+        return self(images)
+
+
+def _fasterrcnn(
+    num_classes: int,
+    in_channels: int,
+    backbone: str,
+    backbone_weights: str | None,
+    reduction: int,
+    anchor_sizes: Sequence[int],
+    aspect_ratios: Sequence[float],
+    roi_pool: bool,
+    **kwargs: object,
+) -> FasterRCNN:
+    body, channels = zoo_backbone(backbone, in_channels, backbone_weights, reduction)
+    body.out_channels = channels
+    # One feature map, so one tuple of sizes: every anchor size at every position.
+    anchors = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
+    model = FasterRCNN(
+        body,
+        num_classes=num_classes + 1,
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+        **kwargs,
+    )
+    if roi_pool:
+        # FasterRCNN's constructor only takes MultiScaleRoIAlign; RoIHeads calls any pooler
+        # with the same arguments, and both give 7x7 bins for the same box head.
+        model.roi_heads.box_roi_pool = _RoIPool(7, 1.0 / reduction)
+    model.transform = _PreparedImages()
+    model.min_input_size = max(32, body.min_input_size)
+    return model
+
+
+@register_model(min_size=32, input_size=(3, 448, 448), task="detect")
+def fasterrcnn(
+    num_classes: int = 20,
+    in_channels: int = 3,
+    backbone: str = "resnet18",
+    backbone_weights: str | None = None,
+    reduction: int = 16,
+    anchor_sizes: Sequence[int] = (32, 64, 128, 256),
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+    roi_pool: bool = False,
+    rpn_post_nms_top_n_train: int = 2000,
+    rpn_post_nms_top_n_test: int = 300,
+    box_batch_size_per_image: int = 128,
+) -> FasterRCNN:
+    """Faster R-CNN: RPN + RoIAlign (``roi_pool=True``: RoIPool) heads on a zoo backbone.
+
+    ``num_classes`` counts object classes without background. ``reduction`` picks the
+    backbone level (from its ``feature_info``); ``anchor_sizes`` are in input pixels and
+    every size is paired with every aspect ratio (height / width). ``backbone_weights`` is
+    a weight file (or ``"torchvision"``) for the zoo backbone. The proposal and sampling
+    counts are the paper's: 2000 proposals while training, 300 at test, and 128 sampled
+    RoIs per training image (py-faster-rcnn's TRAIN.BATCH_SIZE; torchvision uses 512).
+    """
+    return _fasterrcnn(
+        num_classes,
+        in_channels,
+        backbone,
+        backbone_weights,
+        reduction,
+        anchor_sizes,
+        aspect_ratios,
+        roi_pool,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        box_batch_size_per_image=box_batch_size_per_image,
+    )

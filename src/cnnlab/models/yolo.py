@@ -1,0 +1,272 @@
+"""YOLOv1 (Redmon et al. 2016, "You Only Look Once", arXiv:1506.02640) on a zoo backbone.
+
+The image is divided into an S x S grid; each cell predicts B boxes (x, y, w, h,
+confidence) and one set of C class probabilities, so the output is S x S x (B*5 + C).
+x, y are the box centre's offset inside its cell and w, h its size relative to the image,
+all in 0..1; confidence is Pr(object) x IoU(box, truth).
+
+Where this differs from the paper, and why:
+
+* The backbone is any zoo model, cut at its stride-32 ``feature_info`` level instead of
+  the paper's 24-layer Darknet. Two 3x3 conv layers (the paper has four, 1024 wide) refine
+  it and an adaptive average pool brings the map to S x S: at the paper's 448 input the
+  stride-32 map is 14 x 14 and the pool halves it, where the paper uses a stride-2 conv;
+  any other input size works too (the two fully connected layers see every cell anyway).
+* The head is narrower (``head_channels`` 256 and ``hidden`` 1024 instead of 1024 and
+  4096) so that it trains on a CPU, and the convs have batch norm (from YOLOv2), which
+  lets it train from scratch without the paper's ImageNet pre-training.
+* The last layer's outputs pass through a sigmoid (box and confidence) and a softmax
+  (class probabilities) instead of the paper's linear activation, so every output is in
+  its valid range and sqrt(w) is always defined; the loss is still the paper's sum of
+  squared errors on these values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from cnnlab.blocks import ConvBNAct
+from cnnlab.models.rcnn import zoo_backbone
+from cnnlab.registry import register_model
+
+Detections = list[dict[str, Tensor]]  # per image: boxes (N, 4) xyxy, scores (N,), labels (N,)
+
+
+def _leaky() -> nn.Module:
+    return nn.LeakyReLU(0.1, inplace=True)  # the paper's activation
+
+
+def cell_offsets(grid: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Column and row index of every cell, each (S, S, 1) to broadcast over the B boxes."""
+    rows, cols = torch.meshgrid(
+        torch.arange(grid, device=device), torch.arange(grid, device=device), indexing="ij"
+    )
+    return cols[..., None].float(), rows[..., None].float()
+
+
+def cell_boxes_to_xyxy(boxes: Tensor, grid: int) -> Tensor:
+    """(..., S, S, B, 4) cell-relative (x, y, w, h) -> image-relative (x1, y1, x2, y2)."""
+    col, row = cell_offsets(grid, boxes.device)
+    cx = (col + boxes[..., 0]) / grid
+    cy = (row + boxes[..., 1]) / grid
+    half_w, half_h = boxes[..., 2] / 2, boxes[..., 3] / 2
+    return torch.stack((cx - half_w, cy - half_h, cx + half_w, cy + half_h), dim=-1)
+
+
+def paired_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of boxes a[i] and b[i] (xyxy, broadcasting), not the all-pairs matrix."""
+    top_left = torch.maximum(a[..., :2], b[..., :2])
+    bottom_right = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-9)
+
+
+def encode_targets(
+    targets: list[dict[str, Tensor]], grid: int, num_classes: int, image_size: tuple[int, int]
+) -> Tensor:
+    """Ground truth as (N, S, S, 5 + C): x, y (in the cell), w, h (of the image), an
+    object flag and the one-hot class, in the cell holding the box centre.
+
+    As in the paper a cell holds one object; when two centres share a cell the larger box
+    is kept (it is the one a single prediction can match best).
+    """
+    height, width = image_size
+    device = targets[0]["boxes"].device if targets else None
+    encoded = torch.zeros(len(targets), grid, grid, 5 + num_classes, device=device)
+    for n, target in enumerate(targets):
+        boxes, labels = target["boxes"], target["labels"]
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        for k in area.argsort().tolist():  # smallest first, so larger boxes overwrite
+            x1, y1, x2, y2 = boxes[k].tolist()
+            cx, cy = (x1 + x2) / 2 / width * grid, (y1 + y2) / 2 / height * grid
+            col, row = min(int(cx), grid - 1), min(int(cy), grid - 1)
+            cell = encoded[n, row, col]
+            cell.zero_()
+            cell[:4] = torch.tensor([cx - col, cy - row, (x2 - x1) / width, (y2 - y1) / height])
+            cell[4] = 1.0
+            cell[5 + int(labels[k])] = 1.0
+    return encoded
+
+
+@dataclass
+class YOLOLoss:
+    """The paper's sum-squared loss, summed over the grid and averaged over images.
+
+    In a cell with an object the one of its B boxes with the highest IoU with the truth is
+    "responsible": it alone gets the coordinate loss (weighted ``lambda_coord``, on the
+    square roots of w and h so that an error counts more on a small box) and the object
+    confidence loss. Every other box is pushed towards confidence 0 with weight
+    ``lambda_noobj``. The class loss applies to cells with an object. With ``rescore``
+    (the paper, and darknet's ``rescore=1``) the confidence target is that IoU, else 1.
+    """
+
+    grid: int = 7
+    boxes: int = 2
+    num_classes: int = 20
+    lambda_coord: float = 5.0
+    lambda_noobj: float = 0.5
+    rescore: bool = True
+
+    def __call__(self, pred: Tensor, target: Tensor) -> dict[str, Tensor]:
+        """pred (N, S, S, B*5 + C) from the model, target (N, S, S, 5 + C) from
+        ``encode_targets``; returns ``loss`` and its parts ``coord``, ``obj``, ``noobj``,
+        ``class``."""
+        n, b = pred.shape[0], self.boxes
+        boxes = pred[..., : b * 5].unflatten(-1, (b, 5))  # (N, S, S, B, 5)
+        probs = pred[..., b * 5 :]  # (N, S, S, C)
+        truth = target[..., None, :4]  # (N, S, S, 1, 4)
+        has_object = target[..., 4] > 0  # (N, S, S)
+        iou = paired_iou(
+            cell_boxes_to_xyxy(boxes[..., :4], self.grid), cell_boxes_to_xyxy(truth, self.grid)
+        ).detach()  # (N, S, S, B)
+        responsible = nn.functional.one_hot(iou.argmax(-1), b).bool() & has_object[..., None]
+        xy_error = (boxes[..., :2] - truth[..., :2]).square().sum(-1)
+        wh_error = (_sqrt(boxes[..., 2:4]) - _sqrt(truth[..., 2:4])).square().sum(-1)
+        confidence = boxes[..., 4]  # (N, S, S, B)
+        conf_target = iou if self.rescore else torch.ones_like(iou)
+        coord = self.lambda_coord * ((xy_error + wh_error) * responsible).sum() / n
+        obj = ((confidence - conf_target).square() * responsible).sum() / n
+        noobj = self.lambda_noobj * (confidence.square() * ~responsible).sum() / n
+        cls = ((probs - target[..., 5:]).square().sum(-1) * has_object).sum() / n
+        return {
+            "loss": coord + obj + noobj + cls,
+            "coord": coord,
+            "obj": obj,
+            "noobj": noobj,
+            "class": cls,
+        }
+
+
+def _sqrt(x: Tensor) -> Tensor:
+    # The gradient of sqrt is infinite at 0; a predicted size of exactly 0 must not blow up.
+    return (x + 1e-9).sqrt()
+
+
+def decode(
+    pred: Tensor,
+    boxes: int,
+    image_size: tuple[int, int],
+    score_threshold: float = 0.001,
+    nms_threshold: float = 0.5,
+    max_detections: int = 100,
+) -> Detections:
+    """Model output (N, S, S, B*5 + C) -> detections per image in pixels of ``image_size``.
+
+    Each box and class gets the paper's class-specific confidence, box confidence x
+    Pr(class | object); candidates above ``score_threshold`` go through per-class NMS and
+    the ``max_detections`` best are kept.
+    """
+    n, grid = pred.shape[0], pred.shape[1]
+    height, width = image_size
+    cells = pred[..., : boxes * 5].unflatten(-1, (boxes, 5))  # (N, S, S, B, 5)
+    scale = torch.tensor([width, height, width, height], device=pred.device)
+    xyxy = cell_boxes_to_xyxy(cells[..., :4], grid) * scale
+    xyxy = clip_boxes_to_image(xyxy.reshape(n, -1, 4), (height, width))  # (N, S*S*B, 4)
+    probs = pred[..., boxes * 5 :].unsqueeze(-2)  # (N, S, S, 1, C), shared by the B boxes
+    scores = (cells[..., 4:5] * probs).reshape(n, xyxy.shape[1], -1)  # (N, S*S*B, C)
+    detections = []
+    for image_boxes, image_scores in zip(xyxy, scores, strict=True):
+        box_index, labels = (image_scores > score_threshold).nonzero(as_tuple=True)
+        kept_scores = image_scores[box_index, labels]
+        keep = batched_nms(image_boxes[box_index], kept_scores, labels, nms_threshold)
+        keep = keep[:max_detections]  # batched_nms sorts by decreasing score
+        detections.append(
+            {
+                "boxes": image_boxes[box_index[keep]],
+                "scores": kept_scores[keep],
+                "labels": labels[keep],
+            }
+        )
+    return detections
+
+
+class YOLOv1(nn.Module):
+    """Zoo backbone (stride 32) -> two 3x3 convs -> pool to S x S -> two FC layers."""
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        backbone_channels: int,
+        num_classes: int,
+        grid: int = 7,
+        boxes: int = 2,
+        head_channels: int = 256,
+        hidden: int = 1024,
+        dropout: float = 0.5,
+        loss: YOLOLoss | None = None,
+    ) -> None:
+        super().__init__()
+        self.grid, self.boxes, self.num_classes = grid, boxes, num_classes
+        self.backbone = backbone
+        self.neck = nn.Sequential(
+            ConvBNAct(backbone_channels, head_channels, 3, act_layer=_leaky),
+            ConvBNAct(head_channels, head_channels, 3, act_layer=_leaky),
+            nn.AdaptiveAvgPool2d(grid),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(head_channels * grid * grid, hidden),
+            _leaky(),
+            nn.Dropout(dropout),  # the paper's rate, after the first FC layer
+            nn.Linear(hidden, grid * grid * (boxes * 5 + num_classes)),
+        )
+        self.loss = loss or YOLOLoss(grid, boxes, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, S, S, B*5 + C): boxes and confidences in 0..1, then class
+        probabilities summing to 1."""
+        features = self.backbone(x)["0"]  # (N, Cb, H/32, W/32)
+        out = self.head(self.neck(features)).unflatten(-1, (self.grid, self.grid, -1))
+        split = self.boxes * 5
+        return torch.cat((out[..., :split].sigmoid(), out[..., split:].softmax(-1)), dim=-1)
+
+    def losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The YOLO loss and its parts for a batch with targets in the images' pixels."""
+        pred = self(images)
+        encoded = encode_targets(targets, self.grid, self.num_classes, images.shape[-2:])
+        return self.loss(pred, encoded)
+
+    @torch.no_grad()
+    def detect(
+        self,
+        images: Tensor,
+        score_threshold: float = 0.001,
+        nms_threshold: float = 0.5,
+        max_detections: int = 100,
+    ) -> Detections:
+        """Detections per image in the input's pixels, labels 0-based."""
+        pred = self(images)
+        return decode(
+            pred, self.boxes, images.shape[-2:], score_threshold, nms_threshold, max_detections
+        )
+
+
+@register_model(min_size=32, input_size=(3, 448, 448), task="detect")
+def yolov1(
+    num_classes: int = 20,
+    in_channels: int = 3,
+    backbone: str = "resnet18",
+    backbone_weights: str | None = None,
+    grid: int = 7,
+    boxes: int = 2,
+    head_channels: int = 256,
+    hidden: int = 1024,
+    dropout: float = 0.5,
+    lambda_coord: float = 5.0,
+    lambda_noobj: float = 0.5,
+    rescore: bool = True,
+) -> YOLOv1:
+    """YOLOv1: an S x S grid (``grid``) of ``boxes`` boxes each plus class probabilities on
+    the stride-32 features of the zoo model ``backbone``; ``backbone_weights`` is a weight
+    file (or ``"torchvision"``) for it. Loss weights as in the paper."""
+    body, channels = zoo_backbone(backbone, in_channels, backbone_weights, reduction=32)
+    loss = YOLOLoss(grid, boxes, num_classes, lambda_coord, lambda_noobj, rescore)
+    model = YOLOv1(body, channels, num_classes, grid, boxes, head_channels, hidden, dropout, loss)
+    model.min_input_size = max(32, body.min_input_size)
+    return model
