@@ -14,7 +14,8 @@ from rich.console import Console
 from torch import nn
 
 from cnnlab.errors import CnnlabError, InputSizeError
-from cnnlab.inspect import render_summary, summarize
+from cnnlab.inspect import model_table_rows, render_summary, summarize
+from cnnlab.registry import create_model, list_models
 
 TORCHVISION = {
     "alexnet": (torchvision.models.alexnet, (3, 224, 224)),
@@ -32,10 +33,14 @@ TORCHVISION = {
 
 @functools.cache
 def tv_model(name: str) -> nn.Module:
-    """A torchvision model with zero weights: counting needs shapes, not values, and
-    skipping the random initialisation of 100M+ parameters keeps the tests fast."""
+    return zeroed(TORCHVISION[name][0])
+
+
+def zeroed(build) -> nn.Module:
+    """A model with zero weights: counting needs shapes, not values, and skipping the
+    random initialisation of 100M+ parameters keeps the tests fast."""
     with torch.device("meta"):
-        model = TORCHVISION[name][0]()
+        model = build()
     model.to_empty(device="cpu")
     with torch.no_grad():
         for tensor in model.state_dict().values():
@@ -356,3 +361,56 @@ def test_adaptive_pool_window_when_sizes_do_not_divide():
     (row,) = summarize(nn.AdaptiveMaxPool2d(3), (1, 5, 5)).layers
     assert row.rf == 3
     assert math.isclose(row.jump, 5 / 3)
+
+
+def test_module_list_items_count_as_their_parents_children_for_depth():
+    class Stack(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU()) for _ in range(3)
+            )
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = Stack()
+    collapsed = summarize(model, (2, 8, 8), depth=1)
+    assert [(row.name, row.type, row.rf) for row in collapsed.layers] == [
+        ("blocks.0", "Sequential", 3),
+        ("blocks.1", "Sequential", 5),
+        ("blocks.2", "Sequential", 7),
+    ]
+    names = [row.name for row in summarize(model, (2, 8, 8)).layers]
+    assert names == [f"blocks.{i}.{j}" for i in range(3) for j in range(2)]
+
+
+def test_zoo_model_matches_torchinfo():
+    model = zeroed(functools.partial(create_model, "resnet50"))
+    ours = summarize(model, (3, 64, 64))
+    theirs = torchinfo.summary(model, input_size=(1, 3, 64, 64), verbose=0)
+    assert ours.total_params == theirs.total_params == 25_557_032
+    assert ours.total_macs == pytest.approx(theirs.total_mult_adds, rel=0.01)
+
+
+def test_zoo_input_below_minimum_raises_input_size_error():
+    with torch.device("meta"):
+        model = create_model("alexnet")
+    with pytest.raises(InputSizeError, match="alexnet needs inputs of at least"):
+        summarize(model, (3, 16, 16), device="meta")
+
+
+def test_model_table_has_every_registered_model_with_true_counts():
+    rows = {row["name"]: row for row in model_table_rows()}
+    assert sorted(rows) == list_models()
+    for row in rows.values():
+        assert row["params"] > 0 and row["macs"] > 0 and row["min_size"] >= 1
+        assert row["task"] in ("classify", "segment", "detect")
+    resnet50 = summarize(tv_model("resnet50"), (3, 224, 224))  # real tensors on the CPU
+    assert (rows["resnet50"]["params"], rows["resnet50"]["macs"]) == (
+        resnet50.total_params,
+        resnet50.total_macs,
+    )
+    assert rows["resnet50"]["input_size"] == [3, 224, 224]

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from cnnlab.errors import CnnlabError
+from cnnlab.registry import create_model, list_models, model_info
 
 
 @dataclass
@@ -90,16 +91,20 @@ def summarize(
     in eval mode under ``torch.no_grad``; every module's training flag is restored. The
     input is created on ``device``, where the model must already be.
 
-    MACs follow torchinfo's "Mult-Adds" where it is right: convolution
-    ``out_elements * (cin/groups) * kh * kw``, linear ``in * out`` per row, normalisation
-    ``batch * (weight + bias elements)``, activations and pooling 0; bias additions are not
-    multiplies and are left out; a transposed convolution costs
-    ``in_elements * (cout/groups) * kh * kw`` (torchinfo uses the output size there).
+    MACs are for the whole batch and follow torchinfo's "Mult-Adds" where it is right:
+    convolution ``out_elements * (cin/groups) * kh * kw``, linear ``in * out`` per row,
+    normalisation ``batch * (weight + bias elements)``, activations and pooling 0. Bias
+    additions are not multiplies and are left out (torchinfo adds them: well under 1% on
+    classic CNNs). A transposed convolution costs ``in_elements * (cout/groups) * kh * kw``
+    (torchinfo uses the output size there).
+
+    The receptive field and jump of a row are in input pixels, for the spatial axis with
+    the larger field; adaptive and global pooling widen the field by the pooled window, so
+    after a global pool it spans the whole input.
 
     Raises the registry's ``InputSizeError`` for inputs below the model's minimum and
     ``CnnlabError`` for any other failure of the forward pass.
     """
-    x = torch.zeros(batch_size, *input_size, device=device, dtype=_float_dtype(model))
     recorder = _Recorder(depth)
     tracker = _FieldTracker(recorder.add_macs)
     recorder.field_of = tracker.field
@@ -107,6 +112,7 @@ def summarize(
     training = {module: module.training for module in model.modules()}
     model.eval()
     try:
+        x = torch.zeros(batch_size, *input_size, device=device, dtype=_float_dtype(model))
         with torch.no_grad(), tracker:
             tracker.start(x)
             model(x)
@@ -153,12 +159,11 @@ def render_summary(summary: Summary, title: str) -> Group:
 def model_table_rows() -> list[dict[str, Any]]:
     """One row per registered model: name, family, task, params, MACs, sizes.
 
-    Parameters are counted at the default settings and MACs at the model's natural input
-    size. Models are built on the meta device (no memory, no initialisation) and only
-    rebuilt on the CPU when their forward pass needs real data (e.g. box filtering).
+    Parameters are counted at the default settings (with as many input channels as the
+    natural input has) and MACs at the model's natural input size. Models are built on the
+    meta device (no memory, no initialisation) and only rebuilt on the CPU when their
+    forward pass needs real data (e.g. box filtering).
     """
-    from cnnlab.registry import list_models, model_info
-
     rows = []
     for name in list_models():
         info = model_info(name)
@@ -178,17 +183,20 @@ def model_table_rows() -> list[dict[str, Any]]:
 
 
 def _summarize_cheaply(name: str, input_size: tuple[int, int, int]) -> Summary:
-    from cnnlab.registry import create_model
-
+    channels = input_size[0]
     with torch.device("meta"):
-        model = create_model(name)
+        model = create_model(name, in_channels=channels)
     try:
         return summarize(model, input_size, depth=0, device="meta")
     except CnnlabError:
-        return summarize(create_model(name), input_size, depth=0)
+        return summarize(create_model(name, in_channels=channels), input_size, depth=0)
 
 
 # --- rows -------------------------------------------------------------------------------
+
+
+# Containers that hold modules without a forward of their own.
+_UNCALLED = (nn.ModuleList, nn.ModuleDict)
 
 
 @dataclass
@@ -206,8 +214,13 @@ class _Recorder:
 
     def attach(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         handles = []
+        levels = {"": 0}
         for name, module in model.named_modules():
-            level = 0 if name == "" else name.count(".") + 1
+            parent = name.rpartition(".")[0]
+            if name and isinstance(module, _UNCALLED):
+                levels[name] = levels[parent]  # never called: its items count as its parent's
+                continue
+            level = levels[name] = levels[parent] + 1 if name else 0
             if self.depth is not None and level > self.depth:
                 continue  # inside a collapsed container: its row collects these
             is_leaf = next(module.children(), None) is None
