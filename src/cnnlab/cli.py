@@ -30,7 +30,10 @@ def _print_json(document: object) -> None:
 def _console():  # rich is imported lazily so `cnnlab --help` starts fast
     from rich.console import Console
 
-    return Console()
+    console = Console()
+    if not console.is_terminal:  # piped to a file or a pager: never squeeze the table
+        console = Console(width=240)
+    return console
 
 
 def _parse_input(text: str) -> tuple[int, int, int]:
