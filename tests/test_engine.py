@@ -1,0 +1,453 @@
+"""The training loop: a real short training, the run folder, best/early stopping, Ctrl-C,
+and a SIGKILLed run that resumes to exactly the metrics of an uninterrupted one."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from cnnlab import checkpoint, create_model
+from cnnlab.data.folders import Splits
+from cnnlab.engine import (
+    METRICS_COLUMNS,
+    ClassifyTask,
+    TrainConfig,
+    evaluate,
+    is_better,
+    pick_device,
+    resume,
+    train,
+    warmup_cosine,
+)
+from cnnlab.errors import CnnlabError
+
+CLASSES = ("blob", "left", "top")
+PER_CLASS = 100
+SIZE = 16
+BAD_FILE = "left/zz_broken.png"
+
+
+def _draw(label: int, rng: np.random.Generator) -> np.ndarray:
+    """A 16x16 grey image whose bright region tells the class, under noise."""
+    image = rng.normal(60, 25, (SIZE, SIZE))
+    jitter = rng.integers(-2, 3)
+    if label == 0:
+        image[5 + jitter : 11 + jitter, 5:11] += 140
+    elif label == 1:
+        image[:, : 8 + jitter] += 140
+    else:
+        image[: 8 + jitter, :] += 140
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny convolutions gain nothing from two threads, and when other processes (a second
+    # xdist worker) share the two cores, OpenMP's waiting makes every op ~30x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i in range(PER_CLASS):
+            Image.fromarray(_draw(label, rng)).save(root / name / f"{i:03d}.png")
+    # One unreadable file: training and evaluation must skip it, not crash.
+    (root / BAD_FILE).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def _config(data_dir: Path, out: Path, **changes: object) -> TrainConfig:
+    settings = {
+        "data": str(data_dir),
+        "out": str(out),
+        "model": "convnet",
+        "model_args": {"cdims": [8, 16], "hdims": [64], "dropout": 0.1},
+        "img_size": SIZE,
+        "epochs": 3,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup_epochs": 1,
+        "augment": "none",
+        "flip": False,
+        "val_split": 0.2,
+        "test_split": 0.2,
+        "device": "cpu",
+        "quiet": True,
+    }
+    return TrainConfig(**{**settings, **changes})
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / "run"
+    return out, train(_config(data_dir, out))
+
+
+# ---------------------------------------------------------------------------- a real run
+
+
+def test_short_training_learns(run: tuple[Path, dict]) -> None:
+    _, report = run
+    assert report["split"] == "test"
+    assert report["top1"] >= 0.9  # chance is 1/3
+    assert report["top5"] == 1.0  # top-min(5, 3) always holds the true class
+    # The broken file is skipped wherever the split put it.
+    split = json.loads((run[0] / "split.json").read_text())
+    assert report["n"] == len(split["test"]) - sum(p == BAD_FILE for p, _ in split["test"])
+
+
+def test_run_folder_contents(run: tuple[Path, dict]) -> None:
+    out, _ = run
+    names = {p.name for p in out.iterdir()}
+    assert names == {
+        "config.yaml",
+        "split.json",
+        "metrics.csv",
+        "best.safetensors",
+        "model.json",
+        "last.pt",
+        "report.json",
+        "curves.png",
+        "confusion.png",
+        "errors.png",
+    }
+    for png in ("curves.png", "confusion.png", "errors.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_yaml_rebuilds_the_resolved_config(run: tuple[Path, dict], data_dir: Path) -> None:
+    out, _ = run
+    saved = checkpoint.read_yaml(out / "config.yaml")
+    assert list(saved) == list(asdict(_config(data_dir, out)))  # field order kept
+    cfg = TrainConfig.from_dict(saved)
+    assert cfg.in_channels == 1  # detected from the grayscale PNGs
+    assert cfg.weight_decay == 0.05  # adamw's default, written out
+    assert cfg == replace(_config(data_dir, out), in_channels=1, weight_decay=0.05)
+
+
+def test_split_json_and_metrics_csv(run: tuple[Path, dict], data_dir: Path) -> None:
+    out, _ = run
+    splits = Splits.from_json(checkpoint.read_json(out / "split.json"))
+    assert splits.classes == list(CLASSES)
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 3 * PER_CLASS + 1
+    rows = _rows(out / "metrics.csv")
+    assert (out / "metrics.csv").read_text().splitlines()[0] == ",".join(METRICS_COLUMNS)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert 0 <= float(row["val_top1"]) <= float(row["val_top5"]) <= 1
+        assert float(row["lr"]) > 0 and float(row["train_loss"]) > 0
+
+
+def test_model_json_rebuilds_the_model_and_best_weights(run: tuple[Path, dict]) -> None:
+    out, report = run
+    meta = checkpoint.read_model_json(out)
+    assert meta["task"] == "classify" and meta["architecture"] == "convnet"
+    assert meta["classes"] == list(CLASSES)
+    assert meta["input_size"] == [1, SIZE, SIZE]
+    assert meta["mean"] == [0.5] and meta["std"] == [0.5]
+    assert meta["model_args"] == {
+        "num_classes": 3,
+        "in_channels": 1,
+        "img_size": SIZE,
+        "cdims": [8, 16],
+        "hdims": [64],
+        "dropout": 0.1,
+    }
+    model = create_model(meta["architecture"], **meta["model_args"])
+    checkpoint.load_weights(out / "best.safetensors", model)
+    # Best = highest val top-1, ties to the lower val loss; report.json names that epoch.
+    rows = _rows(out / "metrics.csv")
+    best = max(rows, key=lambda r: (float(r["val_top1"]), -float(r["val_loss"])))
+    assert report["best_epoch"] == int(best["epoch"])
+    stored = checkpoint.read_weights_metadata(out / "best.safetensors")
+    assert stored["epoch"] == best["epoch"]
+
+
+def test_report_json(run: tuple[Path, dict]) -> None:
+    out, report = run
+    saved = json.loads((out / "report.json").read_text())
+    assert saved == report
+    assert set(saved) == {"split", "best_epoch", "top1", "top5", "loss", "n", "per_class"}
+    assert set(saved["per_class"]) == set(CLASSES)
+    assert sum(c["support"] for c in saved["per_class"].values()) == saved["n"]
+    for stats in saved["per_class"].values():
+        assert set(stats) == {"precision", "recall", "f1", "support"}
+
+
+def test_last_pt_loads_with_weights_only(run: tuple[Path, dict]) -> None:
+    out, _ = run
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["epoch"] == 3
+    assert set(state) >= {"model", "optimizer", "scheduler", "best", "rng"}
+    assert state["scheduler"]["last_epoch"] > 0
+    assert state["epochs_without_improvement"] == 3 - state["best"]["epoch"]
+
+
+def test_refuses_to_overwrite_a_run(run: tuple[Path, dict], data_dir: Path) -> None:
+    out, _ = run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(CnnlabError, match="already holds a run; use --resume or another --out"):
+        train(_config(data_dir, out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_class_count_mismatch_names_the_weight_file(run: tuple[Path, dict]) -> None:
+    out, _ = run
+    args = {**checkpoint.read_model_json(out)["model_args"], "num_classes": 5}
+    with pytest.raises(CnnlabError, match=rf"{out / 'best.safetensors'}: .*3 classes"):
+        checkpoint.load_weights(out / "best.safetensors", create_model("convnet", **args))
+
+
+# ---------------------------------------------------------------------------- rules
+
+
+def test_best_tie_rule() -> None:
+    best = {"top1": 0.9, "loss": 0.30}
+    assert is_better({"top1": 0.5, "loss": 9.0}, None)
+    assert is_better({"top1": 0.91, "loss": 0.90}, best)
+    assert not is_better({"top1": 0.89, "loss": 0.01}, best)
+    assert is_better({"top1": 0.9, "loss": 0.29}, best)  # tie: lower loss wins
+    assert not is_better({"top1": 0.9, "loss": 0.30}, best)  # a full tie keeps the older
+    assert not is_better({"top1": 0.9, "loss": 0.31}, best)
+
+
+def test_warmup_then_cosine() -> None:
+    factors = [warmup_cosine(step, warmup=3, total=13) for step in range(13)]
+    assert factors[:3] == [0.25, 0.5, 0.75]  # linear, never 0
+    assert factors[3] == 1.0
+    assert factors[8] == pytest.approx(0.5)  # half way through the cosine
+    assert all(a > b for a, b in itertools.pairwise(factors[3:]))
+    assert warmup_cosine(13, warmup=3, total=13) == pytest.approx(0.0)
+    assert warmup_cosine(0, warmup=0, total=1) == 1.0
+
+
+def test_config_refuses_unknown_keys_and_bad_values() -> None:
+    with pytest.raises(CnnlabError, match="unknown config key 'epoch'"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "epoch": 3})
+    with pytest.raises(CnnlabError, match="config key 'epochs'"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "epochs": "3"})
+    with pytest.raises(CnnlabError, match="optimizer must be one of adam, adamw, sgd"):
+        TrainConfig(data="d", out="o", optimizer="rmsprop")
+    with pytest.raises(CnnlabError, match="balance must be one of"):
+        TrainConfig(data="d", out="o", balance="oversample")
+    cfg = TrainConfig.from_dict({"data": "d", "out": "o", "lr": 1, "model_args": {"c": (1, 2)}})
+    assert cfg.lr == 1 and cfg.model_args == {"c": [1, 2]}
+
+
+def test_pick_device() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(CnnlabError, match="choose auto, cpu or cuda"):
+        pick_device("tpu")
+    if torch.cuda.is_available():
+        assert pick_device("cuda").type == "cuda"
+    else:
+        with pytest.raises(CnnlabError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+def test_too_small_images_fail_before_training(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(
+        CnnlabError, match=r"alexnet needs images of at least 63x63; img_size is 32"
+    ):
+        train(_config(data_dir, out, model="alexnet", model_args={}, img_size=32))
+    with pytest.raises(CnnlabError, match="too small for 5 max-pools"):
+        train(_config(data_dir, out, model_args={"cdims": [4, 4, 4, 4, 4]}))
+    assert not checkpoint.is_run_dir(out)
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+class _Logits(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # the "images" are the logits themselves
+
+
+def test_evaluate_against_hand_computed_metrics() -> None:
+    # Rows are log-probabilities, so each sample's cross-entropy is -log p(true class).
+    probs = torch.tensor(
+        [
+            [0.70, 0.10, 0.05, 0.05, 0.05, 0.05],  # true 0: right
+            [0.10, 0.60, 0.10, 0.10, 0.05, 0.05],  # true 1: right
+            [0.50, 0.20, 0.04, 0.20, 0.05, 0.01],  # true 2: wrong (0), rank 5 -> in top-5
+            [0.30, 0.40, 0.10, 0.10, 0.09, 0.01],  # true 5: wrong (1), rank 6 -> not in top-5
+        ]
+    )
+    targets = torch.tensor([0, 1, 2, 5])
+    loader = DataLoader(TensorDataset(probs.log(), targets), batch_size=3)
+    classes = list("abcdef")
+    result = evaluate(_Logits(), loader, torch.device("cpu"), classes, worst=2)
+    assert result["n"] == 4
+    assert result["top1"] == pytest.approx(2 / 4)
+    assert result["top5"] == pytest.approx(3 / 4)
+    expected_loss = -(math.log(0.70) + math.log(0.60) + math.log(0.04) + math.log(0.01)) / 4
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    # Predictions 0, 1, 0, 1: a gets 2 predictions (1 right), b gets 2 (1 right).
+    per_class = result["per_class"]
+    assert per_class["a"] == pytest.approx(
+        {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1}
+    )
+    assert per_class["b"] == pytest.approx(
+        {"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1}
+    )
+    assert per_class["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert per_class["e"]["support"] == 0
+    confusion = result["_confusion"]
+    assert confusion[2, 0] == 1 and confusion[5, 1] == 1 and confusion.sum() == 4
+    # The two highest-loss samples, worst first: true 5 (p=0.01), then true 2 (p=0.04).
+    assert result["_worst"]["targets"].tolist() == [5, 2]
+    assert result["_worst"]["preds"].tolist() == [1, 0]
+    assert result["_worst"]["images"].shape == (2, 6)
+
+
+# ---------------------------------------------------------------------------- stopping
+
+
+def _scripted_val(monkeypatch: pytest.MonkeyPatch, script: list[tuple[float, float]]) -> None:
+    """Replace the validation numbers (top1, loss) epoch by epoch; the final test is real."""
+    real = ClassifyTask.evaluate
+    scripted = iter(script)
+
+    def fake(self, model, loader, device, autocast_dtype=None, worst=0):
+        result = real(self, model, loader, device, autocast_dtype, worst)
+        if not worst:
+            result["top1"], result["loss"] = next(scripted)
+        return result
+
+    monkeypatch.setattr(ClassifyTask, "evaluate", fake)
+
+
+def test_early_stopping_with_patience_and_ties(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = [(0.5, 1.0), (0.6, 0.9), (0.6, 0.8), (0.6, 0.85), (0.55, 0.7), (0.9, 0.1)]
+    _scripted_val(monkeypatch, script)
+    out = tmp_path / "run"
+    report = train(_config(data_dir, out, epochs=8, patience=2))
+    # Epoch 3 ties epoch 2 on top-1 with a lower loss, so it is the best; 4 and 5 are not
+    # better, so patience 2 stops the run before epoch 6.
+    assert [r["epoch"] for r in _rows(out / "metrics.csv")] == ["1", "2", "3", "4", "5"]
+    assert report["best_epoch"] == 3
+    assert checkpoint.read_weights_metadata(out / "best.safetensors")["epoch"] == "3"
+    state = checkpoint.load_state(out / "last.pt")
+    assert state["epochs_without_improvement"] == 2
+    assert state["best"] == {"top1": 0.6, "loss": 0.8, "epoch": 3}
+
+
+def test_ctrl_c_reports_on_best_then_resume_finishes(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_loss = ClassifyTask.loss
+    validated = []
+    real_evaluate = ClassifyTask.evaluate
+
+    def evaluate_and_count(self, *args, **kwargs):
+        validated.append(1)
+        return real_evaluate(self, *args, **kwargs)
+
+    def loss_until_ctrl_c(self, outputs, targets):
+        if validated:  # a step of epoch 2
+            raise KeyboardInterrupt
+        return real_loss(self, outputs, targets)
+
+    monkeypatch.setattr(ClassifyTask, "evaluate", evaluate_and_count)
+    monkeypatch.setattr(ClassifyTask, "loss", loss_until_ctrl_c)
+    out = tmp_path / "run"
+    report = train(_config(data_dir, out))
+    assert report["best_epoch"] == 1
+    assert json.loads((out / "report.json").read_text()) == report
+    assert len(_rows(out / "metrics.csv")) == 1
+    assert (out / "curves.png").is_file()
+
+    monkeypatch.undo()
+    resumed = resume(out)
+    assert [r["epoch"] for r in _rows(out / "metrics.csv")] == ["1", "2", "3"]
+    assert resumed["top1"] >= 0.9
+
+
+def test_ctrl_c_in_the_first_epoch_says_how_to_go_on(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(self, outputs, targets):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ClassifyTask, "loss", interrupted)
+    with pytest.raises(CnnlabError, match="interrupted before the first epoch finished"):
+        train(_config(data_dir, tmp_path / "run"))
+
+
+# ---------------------------------------------------------------------------- SIGKILL
+
+
+def _without_seconds(path: Path) -> list[dict[str, str]]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in _rows(path)]
+
+
+def test_sigkilled_run_resumes_to_identical_metrics(data_dir: Path, tmp_path: Path) -> None:
+    epochs = 4
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    cfg = _config(data_dir, killed, epochs=epochs, augment="light", batch_size=8)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from cnnlab.engine import TrainConfig, train
+        torch.set_num_threads({torch.get_num_threads()})
+        train(TrainConfig(**{asdict(cfg)!r}))
+        """
+    )
+    process = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        metrics = killed / "metrics.csv"
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and len(_rows(metrics)) >= 2):
+            assert process.poll() is None, "training ended before it could be killed"
+            assert time.monotonic() < deadline, "training too slow to reach epoch 3"
+            time.sleep(0.01)
+        # Kill a third of the way into epoch 3 (an epoch takes about as long as epoch 2).
+        time.sleep(float(_rows(metrics)[1]["seconds"]) / 3)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert checkpoint.load_state(killed / "last.pt")["epoch"] == 2  # killed inside epoch 3
+    assert not (killed / "report.json").exists()
+
+    resume(killed)
+    train(replace(cfg, out=str(straight)))
+    assert len(_rows(killed / "metrics.csv")) == epochs
+    assert _without_seconds(killed / "metrics.csv") == _without_seconds(straight / "metrics.csv")
+    assert json.loads((killed / "report.json").read_text()) == json.loads(
+        (straight / "report.json").read_text()
+    )
