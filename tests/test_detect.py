@@ -1,0 +1,265 @@
+"""Detection commands end to end on a tiny shapes set, and mAP against pycocotools itself."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from safetensors.torch import load_file
+
+import cnnlab.models.rcnn
+import cnnlab.models.yolo  # noqa: F401  (register the detectors)
+from cnnlab.data.detection import eval_transform, read_coco, read_rgb
+from cnnlab.data.shapes import write_shapes
+from cnnlab.detect import (
+    METRICS_COLUMNS,
+    detect_eval,
+    detect_predict,
+    detect_resume,
+    detect_train,
+    load_detector,
+    mean_average_precision,
+)
+from cnnlab.errors import CnnlabError
+
+TINY = {
+    "yolov1": {"head_channels": 16, "hidden": 32},
+    "fasterrcnn": {
+        "anchor_sizes": [16, 32],
+        "rpn_post_nms_top_n_train": 64,
+        "rpn_post_nms_top_n_test": 32,
+        "box_batch_size_per_image": 16,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shapes")
+    write_shapes(folder, task="detect", n=16, size=64, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="module", params=["yolov1", "fasterrcnn"])
+def run(request, shapes, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("runs") / request.param
+    report = detect_train(
+        shapes,
+        out,
+        request.param,
+        epochs=1,
+        batch_size=6,
+        img_size=64,
+        device="cpu",
+        quiet=True,
+        val_split=0.25,
+        model_args=TINY[request.param],
+    )
+    return out, report
+
+
+def test_training_writes_the_run_folder(run):
+    out, report = run
+    for name in ("config.yaml", "split.json", "model.json", "last.pt", "report.json"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["task"] == "detect"
+    assert meta["classes"] == ["circle", "square", "triangle"]
+    assert meta["input_size"] == [3, 64, 64]
+    assert meta["model_args"]["num_classes"] == 3 and meta["model_args"]["backbone"] == "resnet18"
+    with (out / "metrics.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert tuple(rows[0]) == METRICS_COLUMNS and len(rows) == 1
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["best"]["epoch"] == 1
+    assert load_file(out / "best.safetensors")  # loadable safetensors weights
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(report) == {
+        "split",
+        "best_epoch",
+        "map",
+        "map50",
+        "map75",
+        "per_class_ap50",
+        "n_images",
+    }
+    assert report["n_images"] == 4
+    assert json.loads((out / "report.json").read_text()) == report
+
+
+def test_eval_reports_coco_figures_on_the_val_split(run):
+    out, report = run
+    result = detect_eval(out, device="cpu")
+    assert set(result) == {"map", "map50", "map75", "per_class_ap50", "n_images"}
+    assert result["n_images"] == 4
+    assert set(result["per_class_ap50"]) == {"circle", "square", "triangle"}
+    assert 0.0 <= result["map"] <= result["map50"] <= 1.0
+    assert result["map50"] == pytest.approx(report["map50"])  # same weights, same images
+
+
+def test_eval_matches_pycocotools_on_the_same_detections(run, shapes):
+    out, _ = run
+    split = json.loads((out / "split.json").read_text())
+    paths = [shapes / p for p in split["val"]]
+    predicted = detect_predict(out, paths, score_threshold=0.001, device="cpu")
+    ours = detect_eval(out, score_threshold=0.001, device="cpu")
+    stats, per_class = _cocoeval(shapes, predicted)
+    assert ours["map"] == pytest.approx(stats[0], abs=1e-6)
+    assert ours["map50"] == pytest.approx(stats[1], abs=1e-6)
+    assert ours["map75"] == pytest.approx(stats[2], abs=1e-6)
+    for name, ap in ours["per_class_ap50"].items():
+        if ap is not None:  # None: no object of the class among these images
+            assert ap == pytest.approx(per_class[name], abs=1e-6), name
+
+
+def _cocoeval(shapes: Path, predicted: list[dict]) -> tuple[np.ndarray, dict[str, float]]:
+    """pycocotools' COCOeval run directly on detect_predict's output: (stats, whose [0:3]
+    are mAP@[.5:.95], mAP@0.5 and mAP@0.75, and AP@0.5 per class name)."""
+    data = json.loads((shapes / "annotations.json").read_text())
+    by_name = {image["file_name"]: image["id"] for image in data["images"]}
+    ids = [by_name[Path(p["file"]).name] for p in predicted]
+    data["images"] = [im for im in data["images"] if im["id"] in ids]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    for a in data["annotations"]:
+        a["area"] = a["bbox"][2] * a["bbox"][3]  # as torchmetrics: the box's area
+    names = {c["name"]: c["id"] for c in data["categories"]}
+    results = [
+        {
+            "image_id": image_id,
+            "category_id": names[d["class"]],
+            "bbox": [
+                d["box"][0],
+                d["box"][1],
+                d["box"][2] - d["box"][0],
+                d["box"][3] - d["box"][1],
+            ],
+            "score": d["score"],
+        }
+        for image_id, p in zip(ids, predicted, strict=True)
+        for d in p["detections"]
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        truth = COCO()
+        truth.dataset = data
+        truth.createIndex()
+        evaluator = COCOeval(truth, truth.loadRes(results), iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # precision: (IoU thresholds, recall points, classes, areas, max dets); -1 = undefined
+    precision = evaluator.eval["precision"][0, :, :, 0, -1]
+    per_class = {
+        c["name"]: float(precision[:, k][precision[:, k] > -1].mean())
+        for k, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))
+    }
+    return evaluator.stats, per_class
+
+
+def test_map_equals_cocoeval_on_jittered_boxes(shapes):
+    # Realistic detections: every true box jittered, with random scores, plus false alarms,
+    # so that mAP is well inside (0, 1) and every part of the computation matters.
+    classes, samples = read_coco(shapes)
+    rng = np.random.default_rng(0)
+    predictions, predicted = [], []
+    for sample in samples:
+        boxes = np.array(sample.boxes).reshape(-1, 4)
+        noisy = boxes + rng.normal(0, 1, boxes.shape)
+        alarms = rng.uniform(0, 40, (2, 2))
+        noisy = np.concatenate([noisy, np.hstack([alarms, alarms + 20])])
+        labels = np.concatenate([sample.labels, rng.integers(0, 3, 2)])
+        labels[rng.random(len(labels)) < 0.15] = rng.integers(0, 3)  # some wrong classes
+        scores = rng.random(len(labels))
+        predictions.append(
+            {
+                "boxes": torch.tensor(noisy, dtype=torch.float32),
+                "scores": torch.tensor(scores, dtype=torch.float32),
+                "labels": torch.tensor(labels),
+            }
+        )
+        predicted.append(
+            {
+                "file": str(sample.path),
+                "detections": [
+                    {"class": classes[k], "score": float(s), "box": b.tolist()}
+                    for b, s, k in zip(predictions[-1]["boxes"], scores, labels, strict=True)
+                ],
+            }
+        )
+    ours = mean_average_precision(predictions, samples, classes)
+    stats, per_class = _cocoeval(shapes, predicted)
+    assert 0.1 < ours["map"] < ours["map50"] < 0.9
+    assert [ours["map"], ours["map50"], ours["map75"]] == pytest.approx(stats[:3], abs=1e-6)
+    assert ours["per_class_ap50"] == pytest.approx(per_class, abs=1e-6)
+
+
+def test_predict_maps_boxes_back_to_each_images_own_pixels(run, shapes, tmp_path):
+    out, _ = run
+    # A 128x96 copy: the model sees it resized to 64x64, so x scales by 2 and y by 1.5.
+    large = tmp_path / "00_large.png"
+    with Image.open(shapes / "images" / "00.png") as image:
+        image.resize((128, 96)).save(large)
+    detector = load_detector(out, "cpu")
+    transform = eval_transform(64, detector.meta["mean"], detector.meta["std"])
+    raw = detector.model.detect(transform(read_rgb(large))[None], score_threshold=0.01)[0]
+    drawn = tmp_path / "drawn"
+    (result,) = detect_predict(out, [large], 0.01, out_dir=drawn, device="cpu")
+    assert result["file"] == str(large)
+    assert len(result["detections"]) == len(raw["boxes"]) > 0
+    boxes = torch.tensor([d["box"] for d in result["detections"]])
+    torch.testing.assert_close(boxes, raw["boxes"] * torch.tensor([2.0, 1.5, 2.0, 1.5]))
+    assert [d["score"] for d in result["detections"]] == pytest.approx(raw["scores"].tolist())
+    assert {d["class"] for d in result["detections"]} <= {"circle", "square", "triangle"}
+    assert boxes.min() >= 0 and boxes[:, 0::2].max() <= 128 and boxes[:, 1::2].max() <= 96
+    json.dumps(result)  # plain JSON types only
+    with Image.open(drawn / "00_large.png") as image:
+        assert image.size == (128, 96)
+
+
+def test_predict_on_a_folder_and_a_missing_file(run, shapes):
+    out, _ = run
+    results = detect_predict(out, [shapes / "images"], score_threshold=0.9, device="cpu")
+    assert len(results) == 16
+    assert all(d["score"] >= 0.9 for r in results for d in r["detections"])
+    with pytest.raises(CnnlabError, match="no such file"):
+        detect_predict(out, [shapes / "nope.png"], device="cpu")
+
+
+def test_resuming_a_finished_run_reports_again_without_training(run):
+    out, report = run
+    before = (out / "last.pt").stat().st_mtime_ns
+    again = detect_resume(out, device="cpu", quiet=True)
+    assert again["map50"] == pytest.approx(report["map50"])
+    assert (out / "last.pt").stat().st_mtime_ns == before
+
+
+def test_high_score_threshold_warns_that_map_is_understated(run, caplog):
+    out, _ = run
+    with caplog.at_level(logging.WARNING, logger="cnnlab.detect"):
+        detect_eval(out, score_threshold=0.3, device="cpu")
+    assert any("understated" in r.getMessage() for r in caplog.records)
+
+
+def test_bad_annotation_file_is_a_clear_error_and_writes_no_run(tmp_path):
+    data = tmp_path / "data"
+    write_shapes(data, task="detect", n=2, size=32)
+    (data / "annotations.json").write_text('{"images": [}')
+    with pytest.raises(CnnlabError, match=r"annotations\.json: not valid JSON .*line 1 column 13"):
+        detect_train(data, tmp_path / "run", epochs=1, device="cpu", quiet=True)
+    assert not (tmp_path / "run" / "model.json").exists()
+
+
+def test_unknown_setting_and_non_detector_are_refused(shapes, tmp_path):
+    with pytest.raises(CnnlabError, match="unknown config key 'colour'"):
+        detect_train(shapes, tmp_path / "a", colour=True)
+    with pytest.raises(CnnlabError, match="resnet18 is a classify model, not a detector"):
+        detect_train(shapes, tmp_path / "b", model="resnet18")
