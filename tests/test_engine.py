@@ -396,6 +396,25 @@ def test_ctrl_c_reports_on_best_then_resume_finishes(
     assert resumed["top1"] >= 0.9
 
 
+def test_ctrl_c_while_writing_an_epoch_keeps_its_files_consistent(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_save_state = checkpoint.save_state
+
+    def ctrl_c_during_epoch_2(path: Path, state: dict) -> None:
+        if state["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives before last.pt is written
+        real_save_state(path, state)
+
+    monkeypatch.setattr(checkpoint, "save_state", ctrl_c_during_epoch_2)
+    out = tmp_path / "run"
+    train(_config(data_dir, out))
+    # Held until the epoch's files were all written, then training stopped.
+    assert checkpoint.load_state(out / "last.pt")["epoch"] == 2
+    assert [r["epoch"] for r in _rows(out / "metrics.csv")] == ["1", "2"]
+    assert (out / "report.json").is_file()
+
+
 def test_ctrl_c_in_the_first_epoch_says_how_to_go_on(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

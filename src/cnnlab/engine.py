@@ -301,7 +301,8 @@ def train(cfg: TrainConfig) -> dict:
     run_dir = Path(cfg.out)
     if checkpoint.is_run_dir(run_dir):
         raise CnnlabError(f"{run_dir} already holds a run; use --resume or another --out")
-    cfg = _resolve_model_settings(cfg)
+    # An absolute data path keeps config.yaml and split.json valid from any directory.
+    cfg = _resolve_model_settings(replace(cfg, data=str(Path(cfg.data).absolute())))
     splits = make_splits(Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     return _fit(cfg, run_dir, splits, state=None)
@@ -327,6 +328,8 @@ def resume(run_dir: str | Path, **overrides: Any) -> dict:
         TrainConfig.from_dict({**saved, **overrides, "out": str(run_dir)})
     )
     splits = Splits.from_json(checkpoint.read_json(run_dir / "split.json"))
+    if not splits.root.is_dir():
+        raise CnnlabError(f"{run_dir / 'split.json'}: data folder {splits.root} no longer exists")
     last = run_dir / "last.pt"
     state = checkpoint.load_state(last) if last.is_file() else None
     return _fit(cfg, run_dir, splits, state)
@@ -482,6 +485,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None) -> di
             ) from None
         say.stop()
         say.line(f"interrupted: reporting on the best weights (epoch {best['epoch']})")
+    finally:
+        say.stop()  # never leave a live progress display behind an error
 
     # Final report on the best weights, read back from the file a user will load.
     checkpoint.load_weights(run_dir / "best.safetensors", model)
