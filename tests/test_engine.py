@@ -354,10 +354,16 @@ def test_early_stopping_with_patience_and_ties(
     script = [(0.5, 1.0), (0.6, 0.9), (0.6, 0.8), (0.6, 0.85), (0.55, 0.7), (0.9, 0.1)]
     _scripted_val(monkeypatch, script)
     out = tmp_path / "run"
-    report = train(_config(data_dir, out, epochs=8, patience=2))
+    report = train(
+        _config(data_dir, out, epochs=8, patience=2, lr_interval="epoch", balance="weights")
+    )
     # Epoch 3 ties epoch 2 on top-1 with a lower loss, so it is the best; 4 and 5 are not
     # better, so patience 2 stops the run before epoch 6.
-    assert [r["epoch"] for r in _rows(out / "metrics.csv")] == ["1", "2", "3", "4", "5"]
+    rows = _rows(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
+    # An epoch-wise schedule: each row's lr is the one its whole epoch used.
+    factors = [warmup_cosine(epoch, warmup=1, total=8) for epoch in range(5)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([3e-3 * f for f in factors])
     assert report["best_epoch"] == 3
     assert checkpoint.read_weights_metadata(out / "best.safetensors")["epoch"] == "3"
     state = checkpoint.load_state(out / "last.pt")
@@ -384,7 +390,7 @@ def test_ctrl_c_reports_on_best_then_resume_finishes(
     monkeypatch.setattr(ClassifyTask, "evaluate", evaluate_and_count)
     monkeypatch.setattr(ClassifyTask, "loss", loss_until_ctrl_c)
     out = tmp_path / "run"
-    report = train(_config(data_dir, out))
+    report = train(_config(data_dir, out, balance="sampler"))
     assert report["best_epoch"] == 1
     assert json.loads((out / "report.json").read_text()) == report
     assert len(_rows(out / "metrics.csv")) == 1

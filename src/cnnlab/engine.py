@@ -299,6 +299,8 @@ def train(cfg: TrainConfig) -> dict:
     from cnnlab.data.folders import make_splits
 
     run_dir = Path(cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CnnlabError(f"{run_dir} is a file; --out needs a folder")
     if checkpoint.is_run_dir(run_dir):
         raise CnnlabError(f"{run_dir} already holds a run; use --resume or another --out")
     # An absolute data path keeps config.yaml and split.json valid from any directory.
