@@ -87,7 +87,6 @@ class Inception(nn.Module):
             nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True),
             conv_block(in_channels, pool_proj, kernel_size=1),
         )
-        self.out_channels = ch1x1 + ch3x3 + ch5x5 + pool_proj
 
     def forward(self, x: Tensor) -> Tensor:
         # (B, in, H, W) -> (B, ch1x1 + ch3x3 + ch5x5 + pool_proj, H, W)
