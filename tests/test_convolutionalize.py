@@ -80,3 +80,73 @@ def test_original_is_left_unchanged():
 def test_unsupported_models_get_a_clear_error(model):
     with pytest.raises(CnnlabError, match=r"cannot convolutionalize .*supported families"):
         convolutionalize(model)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A run folder holding a tiny convnet trained on the 16x16 digits (a few seconds)."""
+    from cnnlab import checkpoint
+    from cnnlab.data.digits import digit_images
+
+    torch.manual_seed(0)
+    images, labels = digit_images(16)  # uint8 (N, 1, 16, 16), (N,)
+    x = (images.float() / 255 - 0.5) / 0.5
+    args = {"num_classes": 10, "in_channels": 1, "img_size": 16, "cdims": [16, 32], "hdims": [64]}
+    model = create_model("convnet", **args)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(3):
+        for batch in torch.randperm(len(x)).split(64):
+            loss = nn.functional.cross_entropy(model(x[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        assert (model(x).argmax(1) == labels).float().mean() > 0.9
+    run = tmp_path_factory.mktemp("heat") / "run"
+    run.mkdir()
+    checkpoint.save_weights(run / "best.safetensors", model)
+    meta = {
+        "task": "classify",
+        "architecture": "convnet",
+        "model_args": args,
+        "classes": [str(d) for d in range(10)],
+        "input_size": [1, 16, 16],
+        "mean": [0.5],
+        "std": [0.5],
+    }
+    checkpoint.save_model_json(run, meta)
+    return run, images, labels
+
+
+def test_heat_map_peaks_where_the_digit_is(digits_run, tmp_path):
+    from PIL import Image
+
+    from cnnlab.heatmap import heatmap
+
+    run, images, labels = digits_run
+    three = images[labels == 3][0, 0]  # (16, 16) light strokes on black
+    canvas = torch.zeros(48, 48, dtype=torch.uint8)
+    top, left = 28, 8
+    canvas[top : top + 16, left : left + 16] = three
+    Image.fromarray(canvas.numpy()).save(tmp_path / "canvas.png")
+
+    result = heatmap(run, tmp_path / "canvas.png", class_name="3", out=tmp_path / "heat.png")
+    # two 2x2 pools: windows of 16 pixels every 4 pixels, (48 - 16) / 4 + 1 = 9 per side
+    assert result["shape"] == [9, 9]
+    assert len(result["map"]) == 9 and all(len(row) == 9 for row in result["map"])
+    assert result["class"] == "3"
+    assert result["peak"] == [top // 4, left // 4]
+    assert result["peak_box"] == [left, top, left + 16, top + 16]
+    assert result["prob"] > 0.5
+    assert (tmp_path / "heat.png").stat().st_size > 0
+
+    # without a class: the one whose map peaks highest
+    best = heatmap(run, tmp_path / "canvas.png")
+    peaks = {
+        name: heatmap(run, tmp_path / "canvas.png", class_name=name)["prob"]
+        for name in "0123456789"
+    }
+    assert best["class"] == max(peaks, key=peaks.get)
+    with pytest.raises(CnnlabError, match="unknown class"):
+        heatmap(run, tmp_path / "canvas.png", class_name="cat")

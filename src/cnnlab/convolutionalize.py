@@ -48,10 +48,15 @@ class FullyConvolutional(nn.Module):
     """A classifier's ``forward_features`` followed by its head as convolutions; returns
     per-window logits (B, num_classes, H', W')."""
 
-    def __init__(self, body: nn.Module, head: nn.Sequential, name: str, min_size: int) -> None:
+    def __init__(
+        self, body: nn.Module, head: nn.Sequential, name: str, min_size: int, window: int | None
+    ) -> None:
         super().__init__()
         self.body = body  # the classifier without its head (only forward_features is called)
         self.head = head
+        # Flatten heads: each map cell scores one window x window input crop (the training
+        # size). Pooled heads (None): each cell is one feature-map cell, and they tile the input.
+        self.window = window
         self.model_name = f"{name} (fully convolutional)"
         self.min_input_size = min_size
         # The classifier's fixed input size (convnet) no longer applies; its minimum does.
@@ -96,10 +101,10 @@ def convolutionalize(model: nn.Module) -> FullyConvolutional:
     else:  # densenet: its features end in a ReLU, its head is global pool -> classifier
         head = nn.Sequential(_pointwise(body.classifier))
         del body.classifier
-    min_size = getattr(model, "min_input_size", 1)
+    min_size, window = getattr(model, "min_input_size", 1), None
     if family in ("alexnet", "vgg", "convnet"):
-        min_size = _smallest_input(_meta_probe(body), kernel, min_size)
-    return FullyConvolutional(body, head, name, min_size)
+        min_size = window = _smallest_input(_meta_probe(body), kernel, min_size)
+    return FullyConvolutional(body, head, name, min_size, window)
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:

@@ -1,0 +1,627 @@
+"""Semantic segmentation: the task object, training, evaluation, prediction and the demo.
+
+``SegmentTask`` holds what differs from classification (per-pixel cross-entropy with an
+ignore index, mIoU from one confusion matrix over the whole set, best checkpoint by
+validation mIoU). The run folder has the classification layout: config.yaml, split.json,
+metrics.csv, best.safetensors, model.json (``"task": "segment"``), last.pt, report.json.
+
+The loop below follows ``cnnlab.engine._fit`` step for step and reuses its helpers; it is
+separate only because the engine's loop builds classification datasets, metrics columns
+and plots itself (see the ``_fit`` docstring for what a shared loop needs).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import tv_tensors
+
+from cnnlab import checkpoint, engine
+from cnnlab.data import segmentation as segdata
+from cnnlab.data.segmentation import IGNORE_INDEX, SegSplits
+from cnnlab.engine import TrainConfig, is_better, pick_device, warmup_cosine
+from cnnlab.errors import CnnlabError
+from cnnlab.registry import create_model, model_info
+
+METRICS_COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_pixel_acc",
+    "val_loss",
+    "val_pixel_acc",
+    "val_miou",
+    "seconds",
+)
+# Overlay colours: background stays uncoloured, then a qualitative palette (tab10), cycled.
+_PALETTE = np.array(
+    [
+        [31, 119, 180],
+        [255, 127, 14],
+        [44, 160, 44],
+        [214, 39, 40],
+        [148, 103, 189],
+        [140, 86, 75],
+        [227, 119, 194],
+        [127, 127, 127],
+        [188, 189, 34],
+        [23, 190, 207],
+    ],
+    dtype=np.float32,
+)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) pixel counts, rows the true class and columns the predicted one; pixels whose
+    target is the ignore index (255) are left out. Inputs: same-shape integer tensors."""
+    valid = targets != IGNORE_INDEX
+    index = targets[valid] * num_classes + preds[valid]
+    counts = torch.bincount(index, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def scores(confusion: torch.Tensor, classes: Sequence[str]) -> dict:
+    """mIoU, pixel accuracy and per-class IoU from one confusion matrix.
+
+    IoU_c = TP / (TP + FP + FN); the mean runs over the classes with a non-zero union
+    (present in the targets or the predictions); a class with none gets ``None``.
+    """
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    iou = true_positive / union.clamp(min=1)
+    present = union > 0
+    total = confusion.sum()
+    return {
+        "miou": iou[present].mean().item() if present.any() else 0.0,
+        "pixel_acc": (true_positive.sum() / total).item() if total > 0 else 0.0,
+        "per_class_iou": {
+            name: iou[i].item() if present[i] else None for i, name in enumerate(classes)
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- the task
+
+
+@dataclass
+class SegmentTask:
+    """What the training loop needs to know about semantic segmentation."""
+
+    classes: list[str]
+    name: ClassVar[str] = "segment"
+    best_key: ClassVar[str] = "miou"  # validation number that picks best.safetensors
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over labelled pixels; outputs (B, K, H, W), targets (B, H, W)."""
+        return F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Right pixels in the batch, as a 0-dim device tensor (no sync)."""
+        return ((outputs.argmax(dim=1) == targets) & (targets != IGNORE_INDEX)).sum()
+
+    @staticmethod
+    def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pad images (0) and masks (ignore) of different sizes into one batch."""
+        return segdata.collate_pad(batch)
+
+    @torch.inference_mode()
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> dict:
+        """``{"miou", "pixel_acc", "per_class_iou", "loss", "n"}`` over the whole loader
+        (one confusion matrix; ``loss`` the mean cross-entropy per labelled pixel) plus
+        ``_confusion`` (K, K)."""
+        model.eval()
+        k = len(self.classes)
+        confusion = torch.zeros(k, k, dtype=torch.long, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n = 0
+        for images, targets in loader:  # (B, C, H, W), (B, H, W)
+            images, targets = images.to(device), targets.to(device)
+            with torch.autocast(
+                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                logits = model(images).float()  # (B, K, H, W)
+            loss_sum += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            confusion += confusion_matrix(logits.argmax(dim=1), targets, k)
+            n += len(images)
+        if n == 0:
+            raise CnnlabError("no images to evaluate")
+        confusion = confusion.cpu()
+        report = scores(confusion, self.classes)
+        report["loss"] = (loss_sum.cpu() / max(1, int(confusion.sum()))).item()
+        report["n"] = n
+        report["_confusion"] = confusion
+        return report
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def segment_train(
+    data_dir: str | Path,
+    out: str | Path,
+    model: str = "fcn8s",
+    backbone: str = "resnet18",
+    epochs: int = 30,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    img_size: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    quiet: bool = False,
+    backbone_weights: str | None = None,
+    weights: str | None = None,
+    val_split: float = 0.1,
+    augment: str = "light",
+    flip: bool = True,
+    optimizer: str = "adamw",
+    weight_decay: float | None = None,
+    warmup_epochs: int = 1,
+    patience: int | None = None,
+    in_channels: int | None = None,
+    workers: int = 0,
+    model_args: dict | None = None,
+) -> dict:
+    """Train a segmentation model on DIR (see ``cnnlab.data.segmentation``) into the new run
+    folder ``out``; returns the validation report of the best epoch.
+
+    ``img_size``: training crops are img_size x img_size and evaluation resizes the shorter
+    side to it; None takes the shorter side of the first training image. ``weights``: a
+    whole-model file to start from; ``backbone_weights``: a classifier's weight file for the
+    backbone (its head is dropped).
+    """
+    run_dir = Path(out)
+    if checkpoint.is_run_dir(run_dir):
+        raise CnnlabError(f"{run_dir} already holds a run; use resume or another --out")
+    args = {"backbone": backbone, **(model_args or {})}
+    if backbone_weights is not None:
+        args["backbone_weights"] = str(backbone_weights)
+    cfg = TrainConfig(
+        data=str(data_dir),
+        out=str(run_dir),
+        model=model,
+        model_args=args,
+        weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        warmup_epochs=warmup_epochs,
+        img_size=img_size,
+        in_channels=in_channels,
+        augment=augment,
+        flip=flip,
+        patience=patience,
+        val_split=val_split,
+        test_split=0.0,
+        seed=seed,
+        device=device,
+        workers=workers,
+        quiet=quiet,
+    )
+    if model_info(model).task != "segment":
+        raise CnnlabError(f"{model} is a {model_info(model).task} model, not a segmentation one")
+    splits = segdata.make_seg_splits(data_dir, val_split, seed)
+    _check_data(splits)
+    cfg = _resolve(cfg, splits)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return _fit(cfg, run_dir, splits, state=None)
+
+
+def segment_resume(run: str | Path, device: str | None = None, quiet: bool | None = None) -> dict:
+    """Continue a segmentation run from its last completed epoch (RUN/last.pt)."""
+    run_dir = checkpoint.require_run_dir(run)
+    saved = checkpoint.read_yaml(run_dir / "config.yaml")
+    overrides = {k: v for k, v in {"device": device, "quiet": quiet}.items() if v is not None}
+    cfg = TrainConfig.from_dict({**saved, **overrides, "out": str(run_dir)})
+    splits = SegSplits.from_json(checkpoint.read_json(run_dir / "split.json"))
+    last = run_dir / "last.pt"
+    state = checkpoint.load_state(last) if last.is_file() else None
+    return _fit(cfg, run_dir, splits, state)
+
+
+def _check_data(splits: SegSplits) -> None:
+    if len(splits.classes) > IGNORE_INDEX:
+        raise CnnlabError(f"{splits.root}/classes.txt: at most {IGNORE_INDEX} classes")
+    segdata.check_pairs(splits.train + splits.val, len(splits.classes))
+
+
+def _resolve(cfg: TrainConfig, splits: SegSplits) -> TrainConfig:
+    """Fill img_size, in_channels and weight_decay from the data and the optimizer."""
+    from cnnlab.data.folders import detect_in_channels
+
+    img_size = cfg.img_size
+    if img_size is None:
+        with Image.open(splits.train[0][0]) as first:
+            img_size = min(first.size)
+    minimum = model_info(cfg.model).min_size
+    if img_size < minimum:
+        raise CnnlabError(
+            f"{cfg.model} needs images of at least {minimum}x{minimum}; img_size is {img_size}"
+        )
+    in_channels = cfg.in_channels or detect_in_channels([image for image, _ in splits.train])
+    weight_decay = cfg.weight_decay
+    if weight_decay is None:
+        weight_decay = engine.DEFAULT_WEIGHT_DECAY[cfg.optimizer]
+    return replace(cfg, img_size=img_size, in_channels=in_channels, weight_decay=weight_decay)
+
+
+def _build(cfg: TrainConfig, num_classes: int, pretrained: bool) -> tuple[nn.Module, dict]:
+    """The model and the keyword arguments that rebuild it (backbone weights left out:
+    best.safetensors holds every weight)."""
+    args = {"num_classes": num_classes, "in_channels": cfg.in_channels, **cfg.model_args}
+    if not pretrained:
+        args.pop("backbone_weights", None)
+    try:
+        model = create_model(cfg.model, weights=cfg.weights if pretrained else None, **args)
+    except TypeError as error:  # a model_args key the builder does not take
+        raise CnnlabError(f"{cfg.model}: {error}") from None
+    args.pop("backbone_weights", None)
+    return model, args
+
+
+def _loaders(
+    cfg: TrainConfig, splits: SegSplits, task: SegmentTask, generator: torch.Generator
+) -> tuple[DataLoader, DataLoader]:
+    from cnnlab.data.transforms import default_stats
+
+    mean, std = default_stats(cfg.in_channels)
+    k = len(splits.classes)
+    train_tf = segdata.train_transform(cfg.img_size, mean, std, cfg.augment, cfg.flip)
+    eval_tf = segdata.eval_transform(cfg.img_size, mean, std)
+    common = {"batch_size": cfg.batch_size, "num_workers": cfg.workers, "collate_fn": task.collate}
+    train = DataLoader(
+        segdata.SegmentationDataset(splits.train, train_tf, k, cfg.in_channels),
+        shuffle=True,
+        generator=generator,
+        drop_last=len(splits.train) > cfg.batch_size,  # no batch of one for BatchNorm
+        **common,
+    )
+    val = DataLoader(segdata.SegmentationDataset(splits.val, eval_tf, k, cfg.in_channels), **common)
+    return train, val
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, splits: SegSplits, state: dict | None) -> dict:
+    """The engine's loop for segmentation. A shared loop would need from the task: the
+    datasets, the metrics.csv row, the model.json task name and the end-of-run plots."""
+    from cnnlab import __version__
+    from cnnlab.data.transforms import default_stats
+
+    device = pick_device(cfg.device)
+    engine._seed_everything(cfg.seed)
+    task = SegmentTask(splits.classes)
+    generator = torch.Generator()
+    train_loader, val_loader = _loaders(cfg, splits, task, generator)
+    model, model_args = _build(cfg, len(splits.classes), pretrained=state is None)
+    model.to(device)
+    optimizer = engine._make_optimizer(model, cfg, fused=device.type == "cuda")
+    steps = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, cfg.warmup_epochs * steps, cfg.epochs * steps)
+    )
+    amp_dtype = engine._amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_epoch, best, stale, history = 0, None, 0, []
+    if state is None:
+        mean, std = default_stats(cfg.in_channels)
+        checkpoint.write_yaml(run_dir / "config.yaml", asdict(cfg))
+        checkpoint.write_json(run_dir / "split.json", splits.to_json())
+        meta = {
+            "task": SegmentTask.name,
+            "architecture": cfg.model,
+            "model_args": model_args,
+            "classes": list(splits.classes),
+            "input_size": [cfg.in_channels, cfg.img_size, cfg.img_size],
+            "mean": list(mean),
+            "std": list(std),
+            "cnnlab_version": __version__,
+        }
+        checkpoint.save_model_json(run_dir, meta)  # last: model.json marks a run folder
+    else:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best = state["epoch"], state["best"]
+        stale, history = state["epochs_without_improvement"], state["history"]
+        engine._set_rng_state(state["rng"])
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if cfg.patience is not None and stale >= cfg.patience:
+            _say(cfg, f"early stop: no better val mIoU for {stale} epochs")
+            break
+        engine._seed_everything(cfg.seed * 1000 + epoch)
+        generator.manual_seed(cfg.seed * 1000 + epoch)
+        model.train()
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        right = torch.zeros((), dtype=torch.long, device=device)
+        labelled = torch.zeros((), dtype=torch.long, device=device)
+        seen, lr = 0, optimizer.param_groups[0]["lr"]
+        for images, targets in train_loader:  # (B, C, S, S), (B, S, S)
+            images, targets = images.to(device), targets.to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                outputs = model(images)  # (B, K, S, S)
+                loss = task.loss(outputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            seen += len(images)
+            loss_sum += loss.detach() * len(images)
+            right += task.correct(outputs.detach(), targets)
+            labelled += (targets != IGNORE_INDEX).sum()
+        train_seconds = time.perf_counter() - started
+
+        val = task.evaluate(model, val_loader, device, amp_dtype)
+        improved = is_better(val, best, task.best_key)
+        if improved:
+            best = {task.best_key: val[task.best_key], "loss": val["loss"], "epoch": epoch + 1}
+        stale = 0 if improved else stale + 1
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": (loss_sum / seen).item(),
+                "train_pixel_acc": right.item() / max(1, labelled.item()),
+                "val_loss": val["loss"],
+                "val_pixel_acc": val["pixel_acc"],
+                "val_miou": val["miou"],
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
+        # last.pt first: it is what a resume starts from.
+        checkpoint.save_state(
+            run_dir / "last.pt",
+            {
+                "epoch": epoch + 1,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "best": best,
+                "epochs_without_improvement": stale,
+                "history": history,
+                "rng": engine._get_rng_state(),
+            },
+        )
+        checkpoint.atomic_write_text(run_dir / "metrics.csv", _metrics_csv(history))
+        if improved:
+            checkpoint.save_weights(
+                run_dir / "best.safetensors", model, metadata={"epoch": str(epoch + 1)}
+            )
+        _say(cfg, _epoch_line(history[-1], cfg.epochs, seen / train_seconds))
+
+    checkpoint.load_weights(run_dir / "best.safetensors", model)
+    result = task.evaluate(model, val_loader, device, amp_dtype)
+    report = {"split": "val", "best_epoch": best["epoch"]}
+    report.update({k: v for k, v in result.items() if not k.startswith("_")})
+    checkpoint.write_json(run_dir / "report.json", report)
+    _say(cfg, f"val mIoU {report['miou']:.4f}  pixel acc {report['pixel_acc']:.4f} -> {run_dir}")
+    return report
+
+
+def _metrics_csv(history: list[dict]) -> str:
+    lines = [",".join(METRICS_COLUMNS)]
+    lines += [",".join(repr(row[c]) for c in METRICS_COLUMNS) for row in history]
+    return "\n".join(lines) + "\n"
+
+
+def _epoch_line(row: dict, epochs: int, images_per_second: float) -> str:
+    return (
+        f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.3f}"
+        f" pixel acc {100 * row['train_pixel_acc']:.1f}%  val loss {row['val_loss']:.3f}"
+        f" mIoU {100 * row['val_miou']:.1f}%  {images_per_second:.0f} img/s"
+    )
+
+
+def _say(cfg: TrainConfig, line: str) -> None:
+    if not cfg.quiet:
+        print(line, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- using a run
+
+
+@dataclass
+class SegmentRun:
+    """A trained segmentation model loaded from a run folder."""
+
+    path: Path
+    meta: dict
+    classes: list[str]
+    model: nn.Module  # eval mode, best weights
+    device: torch.device
+
+    @property
+    def img_size(self) -> int:
+        return int(self.meta["input_size"][1])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.meta["input_size"][0])
+
+    def eval_transform(self) -> Any:
+        """The joint (image, mask) evaluation transform the run was validated with."""
+        return segdata.eval_transform(self.img_size, self.meta["mean"], self.meta["std"])
+
+
+def load_segment_run(path: str | Path, device: str = "cpu") -> SegmentRun:
+    """Rebuild a segmentation run's model from model.json and best.safetensors."""
+    run_dir = checkpoint.require_run_dir(path)
+    meta = checkpoint.read_model_json(run_dir)
+    source = run_dir / "model.json"
+    if not isinstance(meta, dict) or meta.get("task") != "segment":
+        task = meta.get("task", "classify") if isinstance(meta, dict) else "unknown"
+        raise CnnlabError(f"{source}: a {task} run, not a segmentation run")
+    missing = [
+        k
+        for k in ("architecture", "model_args", "classes", "input_size", "mean", "std")
+        if k not in meta
+    ]
+    if missing:
+        raise CnnlabError(f"{source}: missing {', '.join(missing)}")
+    try:
+        model = create_model(meta["architecture"], **meta["model_args"])
+    except (CnnlabError, TypeError) as error:
+        raise CnnlabError(f"{source}: {error}") from None
+    checkpoint.load_weights(run_dir / "best.safetensors", model)
+    target = pick_device(device)
+    model.to(target).eval()
+    return SegmentRun(run_dir, meta, list(meta["classes"]), model, target)
+
+
+def segment_eval(
+    run: str | Path, data_dir: str | Path | None = None, device: str = "cpu", batch_size: int = 8
+) -> dict:
+    """mIoU, pixel accuracy and per-class IoU of a run: on its own validation split, or on
+    every image/mask pair of ``data_dir`` (its val/ part when it has one). Returns
+    ``{"miou", "pixel_acc", "per_class_iou": {name: iou}, "loss", "n"}``."""
+    loaded = load_segment_run(run, device)
+    if data_dir is None:
+        samples = SegSplits.from_json(checkpoint.read_json(loaded.path / "split.json")).val
+    else:
+        samples = _folder_pairs(Path(data_dir), loaded.classes)
+    dataset = segdata.SegmentationDataset(
+        samples, loaded.eval_transform(), len(loaded.classes), loaded.in_channels
+    )
+    task = SegmentTask(loaded.classes)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=task.collate)
+    report = task.evaluate(loaded.model, loader, loaded.device)
+    return {k: v for k, v in report.items() if not k.startswith("_")}
+
+
+def _folder_pairs(root: Path, classes: list[str]) -> list[segdata.SegSample]:
+    found = segdata.read_classes(root)
+    if found != classes:
+        raise CnnlabError(
+            f"{root / 'classes.txt'}: classes {found} differ from the run's {classes}"
+        )
+    samples = segdata.scan_pairs(root / "val" if (root / "val").is_dir() else root)
+    segdata.check_pairs(samples, len(classes))
+    return samples
+
+
+@torch.inference_mode()
+def segment_predict(
+    run: str | Path, images: Sequence[str | Path], out_dir: str | Path, device: str = "cpu"
+) -> list[dict]:
+    """Segment each image (files or folders of images) and write ``out_dir/NAME.png`` (class
+    index per pixel, 8-bit, the image's size) and ``out_dir/NAME_overlay.png``. Returns
+    ``[{"file", "mask", "overlay", "class_fractions": {name: fraction}}]``."""
+    from cnnlab.data.folders import read_image
+    from cnnlab.data.transforms import ToChannels
+
+    loaded = load_segment_run(run, device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    to_channels, transform = ToChannels(loaded.in_channels), loaded.eval_transform()
+    results = []
+    for path in _expand(images):
+        image = read_image(path)  # uint8 (C, H, W)
+        x = transform(tv_tensors.Image(to_channels(image)))  # (C, h, w), shorter side img_size
+        logits = loaded.model(x.unsqueeze(0).to(loaded.device))  # (1, K, h, w)
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        mask = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()  # (H, W)
+        mask_path, overlay_path = out_dir / f"{path.stem}.png", out_dir / f"{path.stem}_overlay.png"
+        Image.fromarray(mask, mode="L").save(mask_path)
+        Image.fromarray(overlay(image, mask)).save(overlay_path)
+        counts = np.bincount(mask.ravel(), minlength=len(loaded.classes)) / mask.size
+        results.append(
+            {
+                "file": str(path),
+                "mask": str(mask_path),
+                "overlay": str(overlay_path),
+                "class_fractions": {
+                    n: float(c) for n, c in zip(loaded.classes, counts, strict=True)
+                },
+            }
+        )
+    return results
+
+
+def overlay(image: torch.Tensor, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3): the image with every non-background class tinted in its colour."""
+    rgb = image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
+    pixels = rgb.permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, 3)
+    colours = _PALETTE[(mask.astype(np.int64) - 1) % len(_PALETTE)]  # (H, W, 3)
+    tinted = (1 - alpha) * pixels + alpha * colours
+    return np.where(mask[..., None] > 0, tinted, pixels).round().astype(np.uint8)
+
+
+def _expand(paths: Sequence[str | Path]) -> list[Path]:
+    from cnnlab.data.folders import IMAGE_EXTENSIONS
+
+    files: list[Path] = []
+    for item in [paths] if isinstance(paths, str | Path) else paths:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CnnlabError(f"{path}: no such file or folder")
+    if not files:
+        raise CnnlabError("no images to segment")
+    return files
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def segment_demo(
+    out: str | Path,
+    n: int = 240,
+    size: int = 96,
+    epochs: int = 12,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict:
+    """Synthetic shapes -> FCN-8s (ResNet-18 backbone) -> validation mIoU, in a few minutes
+    on two CPU cores. Writes ``out/shapes`` (data) and ``out/run`` (the run folder)."""
+    from cnnlab.data.shapes import write_shapes
+
+    out = Path(out)
+    data = out / "shapes"
+    if not (data / "classes.txt").is_file():
+        write_shapes(data, task="segment", n=n, size=size, seed=0)
+    report = segment_train(
+        data,
+        out / "run",
+        model="fcn8s",
+        backbone="resnet18",
+        epochs=epochs,
+        batch_size=16,
+        lr=2e-3,
+        seed=0,
+        device=device,
+        quiet=quiet,
+    )
+    return {"run": str(out / "run"), **report}

@@ -1,0 +1,249 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import cnnlab.models.fcn  # noqa: F401  (registers the FCNs until the zoo imports it)
+from cnnlab.data import segmentation as segdata
+from cnnlab.data.shapes import write_shapes
+from cnnlab.errors import CnnlabError
+from cnnlab.segment import (
+    METRICS_COLUMNS,
+    confusion_matrix,
+    scores,
+    segment_eval,
+    segment_predict,
+    segment_resume,
+    segment_train,
+)
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_confusion_matrix_and_scores_match_a_hand_computation():
+    targets = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 1]])
+    preds = torch.tensor([[0, 1, 1, 1], [2, 0, 2, 3]])
+    confusion = confusion_matrix(preds, targets, num_classes=4)
+    # rows: true 0, 1, 2, 3; columns: predicted. The ignored pixel (255) is not counted.
+    expected = torch.tensor([[1, 1, 0, 0], [0, 2, 0, 1], [1, 0, 1, 0], [0, 0, 0, 0]])
+    assert torch.equal(confusion, expected)
+
+    result = scores(confusion, ["bg", "a", "b", "c"])
+    # IoU = TP / (row + column - TP): bg 1/(2+2-1), a 2/(3+3-2), b 1/(2+1-1), c 0/(0+1-0)
+    iou = {"bg": 1 / 3, "a": 2 / 4, "b": 1 / 2, "c": 0.0}
+    assert result["per_class_iou"] == pytest.approx(iou)
+    assert result["miou"] == pytest.approx(sum(iou.values()) / 4)
+    assert result["pixel_acc"] == pytest.approx(4 / 7)
+
+
+def test_classes_absent_from_targets_and_predictions_are_left_out_of_the_mean():
+    confusion = torch.tensor([[3, 1, 0], [0, 4, 0], [0, 0, 0]])
+    result = scores(confusion, ["bg", "a", "b"])
+    assert result["per_class_iou"]["b"] is None
+    assert result["miou"] == pytest.approx((3 / 4 + 4 / 5) / 2)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def _write_pair(root, name, mask, mode="L", image_size=None, palette=None):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(exist_ok=True)
+    height, width = image_size or mask.shape
+    Image.fromarray(np.full((height, width, 3), 90, np.uint8)).save(root / "images" / f"{name}.png")
+    picture = Image.fromarray(mask.astype(np.uint8), mode="L")
+    if mode == "P":
+        picture = picture.convert("P")
+        picture.putpalette(palette)
+    picture.save(root / "masks" / f"{name}.png")
+    return root / "masks" / f"{name}.png"
+
+
+def test_read_mask_gives_palette_indices_and_keeps_ignore(tmp_path):
+    mask = np.array([[0, 1, 2], [255, 2, 0]])
+    # VOC-style palette: index 1 is drawn dark red, 2 dark green; reading must give 1 and 2
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0] + [0, 0, 0] * 252 + [224, 224, 192]
+    path = _write_pair(tmp_path, "voc", mask, mode="P", palette=palette)
+    assert Image.open(path).mode == "P"
+    assert torch.equal(segdata.read_mask(path, num_classes=3), torch.from_numpy(mask))
+    gray = _write_pair(tmp_path, "gray", mask)
+    assert torch.equal(segdata.read_mask(gray, num_classes=3), torch.from_numpy(mask))
+
+
+def test_bad_masks_are_named_errors(tmp_path):
+    path = _write_pair(tmp_path, "big", np.array([[0, 5], [1, 0]]))
+    with pytest.raises(CnnlabError, match=r"big\.png: mask value 5 but only 3 classes"):
+        segdata.read_mask(path, num_classes=3)
+    colour = tmp_path / "masks" / "colour.png"
+    Image.fromarray(np.array([[[255, 0, 0]]], np.uint8)).save(colour)
+    with pytest.raises(CnnlabError, match="colour mask"):
+        segdata.read_mask(colour, num_classes=3)
+
+
+def test_missing_and_mismatched_masks_are_named(tmp_path):
+    _write_pair(tmp_path, "good", np.zeros((8, 8)))
+    (tmp_path / "classes.txt").write_text("background\nthing\n")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "lonely.jpg")
+    with pytest.raises(CnnlabError, match=r"no mask NAME\.png for lonely\.jpg"):
+        segdata.make_seg_splits(tmp_path)
+    (tmp_path / "images" / "lonely.jpg").unlink()
+    _write_pair(tmp_path, "odd", np.zeros((8, 8)), image_size=(8, 9))
+    splits = segdata.make_seg_splits(tmp_path)
+    with pytest.raises(CnnlabError, match=r"odd\.png: mask is 8x8 but its image odd\.png is 9x8"):
+        segdata.check_pairs(splits.train + splits.val, 2)
+    (tmp_path / "classes.txt").unlink()
+    with pytest.raises(CnnlabError, match=r"classes\.txt: missing"):
+        segdata.make_seg_splits(tmp_path)
+
+
+def test_splits_are_seeded_presplit_folders_respected_and_saved(tmp_path):
+    for i in range(10):
+        _write_pair(tmp_path / "flat", f"{i}", np.zeros((4, 4)))
+    (tmp_path / "flat" / "classes.txt").write_text("background\nthing\n")
+    first = segdata.make_seg_splits(tmp_path / "flat", val_split=0.3, seed=1)
+    again = segdata.make_seg_splits(tmp_path / "flat", val_split=0.3, seed=1)
+    other = segdata.make_seg_splits(tmp_path / "flat", val_split=0.3, seed=2)
+    assert len(first.val) == 3 and len(first.train) == 7
+    assert first.val == again.val and first.val != other.val
+    saved = json.loads(json.dumps(first.to_json()))
+    assert segdata.SegSplits.from_json(saved) == first
+
+    for part in ("train", "val"):
+        _write_pair(tmp_path / "split" / part, f"{part}0", np.zeros((4, 4)))
+    (tmp_path / "split" / "classes.txt").write_text("background\nthing\n")
+    presplit = segdata.make_seg_splits(tmp_path / "split")
+    assert presplit.presplit
+    assert [p[0].name for p in presplit.val] == ["val0.png"]
+
+
+def test_joint_transform_moves_mask_with_image_and_colours_only_the_image():
+    torch.manual_seed(0)
+    mask = torch.zeros(64, 64, dtype=torch.long)
+    mask[10:40, 20:50] = 1
+    image = torch.where(mask.bool(), 220, 30).to(torch.uint8).expand(3, -1, -1)
+    transform = segdata.train_transform(48, (0.5,) * 3, (0.5,) * 3, augment="strong")
+    for _ in range(10):
+        out, moved = transform(segdata.tv_tensors.Image(image), segdata.tv_tensors.Mask(mask))
+        assert out.shape == (3, 48, 48) and moved.shape == (48, 48)
+        assert set(moved.unique().tolist()) <= {0, 1, 255}  # nearest: no blended labels
+        inside, outside = out[0][moved == 1], out[0][moved == 0]
+        if len(inside) and len(outside):
+            # the bright square is where the label went (all but a blurred edge)
+            assert (inside > outside.max() - 0.2).float().mean() > 0.9
+
+
+def test_collate_pads_images_with_zero_and_masks_with_ignore():
+    batch = [
+        (torch.ones(3, 4, 5), torch.ones(4, 5, dtype=torch.long)),
+        (torch.ones(3, 6, 3), torch.zeros(6, 3, dtype=torch.long)),
+    ]
+    images, masks = segdata.collate_pad(batch)
+    assert images.shape == (2, 3, 6, 5) and masks.shape == (2, 6, 5)
+    assert images[0, :, 4:].abs().sum() == 0 and (masks[0, 4:] == 255).all()
+    assert (masks[1, :, 3:] == 255).all() and (masks[1, :, :3] == 0).all()
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("segment")
+    write_shapes(root / "shapes", task="segment", n=24, size=64, seed=0)
+    report = segment_train(
+        root / "shapes",
+        root / "run",
+        epochs=1,
+        batch_size=8,
+        lr=1e-3,
+        val_split=0.25,
+        device="cpu",
+        quiet=True,
+    )
+    return root, report
+
+
+def test_train_writes_a_segmentation_run(shapes_run):
+    root, report = shapes_run
+    run = root / "run"
+    for name in (
+        "config.yaml",
+        "split.json",
+        "metrics.csv",
+        "best.safetensors",
+        "model.json",
+        "last.pt",
+        "report.json",
+    ):
+        assert (run / name).is_file(), name
+    meta = json.loads((run / "model.json").read_text())
+    assert meta["task"] == "segment" and meta["architecture"] == "fcn8s"
+    assert meta["classes"] == ["background", "circle", "square", "triangle"]
+    assert meta["model_args"]["backbone"] == "resnet18" and meta["input_size"] == [3, 64, 64]
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == METRICS_COLUMNS and len(rows) == 1
+    assert json.loads((run / "report.json").read_text())["miou"] == pytest.approx(report["miou"])
+    assert set(report) >= {"miou", "pixel_acc", "per_class_iou", "loss", "n"}
+    assert report["n"] == 6 and 0 <= report["miou"] <= 1
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_eval_on_the_run_split_and_on_a_folder(shapes_run):
+    root, report = shapes_run
+    own = segment_eval(root / "run")
+    assert own["miou"] == pytest.approx(report["miou"]) and own["n"] == 6
+    assert list(own["per_class_iou"]) == ["background", "circle", "square", "triangle"]
+    folder = segment_eval(root / "run", data_dir=root / "shapes")
+    assert folder["n"] == 24
+    json.dumps(folder)  # plain JSON for --format json
+
+
+def test_predict_writes_index_masks_and_overlays(shapes_run, tmp_path):
+    root, _ = shapes_run
+    images = sorted((root / "shapes" / "images").iterdir())[:2]
+    results = segment_predict(root / "run", images, tmp_path / "pred")
+    assert [r["file"] for r in results] == [str(p) for p in images]
+    for result, image in zip(results, images, strict=True):
+        mask = Image.open(result["mask"])
+        assert result["mask"] == str(tmp_path / "pred" / image.name)
+        assert mask.mode == "L" and mask.size == Image.open(image).size
+        assert np.array(mask).max() <= 3
+        overlay = Image.open(result["overlay"])
+        assert overlay.mode == "RGB" and overlay.size == mask.size
+        assert result["overlay"].endswith(f"{image.stem}_overlay.png")
+        assert sum(result["class_fractions"].values()) == pytest.approx(1.0)
+    json.dumps(results)
+
+
+def test_resume_continues_to_more_epochs(shapes_run, tmp_path):
+    import shutil
+
+    root, _ = shapes_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["epochs"] = 2
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    segment_resume(run, quiet=True)
+    with open(run / "metrics.csv") as f:
+        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+
+
+def test_a_classification_run_or_other_classes_are_refused(shapes_run, tmp_path):
+    root, _ = shapes_run
+    meta = json.loads((root / "run" / "model.json").read_text())
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "model.json").write_text(json.dumps({**meta, "task": "classify"}))
+    with pytest.raises(CnnlabError, match="not a segmentation run"):
+        segment_eval(fake)
+    other = tmp_path / "other"
+    write_shapes(other, n=2, size=32)
+    (other / "classes.txt").write_text("background\nblob\n")
+    with pytest.raises(CnnlabError, match="differ from the run's"):
+        segment_eval(root / "run", data_dir=other)
