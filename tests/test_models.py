@@ -50,7 +50,8 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 def _ours(name: str, **kwargs: object) -> nn.Module:
     # Built on the meta device, then filled: skips the random init of 100M+ parameters.
     with torch.device("meta"):
-        model = create_model(name, **{"num_classes": 10, **kwargs})
+        defaults = {} if "ydim" in kwargs else {"num_classes": 10}
+        model = create_model(name, **{**defaults, **kwargs})
     return _randomize(model.to_empty(device="cpu")).eval()
 
 
@@ -310,8 +311,11 @@ def test_convnet_parameter_count_matches_the_hand_formula(config: dict[str, obje
         assert model.eval()(x).shape == (2, config["num_classes"])
 
 
-def test_convnet_xdim_and_ydim_override_create_models_defaults() -> None:
-    # create_model passes in_channels=3 and num_classes=1000 even when the user did not.
+def test_convnet_xdim_and_ydim_stand_in_for_channels_size_and_classes() -> None:
+    default = create_model("convnet")
+    assert default.features.conv2d_00.in_channels == 1
+    assert default.classifier[-1].out_features == 10
+    assert default.fixed_input_size == (28, 28)
     model = create_model("convnet", xdim=(1, 20, 24), ydim=7, cdims=(4,), hdims=())
     assert model.features.conv2d_00.in_channels == 1
     assert model.classifier.linear_06.out_features == 7

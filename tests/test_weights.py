@@ -143,3 +143,30 @@ def test_bad_files_raise_one_clear_error(tmp_path: Path) -> None:
         CnnlabError, match=re.escape("convnet.safetensors: no tensor matches resnet18")
     ):
         create_model("resnet18", weights=other)
+
+
+def test_old_densenet_key_names_load_like_torchvision_renames_them(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = tvm.densenet121(num_classes=10).eval()
+    # torchvision's published file spells "denselayer1.norm1.weight" as "denselayer1.norm.1.weight"
+    old_style = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key): value
+        for key, value in reference.state_dict().items()
+    }
+    assert any(".norm.1." in key for key in old_style)
+    path = tmp_path / "densenet121-old.pth"
+    torch.save(old_style, path)
+    model = create_model("densenet121", num_classes=10, weights=path)
+    assert model.pretrained_report.skipped == []
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(_logits(model, x), _logits(reference, x), rtol=0, atol=1e-5)
+
+
+def test_googlenet_torchvision_weights_switch_on_input_transform(hub: Path) -> None:
+    hub.mkdir(parents=True)
+    source = tvm.googlenet(aux_logits=False, init_weights=False)
+    torch.save(source.state_dict(), hub / torchvision_weight_files("googlenet")[0])
+    model = create_model("googlenet", weights="torchvision")
+    assert model.transform_input is True
+    grey = create_model("googlenet", in_channels=1, weights="torchvision")
+    assert grey.transform_input is False

@@ -47,9 +47,7 @@ def register_model(
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
         family = builder.__module__.rsplit(".", 1)[-1]
-        _REGISTRY[name] = ModelInfo(
-            name, builder, family, min_size, input_size, torchvision, task
-        )
+        _REGISTRY[name] = ModelInfo(name, builder, family, min_size, input_size, torchvision, task)
         return builder
 
     return decorator
@@ -82,19 +80,21 @@ def model_info(name: str) -> ModelInfo:
 
 def create_model(
     name: str,
-    num_classes: int = 1000,
-    in_channels: int = 3,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
     weights: str | Path | None = None,
     **kwargs: object,
 ) -> nn.Module:
     """Build a registered model, optionally loading weights (a file or ``"torchvision"``).
 
-    Keyword arguments that are ``None`` are dropped, so CLI defaults never override a
-    builder's own defaults.
+    ``num_classes`` and ``in_channels`` default to the builder's own (1000 and 3 for the
+    ImageNet models). Keyword arguments that are ``None`` are dropped, so CLI defaults never
+    override a builder's defaults.
     """
     info = model_info(name)
+    kwargs = {"num_classes": num_classes, "in_channels": in_channels, **kwargs}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    model = info.builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model = info.builder(**kwargs)
     model.model_name = name
     model.min_input_size = getattr(model, "min_input_size", info.min_size)
     model.register_forward_pre_hook(_check_input_size)

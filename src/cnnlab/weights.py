@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+# torchvision's DenseNet files predate its module names ("denselayer1.norm.1.weight" for
+# "denselayer1.norm1.weight"); torchvision renames them on load, and so do we.
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _modern_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {_OLD_DENSENET_KEY.sub(r"\1\2", key): value for key, value in state.items()}
+
+
 def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     # timm's recipe: grayscale sums the RGB filters; more channels repeat them, rescaled so
     # activations keep their scale.
@@ -88,11 +100,17 @@ def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return tiled * (weight.shape[1] / in_channels)
 
 
+def model_in_rgb(model: nn.Module) -> bool:
+    """Whether the model's first convolution takes three channels."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first is not None and first.in_channels == 3
+
+
 def load_pretrained(model: nn.Module, info: ModelInfo, weights: str | Path) -> LoadReport:
     """Load weights into ``model``: matching tensors load, the first conv adapts to
     ``in_channels``, tensors of another shape (a head for other classes) stay new."""
     path = find_torchvision_weights(info) if weights == "torchvision" else Path(weights)
-    source = read_state_dict(path)
+    source = _modern_keys(read_state_dict(path))
     target = model.state_dict()
     report = LoadReport(source=path)
     merged = dict(target)
@@ -110,8 +128,13 @@ def load_pretrained(model: nn.Module, info: ModelInfo, weights: str | Path) -> L
             report.skipped.append(key)
     if not report.loaded:
         raise CnnlabError(f"{path}: no tensor matches {info.name}; is it a weight file for it?")
-    missing = [k for k in target if k not in source]
+    # Old checkpoints have no BatchNorm step counters; they are bookkeeping, not weights.
+    missing = [k for k in target if k not in source and not k.endswith("num_batches_tracked")]
     model.load_state_dict(merged)
+    if weights == "torchvision" and hasattr(model, "transform_input") and model_in_rgb(model):
+        # torchvision's GoogLeNet weights were trained on inputs it re-normalises itself;
+        # torchvision switches this on whenever it loads them, and so must we.
+        model.transform_input = True
     if report.skipped or missing:
         log.warning(
             "%s: loaded %d tensors; new (not in the file or of another shape): %s",

@@ -18,12 +18,6 @@ from cnnlab.blocks import ConvBNAct
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import register_model
 
-# create_model always passes num_classes and in_channels (1000 and 3 unless told), and the
-# builder has its own defaults (10 and 1): such values cannot tell a choice from a default, so
-# xdim/ydim override them, while any other value that disagrees is an error.
-_UNCHOSEN_CLASSES = (10, 1000)
-_UNCHOSEN_CHANNELS = (1, 3)
-
 
 def _ints(name: str, value: object, length: int | None = None) -> tuple[int, ...]:
     # A tuple or list of positive ints (YAML configs and the CLI give lists).
@@ -115,16 +109,14 @@ class ConvNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _check_agrees(
-    name: str, value: int, unchosen: tuple[int, ...], wanted: int, source: str
-) -> None:
-    if value != wanted and value not in unchosen:
+def _check_agrees(name: str, value: int | None, wanted: int, source: str) -> None:
+    if value is not None and value != wanted:
         raise CnnlabError(f"convnet: {name}={value} conflicts with {source}")
 
 
 def _build(
-    num_classes: int,
-    in_channels: int,
+    num_classes: int | None,
+    in_channels: int | None,
     img_size: int | Sequence[int] | None,
     xdim: Sequence[int] | None,
     ydim: int | None,
@@ -133,20 +125,25 @@ def _build(
     # xdim=(C, H, W) and ydim are the notes' names for in_channels, img_size and num_classes.
     if xdim is not None:
         channels, *hw = _ints("xdim", xdim, 3)
-        _check_agrees("in_channels", in_channels, _UNCHOSEN_CHANNELS, channels, f"xdim={xdim}")
+        _check_agrees("in_channels", in_channels, channels, f"xdim={xdim}")
         if img_size is not None and _size(img_size) != tuple(hw):
             raise CnnlabError(f"convnet: img_size={img_size} conflicts with xdim={xdim}")
         in_channels, img_size = channels, hw
     if ydim is not None:
-        _check_agrees("num_classes", num_classes, _UNCHOSEN_CLASSES, ydim, f"ydim={ydim}")
+        _check_agrees("num_classes", num_classes, ydim, f"ydim={ydim}")
         num_classes = ydim
-    return ConvNet(num_classes, in_channels, 28 if img_size is None else img_size, **kwargs)
+    return ConvNet(
+        10 if num_classes is None else num_classes,
+        1 if in_channels is None else in_channels,
+        28 if img_size is None else img_size,
+        **kwargs,
+    )
 
 
 @register_model(min_size=28, input_size=(1, 28, 28))
 def convnet(
-    num_classes: int = 10,
-    in_channels: int = 1,
+    num_classes: int | None = None,  # default 10
+    in_channels: int | None = None,  # default 1
     img_size: int | Sequence[int] | None = None,
     ksize: int = 3,
     cdims: Sequence[int] = (32, 64),
