@@ -216,7 +216,25 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
         if not args.data or not args.out:
             raise CnnlabError("train needs DIR and --out RUN (or --resume RUN)")
         report = engine.train(_train_config(args, extra))
-    _report_classification(report, args.format)
+    from cnnlab.distributed import is_main_process
+
+    if is_main_process():  # under torchrun every process returns the report; one prints it
+        _report_classification(report, args.format)
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.lr_find import lr_find, plot_lr_find, png_path
+
+    out = png_path(args.out)
+    result = lr_find(
+        _train_config(args, extra), start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps
+    )
+    plot_lr_find(result, out)
+    if args.format == "json":
+        _print_json(result.to_dict())
+    else:
+        print(f"suggested lr {result.suggested_lr:.2e}  (plot: {out})")
     return 0
 
 
@@ -330,8 +348,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="registered model name; builder arguments pass through, e.g. --cdims 32,64",
     )
     sub.add_argument("--weights", help="initial weights: a .pth/.safetensors file or torchvision")
+    sub.add_argument(
+        "--freeze-backbone",
+        action="store_true",
+        default=None,
+        help="train only the classifier head (backbone BatchNorm statistics frozen too)",
+    )
+    sub.add_argument(
+        "--backbone-lr-mult", type=float, help="backbone lr = lr x this (e.g. 0.1); head: lr"
+    )
     sub.add_argument("--epochs", type=int)
-    sub.add_argument("--batch-size", type=int)
+    sub.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per optimizer step; under torchrun, over all processes together",
+    )
     sub.add_argument("--lr", type=float)
     sub.add_argument("--optimizer", choices=("adam", "adamw", "sgd"))
     sub.add_argument("--weight-decay", type=float)
@@ -353,6 +384,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--test-split", type=float)
     sub.add_argument("--balance", choices=("none", "weights", "sampler"))
     sub.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"))
+    sub.add_argument("--seed", type=int)
+    sub.add_argument("--device", help="auto | cpu | cuda")
+    sub.add_argument("--workers", type=int)
+    sub.add_argument("--quiet", action="store_true", default=None)
+    fmt(sub, ("text", "json"))
+    sub.set_defaults(model_args_from="model")
+
+    sub = add(
+        "lr-find",
+        cmd_lr_find,
+        "learning-rate range test: loss while the lr grows exponentially, and a suggested lr",
+    )
+    sub.add_argument("data", metavar="DIR", help="class folders, or train/ val/ test/")
+    sub.add_argument("--out", default=".", help="folder for lr_find.png, or a .png path")
+    sub.add_argument("--model", default="resnet18", help="registered model name, args pass through")
+    sub.add_argument("--weights", help="initial weights: a .pth/.safetensors file or torchvision")
+    sub.add_argument("--freeze-backbone", action="store_true", default=None)
+    sub.add_argument("--backbone-lr-mult", type=float)
+    sub.add_argument("--start-lr", type=float, default=1e-7)
+    sub.add_argument("--end-lr", type=float, default=10.0)
+    sub.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    for flag, kind in (("--batch-size", int), ("--weight-decay", float), ("--img-size", int)):
+        sub.add_argument(flag, type=kind)
+    sub.add_argument("--optimizer", choices=("adam", "adamw", "sgd"))
+    sub.add_argument("--in-channels", type=int, choices=(1, 3))
+    sub.add_argument("--augment", choices=("none", "light", "strong"))
+    sub.add_argument("--no-flip", dest="flip", action="store_false", default=None)
     sub.add_argument("--seed", type=int)
     sub.add_argument("--device", help="auto | cpu | cuda")
     sub.add_argument("--workers", type=int)

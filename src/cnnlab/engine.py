@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from cnnlab import checkpoint, metrics
+from cnnlab import checkpoint, distributed, metrics, transfer
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import create_model, model_info
 
@@ -56,6 +56,7 @@ CHOICES = {
 # AdamW's decoupled decay wants a much larger value than SGD's L2 penalty (timm's defaults).
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 5e-4}
 WORST_IMAGES = 16  # highest-loss test images kept for errors.png
+_RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
 
 
 @dataclass
@@ -67,8 +68,12 @@ class TrainConfig:
     model: str = "resnet18"  # registered model name (`cnnlab models`)
     model_args: dict = field(default_factory=dict)  # extra builder kwargs, e.g. {"cdims": [32, 64]}
     weights: str | None = None  # initial weights: a file, or "torchvision"
+    weights_file: str | None = None  # filled in: the weight file actually read
+    weights_sha256: str | None = None  # filled in: its SHA-256, to tell which weights they were
+    freeze_backbone: bool = False  # train the head only; backbone BatchNorm statistics too
+    backbone_lr_mult: float = 1.0  # backbone learning rate = lr x this; the head gets lr
     epochs: int = 10  # passes over the training split
-    batch_size: int = 64  # images per optimizer step
+    batch_size: int = 64  # images per optimizer step, over all processes together
     lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
     optimizer: str = "adamw"  # adam | adamw | sgd (momentum 0.9, Nesterov)
     weight_decay: float | None = None  # None: 0.05 adamw, 5e-4 sgd, 0 adam; never on norms/biases
@@ -109,6 +114,16 @@ class TrainConfig:
         _require(0 <= self.test_split < 1, "test_split must be in [0, 1)")
         _require(self.val_split + self.test_split < 1, "val_split + test_split must be below 1")
         _require(self.workers >= 0, "workers must be 0 or more")
+        _require(self.backbone_lr_mult > 0, "backbone_lr_mult must be positive")
+        _require(
+            not (self.freeze_backbone and self.backbone_lr_mult != 1),
+            "freeze_backbone and backbone_lr_mult exclude each other (a frozen backbone"
+            " has no learning rate)",
+        )
+        _require(
+            not self.freeze_backbone or self.weights is not None,
+            "freeze_backbone needs weights: a frozen random backbone learns nothing",
+        )
         # JSON types only, so config.yaml and model.json hold plain lists, never tuples.
         self.model_args = json.loads(json.dumps(self.model_args))
 
@@ -295,6 +310,9 @@ def train(cfg: TrainConfig) -> dict:
     last.pt and best.safetensors after every epoch, and at the end report.json (test split,
     or val when there is none) and curves.png, confusion.png, errors.png. Ctrl-C stops
     training and still reports on the best weights when an epoch has completed.
+
+    Launched by torchrun as several processes, they train together (see
+    ``cnnlab.distributed``) and every one of them returns the report.
     """
     from cnnlab.data.folders import make_splits
 
@@ -305,9 +323,15 @@ def train(cfg: TrainConfig) -> dict:
         raise CnnlabError(f"{run_dir} already holds a run; use --resume or another --out")
     # An absolute data path keeps config.yaml and split.json valid from any directory.
     cfg = _resolve_model_settings(replace(cfg, data=str(Path(cfg.data).absolute())))
+    if cfg.weights is not None:
+        path = transfer.resolve_weights(cfg.model, cfg.weights)
+        cfg = replace(cfg, weights_file=str(path), weights_sha256=transfer.sha256_of(path))
     splits = make_splits(Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return _fit(cfg, run_dir, splits, state=None)
+    # Joining the group waits for every process, so all have checked --out before the main
+    # one writes into it.
+    with distributed.session(pick_device(cfg.device).type):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return _fit(cfg, run_dir, splits, state=None)
 
 
 def resume(run_dir: str | Path, **overrides: Any) -> dict:
@@ -334,14 +358,17 @@ def resume(run_dir: str | Path, **overrides: Any) -> dict:
         raise CnnlabError(f"{run_dir / 'split.json'}: data folder {splits.root} no longer exists")
     last = run_dir / "last.pt"
     state = checkpoint.load_state(last) if last.is_file() else None
-    return _fit(cfg, run_dir, splits, state)
+    with distributed.session(pick_device(cfg.device).type):
+        return _fit(cfg, run_dir, splits, state)
 
 
 # ---------------------------------------------------------------------------- the loop
 
 
 def _fit(cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None) -> dict:
-    device = pick_device(cfg.device)
+    ctx = distributed.context()
+    main = ctx.main  # only the main process evaluates, writes the run folder and prints
+    device = distributed.local_device(pick_device(cfg.device), ctx)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -350,16 +377,13 @@ def _fit(cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None) -> di
     _seed_everything(cfg.seed)
 
     # Data: the transforms follow the channels and size the model is built for.
-    if cfg.in_channels is None:
-        from cnnlab.data.folders import detect_in_channels
-
-        cfg = replace(cfg, in_channels=detect_in_channels([p for p, _ in splits.train]))
+    cfg = _resolve_channels(cfg, splits)
     from cnnlab.data.transforms import default_stats
 
     mean, std = default_stats(cfg.in_channels)
     task = ClassifyTask(splits.classes, cfg.label_smoothing)
     generator = torch.Generator()  # reseeded every epoch: shuffling is epoch-determined
-    loaders = _loaders(cfg, splits, mean, std, task, generator, device)
+    loaders = _loaders(cfg, splits, mean, std, task, generator, device, ctx)
     train_loader, val_loader, test_loader = loaders
     if cfg.balance == "weights":
         from cnnlab.data.datasets import class_weights
@@ -372,6 +396,8 @@ def _fit(cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None) -> di
     memory_format = torch.channels_last if cuda else torch.preserve_format
     if cuda:
         model.to(memory_format=torch.channels_last)
+    if cfg.freeze_backbone:
+        transfer.freeze_backbone(model)  # before the optimizer, which takes trainable ones
     optimizer = _make_optimizer(model, cfg, fused=cuda)
     per_step = cfg.lr_interval == "step"
     steps = len(train_loader) if per_step else 1  # scheduler steps per epoch
@@ -385,10 +411,11 @@ def _fit(cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None) -> di
     # Where we start: a fresh run writes its description, a resumed one restores its state.
     start_epoch, best, stale, history = 0, None, 0, []
     if state is None:
-        checkpoint.write_yaml(run_dir / "config.yaml", asdict(cfg))
-        checkpoint.write_json(run_dir / "split.json", splits.to_json())
-        meta = _model_meta(cfg, splits.classes, model_args, mean, std)
-        checkpoint.save_model_json(run_dir, meta)  # last: model.json marks a run folder
+        if main:
+            checkpoint.write_yaml(run_dir / "config.yaml", asdict(cfg))
+            checkpoint.write_json(run_dir / "split.json", splits.to_json())
+            meta = _model_meta(cfg, splits.classes, model_args, mean, std)
+            checkpoint.save_model_json(run_dir, meta)  # last: model.json marks a run folder
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -397,53 +424,47 @@ def _fit(cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None) -> di
         start_epoch, best = state["epoch"], state["best"]
         stale, history = state["epochs_without_improvement"], state["history"]
         _set_rng_state(state["rng"])
-        _sync_epoch_files(run_dir, history, best, model)
+        if main:
+            _sync_epoch_files(run_dir, history, best, model)
+    # Trains through the wrapper (which averages gradients over processes); saves, loads and
+    # evaluates ``model`` itself, whose parameters it shares.
+    net = distributed.wrap(model, device, ctx)
+    step = _Step(net, task, optimizer, scaler, device, amp_dtype, cfg.grad_clip, memory_format)
 
-    say = _Reporter(cfg.quiet)
+    say = _Reporter(cfg.quiet or not main)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.patience is not None and stale >= cfg.patience:
                 say.line(f"early stop: no better val top-1 for {stale} epochs")
                 break
-            _seed_everything(cfg.seed * 1000 + epoch)
+            # Each process augments its shard with its own random numbers.
+            _seed_everything(cfg.seed * 1000 + epoch + _RANK_SEED_STRIDE * ctx.rank)
             generator.manual_seed(cfg.seed * 1000 + epoch)
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)  # a new shuffle, the same on every rank
             model.train()
+            if cfg.freeze_backbone:
+                transfer.backbone_norms_eval(model)
             started = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            seen, lr = 0, optimizer.param_groups[0]["lr"]
             say.start(f"epoch {epoch + 1}/{cfg.epochs}", len(train_loader))
-            for images, targets in train_loader:  # (B, C, S, S), (B,)
-                if len(targets) == 0:  # every image of the batch was unreadable
-                    continue
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                targets = targets.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    outputs = model(images)  # (B, K)
-                    loss = task.loss(outputs, targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                lr = optimizer.param_groups[0]["lr"]
-                scaler.step(optimizer)
-                scaler.update()
-                if per_step:
-                    scheduler.step()
-                # Running sums stay on the device: no host sync per step.
-                seen += len(targets)
-                loss_sum += loss.detach() * len(targets)
-                correct += task.correct(outputs.detach(), targets)
-                say.step(seen, loss_sum, correct)
+            seen, loss_sum, correct, lr = _train_epoch(
+                step, train_loader, scheduler if per_step else None, say
+            )
             if not per_step:
                 scheduler.step()
             say.stop()
+            # The whole data's numbers: sums over every process's shard.
+            seen_all, loss_sum, correct = distributed.sum_across(
+                torch.tensor(seen, device=device), loss_sum, correct
+            )
+            seen = int(seen_all.item())
             if seen == 0:
                 raise CnnlabError(f"{cfg.data}: no readable training images")
             train_seconds = time.perf_counter() - started
 
-            val = task.evaluate(model, val_loader, device, amp_dtype)
+            # The main process validates on the full set while the others wait.
+            val = _public(task.evaluate(model, val_loader, device, amp_dtype)) if main else None
+            val = distributed.from_main(val)
             improved = is_better(val, best, task.best_key)
             if improved:
                 best = {task.best_key: val[task.best_key], "loss": val["loss"], "epoch": epoch + 1}
@@ -462,22 +483,23 @@ def _fit(cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None) -> di
             )
             # last.pt first: it is the truth a resume starts from, and it can rebuild
             # metrics.csv and best.safetensors if we die before writing them.
-            with _hold_ctrl_c():
-                checkpoint.save_state(
-                    run_dir / "last.pt",
-                    {
-                        "epoch": epoch + 1,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "best": best,
-                        "epochs_without_improvement": stale,
-                        "history": history,
-                        "rng": _get_rng_state(),
-                    },
-                )
-                _sync_epoch_files(run_dir, history, best, model)
+            if main:
+                with _hold_ctrl_c():
+                    checkpoint.save_state(
+                        run_dir / "last.pt",
+                        {
+                            "epoch": epoch + 1,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "best": best,
+                            "epochs_without_improvement": stale,
+                            "history": history,
+                            "rng": _get_rng_state(),
+                        },
+                    )
+                    _sync_epoch_files(run_dir, history, best, model)
             say.line(_epoch_line(history[-1], cfg.epochs, seen / train_seconds))
     except KeyboardInterrupt:
         if not history:
@@ -491,15 +513,85 @@ def _fit(cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None) -> di
         say.stop()  # never leave a live progress display behind an error
 
     # Final report on the best weights, read back from the file a user will load.
-    checkpoint.load_weights(run_dir / "best.safetensors", model)
-    split, loader = ("test", test_loader) if test_loader is not None else ("val", val_loader)
-    result = task.evaluate(model, loader, device, amp_dtype, worst=WORST_IMAGES)
-    report = {"split": split, "best_epoch": best["epoch"]}
-    report.update({k: v for k, v in result.items() if not k.startswith("_")})
-    checkpoint.write_json(run_dir / "report.json", report)
-    _write_plots(run_dir, result, splits.classes, mean, std)
-    say.line(f"{split} top1 {100 * report['top1']:.2f}%  loss {report['loss']:.4f}  -> {run_dir}")
-    return report
+    report = None
+    if main:
+        checkpoint.load_weights(run_dir / "best.safetensors", model)
+        split, loader = ("test", test_loader) if test_loader is not None else ("val", val_loader)
+        result = task.evaluate(model, loader, device, amp_dtype, worst=WORST_IMAGES)
+        report = {"split": split, "best_epoch": best["epoch"], **_public(result)}
+        checkpoint.write_json(run_dir / "report.json", report)
+        _write_plots(run_dir, result, splits.classes, mean, std)
+        say.line(
+            f"{split} top1 {100 * report['top1']:.2f}%  loss {report['loss']:.4f}  -> {run_dir}"
+        )
+    return distributed.from_main(report)
+
+
+@dataclass
+class _Step:
+    """One optimizer step on one batch, with everything it needs."""
+
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    task: Any
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    grad_clip: float | None
+    memory_format: torch.memory_format = torch.preserve_format
+
+    def __call__(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward, backward, step; returns (outputs, loss, targets) on the device."""
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        targets = targets.to(self.device, non_blocking=True)
+        enabled = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled):
+            outputs = self.net(images)  # (B, K)
+            loss = self.task.loss(outputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return outputs, loss, targets
+
+
+def _train_epoch(
+    step: _Step,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    say: _Reporter,
+) -> tuple[int, torch.Tensor, torch.Tensor, float]:
+    """One pass over ``batches`` (``scheduler`` stepped after each step when given).
+
+    Returns (images seen, summed loss, right answers, learning rate of the last step); the
+    sums stay on the device, so there is no host sync per step.
+    """
+    device = step.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    seen, lr = 0, step.optimizer.param_groups[0]["lr"]
+    for images, targets in batches:  # (B, C, S, S), (B,)
+        if len(targets) == 0:  # every image of the batch was unreadable
+            continue
+        lr = step.optimizer.param_groups[0]["lr"]
+        outputs, loss, targets = step(images, targets)
+        if scheduler is not None:
+            scheduler.step()
+        seen += len(targets)
+        loss_sum += loss.detach() * len(targets)
+        correct += step.task.correct(outputs.detach(), targets)
+        say.step(seen, loss_sum, correct)
+    return seen, loss_sum, correct, lr
+
+
+def _public(result: dict) -> dict:
+    """An evaluation result without its private (plot) entries."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
 def warmup_cosine(step: int, warmup: int, total: int) -> float:
@@ -539,7 +631,8 @@ def _build_model(cfg: TrainConfig, num_classes: int, pretrained: bool) -> tuple[
         args["img_size"] = cfg.img_size
     args.update(cfg.model_args)
     try:
-        model = create_model(cfg.model, weights=cfg.weights if pretrained else None, **args)
+        weights = (cfg.weights_file or cfg.weights) if pretrained else None
+        model = create_model(cfg.model, weights=weights, **args)
     except TypeError as error:  # a model_args key the builder does not take
         raise CnnlabError(f"{cfg.model}: {error}") from None
     minimum = getattr(model, "min_input_size", 1)
@@ -553,6 +646,15 @@ def _build_model(cfg: TrainConfig, num_classes: int, pretrained: bool) -> tuple[
             f"{cfg.model} takes {fixed[0]}x{fixed[1]} images; img_size is {cfg.img_size}"
         )
     return model, args
+
+
+def _resolve_channels(cfg: TrainConfig, splits: Any) -> TrainConfig:
+    """Fill in_channels from the training images when unset: 1 when all are grayscale."""
+    if cfg.in_channels is not None:
+        return cfg
+    from cnnlab.data.folders import detect_in_channels
+
+    return replace(cfg, in_channels=detect_in_channels([p for p, _ in splits.train]))
 
 
 def _takes_img_size(model: str) -> bool:
@@ -582,47 +684,83 @@ def _loaders(
     task: ClassifyTask,
     generator: torch.Generator,
     device: torch.device,
+    ctx: distributed.Context | None = None,
 ) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+    """Train, val and test loaders. With several processes, each loads its own shard of
+    the training split in batches of batch_size / processes (batch_size stays the number
+    of images per optimizer step), and only the main one evaluates."""
     from cnnlab.data.datasets import ImageDataset
     from cnnlab.data.transforms import eval_transform, train_transform
 
+    ctx = ctx or distributed.Context()
     size, channels = cfg.img_size, cfg.in_channels
     train_tf = train_transform(size, cfg.augment, cfg.flip, mean, std, channels)
     eval_tf = eval_transform(size, mean, std, channels)
+    batch_size = _per_process_batch(cfg.batch_size, ctx.world_size)
     common = {
-        "batch_size": cfg.batch_size,
+        "batch_size": batch_size,
         "num_workers": cfg.workers,
         "pin_memory": device.type == "cuda",
         "collate_fn": task.collate,
     }
+    train_set = ImageDataset(splits.train, train_tf)
     sampler = None
     if cfg.balance == "sampler":
+        if ctx.active:
+            raise CnnlabError("balance=sampler needs a single process; use balance=weights")
         from cnnlab.data.datasets import balanced_sampler
 
         sampler = balanced_sampler(splits.train, len(splits.classes), generator)
+    elif ctx.active:
+        sampler = DistributedSampler(
+            train_set, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed
+        )
     # Dropping the partial last batch (when there is a full one) avoids a batch of one,
     # which BatchNorm cannot train on; reshuffling spreads the dropped images over epochs.
+    # Every process has as many images (the sampler pads), hence as many steps.
+    shard = len(sampler) if sampler is not None else len(train_set)
     train = DataLoader(
-        ImageDataset(splits.train, train_tf),
+        train_set,
         shuffle=sampler is None,
         sampler=sampler,
         generator=generator,
-        drop_last=len(splits.train) > cfg.batch_size,
+        drop_last=shard > batch_size,
         **common,
     )
-    # Evaluation draws no random numbers, so its workers can live across epochs.
+    # Evaluation draws no random numbers, so its workers can live across epochs. Processes
+    # other than the main one never evaluate: their sets are not decoded up front.
     persistent = {"persistent_workers": cfg.workers > 0}
-    val = DataLoader(ImageDataset(splits.val, eval_tf), **common, **persistent)
-    test = DataLoader(ImageDataset(splits.test, eval_tf), **common) if splits.test else None
+    cache = None if ctx.main else False
+    val = DataLoader(ImageDataset(splits.val, eval_tf, cache), **common, **persistent)
+    test = None
+    if splits.test:
+        test = DataLoader(ImageDataset(splits.test, eval_tf, cache), **common)
     return train, val, test
+
+
+def _per_process_batch(batch_size: int, processes: int) -> int:
+    if batch_size % processes:
+        raise CnnlabError(
+            f"batch_size {batch_size} does not split evenly over {processes} processes"
+            " (it counts the images of one optimizer step, over all processes)"
+        )
+    return batch_size // processes
 
 
 def _make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
     # No weight decay on biases and norm scales (1-D tensors): decaying them only hurts.
-    params = [p for p in model.parameters() if p.requires_grad]
+    # With a backbone_lr_mult the head's groups come first, so group 0 has the run's lr.
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    mult = cfg.backbone_lr_mult
+    head = transfer.head_parameter_names(model) if mult != 1 else {n for n, _ in named}
     groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        {
+            "params": [p for n, p in named if (n in head) == in_head and (p.ndim > 1) == decay],
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr": cfg.lr if in_head else cfg.lr * mult,
+        }
+        for in_head in (True, False)
+        for decay in (True, False)
     ]
     groups = [g for g in groups if g["params"]]
     extra = {"fused": True} if fused else {}

@@ -1,0 +1,92 @@
+"""Fine-tuning a pretrained model: which parameters are the head, freezing the backbone.
+
+The head is the classifier module, found by attribute name: the first of ``fc`` (ResNet,
+GoogLeNet), ``classifier`` (VGG, AlexNet, DenseNet, the ConvNet) or ``head`` that the model
+has, plus any parameter the weight loader skipped because its shape differs from the file's
+(``model.pretrained_report.skipped``: a layer sized by the number of classes outside that
+module). Everything else is the backbone. For every zoo model the skipped tensors lie inside
+the classifier module, so a resumed run (which loads no weight file) finds the same head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from torch import nn
+
+from cnnlab.errors import CnnlabError
+from cnnlab.registry import model_info
+
+HEAD_ATTRIBUTES = ("fc", "classifier", "head")
+_CHUNK = 1 << 20
+
+
+def head_parameter_names(model: nn.Module) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the classifier head's parameters."""
+    names: set[str] = set()
+    for attribute in HEAD_ATTRIBUTES:
+        module = getattr(model, attribute, None)
+        if isinstance(module, nn.Module):
+            names = {f"{attribute}.{name}" for name, _ in module.named_parameters()}
+            break
+    report = getattr(model, "pretrained_report", None)
+    if report is not None:
+        own = dict(model.named_parameters())
+        names |= {name for name in report.skipped if name in own}
+    if not names:
+        model_name = getattr(model, "model_name", type(model).__name__)
+        raise CnnlabError(
+            f"{model_name}: cannot tell its classifier head (no {', '.join(HEAD_ATTRIBUTES)}"
+            " module)"
+        )
+    return names
+
+
+def freeze_backbone(model: nn.Module) -> int:
+    """Stop gradients to every parameter outside the head; returns how many stay trainable.
+
+    BatchNorm running statistics are buffers, not parameters: ``backbone_norms_eval`` keeps
+    them frozen too and must follow every ``model.train()``.
+    """
+    head = head_parameter_names(model)
+    trainable = 0
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in head)
+        trainable += parameter.numel() if name in head else 0
+    return trainable
+
+
+def backbone_norms_eval(model: nn.Module) -> None:
+    """Put the backbone's normalisation layers in eval mode: they normalise with the loaded
+    running statistics and stop updating them (the head's own norms keep training)."""
+    head_modules = {name.rsplit(".", 1)[0] for name in head_parameter_names(model)}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and not _inside(name, head_modules):
+            module.eval()
+
+
+def _inside(name: str, prefixes: set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def resolve_weights(model: str, weights: str) -> Path:
+    """The file ``weights`` stands for: itself, or for ``"torchvision"`` the model's file in
+    the torch hub cache (CnnlabError saying where to put it when missing)."""
+    from cnnlab.weights import find_torchvision_weights
+
+    path = (
+        find_torchvision_weights(model_info(model)) if weights == "torchvision" else Path(weights)
+    )
+    if not path.is_file():
+        raise CnnlabError(f"{path}: weight file not found")
+    return path.absolute()
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

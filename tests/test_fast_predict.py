@@ -1,0 +1,124 @@
+"""The fast inference path of a loaded run: BatchNorm folded into convolutions and
+channels_last give the trained model's logits (within 1e-4) and the same top-1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cnnlab import checkpoint, create_model
+from cnnlab.runs import fold_batchnorm, load_run
+
+SIZE = 64
+CLASSES = ["a", "b", "c", "d", "e"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trained_looking(name: str) -> nn.Module:
+    """A model whose BatchNorms hold non-trivial statistics and affine parameters, as after
+    training (fresh ones are the identity, which would make folding trivially right)."""
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=len(CLASSES))
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):  # He init: GoogLeNet's tiny one loses the signal
+            nn.init.kaiming_normal_(module.weight)
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.2)
+    return model.eval()
+
+
+def _run_folder(model: nn.Module, name: str, root: Path) -> Path:
+    root.mkdir()
+    checkpoint.save_weights(root / "best.safetensors", model)
+    meta = {
+        "task": "classify",
+        "architecture": name,
+        "model_args": {"num_classes": len(CLASSES), "in_channels": 3},
+        "classes": CLASSES,
+        "input_size": [3, SIZE, SIZE],
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    }
+    checkpoint.save_model_json(root, meta)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("name", "folds"),
+    [("resnet18", 20), ("vgg11_bn", 8), ("googlenet", 57), ("densenet121", 59), ("alexnet", 0)],
+)
+def test_loaded_run_folds_batchnorm_and_keeps_logits(name: str, folds: int, tmp_path: Path) -> None:
+    model = _trained_looking(name)
+    run = load_run(_run_folder(model, name, tmp_path / "run"))
+    norms_left = sum(isinstance(m, nn.BatchNorm2d) for m in run.model.modules())
+    norms_before = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert norms_before - norms_left == folds
+    images = torch.randn(4, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        expected = model(images)
+        got = run.model(images.contiguous(memory_format=torch.channels_last))
+    assert expected.std(dim=0).max() > 0.01  # the logits depend on the image
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_predict_gives_the_unfolded_models_answers(tmp_path: Path) -> None:
+    model = _trained_looking("resnet18")
+    folder = _run_folder(model, "resnet18", tmp_path / "run")
+    images = [torch.randint(0, 256, (3, 80, 70), dtype=torch.uint8) for _ in range(6)]
+    fast = load_run(folder).predict(images, topk=3)
+    plain = load_run(folder, fast=False).predict(images, topk=3)
+    for a, b in zip(fast, plain, strict=True):
+        assert [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+        for x, y in zip(a["top"], b["top"], strict=True):
+            assert x["prob"] == pytest.approx(y["prob"], abs=1e-5)
+
+
+def test_fold_batchnorm_maths_on_a_hand_built_pair() -> None:
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 4, 3, bias=True)
+    norm = nn.BatchNorm2d(4)
+    norm.running_mean.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+    norm.running_var.copy_(torch.tensor([4.0, 0.25, 1.0, 9.0]))
+    norm.weight.data.copy_(torch.tensor([1.0, 2.0, -1.0, 0.5]))
+    norm.bias.data.copy_(torch.tensor([0.0, 1.0, 3.0, -2.0]))
+    model = nn.Sequential(conv, norm, nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    assert fold_batchnorm(model) == 1
+    assert isinstance(model[1], nn.Identity)
+    scale = norm.weight / (norm.running_var + norm.eps).sqrt()
+    torch.testing.assert_close(model[0].weight, conv.weight * scale[:, None, None, None])
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
+
+
+def test_fold_batchnorm_leaves_a_shared_conv_output_alone() -> None:
+    class TwoUses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.norm = nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.norm(y) + y  # folding would change the second use of y
+
+    model = TwoUses().eval()
+    assert fold_batchnorm(model) == 0
+    assert isinstance(model.norm, nn.BatchNorm2d)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(TwoUses())
