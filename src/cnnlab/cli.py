@@ -280,6 +280,130 @@ def cmd_demo(args: argparse.Namespace, extra: dict) -> int:
     return run_demo(args.task, Path(args.out) if args.out else None, quiet=args.quiet)
 
 
+# ---------------------------------------------------------------------------- beyond classification
+
+
+def cmd_data_shapes(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.data.shapes import write_shapes
+
+    write_shapes(Path(args.dst), task=args.task, n=args.n, size=args.size, seed=args.seed)
+    print(f"wrote {args.n} {args.size}x{args.size} shape images for {args.task} to {args.dst}")
+    return 0
+
+
+def cmd_heatmap(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.heatmap import heatmap
+
+    result = heatmap(Path(args.run), Path(args.image), args.class_name, args.out, args.device)
+    if args.format == "json":
+        _print_json(result)
+    else:
+        rows, cols = result["shape"]
+        print(
+            f"{result['class']}: {rows}x{cols} probability map, peak at cell {result['peak']}"
+            + (f"; drawn to {args.out}" if args.out else "")
+        )
+    return 0
+
+
+def _task_settings(args: argparse.Namespace, extra: dict, names: Sequence[str]) -> dict:
+    """The task-train flags the user set (None = keep the task's own default)."""
+    settings = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if extra:
+        settings["model_args"] = extra
+    return settings
+
+
+TASK_TRAIN_FLAGS = (
+    "model",
+    "backbone",
+    "backbone_weights",
+    "epochs",
+    "batch_size",
+    "lr",
+    "img_size",
+    "optimizer",
+    "weight_decay",
+    "warmup_epochs",
+    "patience",
+    "val_split",
+    "seed",
+    "device",
+    "workers",
+    "quiet",
+)
+
+
+def cmd_segment(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab import segment
+
+    if args.action == "train":
+        if args.resume:
+            result = segment.segment_resume(Path(args.resume), args.device, args.quiet)
+        else:
+            _require_data_and_out(args)
+            settings = _task_settings(args, extra, TASK_TRAIN_FLAGS)
+            result = segment.segment_train(args.data, args.out, **settings)
+    elif args.action == "eval":
+        result = segment.segment_eval(Path(args.run), args.data, device=args.device or "auto")
+    else:
+        result = segment.segment_predict(
+            Path(args.run), [Path(p) for p in args.images], args.out or ".", args.device or "auto"
+        )
+    if args.format == "json":
+        _print_json(result)
+    elif args.action == "predict":
+        for item in result:
+            print(f"{item['file']}: mask {item['mask']}, overlay {item['overlay']}")
+    else:
+        print(
+            f"mIoU {result['miou']:.3f}  pixel accuracy {result['pixel_acc']:.3f}  "
+            f"({result['n']} images)"
+        )
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab import detect
+
+    if args.action == "train":
+        if args.resume:
+            result = detect.detect_resume(Path(args.resume), args.device, args.quiet)
+        else:
+            _require_data_and_out(args)
+            settings = _task_settings(args, extra, TASK_TRAIN_FLAGS)
+            result = detect.detect_train(args.data, args.out, **settings)
+    elif args.action == "eval":
+        threshold = args.score_threshold if args.score_threshold is not None else 0.001
+        result = detect.detect_eval(Path(args.run), args.data, threshold, args.device or "auto")
+    else:
+        threshold = args.score_threshold if args.score_threshold is not None else 0.25
+        result = detect.detect_predict(
+            Path(args.run),
+            [Path(p) for p in args.images],
+            threshold,
+            args.out,
+            args.device or "auto",
+        )
+    if args.format == "json":
+        _print_json(result)
+    elif args.action == "predict":
+        for item in result:
+            found = ", ".join(f"{d['class']} {d['score']:.2f}" for d in item["detections"])
+            print(f"{item['file']}: {found or 'nothing'}")
+    else:
+        print(
+            f"mAP@[.5:.95] {result['map']:.3f}  mAP@0.5 {result['map50']:.3f}  "
+            f"mAP@0.75 {result['map75']:.3f}  ({result['n_images']} images)"
+        )
+    return 0
+
+
+def _require_data_and_out(args: argparse.Namespace) -> None:
+    if not args.data or not args.out:
+        raise CnnlabError(f"{args.command} train needs DIR and --out RUN (or --resume RUN)")
+
+
 # ---------------------------------------------------------------------------- parser
 
 
@@ -328,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add_data("check", cmd_data_check, "counts, sizes, unreadable files and duplicates")
     sub.add_argument("dir")
     fmt(sub, ("text", "json"))
+    sub = add_data("shapes", cmd_data_shapes, "synthetic shapes for segmentation or detection")
+    sub.add_argument("dst")
+    sub.add_argument("--task", choices=("segment", "detect"), required=True)
+    sub.add_argument("--n", type=int, default=400, help="number of images (default 400)")
+    sub.add_argument("--size", type=int, default=128, help="image side (default 128)")
+    sub.add_argument("--seed", type=int, default=0)
     sub = add_data("clean", cmd_data_clean, "copy a class-folder tree into a clean new folder")
     sub.add_argument("src")
     sub.add_argument("dst")
@@ -436,6 +566,58 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--task", choices=("classify", "segment", "detect"), default="classify")
     sub.add_argument("--out", help="run folder (default runs/demo, runs/demo2, ...)")
     sub.add_argument("--quiet", action="store_true")
+    sub = add("heatmap", cmd_heatmap, "where a classification run sees each class, as a map")
+    sub.add_argument("run")
+    sub.add_argument("image")
+    sub.add_argument("--class", dest="class_name", help="class to map (default: highest peak)")
+    sub.add_argument("--out", help="write the map over the image to this PNG")
+    sub.add_argument("--device", default="cpu")
+    fmt(sub, ("text", "json"))
+
+    for task, handler, default_model in (
+        ("segment", cmd_segment, "fcn8s"),
+        ("detect", cmd_detect, "yolov1"),
+    ):
+        group = add(task, None, f"{task}: train, evaluate and predict")
+        actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+        sub = actions.add_parser("train", help=f"train a {task} model")
+        sub.set_defaults(handler=handler, model_args_from="model")
+        sub.add_argument("data", nargs="?", metavar="DIR")
+        sub.add_argument("--out", help="the run folder to create")
+        sub.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+        sub.add_argument("--model", default=default_model)
+        sub.add_argument("--backbone", help="zoo backbone (default resnet18)")
+        sub.add_argument("--backbone-weights", help="a weight file or torchvision")
+        for flag, kind in (
+            ("--epochs", int),
+            ("--batch-size", int),
+            ("--lr", float),
+            ("--img-size", int),
+            ("--weight-decay", float),
+            ("--warmup-epochs", int),
+            ("--patience", int),
+            ("--val-split", float),
+            ("--seed", int),
+            ("--workers", int),
+        ):
+            sub.add_argument(flag, type=kind)
+        sub.add_argument("--optimizer", choices=("adamw", "sgd"))
+        sub.add_argument("--device")
+        sub.add_argument("--quiet", action="store_true", default=None)
+        fmt(sub, ("text", "json"))
+        for action, help_text in (("eval", "evaluate a run"), ("predict", "run it on images")):
+            sub = actions.add_parser(action, help=f"{task}: {help_text}")
+            sub.set_defaults(handler=handler)
+            sub.add_argument("run")
+            if action == "eval":
+                sub.add_argument("data", nargs="?", metavar="DIR")
+            else:
+                sub.add_argument("images", nargs="+", metavar="IMAGE")
+                sub.add_argument("--out", help="folder for the drawn results")
+            if task == "detect":
+                sub.add_argument("--score-threshold", type=float)
+            sub.add_argument("--device")
+            fmt(sub, ("text", "json"))
     return parser
 
 

@@ -1,3 +1,13 @@
 """The model zoo: importing this package registers every model family."""
 
-from cnnlab.models import alexnet, convnet, densenet, googlenet, resnet, vgg  # noqa: F401
+from cnnlab.models import (  # noqa: F401
+    alexnet,
+    convnet,
+    densenet,
+    fcn,
+    googlenet,
+    rcnn,
+    resnet,
+    vgg,
+    yolo,
+)
