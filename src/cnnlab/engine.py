@@ -339,11 +339,13 @@ def resume(run_dir: str | Path, **overrides: Any) -> dict:
 
     Uses RUN/config.yaml and RUN/split.json (never re-splits) and RUN/last.pt (model,
     optimizer, scheduler, scaler, best, patience counter, RNG states, per-epoch history).
-    ``overrides`` may change settings that do not define the run: device, workers, quiet.
+    ``overrides`` may change settings that do not define the run: device, workers, quiet
+    (None keeps the saved value, as an unset command-line flag).
     """
     from cnnlab.data.folders import Splits
 
     run_dir = checkpoint.require_run_dir(run_dir)
+    overrides = {key: value for key, value in overrides.items() if value is not None}
     allowed = {"device", "workers", "quiet"}
     if set(overrides) - allowed:
         raise CnnlabError(f"resume can only change {', '.join(sorted(allowed))}")
