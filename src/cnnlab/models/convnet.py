@@ -20,7 +20,10 @@ from cnnlab.registry import register_model
 
 
 def _ints(name: str, value: object, length: int | None = None) -> tuple[int, ...]:
-    # A tuple or list of positive ints (YAML configs and the CLI give lists).
+    # A tuple or list of positive ints (YAML configs and the CLI give lists); a lone int is a
+    # one-entry list, since `--hdims 128` on the command line parses as one.
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
     ok = isinstance(value, tuple | list) and all(
         isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
     )
