@@ -185,10 +185,10 @@ def segment_train(
     """Train a segmentation model on DIR (see ``cnnlab.data.segmentation``) into the new run
     folder ``out``; returns the validation report of the best epoch.
 
-    ``img_size``: training crops are img_size x img_size and evaluation resizes the shorter
-    side to it; None takes the shorter side of the first training image. ``weights``: a
-    whole-model file to start from; ``backbone_weights``: a classifier's weight file for the
-    backbone (its head is dropped).
+    ``img_size``: side of the random training crops, taken at the images' own scale (the
+    model is fully convolutional: evaluation and prediction run on whole images); None takes
+    the shorter side of the first training image. ``weights``: a whole-model file to start
+    from; ``backbone_weights``: a classifier's weight file for the backbone (head dropped).
     """
     run_dir = Path(out)
     if checkpoint.is_run_dir(run_dir):
@@ -289,7 +289,7 @@ def _loaders(
     mean, std = default_stats(cfg.in_channels)
     k = len(splits.classes)
     train_tf = segdata.train_transform(cfg.img_size, mean, std, cfg.augment, cfg.flip)
-    eval_tf = segdata.eval_transform(cfg.img_size, mean, std)
+    eval_tf = segdata.eval_transform(mean, std)
     common = {"batch_size": cfg.batch_size, "num_workers": cfg.workers, "collate_fn": task.collate}
     train = DataLoader(
         segdata.SegmentationDataset(splits.train, train_tf, k, cfg.in_channels),
@@ -461,16 +461,12 @@ class SegmentRun:
     device: torch.device
 
     @property
-    def img_size(self) -> int:
-        return int(self.meta["input_size"][1])
-
-    @property
     def in_channels(self) -> int:
         return int(self.meta["input_size"][0])
 
     def eval_transform(self) -> Any:
         """The joint (image, mask) evaluation transform the run was validated with."""
-        return segdata.eval_transform(self.img_size, self.meta["mean"], self.meta["std"])
+        return segdata.eval_transform(self.meta["mean"], self.meta["std"])
 
 
 def load_segment_run(path: str | Path, device: str = "cpu") -> SegmentRun:
@@ -546,9 +542,8 @@ def segment_predict(
     results = []
     for path in _expand(images):
         image = read_image(path)  # uint8 (C, H, W)
-        x = transform(tv_tensors.Image(to_channels(image)))  # (C, h, w), shorter side img_size
-        logits = loaded.model(x.unsqueeze(0).to(loaded.device))  # (1, K, h, w)
-        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        x = transform(tv_tensors.Image(to_channels(image)))  # (C, H, W)
+        logits = loaded.model(x.unsqueeze(0).to(loaded.device))  # (1, K, H, W)
         mask = logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()  # (H, W)
         mask_path, overlay_path = out_dir / f"{path.stem}.png", out_dir / f"{path.stem}_overlay.png"
         Image.fromarray(mask, mode="L").save(mask_path)

@@ -179,39 +179,37 @@ def check_pairs(samples: Sequence[SegSample], num_classes: int) -> None:
 
 
 def train_transform(
-    img_size: int | None,
+    crop: int | None,
     mean: Sequence[float],
     std: Sequence[float],
     augment: str = "light",
     flip: bool = True,
 ) -> Callable:
-    """Joint (image, mask) augmentation: geometry moves both, colour touches the image only.
+    """Joint (image, mask) augmentation at the images' own scale: geometry moves both, colour
+    touches the image only; then a random ``crop`` x ``crop`` window (padded with the ignore
+    label where the image is smaller; None: the whole image).
 
-    ``img_size=None`` keeps each image's own size (batches are then padded)."""
+    ``none``: crop and flips only; ``light``: rescaling by 0.8-1.25 (no stretching: an aspect
+    change would turn circles into ellipses) and mild colour jitter; ``strong``: rescaling by
+    0.6-1.5, rotations up to 15 degrees and stronger jitter."""
     if augment not in AUGMENTS:
         raise CnnlabError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
     steps: list = []
-    if img_size is not None:
-        if augment == "none":
-            steps.append(v2.Resize((img_size, img_size)))
-        else:
-            scale = (0.5, 1.0) if augment == "light" else (0.25, 1.0)
-            steps.append(v2.RandomResizedCrop(img_size, scale=scale))
+    if augment == "light":
+        steps += [v2.RandomAffine(0, scale=(0.8, 1.25), fill=fill), v2.ColorJitter(0.2, 0.2, 0.2)]
+    elif augment == "strong":
+        steps += [v2.RandomAffine(15, scale=(0.6, 1.5), fill=fill), v2.ColorJitter(0.4, 0.4, 0.4)]
+    if crop is not None:
+        steps.append(v2.RandomCrop(crop, pad_if_needed=True, fill=fill))
     if flip:
         steps.append(v2.RandomHorizontalFlip())
-    if augment != "none":
-        strength = 0.2 if augment == "light" else 0.4
-        steps.append(v2.ColorJitter(strength, strength, strength))
-    if augment == "strong":
-        fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-        steps.append(v2.RandomRotation(15, fill=fill))
     return v2.Compose([*steps, *_normalise(mean, std)])
 
 
-def eval_transform(img_size: int | None, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """Resize the shorter side to ``img_size`` (masks by nearest neighbour), then normalise."""
-    steps = [] if img_size is None else [v2.Resize(img_size)]
-    return v2.Compose([*steps, *_normalise(mean, std)])
+def eval_transform(mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Normalise only: evaluation and prediction run on whole images at their own size."""
+    return v2.Compose(_normalise(mean, std))
 
 
 def _normalise(mean: Sequence[float], std: Sequence[float]) -> list:
