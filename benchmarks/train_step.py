@@ -123,8 +123,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--repeats", type=int, default=7, help="timed passes per side")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peak = matmul_peak()
     measured = [(CASES[name], *measure(CASES[name], args.repeats)) for name in args.cases]
     peak = max(peak, matmul_peak())  # the best the machine showed, before or after
