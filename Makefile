@@ -18,11 +18,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cnnlab demo
 
+# Two pytest workers on two cores: one torch thread each, or OpenMP threads fight each
+# other and tiny ops run 30x slower.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	# Two pytest workers on two cores: one torch thread each, or OpenMP threads fight
-	# each other and tiny ops run 30x slower.
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2
 
 lint: $(STAMP)
