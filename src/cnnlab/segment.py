@@ -593,14 +593,15 @@ def _expand(paths: Sequence[str | Path]) -> list[Path]:
 
 def segment_demo(
     out: str | Path,
-    n: int = 240,
+    n: int = 300,
     size: int = 96,
-    epochs: int = 12,
+    epochs: int = 15,
     device: str = "auto",
     quiet: bool = False,
 ) -> dict:
-    """Synthetic shapes -> FCN-8s (ResNet-18 backbone) -> validation mIoU, in a few minutes
-    on two CPU cores. Writes ``out/shapes`` (data) and ``out/run`` (the run folder)."""
+    """Synthetic shapes -> FCN-8s (ResNet-18 backbone, trained on 64x64 crops) -> validation
+    mIoU, in a few minutes on two CPU cores. Writes ``out/shapes`` (the data) and
+    ``out/run`` (the run folder); returns the report with ``"run"`` added."""
     from cnnlab.data.shapes import write_shapes
 
     out = Path(out)
@@ -613,8 +614,10 @@ def segment_demo(
         model="fcn8s",
         backbone="resnet18",
         epochs=epochs,
-        batch_size=16,
+        batch_size=4,
         lr=2e-3,
+        img_size=64,
+        augment="none",
         seed=0,
         device=device,
         quiet=quiet,
