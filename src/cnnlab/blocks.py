@@ -104,7 +104,15 @@ def _projection(
     return nn.Sequential(conv1x1(in_channels, out_channels, stride), norm_layer(out_channels))
 
 
-class BasicBlock(nn.Module):
+class _Residual(nn.Module):
+    downsample: nn.Module | None
+
+    def shortcut(self, x: Tensor) -> Tensor:
+        # After the main branch, as in torchvision, so summaries list layers in its order.
+        return x if self.downsample is None else self.downsample(x)
+
+
+class BasicBlock(_Residual):
     # Two 3x3 convs and a shortcut: ResNet-18/34. Output channels: planes.
     expansion = 1
 
@@ -124,17 +132,16 @@ class BasicBlock(nn.Module):
         nn.init.zeros_(self.bn2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.conv1(x)
         out = self.bn1(out)
         out = self.relu(out)
         out = self.conv2(out)
         out = self.bn2(out)
-        out += identity
+        out += self.shortcut(x)
         return self.relu(out)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Residual):
     # 1x1 reduce, 3x3, 1x1 expand (x4) and a shortcut: ResNet-50/101/152. The stride sits on
     # the 3x3 conv as in torchvision ("ResNet v1.5"; the paper strides the first 1x1), which
     # is what torchvision's weights were trained with. Output channels: planes * 4.
@@ -159,7 +166,6 @@ class Bottleneck(nn.Module):
         nn.init.zeros_(self.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.conv1(x)
         out = self.bn1(out)
         out = self.relu(out)
@@ -168,7 +174,7 @@ class Bottleneck(nn.Module):
         out = self.relu(out)
         out = self.conv3(out)
         out = self.bn3(out)
-        out += identity
+        out += self.shortcut(x)
         return self.relu(out)
 
 
