@@ -12,7 +12,8 @@ cosine decay; validation runs on the whole 128x128 images.
 Text output is one line per figure; ``--format json`` prints a list of
 ``{"name", "ours", "baseline", "unit", "ratio"}`` where the baseline is the target (0.85
 mIoU, 900 s), plus the mIoU of predicting background everywhere on the same validation
-split, measured in this run, as the floor a model has to beat.
+split, measured in this run, as the floor a model has to beat, and the process CPU time
+(all threads), which other jobs on a shared machine do not inflate.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from cnnlab.segment import segment_train
 
     out = args.out or Path(tempfile.mkdtemp(prefix="segment_shapes_"))
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     write_shapes(out / "shapes", task="segment", n=args.n, size=args.size, seed=args.seed)
     report = segment_train(
         out / "shapes",
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         quiet=args.format == "json",
     )
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started  # all threads; unaffected by other jobs
     floor = background_only_miou(out / "run")
     rows = [
         {"name": "val mIoU", "ours": report["miou"], "baseline": TARGET_MIOU, "unit": "IoU"},
@@ -108,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"val mIoU   {report['miou']:.4f}  (target {TARGET_MIOU}, background-only {floor:.4f})"
         )
-        print(f"wall time  {seconds:.0f} s  (target {TARGET_SECONDS} s)")
+        print(
+            f"wall time  {seconds:.0f} s  (target {TARGET_SECONDS} s; CPU time {cpu_seconds:.0f} s)"
+        )
     ok = report["miou"] >= TARGET_MIOU and seconds <= TARGET_SECONDS
     return 0 if ok else 1
 
