@@ -39,6 +39,7 @@ TINY = {
         "rpn_post_nms_top_n_train": 64,
         "rpn_post_nms_top_n_test": 32,
         "box_batch_size_per_image": 16,
+        "representation_size": 64,
     },
 }
 

@@ -7,6 +7,7 @@ import torch
 
 import cnnlab.models.yolo  # noqa: F401  (registers yolov1)
 from cnnlab import create_model
+from cnnlab.errors import CnnlabError
 from cnnlab.inspect import summarize
 from cnnlab.models.yolo import YOLOLoss, decode, encode_targets
 
@@ -158,7 +159,7 @@ def test_a_few_steps_on_one_batch_lower_the_loss(model):
 def test_summary_runs_at_the_papers_input_size(model):
     summary = summarize(model, input_size=(3, 448, 448))
     assert summary.total_params == sum(p.numel() for p in model.parameters())
-    assert summary.layers[-1].output_shape == [7 * 7 * 13]
+    assert summary.layers[-1].output_shape == [7, 7, 13]
     # the backbone's stride-32 map at 448 is 14x14, pooled to the 7x7 grid
     pooled = [row for row in summary.layers if row.type == "AdaptiveAvgPool2d"]
     assert pooled[0].output_shape == [32, 7, 7]
@@ -169,3 +170,17 @@ def test_backbone_is_cut_at_stride_32_without_its_classifier():
     names = {name.split(".")[0] for name, _ in model.backbone.named_parameters()}
     assert "fc" not in names and "layer4" in names
     assert model.backbone(torch.rand(1, 3, 64, 64))["0"].shape == (1, 512, 2, 2)
+
+
+def test_conv_head_predicts_every_cell_with_one_shared_layer():
+    model = create_model(
+        "yolov1", num_classes=3, head="conv", reduction=16, grid=4, head_channels=8
+    ).eval()
+    # 64x64 at stride 16 is a 4x4 map: one cell per feature position, no resampling
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 4, 4, 13)
+    assert model.head[0].weight.shape == (13, 8, 1, 1)
+
+
+def test_unknown_head_is_refused():
+    with pytest.raises(CnnlabError, match="head must be fc or conv"):
+        create_model("yolov1", num_classes=3, head="mlp")

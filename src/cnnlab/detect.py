@@ -60,6 +60,10 @@ NMS_THRESHOLD = 0.5
 EVAL_SCORE_THRESHOLD = 0.001
 _UNDERSTATED_ABOVE = 0.05  # evaluating with a higher score threshold drops real detections
 _BATCH = 16  # images per forward pass when predicting
+# YOLOv1 for a few hundred 128x128 images trained from scratch: the shared conv head learns
+# where the paper's FC head barely does (see cnnlab.models.yolo); 128 / 16 = an 8 x 8 grid,
+# and a confidence target of 1 rather than the IoU (darknet's rescore=0).
+SHAPES_YOLO_ARGS = {"head": "conv", "reduction": 16, "grid": 8, "rescore": False}
 
 
 @dataclass
@@ -249,11 +253,11 @@ def detect_predict(
     return results
 
 
-def detect_demo(out: str | Path, epochs: int = 12, n: int = 300, quiet: bool = False) -> dict:
-    """Synthetic shapes -> YOLOv1 (resnet18) trained at 128x128 -> validation mAP.
+def detect_demo(out: str | Path, epochs: int = 6, n: int = 400, quiet: bool = False) -> dict:
+    """Synthetic shapes -> YOLOv1 (resnet18, ``SHAPES_YOLO_ARGS``) at 128x128 -> val mAP.
 
-    Writes ``OUT/shapes`` (data) and ``OUT/run`` (the run folder), prints mAP@0.5 and
-    returns the evaluation dict plus ``run`` and ``seconds``.
+    Writes ``OUT/shapes`` (data) and ``OUT/run`` (the run folder; an unfinished one is
+    resumed), prints mAP@0.5 and returns the evaluation dict plus ``run`` and ``seconds``.
     """
     from cnnlab.data.shapes import write_shapes
 
@@ -263,12 +267,18 @@ def detect_demo(out: str | Path, epochs: int = 12, n: int = 300, quiet: bool = F
     if not (data / "annotations.json").is_file():
         write_shapes(data, task="detect", n=n, size=128, seed=0)
     run_dir = out / "run"
-    if checkpoint.is_run_dir(run_dir) and (run_dir / "report.json").is_file():
-        log.info("%s already holds a finished run; evaluating it", run_dir)
-    elif checkpoint.is_run_dir(run_dir):
+    if not checkpoint.is_run_dir(run_dir):
+        detect_train(
+            data,
+            run_dir,
+            "yolov1",
+            epochs=epochs,
+            img_size=128,
+            quiet=quiet,
+            model_args=SHAPES_YOLO_ARGS,
+        )
+    elif not (run_dir / "report.json").is_file():
         detect_resume(run_dir, quiet=quiet)
-    else:
-        detect_train(data, run_dir, "yolov1", epochs=epochs, img_size=128, quiet=quiet)
     report = detect_eval(run_dir)
     print(f"YOLOv1 on shapes: validation mAP@0.5 {report['map50']:.3f}", file=sys.stderr)
     return {**report, "run": str(run_dir), "seconds": round(time.perf_counter() - started, 1)}
@@ -631,9 +641,11 @@ def _make_optimizer(model: nn.Module, cfg: DetectConfig) -> torch.optim.Optimize
         {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
     ]
+    # The fused kernels update every tensor in one pass: on a CPU, AdamW's step over
+    # YOLOv1's 26M parameters drops from about 1 s to 0.1 s.
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
 
 
 def _metrics_csv(history: list[dict]) -> str:

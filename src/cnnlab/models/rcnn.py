@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import MultiScaleRoIAlign, roi_pool
@@ -131,6 +132,7 @@ def _fasterrcnn(
     anchor_sizes: Sequence[int],
     aspect_ratios: Sequence[float],
     roi_pool: bool,
+    representation_size: int,
     **kwargs: object,
 ) -> FasterRCNN:
     body, channels = zoo_backbone(backbone, in_channels, backbone_weights, reduction)
@@ -139,9 +141,10 @@ def _fasterrcnn(
     anchors = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
     model = FasterRCNN(
         body,
-        num_classes=num_classes + 1,
         rpn_anchor_generator=anchors,
         box_roi_pool=MultiScaleRoIAlign(["0"], output_size=7, sampling_ratio=2),
+        box_head=TwoMLPHead(channels * 7 * 7, representation_size),
+        box_predictor=FastRCNNPredictor(representation_size, num_classes + 1),
         **kwargs,
     )
     if roi_pool:
@@ -166,6 +169,7 @@ def fasterrcnn(
     rpn_post_nms_top_n_train: int = 2000,
     rpn_post_nms_top_n_test: int = 300,
     box_batch_size_per_image: int = 128,
+    representation_size: int = 1024,
 ) -> FasterRCNN:
     """Faster R-CNN: RPN + RoIAlign (``roi_pool=True``: RoIPool) heads on a zoo backbone.
 
@@ -175,6 +179,8 @@ def fasterrcnn(
     a weight file (or ``"torchvision"``) for the zoo backbone. The proposal and sampling
     counts are the paper's: 2000 proposals while training, 300 at test, and 128 sampled
     RoIs per training image (py-faster-rcnn's TRAIN.BATCH_SIZE; torchvision uses 512).
+    ``representation_size`` is the width of the two fully connected layers of the box head
+    (torchvision's 1024; VGG-16's fc6/fc7 in the paper are 4096).
     """
     return _fasterrcnn(
         num_classes,
@@ -188,4 +194,5 @@ def fasterrcnn(
         rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
         box_batch_size_per_image=box_batch_size_per_image,
+        representation_size=representation_size,
     )
