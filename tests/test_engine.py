@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -55,16 +54,6 @@ def _draw(label: int, rng: np.random.Generator) -> np.ndarray:
     else:
         image[: 8 + jitter, :] += 140
     return np.clip(image, 0, 255).astype(np.uint8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny convolutions gain nothing from two threads, and when other processes (a second
-    # xdist worker) share the two cores, OpenMP's waiting makes every op ~30x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

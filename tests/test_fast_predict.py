@@ -3,7 +3,6 @@ channels_last give the trained model's logits (within 1e-4) and the same top-1."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,6 @@ from cnnlab.runs import fold_batchnorm, load_run
 
 SIZE = 64
 CLASSES = ["a", "b", "c", "d", "e"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _trained_looking(name: str, **args: object) -> nn.Module:

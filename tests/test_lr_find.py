@@ -5,25 +5,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cnnlab.cli import main
 from cnnlab.lr_find import DIVERGE, suggest_lr
 
 MODEL = ["--model", "convnet", "--img-size", "16", "--cdims", "8,16", "--hdims", "32,"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _lr_find(digits_dir: Path, capsys: pytest.CaptureFixture, *args: str) -> dict:

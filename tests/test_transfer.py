@@ -27,14 +27,6 @@ SIZE = 32
 CLASSES = ("red", "green", "blue")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three classes told apart by their dominant colour, 12 noisy 32x32 images each."""
