@@ -105,6 +105,13 @@ def test_coco_bad_annotation_names_file_and_index(tmp_path, annotation, problem)
         read_coco(tmp_path)
 
 
+def test_coco_image_missing_on_disk_is_named(tmp_path):
+    _coco(tmp_path, [])
+    (tmp_path / "images" / "a.png").unlink()
+    with pytest.raises(CnnlabError, match=r"annotations\.json: image 'a\.png' \(id 7\) not found"):
+        read_coco(tmp_path)
+
+
 def test_coco_without_required_lists_is_refused(tmp_path):
     _coco(tmp_path, [])
     (tmp_path / "annotations.json").write_text('{"images": []}')

@@ -153,6 +153,8 @@ def read_coco(folder: Path) -> tuple[list[str], list[DetectionSample]]:
     samples = []
     for image_id, (file_name, width, height) in images.items():
         image_path = _coco_image_path(Path(folder), file_name)
+        if not image_path.is_file():
+            raise CnnlabError(f"{path}: image {file_name!r} (id {image_id}) not found")
         if width is None or height is None:
             width, height = _image_size(image_path)
         boxes, labels = [], []
