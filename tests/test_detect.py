@@ -23,6 +23,7 @@ from cnnlab.data.detection import eval_transform, read_coco, read_rgb
 from cnnlab.data.shapes import write_shapes
 from cnnlab.detect import (
     METRICS_COLUMNS,
+    detect_demo,
     detect_eval,
     detect_predict,
     detect_resume,
@@ -264,3 +265,14 @@ def test_unknown_setting_and_non_detector_are_refused(shapes, tmp_path):
         detect_train(shapes, tmp_path / "a", colour=True)
     with pytest.raises(CnnlabError, match="resnet18 is a classify model, not a detector"):
         detect_train(shapes, tmp_path / "b", model="resnet18")
+
+
+def test_demo_trains_evaluates_and_reuses_a_finished_run(tmp_path, capsys):
+    result = detect_demo(tmp_path, epochs=1, n=8, quiet=True)
+    assert set(result) >= {"map", "map50", "per_class_ap50", "n_images", "run", "seconds"}
+    assert result["n_images"] == 2 and Path(result["run"], "report.json").is_file()
+    assert "validation mAP@0.5" in capsys.readouterr().err
+    before = Path(result["run"], "last.pt").stat().st_mtime_ns
+    again = detect_demo(tmp_path, epochs=1, n=8, quiet=True)
+    assert again["map50"] == pytest.approx(result["map50"])
+    assert Path(result["run"], "last.pt").stat().st_mtime_ns == before
