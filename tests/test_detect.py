@@ -23,6 +23,7 @@ from cnnlab.data.detection import eval_transform, read_coco, read_rgb
 from cnnlab.data.shapes import write_shapes
 from cnnlab.detect import (
     METRICS_COLUMNS,
+    DetectTask,
     detect_demo,
     detect_eval,
     detect_predict,
@@ -242,6 +243,49 @@ def test_resuming_a_finished_run_reports_again_without_training(run):
     again = detect_resume(out, device="cpu", quiet=True)
     assert again["map50"] == pytest.approx(report["map50"])
     assert (out / "last.pt").stat().st_mtime_ns == before
+
+
+def test_a_run_stopped_by_ctrl_c_resumes_to_the_same_metrics(shapes, tmp_path, monkeypatch):
+    settings = {
+        "epochs": 2,
+        "batch_size": 6,
+        "img_size": 64,
+        "device": "cpu",
+        "quiet": True,
+        "val_split": 0.25,
+        "model_args": TINY["yolov1"],
+    }
+    straight = tmp_path / "straight"
+    detect_train(shapes, straight, "yolov1", **settings)
+
+    validated = []
+    real_evaluate, real_forward_loss = DetectTask.evaluate, DetectTask.forward_loss
+
+    def evaluate_and_count(self, *args, **kwargs):
+        validated.append(1)
+        return real_evaluate(self, *args, **kwargs)
+
+    def forward_loss_until_ctrl_c(net, images, targets):
+        if validated:  # a step of epoch 2
+            raise KeyboardInterrupt
+        return real_forward_loss(net, images, targets)
+
+    monkeypatch.setattr(DetectTask, "evaluate", evaluate_and_count)
+    monkeypatch.setattr(DetectTask, "forward_loss", staticmethod(forward_loss_until_ctrl_c))
+    stopped = tmp_path / "stopped"
+    report = detect_train(shapes, stopped, "yolov1", **settings)
+    assert report["best_epoch"] == 1 and len(_metric_rows(stopped)) == 1
+
+    monkeypatch.undo()
+    detect_resume(stopped, quiet=True)
+    # Model, optimizer, schedule and random numbers all restored: the same epoch 2.
+    assert _metric_rows(stopped) == _metric_rows(straight)
+    assert len(_metric_rows(straight)) == 2
+
+
+def _metric_rows(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open() as file:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(file)]
 
 
 def test_high_score_threshold_warns_that_map_is_understated(run, caplog):

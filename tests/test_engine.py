@@ -29,7 +29,6 @@ from cnnlab.engine import (
     ClassifyTask,
     TrainConfig,
     evaluate,
-    is_better,
     pick_device,
     resume,
     train,
@@ -220,13 +219,16 @@ def test_class_count_mismatch_names_the_weight_file(run: tuple[Path, dict]) -> N
 
 
 def test_best_tie_rule() -> None:
-    best = {"top1": 0.9, "loss": 0.30}
-    assert is_better({"top1": 0.5, "loss": 9.0}, None)
-    assert is_better({"top1": 0.91, "loss": 0.90}, best)
-    assert not is_better({"top1": 0.89, "loss": 0.01}, best)
-    assert is_better({"top1": 0.9, "loss": 0.29}, best)  # tie: lower loss wins
-    assert not is_better({"top1": 0.9, "loss": 0.30}, best)  # a full tie keeps the older
-    assert not is_better({"top1": 0.9, "loss": 0.31}, best)
+    best = ClassifyTask.rank({"top1": 0.9, "loss": 0.30})
+
+    def better(val: dict) -> bool:  # the loop's rule: a strictly higher rank
+        return ClassifyTask.rank(val) > best
+
+    assert better({"top1": 0.91, "loss": 0.90})
+    assert not better({"top1": 0.89, "loss": 0.01})
+    assert better({"top1": 0.9, "loss": 0.29})  # tie: lower loss wins
+    assert not better({"top1": 0.9, "loss": 0.30})  # a full tie keeps the older
+    assert not better({"top1": 0.9, "loss": 0.31})
 
 
 def test_warmup_then_cosine() -> None:
@@ -357,7 +359,7 @@ def test_early_stopping_with_patience_and_ties(
     assert checkpoint.read_weights_metadata(out / "best.safetensors")["epoch"] == "3"
     state = checkpoint.load_state(out / "last.pt")
     assert state["epochs_without_improvement"] == 2
-    assert state["best"] == {"top1": 0.6, "loss": 0.8, "epoch": 3}
+    assert state["best"] == {"rank": [0.6, -0.8], "epoch": 3}
 
 
 def test_ctrl_c_reports_on_best_then_resume_finishes(

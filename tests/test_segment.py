@@ -178,6 +178,7 @@ def test_train_writes_a_segmentation_run(shapes_run):
         "model.json",
         "last.pt",
         "report.json",
+        "curves.png",
     ):
         assert (run / name).is_file(), name
     meta = json.loads((run / "model.json").read_text())

@@ -2,41 +2,35 @@
 
 One function per command, each taking plain arguments and returning JSON-serialisable
 values: ``detect_train``, ``detect_resume``, ``detect_eval``, ``detect_predict`` and
-``detect_demo``.
+``detect_demo``. Training runs ``cnnlab.engine``'s loop with ``DetectTask``.
 
-The classification loop in ``engine.py`` calls ``model(images)`` and then a loss on
-(outputs, tensor targets); a detector needs its targets inside the forward pass (Faster
-R-CNN samples anchors and RoIs from them) and is scored on a whole set at once (mAP), so
-detection has its own loop here, ``_fit``, with the same run-folder layout and the same
-atomic writers (``checkpoint``). What is specific to a detector sits behind two methods
-every detection model has: ``losses(images, targets) -> {"loss", ...}`` in train mode and
-``detect(images, score_threshold, nms_threshold, max_detections)`` in eval mode, both
-with boxes in the input's pixels and 0-based labels.
+What is specific to a detector sits behind two methods every detection model has:
+``losses(images, targets) -> {"loss", ...}`` in train mode (a detector needs its targets
+inside the forward pass: Faster R-CNN samples anchors and RoIs from them) and
+``detect(images, score_threshold, nms_threshold, max_detections)`` in eval mode, both with
+boxes in the input's pixels and 0-based labels. Validation scores the whole set at once
+(COCO mAP), from the image files, as ``detect eval`` does.
 
 The run folder holds config.yaml, split.json, model.json (``"task": "detect"``),
-metrics.csv (``epoch,lr,train_loss,val_map50,val_map,seconds``), last.pt, best.safetensors
-(the best validation mAP@0.5; ties: the higher mAP@[.5:.95]), report.json and curves.png.
+metrics.csv (``METRICS_COLUMNS``), last.pt, best.safetensors (the best validation
+mAP@0.5; ties: the higher mAP@[.5:.95]), report.json and curves.png.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
-import random
 import sys
 import time
-import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cnnlab import checkpoint
+from cnnlab import checkpoint, distributed, engine
 from cnnlab.data.detection import (
     DetectionDataset,
     DetectionSample,
@@ -48,7 +42,7 @@ from cnnlab.data.detection import (
     read_rgb,
     train_transform,
 )
-from cnnlab.engine import pick_device, warmup_cosine
+from cnnlab.engine import TrainConfig, pick_device
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import create_model, model_info
 
@@ -64,63 +58,177 @@ _BATCH = 16  # images per forward pass when predicting
 # where the paper's FC head barely does (see cnnlab.models.yolo); 128 / 16 = an 8 x 8 grid,
 # and a confidence target of 1 rather than the IoU (darknet's rescore=0).
 SHAPES_YOLO_ARGS = {"head": "conv", "reduction": 16, "grid": 8, "rescore": False}
+# Defaults that differ from classification's: YOLOv1's weight decay, a looser clip for the
+# summed detection losses, 20% validation, colour files (grayscale ones are converted).
+DETECT_DEFAULTS = {
+    "epochs": 30,
+    "batch_size": 16,
+    "weight_decay": 5e-4,
+    "grad_clip": 10.0,
+    "val_split": 0.2,
+    "test_split": 0.0,
+    "in_channels": 3,
+}
+
+
+# ---------------------------------------------------------------------------- the task
 
 
 @dataclass
-class DetectConfig:
-    """Everything that defines a detection run; saved (resolved) as RUN/config.yaml."""
+class DetectTask:
+    """Object detection for ``cnnlab.engine``'s loop (see the task notes there)."""
 
-    data: str  # COCO or YOLO-txt folder (with train/ and val/ inside, or split here)
-    out: str  # run folder to create; refused when it already holds a run
-    model: str = "yolov1"  # a registered detection model: yolov1 | fasterrcnn
-    backbone: str = "resnet18"  # zoo model whose features the detector is built on
-    backbone_weights: str | None = None  # weights for the backbone: a file or "torchvision"
-    model_args: dict = field(default_factory=dict)  # extra builder kwargs, e.g. {"grid": 4}
-    epochs: int = 30  # passes over the training split
-    batch_size: int = 16  # images per optimizer step
-    lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
-    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9)
-    weight_decay: float = 5e-4  # not applied to biases and norm scales
-    warmup_epochs: int = 1  # linear warm-up length, then cosine decay to 0
-    grad_clip: float | None = 10.0  # max global gradient norm; None: no clipping
-    img_size: int | None = None  # square input side; None: the model's natural size
-    in_channels: int = 3  # 3: colour (grayscale files are converted), 1: grayscale
-    augment: bool = True  # colour jitter, flips and scale/translate jitter for training
-    val_split: float = 0.2  # fraction held out for validation (unless DIR/val exists)
-    patience: int | None = None  # stop after this many epochs without a better val mAP@0.5
-    seed: int = 0  # split, initialisation, shuffling and augmentation
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    workers: int = 0  # DataLoader worker processes
-    quiet: bool = False  # no per-epoch lines on stderr
+    classes: list[str]
+    in_channels: int
+    img_size: int
+    name: ClassVar[str] = "detect"
+    columns: ClassVar[tuple[str, ...]] = METRICS_COLUMNS
+    curves: ClassVar[dict] = {
+        "training loss": ("train_loss",),
+        "validation mAP": ("val_map50", "val_map"),
+    }
+    score_label: ClassVar[str | None] = None  # mAP needs the whole set: only val has it
+    best_label: ClassVar[str] = "val mAP@0.5"
+    channels_last: ClassVar[bool] = False
 
-    def __post_init__(self) -> None:
-        _require(self.optimizer in ("adamw", "sgd"), "optimizer must be adamw or sgd")
-        _require(self.epochs >= 1, "epochs must be at least 1")
-        _require(self.batch_size >= 1, "batch_size must be at least 1")
-        _require(self.lr > 0, "lr must be positive")
-        _require(self.weight_decay >= 0, "weight_decay must be 0 or more")
-        _require(self.warmup_epochs >= 0, "warmup_epochs must be 0 or more")
-        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be positive")
-        _require(self.img_size is None or self.img_size >= 1, "img_size must be positive")
-        _require(self.in_channels in (1, 3), "in_channels must be 1 or 3")
-        _require(self.patience is None or self.patience >= 1, "patience must be at least 1")
-        _require(0 < self.val_split < 1, "val_split must be between 0 and 1")
-        _require(self.workers >= 0, "workers must be 0 or more")
-        self.model_args = dict(self.model_args)
+    # -- before the loop
 
     @classmethod
-    def from_dict(cls, data: dict) -> DetectConfig:
-        """Build a config from a mapping (config.yaml), refusing unknown keys."""
-        unknown = sorted(set(data) - set(typing.get_type_hints(cls)))
-        if unknown:
-            known = ", ".join(f.name for f in fields(cls))
-            raise CnnlabError(f"unknown config key {unknown[0]!r} (known: {known})")
-        return cls(**data)
+    def setup(cls, cfg: TrainConfig) -> tuple[TrainConfig, DetectionSplits]:
+        """Check the model and the settings, read the annotations, split them."""
+        cfg = _resolve(cfg)
+        return cfg, make_detection_splits(Path(cfg.data), cfg.val_split, cfg.seed)
+
+    @classmethod
+    def reopen(cls, cfg: TrainConfig, split_json: dict) -> tuple[TrainConfig, DetectionSplits]:
+        return _resolve(cfg), DetectionSplits.from_json(split_json)
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, splits: DetectionSplits, device: torch.device) -> DetectTask:
+        return cls(splits.classes, cfg.in_channels, cfg.img_size)
+
+    def build_model(self, cfg: TrainConfig, pretrained: bool) -> tuple[nn.Module, dict]:
+        """The model and the keyword arguments that rebuild it (without backbone weights:
+        best.safetensors holds every weight)."""
+        args = {"num_classes": len(self.classes), "in_channels": cfg.in_channels}
+        args.update(cfg.model_args)
+        weights = args.pop("backbone_weights", None)
+        try:
+            model = create_model(
+                cfg.model, backbone_weights=weights if pretrained else None, **args
+            )
+        except TypeError as error:  # a model_args key the builder does not take
+            raise CnnlabError(f"{cfg.model}: {error}") from None
+        minimum = getattr(model, "min_input_size", 1)
+        if cfg.img_size < minimum:
+            raise CnnlabError(
+                f"{cfg.model} needs images of at least {minimum}x{minimum};"
+                f" img_size is {cfg.img_size}"
+            )
+        return model, args
+
+    def loaders(
+        self,
+        cfg: TrainConfig,
+        splits: DetectionSplits,
+        mean: Sequence[float],
+        std: Sequence[float],
+        generator: torch.Generator,
+        device: torch.device,
+        ctx: distributed.Context,
+    ) -> tuple[DataLoader, tuple[list[DetectionSample], Any], None]:
+        """Training batches; validation reads the image files as ``detect eval`` does."""
+        if ctx.active:
+            raise CnnlabError("detection trains in one process; start it without torchrun")
+        augment = cfg.augment != "none"
+        train_tf = train_transform(cfg.img_size, mean, std, augment, cfg.flip)
+        dataset = DetectionDataset(splits.train, train_tf, cfg.in_channels)
+        train = engine.make_train_loader(dataset, cfg, generator, device, ctx, collate_detection)
+        return train, (splits.val, eval_transform(cfg.img_size, mean, std)), None
+
+    # -- every step
+
+    @staticmethod
+    def to_device(targets: list[dict], device: torch.device) -> list[dict[str, Tensor]]:
+        return [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets]
+
+    @staticmethod
+    def forward_loss(
+        net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]]
+    ) -> tuple[None, Tensor]:
+        return None, net.losses(images, targets)["loss"]
+
+    @staticmethod
+    def score(outputs: None, targets: list) -> None:
+        return None
+
+    # -- every epoch
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        val: tuple[list[DetectionSample], Any],
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> dict:
+        """``mean_average_precision`` of the model's detections on the validation images."""
+        samples, transform = val
+        paths = [s.path for s in samples]
+        predictions = _detect_files(
+            model, paths, transform, self.in_channels, device, EVAL_SCORE_THRESHOLD
+        )
+        return mean_average_precision(predictions, samples, self.classes)
+
+    @staticmethod
+    def rank(val: dict) -> tuple[float, ...]:
+        """Higher is better: val mAP@0.5, then (on a tie) mAP@[.5:.95]."""
+        return (val["map50"], val["map"])
+
+    @staticmethod
+    def history_row(train_score: float | None, val: dict) -> dict:
+        return {"val_map50": val["map50"], "val_map": val["map"]}
+
+    @staticmethod
+    def summary(row: dict) -> str:
+        return (
+            f"train loss {row['train_loss']:.3f}"
+            f"  val mAP@0.5 {row['val_map50']:.3f}  mAP {row['val_map']:.3f}"
+        )
+
+    # -- after the loop
+
+    def final_evaluation(
+        self,
+        model: nn.Module,
+        val: tuple[list[DetectionSample], Any],
+        test: None,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+    ) -> tuple[str, dict]:
+        return "val", self.evaluate(model, val, device, autocast_dtype)
+
+    def write_plots(self, run_dir: Path, result: dict, mean, std) -> None:
+        """Nothing beyond curves.png (drawn boxes are ``detect predict --out``'s)."""
+
+    @staticmethod
+    def headline(report: dict) -> str:
+        return f"mAP@0.5 {report['map50']:.3f}  mAP {report['map']:.3f}"
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise CnnlabError(message)
+def _resolve(cfg: TrainConfig) -> TrainConfig:
+    """Refuse a model that is not a detector and settings detection has no use for; fill
+    img_size from the model."""
+    info = model_info(cfg.model)
+    if info.task != "detect":
+        raise CnnlabError(f"{cfg.model} is a {info.task} model, not a detector")
+    if cfg.augment == "strong":
+        raise CnnlabError("detection has one augmentation recipe: augment light or none")
+    if cfg.balance != "none" or cfg.label_smoothing or cfg.weights or cfg.freeze_backbone:
+        raise CnnlabError(
+            "balance, label_smoothing, weights and freeze_backbone are classification"
+            " settings; a detector takes backbone_weights"
+        )
+    return replace(cfg, img_size=cfg.img_size or info.input_size[1])
 
 
 # ---------------------------------------------------------------------------- commands
@@ -131,58 +239,37 @@ def detect_train(
     out: str | Path,
     model: str = "yolov1",
     backbone: str = "resnet18",
-    epochs: int = 30,
-    batch_size: int = 16,
-    lr: float = 1e-3,
-    img_size: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    quiet: bool = False,
+    backbone_weights: str | None = None,
+    model_args: dict | None = None,
     **settings: Any,
 ) -> dict:
-    """Train a detector on ``data_dir`` into the new run folder ``out``.
+    """Train a detector on ``data_dir`` (COCO or YOLO-txt) into the new run folder ``out``.
 
-    ``settings`` are further ``DetectConfig`` fields (model_args, backbone_weights,
-    optimizer, weight_decay, val_split, augment, patience, ...). Returns the validation
-    report of the best weights (the ``detect_eval`` dict plus ``best_epoch``).
+    ``settings`` are ``TrainConfig`` fields (epochs, batch_size, lr, img_size, optimizer,
+    weight_decay, val_split, augment "light" or "none", patience, seed, device, workers,
+    quiet, ...), with ``DETECT_DEFAULTS`` where unset. ``backbone_weights`` is a weight
+    file (or "torchvision") for the zoo backbone. Returns the validation report of the best
+    weights (the ``detect_eval`` dict plus ``split`` and ``best_epoch``).
     """
-    cfg = DetectConfig.from_dict(
+    args = {"backbone": backbone, **(model_args or {})}
+    if backbone_weights is not None:
+        args["backbone_weights"] = str(backbone_weights)
+    cfg = TrainConfig.from_dict(
         {
+            **DETECT_DEFAULTS,
+            **settings,
             "data": str(data_dir),
             "out": str(out),
             "model": model,
-            "backbone": backbone,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "img_size": img_size,
-            "seed": seed,
-            "device": device,
-            "quiet": quiet,
-            **settings,
+            "model_args": args,
         }
     )
-    run_dir = Path(cfg.out)
-    if checkpoint.is_run_dir(run_dir):
-        raise CnnlabError(f"{run_dir} already holds a run; use resume or another out folder")
-    cfg = _resolve(cfg)
-    splits = make_detection_splits(Path(cfg.data), cfg.val_split, cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return _fit(cfg, run_dir, splits, state=None)
+    return engine.train(cfg, DetectTask)
 
 
 def detect_resume(run: str | Path, device: str | None = None, quiet: bool | None = None) -> dict:
     """Continue a detection run from its last completed epoch; returns like detect_train."""
-    run_dir = checkpoint.require_run_dir(run)
-    saved = checkpoint.read_yaml(run_dir / "config.yaml")
-    if not isinstance(saved, dict):
-        raise CnnlabError(f"{run_dir / 'config.yaml'}: not a mapping of settings")
-    overrides = {k: v for k, v in {"device": device, "quiet": quiet}.items() if v is not None}
-    cfg = _resolve(DetectConfig.from_dict({**saved, **overrides, "out": str(run_dir)}))
-    splits = DetectionSplits.from_json(checkpoint.read_json(run_dir / "split.json"))
-    last = run_dir / "last.pt"
-    state = checkpoint.load_state(last) if last.is_file() else None
-    return _fit(cfg, run_dir, splits, state)
+    return engine.resume(run, DetectTask, device=device, quiet=quiet)
 
 
 def detect_eval(
@@ -442,248 +529,3 @@ def _image_paths(images: Sequence[str | Path]) -> list[Path]:
         else:
             raise CnnlabError(f"{path}: no such file or folder")
     return files
-
-
-# ---------------------------------------------------------------------------- the loop
-
-
-def _resolve(cfg: DetectConfig) -> DetectConfig:
-    """Fill img_size from the model and refuse a model that is not a detector."""
-    info = model_info(cfg.model)
-    if info.task != "detect":
-        raise CnnlabError(f"{cfg.model} is a {info.task} model, not a detector")
-    return replace(cfg, img_size=cfg.img_size or info.input_size[1])
-
-
-def _build_model(cfg: DetectConfig, num_classes: int, pretrained: bool) -> tuple[nn.Module, dict]:
-    """The model and the keyword arguments that rebuild it (without backbone weights:
-    best.safetensors holds every weight)."""
-    args = {"num_classes": num_classes, "in_channels": cfg.in_channels, "backbone": cfg.backbone}
-    args.update(cfg.model_args)
-    weights = cfg.backbone_weights if pretrained else None
-    try:
-        model = create_model(cfg.model, backbone_weights=weights, **args)
-    except TypeError as error:  # a model_args key the builder does not take
-        raise CnnlabError(f"{cfg.model}: {error}") from None
-    minimum = getattr(model, "min_input_size", 1)
-    if cfg.img_size < minimum:
-        raise CnnlabError(
-            f"{cfg.model} needs images of at least {minimum}x{minimum}; img_size is {cfg.img_size}"
-        )
-    return model, args
-
-
-def _fit(cfg: DetectConfig, run_dir: Path, splits: DetectionSplits, state: dict | None) -> dict:
-    from cnnlab import __version__
-    from cnnlab.data.transforms import default_stats
-
-    device = pick_device(cfg.device)
-    _seed_everything(cfg.seed)
-    mean, std = default_stats(cfg.in_channels)
-    model, model_args = _build_model(cfg, len(splits.classes), pretrained=state is None)
-    model.to(device)
-    generator = torch.Generator()  # reseeded every epoch: shuffling is epoch-determined
-    dataset = DetectionDataset(
-        splits.train, train_transform(cfg.img_size, mean, std, cfg.augment), cfg.in_channels
-    )
-    # Dropping the partial last batch avoids a batch of one, which BatchNorm cannot train on.
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        generator=generator,
-        drop_last=len(dataset) > cfg.batch_size,
-        num_workers=cfg.workers,
-        collate_fn=collate_detection,
-    )
-    optimizer = _make_optimizer(model, cfg)
-    steps = len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: warmup_cosine(step, cfg.warmup_epochs * steps, cfg.epochs * steps),
-    )
-    val_transform = eval_transform(cfg.img_size, mean, std)
-
-    start_epoch, best, stale, history = 0, None, 0, []
-    if state is None:
-        checkpoint.write_yaml(run_dir / "config.yaml", asdict(cfg))
-        checkpoint.write_json(run_dir / "split.json", splits.to_json())
-        meta = {
-            "task": "detect",
-            "architecture": cfg.model,
-            "model_args": model_args,
-            "classes": list(splits.classes),
-            "input_size": [cfg.in_channels, cfg.img_size, cfg.img_size],
-            "mean": list(mean),
-            "std": list(std),
-            "cnnlab_version": __version__,
-        }
-        checkpoint.save_model_json(run_dir, meta)  # last: model.json marks a run folder
-    else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, best = state["epoch"], state["best"]
-        stale, history = state["epochs_without_improvement"], state["history"]
-
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.patience is not None and stale >= cfg.patience:
-            _say(cfg, f"early stop: no better val mAP@0.5 for {stale} epochs")
-            break
-        _seed_everything(cfg.seed * 1000 + epoch)
-        generator.manual_seed(cfg.seed * 1000 + epoch)
-        started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_loss = _train_epoch(model, loader, optimizer, scheduler, cfg, device, epoch)
-        predictions = _detect_files(
-            model,
-            [s.path for s in splits.val],
-            val_transform,
-            cfg.in_channels,
-            device,
-            EVAL_SCORE_THRESHOLD,
-        )
-        val = mean_average_precision(predictions, splits.val, splits.classes)
-        improved = best is None or (val["map50"], val["map"]) > (best["map50"], best["map"])
-        if improved:
-            best = {"map50": val["map50"], "map": val["map"], "epoch": epoch + 1}
-        stale = 0 if improved else stale + 1
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": train_loss,
-                "val_map50": val["map50"],
-                "val_map": val["map"],
-                "seconds": round(time.perf_counter() - started, 3),
-            }
-        )
-        # last.pt first: it is the truth a resume starts from.
-        checkpoint.save_state(
-            run_dir / "last.pt",
-            {
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "best": best,
-                "epochs_without_improvement": stale,
-                "history": history,
-            },
-        )
-        checkpoint.atomic_write_text(run_dir / "metrics.csv", _metrics_csv(history))
-        if improved:
-            checkpoint.save_weights(
-                run_dir / "best.safetensors", model, metadata={"epoch": str(epoch + 1)}
-            )
-        row = history[-1]
-        _say(
-            cfg,
-            f"epoch {row['epoch']}/{cfg.epochs}  train loss {row['train_loss']:.3f}"
-            f"  val mAP@0.5 {row['val_map50']:.3f}  mAP {row['val_map']:.3f}"
-            f"  {row['seconds']:.0f}s",
-        )
-
-    checkpoint.load_weights(run_dir / "best.safetensors", model)
-    predictions = _detect_files(
-        model,
-        [s.path for s in splits.val],
-        val_transform,
-        cfg.in_channels,
-        device,
-        EVAL_SCORE_THRESHOLD,
-    )
-    report = {
-        "split": "val",
-        "best_epoch": best["epoch"],
-        **mean_average_precision(predictions, splits.val, splits.classes),
-    }
-    checkpoint.write_json(run_dir / "report.json", report)
-    _plot_curves(history, run_dir / "curves.png")
-    _say(cfg, f"val mAP@0.5 {report['map50']:.3f}  mAP {report['map']:.3f}  -> {run_dir}")
-    return report
-
-
-def _train_epoch(
-    model: nn.Module,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    cfg: DetectConfig,
-    device: torch.device,
-    epoch: int,
-) -> float:
-    """One pass over the training images; returns the mean loss per image."""
-    model.train()
-    loss_sum, seen = torch.zeros((), device=device), 0
-    for images, targets in loader:  # (B, C, S, S), [{"boxes": (N, 4), "labels": (N,)}]
-        images = images.to(device)
-        targets = [
-            {"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for t in targets
-        ]
-        loss = model.losses(images, targets)["loss"]
-        if not torch.isfinite(loss):
-            raise CnnlabError(f"the loss became {loss.item()} in epoch {epoch + 1}; lower lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss_sum += loss.detach() * len(images)
-        seen += len(images)
-    return (loss_sum / max(seen, 1)).item()
-
-
-def _make_optimizer(model: nn.Module, cfg: DetectConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm scales (1-D tensors): decaying them only hurts.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    # The fused kernels update every tensor in one pass: on a CPU, AdamW's step over
-    # YOLOv1's 26M parameters drops from about 1 s to 0.1 s.
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, fused=True)
-    return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
-
-
-def _metrics_csv(history: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRICS_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(history)
-    return buffer.getvalue()
-
-
-def _plot_curves(history: list[dict], out: Path) -> None:
-    """Training loss and validation mAP per epoch, side by side."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
-    loss_ax, map_ax = fig.subplots(1, 2)
-    epochs = [row["epoch"] for row in history]
-    loss_ax.plot(epochs, [row["train_loss"] for row in history], marker="o", markersize=3)
-    loss_ax.set(xlabel="epoch", ylabel="loss", title="training loss")
-    for key, label in (("val_map50", "mAP@0.5"), ("val_map", "mAP@[.5:.95]")):
-        map_ax.plot(epochs, [row[key] for row in history], marker="o", markersize=3, label=label)
-    map_ax.set(xlabel="epoch", ylabel="mAP", title="validation mAP", ylim=(0, 1))
-    map_ax.legend()
-    for ax in (loss_ax, map_ax):
-        ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    checkpoint.atomic_write_bytes(out, buffer.getvalue())
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _say(cfg: DetectConfig, text: str) -> None:
-    if not cfg.quiet:
-        print(text, file=sys.stderr, flush=True)

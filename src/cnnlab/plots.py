@@ -26,29 +26,45 @@ _CELL_TEXT_MAX_CLASSES = 20  # above this, numbers in cells are unreadable
 _MAX_ERROR_IMAGES = 16
 
 
-def plot_curves(metrics_csv: Path, out: Path) -> None:
-    """Loss and top-1 accuracy per epoch, train vs val, from a run's ``metrics.csv``."""
+CLASSIFY_CURVES = {"loss": ("train_loss", "val_loss"), "top-1 accuracy": ("train_top1", "val_top1")}
+
+
+def plot_curves(
+    metrics_csv: Path, out: Path, panels: dict[str, Sequence[str]] | None = None
+) -> None:
+    """One panel per entry of ``panels`` (title -> metrics.csv columns, one line each, named
+    by the column without its ``train_``/``val_`` prefix when that leaves them distinct),
+    from a run's ``metrics.csv``; by default loss and top-1 accuracy, train vs val."""
     from matplotlib.ticker import MaxNLocator
 
+    panels = panels or CLASSIFY_CURVES
     rows = _read_metrics(Path(metrics_csv))
-    fig = _new_figure((10, 4))
+    fig = _new_figure((5 * len(panels), 4))
     epochs = [_number(row.get("epoch")) for row in rows]
-    for ax, metric, label in zip(
-        fig.subplots(1, 2), ("loss", "top1"), ("loss", "top-1 accuracy"), strict=True
-    ):
-        for split in ("train", "val"):
-            values = [_number(row.get(f"{split}_{metric}")) for row in rows]
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, columns) in zip(axes, panels.items(), strict=True):
+        for column in columns:
+            values = [_number(row.get(column)) for row in rows]
             # Markers make a one-epoch run visible as a point rather than nothing.
-            ax.plot(epochs, values, marker="o", markersize=3, label=split)
+            ax.plot(epochs, values, marker="o", markersize=3, label=_line_label(column, columns))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.25" ticks
-        ax.set_ylabel(label)
-        ax.set_title(label)
+        ax.set_ylabel(title)
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
         if not rows:
             ax.text(0.5, 0.5, "no epochs yet", ha="center", va="center", transform=ax.transAxes)
     _save(fig, Path(out))
+
+
+def _line_label(column: str, columns: Sequence[str]) -> str:
+    """ "train"/"val" when a panel compares one metric on both splits, else the column."""
+    splits = [c.split("_", 1)[0] for c in columns]
+    metrics = {c.split("_", 1)[-1] for c in columns}
+    if len(metrics) == 1 and len(set(splits)) == len(columns):
+        return column.split("_", 1)[0]
+    return column
 
 
 def plot_confusion(matrix: torch.Tensor, classes: list[str], out: Path) -> None:

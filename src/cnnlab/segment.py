@@ -2,20 +2,15 @@
 
 ``SegmentTask`` holds what differs from classification (per-pixel cross-entropy with an
 ignore index, mIoU from one confusion matrix over the whole set, best checkpoint by
-validation mIoU). The run folder has the classification layout: config.yaml, split.json,
-metrics.csv, best.safetensors, model.json (``"task": "segment"``), last.pt, report.json.
-
-The loop below follows ``cnnlab.engine._fit`` step for step and reuses its helpers; it is
-separate only because the engine's loop builds classification datasets, metrics columns
-and plots itself (see the ``_fit`` docstring for what a shared loop needs).
+validation mIoU); ``cnnlab.engine``'s loop trains with it. The run folder has the
+classification layout: config.yaml, split.json, metrics.csv (``METRICS_COLUMNS``),
+best.safetensors, model.json (``"task": "segment"``), last.pt, report.json, curves.png.
 """
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,10 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from cnnlab import checkpoint, engine
+from cnnlab import checkpoint, distributed, engine
 from cnnlab.data import segmentation as segdata
 from cnnlab.data.segmentation import IGNORE_INDEX, SegSplits
-from cnnlab.engine import TrainConfig, is_better, pick_device, warmup_cosine
+from cnnlab.engine import TrainConfig, pick_device
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import create_model, model_info
 
@@ -100,24 +95,104 @@ def scores(confusion: torch.Tensor, classes: Sequence[str]) -> dict:
 
 @dataclass
 class SegmentTask:
-    """What the training loop needs to know about semantic segmentation."""
+    """Semantic segmentation for ``cnnlab.engine``'s loop (see the task notes there)."""
 
     classes: list[str]
     name: ClassVar[str] = "segment"
-    best_key: ClassVar[str] = "miou"  # validation number that picks best.safetensors
+    columns: ClassVar[tuple[str, ...]] = METRICS_COLUMNS
+    curves: ClassVar[dict] = {
+        "loss": ("train_loss", "val_loss"),
+        "pixel accuracy": ("train_pixel_acc", "val_pixel_acc"),
+        "validation mIoU": ("val_miou",),
+    }
+    score_label: ClassVar[str | None] = "pixel acc"
+    best_label: ClassVar[str] = "val mIoU"
+    channels_last: ClassVar[bool] = False
 
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over labelled pixels; outputs (B, K, H, W), targets (B, H, W)."""
-        return F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
+    # -- before the loop
 
-    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Right pixels in the batch, as a 0-dim device tensor (no sync)."""
-        return ((outputs.argmax(dim=1) == targets) & (targets != IGNORE_INDEX)).sum()
+    @classmethod
+    def setup(cls, cfg: TrainConfig) -> tuple[TrainConfig, SegSplits]:
+        """Check the model and the image/mask pairs; fill img_size, in_channels, decay."""
+        if model_info(cfg.model).task != "segment":
+            raise CnnlabError(
+                f"{cfg.model} is a {model_info(cfg.model).task} model, not a segmentation one"
+            )
+        splits = segdata.make_seg_splits(cfg.data, cfg.val_split, cfg.seed)
+        if len(splits.classes) > IGNORE_INDEX:
+            raise CnnlabError(f"{splits.root}/classes.txt: at most {IGNORE_INDEX} classes")
+        segdata.check_pairs(splits.train + splits.val, len(splits.classes))
+        return _resolve(cfg, splits), splits
+
+    @classmethod
+    def reopen(cls, cfg: TrainConfig, split_json: dict) -> tuple[TrainConfig, SegSplits]:
+        return cfg, SegSplits.from_json(split_json)
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, splits: SegSplits, device: torch.device) -> SegmentTask:
+        return cls(splits.classes)
+
+    def build_model(self, cfg: TrainConfig, pretrained: bool) -> tuple[nn.Module, dict]:
+        """The model and the keyword arguments that rebuild it (backbone weights left out:
+        best.safetensors holds every weight)."""
+        args = {"num_classes": len(self.classes), "in_channels": cfg.in_channels}
+        args.update(cfg.model_args)
+        if not pretrained:
+            args.pop("backbone_weights", None)
+        try:
+            model = create_model(cfg.model, weights=cfg.weights if pretrained else None, **args)
+        except TypeError as error:  # a model_args key the builder does not take
+            raise CnnlabError(f"{cfg.model}: {error}") from None
+        args.pop("backbone_weights", None)
+        return model, args
+
+    def loaders(
+        self,
+        cfg: TrainConfig,
+        splits: SegSplits,
+        mean: Sequence[float],
+        std: Sequence[float],
+        generator: torch.Generator,
+        device: torch.device,
+        ctx: distributed.Context,
+    ) -> tuple[DataLoader, DataLoader, None]:
+        k = len(self.classes)
+        train_tf = segdata.train_transform(cfg.img_size, mean, std, cfg.augment, cfg.flip)
+        train_set = segdata.SegmentationDataset(splits.train, train_tf, k, cfg.in_channels)
+        train = engine.make_train_loader(train_set, cfg, generator, device, ctx, self.collate)
+        val_set = segdata.SegmentationDataset(
+            splits.val, segdata.eval_transform(mean, std), k, cfg.in_channels
+        )
+        val = DataLoader(
+            val_set, batch_size=train.batch_size, num_workers=cfg.workers, collate_fn=self.collate
+        )
+        return train, val, None
+
+    # -- every step
+
+    @staticmethod
+    def to_device(targets: torch.Tensor, device: torch.device) -> torch.Tensor:
+        return targets.to(device, non_blocking=True)
+
+    def forward_loss(
+        self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, K, H, W), mean cross-entropy over labelled pixels)."""
+        outputs = net(images)
+        return outputs, F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
+
+    @staticmethod
+    def score(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(right pixels, labelled pixels) in the batch, as 0-dim device tensors."""
+        labelled = targets != IGNORE_INDEX
+        return ((outputs.argmax(dim=1) == targets) & labelled).sum(), labelled.sum()
 
     @staticmethod
     def collate(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad images (0) and masks (ignore) of different sizes into one batch."""
         return segdata.collate_pad(batch)
+
+    # -- every epoch
 
     @torch.inference_mode()
     def evaluate(
@@ -152,6 +227,46 @@ class SegmentTask:
         report["n"] = n
         report["_confusion"] = confusion
         return report
+
+    @staticmethod
+    def rank(val: dict) -> tuple[float, ...]:
+        """Higher is better: val mIoU, then (on a tie) the lower val loss."""
+        return (val["miou"], -val["loss"])
+
+    @staticmethod
+    def history_row(train_score: float | None, val: dict) -> dict:
+        return {
+            "train_pixel_acc": train_score,
+            "val_loss": val["loss"],
+            "val_pixel_acc": val["pixel_acc"],
+            "val_miou": val["miou"],
+        }
+
+    @staticmethod
+    def summary(row: dict) -> str:
+        return (
+            f"train loss {row['train_loss']:.3f} pixel acc {100 * row['train_pixel_acc']:.1f}%"
+            f"  val loss {row['val_loss']:.3f} mIoU {100 * row['val_miou']:.1f}%"
+        )
+
+    # -- after the loop
+
+    def final_evaluation(
+        self,
+        model: nn.Module,
+        val: DataLoader,
+        test: None,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+    ) -> tuple[str, dict]:
+        return "val", self.evaluate(model, val, device, autocast_dtype)
+
+    def write_plots(self, run_dir: Path, result: dict, mean, std) -> None:
+        """Nothing beyond curves.png (overlays are ``segment predict``'s)."""
+
+    @staticmethod
+    def headline(report: dict) -> str:
+        return f"mIoU {report['miou']:.4f}  pixel acc {report['pixel_acc']:.4f}"
 
 
 # ---------------------------------------------------------------------------- training
@@ -190,15 +305,12 @@ def segment_train(
     the shorter side of the first training image. ``weights``: a whole-model file to start
     from; ``backbone_weights``: a classifier's weight file for the backbone (head dropped).
     """
-    run_dir = Path(out)
-    if checkpoint.is_run_dir(run_dir):
-        raise CnnlabError(f"{run_dir} already holds a run; use resume or another --out")
     args = {"backbone": backbone, **(model_args or {})}
     if backbone_weights is not None:
         args["backbone_weights"] = str(backbone_weights)
     cfg = TrainConfig(
         data=str(data_dir),
-        out=str(run_dir),
+        out=str(out),
         model=model,
         model_args=args,
         weights=weights,
@@ -220,31 +332,12 @@ def segment_train(
         workers=workers,
         quiet=quiet,
     )
-    if model_info(model).task != "segment":
-        raise CnnlabError(f"{model} is a {model_info(model).task} model, not a segmentation one")
-    splits = segdata.make_seg_splits(data_dir, val_split, seed)
-    _check_data(splits)
-    cfg = _resolve(cfg, splits)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return _fit(cfg, run_dir, splits, state=None)
+    return engine.train(cfg, SegmentTask)
 
 
 def segment_resume(run: str | Path, device: str | None = None, quiet: bool | None = None) -> dict:
     """Continue a segmentation run from its last completed epoch (RUN/last.pt)."""
-    run_dir = checkpoint.require_run_dir(run)
-    saved = checkpoint.read_yaml(run_dir / "config.yaml")
-    overrides = {k: v for k, v in {"device": device, "quiet": quiet}.items() if v is not None}
-    cfg = TrainConfig.from_dict({**saved, **overrides, "out": str(run_dir)})
-    splits = SegSplits.from_json(checkpoint.read_json(run_dir / "split.json"))
-    last = run_dir / "last.pt"
-    state = checkpoint.load_state(last) if last.is_file() else None
-    return _fit(cfg, run_dir, splits, state)
-
-
-def _check_data(splits: SegSplits) -> None:
-    if len(splits.classes) > IGNORE_INDEX:
-        raise CnnlabError(f"{splits.root}/classes.txt: at most {IGNORE_INDEX} classes")
-    segdata.check_pairs(splits.train + splits.val, len(splits.classes))
+    return engine.resume(run, SegmentTask, device=device, quiet=quiet)
 
 
 def _resolve(cfg: TrainConfig, splits: SegSplits) -> TrainConfig:
@@ -265,186 +358,6 @@ def _resolve(cfg: TrainConfig, splits: SegSplits) -> TrainConfig:
     if weight_decay is None:
         weight_decay = engine.DEFAULT_WEIGHT_DECAY[cfg.optimizer]
     return replace(cfg, img_size=img_size, in_channels=in_channels, weight_decay=weight_decay)
-
-
-def _build(cfg: TrainConfig, num_classes: int, pretrained: bool) -> tuple[nn.Module, dict]:
-    """The model and the keyword arguments that rebuild it (backbone weights left out:
-    best.safetensors holds every weight)."""
-    args = {"num_classes": num_classes, "in_channels": cfg.in_channels, **cfg.model_args}
-    if not pretrained:
-        args.pop("backbone_weights", None)
-    try:
-        model = create_model(cfg.model, weights=cfg.weights if pretrained else None, **args)
-    except TypeError as error:  # a model_args key the builder does not take
-        raise CnnlabError(f"{cfg.model}: {error}") from None
-    args.pop("backbone_weights", None)
-    return model, args
-
-
-def _loaders(
-    cfg: TrainConfig, splits: SegSplits, task: SegmentTask, generator: torch.Generator
-) -> tuple[DataLoader, DataLoader]:
-    from cnnlab.data.transforms import default_stats
-
-    mean, std = default_stats(cfg.in_channels)
-    k = len(splits.classes)
-    train_tf = segdata.train_transform(cfg.img_size, mean, std, cfg.augment, cfg.flip)
-    eval_tf = segdata.eval_transform(mean, std)
-    common = {"batch_size": cfg.batch_size, "num_workers": cfg.workers, "collate_fn": task.collate}
-    train = DataLoader(
-        segdata.SegmentationDataset(splits.train, train_tf, k, cfg.in_channels),
-        shuffle=True,
-        generator=generator,
-        drop_last=len(splits.train) > cfg.batch_size,  # no batch of one for BatchNorm
-        **common,
-    )
-    val = DataLoader(segdata.SegmentationDataset(splits.val, eval_tf, k, cfg.in_channels), **common)
-    return train, val
-
-
-def _fit(cfg: TrainConfig, run_dir: Path, splits: SegSplits, state: dict | None) -> dict:
-    """The engine's loop for segmentation. A shared loop would need from the task: the
-    datasets, the metrics.csv row, the model.json task name and the end-of-run plots."""
-    from cnnlab import __version__
-    from cnnlab.data.transforms import default_stats
-
-    device = pick_device(cfg.device)
-    engine._seed_everything(cfg.seed)
-    task = SegmentTask(splits.classes)
-    generator = torch.Generator()
-    train_loader, val_loader = _loaders(cfg, splits, task, generator)
-    model, model_args = _build(cfg, len(splits.classes), pretrained=state is None)
-    model.to(device)
-    optimizer = engine._make_optimizer(model, cfg, fused=device.type == "cuda")
-    steps = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, cfg.warmup_epochs * steps, cfg.epochs * steps)
-    )
-    amp_dtype = engine._amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    start_epoch, best, stale, history = 0, None, 0, []
-    if state is None:
-        mean, std = default_stats(cfg.in_channels)
-        checkpoint.write_yaml(run_dir / "config.yaml", asdict(cfg))
-        checkpoint.write_json(run_dir / "split.json", splits.to_json())
-        meta = {
-            "task": SegmentTask.name,
-            "architecture": cfg.model,
-            "model_args": model_args,
-            "classes": list(splits.classes),
-            "input_size": [cfg.in_channels, cfg.img_size, cfg.img_size],
-            "mean": list(mean),
-            "std": list(std),
-            "cnnlab_version": __version__,
-        }
-        checkpoint.save_model_json(run_dir, meta)  # last: model.json marks a run folder
-    else:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best = state["epoch"], state["best"]
-        stale, history = state["epochs_without_improvement"], state["history"]
-        engine._set_rng_state(state["rng"])
-
-    for epoch in range(start_epoch, cfg.epochs):
-        if cfg.patience is not None and stale >= cfg.patience:
-            _say(cfg, f"early stop: no better val mIoU for {stale} epochs")
-            break
-        engine._seed_everything(cfg.seed * 1000 + epoch)
-        generator.manual_seed(cfg.seed * 1000 + epoch)
-        model.train()
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        right = torch.zeros((), dtype=torch.long, device=device)
-        labelled = torch.zeros((), dtype=torch.long, device=device)
-        seen, lr = 0, optimizer.param_groups[0]["lr"]
-        for images, targets in train_loader:  # (B, C, S, S), (B, S, S)
-            images, targets = images.to(device), targets.to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                outputs = model(images)  # (B, K, S, S)
-                loss = task.loss(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            lr = optimizer.param_groups[0]["lr"]
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            seen += len(images)
-            loss_sum += loss.detach() * len(images)
-            right += task.correct(outputs.detach(), targets)
-            labelled += (targets != IGNORE_INDEX).sum()
-        train_seconds = time.perf_counter() - started
-
-        val = task.evaluate(model, val_loader, device, amp_dtype)
-        improved = is_better(val, best, task.best_key)
-        if improved:
-            best = {task.best_key: val[task.best_key], "loss": val["loss"], "epoch": epoch + 1}
-        stale = 0 if improved else stale + 1
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": (loss_sum / seen).item(),
-                "train_pixel_acc": right.item() / max(1, labelled.item()),
-                "val_loss": val["loss"],
-                "val_pixel_acc": val["pixel_acc"],
-                "val_miou": val["miou"],
-                "seconds": round(time.perf_counter() - started, 3),
-            }
-        )
-        # last.pt first: it is what a resume starts from.
-        checkpoint.save_state(
-            run_dir / "last.pt",
-            {
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "best": best,
-                "epochs_without_improvement": stale,
-                "history": history,
-                "rng": engine._get_rng_state(),
-            },
-        )
-        checkpoint.atomic_write_text(run_dir / "metrics.csv", _metrics_csv(history))
-        if improved:
-            checkpoint.save_weights(
-                run_dir / "best.safetensors", model, metadata={"epoch": str(epoch + 1)}
-            )
-        _say(cfg, _epoch_line(history[-1], cfg.epochs, seen / train_seconds))
-
-    checkpoint.load_weights(run_dir / "best.safetensors", model)
-    result = task.evaluate(model, val_loader, device, amp_dtype)
-    report = {"split": "val", "best_epoch": best["epoch"]}
-    report.update({k: v for k, v in result.items() if not k.startswith("_")})
-    checkpoint.write_json(run_dir / "report.json", report)
-    _say(cfg, f"val mIoU {report['miou']:.4f}  pixel acc {report['pixel_acc']:.4f} -> {run_dir}")
-    return report
-
-
-def _metrics_csv(history: list[dict]) -> str:
-    lines = [",".join(METRICS_COLUMNS)]
-    lines += [",".join(repr(row[c]) for c in METRICS_COLUMNS) for row in history]
-    return "\n".join(lines) + "\n"
-
-
-def _epoch_line(row: dict, epochs: int, images_per_second: float) -> str:
-    return (
-        f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.3f}"
-        f" pixel acc {100 * row['train_pixel_acc']:.1f}%  val loss {row['val_loss']:.3f}"
-        f" mIoU {100 * row['val_miou']:.1f}%  {images_per_second:.0f} img/s"
-    )
-
-
-def _say(cfg: TrainConfig, line: str) -> None:
-    if not cfg.quiet:
-        print(line, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- using a run

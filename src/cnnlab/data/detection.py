@@ -291,15 +291,21 @@ def read_rgb(path: Path, in_channels: int = 3) -> torch.Tensor:
 
 
 def train_transform(
-    img_size: int, mean: Sequence[float], std: Sequence[float], augment: bool = True
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augment: bool = True,
+    flip: bool = True,
 ) -> Callable:
     """Resize to ``img_size`` square, then (with ``augment``) colour jitter, horizontal flip
-    and scale/translate jitter that move the boxes along; boxes that leave the image go."""
+    (unless ``flip`` is off) and scale/translate jitter that move the boxes along; boxes
+    that leave the image go."""
     steps: list = [v2.Resize((img_size, img_size), antialias=True)]
     if augment:
+        steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
         steps += [
-            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02),
-            v2.RandomHorizontalFlip(),
             # YOLOv1's recipe: random scaling and translation of up to 20% of the image.
             v2.RandomAffine(degrees=0.0, translate=(0.2, 0.2), scale=(0.8, 1.2), fill=_FILL),
             v2.ClampBoundingBoxes(),

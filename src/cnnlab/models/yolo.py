@@ -253,7 +253,7 @@ class YOLOv1(nn.Module):
 
     def losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """The YOLO loss and its parts for a batch with targets in the images' pixels."""
-        pred = self(images)
+        pred = self(images).float()  # the sums of squares in full precision under autocast
         encoded = encode_targets(targets, self.grid, self.num_classes, images.shape[-2:])
         return self.loss(pred, encoded)
 
