@@ -75,8 +75,8 @@ DETECT_DEFAULTS = {
 
 
 @dataclass
-class DetectTask:
-    """Object detection for ``cnnlab.engine``'s loop (see the task notes there)."""
+class DetectTask(engine.Task):
+    """Object detection for ``cnnlab.engine``'s loop."""
 
     classes: list[str]
     in_channels: int
@@ -87,9 +87,7 @@ class DetectTask:
         "training loss": ("train_loss",),
         "validation mAP": ("val_map50", "val_map"),
     }
-    score_label: ClassVar[str | None] = None  # mAP needs the whole set: only val has it
     best_label: ClassVar[str] = "val mAP@0.5"
-    channels_last: ClassVar[bool] = False
 
     # -- before the loop
 
@@ -158,10 +156,6 @@ class DetectTask:
     ) -> tuple[None, Tensor]:
         return None, net.losses(images, targets)["loss"]
 
-    @staticmethod
-    def score(outputs: None, targets: list) -> None:
-        return None
-
     # -- every epoch
 
     def evaluate(
@@ -196,19 +190,6 @@ class DetectTask:
         )
 
     # -- after the loop
-
-    def final_evaluation(
-        self,
-        model: nn.Module,
-        val: tuple[list[DetectionSample], Any],
-        test: None,
-        device: torch.device,
-        autocast_dtype: torch.dtype | None,
-    ) -> tuple[str, dict]:
-        return "val", self.evaluate(model, val, device, autocast_dtype)
-
-    def write_plots(self, run_dir: Path, result: dict, mean, std) -> None:
-        """Nothing beyond curves.png (drawn boxes are ``detect predict --out``'s)."""
 
     @staticmethod
     def headline(report: dict) -> str:

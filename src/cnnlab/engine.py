@@ -163,19 +163,119 @@ def _has_type(value: Any, hint: Any) -> bool:
 
 # ---------------------------------------------------------------------------- the task
 
-# A task tells the loop in ``_fit`` what differs between classification, segmentation and
-# detection. Its class prepares a run (``setup`` for a new one, ``reopen`` for a resumed
-# one) and ``for_run`` makes the object the loop uses, which has: ``name`` (model.json's
-# "task"), ``columns`` (metrics.csv), ``curves`` (curves.png panels: title -> columns),
-# ``score_label`` (the running train score on the progress bar, or None), ``best_label``,
-# ``channels_last`` (on CUDA) and the methods ``build_model``, ``loaders``, ``to_device``,
-# ``forward_loss``, ``score``, ``evaluate``, ``rank`` (the best checkpoint has the highest),
-# ``history_row``, ``summary``, ``final_evaluation``, ``write_plots`` and ``headline``.
-# ``ClassifyTask`` below is the reference; cnnlab.segment and cnnlab.detect have the others.
+
+class Task:
+    """What the loop in ``_fit`` needs to know about a task; ``ClassifyTask`` below,
+    ``cnnlab.segment.SegmentTask`` and ``cnnlab.detect.DetectTask`` fill it in.
+
+    The class prepares a run (``setup`` for a new one, ``reopen`` for a resumed one) and
+    ``for_run`` makes the object the loop uses. The defaults here suit a model that maps
+    images to outputs scored by ``loss``, evaluated on the validation set only.
+    """
+
+    name: ClassVar[str]  # model.json's "task"
+    columns: ClassVar[tuple[str, ...]]  # metrics.csv
+    curves: ClassVar[dict]  # curves.png: panel title -> metrics.csv columns
+    best_label: ClassVar[str]  # what picks the best checkpoint, for messages
+    score_label: ClassVar[str | None] = None  # running train score on the progress bar
+    channels_last: ClassVar[bool] = False  # on CUDA
+
+    # -- before the loop
+
+    @classmethod
+    def setup(cls, cfg: TrainConfig) -> tuple[TrainConfig, Any]:
+        """A new run's resolved settings and its splits (with ``to_json``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def reopen(cls, cfg: TrainConfig, split_json: dict) -> tuple[TrainConfig, Any]:
+        """A resumed run's settings (from config.yaml) and splits (from split.json)."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, splits: Any, device: torch.device) -> Task:
+        raise NotImplementedError
+
+    def build_model(self, cfg: TrainConfig, pretrained: bool) -> tuple[nn.Module, dict]:
+        """The model and the create_model arguments that rebuild it (for model.json)."""
+        raise NotImplementedError
+
+    def loaders(
+        self,
+        cfg: TrainConfig,
+        splits: Any,
+        mean: Sequence[float],
+        std: Sequence[float],
+        generator: torch.Generator,
+        device: torch.device,
+        ctx: distributed.Context,
+    ) -> tuple[DataLoader, Any, Any]:
+        """(training batches, what ``evaluate`` takes for val, the same for test or None)."""
+        raise NotImplementedError
+
+    # -- every step
+
+    @staticmethod
+    def to_device(targets: Any, device: torch.device) -> Any:
+        return targets.to(device, non_blocking=True)
+
+    def forward_loss(self, net: nn.Module, images: torch.Tensor, targets: Any) -> tuple:
+        """(outputs, training loss) of one batch."""
+        outputs = net(images)
+        return outputs, self.loss(outputs, targets)
+
+    def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, outputs: Any, targets: Any) -> tuple | None:
+        """(right, scored) answers in the batch as device tensors or ints, or None."""
+        return None
+
+    # -- every epoch
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: Any,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> dict:
+        raise NotImplementedError
+
+    def rank(self, val: dict) -> tuple[float, ...]:
+        """Validation results as a tuple; the best checkpoint has the highest."""
+        raise NotImplementedError
+
+    def history_row(self, train_score: float | None, val: dict) -> dict:
+        """The task's metrics.csv columns of one epoch."""
+        raise NotImplementedError
+
+    def summary(self, row: dict) -> str:
+        """The task's part of the one-line epoch summary."""
+        raise NotImplementedError
+
+    # -- after the loop
+
+    def final_evaluation(
+        self,
+        model: nn.Module,
+        val: Any,
+        test: Any,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+    ) -> tuple[str, dict]:
+        """(split name, results) for report.json."""
+        return "val", self.evaluate(model, val, device, autocast_dtype)
+
+    def write_plots(self, run_dir: Path, result: dict, mean, std) -> None:
+        """Plots beyond curves.png (which the loop draws)."""
+
+    def headline(self, report: dict) -> str:
+        raise NotImplementedError
 
 
 @dataclass
-class ClassifyTask:
+class ClassifyTask(Task):
     """Image classification: cross-entropy, top-1/top-5, best checkpoint by val top-1."""
 
     classes: list[str]
@@ -234,17 +334,6 @@ class ClassifyTask:
         return _loaders(cfg, splits, mean, std, self, generator, device, ctx)
 
     # -- every step
-
-    @staticmethod
-    def to_device(targets: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return targets.to(device, non_blocking=True)
-
-    def forward_loss(
-        self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, K), training loss)."""
-        outputs = net(images)
-        return outputs, self.loss(outputs, targets)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Training objective; outputs (B, K) logits, targets (B,) class indices."""
@@ -333,7 +422,7 @@ class ClassifyTask:
         return f"top1 {100 * report['top1']:.2f}%  loss {report['loss']:.4f}"
 
 
-def task_kind(name: str) -> type:
+def task_kind(name: str) -> type[Task]:
     """The task class of a run whose model.json says ``"task": name``."""
     if name == "classify":
         return ClassifyTask
@@ -435,7 +524,7 @@ def pick_device(name: str) -> torch.device:
 # ---------------------------------------------------------------------------- entry points
 
 
-def train(cfg: TrainConfig, kind: type = ClassifyTask) -> dict:
+def train(cfg: TrainConfig, kind: type[Task] = ClassifyTask) -> dict:
     """Train into the new run folder ``cfg.out`` and return the test report.
 
     ``kind`` is the task class (``ClassifyTask``; cnnlab.segment and cnnlab.detect pass
@@ -461,7 +550,7 @@ def train(cfg: TrainConfig, kind: type = ClassifyTask) -> dict:
         return _fit(cfg, run_dir, splits, None, kind)
 
 
-def resume(run_dir: str | Path, kind: type | None = None, **overrides: Any) -> dict:
+def resume(run_dir: str | Path, kind: type[Task] | None = None, **overrides: Any) -> dict:
     """Continue the run in ``run_dir`` from its last completed epoch and return the report.
 
     Works for every task (model.json names it; with ``kind`` given, a run of another task
@@ -496,7 +585,9 @@ def resume(run_dir: str | Path, kind: type | None = None, **overrides: Any) -> d
 # ---------------------------------------------------------------------------- the loop
 
 
-def _fit(cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None, kind: type) -> dict:
+def _fit(
+    cfg: TrainConfig, run_dir: Path, splits: Any, state: dict | None, kind: type[Task]
+) -> dict:
     ctx = distributed.context()
     main = ctx.main  # only the main process evaluates, writes the run folder and prints
     device = distributed.local_device(pick_device(cfg.device), ctx)

@@ -94,8 +94,8 @@ def scores(confusion: torch.Tensor, classes: Sequence[str]) -> dict:
 
 
 @dataclass
-class SegmentTask:
-    """Semantic segmentation for ``cnnlab.engine``'s loop (see the task notes there)."""
+class SegmentTask(engine.Task):
+    """Semantic segmentation for ``cnnlab.engine``'s loop."""
 
     classes: list[str]
     name: ClassVar[str] = "segment"
@@ -107,7 +107,6 @@ class SegmentTask:
     }
     score_label: ClassVar[str | None] = "pixel acc"
     best_label: ClassVar[str] = "val mIoU"
-    channels_last: ClassVar[bool] = False
 
     # -- before the loop
 
@@ -171,15 +170,9 @@ class SegmentTask:
     # -- every step
 
     @staticmethod
-    def to_device(targets: torch.Tensor, device: torch.device) -> torch.Tensor:
-        return targets.to(device, non_blocking=True)
-
-    def forward_loss(
-        self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, K, H, W), mean cross-entropy over labelled pixels)."""
-        outputs = net(images)
-        return outputs, F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
+    def loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over labelled pixels; outputs (B, K, H, W), targets (B, H, W)."""
+        return F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
 
     @staticmethod
     def score(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,19 +243,6 @@ class SegmentTask:
         )
 
     # -- after the loop
-
-    def final_evaluation(
-        self,
-        model: nn.Module,
-        val: DataLoader,
-        test: None,
-        device: torch.device,
-        autocast_dtype: torch.dtype | None,
-    ) -> tuple[str, dict]:
-        return "val", self.evaluate(model, val, device, autocast_dtype)
-
-    def write_plots(self, run_dir: Path, result: dict, mean, std) -> None:
-        """Nothing beyond curves.png (overlays are ``segment predict``'s)."""
 
     @staticmethod
     def headline(report: dict) -> str:
