@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from cnnlab import checkpoint, create_model
+from cnnlab import checkpoint, create_model, load_run
 from cnnlab.data.folders import Splits
 from cnnlab.engine import (
     METRICS_COLUMNS,
@@ -213,6 +214,27 @@ def test_class_count_mismatch_names_the_weight_file(run: tuple[Path, dict]) -> N
     args = {**checkpoint.read_model_json(out)["model_args"], "num_classes": 5}
     with pytest.raises(CnnlabError, match=rf"{out / 'best.safetensors'}: .*3 classes"):
         checkpoint.load_weights(out / "best.safetensors", create_model("convnet", **args))
+
+
+def test_googlenet_trains_with_its_auxiliary_classifiers(data_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model("googlenet", num_classes=3, aux_logits=True).train()
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    task = ClassifyTask(list(CLASSES))
+    torch.manual_seed(1)  # the same dropout masks for both forward passes
+    logits, loss = task.forward_loss(model, images, targets)
+    torch.manual_seed(1)
+    main, aux2, aux1 = model(images)
+    expected = F.cross_entropy(main, targets) + 0.3 * (
+        F.cross_entropy(aux2, targets) + F.cross_entropy(aux1, targets)
+    )
+    assert logits.shape == (4, 3) and torch.allclose(loss, expected)
+
+    out = tmp_path / "run"
+    model_args = {"aux_logits": True}
+    report = train(_config(data_dir, out, model="googlenet", model_args=model_args, epochs=1))
+    assert report["n"] > 0 and 0.0 <= report["top1"] <= 1.0
+    assert load_run(out).model.aux1 is not None  # the run rebuilds with its aux heads
 
 
 # ---------------------------------------------------------------------------- rules

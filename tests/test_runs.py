@@ -83,7 +83,7 @@ def assert_top(result: dict, k: int) -> None:
 
 
 def test_predict_paths_pil_and_tensors(fox_run: Path, data: Path) -> None:
-    run = load_run(fox_run)
+    run = cnnlab.load_run(fox_run)  # the package-level name the README uses
     path = data / "cat" / "000.png"
     results = run.predict([path, Image.open(path), read_image(path)], topk=2)
     assert [r["file"] for r in results] == [str(path), None, None]

@@ -56,6 +56,7 @@ CHOICES = {
 # AdamW's decoupled decay wants a much larger value than SGD's L2 penalty (timm's defaults).
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 5e-4}
 WORST_IMAGES = 16  # highest-loss test images kept for errors.png
+AUX_LOSS_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2014, section 5)
 _RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
 
 
@@ -334,6 +335,19 @@ class ClassifyTask(Task):
         return _loaders(cfg, splits, mean, std, self, generator, device, ctx)
 
     # -- every step
+
+    def forward_loss(
+        self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, K), loss). A model with auxiliary classifiers (GoogLeNet with
+        ``aux_logits``) returns them in training; they add 0.3 x their losses, the
+        paper's weight, and only the main logits are scored."""
+        outputs = net(images)
+        if isinstance(outputs, tuple):
+            logits, *auxiliary = outputs
+            aux_loss = sum(self.loss(aux, targets) for aux in auxiliary)
+            return logits, self.loss(logits, targets) + AUX_LOSS_WEIGHT * aux_loss
+        return outputs, self.loss(outputs, targets)
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Training objective; outputs (B, K) logits, targets (B,) class indices."""
