@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -320,3 +321,75 @@ def test_demo_trains_evaluates_and_reuses_a_finished_run(tmp_path, capsys):
     again = detect_demo(tmp_path, epochs=1, n=8, quiet=True)
     assert again["map50"] == pytest.approx(result["map50"])
     assert Path(result["run"], "last.pt").stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------------------- the commands
+
+CLI_TINY = {
+    "yolov1": ["--head-channels", "16", "--hidden", "32"],
+    "fasterrcnn": [
+        "--anchor-sizes", "16,32",
+        "--rpn-post-nms-top-n-train", "64",
+        "--rpn-post-nms-top-n-test", "32",
+        "--box-batch-size-per-image", "16",
+        "--representation-size", "64",
+    ],
+}  # fmt: skip
+
+
+def _coco_to_yolo_txt(coco_dir: Path, dst: Path) -> Path:
+    """The same images and boxes as a YOLO-txt folder (labels/*.txt, classes.txt)."""
+    coco = json.loads((coco_dir / "annotations.json").read_text())
+    categories = sorted(coco["categories"], key=lambda c: c["id"])
+    index = {c["id"]: i for i, c in enumerate(categories)}
+    (dst / "images").mkdir(parents=True)
+    (dst / "labels").mkdir()
+    (dst / "classes.txt").write_text("".join(c["name"] + "\n" for c in categories))
+    for image in coco["images"]:
+        name, width, height = image["file_name"], image["width"], image["height"]
+        (dst / "images" / name).write_bytes((coco_dir / "images" / name).read_bytes())
+        lines = [
+            f"{index[a['category_id']]} {(x + w / 2) / width} {(y + h / 2) / height}"
+            f" {w / width} {h / height}\n"
+            for a in coco["annotations"]
+            if a["image_id"] == image["id"]
+            for x, y, w, h in [a["bbox"]]
+        ]
+        (dst / "labels" / f"{Path(name).stem}.txt").write_text("".join(lines))
+    return dst
+
+
+@pytest.mark.parametrize("model", ["yolov1", "fasterrcnn"])
+def test_commands_train_eval_and_predict_on_a_yolo_txt_folder(model, shapes, tmp_path, capsys):
+    from cnnlab import cli
+
+    data = _coco_to_yolo_txt(shapes, tmp_path / "yolo")
+    run = tmp_path / "run"
+    common = ["--device", "cpu", "--format", "json"]
+    train = ["detect", "train", str(data), "--model", model, "--out", str(run), "--epochs", "1"]
+    train += ["--batch-size", "6", "--img-size", "64", "--val-split", "0.25", "--no-flip"]
+    assert cli.main([*train, "--quiet", *CLI_TINY[model], *common]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["flip"] is False and config["model_args"]["backbone"] == "resnet18"
+    assert json.loads((run / "split.json").read_text())["format"] == "yolo"
+
+    assert cli.main(["detect", "eval", str(run), *common]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["n_images"] == 4 and evaluated["map50"] == pytest.approx(trained["map50"])
+
+    image = sorted((data / "images").iterdir())[0]
+    predict = ["detect", "predict", str(run), str(image), "--score-threshold", "0.0"]
+    assert cli.main([*predict, "--out", str(tmp_path / "drawn"), *common]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert result["file"] == str(image) and result["detections"]
+    for detection in result["detections"]:
+        assert detection["class"] in ("circle", "square", "triangle")
+        assert all(0 <= v <= 64 for v in detection["box"])  # the 64x64 file's own pixels
+    assert (tmp_path / "drawn" / f"{image.stem}.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The classification command resumes any run; this one is finished, so it only reports.
+    assert cli.main(["train", "--resume", str(run), "--quiet", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["map50"] == pytest.approx(trained["map50"])
+    assert cli.main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("mAP@[.5:.95] ")

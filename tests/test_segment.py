@@ -248,3 +248,19 @@ def test_a_classification_run_or_other_classes_are_refused(shapes_run, tmp_path)
     (other / "classes.txt").write_text("background\nblob\n")
     with pytest.raises(CnnlabError, match="differ from the run's"):
         segment_eval(root / "run", data_dir=other)
+
+
+def test_commands_eval_predict_and_resume_a_finished_run(shapes_run, tmp_path, capsys):
+    from cnnlab import cli
+
+    root, report = shapes_run
+    run = str(root / "run")
+    assert cli.main(["segment", "eval", run, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(report["miou"])
+    image = sorted((root / "shapes" / "images").iterdir())[0]
+    assert cli.main(["segment", "predict", run, str(image), "--out", str(tmp_path)]) == 0
+    assert "overlay" in capsys.readouterr().out
+    assert (tmp_path / image.name).is_file()
+    # `train --resume` resumes a run of any task; a finished one only reports again.
+    assert cli.main(["train", "--resume", run, "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("mIoU ")

@@ -219,7 +219,7 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.distributed import is_main_process
 
     if is_main_process():  # under torchrun every process returns the report; one prints it
-        _report_classification(report, args.format)
+        _print_report(report, args.format)
     return 0
 
 
@@ -238,15 +238,25 @@ def cmd_lr_find(args: argparse.Namespace, extra: dict) -> int:
     return 0
 
 
-def _report_classification(report: dict, form: str) -> None:
+def _print_report(report: dict, form: str) -> None:
+    """A training or evaluation report of any task: JSON, or its task's one line."""
     if form == "json":
         _print_json(report)
-        return
-    split = report.get("split", "test")
-    print(
-        f"{split} top-1 {report['top1']:.2%}  top-5 {report['top5']:.2%}  "
-        f"loss {report['loss']:.4f}  ({report['n']} images)"
-    )
+    elif "map50" in report:
+        print(
+            f"mAP@[.5:.95] {report['map']:.3f}  mAP@0.5 {report['map50']:.3f}  "
+            f"mAP@0.75 {report['map75']:.3f}  ({report['n_images']} images)"
+        )
+    elif "miou" in report:
+        print(
+            f"mIoU {report['miou']:.3f}  pixel accuracy {report['pixel_acc']:.3f}  "
+            f"({report['n']} images)"
+        )
+    else:
+        print(
+            f"{report.get('split', 'test')} top-1 {report['top1']:.2%}  top-5 "
+            f"{report['top5']:.2%}  loss {report['loss']:.4f}  ({report['n']} images)"
+        )
 
 
 def cmd_eval(args: argparse.Namespace, extra: dict) -> int:
@@ -254,7 +264,7 @@ def cmd_eval(args: argparse.Namespace, extra: dict) -> int:
 
     run = load_run(Path(args.run), device=args.device)
     report = run.evaluate(Path(args.dir) if args.dir else None, split=args.split)
-    _report_classification(report, args.format)
+    _print_report(report, args.format)
     return 0
 
 
@@ -327,6 +337,8 @@ TASK_TRAIN_FLAGS = (
     "warmup_epochs",
     "patience",
     "val_split",
+    "augment",
+    "flip",
     "seed",
     "device",
     "workers",
@@ -350,16 +362,11 @@ def cmd_segment(args: argparse.Namespace, extra: dict) -> int:
         result = segment.segment_predict(
             Path(args.run), [Path(p) for p in args.images], args.out or ".", args.device or "auto"
         )
-    if args.format == "json":
-        _print_json(result)
-    elif args.action == "predict":
+    if args.action == "predict" and args.format != "json":
         for item in result:
             print(f"{item['file']}: mask {item['mask']}, overlay {item['overlay']}")
     else:
-        print(
-            f"mIoU {result['miou']:.3f}  pixel accuracy {result['pixel_acc']:.3f}  "
-            f"({result['n']} images)"
-        )
+        _print_report(result, args.format)
     return 0
 
 
@@ -385,17 +392,12 @@ def cmd_detect(args: argparse.Namespace, extra: dict) -> int:
             args.out,
             args.device or "auto",
         )
-    if args.format == "json":
-        _print_json(result)
-    elif args.action == "predict":
+    if args.action == "predict" and args.format != "json":
         for item in result:
             found = ", ".join(f"{d['class']} {d['score']:.2f}" for d in item["detections"])
             print(f"{item['file']}: {found or 'nothing'}")
     else:
-        print(
-            f"mAP@[.5:.95] {result['map']:.3f}  mAP@0.5 {result['map50']:.3f}  "
-            f"mAP@0.75 {result['map75']:.3f}  ({result['n_images']} images)"
-        )
+        _print_report(result, args.format)
     return 0
 
 
@@ -602,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
         ):
             sub.add_argument(flag, type=kind)
         sub.add_argument("--optimizer", choices=("adamw", "sgd"))
+        augments = ("none", "light") if task == "detect" else ("none", "light", "strong")
+        sub.add_argument("--augment", choices=augments, help="training augmentation")
+        sub.add_argument("--no-flip", dest="flip", action="store_false", default=None)
         sub.add_argument("--device")
         sub.add_argument("--quiet", action="store_true", default=None)
         fmt(sub, ("text", "json"))
