@@ -323,7 +323,8 @@ def detect_predict(
 
 def detect_demo(out: str | Path, epochs: int = 15, n: int = 400, quiet: bool = False) -> dict:
     """Synthetic shapes -> YOLOv1 (resnet18, ``SHAPES_YOLO_ARGS``) at 128x128 -> val mAP
-    (about 2.5 minutes and mAP@0.5 0.83 on an idle 2-core CPU).
+    (2 min 43 s and mAP@0.5 0.83 on an idle 2-core CPU; 0.72 with one thread, whose
+    different float sums lead 15 short epochs elsewhere).
 
     Writes ``OUT/shapes`` (data) and ``OUT/run`` (the run folder; an unfinished one is
     resumed), prints mAP@0.5 and returns the evaluation dict plus ``run`` and ``seconds``.

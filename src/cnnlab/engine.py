@@ -1,8 +1,10 @@
 """Training and evaluation: one loop, read top to bottom in ``_fit``.
 
-What differs between tasks (the loss, the per-batch score, evaluation, batching, which
-validation number picks the best checkpoint) lives in a small task object; classification
-is ``ClassifyTask``. Everything a run produces goes to its run folder (see ``train``), each
+The same loop trains classifiers, segmentation and detection models. What differs
+between tasks (data, the loss, the per-batch score, evaluation, which validation number
+picks the best checkpoint, metrics columns and plots) lives in a ``Task`` object:
+``ClassifyTask`` here, ``SegmentTask`` in cnnlab.segment, ``DetectTask`` in cnnlab.detect.
+Everything a run produces goes to its run folder (see ``train``), each
 file written atomically, so a crash or a SIGKILL never leaves a half-written file and
 ``resume`` continues exactly where the last completed epoch left off.
 """
