@@ -27,10 +27,10 @@ def digits16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _torchrun(*args: str) -> list[str]:
+def _torchrun(*args: str, command: tuple[str, ...] = ("train",)) -> list[str]:
     return [
         *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"),
-        *("-m", "cnnlab", "train", *args),
+        *("-m", "cnnlab", *command, *args),
     ]
 
 
@@ -120,3 +120,44 @@ def test_two_processes_train_resume_and_report_on_the_whole_data(
     counts = [float(r["train_top1"]) * 2 * per_process for r in rows]
     assert all(abs(c - round(c)) < 1e-6 for c in counts)
     assert any(round(c) % 2 for c in counts)
+
+
+def test_segmentation_and_detection_under_torchrun(tmp_path: Path) -> None:
+    from cnnlab.data.shapes import write_shapes
+
+    data = tmp_path / "shapes"
+    write_shapes(data, task="segment", n=12, size=48, seed=0)
+    run = tmp_path / "segment"
+    trained = subprocess.run(
+        _torchrun(
+            *(str(data), "--out", str(run), "--epochs", "1", "--batch-size", "4"),
+            *("--img-size", "32", "--val-split", "0.25", "--format", "json"),
+            command=("segment", "train"),
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert trained.returncode == 0, trained.stderr
+    report = json.loads(trained.stdout)  # one JSON document: only rank 0 printed
+    assert report["n"] == 3 and json.loads((run / "report.json").read_text()) == report
+    assert trained.stderr.count("epoch 1/1 ") == 1
+    # 9 training images in shards of 5 (one padded), 1 full batch of 2 per process.
+    assert len(_rows(run / "metrics.csv")) == 1
+
+    write_shapes(tmp_path / "boxes", task="detect", n=8, size=48, seed=0)
+    refused = subprocess.run(
+        _torchrun(
+            *(str(tmp_path / "boxes"), "--out", str(tmp_path / "d")), command=("detect", "train")
+        ),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert refused.returncode != 0
+    assert refused.stderr.count("error: detection trains in one process") == 2
+    # torchrun reports the failed workers with its own traceback; none is cnnlab's.
+    frames = [line for line in refused.stderr.splitlines() if line.lstrip().startswith("File")]
+    assert not [frame for frame in frames if "/cnnlab/" in frame]

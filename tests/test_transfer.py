@@ -222,7 +222,7 @@ def test_frozen_backbone_norms_keep_their_statistics_in_train_mode() -> None:
     assert model.conv1.weight.grad is None and model.fc.weight.grad is not None
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["fc.weight", "fc.bias"]
-    optimizer = _make_optimizer(model, _config(Path("."), Path("."), weights="x"), fused=False)
+    optimizer = _make_optimizer(model, _config(Path("."), Path("."), weights="x"))
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 2
 
 

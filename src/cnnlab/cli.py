@@ -216,10 +216,7 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
         if not args.data or not args.out:
             raise CnnlabError("train needs DIR and --out RUN (or --resume RUN)")
         report = engine.train(_train_config(args, extra))
-    from cnnlab.distributed import is_main_process
-
-    if is_main_process():  # under torchrun every process returns the report; one prints it
-        _print_report(report, args.format)
+    _print_report(report, args.format)
     return 0
 
 
@@ -240,6 +237,10 @@ def cmd_lr_find(args: argparse.Namespace, extra: dict) -> int:
 
 def _print_report(report: dict, form: str) -> None:
     """A training or evaluation report of any task: JSON, or its task's one line."""
+    from cnnlab.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun every process returns the report; one prints
+        return
     if form == "json":
         _print_json(report)
     elif "map50" in report:

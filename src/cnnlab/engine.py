@@ -631,9 +631,7 @@ def _fit(
         model.to(memory_format=memory_format)
     if cfg.freeze_backbone:
         transfer.freeze_backbone(model)  # before the optimizer, which takes trainable ones
-    # The fused kernels update every tensor in one pass (on a CPU, AdamW's step over a
-    # detector's 26M parameters drops from about 1 s to 0.1 s).
-    optimizer = _make_optimizer(model, cfg, fused=device.type in ("cpu", "cuda"))
+    optimizer = _make_optimizer(model, cfg)
     per_step = cfg.lr_interval == "step"
     steps = len(train_loader) if per_step else 1  # scheduler steps per epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -1007,7 +1005,7 @@ def _per_process_batch(batch_size: int, processes: int) -> int:
     return batch_size // processes
 
 
-def _make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on biases and norm scales (1-D tensors): decaying them only hurts.
     # With a backbone_lr_mult the head's groups come first, so group 0 has the run's lr.
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -1023,6 +1021,9 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.op
         for decay in (True, False)
     ]
     groups = [g for g in groups if g["params"]]
+    # The fused kernels update every tensor in one pass (on a CPU, AdamW's step over a
+    # detector's 26M parameters drops from about 1 s to 0.1 s); they exist for these two.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
     extra = {"fused": True} if fused else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **extra)

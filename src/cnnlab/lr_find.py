@@ -80,7 +80,7 @@ def lr_find(
     if cfg.freeze_backbone:
         transfer.freeze_backbone(model)
         transfer.backbone_norms_eval(model)
-    optimizer = engine._make_optimizer(model, cfg, fused=False)
+    optimizer = engine._make_optimizer(model, cfg)
     scale = [group["lr"] / cfg.lr for group in optimizer.param_groups]  # backbone_lr_mult
     amp_dtype = engine._amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
