@@ -4,8 +4,8 @@ One function per command, each taking plain arguments and returning JSON-seriali
 values: ``detect_train``, ``detect_resume``, ``detect_eval``, ``detect_predict`` and
 ``detect_demo``. Training runs ``cnnlab.engine``'s loop with ``DetectTask``.
 
-What is specific to a detector sits behind two methods every detection model has:
-``losses(images, targets) -> {"loss", ...}`` in train mode (a detector needs its targets
+What is specific to a detector sits behind two calls every detection model answers:
+``model(images, targets) -> {"loss", ...}`` in train mode (a detector needs its targets
 inside the forward pass: Faster R-CNN samples anchors and RoIs from them) and
 ``detect(images, score_threshold, nms_threshold, max_detections)`` in eval mode, both with
 boxes in the input's pixels and 0-based labels. Validation scores the whole set at once
@@ -136,8 +136,6 @@ class DetectTask(engine.Task):
         ctx: distributed.Context,
     ) -> tuple[DataLoader, tuple[list[DetectionSample], Any], None]:
         """Training batches; validation reads the image files as ``detect eval`` does."""
-        if ctx.active:
-            raise CnnlabError("detection trains in one process; start it without torchrun")
         augment = cfg.augment != "none"
         train_tf = train_transform(cfg.img_size, mean, std, augment, cfg.flip)
         dataset = DetectionDataset(splits.train, train_tf, cfg.in_channels)
@@ -154,7 +152,7 @@ class DetectTask(engine.Task):
     def forward_loss(
         net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]]
     ) -> tuple[None, Tensor]:
-        return None, net.losses(images, targets)["loss"]
+        return None, net(images, targets)["loss"]
 
     # -- every epoch
 
@@ -448,7 +446,14 @@ def mean_average_precision(
 
     if not any(s.boxes for s in samples):
         raise CnnlabError("no annotated objects in the evaluation images")
-    common = {"box_format": "xyxy", "iou_type": "bbox", "backend": "pycocotools"}
+    # One process scores the whole set; torchmetrics would otherwise wait for the other
+    # processes of a torchrun group to send their share at compute().
+    common = {
+        "box_format": "xyxy",
+        "iou_type": "bbox",
+        "backend": "pycocotools",
+        "sync_on_compute": False,
+    }
     coco = MeanAveragePrecision(**common)
     at50 = MeanAveragePrecision(**common, iou_thresholds=[0.5], class_metrics=True)
     targets = [

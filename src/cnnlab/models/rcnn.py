@@ -92,7 +92,8 @@ class FasterRCNN(TorchvisionFasterRCNN):
     def forward(
         self, images: Tensor | list[Tensor], targets: list[dict[str, Tensor]] | None = None
     ) -> dict[str, Tensor] | Detections:
-        """Training: the loss dict. Eval: detections per image, labels 0-based."""
+        """Training: the RPN and box-head losses, plus their sum under ``"loss"``. Eval:
+        detections per image, labels 0-based."""
         if isinstance(images, Tensor):
             images = list(images.unbind(0))
         if targets is not None:
@@ -100,13 +101,12 @@ class FasterRCNN(TorchvisionFasterRCNN):
             targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
         output = super().forward(images, targets)
         if self.training:
-            return output
+            return {"loss": sum(output.values()), **output}
         return [{**d, "labels": d["labels"] - 1} for d in output]
 
     def losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """RPN and box-head losses, plus their sum under ``"loss"`` (model in train mode)."""
-        parts = self(images, targets)
-        return {"loss": sum(parts.values()), **parts}
+        return self(images, targets)
 
     @torch.no_grad()
     def detect(

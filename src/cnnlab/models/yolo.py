@@ -243,19 +243,26 @@ class YOLOv1(nn.Module):
             self.head = nn.Sequential(nn.Conv2d(head_channels, per_cell, 1), _ChannelsLast())
         self.loss = loss or YOLOLoss(grid, boxes, num_classes)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, targets: list[dict[str, Tensor]] | None = None
+    ) -> Tensor | dict[str, Tensor]:
         """(N, C, H, W) -> (N, S, S, B*5 + C): boxes and confidences in 0..1, then class
-        probabilities summing to 1."""
+        probabilities summing to 1. With ``targets`` (boxes in the images' pixels), the
+        loss dict of ``losses`` instead, as torchvision's detectors do in training (so
+        DistributedDataParallel, which wraps ``forward``, sees the whole step)."""
         features = self.backbone(x)["0"]  # (N, Cb, H/r, W/r)
         out = self.head(self.neck(features))  # (N, S, S, B*5 + C)
         split = self.boxes * 5
-        return torch.cat((out[..., :split].sigmoid(), out[..., split:].softmax(-1)), dim=-1)
+        pred = torch.cat((out[..., :split].sigmoid(), out[..., split:].softmax(-1)), dim=-1)
+        if targets is None:
+            return pred
+        encoded = encode_targets(targets, self.grid, self.num_classes, x.shape[-2:])
+        return self.loss(pred.float(), encoded)  # sums of squares in full precision
 
     def losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """The YOLO loss and its parts for a batch with targets in the images' pixels."""
-        pred = self(images).float()  # the sums of squares in full precision under autocast
-        encoded = encode_targets(targets, self.grid, self.num_classes, images.shape[-2:])
-        return self.loss(pred, encoded)
+        """The YOLO loss (``"loss"``) and its parts for a batch with targets in the images'
+        pixels."""
+        return self(images, targets)
 
     @torch.no_grad()
     def detect(
