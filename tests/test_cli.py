@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cnnlab import cli, demo
+from cnnlab.errors import CnnlabError
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -57,6 +58,20 @@ def test_model_arguments_pass_through_to_the_builder(capsys) -> None:
     )  # fmt: skip
     # 3*3*1*8+8 + 2*8 + 3*3*8*16+16 + 2*16 + (16*7*7)*32+32 + 32*10+10
     assert document["total_params"] == 80 + 16 + 1168 + 32 + 25120 + 330
+
+
+def test_on_off_builder_settings_read_as_bare_flags() -> None:
+    import cnnlab.models.rcnn
+    import cnnlab.models.yolo  # noqa: F401  (register the detectors)
+
+    assert cli._model_args(["--roi-pool"], "fasterrcnn") == {"roi_pool": True}
+    assert cli._model_args(["--roi-pool", "false"], "fasterrcnn") == {"roi_pool": False}
+    assert cli._model_args(["--no-rescore", "--grid", "8"], "yolov1") == {
+        "rescore": False,
+        "grid": 8,
+    }
+    with pytest.raises(CnnlabError, match="--grid needs a value"):
+        cli._model_args(["--grid", "--no-rescore"], "yolov1")
 
 
 @pytest.mark.parametrize(

@@ -67,10 +67,16 @@ def _parse_value(text: str) -> object:
 
 
 def _model_args(extra: Sequence[str], model: str) -> dict:
-    """Turn unknown ``--key value`` pairs into keyword arguments the model's builder takes."""
+    """Turn unknown ``--key value`` pairs into keyword arguments the model's builder takes;
+    a builder's on/off setting (a bool default) also reads as ``--key`` or ``--no-key``."""
     import inspect
 
     from cnnlab.registry import model_info
+
+    parameters = inspect.signature(model_info(model).builder).parameters
+
+    def is_switch(name: str) -> bool:
+        return name in parameters and isinstance(parameters[name].default, bool)
 
     args: dict = {}
     tokens = list(extra)
@@ -78,15 +84,17 @@ def _model_args(extra: Sequence[str], model: str) -> dict:
         token = tokens.pop(0)
         if not token.startswith("--"):
             raise CnnlabError(f"unexpected argument {token!r}")
-        key, _, value = token[2:].partition("=")
-        if not value:
-            if not tokens or tokens[0].startswith("--"):
-                raise CnnlabError(f"--{key} needs a value")
-            value = tokens.pop(0)
-        args[key.replace("-", "_")] = _parse_value(value)
-    if not args:
-        return args
-    parameters = inspect.signature(model_info(model).builder).parameters
+        flag, _, value = token[2:].partition("=")
+        key = flag.replace("-", "_")
+        if not value and (not tokens or tokens[0].startswith("--")):
+            if is_switch(key):
+                args[key] = True
+                continue
+            if key.startswith("no_") and is_switch(key[3:]):
+                args[key[3:]] = False
+                continue
+            raise CnnlabError(f"--{flag} needs a value")
+        args[key] = _parse_value(value or tokens.pop(0))
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     own = [n for n in parameters if n not in {"num_classes", "in_channels", "kwargs"}]
     for key in args:
