@@ -127,3 +127,17 @@ def test_errors_empty_is_a_valid_png(tmp_path: Path) -> None:
 def test_errors_length_mismatch(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="same length"):
         plot_errors([torch.zeros(1, 4, 4)], ["a"], [], [1.0], tmp_path / "e.png", (0,), (1,))
+
+
+def test_curves_take_the_tasks_panels_and_line_names(tmp_path: Path) -> None:
+    from cnnlab.plots import _line_label
+
+    csv = write_metrics(tmp_path / "metrics.csv", 3)
+    panels = {"loss": ("train_loss", "val_loss"), "top-1": ("val_top1",), "top-5": ("val_top5",)}
+    plot_curves(csv, tmp_path / "three.png", panels)
+    plot_curves(csv, tmp_path / "two.png")
+    three, two = read_png(tmp_path / "three.png"), read_png(tmp_path / "two.png")
+    assert three.shape[0] == two.shape[0] and three.shape[1] == pytest.approx(1.5 * two.shape[1])
+    assert _line_label("val_loss", ("train_loss", "val_loss")) == "val"
+    assert _line_label("val_top1", ("val_top1", "val_top5")) == "val_top1"
+    assert _line_label("val_map", {"val_map50": "mAP@0.5", "val_map": "mAP"}) == "mAP"

@@ -84,8 +84,8 @@ class DetectTask(engine.Task):
     name: ClassVar[str] = "detect"
     columns: ClassVar[tuple[str, ...]] = METRICS_COLUMNS
     curves: ClassVar[dict] = {
-        "training loss": ("train_loss",),
-        "validation mAP": ("val_map50", "val_map"),
+        "training loss": {"train_loss": "train"},
+        "validation mAP": {"val_map50": "mAP@0.5", "val_map": "mAP@[.5:.95]"},
     }
     best_label: ClassVar[str] = "val mAP@0.5"
 

@@ -30,11 +30,12 @@ CLASSIFY_CURVES = {"loss": ("train_loss", "val_loss"), "top-1 accuracy": ("train
 
 
 def plot_curves(
-    metrics_csv: Path, out: Path, panels: dict[str, Sequence[str]] | None = None
+    metrics_csv: Path, out: Path, panels: dict[str, Sequence[str] | dict[str, str]] | None = None
 ) -> None:
-    """One panel per entry of ``panels`` (title -> metrics.csv columns, one line each, named
-    by the column without its ``train_``/``val_`` prefix when that leaves them distinct),
-    from a run's ``metrics.csv``; by default loss and top-1 accuracy, train vs val."""
+    """One panel per entry of ``panels`` (title -> metrics.csv columns, one line each), from
+    a run's ``metrics.csv``; by default loss and top-1 accuracy, train vs val. A line is
+    named by its label when the columns come as {column: label}, else "train"/"val" when
+    the panel compares one metric on both splits, else by its column."""
     from matplotlib.ticker import MaxNLocator
 
     panels = panels or CLASSIFY_CURVES
@@ -58,8 +59,9 @@ def plot_curves(
     _save(fig, Path(out))
 
 
-def _line_label(column: str, columns: Sequence[str]) -> str:
-    """ "train"/"val" when a panel compares one metric on both splits, else the column."""
+def _line_label(column: str, columns: Sequence[str] | dict[str, str]) -> str:
+    if isinstance(columns, dict):
+        return columns[column]
     splits = [c.split("_", 1)[0] for c in columns]
     metrics = {c.split("_", 1)[-1] for c in columns}
     if len(metrics) == 1 and len(set(splits)) == len(columns):
