@@ -384,6 +384,25 @@ def test_early_stopping_with_patience_and_ties(
     assert state["best"] == {"rank": [0.6, -0.8], "epoch": 3}
 
 
+def test_last_pt_from_before_the_shared_loop_still_resumes(run, tmp_path: Path) -> None:
+    import shutil
+
+    import yaml
+
+    source, _ = run
+    old = tmp_path / "old"
+    shutil.copytree(source, old)
+    state = checkpoint.load_state(old / "last.pt")
+    top1, negative_loss = state["best"]["rank"]
+    state["best"] = {"top1": top1, "loss": -negative_loss, "epoch": state["best"]["epoch"]}
+    checkpoint.save_state(old / "last.pt", state)  # the record the old loop kept
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    (old / "config.yaml").write_text(yaml.safe_dump({**config, "epochs": 4}))
+    resume(old)
+    assert [r["epoch"] for r in _rows(old / "metrics.csv")] == ["1", "2", "3", "4"]
+    assert set(checkpoint.load_state(old / "last.pt")["best"]) == {"rank", "epoch"}
+
+
 def test_ctrl_c_reports_on_best_then_resume_finishes(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

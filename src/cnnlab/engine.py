@@ -654,7 +654,7 @@ def _fit(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, best = state["epoch"], state["best"]
+        start_epoch, best = state["epoch"], _with_rank(state["best"], task)
         stale, history = state["epochs_without_improvement"], state["history"]
         _set_rng_state(state["rng"])
         if main:
@@ -764,6 +764,14 @@ def _fit(
         task.write_plots(run_dir, result, mean, std)
         say.line(f"{split} {task.headline(report)}  -> {run_dir}")
     return distributed.from_main(report)
+
+
+def _with_rank(best: dict, task: Task) -> dict:
+    """The best-epoch record of last.pt; those written before the tasks shared this loop
+    kept the validation numbers themselves ({"top1", "loss", "epoch"})."""
+    if "rank" in best:
+        return best
+    return {"rank": list(task.rank(best)), "epoch": best["epoch"]}
 
 
 @dataclass
