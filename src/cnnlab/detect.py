@@ -106,17 +106,8 @@ class DetectTask(engine.Task):
         return cls(splits.classes, cfg.in_channels, cfg.img_size)
 
     def build_model(self, cfg: TrainConfig, pretrained: bool) -> tuple[nn.Module, dict]:
-        """The model and the keyword arguments that rebuild it (without backbone weights:
-        best.safetensors holds every weight)."""
-        args = {"num_classes": len(self.classes), "in_channels": cfg.in_channels}
-        args.update(cfg.model_args)
-        weights = args.pop("backbone_weights", None)
-        try:
-            model = create_model(
-                cfg.model, backbone_weights=weights if pretrained else None, **args
-            )
-        except TypeError as error:  # a model_args key the builder does not take
-            raise CnnlabError(f"{cfg.model}: {error}") from None
+        """``Task.build_model``, refusing an image size below the detector's minimum."""
+        model, args = super().build_model(cfg, pretrained)
         minimum = getattr(model, "min_input_size", 1)
         if cfg.img_size < minimum:
             raise CnnlabError(

@@ -200,8 +200,19 @@ class Task:
         raise NotImplementedError
 
     def build_model(self, cfg: TrainConfig, pretrained: bool) -> tuple[nn.Module, dict]:
-        """The model and the create_model arguments that rebuild it (for model.json)."""
-        raise NotImplementedError
+        """The model and the create_model arguments that rebuild it (for model.json).
+
+        ``weights`` and the ``backbone_weights`` of ``model_args`` are read for a fresh run
+        only and left out of the arguments: best.safetensors holds every weight."""
+        args = {"num_classes": len(self.classes), "in_channels": cfg.in_channels}
+        args.update(cfg.model_args)
+        backbone_weights = args.pop("backbone_weights", None)
+        weights = {"weights": cfg.weights, "backbone_weights": backbone_weights}
+        try:
+            model = create_model(cfg.model, **(weights if pretrained else {}), **args)
+        except TypeError as error:  # a model_args key the builder does not take
+            raise CnnlabError(f"{cfg.model}: {error}") from None
+        return model, args
 
     def loaders(
         self,

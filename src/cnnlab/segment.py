@@ -131,20 +131,6 @@ class SegmentTask(engine.Task):
     def for_run(cls, cfg: TrainConfig, splits: SegSplits, device: torch.device) -> SegmentTask:
         return cls(splits.classes)
 
-    def build_model(self, cfg: TrainConfig, pretrained: bool) -> tuple[nn.Module, dict]:
-        """The model and the keyword arguments that rebuild it (backbone weights left out:
-        best.safetensors holds every weight)."""
-        args = {"num_classes": len(self.classes), "in_channels": cfg.in_channels}
-        args.update(cfg.model_args)
-        if not pretrained:
-            args.pop("backbone_weights", None)
-        try:
-            model = create_model(cfg.model, weights=cfg.weights if pretrained else None, **args)
-        except TypeError as error:  # a model_args key the builder does not take
-            raise CnnlabError(f"{cfg.model}: {error}") from None
-        args.pop("backbone_weights", None)
-        return model, args
-
     def loaders(
         self,
         cfg: TrainConfig,
