@@ -38,6 +38,10 @@ def _env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def _finished(command: list[str], timeout: int) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
 def _rows(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -95,13 +99,7 @@ def test_two_processes_train_resume_and_report_on_the_whole_data(
     done = checkpoint.load_state(run / "last.pt")["epoch"]
     assert 1 <= done < EPOCHS
 
-    resumed = subprocess.run(
-        _torchrun("--resume", str(run), "--format", "json"),
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    resumed = _finished(_torchrun("--resume", str(run), "--format", "json"), timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     report = json.loads(resumed.stdout)  # one JSON document: only rank 0 printed
     assert report["top1"] >= 0.9
@@ -122,45 +120,37 @@ def test_two_processes_train_resume_and_report_on_the_whole_data(
     assert any(round(c) % 2 for c in counts)
 
 
-def test_segmentation_and_detection_train_under_torchrun(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("task", "images", "size", "model_flags", "evaluated"),
+    [
+        ("segment", 12, 32, (), ("n", 3)),
+        ("detect", 16, 48, ("--head-channels", "8", "--hidden", "16"), ("n_images", 4)),
+    ],
+)
+def test_segmentation_and_detection_train_under_torchrun(
+    tmp_path: Path,
+    task: str,
+    images: int,
+    size: int,
+    model_flags: tuple[str, ...],
+    evaluated: tuple[str, int],
+) -> None:
     from cnnlab.data.shapes import write_shapes
 
-    data = tmp_path / "shapes"
-    write_shapes(data, task="segment", n=12, size=48, seed=0)
-    run = tmp_path / "segment"
-    trained = subprocess.run(
+    data, run = tmp_path / "shapes", tmp_path / "run"
+    write_shapes(data, task=task, n=images, size=48, seed=0)
+    trained = _finished(
         _torchrun(
             *(str(data), "--out", str(run), "--epochs", "1", "--batch-size", "4"),
-            *("--img-size", "32", "--val-split", "0.25", "--format", "json"),
-            command=("segment", "train"),
+            *("--img-size", str(size), "--val-split", "0.25", "--format", "json"),
+            *model_flags,
+            command=(task, "train"),
         ),
-        env=_env(),
-        capture_output=True,
-        text=True,
         timeout=180,
     )
     assert trained.returncode == 0, trained.stderr
     report = json.loads(trained.stdout)  # one JSON document: only rank 0 printed
-    assert report["n"] == 3 and json.loads((run / "report.json").read_text()) == report
+    key, count = evaluated
+    assert report[key] == count and json.loads((run / "report.json").read_text()) == report
     assert trained.stderr.count("epoch 1/1 ") == 1
-    # 9 training images in shards of 5 (one padded), 1 full batch of 2 per process.
     assert len(_rows(run / "metrics.csv")) == 1
-
-    write_shapes(tmp_path / "boxes", task="detect", n=16, size=48, seed=0)
-    run = tmp_path / "detect"
-    trained = subprocess.run(
-        _torchrun(
-            *(str(tmp_path / "boxes"), "--out", str(run), "--epochs", "1", "--batch-size", "4"),
-            *("--img-size", "48", "--val-split", "0.25", "--format", "json"),
-            *("--head-channels", "8", "--hidden", "16"),
-            command=("detect", "train"),
-        ),
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert trained.returncode == 0, trained.stderr
-    report = json.loads(trained.stdout)  # one JSON document: only rank 0 printed
-    assert report["n_images"] == 4 and json.loads((run / "report.json").read_text()) == report
-    assert trained.stderr.count("epoch 1/1 ") == 1

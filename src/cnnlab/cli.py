@@ -355,16 +355,19 @@ TASK_TRAIN_FLAGS = (
 )
 
 
+def _train_task(args: argparse.Namespace, extra: dict, train: Callable, resume: Callable) -> dict:
+    """`segment train` / `detect train`: a new run from DIR, or --resume RUN."""
+    if args.resume:
+        return resume(Path(args.resume), args.device, args.quiet)
+    _require_data_and_out(args)
+    return train(args.data, args.out, **_task_settings(args, extra, TASK_TRAIN_FLAGS))
+
+
 def cmd_segment(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab import segment
 
     if args.action == "train":
-        if args.resume:
-            result = segment.segment_resume(Path(args.resume), args.device, args.quiet)
-        else:
-            _require_data_and_out(args)
-            settings = _task_settings(args, extra, TASK_TRAIN_FLAGS)
-            result = segment.segment_train(args.data, args.out, **settings)
+        result = _train_task(args, extra, segment.segment_train, segment.segment_resume)
     elif args.action == "eval":
         result = segment.segment_eval(Path(args.run), args.data, device=args.device or "auto")
     else:
@@ -383,12 +386,7 @@ def cmd_detect(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab import detect
 
     if args.action == "train":
-        if args.resume:
-            result = detect.detect_resume(Path(args.resume), args.device, args.quiet)
-        else:
-            _require_data_and_out(args)
-            settings = _task_settings(args, extra, TASK_TRAIN_FLAGS)
-            result = detect.detect_train(args.data, args.out, **settings)
+        result = _train_task(args, extra, detect.detect_train, detect.detect_resume)
     elif args.action == "eval":
         threshold = args.score_threshold if args.score_threshold is not None else 0.001
         result = detect.detect_eval(Path(args.run), args.data, threshold, args.device or "auto")
