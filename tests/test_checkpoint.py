@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnnlab import checkpoint
+from cnnlab import checkpoint, create_model, files
 from cnnlab.errors import CnnlabError
 
 
@@ -34,22 +34,22 @@ def _leftovers(folder: Path) -> list[str]:
 
 def test_atomic_write_replaces_content(tmp_path: Path) -> None:
     target = tmp_path / "a.txt"
-    checkpoint.atomic_write_text(target, "old")
-    checkpoint.atomic_write_text(target, "new")
+    files.atomic_write_text(target, "old")
+    files.atomic_write_text(target, "new")
     assert target.read_text() == "new"
     assert _leftovers(tmp_path) == []
 
 
 def test_failing_write_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "metrics.csv"
-    checkpoint.atomic_write_text(target, "epoch\n1\n")
+    files.atomic_write_text(target, "epoch\n1\n")
 
     def broken_fsync(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="No space"):
-        checkpoint.atomic_write_text(target, "epoch\n1\n2\n")
+        files.atomic_write_text(target, "epoch\n1\n2\n")
     assert target.read_text() == "epoch\n1\n"
     assert _leftovers(tmp_path) == []
 
@@ -73,10 +73,10 @@ def test_interrupted_state_write_keeps_the_old_state(
 
 def test_json_and_yaml_round_trip(tmp_path: Path) -> None:
     data = {"b": [1, 2.5, "x"], "a": None, "nested": {"k": True}}
-    checkpoint.write_json(tmp_path / "d.json", data)
-    checkpoint.write_yaml(tmp_path / "d.yaml", data)
-    assert checkpoint.read_json(tmp_path / "d.json") == data
-    assert checkpoint.read_yaml(tmp_path / "d.yaml") == data
+    files.write_json(tmp_path / "d.json", data)
+    files.write_yaml(tmp_path / "d.yaml", data)
+    assert files.read_json(tmp_path / "d.json") == data
+    assert files.read_yaml(tmp_path / "d.yaml") == data
     # Insertion order is kept, so config.yaml reads in the dataclass's field order.
     assert (tmp_path / "d.yaml").read_text().splitlines()[0] == "b:"
 
@@ -85,7 +85,7 @@ def test_malformed_json_names_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "model.json"
     bad.write_text("{not json")
     with pytest.raises(CnnlabError, match=r"model\.json: not valid JSON"):
-        checkpoint.read_json(bad)
+        files.read_json(bad)
 
 
 def test_weights_round_trip_exactly(tmp_path: Path) -> None:
@@ -108,13 +108,17 @@ def test_channels_last_weights_save(tmp_path: Path) -> None:
 
 
 def test_class_count_mismatch_names_file_and_counts(tmp_path: Path) -> None:
+    # The registry says which modules are the classifier, so a mismatch there is a number
+    # of classes; any other shape mismatch names the tensor.
     path = tmp_path / "best.safetensors"
-    checkpoint.save_weights(path, _net(num_classes=10))
+    checkpoint.save_weights(path, create_model("convnet", num_classes=10, hdims=[4]))
     with pytest.raises(CnnlabError) as caught:
-        checkpoint.load_weights(path, _net(num_classes=5))
+        checkpoint.load_weights(path, create_model("convnet", num_classes=5, hdims=[4]))
     message = str(caught.value)
     assert str(path) in message
     assert "10 classes" in message and "has 5" in message
+    with pytest.raises(CnnlabError, match=r"tensor classifier\.linear_11\.weight has shape"):
+        checkpoint.load_weights(path, create_model("convnet", num_classes=10, hdims=[8]))
 
 
 def test_other_architecture_is_refused(tmp_path: Path) -> None:
@@ -171,8 +175,42 @@ def test_run_dir_is_recognised_by_model_json(tmp_path: Path) -> None:
         checkpoint.require_run_dir(tmp_path)
     with pytest.raises(CnnlabError, match="is not a cnnlab run folder"):
         checkpoint.read_model_json(tmp_path)
-    meta = {"task": "classify", "architecture": "convnet", "classes": ["a", "b"]}
+    meta = checkpoint.ModelMeta(
+        "classify", "convnet", {"num_classes": 2}, ["a", "b"], [1, 28, 28], [0.5], [0.5], "0.1.0"
+    )
     checkpoint.save_model_json(tmp_path, meta)
     assert checkpoint.is_run_dir(tmp_path)
     assert checkpoint.require_run_dir(str(tmp_path)) == tmp_path
     assert checkpoint.read_model_json(tmp_path) == meta
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ({"task": "track"}, "unknown task 'track'"),
+        ({"architecture": 7}, "architecture must be a model name"),
+        ({"model_args": []}, "model_args must be a JSON object"),
+        ({"classes": []}, "classes must be a non-empty list"),
+        ({"classes": ["a", 2]}, "classes must be a non-empty list"),
+        ({"input_size": [2, 28, 28]}, r"input_size must be \[C, H, W\]"),
+        ({"input_size": [1, 28]}, r"input_size must be \[C, H, W\]"),
+        ({"mean": [0.5, 0.5]}, "mean must be 1 number"),
+        ({"std": [0]}, "std must be positive"),
+        ({"model_args": {"num_classes": 3}}, "num_classes is 3 but 2 classes"),
+    ],
+)
+def test_model_json_is_validated_field_by_field(
+    tmp_path: Path, change: dict, complaint: str
+) -> None:
+    good = {
+        "task": "classify",
+        "architecture": "convnet",
+        "model_args": {"num_classes": 2},
+        "classes": ["a", "b"],
+        "input_size": [1, 28, 28],
+        "mean": [0.5],
+        "std": [0.5],
+    }
+    files.write_json(tmp_path / "model.json", {**good, **change})
+    with pytest.raises(CnnlabError, match=rf"model\.json: {complaint}"):
+        checkpoint.read_model_json(tmp_path)

@@ -6,6 +6,7 @@ import cnnlab.models.fcn  # noqa: F401  (registers the FCNs; the zoo imports it 
 from cnnlab import create_model
 from cnnlab.convolutionalize import FullyConvolutional, convolutionalize
 from cnnlab.errors import CnnlabError, InputSizeError
+from cnnlab.registry import check_input_size
 
 CLASSES = 5
 
@@ -54,7 +55,7 @@ def test_convnet_copy_drops_the_fixed_size_but_keeps_a_minimum():
     model = create_model("convnet", num_classes=3, in_channels=1, hdims=(16,)).eval()
     copy = convolutionalize(model)
     with pytest.raises(InputSizeError):
-        model(torch.zeros(1, 1, 40, 40))  # the original still takes 28x28 only
+        check_input_size(model, 40, 40)  # the original still takes 28x28 only
     assert copy(torch.zeros(1, 1, 40, 40)).shape == (1, 3, 4, 4)
     assert copy.min_input_size == 28  # two 2x2 pools, then a 7x7 window
     with pytest.raises(InputSizeError, match="at least 28x28"):
@@ -78,7 +79,7 @@ def test_original_is_left_unchanged():
     ids=["plain-sequential", "fcn32s"],
 )
 def test_unsupported_models_get_a_clear_error(model):
-    with pytest.raises(CnnlabError, match=r"cannot convolutionalize .*supported families"):
+    with pytest.raises(CnnlabError, match=r"cannot convolutionalize .*only registered classifiers"):
         convolutionalize(model)
 
 
@@ -115,7 +116,7 @@ def digits_run(tmp_path_factory):
         "mean": [0.5],
         "std": [0.5],
     }
-    checkpoint.save_model_json(run, meta)
+    checkpoint.save_model_json(run, checkpoint.ModelMeta(**meta))
     return run, images, labels
 
 

@@ -15,25 +15,29 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cnnlab.data import (
-    BadImageError,
+from cnnlab.data import images as image_files
+from cnnlab.data.check import check_folder, clean_folder, summarize_check
+from cnnlab.data.classify import (
     ImageDataset,
     Splits,
     balanced_sampler,
-    check_folder,
     class_weights,
-    clean_folder,
     collate_skip_bad,
-    detect_in_channels,
-    eval_transform,
-    folders,
     make_splits,
-    read_image,
-    summarize_check,
-    train_transform,
-    write_digits,
 )
+from cnnlab.data.digits import write_digits
+from cnnlab.data.images import BadImageError, detect_in_channels, read_image, to_channels
+from cnnlab.data.transforms import classify_eval, classify_train, default_stats
 from cnnlab.errors import CnnlabError
+
+
+def eval_transform(size: int, in_channels: int = 3):
+    return classify_eval(size, *default_stats(in_channels))
+
+
+def train_transform(size: int, augment: str, flip: bool = True, in_channels: int = 3):
+    return classify_train(size, augment, flip, *default_stats(in_channels))
+
 
 # --- helpers -------------------------------------------------------------------------------
 
@@ -292,7 +296,7 @@ def test_split_ignores_listing_order(tmp_path: Path, monkeypatch: pytest.MonkeyP
         for dirpath, dirnames, filenames in real_walk(*args, **kwargs):
             yield dirpath, dirnames, filenames[::-1]
 
-    monkeypatch.setattr(folders.os, "walk", reversed_walk)
+    monkeypatch.setattr(image_files.os, "walk", reversed_walk)
     assert make_splits(root, seed=3).to_json() == expected
 
 
@@ -370,7 +374,7 @@ def test_dataset_skips_bad_file_with_one_warning(
 def test_digits_load_fast_and_cached(digits_dir: Path) -> None:
     splits = make_splits(digits_dir)
     assert detect_in_channels(p for p, _ in splits.train) == 1
-    dataset = ImageDataset(splits.train, eval_transform(32, in_channels=1))
+    dataset = ImageDataset(splits.train, eval_transform(32, in_channels=1), in_channels=1)
     assert dataset.cached  # 1,797 tiny images: decoded once
     image, label = dataset[0]
     assert image.shape == (1, 32, 32) and image.dtype == torch.float32
@@ -384,7 +388,10 @@ def test_digits_load_fast_and_cached(digits_dir: Path) -> None:
 @pytest.mark.parametrize("source_channels", [1, 3])
 @pytest.mark.parametrize("augment", ["none", "light", "strong"])
 def test_transform_shapes(in_channels: int, source_channels: int, augment: str) -> None:
-    image = torch.randint(0, 256, (source_channels, 40, 30), dtype=torch.uint8)
+    # Channels are matched when an image is read; the transforms see the run's channels.
+    image = to_channels(
+        torch.randint(0, 256, (source_channels, 40, 30), dtype=torch.uint8), in_channels
+    )
     for transform in (
         train_transform(24, augment, in_channels=in_channels),
         eval_transform(24, in_channels=in_channels),

@@ -18,22 +18,28 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from safetensors.torch import load_file
 
-import cnnlab.models.rcnn
-import cnnlab.models.yolo  # noqa: F401  (register the detectors)
-from cnnlab.data.detection import eval_transform, read_coco, read_rgb
+import cnnlab
+from cnnlab.data import transforms
+from cnnlab.data.detect import read_coco
+from cnnlab.data.images import read_image
 from cnnlab.data.shapes import write_shapes
-from cnnlab.detect import (
-    METRICS_COLUMNS,
-    DetectTask,
-    detect_demo,
-    detect_eval,
-    detect_predict,
-    detect_resume,
-    detect_train,
-    load_detector,
-    mean_average_precision,
-)
+from cnnlab.demo import shapes_demo
 from cnnlab.errors import CnnlabError
+from cnnlab.tasks.detect import COLUMNS as METRICS_COLUMNS
+from cnnlab.tasks.detect import DetectTask, mean_average_precision
+
+
+def detect_train(data: Path, out: Path, model: str = "yolov1", **settings) -> dict:
+    return cnnlab.train(data, out, task="detect", model=model, **settings)
+
+
+def detect_eval(out: Path, **options) -> dict:
+    return cnnlab.load_run(out, "cpu").evaluate(**options)
+
+
+def detect_predict(out: Path, paths: list[Path], **options) -> list[dict]:
+    return cnnlab.load_run(out, "cpu").predict(paths, **options)
+
 
 TINY = {
     "yolov1": {"head_channels": 16, "hidden": 32},
@@ -103,8 +109,8 @@ def test_training_writes_the_run_folder(run):
 
 def test_eval_reports_coco_figures_on_the_val_split(run):
     out, report = run
-    result = detect_eval(out, device="cpu")
-    assert set(result) == {"map", "map50", "map75", "per_class_ap50", "n_images"}
+    result = detect_eval(out)
+    assert set(result) == {"split", "map", "map50", "map75", "per_class_ap50", "n_images"}
     assert result["n_images"] == 4
     assert set(result["per_class_ap50"]) == {"circle", "square", "triangle"}
     assert 0.0 <= result["map"] <= result["map50"] <= 1.0
@@ -115,8 +121,8 @@ def test_eval_matches_pycocotools_on_the_same_detections(run, shapes):
     out, _ = run
     split = json.loads((out / "split.json").read_text())
     paths = [shapes / p for p in split["val"]]
-    predicted = detect_predict(out, paths, score_threshold=0.001, device="cpu")
-    ours = detect_eval(out, score_threshold=0.001, device="cpu")
+    predicted = detect_predict(out, paths, score_threshold=0.001)
+    ours = detect_eval(out, score_threshold=0.001)
     stats, per_class = _cocoeval(shapes, predicted)
     assert ours["map"] == pytest.approx(stats[0], abs=1e-6)
     assert ours["map50"] == pytest.approx(stats[1], abs=1e-6)
@@ -212,11 +218,13 @@ def test_predict_maps_boxes_back_to_each_images_own_pixels(run, shapes, tmp_path
     large = tmp_path / "00_large.png"
     with Image.open(shapes / "images" / "00.png") as image:
         image.resize((128, 96)).save(large)
-    detector = load_detector(out, "cpu")
-    transform = eval_transform(64, detector.meta["mean"], detector.meta["std"])
-    raw = detector.model.detect(transform(read_rgb(large))[None], score_threshold=0.01)[0]
+    run = cnnlab.load_run(out, "cpu")
+    transform = transforms.detect_eval(64, run.meta.mean, run.meta.std)
+    raw = run.model.detect(transform(read_image(large, 3))[None], score_threshold=0.01)[0]
     drawn = tmp_path / "drawn"
-    (result,) = detect_predict(out, [large], 0.01, out_dir=drawn, device="cpu")
+    drawn.mkdir()
+    (result,) = run.predict([large], score_threshold=0.01)
+    assert run.save(result, drawn, "00_large") == {"drawing": str(drawn / "00_large.png")}
     assert result["file"] == str(large)
     assert len(result["detections"]) == len(raw["boxes"]) > 0
     boxes = torch.tensor([d["box"] for d in result["detections"]])
@@ -231,17 +239,21 @@ def test_predict_maps_boxes_back_to_each_images_own_pixels(run, shapes, tmp_path
 
 def test_predict_on_a_folder_and_a_missing_file(run, shapes):
     out, _ = run
-    results = detect_predict(out, [shapes / "images"], score_threshold=0.9, device="cpu")
+    run = cnnlab.load_run(out, "cpu")
+    results, errors = run.predict_files(
+        [shapes / "images", shapes / "nope.png"], score_threshold=0.9
+    )
     assert len(results) == 16
     assert all(d["score"] >= 0.9 for r in results for d in r["detections"])
-    with pytest.raises(CnnlabError, match="no such file"):
-        detect_predict(out, [shapes / "nope.png"], device="cpu")
+    assert errors == [f"{shapes / 'nope.png'}: no such file or folder"]
+    with pytest.raises(CnnlabError, match=r"nope\.png: cannot read file"):
+        detect_predict(out, [shapes / "nope.png"])
 
 
 def test_resuming_a_finished_run_reports_again_without_training(run):
     out, report = run
     before = (out / "last.pt").stat().st_mtime_ns
-    again = detect_resume(out, device="cpu", quiet=True)
+    again = cnnlab.resume(out, "detect", device="cpu", quiet=True)
     assert again["map50"] == pytest.approx(report["map50"])
     assert (out / "last.pt").stat().st_mtime_ns == before
 
@@ -278,7 +290,7 @@ def test_a_run_stopped_by_ctrl_c_resumes_to_the_same_metrics(shapes, tmp_path, m
     assert report["best_epoch"] == 1 and len(_metric_rows(stopped)) == 1
 
     monkeypatch.undo()
-    detect_resume(stopped, quiet=True)
+    cnnlab.resume(stopped, "detect", quiet=True)
     # Model, optimizer, schedule and random numbers all restored: the same epoch 2.
     assert _metric_rows(stopped) == _metric_rows(straight)
     assert len(_metric_rows(straight)) == 2
@@ -291,8 +303,8 @@ def _metric_rows(run: Path) -> list[dict]:
 
 def test_high_score_threshold_warns_that_map_is_understated(run, caplog):
     out, _ = run
-    with caplog.at_level(logging.WARNING, logger="cnnlab.detect"):
-        detect_eval(out, score_threshold=0.3, device="cpu")
+    with caplog.at_level(logging.WARNING, logger="cnnlab.tasks.detect"):
+        detect_eval(out, score_threshold=0.3)
     assert any("understated" in r.getMessage() for r in caplog.records)
 
 
@@ -308,17 +320,16 @@ def test_bad_annotation_file_is_a_clear_error_and_writes_no_run(tmp_path):
 def test_unknown_setting_and_non_detector_are_refused(shapes, tmp_path):
     with pytest.raises(CnnlabError, match="unknown config key 'colour'"):
         detect_train(shapes, tmp_path / "a", colour=True)
-    with pytest.raises(CnnlabError, match="resnet18 is a classify model, not a detector"):
+    with pytest.raises(CnnlabError, match="resnet18 is a classify model, not a detect model"):
         detect_train(shapes, tmp_path / "b", model="resnet18")
 
 
-def test_demo_trains_evaluates_and_reuses_a_finished_run(tmp_path, capsys):
-    result = detect_demo(tmp_path, epochs=1, n=8, quiet=True)
+def test_demo_trains_evaluates_and_reuses_a_finished_run(tmp_path):
+    result = shapes_demo("detect", tmp_path, quiet=True, n=8, epochs=1)
     assert set(result) >= {"map", "map50", "per_class_ap50", "n_images", "run", "seconds"}
     assert result["n_images"] == 2 and Path(result["run"], "report.json").is_file()
-    assert "validation mAP@0.5" in capsys.readouterr().err
     before = Path(result["run"], "last.pt").stat().st_mtime_ns
-    again = detect_demo(tmp_path, epochs=1, n=8, quiet=True)
+    again = shapes_demo("detect", tmp_path, quiet=True, n=8, epochs=1)
     assert again["map50"] == pytest.approx(result["map50"])
     assert Path(result["run"], "last.pt").stat().st_mtime_ns == before
 

@@ -10,18 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnlab.data.detection import (
+from cnnlab.data.detect import (
     DetectionDataset,
     DetectionSplits,
     collate_detection,
-    eval_transform,
     make_detection_splits,
     read_coco,
     read_detection_folder,
     read_yolo,
-    train_transform,
 )
 from cnnlab.data.shapes import write_shapes
+from cnnlab.data.transforms import detect_eval as eval_transform
+from cnnlab.data.transforms import detect_train
 from cnnlab.errors import CnnlabError
 
 MEAN, STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # identity normalisation keeps pixels readable
@@ -201,7 +201,7 @@ def test_training_augmentation_moves_boxes_with_the_pixels(tmp_path):
     }
     (tmp_path / "annotations.json").write_text(json.dumps(coco))
     _, samples = read_coco(tmp_path)
-    transform = train_transform(64, MEAN, STD, augment=True)
+    transform = detect_train(64, "light", True, MEAN, STD)
     dataset = DetectionDataset(samples, transform)
     torch.manual_seed(0)
     for _ in range(8):

@@ -23,19 +23,16 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
-from cnnlab import checkpoint, create_model, load_run
-from cnnlab.data.folders import Splits
-from cnnlab.engine import (
-    METRICS_COLUMNS,
-    ClassifyTask,
-    TrainConfig,
-    evaluate,
-    pick_device,
-    resume,
-    train,
-    warmup_cosine,
-)
+from cnnlab import checkpoint, create_model, files, load_run
+from cnnlab.config import TrainConfig
+from cnnlab.data.classify import Splits
+from cnnlab.data.transforms import default_stats
+from cnnlab.device import pick_device
+from cnnlab.engine import resume, train
+from cnnlab.engine.loop import warmup_cosine
 from cnnlab.errors import CnnlabError
+from cnnlab.tasks.classify import COLUMNS as METRICS_COLUMNS
+from cnnlab.tasks.classify import ClassifyTask, evaluate
 
 CLASSES = ("blob", "left", "top")
 PER_CLASS = 100
@@ -135,7 +132,7 @@ def test_run_folder_contents(run: tuple[Path, dict]) -> None:
 
 def test_config_yaml_rebuilds_the_resolved_config(run: tuple[Path, dict], data_dir: Path) -> None:
     out, _ = run
-    saved = checkpoint.read_yaml(out / "config.yaml")
+    saved = files.read_yaml(out / "config.yaml")
     assert list(saved) == list(asdict(_config(data_dir, out)))  # field order kept
     cfg = TrainConfig.from_dict(saved)
     assert cfg.in_channels == 1  # detected from the grayscale PNGs
@@ -145,7 +142,7 @@ def test_config_yaml_rebuilds_the_resolved_config(run: tuple[Path, dict], data_d
 
 def test_split_json_and_metrics_csv(run: tuple[Path, dict], data_dir: Path) -> None:
     out, _ = run
-    splits = Splits.from_json(checkpoint.read_json(out / "split.json"))
+    splits = Splits.from_json(files.read_json(out / "split.json"))
     assert splits.classes == list(CLASSES)
     assert len(splits.train) + len(splits.val) + len(splits.test) == 3 * PER_CLASS + 1
     rows = _rows(out / "metrics.csv")
@@ -159,11 +156,11 @@ def test_split_json_and_metrics_csv(run: tuple[Path, dict], data_dir: Path) -> N
 def test_model_json_rebuilds_the_model_and_best_weights(run: tuple[Path, dict]) -> None:
     out, report = run
     meta = checkpoint.read_model_json(out)
-    assert meta["task"] == "classify" and meta["architecture"] == "convnet"
-    assert meta["classes"] == list(CLASSES)
-    assert meta["input_size"] == [1, SIZE, SIZE]
-    assert meta["mean"] == [0.5] and meta["std"] == [0.5]
-    assert meta["model_args"] == {
+    assert meta.task == "classify" and meta.architecture == "convnet"
+    assert meta.classes == list(CLASSES)
+    assert meta.input_size == [1, SIZE, SIZE]
+    assert meta.mean == [0.5] and meta.std == [0.5]
+    assert meta.model_args == {
         "num_classes": 3,
         "in_channels": 1,
         "img_size": SIZE,
@@ -171,7 +168,7 @@ def test_model_json_rebuilds_the_model_and_best_weights(run: tuple[Path, dict]) 
         "hdims": [64],
         "dropout": 0.1,
     }
-    model = create_model(meta["architecture"], **meta["model_args"])
+    model = create_model(meta.architecture, **meta.model_args)
     checkpoint.load_weights(out / "best.safetensors", model)
     # Best = highest val top-1, ties to the lower val loss; report.json names that epoch.
     rows = _rows(out / "metrics.csv")
@@ -211,7 +208,7 @@ def test_refuses_to_overwrite_a_run(run: tuple[Path, dict], data_dir: Path) -> N
 
 def test_class_count_mismatch_names_the_weight_file(run: tuple[Path, dict]) -> None:
     out, _ = run
-    args = {**checkpoint.read_model_json(out)["model_args"], "num_classes": 5}
+    args = {**checkpoint.read_model_json(out).model_args, "num_classes": 5}
     with pytest.raises(CnnlabError, match=rf"{out / 'best.safetensors'}: .*3 classes"):
         checkpoint.load_weights(out / "best.safetensors", create_model("convnet", **args))
 
@@ -220,15 +217,17 @@ def test_googlenet_trains_with_its_auxiliary_classifiers(data_dir: Path, tmp_pat
     torch.manual_seed(0)
     model = create_model("googlenet", num_classes=3, aux_logits=True).train()
     images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
-    task = ClassifyTask(list(CLASSES))
+    task = ClassifyTask(list(CLASSES), 3, 32, *default_stats(3))
     torch.manual_seed(1)  # the same dropout masks for both forward passes
-    logits, loss = task.forward_loss(model, images, targets)
+    loss, (right, scored) = task.forward_loss(model, images, targets)
     torch.manual_seed(1)
     main, aux2, aux1 = model(images)
     expected = F.cross_entropy(main, targets) + 0.3 * (
         F.cross_entropy(aux2, targets) + F.cross_entropy(aux1, targets)
     )
-    assert logits.shape == (4, 3) and torch.allclose(loss, expected)
+    assert torch.allclose(loss, expected)
+    # Only the main logits are scored.
+    assert scored == 4 and right == (main.argmax(dim=1) == targets).sum()
 
     out = tmp_path / "run"
     model_args = {"aux_logits": True}
@@ -279,7 +278,7 @@ def test_config_refuses_unknown_keys_and_bad_values() -> None:
 def test_pick_device() -> None:
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(CnnlabError, match="choose auto, cpu or cuda"):
+    with pytest.raises(CnnlabError, match=r"choose auto \| cpu"):
         pick_device("tpu")
     if torch.cuda.is_available():
         assert pick_device("cuda").type == "cuda"
@@ -384,25 +383,6 @@ def test_early_stopping_with_patience_and_ties(
     assert state["best"] == {"rank": [0.6, -0.8], "epoch": 3}
 
 
-def test_last_pt_from_before_the_shared_loop_still_resumes(run, tmp_path: Path) -> None:
-    import shutil
-
-    import yaml
-
-    source, _ = run
-    old = tmp_path / "old"
-    shutil.copytree(source, old)
-    state = checkpoint.load_state(old / "last.pt")
-    top1, negative_loss = state["best"]["rank"]
-    state["best"] = {"top1": top1, "loss": -negative_loss, "epoch": state["best"]["epoch"]}
-    checkpoint.save_state(old / "last.pt", state)  # the record the old loop kept
-    config = yaml.safe_load((old / "config.yaml").read_text())
-    (old / "config.yaml").write_text(yaml.safe_dump({**config, "epochs": 4}))
-    resume(old)
-    assert [r["epoch"] for r in _rows(old / "metrics.csv")] == ["1", "2", "3", "4"]
-    assert set(checkpoint.load_state(old / "last.pt")["best"]) == {"rank", "epoch"}
-
-
 def test_ctrl_c_reports_on_best_then_resume_finishes(
     data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -478,7 +458,8 @@ def test_sigkilled_run_resumes_to_identical_metrics(data_dir: Path, tmp_path: Pa
     script = textwrap.dedent(
         f"""
         import torch
-        from cnnlab.engine import TrainConfig, train
+        from cnnlab.config import TrainConfig
+        from cnnlab.engine import train
         torch.set_num_threads({torch.get_num_threads()})
         train(TrainConfig(**{asdict(cfg)!r}))
         """

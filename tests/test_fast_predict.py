@@ -44,7 +44,7 @@ def _run_folder(model: nn.Module, name: str, root: Path, **args: object) -> Path
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
     }
-    checkpoint.save_model_json(root, meta)
+    checkpoint.save_model_json(root, checkpoint.ModelMeta(**meta))
     return root
 
 

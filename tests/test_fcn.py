@@ -7,6 +7,7 @@ import cnnlab.models.fcn  # noqa: F401  (registers fcn32s/16s/8s until the zoo i
 from cnnlab import create_model, list_models, model_info
 from cnnlab.errors import CnnlabError, InputSizeError
 from cnnlab.models.fcn import bilinear_kernel, bilinear_upsampling
+from cnnlab.registry import check_input_size
 
 # A five-stage convnet is the cheapest backbone with strides 8, 16 and 32; its floor-rounding
 # max-pools make maps smaller than H/stride, ResNet's padded convs make them larger.
@@ -31,7 +32,7 @@ def test_output_is_the_input_size_for_odd_sizes(name, backbone):
 def test_too_small_input_and_missing_stride_are_clear_errors():
     model = create_model("fcn8s", num_classes=2, backbone="resnet18")
     with pytest.raises(InputSizeError, match="at least 32x32"):
-        model(torch.zeros(1, 3, 31, 64))
+        check_input_size(model, 31, 64)
     shallow = {"backbone": "convnet", "backbone_args": {"img_size": 32, "cdims": [8, 8, 8]}}
     with pytest.raises(CnnlabError, match="no stride-32 stage"):
         create_model("fcn8s", num_classes=2, **shallow)

@@ -14,6 +14,7 @@ from torchvision import models as tvm
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from cnnlab import CnnlabError, InputSizeError, create_model, list_models, model_info
+from cnnlab.registry import check_input_size
 
 Extractor = Callable[[nn.Module, list[str], Tensor], dict[str, Tensor]]
 CLASSIC = [name for name in list_models() if model_info(name).torchvision]
@@ -174,11 +175,11 @@ def test_min_input_size_is_the_true_minimum(name: str) -> None:
     assert model.min_input_size == size
     with torch.no_grad():
         assert model(torch.randn(1, 3, size, size)).shape == (1, 10)
-        smaller = torch.randn(1, 3, size - 1, size - 1)
-        with pytest.raises(InputSizeError, match=f"at least {size}x{size}, got"):
-            model(smaller)
-        with pytest.raises(RuntimeError):  # without the registry's check, the layers fail
-            model.forward(smaller)
+        with pytest.raises(RuntimeError):  # one pixel less and the layers fail
+            model(torch.randn(1, 3, size - 1, size - 1))
+    check_input_size(model, size, size)
+    with pytest.raises(InputSizeError, match=f"at least {size}x{size}, got"):
+        check_input_size(model, size - 1, size - 1)
 
 
 def _extract_with_torchvision(model: nn.Module, nodes: list[str], x: Tensor) -> dict[str, Tensor]:
@@ -254,9 +255,9 @@ def test_convnet_notes_example() -> None:
     assert model.fixed_input_size == (28, 28)
     assert model.min_input_size == 28
     with pytest.raises(InputSizeError, match="built for 28x28 inputs, got 32x32"):
-        model(torch.randn(1, 1, 32, 32))
-    with pytest.raises(InputSizeError):
-        model(torch.randn(1, 1, 27, 27))
+        check_input_size(model, 32, 32)
+    with pytest.raises(InputSizeError, match="built for 28x28 inputs, got 27x27"):
+        check_input_size(model, 27, 27)
 
 
 def test_convnet_init_follows_the_notes() -> None:

@@ -6,7 +6,10 @@ import torch
 from PIL import Image
 
 from cnnlab.errors import CnnlabError
-from cnnlab.plots import plot_confusion, plot_curves, plot_errors
+from cnnlab.plots import line_label, plot_confusion, plot_curves, plot_errors
+from cnnlab.tasks.classify import ClassifyTask
+
+CLASSIFY_CURVES = ClassifyTask.curves
 
 HEADER = "epoch,lr,train_loss,train_top1,val_loss,val_top1,val_top5,seconds\n"
 
@@ -36,7 +39,7 @@ def test_curves_png_two_panels(tmp_path: Path, epochs: int) -> None:
     csv = write_metrics(tmp_path / "metrics.csv", epochs)
     out = tmp_path / "plots" / "curves.png"
     out.parent.mkdir()
-    plot_curves(csv, out)
+    plot_curves(csv, out, CLASSIFY_CURVES)
     pixels = read_png(out)
     height, width, _ = pixels.shape
     assert 800 <= width <= 1200 and 300 <= height <= 500  # two panels side by side
@@ -46,7 +49,7 @@ def test_curves_png_two_panels(tmp_path: Path, epochs: int) -> None:
 
 def test_curves_missing_csv_names_file(tmp_path: Path) -> None:
     with pytest.raises(CnnlabError, match=r"nothere\.csv"):
-        plot_curves(tmp_path / "nothere.csv", tmp_path / "curves.png")
+        plot_curves(tmp_path / "nothere.csv", tmp_path / "curves.png", CLASSIFY_CURVES)
     assert not (tmp_path / "curves.png").exists()
 
 
@@ -130,14 +133,12 @@ def test_errors_length_mismatch(tmp_path: Path) -> None:
 
 
 def test_curves_take_the_tasks_panels_and_line_names(tmp_path: Path) -> None:
-    from cnnlab.plots import _line_label
-
     csv = write_metrics(tmp_path / "metrics.csv", 3)
     panels = {"loss": ("train_loss", "val_loss"), "top-1": ("val_top1",), "top-5": ("val_top5",)}
     plot_curves(csv, tmp_path / "three.png", panels)
-    plot_curves(csv, tmp_path / "two.png")
+    plot_curves(csv, tmp_path / "two.png", CLASSIFY_CURVES)
     three, two = read_png(tmp_path / "three.png"), read_png(tmp_path / "two.png")
     assert three.shape[0] == two.shape[0] and three.shape[1] == pytest.approx(1.5 * two.shape[1])
-    assert _line_label("val_loss", ("train_loss", "val_loss")) == "val"
-    assert _line_label("val_top1", ("val_top1", "val_top5")) == "val_top1"
-    assert _line_label("val_map", {"val_map50": "mAP@0.5", "val_map": "mAP"}) == "mAP"
+    assert line_label("val_loss", ("train_loss", "val_loss")) == "val"
+    assert line_label("val_top1", ("val_top1", "val_top5")) == "val_top1"
+    assert line_label("val_map", {"val_map50": "mAP@0.5", "val_map": "mAP"}) == "mAP"

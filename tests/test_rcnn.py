@@ -10,7 +10,7 @@ import cnnlab.models.rcnn  # noqa: F401  (registers fasterrcnn)
 from cnnlab import create_model
 from cnnlab.errors import CnnlabError
 from cnnlab.inspect import summarize
-from cnnlab.models.rcnn import zoo_backbone
+from cnnlab.models._features import backbone
 
 SMALL = {  # a cheap configuration for 64x64 inputs
     "anchor_sizes": (8, 16, 32),
@@ -48,7 +48,7 @@ def test_anchors_are_every_size_times_every_ratio(model):
 
 def test_training_forward_returns_the_loss_dict(model):
     model.train()
-    losses = model.losses(torch.rand(2, 3, 64, 64), TARGETS)
+    losses = model(torch.rand(2, 3, 64, 64), TARGETS)
     parts = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     assert set(losses) == {"loss"} | parts
     assert all(torch.isfinite(v) for v in losses.values())
@@ -85,16 +85,16 @@ def test_original_roi_pool_can_replace_roi_align():
     (found,) = model.detect(torch.rand(1, 3, 64, 64), score_threshold=0.0)
     assert found["boxes"].shape[1] == 4 and len(found["boxes"]) > 0
     model.train()
-    assert torch.isfinite(model.losses(torch.rand(2, 3, 64, 64), TARGETS)["loss"])
+    assert torch.isfinite(model(torch.rand(2, 3, 64, 64), TARGETS)["loss"])
 
 
 def test_backbone_cut_follows_feature_info():
-    body, channels = zoo_backbone("resnet18", reduction=16)
-    assert channels == 256
+    body, taps = backbone("resnet18", [16])
+    assert body.out_channels == taps[0]["num_chs"] == 256
     assert body(torch.rand(1, 3, 64, 64))["0"].shape == (1, 256, 4, 4)
     assert not any(name.startswith(("layer4", "fc")) for name, _ in body.named_parameters())
-    with pytest.raises(CnnlabError, match="no features at stride 7"):
-        zoo_backbone("resnet18", reduction=7)
+    with pytest.raises(CnnlabError, match="no stride-7 stage"):
+        backbone("resnet18", [7])
 
 
 def test_summary_runs_on_a_batched_tensor(model):

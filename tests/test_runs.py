@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 import cnnlab
-from cnnlab import checkpoint
-from cnnlab.data.folders import make_splits, read_image
-from cnnlab.data.transforms import default_stats, eval_transform
+from cnnlab import checkpoint, files
+from cnnlab.data.classify import make_splits
+from cnnlab.data.images import read_image
+from cnnlab.data.transforms import classify_eval, default_stats
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import create_model, model_info
 from cnnlab.runs import load_run
@@ -58,10 +59,10 @@ def make_run(
         "std": list(std),
         "cnnlab_version": cnnlab.__version__,
     }
-    checkpoint.save_model_json(run_dir, meta)
+    checkpoint.save_model_json(run_dir, checkpoint.ModelMeta(**meta))
     if data is not None:
         splits = make_splits(data, val_split=0.25, test_split=0.25, seed=0)
-        checkpoint.write_json(run_dir / "split.json", splits.to_json())
+        files.write_json(run_dir / "split.json", splits.to_json())
     return run_dir
 
 
@@ -105,9 +106,9 @@ def test_predict_preprocesses_like_evaluation(tmp_path: Path, data: Path) -> Non
     run = load_run(make_run(tmp_path / "run", winner=None))  # random weights: input matters
     paths = sorted((data / "dog").glob("*.png"))
     results = run.predict(paths, topk=3)
-    _, size, _ = run.meta["input_size"]
-    transform = eval_transform(size, mean=run.meta["mean"], std=run.meta["std"], in_channels=3)
-    batch = torch.stack([transform(read_image(p)) for p in paths])
+    _, size, _ = run.meta.input_size
+    transform = classify_eval(size, run.meta.mean, run.meta.std)
+    batch = torch.stack([transform(read_image(p, 3)) for p in paths])
     with torch.inference_mode():
         expected = run.model(batch).softmax(dim=1)
     for result, probs in zip(results, expected, strict=True):
@@ -162,19 +163,19 @@ def test_not_a_run_folder(tmp_path: Path) -> None:
 
 def test_weights_for_other_classes(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run")
-    meta = checkpoint.read_model_json(run_dir)
+    meta = files.read_json(run_dir / "model.json")
     meta["classes"].append("wolf")  # as if the data gained a class after training
     meta["model_args"]["num_classes"] = 4
-    checkpoint.save_model_json(run_dir, meta)
+    files.write_json(run_dir / "model.json", meta)
     with pytest.raises(CnnlabError, match=r"best\.safetensors"):
         load_run(run_dir)
 
 
 def test_classes_disagree_with_num_classes(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run")
-    meta = checkpoint.read_model_json(run_dir)
+    meta = files.read_json(run_dir / "model.json")
     meta["classes"] = ["cat", "dog"]
-    checkpoint.save_model_json(run_dir, meta)
+    files.write_json(run_dir / "model.json", meta)
     with pytest.raises(CnnlabError, match=r"model\.json"):
         load_run(run_dir)
 
@@ -229,7 +230,8 @@ def test_device_auto(fox_run: Path) -> None:
 
 
 def test_trained_run_matches_its_report(tmp_path: Path, data: Path) -> None:
-    from cnnlab.engine import TrainConfig, train
+    from cnnlab.config import TrainConfig
+    from cnnlab.engine import train
 
     out = tmp_path / "run"
     cfg = TrainConfig(
@@ -250,7 +252,7 @@ def test_trained_run_matches_its_report(tmp_path: Path, data: Path) -> None:
     assert mine["n"] == report["n"]
     assert mine["top1"] == pytest.approx(report["top1"])
     assert mine["loss"] == pytest.approx(report["loss"], rel=1e-5)
-    saved = checkpoint.read_json(out / "report.json")
+    saved = files.read_json(out / "report.json")
     assert {k: saved[k] for k in ("top1", "top5", "n")} == {
         k: mine[k] for k in ("top1", "top5", "n")
     }

@@ -6,20 +6,16 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from torchvision import tv_tensors
 
-import cnnlab.models.fcn  # noqa: F401  (registers the FCNs until the zoo imports it)
-from cnnlab.data import segmentation as segdata
+import cnnlab
+from cnnlab import cli
+from cnnlab.data import segment as segdata
 from cnnlab.data.shapes import write_shapes
+from cnnlab.data.transforms import segment_train
 from cnnlab.errors import CnnlabError
-from cnnlab.segment import (
-    METRICS_COLUMNS,
-    confusion_matrix,
-    scores,
-    segment_eval,
-    segment_predict,
-    segment_resume,
-    segment_train,
-)
+from cnnlab.tasks.segment import COLUMNS as METRICS_COLUMNS
+from cnnlab.tasks.segment import confusion_matrix, scores
 
 # ---------------------------------------------------------------------------- metrics
 
@@ -125,9 +121,9 @@ def test_joint_transform_moves_mask_with_image_and_colours_only_the_image():
     mask = torch.zeros(64, 64, dtype=torch.long)
     mask[10:40, 20:50] = 1
     image = torch.where(mask.bool(), 220, 30).to(torch.uint8).expand(3, -1, -1)
-    transform = segdata.train_transform(48, (0.5,) * 3, (0.5,) * 3, augment="strong")
+    transform = segment_train(48, "strong", True, (0.5,) * 3, (0.5,) * 3)
     for _ in range(10):
-        out, moved = transform(segdata.tv_tensors.Image(image), segdata.tv_tensors.Mask(mask))
+        out, moved = transform(tv_tensors.Image(image), tv_tensors.Mask(mask))
         assert out.shape == (3, 48, 48) and moved.shape == (48, 48)
         assert set(moved.unique().tolist()) <= {0, 1, 255}  # nearest: no blended labels
         inside, outside = out[0][moved == 1], out[0][moved == 0]
@@ -154,9 +150,10 @@ def test_collate_pads_images_with_zero_and_masks_with_ignore():
 def shapes_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("segment")
     write_shapes(root / "shapes", task="segment", n=24, size=64, seed=0)
-    report = segment_train(
+    report = cnnlab.train(
         root / "shapes",
         root / "run",
+        task="segment",
         epochs=1,
         batch_size=8,
         lr=1e-3,
@@ -196,18 +193,22 @@ def test_train_writes_a_segmentation_run(shapes_run):
 
 def test_eval_on_the_run_split_and_on_a_folder(shapes_run):
     root, report = shapes_run
-    own = segment_eval(root / "run")
+    run = cnnlab.load_run(root / "run")
+    own = run.evaluate()
     assert own["miou"] == pytest.approx(report["miou"]) and own["n"] == 6
     assert list(own["per_class_iou"]) == ["background", "circle", "square", "triangle"]
-    folder = segment_eval(root / "run", data_dir=root / "shapes")
+    folder = run.evaluate(root / "shapes")
     assert folder["n"] == 24
     json.dumps(folder)  # plain JSON for --format json
 
 
-def test_predict_writes_index_masks_and_overlays(shapes_run, tmp_path):
+def test_predict_writes_index_masks_and_overlays(shapes_run, tmp_path, capsys):
     root, _ = shapes_run
     images = sorted((root / "shapes" / "images").iterdir())[:2]
-    results = segment_predict(root / "run", images, tmp_path / "pred")
+    out = tmp_path / "pred"
+    command = ["segment", "predict", str(root / "run"), *map(str, images), "--out", str(out)]
+    assert cli.main([*command, "--format", "json"]) == 0
+    results = json.loads(capsys.readouterr().out)
     assert [r["file"] for r in results] == [str(p) for p in images]
     for result, image in zip(results, images, strict=True):
         mask = Image.open(result["mask"])
@@ -230,7 +231,7 @@ def test_resume_continues_to_more_epochs(shapes_run, tmp_path):
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["epochs"] = 2
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    segment_resume(run, quiet=True)
+    cnnlab.resume(run, task="segment", quiet=True)
     with open(run / "metrics.csv") as f:
         assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
 
@@ -241,18 +242,16 @@ def test_a_classification_run_or_other_classes_are_refused(shapes_run, tmp_path)
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "model.json").write_text(json.dumps({**meta, "task": "classify"}))
-    with pytest.raises(CnnlabError, match="not a segmentation run"):
-        segment_eval(fake)
+    with pytest.raises(CnnlabError, match="fcn8s is a segment model but the file says classify"):
+        cnnlab.load_run(fake)
     other = tmp_path / "other"
     write_shapes(other, n=2, size=32)
     (other / "classes.txt").write_text("background\nblob\n")
     with pytest.raises(CnnlabError, match="differ from the run's"):
-        segment_eval(root / "run", data_dir=other)
+        cnnlab.load_run(root / "run").evaluate(other)
 
 
 def test_commands_eval_predict_and_resume_a_finished_run(shapes_run, tmp_path, capsys):
-    from cnnlab import cli
-
     root, report = shapes_run
     run = str(root / "run")
     assert cli.main(["segment", "eval", run, "--format", "json"]) == 0

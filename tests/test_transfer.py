@@ -16,10 +16,13 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from cnnlab import checkpoint, create_model
+from cnnlab import checkpoint, create_model, files
 from cnnlab.cli import main
-from cnnlab.engine import ClassifyTask, TrainConfig, _make_optimizer, resume, train
+from cnnlab.config import TrainConfig
+from cnnlab.engine import resume, train
+from cnnlab.engine.loop import make_optimizer
 from cnnlab.errors import CnnlabError
+from cnnlab.tasks.classify import ClassifyTask
 from cnnlab.transfer import backbone_norms_eval, freeze_backbone, head_parameter_names
 from cnnlab.weights import load_pretrained, read_state_dict, torchvision_weight_files
 
@@ -102,7 +105,7 @@ def test_frozen_backbone_stays_the_files_and_only_the_head_trains(
     assert code == 0
     assert json.loads(capsys.readouterr().out)["n"] == 9
 
-    config = checkpoint.read_yaml(out / "config.yaml")
+    config = files.read_yaml(out / "config.yaml")
     assert config["weights"] == "torchvision" and config["freeze_backbone"] is True
     assert Path(config["weights_file"]).name == "resnet18-f37072fd.pth"
     assert config["weights_sha256"] == hashlib.sha256(weight_file.read_bytes()).hexdigest()
@@ -200,7 +203,7 @@ def test_head_adds_what_the_loader_skipped_and_a_headless_model_is_refused(
     torch.save(Tiny(10).state_dict(), file)
     model = Tiny(3)
     model.model_name = "tiny"
-    with pytest.raises(CnnlabError, match="tiny: cannot tell its classifier head"):
+    with pytest.raises(CnnlabError, match="tiny: the registry names no classifier head"):
         head_parameter_names(model)
     from cnnlab.registry import model_info
 
@@ -222,7 +225,7 @@ def test_frozen_backbone_norms_keep_their_statistics_in_train_mode() -> None:
     assert model.conv1.weight.grad is None and model.fc.weight.grad is not None
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable == ["fc.weight", "fc.bias"]
-    optimizer = _make_optimizer(model, _config(Path("."), Path("."), weights="x"))
+    optimizer = make_optimizer(model, _config(Path("."), Path("."), weights="x"))
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 2
 
 

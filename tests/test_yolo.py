@@ -144,7 +144,7 @@ def test_a_few_steps_on_one_batch_lower_the_loss(model):
     model.train()
     first = None
     for _ in range(3):
-        loss = model.losses(images, targets)["loss"]
+        loss = model(images, targets)["loss"]
         first = first if first is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()

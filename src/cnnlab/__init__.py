@@ -1,5 +1,12 @@
-"""cnnlab: build, inspect and train the classic convolutional networks."""
+"""cnnlab: build, inspect and train the classic convolutional networks.
 
+The public API: ``create_model``, ``list_models``, ``model_info`` and ``register_model``
+(the zoo), ``summarize`` (the inspector), ``train``, ``resume`` and ``TrainConfig``
+(training any task), ``load_run`` (a finished run of any task) and ``convolutionalize``.
+``import cnnlab`` stays light: the training stack is imported on first use.
+"""
+
+from importlib import import_module
 from typing import Any
 
 from cnnlab.errors import CnnlabError, InputSizeError
@@ -8,19 +15,30 @@ from cnnlab.registry import create_model, list_models, model_info, register_mode
 __all__ = [
     "CnnlabError",
     "InputSizeError",
+    "TrainConfig",
+    "convolutionalize",
     "create_model",
     "list_models",
     "load_run",
     "model_info",
     "register_model",
+    "resume",
+    "summarize",
+    "train",
 ]
 __version__ = "0.1.0"
 
+_LAZY = {
+    "TrainConfig": "cnnlab.config",
+    "convolutionalize": "cnnlab.convolutionalize",
+    "load_run": "cnnlab.runs",
+    "resume": "cnnlab.engine.loop",
+    "summarize": "cnnlab.inspect",
+    "train": "cnnlab.engine.loop",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # `cnnlab.load_run` without importing the training stack on `import cnnlab`.
-    if name == "load_run":
-        from cnnlab.runs import load_run
-
-        return load_run
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'cnnlab' has no attribute {name!r}")

@@ -1,82 +1,29 @@
-"""Saving and loading runs: safetensors weights, JSON/YAML metadata, a torch resume state.
+"""A run folder's model files: safetensors weights, ``model.json`` and the resume state.
 
-Every write goes to a temporary file in the same folder and is then renamed over the
-target (``os.replace`` is atomic on POSIX and Windows), so a crash, a full disk or a
-SIGKILL mid-write leaves either the old file or the new one, never half of one.
-Nothing here unpickles arbitrary objects: the resume state loads with ``weights_only=True``.
+Nothing here unpickles arbitrary objects: weights are safetensors, metadata is JSON, and
+the resume state (``last.pt``) loads with ``torch.load(..., weights_only=True)``. Every
+file is written atomically (``cnnlab.files``).
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
-import secrets
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
 from cnnlab.errors import CnnlabError
+from cnnlab.files import atomic_write_bytes, read_json, write_json
+from cnnlab.registry import TASKS, classifier_modules
 
 MODEL_JSON = "model.json"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open (not mkstemp, which makes 0600 files) so the umask sets the permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            # Without fsync a power cut after the rename could still leave an empty file.
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write UTF-8 text atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def write_yaml(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as block-style YAML in insertion order, atomically."""
-    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
-
-
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file; a missing or malformed file is a CnnlabError naming it."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CnnlabError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CnnlabError(f"{path}: not valid JSON ({error})") from None
-
-
-def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file; a missing or malformed file is a CnnlabError naming it."""
-    try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CnnlabError(f"{path}: file not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise CnnlabError(f"{path}: not valid YAML ({error})") from None
+# --- weights ---------------------------------------------------------------------------
 
 
 def save_weights(
@@ -109,21 +56,32 @@ def load_weights(path: str | Path, model: nn.Module) -> None:
             f"{path}: weights do not fit this model (missing {_few(missing)}; "
             f"unexpected {_few(unexpected)})"
         )
+    outputs = _class_outputs(model, target)
     for key, wanted in target.items():
         got = state[key].shape
-        if got != wanted.shape:
-            raise CnnlabError(f"{path}: {_shape_problem(key, got, wanted.shape, target)}")
+        if got == wanted.shape:
+            continue
+        # A classifier's output layer that differs only in its first dimension was trained
+        # for another number of classes.
+        if key.rsplit(".", 1)[0] in outputs and got[1:] == wanted.shape[1:]:
+            raise CnnlabError(
+                f"{path}: holds weights for {got[0]} classes but the model has {wanted.shape[0]}"
+            )
+        raise CnnlabError(
+            f"{path}: tensor {key} has shape {list(got)}, the model expects {list(wanted.shape)}"
+        )
     model.load_state_dict(state)
 
 
-def _shape_problem(key: str, got: torch.Size, wanted: torch.Size, target: dict) -> str:
-    # The classifier is the last weight of the state_dict in every cnnlab model; a first
-    # dimension mismatch there means the file was trained on another number of classes.
-    last_weight = [k for k in target if k.endswith(".weight")][-1]
-    head = key.rsplit(".", 1)[0] == last_weight.rsplit(".", 1)[0]
-    if head and got[1:] == wanted[1:]:
-        return f"holds weights for {got[0]} classes but the model has {wanted[0]}"
-    return f"tensor {key} has shape {list(got)}, the model expects {list(wanted)}"
+def _class_outputs(model: nn.Module, state: dict) -> set[str]:
+    """The modules that output class scores: the last weighted layer of each of the
+    model's classifier modules (``ModelInfo.classifier``)."""
+    outputs = set()
+    for prefix in classifier_modules(model):
+        weights = [k for k in state if k.startswith(f"{prefix}.") and k.endswith(".weight")]
+        if weights:
+            outputs.add(weights[-1].rsplit(".", 1)[0])
+    return outputs
 
 
 def _few(keys: list[str], limit: int = 3) -> str:
@@ -139,6 +97,9 @@ def read_weights_metadata(path: str | Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as file:
         return file.metadata() or {}
+
+
+# --- resume state --------------------------------------------------------------------
 
 
 def save_state(path: str | Path, state: dict) -> None:
@@ -158,14 +119,83 @@ def load_state(path: str | Path) -> dict:
         raise CnnlabError(f"{path}: not a readable resume state ({error})") from None
 
 
-def save_model_json(run_dir: str | Path, meta: dict) -> None:
-    """Write ``RUN/model.json``: what is needed to rebuild and feed the model."""
-    write_json(Path(run_dir) / MODEL_JSON, meta)
+# --- model.json ----------------------------------------------------------------------
 
 
-def read_model_json(run_dir: str | Path) -> dict:
-    """Read ``RUN/model.json`` of a run folder."""
-    return read_json(require_run_dir(run_dir) / MODEL_JSON)
+@dataclass
+class ModelMeta:
+    """``RUN/model.json``: what rebuilds the model and feeds it, for every task."""
+
+    task: str  # "classify", "segment" or "detect"
+    architecture: str  # registered model name
+    model_args: dict  # create_model keyword arguments (num_classes, in_channels, ...)
+    classes: list[str]
+    input_size: list[int]  # [C, H, W] the model was trained at
+    mean: list[float]
+    std: list[float]
+    cnnlab_version: str = "unknown"
+
+    @classmethod
+    def from_json(cls, data: object, source: Path | str) -> ModelMeta:
+        """Validate a model.json document; any problem is one line naming ``source``."""
+        if not isinstance(data, dict):
+            raise CnnlabError(f"{source}: expected a JSON object")
+        data = {"task": "classify", **data}  # files from before segmentation had no task
+        required = ("architecture", "model_args", "classes", "input_size", "mean", "std")
+        missing = [key for key in required if key not in data]
+        if missing:
+            raise CnnlabError(f"{source}: missing {', '.join(missing)}")
+        if data["task"] not in TASKS:
+            raise CnnlabError(f"{source}: unknown task {data['task']!r} ({', '.join(TASKS)})")
+        if not isinstance(data["architecture"], str):
+            raise CnnlabError(f"{source}: architecture must be a model name")
+        if not isinstance(data["model_args"], dict):
+            raise CnnlabError(f"{source}: model_args must be a JSON object")
+        classes = data["classes"]
+        if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+            raise CnnlabError(f"{source}: classes must be a non-empty list of names")
+        size = data["input_size"]
+        if not (_ints(size) and len(size) == 3 and size[0] in (1, 3) and min(size) >= 1):
+            raise CnnlabError(f"{source}: input_size must be [C, H, W] with C 1 or 3")
+        for key in ("mean", "std"):
+            values = data[key]
+            if not (_numbers(values) and len(values) == size[0]):
+                raise CnnlabError(f"{source}: {key} must be {size[0]} number(s)")
+        if any(v <= 0 for v in data["std"]):
+            raise CnnlabError(f"{source}: std must be positive")
+        num_classes = data["model_args"].get("num_classes")
+        if num_classes is not None and num_classes != len(classes):
+            raise CnnlabError(
+                f"{source}: num_classes is {num_classes} but {len(classes)} classes are listed"
+            )
+        known = {key: data[key] for key in (*required, "task", "cnnlab_version") if key in data}
+        return cls(**known)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _ints(values: object) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in values
+    )
+
+
+def _numbers(values: object) -> bool:
+    return isinstance(values, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    )
+
+
+def save_model_json(run_dir: str | Path, meta: ModelMeta) -> None:
+    """Write ``RUN/model.json``; it goes last when a run starts: it marks a run folder."""
+    write_json(Path(run_dir) / MODEL_JSON, meta.to_json())
+
+
+def read_model_json(run_dir: str | Path) -> ModelMeta:
+    """Read and validate ``RUN/model.json`` of a run folder."""
+    source = require_run_dir(run_dir) / MODEL_JSON
+    return ModelMeta.from_json(read_json(source), source)
 
 
 def is_run_dir(path: str | Path) -> bool:

@@ -12,8 +12,10 @@ weights give a grid of class scores, one per window, in a single pass. Here:
   applied *before* pooling, so each cell gets its own scores (a class activation map); their
   spatial mean is the original's logits at any input size.
 
-In both cases ``copy(x).mean((-2, -1))`` equals ``model(x)`` at the training size, and the
-copy has exactly the original's parameters.
+Which modules form the head, in which order, and how it pools are registry data
+(``ModelInfo.head`` and ``ModelInfo.pool``), so any registered classifier that declares
+them converts. In both cases ``copy(x).mean((-2, -1))`` equals ``model(x)`` at the training
+size, and the copy has exactly the original's parameters.
 """
 
 from __future__ import annotations
@@ -25,9 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.registry import _check_input_size
-
-SUPPORTED = ("convnet", "alexnet", "vgg", "resnet", "densenet", "googlenet")
+from cnnlab.registry import check_input_size, info_of
 
 # Layers that act on each element (or each channel) alike, so a 4-D input is fine.
 _ELEMENTWISE = (
@@ -58,53 +58,46 @@ class FullyConvolutional(nn.Module):
         # size). Pooled heads (None): each cell is one feature-map cell, and they tile the input.
         self.window = window
         self.model_name = f"{name} (fully convolutional)"
+        # The classifier's fixed input size (convnet) no longer applies; a minimum does.
         self.min_input_size = min_size
-        # The classifier's fixed input size (convnet) no longer applies; its minimum does.
-        self.register_forward_pre_hook(_check_input_size)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_input_size(self, *x.shape[-2:])
         return self.head(self.body.forward_features(x))  # (B, K, H', W')
-
-
-def family_of(model: nn.Module) -> str | None:
-    """The zoo file a model class comes from ("resnet", "vgg", ...), or None."""
-    module = type(model).__module__
-    prefix = "cnnlab.models."
-    return module[len(prefix) :] if module.startswith(prefix) else None
 
 
 def convolutionalize(model: nn.Module) -> FullyConvolutional:
     """A fully convolutional copy of a zoo classifier (the original is left unchanged)."""
-    family = family_of(model)
+    info = info_of(model)
     name = getattr(model, "model_name", type(model).__name__)
-    if family not in SUPPORTED:
+    if info is None or info.task != "classify" or not info.head:
         raise CnnlabError(
-            f"cannot convolutionalize {name}: supported families are {', '.join(SUPPORTED)}"
+            f"cannot convolutionalize {name}: only registered classifiers whose registry"
+            " entry names their head can be (see cnnlab.registry.ModelInfo.head)"
         )
     body = copy.deepcopy(model)
-    body._forward_pre_hooks.clear()  # the copy's own hook checks sizes instead
-    if family in ("alexnet", "vgg"):
-        kernel = _pair(body.avgpool.output_size)
-        head = _convolutional_head(body.classifier, kernel)
-        del body.avgpool, body.classifier
-    elif family == "convnet":
-        kernel = _meta_probe(body)(*body.fixed_input_size)
-        head = _convolutional_head(body.classifier, kernel)
-        del body.classifier
-        body.fixed_input_size = None
-    elif family == "resnet":
-        head = nn.Sequential(_pointwise(body.fc))
-        del body.fc
-    elif family == "googlenet":
-        head = nn.Sequential(body.dropout, _pointwise(body.fc))
-        del body.fc, body.dropout
-    else:  # densenet: its features end in a ReLU, its head is global pool -> classifier
-        head = nn.Sequential(_pointwise(body.classifier))
-        del body.classifier
+    modules = [body.get_submodule(part) for part in info.head]
+    pools = [m for m in modules if isinstance(m, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)]
+    kernel = (1, 1)  # a global-pooling head scores every feature cell
+    if info.pool == "flatten":
+        # The first Linear covers the map it flattened: the adaptive pool's size, or the
+        # features' at the size the model is built for (the ConvNet).
+        kernel = _pair(pools[0].output_size) if pools else _meta_probe(body)(*body.fixed_input_size)
+    # The pools go: the identity at the training size (flatten) or the mean over the score
+    # map taken outside (global).
+    layers = [layer for m in modules if m not in pools for layer in _layers(m)]
+    head = _convolutional_head(layers, kernel)
+    for part in info.head:
+        parent, _, child = part.rpartition(".")
+        delattr(body.get_submodule(parent), child)
     min_size, window = getattr(model, "min_input_size", 1), None
-    if family in ("alexnet", "vgg", "convnet"):
+    if info.pool == "flatten":
         min_size = window = _smallest_input(_meta_probe(body), kernel, min_size)
     return FullyConvolutional(body, head, name, min_size, window)
+
+
+def _layers(module: nn.Module) -> list[nn.Module]:
+    return list(module) if isinstance(module, nn.Sequential) else [module]
 
 
 def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -131,10 +124,10 @@ def _as_2d(layer: nn.BatchNorm1d) -> nn.BatchNorm2d:
     return norm.to(layer.weight.device if layer.affine else layer.running_mean.device)
 
 
-def _convolutional_head(classifier: nn.Sequential, kernel: tuple[int, int]) -> nn.Sequential:
+def _convolutional_head(head: list[nn.Module], kernel: tuple[int, int]) -> nn.Sequential:
     """Flatten dropped, first Linear over ``kernel``, later Linears 1x1, BatchNorm1d -> 2d."""
     layers: list[nn.Module] = []
-    for layer in classifier:
+    for layer in head:
         if isinstance(layer, nn.Flatten):
             continue
         if isinstance(layer, nn.Linear):

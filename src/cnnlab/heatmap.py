@@ -8,15 +8,15 @@ feature cell for global-pooling models); a softmax over classes in each cell giv
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision.transforms import v2
 
 from cnnlab.convolutionalize import FullyConvolutional, convolutionalize
+from cnnlab.data.images import read_image
 from cnnlab.errors import CnnlabError
+from cnnlab.runs import load_run
 
 
 def heatmap(
@@ -24,7 +24,7 @@ def heatmap(
     image: str | Path,
     class_name: str | None = None,
     out: str | Path | None = None,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> dict:
     """The probability map of one class over ``image`` (default: the class whose map peaks
     highest), optionally drawn over the image into the PNG ``out``.
@@ -34,13 +34,13 @@ def heatmap(
     region (pixels) the peak cell scores. An image smaller than the training size is first
     enlarged to it (shorter side).
     """
-    from cnnlab.data.folders import read_image
-    from cnnlab.runs import load_run
-
     loaded = load_run(run, device)
-    in_channels, size, _ = loaded.meta["input_size"]
-    pixels = _at_least(read_image(Path(image)), size)  # uint8 (C, H, W)
-    x = _normalise(pixels, in_channels, loaded.meta["mean"], loaded.meta["std"])
+    if loaded.task.name != "classify":
+        raise CnnlabError(f"{run}: heat maps come from classification runs, not {loaded.task.name}")
+    task = loaded.task
+    pixels = _at_least(read_image(Path(image), task.in_channels), task.img_size)  # uint8 (C, H, W)
+    x = v2.functional.to_dtype(pixels, torch.float32, scale=True)
+    x = v2.functional.normalize(x, list(task.mean), list(task.std))  # (C, H, W)
     model = convolutionalize(loaded.model).to(loaded.device).eval()
     with torch.inference_mode():
         probs = model(x[None].to(loaded.device)).softmax(dim=1)[0].cpu()  # (K, H', W')
@@ -64,7 +64,9 @@ def heatmap(
         "peak_box": boxes.box(row, col),
     }
     if out is not None:
-        draw_heatmap(pixels, grid.numpy(), boxes, loaded.classes[index], Path(out))
+        from cnnlab.plots import plot_heatmap
+
+        plot_heatmap(pixels, grid.numpy(), boxes.extent(), loaded.classes[index], Path(out))
     return result
 
 
@@ -105,43 +107,3 @@ def _at_least(image: torch.Tensor, size: int) -> torch.Tensor:
     if min(image.shape[-2:]) >= size:
         return image
     return v2.functional.resize(image, size, antialias=True)
-
-
-def _normalise(image: torch.Tensor, in_channels: int, mean, std) -> torch.Tensor:
-    from cnnlab.data.transforms import ToChannels
-
-    image = v2.functional.to_dtype(ToChannels(in_channels)(image), torch.float32, scale=True)
-    return v2.functional.normalize(image, list(mean), list(std))  # (C, H, W)
-
-
-def draw_heatmap(
-    image: torch.Tensor, grid: np.ndarray, boxes: CellBoxes, class_name: str, out: Path
-) -> None:
-    """The probability map over the image (uint8 (C, H, W)), with a colour bar, as a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from cnnlab.checkpoint import atomic_write_bytes
-
-    pixels = image.permute(1, 2, 0).numpy()
-    fig = Figure(figsize=(6, 5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3], cmap="gray")
-    shown = ax.imshow(
-        grid,
-        cmap="jet",
-        alpha=0.5,
-        vmin=0.0,
-        vmax=1.0,
-        extent=boxes.extent(),
-        interpolation="bilinear",
-    )
-    ax.set_xlim(0, pixels.shape[1])
-    ax.set_ylim(pixels.shape[0], 0)
-    ax.set_axis_off()
-    ax.set_title(f"P({class_name}) per window")
-    fig.colorbar(shown, ax=ax, label="probability")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    atomic_write_bytes(out, buffer.getvalue())

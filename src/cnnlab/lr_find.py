@@ -19,14 +19,20 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cnnlab import engine, transfer
+from cnnlab import transfer
+from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig
+from cnnlab.device import pick_device
+from cnnlab.engine.loop import Step, amp_dtype, build_model, make_optimizer
+from cnnlab.engine.state import seed_everything
 from cnnlab.errors import CnnlabError
+from cnnlab.registry import model_info
+from cnnlab.tasks import task_class
 
 DIVERGE = 4.0  # stop when the smoothed loss exceeds this many times its best
 
@@ -44,47 +50,37 @@ class LRFindResult:
 
 
 def lr_find(
-    cfg: engine.TrainConfig,
+    cfg: TrainConfig,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
     steps: int = 100,
     beta: float = 0.98,
 ) -> LRFindResult:
-    """Run the range test for the model and data of ``cfg`` (its ``lr`` and schedule are
-    ignored; ``out`` is not written to)."""
-    from cnnlab.data.folders import make_splits
-    from cnnlab.data.transforms import default_stats
-
+    """Run the range test for the model and data of ``cfg``, any task (its ``lr`` and
+    schedule are ignored; ``out`` is not written to)."""
     if not 0 < start_lr < end_lr:
         raise CnnlabError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
     if steps < 2:
         raise CnnlabError(f"steps must be at least 2, got {steps}")
     if not 0 <= beta < 1:
         raise CnnlabError(f"beta must be in [0, 1), got {beta}")
-    cfg = engine._resolve_model_settings(cfg)
-    splits = make_splits(Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed)
-    cfg = engine._resolve_channels(cfg, splits)
-    engine._seed_everything(cfg.seed)
-    device = engine.pick_device(cfg.device)
-    mean, std = default_stats(cfg.in_channels)
-    task = engine.ClassifyTask(splits.classes, cfg.label_smoothing)
+    if cfg.weight_decay is None:
+        cfg = replace(cfg, weight_decay=DEFAULT_WEIGHT_DECAY[cfg.optimizer])
+    cfg, task = task_class(model_info(cfg.model).task).setup(cfg)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = engine._loaders(cfg, splits, mean, std, task, generator, device)[0]
-    if cfg.balance == "weights":
-        from cnnlab.data.datasets import class_weights
-
-        task.class_weights = class_weights(splits.train, len(splits.classes)).to(device)
-
-    model, _ = engine._build_model(cfg, len(splits.classes), pretrained=True)
+    train_loader = task.loaders(cfg, generator, device)[0]
+    model, _ = build_model(cfg, task, pretrained=True)
     model.to(device).train()
     if cfg.freeze_backbone:
         transfer.freeze_backbone(model)
         transfer.backbone_norms_eval(model)
-    optimizer = engine._make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg)
     scale = [group["lr"] / cfg.lr for group in optimizer.param_groups]  # backbone_lr_mult
-    amp_dtype = engine._amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step = engine._Step(model, task, optimizer, scaler, device, amp_dtype, cfg.grad_clip)
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    step = Step(model, task, optimizer, scaler, device, dtype, cfg.grad_clip)
 
     lrs, losses = [], []
     average, best = 0.0, math.inf
@@ -92,7 +88,7 @@ def lr_find(
         lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
         for group, factor in zip(optimizer.param_groups, scale, strict=True):
             group["lr"] = lr * factor
-        loss = step(images, targets)[1].item()
+        loss = step(images, targets)[0].item()
         average = beta * average + (1 - beta) * loss
         smoothed = average / (1 - beta ** (i + 1))
         lrs.append(lr)
@@ -111,7 +107,7 @@ def _forever(loader: torch.utils.data.DataLoader, steps: int):
     while taken < steps:
         before = taken
         for images, targets in loader:
-            if len(targets) == 0:
+            if len(images) == 0:
                 continue
             yield images, targets
             taken += 1
@@ -138,34 +134,6 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
     left, right = centres - half, np.minimum(centres + half, lowest)
     slopes = (y[right] - y[left]) / (x[right] - x[left])
     return float(finite[int(centres[np.argmin(slopes)])][0])
-
-
-def plot_lr_find(result: LRFindResult, out: Path) -> None:
-    """Smoothed loss against learning rate (log axis), the suggestion marked, as a PNG."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from cnnlab.checkpoint import atomic_write_bytes
-
-    figure = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(figure)
-    ax = figure.subplots()
-    ax.plot(result.lrs, result.losses)
-    ax.set_xscale("log")
-    ax.axvline(result.suggested_lr, color="tab:red", linestyle="--")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("smoothed training loss")
-    ax.set_title(f"learning-rate range test (suggested {result.suggested_lr:.1e})")
-    ax.grid(alpha=0.3)
-    low, high = min(result.losses), result.losses[0]
-    if math.isfinite(low) and math.isfinite(high) and high > low:
-        ax.set_ylim(low - 0.1 * (high - low), high + 0.5 * (high - low))  # clip the explosion
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    atomic_write_bytes(out, buffer.getvalue())
 
 
 def png_path(out: str | Path | None) -> Path:

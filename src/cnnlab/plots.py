@@ -1,4 +1,5 @@
-"""Plots for a run folder: learning curves, confusion matrix and the worst test errors.
+"""Every figure cnnlab draws with matplotlib: a run folder's learning curves, confusion
+matrix and worst test errors, heat maps and the learning-rate range test.
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so plotting never
 touches global GUI state and works in threads, notebooks and headless machines alike.
@@ -16,29 +17,26 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cnnlab.checkpoint import atomic_write_bytes
 from cnnlab.errors import CnnlabError
+from cnnlab.files import atomic_write_bytes
 
 if TYPE_CHECKING:
+    import numpy as np
     from matplotlib.figure import Figure
 
 _CELL_TEXT_MAX_CLASSES = 20  # above this, numbers in cells are unreadable
 _MAX_ERROR_IMAGES = 16
 
 
-CLASSIFY_CURVES = {"loss": ("train_loss", "val_loss"), "top-1 accuracy": ("train_top1", "val_top1")}
-
-
 def plot_curves(
-    metrics_csv: Path, out: Path, panels: dict[str, Sequence[str] | dict[str, str]] | None = None
+    metrics_csv: Path, out: Path, panels: dict[str, Sequence[str] | dict[str, str]]
 ) -> None:
     """One panel per entry of ``panels`` (title -> metrics.csv columns, one line each), from
-    a run's ``metrics.csv``; by default loss and top-1 accuracy, train vs val. A line is
-    named by its label when the columns come as {column: label}, else "train"/"val" when
-    the panel compares one metric on both splits, else by its column."""
+    a run's ``metrics.csv``. A line is named by its label when the columns come as
+    {column: label}, else "train"/"val" when the panel compares one metric on both splits,
+    else by its column."""
     from matplotlib.ticker import MaxNLocator
 
-    panels = panels or CLASSIFY_CURVES
     rows = _read_metrics(Path(metrics_csv))
     fig = _new_figure((5 * len(panels), 4))
     epochs = [_number(row.get("epoch")) for row in rows]
@@ -47,7 +45,7 @@ def plot_curves(
         for column in columns:
             values = [_number(row.get(column)) for row in rows]
             # Markers make a one-epoch run visible as a point rather than nothing.
-            ax.plot(epochs, values, marker="o", markersize=3, label=_line_label(column, columns))
+            ax.plot(epochs, values, marker="o", markersize=3, label=line_label(column, columns))
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.25" ticks
         ax.set_ylabel(title)
@@ -59,7 +57,8 @@ def plot_curves(
     _save(fig, Path(out))
 
 
-def _line_label(column: str, columns: Sequence[str] | dict[str, str]) -> str:
+def line_label(column: str, columns: Sequence[str] | dict[str, str]) -> str:
+    """The legend name of ``column`` in a panel of ``columns`` (see ``plot_curves``)."""
     if isinstance(columns, dict):
         return columns[column]
     splits = [c.split("_", 1)[0] for c in columns]
@@ -130,6 +129,49 @@ def plot_errors(
         ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0.0, vmax=1.0)
         ax.set_title(f"true: {true[i]} / pred: {pred[i]} ({float(losses[i]):.2f})", fontsize=8)
         ax.axis("off")
+    _save(fig, Path(out))
+
+
+def plot_heatmap(
+    image: torch.Tensor,
+    grid: np.ndarray,
+    extent: tuple[float, float, float, float],
+    class_name: str,
+    out: Path,
+) -> None:
+    """A class's probability map (H', W') over the image (uint8 (C, H, W)), the map's cells
+    spread over ``extent`` (left, right, bottom, top in pixels), with a colour bar."""
+    pixels = image.permute(1, 2, 0).numpy()
+    fig = _new_figure((6, 5))
+    ax = fig.subplots()
+    ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3], cmap="gray")
+    shown = ax.imshow(
+        grid, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0, extent=extent, interpolation="bilinear"
+    )
+    ax.set_xlim(0, pixels.shape[1])
+    ax.set_ylim(pixels.shape[0], 0)
+    ax.set_axis_off()
+    ax.set_title(f"P({class_name}) per window")
+    fig.colorbar(shown, ax=ax, label="probability")
+    _save(fig, Path(out))
+
+
+def plot_lr_find(
+    lrs: Sequence[float], losses: Sequence[float], suggested: float, out: Path
+) -> None:
+    """Smoothed loss against learning rate (log axis), the suggestion marked."""
+    fig = _new_figure((6, 4))
+    ax = fig.subplots()
+    ax.plot(lrs, losses)
+    ax.set_xscale("log")
+    ax.axvline(suggested, color="tab:red", linestyle="--")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed training loss")
+    ax.set_title(f"learning-rate range test (suggested {suggested:.1e})")
+    ax.grid(alpha=0.3)
+    low, high = min(losses), losses[0]
+    if math.isfinite(low) and math.isfinite(high) and high > low:
+        ax.set_ylim(low - 0.1 * (high - low), high + 0.5 * (high - low))  # clip the explosion
     _save(fig, Path(out))
 
 

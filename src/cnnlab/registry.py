@@ -1,20 +1,27 @@
 """The model registry: ``register_model`` / ``create_model`` / ``list_models``.
 
 Every model in cnnlab is built through ``create_model``; the CLI, the inspector and the
-tests go through it too, so a model registered here is available everywhere.
+tests go through it too, so a model registered here is available everywhere. What other
+code needs to know about a model is recorded here as data (``ModelInfo``), as timm's
+``pretrained_cfg`` does: its task, its minimum input size, which modules form its
+classifier head and how the head reads the features, and its first convolution.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
 from cnnlab.errors import CnnlabError, InputSizeError
+
+TASKS = ("classify", "segment", "detect")
+POOLS = ("avg", "flatten")
 
 
 @dataclass(frozen=True)
@@ -24,10 +31,26 @@ class ModelInfo:
     name: str
     builder: Callable[..., nn.Module]
     family: str  # the file it lives in: "resnet", "vgg", ...
-    min_size: int  # smallest H and W the forward pass accepts
+    task: str  # "classify", "segment" or "detect"
+    min_size: int  # smallest H and W the forward pass accepts (a built model may know better)
     input_size: tuple[int, int, int]  # natural (C, H, W), used by summaries and `cnnlab models`
     torchvision: str | None  # torchvision builder with an identical state_dict, if any
-    task: str  # "classify", "segment" or "detect"
+    # The modules after ``forward_features``, in the order ``forward_head`` applies them
+    # (a Flatten is implied where a Linear follows a map). "avg": the head starts with a
+    # global average pool (a module named in ``head`` or a functional one); "flatten": it
+    # flattens a map of fixed size (an adaptive pool in ``head`` sets that size).
+    head: tuple[str, ...] = ()
+    pool: str | None = None
+    # Modules whose outputs are class scores (sized by num_classes): replaced for transfer
+    # learning, trained alone by freeze_backbone, removed when the model becomes a backbone.
+    classifier: tuple[str, ...] = ()
+    first_conv: str | None = None  # adapted to the number of input channels on weight loading
+    parameters: frozenset[str] = field(default=frozenset(), repr=False)  # the builder's
+
+    @property
+    def takes_img_size(self) -> bool:
+        """Whether the builder fixes the input size (the ConvNet's first linear layer)."""
+        return "img_size" in self.parameters
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -39,15 +62,35 @@ def register_model(
     input_size: tuple[int, int, int] = (3, 224, 224),
     torchvision: str | None = None,
     task: str = "classify",
+    head: tuple[str, ...] = (),
+    pool: str | None = None,
+    classifier: tuple[str, ...] = (),
+    first_conv: str | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a builder under its function name; refuses duplicate names."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if pool not in (None, *POOLS):
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
     def decorator(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         name = builder.__name__
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
-        family = builder.__module__.rsplit(".", 1)[-1]
-        _REGISTRY[name] = ModelInfo(name, builder, family, min_size, input_size, torchvision, task)
+        _REGISTRY[name] = ModelInfo(
+            name=name,
+            builder=builder,
+            family=builder.__module__.rsplit(".", 1)[-1],
+            task=task,
+            min_size=min_size,
+            input_size=input_size,
+            torchvision=torchvision,
+            head=head,
+            pool=pool,
+            classifier=classifier,
+            first_conv=first_conv,
+            parameters=frozenset(inspect.signature(builder).parameters),
+        )
         return builder
 
     return decorator
@@ -78,6 +121,12 @@ def model_info(name: str) -> ModelInfo:
     return _REGISTRY[name]
 
 
+def info_of(model: nn.Module) -> ModelInfo | None:
+    """The registry entry a model was built from (None for a model built by hand)."""
+    name = getattr(model, "model_name", None)
+    return _REGISTRY.get(name) if isinstance(name, str) else None
+
+
 def create_model(
     name: str,
     num_classes: int | None = None,
@@ -89,7 +138,8 @@ def create_model(
 
     ``num_classes`` and ``in_channels`` default to the builder's own (1000 and 3 for the
     ImageNet models). Keyword arguments that are ``None`` are dropped, so CLI defaults never
-    override a builder's defaults.
+    override a builder's defaults. The model records its name (``model.model_name``) and
+    its minimum input side (``model.min_input_size``: the builder's, or the registry's).
     """
     info = model_info(name)
     kwargs = {"num_classes": num_classes, "in_channels": in_channels, **kwargs}
@@ -97,7 +147,6 @@ def create_model(
     model = info.builder(**kwargs)
     model.model_name = name
     model.min_input_size = getattr(model, "min_input_size", info.min_size)
-    model.register_forward_pre_hook(_check_input_size)
     if weights is not None:
         from cnnlab.weights import load_pretrained
 
@@ -105,20 +154,34 @@ def create_model(
     return model
 
 
-def _check_input_size(module: nn.Module, args: tuple) -> None:
-    """Refuse inputs below the model's minimum with an error naming it."""
-    if not args or not hasattr(args[0], "shape") or args[0].dim() < 3:
-        return
-    height, width = args[0].shape[-2:]
-    fixed = getattr(module, "fixed_input_size", None)
-    name = getattr(module, "model_name", type(module).__name__)
+def check_input_size(model: nn.Module, height: int, width: int, what: str = "inputs") -> None:
+    """InputSizeError unless ``model`` accepts ``height`` x ``width`` inputs: at least its
+    ``min_input_size``, and exactly its ``fixed_input_size`` when it has one."""
+    name = getattr(model, "model_name", type(model).__name__)
+    fixed = getattr(model, "fixed_input_size", None)
     if fixed is not None and (height, width) != tuple(fixed):
         raise InputSizeError(
-            f"{name} was built for {fixed[0]}x{fixed[1]} inputs, got {height}x{width}"
+            f"{name} was built for {fixed[0]}x{fixed[1]} {what}, got {height}x{width}"
             " (rebuild it with img_size=... to change)"
         )
-    minimum = module.min_input_size
+    minimum = getattr(model, "min_input_size", 1)
     if height < minimum or width < minimum:
         raise InputSizeError(
-            f"{name} needs inputs of at least {minimum}x{minimum}, got {height}x{width}"
+            f"{name} needs {what} of at least {minimum}x{minimum}, got {height}x{width}"
         )
+
+
+def classifier_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's classifier modules by name (``ModelInfo.classifier``; absent ones, like
+    GoogLeNet's auxiliary heads when they are off, are left out)."""
+    info = info_of(model)
+    names = info.classifier if info is not None else ()
+    found = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(module, nn.Module):
+            found[name] = module
+    return found

@@ -1,211 +1,188 @@
-"""Use a finished run folder: rebuild its model, predict images, evaluate on a data set.
+"""Use a finished run folder of any task: rebuild its model, predict, evaluate, save.
 
-``load_run(RUN)`` rebuilds the model from ``model.json`` with ``create_model`` and loads
-``best.safetensors``; ``Run.predict`` preprocesses exactly as evaluation did (same size,
-crop, normalisation and channel count), so a prediction here matches the test report.
+``load_run(RUN)`` validates ``model.json``, rebuilds the model with ``create_model``, loads
+``best.safetensors`` and takes the run's task (``cnnlab.tasks``), which preprocesses
+exactly as evaluation did (same size, crop, normalisation and channel count), so a
+prediction here matches the run's report. The CLI, the web page and export all load runs
+through here; nothing here imports the trainer.
 
 The loaded model is made fast for inference without changing its answers beyond float
-rounding: each BatchNorm folded into the convolution before it (``fold_batchnorm``), and
-weights and batches in channels_last layout, which oneDNN (CPU) and cuDNN convolve faster.
-torch.compile is not used: on a CPU it needs tens of seconds to compile before the first
-image, which a command that predicts a few images never wins back.
+rounding: each BatchNorm folded into the convolution before it (``fold_batchnorm``), and,
+where the task trains that way, weights and batches in channels_last layout, which oneDNN
+(CPU) and cuDNN convolve faster. torch.compile is not used: on a CPU it needs tens of
+seconds to compile before the first image, which a command that predicts a few images
+never wins back.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from cnnlab import checkpoint
+from cnnlab.checkpoint import ModelMeta
+from cnnlab.data.images import BadImageError, list_images, read_image, to_channels
+from cnnlab.device import pick_device
 from cnnlab.errors import CnnlabError
-from cnnlab.registry import create_model
+from cnnlab.files import atomic_write_bytes, read_json
+from cnnlab.registry import create_model, model_info
+from cnnlab.tasks import task_class
 
 if TYPE_CHECKING:
     from PIL import Image
 
 ImageInput = str | Path | torch.Tensor  # or a PIL.Image.Image
-BATCH_SIZE = 64
-SPLITS = ("train", "val", "test")
-_META_KEYS = ("architecture", "model_args", "classes", "input_size", "mean", "std")
+FILE_BATCH = 64  # image files decoded and predicted at a time
 
 
 @dataclass
 class Run:
-    """A trained classifier loaded from a run folder, ready to predict and evaluate."""
+    """A trained model loaded from a run folder, ready to predict and evaluate."""
 
     path: Path
-    meta: dict
-    classes: list[str]
+    meta: ModelMeta
+    task: Any  # the run's task object (cnnlab.tasks): preprocessing, metrics, drawing
     model: nn.Module  # eval mode, best weights, on ``device``
     device: torch.device
-    transform: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.task.classes
 
     def predict(
-        self, images: Sequence[ImageInput | Image.Image] | ImageInput | Image.Image, topk: int = 5
+        self,
+        images: Sequence[ImageInput | Image.Image] | ImageInput | Image.Image,
+        **options: Any,
     ) -> list[dict]:
-        """Top-k classes for each image: ``[{"file": str | None, "top": [{"class", "prob"}]}]``.
+        """The task's prediction for each image, with ``"file"`` (the path, or None).
 
         Images are paths, PIL images or uint8 tensors (C, H, W) (a single one is taken as a
-        list of one); an unreadable file raises CnnlabError naming it (``predict_files``
-        collects such errors instead).
+        list of one, a (B, C, H, W) tensor as B images); an unreadable file raises
+        CnnlabError naming it (``predict_files`` collects such errors instead). ``options``
+        are the task's: ``topk`` (classify), ``score_threshold`` (detect). Entries whose
+        name starts with ``_`` (a segmentation's mask tensor) are not JSON.
         """
-        k = self._clip_topk(topk)
-        results: list[dict] = []
-        for chunk in _chunks(_as_list(images), BATCH_SIZE):
-            prepared = [self._prepare(image) for image in chunk]
-            results += self._infer(prepared, k)
-        return results
+        items = _as_list(images)
+        decoded = [self._decode(item) for item in items]
+        files = [str(item) if isinstance(item, str | Path) else None for item in items]
+        results = self.task.predict(self.model, decoded, self.device, **options)
+        return [{"file": file, **result} for file, result in zip(files, results, strict=True)]
 
     def predict_files(
-        self, paths: Sequence[str | Path], topk: int = 5
+        self, paths: Sequence[str | Path], **options: Any
     ) -> tuple[list[dict], list[str]]:
         """Predict image files and folders (searched recursively, sorted).
 
-        Returns ``(results, errors)``: a file that cannot be read becomes an error line
+        Returns ``(results, errors)``: a path that cannot be read becomes an error line
         ``"path: reason"`` and the others are still predicted; nothing is raised for them.
         """
-        k = self._clip_topk(topk)
-        files, errors = _expand(paths)
+        files, errors = list_images(paths)
         results: list[dict] = []
-        for chunk in _chunks(files, BATCH_SIZE):
-            prepared = []
-            for file in chunk:
+        for start in range(0, len(files), FILE_BATCH):
+            readable = []
+            for file in files[start : start + FILE_BATCH]:
                 try:
-                    prepared.append(self._prepare(file))
-                except CnnlabError as e:
-                    errors.append(_error_line(file, e))
-            results += self._infer(prepared, k)
+                    readable.append((file, read_image(file, self.task.in_channels)))
+                except BadImageError as error:
+                    errors.append(str(error))
+            if readable:
+                found = self.task.predict(
+                    self.model, [image for _, image in readable], self.device, **options
+                )
+                results += [
+                    {"file": str(file), **result}
+                    for (file, _), result in zip(readable, found, strict=True)
+                ]
         return results, errors
 
-    def evaluate(self, data_dir: str | Path | None = None, split: str = "test") -> dict:
-        """Test metrics (``engine.evaluate`` without its private ``_`` keys).
-
-        Without ``data_dir`` the run's own ``split`` from ``split.json`` is used. With it,
-        ``DATA/<split>`` when that folder exists, else the whole class-folder tree; its
-        classes may be a subset of the run's, matched by name.
-        """
-        from cnnlab.data.datasets import ImageDataset, collate_skip_bad
-        from cnnlab.engine import evaluate
-
-        samples = self._own_split(split) if data_dir is None else self._folder(data_dir, split)
-        loader = torch.utils.data.DataLoader(
-            ImageDataset(samples, self.transform),
-            batch_size=BATCH_SIZE,
-            collate_fn=collate_skip_bad,
-            pin_memory=self.device.type == "cuda",
-        )
-        report = evaluate(self.model, loader, self.device, self.classes)
-        return {key: value for key, value in report.items() if not key.startswith("_")}
-
-    def _clip_topk(self, topk: int) -> int:
-        if topk < 1:
-            raise CnnlabError(f"topk must be at least 1, got {topk}")
-        return min(topk, len(self.classes))
-
-    def _prepare(self, image: ImageInput | Image.Image) -> tuple[str | None, torch.Tensor]:
-        """Decode and preprocess one image: (file name or None, float tensor (C, S, S))."""
-        from cnnlab.data.folders import read_image
-
-        if isinstance(image, str | Path):
-            return str(image), self.transform(read_image(Path(image)))
-        if isinstance(image, torch.Tensor):
-            return None, self.transform(_check_tensor(image))
-        return None, self.transform(_pil_to_tensor(image))
-
-    @torch.inference_mode()
-    def _infer(self, prepared: list[tuple[str | None, torch.Tensor]], k: int) -> list[dict]:
-        if not prepared:
-            return []
-        batch = torch.stack([tensor for _, tensor in prepared]).to(self.device)  # (B, C, S, S)
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        probs = self.model(batch).float().softmax(dim=1)  # (B, num_classes)
-        top_probs, top_indices = probs.topk(k, dim=1)  # (B, k), sorted descending
-        return [
-            {
-                "file": file,
-                "top": [
-                    {"class": self.classes[i], "prob": p}
-                    for i, p in zip(indices.tolist(), values.tolist(), strict=True)
-                ],
-            }
-            for (file, _), values, indices in zip(prepared, top_probs, top_indices, strict=True)
-        ]
-
-    def _own_split(self, split: str) -> list[tuple[Path, int]]:
-        from cnnlab.data.folders import Splits
-
-        if split not in SPLITS:
-            raise CnnlabError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    def evaluate(
+        self, data_dir: str | Path | None = None, split: str | None = None, **options: Any
+    ) -> dict:
+        """The task's metrics on the run's own ``split`` (default: classification's test
+        split, the others' val) or, with ``data_dir``, on that folder (its ``split`` part
+        when it has one). Returns the report with ``"split"`` added."""
+        split = split or self.task.eval_split
         split_file = self.path / "split.json"
-        data = checkpoint.read_json(split_file)  # missing or malformed: CnnlabError
-        try:
-            splits = Splits.from_json(data)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CnnlabError(f"{split_file}: not a cnnlab split file ({e!r})") from e
-        samples = getattr(splits, split)
-        if not samples:
-            raise CnnlabError(
-                f"{split_file}: the run has no {split} images; pass a data folder instead"
-            )
-        if not splits.root.is_dir():
-            raise CnnlabError(
-                f"{split_file}: data folder {splits.root} no longer exists; pass a data folder"
-            )
-        return self._remap(splits.classes, samples, split_file)
+        split_json = read_json(split_file) if data_dir is None else None
+        folder = Path(data_dir) if data_dir is not None else None
+        data = self.task.eval_data(split_json, folder, split, split_file)
+        report = self.task.evaluate(self.model, data, self.device, **options)
+        return {"split": split, **{k: v for k, v in report.items() if not k.startswith("_")}}
 
-    def _folder(self, data_dir: str | Path, split: str) -> list[tuple[Path, int]]:
-        from cnnlab.data.folders import scan_class_folders
+    def save(self, result: dict, out_dir: str | Path, stem: str) -> dict[str, str]:
+        """Write the task's drawings of one prediction (``result`` from ``predict``, with a
+        ``file``) as PNGs in ``out_dir``: ``STEM.png`` for the first, ``STEM_NAME.png`` for
+        the others. Returns {name: path written}."""
+        from torchvision.io import encode_png
 
-        root = Path(data_dir)
-        if (root / split).is_dir():
-            root = root / split
-        classes, samples = scan_class_folders(root)
-        return self._remap(classes, samples, root)
+        if result.get("file") is None:
+            raise CnnlabError("only predictions of image files can be saved")
+        image = read_image(result["file"], self.task.in_channels)
+        written = {}
+        for index, (name, drawing) in enumerate(self.task.draw(image, result).items()):
+            target = Path(out_dir) / (f"{stem}.png" if index == 0 else f"{stem}_{name}.png")
+            atomic_write_bytes(target, encode_png(drawing).numpy().tobytes())
+            written[name] = str(target)
+        return written
 
-    def _remap(
-        self, classes: list[str], samples: list[tuple[Path, int]], source: Path
-    ) -> list[tuple[Path, int]]:
-        """Relabel samples from ``classes`` indices to the model's, by class name."""
-        index = {name: i for i, name in enumerate(self.classes)}
-        unknown = [name for name in classes if name not in index]
-        if unknown:
-            raise CnnlabError(
-                f"{source}: class folder {unknown[0]!r} is not one of the run's"
-                f" {len(self.classes)} classes"
-            )
-        return [(path, index[classes[label]]) for path, label in samples]
+    def _decode(self, image: ImageInput | Image.Image) -> torch.Tensor:
+        """uint8 (in_channels, H, W) of a path, a uint8 tensor or a PIL image."""
+        channels = self.task.in_channels
+        if isinstance(image, str | Path):
+            return read_image(image, channels)
+        if isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3, 4):
+                raise CnnlabError(
+                    f"expected a uint8 image tensor (C, H, W), got {image.dtype} "
+                    f"{tuple(image.shape)}"
+                )
+            return to_channels(image, channels)
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("RGB")
+        return to_channels(pil_to_tensor(image), channels)
 
 
-def load_run(path: str | Path, device: str = "cpu", fast: bool = True) -> Run:
-    """Load a classification run folder: model from ``model.json``, ``best.safetensors``.
+def load_run(path: str | Path, device: str = "auto", fast: bool = True) -> Run:
+    """Load a run folder of any task: model from ``model.json`` and ``best.safetensors``.
 
-    ``device`` is ``cpu`` (default), ``cuda`` or ``auto`` (CUDA when available). ``fast``
-    folds BatchNorm into convolutions and uses channels_last (see the module doc); without
-    it the model is exactly the trained module.
+    ``device`` is ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. ``fast``
+    folds BatchNorm into convolutions (and uses channels_last where the task trains so);
+    without it the model is exactly the trained module.
     """
-    from cnnlab.data.transforms import eval_transform
-    from cnnlab.engine import pick_device
-
     run_dir = checkpoint.require_run_dir(Path(path))
     meta = checkpoint.read_model_json(run_dir)
-    _check_meta(meta, run_dir / "model.json")
-    model = _build_model(meta, run_dir)
+    model_json = run_dir / checkpoint.MODEL_JSON
+    info = model_info(meta.architecture)  # unknown: CnnlabError with close names
+    if info.task != meta.task:
+        raise CnnlabError(
+            f"{model_json}: {meta.architecture} is a {info.task} model but the file says"
+            f" {meta.task}"
+        )
+    try:
+        model = create_model(meta.architecture, **meta.model_args)
+    except CnnlabError as error:
+        raise CnnlabError(f"{model_json}: {error}") from None
+    except TypeError as error:  # an argument the builder does not take
+        raise CnnlabError(
+            f"{model_json}: model_args do not fit {meta.architecture}: {error}"
+        ) from None
+    checkpoint.load_weights(run_dir / "best.safetensors", model)  # mismatch: CnnlabError
+    task = task_class(meta.task).from_meta(meta)
     target = pick_device(device)
     model.to(target).eval()
     if fast:
         fold_batchnorm(model)
-        model.to(memory_format=torch.channels_last)
-    in_channels, height, _ = meta["input_size"]
-    transform = eval_transform(
-        height, mean=tuple(meta["mean"]), std=tuple(meta["std"]), in_channels=in_channels
-    )
-    return Run(run_dir, meta, list(meta["classes"]), model, target, transform)
+        if task.channels_last:
+            model.to(memory_format=torch.channels_last)
+    return Run(run_dir, meta, task, model, target)
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -249,59 +226,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, module)
 
 
-def _check_meta(meta: dict, source: Path) -> None:
-    if not isinstance(meta, dict):
-        raise CnnlabError(f"{source}: expected a JSON object")
-    task = meta.get("task", "classify")
-    if task != "classify":
-        raise CnnlabError(f"{source}: a {task} run; only classification runs can be loaded")
-    missing = [key for key in _META_KEYS if key not in meta]
-    if missing:
-        raise CnnlabError(f"{source}: missing {', '.join(missing)}")
-    if not isinstance(meta["model_args"], dict):
-        raise CnnlabError(f"{source}: model_args must be a JSON object")
-    num_classes = meta["model_args"].get("num_classes")
-    if num_classes is not None and num_classes != len(meta["classes"]):
-        raise CnnlabError(
-            f"{source}: num_classes is {num_classes} but {len(meta['classes'])} classes are listed"
-        )
-
-
-def _build_model(meta: dict, run_dir: Path) -> nn.Module:
-    model_json = run_dir / "model.json"
-    try:
-        model = create_model(meta["architecture"], **meta["model_args"])
-    except CnnlabError as e:
-        raise CnnlabError(f"{model_json}: {e}") from e
-    checkpoint.load_weights(run_dir / "best.safetensors", model)  # mismatch: CnnlabError
-    return model
-
-
-def _expand(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
-    """Files named directly plus image files found under folders (sorted), and errors."""
-    files: list[Path] = []
-    errors: list[str] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if _is_image_file(p, path))
-            files += found
-            if not found:
-                errors.append(f"{path}: no image files in this folder")
-        elif path.exists():
-            files.append(path)
-        else:
-            errors.append(f"{path}: no such file or folder")
-    return files, errors
-
-
-def _is_image_file(path: Path, folder: Path) -> bool:
-    from cnnlab.data.folders import IMAGE_EXTENSIONS
-
-    # Like the data scanner: hidden names (macOS "._x.jpg") and __MACOSX are never images.
-    hidden = any(p.startswith(".") or p == "__MACOSX" for p in path.relative_to(folder).parts)
-    return not hidden and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-
-
 def _as_list(images: object) -> list:
     from PIL import Image
 
@@ -309,29 +233,3 @@ def _as_list(images: object) -> list:
     if single or (isinstance(images, torch.Tensor) and images.dim() == 3):
         return [images]
     return list(images)  # a (B, C, H, W) tensor becomes B images
-
-
-def _check_tensor(image: torch.Tensor) -> torch.Tensor:
-    if image.dtype != torch.uint8 or image.dim() != 3:
-        raise CnnlabError(
-            f"expected a uint8 image tensor (C, H, W), got {image.dtype} {tuple(image.shape)}"
-        )
-    return image
-
-
-def _pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    from torchvision.transforms.v2.functional import pil_to_tensor
-
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")
-    return pil_to_tensor(image)  # uint8 (C, H, W)
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _error_line(path: Path, error: Exception) -> str:
-    message = str(error)
-    return message if str(path) in message else f"{path}: {message}"

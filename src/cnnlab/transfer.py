@@ -1,11 +1,11 @@
 """Fine-tuning a pretrained model: which parameters are the head, freezing the backbone.
 
-The head is the classifier module, found by attribute name: the first of ``fc`` (ResNet,
-GoogLeNet), ``classifier`` (VGG, AlexNet, DenseNet, the ConvNet) or ``head`` that the model
-has, plus any parameter the weight loader skipped because its shape differs from the file's
-(``model.pretrained_report.skipped``: a layer sized by the number of classes outside that
-module). Everything else is the backbone. For every zoo model the skipped tensors lie inside
-the classifier module, so a resumed run (which loads no weight file) finds the same head.
+The head is what the registry records as the model's classifier (``ModelInfo.classifier``:
+``fc`` for ResNet, ``classifier`` for VGG, ...), plus any parameter the weight loader
+skipped because its shape differs from the file's (``model.pretrained_report.skipped``: a
+layer sized by the number of classes outside those modules). Everything else is the
+backbone. For every zoo model the skipped tensors lie inside the classifier modules, so a
+resumed run (which loads no weight file) finds the same head.
 """
 
 from __future__ import annotations
@@ -16,30 +16,25 @@ from pathlib import Path
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.registry import model_info
+from cnnlab.registry import classifier_modules, model_info
 
-HEAD_ATTRIBUTES = ("fc", "classifier", "head")
 _CHUNK = 1 << 20
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:
     """Names (as in ``model.named_parameters()``) of the classifier head's parameters."""
-    names: set[str] = set()
-    for attribute in HEAD_ATTRIBUTES:
-        module = getattr(model, attribute, None)
-        if isinstance(module, nn.Module):
-            names = {f"{attribute}.{name}" for name, _ in module.named_parameters()}
-            break
+    names = {
+        f"{prefix}.{name}"
+        for prefix, module in classifier_modules(model).items()
+        for name, _ in module.named_parameters()
+    }
     report = getattr(model, "pretrained_report", None)
     if report is not None:
         own = dict(model.named_parameters())
         names |= {name for name in report.skipped if name in own}
     if not names:
         model_name = getattr(model, "model_name", type(model).__name__)
-        raise CnnlabError(
-            f"{model_name}: cannot tell its classifier head (no {', '.join(HEAD_ATTRIBUTES)}"
-            " module)"
-        )
+        raise CnnlabError(f"{model_name}: the registry names no classifier head for it")
     return names
 
 

@@ -100,19 +100,20 @@ def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return tiled * (weight.shape[1] / in_channels)
 
 
-def model_in_rgb(model: nn.Module) -> bool:
-    """Whether the model's first convolution takes three channels."""
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return first is not None and first.in_channels == 3
+def model_in_rgb(model: nn.Module, info: ModelInfo) -> bool:
+    """Whether the model's first convolution (``ModelInfo.first_conv``) takes three channels."""
+    return info.first_conv is not None and model.get_submodule(info.first_conv).in_channels == 3
 
 
 def load_pretrained(model: nn.Module, info: ModelInfo, weights: str | Path) -> LoadReport:
-    """Load weights into ``model``: matching tensors load, the first conv adapts to
-    ``in_channels``, tensors of another shape (a head for other classes) stay new."""
+    """Load weights into ``model``: matching tensors load, the first conv
+    (``ModelInfo.first_conv``) adapts to ``in_channels``, tensors of another shape (a head
+    for other classes) stay new."""
     path = find_torchvision_weights(info) if weights == "torchvision" else Path(weights)
     source = _modern_keys(read_state_dict(path))
     target = model.state_dict()
     report = LoadReport(source=path)
+    first_conv = f"{info.first_conv}.weight" if info.first_conv else None
     merged = dict(target)
     for key, tensor in source.items():
         if key not in target:
@@ -121,7 +122,7 @@ def load_pretrained(model: nn.Module, info: ModelInfo, weights: str | Path) -> L
         if tensor.shape == wanted:
             merged[key] = tensor
             report.loaded.append(key)
-        elif tensor.dim() == 4 and tensor.shape[0] == wanted[0] and tensor.shape[2:] == wanted[2:]:
+        elif key == first_conv and tensor.shape[0] == wanted[0] and tensor.shape[2:] == wanted[2:]:
             merged[key] = _adapt_input_conv(tensor, wanted[1])
             report.adapted.append(key)
         else:
@@ -131,7 +132,7 @@ def load_pretrained(model: nn.Module, info: ModelInfo, weights: str | Path) -> L
     # Old checkpoints have no BatchNorm step counters; they are bookkeeping, not weights.
     missing = [k for k in target if k not in source and not k.endswith("num_batches_tracked")]
     model.load_state_dict(merged)
-    if weights == "torchvision" and hasattr(model, "transform_input") and model_in_rgb(model):
+    if weights == "torchvision" and hasattr(model, "transform_input") and model_in_rgb(model, info):
         # torchvision's GoogLeNet weights were trained on inputs it re-normalises itself;
         # torchvision switches this on whenever it loads them, and so must we.
         model.transform_input = True

@@ -1,11 +1,15 @@
-"""Train and evaluation transforms: uint8 (C, H, W) in, normalised float (in_channels, S, S) out.
+"""Every task's training and evaluation transforms (torchvision.transforms.v2).
 
-Evaluation is ``Resize(S)`` (shorter side) + ``CenterCrop(S)``, i.e. timm's ``crop_pct=1.0``,
-not the ImageNet habit of resizing to S/0.875 and cropping: on small or tightly framed
-images (32x32 digits, product photos) that habit cuts off strokes and edges, and it gains
-little on user data. Training presets keep most of the object for the same reason.
+Each task has one training preset with one signature, ``(img_size, augment, flip, mean,
+std)``, and an evaluation transform. Inputs are uint8 (C, H, W) images already in the
+run's channel count (``cnnlab.data.images.read_image(path, in_channels)``); outputs are
+normalised float images.
 
-Presets (training only):
+Classification evaluates with ``Resize(S)`` (shorter side) + ``CenterCrop(S)``, i.e.
+timm's ``crop_pct=1.0``, not the ImageNet habit of resizing to S/0.875 and cropping: on
+small or tightly framed images (32x32 digits, product photos) that habit cuts off strokes
+and edges. Training presets keep most of the object for the same reason:
+
 - ``none``: the evaluation transform.
 - ``light``: RandomResizedCrop (scale 0.7..1, aspect ratio near 1), horizontal flip, mild
   ColorJitter.
@@ -15,6 +19,9 @@ Presets (training only):
 ``flip=False`` says orientation carries meaning (digits, text): no flips, and ``strong``
 uses a mild RandomAffine (10 degrees) instead of TrivialAugmentWide, whose rotations reach
 135 degrees and would turn a 6 into a 9.
+
+Segmentation transforms (image, mask) pairs at the images' own scale and evaluates whole
+images; detection resizes to a square and moves the boxes with every geometric step.
 """
 
 from __future__ import annotations
@@ -22,16 +29,18 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
+from cnnlab.config import AUGMENTS
+from cnnlab.data.segment import IGNORE_INDEX
 from cnnlab.errors import CnnlabError
 
-AUGMENTS = ("none", "light", "strong")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN = (0.5,)
 GRAY_STD = (0.5,)
+_DETECT_FILL = 114  # grey for pixels that scale jitter uncovers (Ultralytics' choice)
 
 
 def default_stats(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -43,86 +52,51 @@ def default_stats(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...
     raise CnnlabError(f"in_channels must be 1 or 3, got {in_channels}")
 
 
-class ToChannels(torch.nn.Module):
-    """uint8 (C, H, W), C in {1, 3, 4} -> (in_channels, H, W): grey repeated or RGB averaged."""
-
-    def __init__(self, in_channels: int) -> None:
-        super().__init__()
-        if in_channels not in (1, 3):
-            raise CnnlabError(f"in_channels must be 1 or 3, got {in_channels}")
-        self.in_channels = in_channels
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if image.shape[-3] == 4:
-            image = image[..., :3, :, :]  # drop alpha
-        channels = image.shape[-3]
-        if channels == self.in_channels:
-            return image
-        if channels == 1:
-            return F.grayscale_to_rgb(image)
-        return F.rgb_to_grayscale(image)
-
-
-def _stats(
-    in_channels: int, mean: Sequence[float] | None, std: Sequence[float] | None
-) -> tuple[Sequence[float], Sequence[float]]:
-    default_mean, default_std = default_stats(in_channels)
-    mean = default_mean if mean is None else tuple(mean)
-    std = default_std if std is None else tuple(std)
-    if len(mean) != in_channels or len(std) != in_channels:
-        raise CnnlabError(f"mean/std need {in_channels} value(s), got {list(mean)}/{list(std)}")
-    return mean, std
-
-
-def _finish(mean: Sequence[float], std: Sequence[float]) -> list[Callable]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-
-
-def _check_size(img_size: int) -> None:
-    if img_size < 1:
+def _check(img_size: int | None, augment: str, allowed: Sequence[str] = AUGMENTS) -> None:
+    if img_size is not None and img_size < 1:
         raise CnnlabError(f"image size must be positive, got {img_size}")
+    if augment not in allowed:
+        raise CnnlabError(f"unknown augment {augment!r}; choose one of {', '.join(allowed)}")
 
 
-def eval_transform(
-    img_size: int,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    in_channels: int = 3,
-) -> v2.Compose:
+def _normalise(mean: Sequence[float], std: Sequence[float]) -> list[Callable]:
+    # Masks (and boxes) pass through ToDtype and Normalize untouched.
+    to_float = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
+    return [to_float, v2.Normalize(list(mean), list(std))]
+
+
+# --- classification ------------------------------------------------------------------
+
+
+def classify_eval(img_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
     """Resize the shorter side to ``img_size``, centre-crop a square, normalise."""
-    _check_size(img_size)
-    mean, std = _stats(in_channels, mean, std)
+    _check(img_size, "none")
     return v2.Compose(
         [
-            ToChannels(in_channels),
             v2.Resize(img_size, antialias=True),
             v2.CenterCrop(img_size),
-            *_finish(mean, std),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
         ]
     )
 
 
-def train_transform(
+def classify_train(
     img_size: int,
-    augment: str = "light",
-    flip: bool = True,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    in_channels: int = 3,
+    augment: str,
+    flip: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
 ) -> v2.Compose:
     """Random training transform for ``augment`` in none/light/strong (see the module doc)."""
-    if augment not in AUGMENTS:
-        raise CnnlabError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    _check(img_size, augment)
     if augment == "none":
-        return eval_transform(img_size, mean, std, in_channels)
-    _check_size(img_size)
-    mean, std = _stats(in_channels, mean, std)
+        return classify_eval(img_size, mean, std)
     strong = augment == "strong"
     # Crops stay near square: the final resize to S x S would otherwise stretch the object.
     ratio = (3 / 4, 4 / 3) if strong else (5 / 6, 6 / 5)
     steps: list[Callable] = [
-        ToChannels(in_channels),
-        v2.RandomResizedCrop(img_size, scale=(0.25 if strong else 0.7, 1.0), ratio=ratio),
+        v2.RandomResizedCrop(img_size, scale=(0.25 if strong else 0.7, 1.0), ratio=ratio)
     ]
     if flip:
         steps.append(v2.RandomHorizontalFlip())
@@ -133,9 +107,80 @@ def train_transform(
             else v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=5)
         )
     jitter = 0.4 if strong else 0.2
-    hue = 0.1 if strong and in_channels == 3 else 0.0
+    hue = 0.1 if strong and len(mean) == 3 else 0.0
     steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter, hue=hue))
     if strong:
         kernel = max(3, img_size // 10 | 1)  # odd, about a tenth of the image
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=0.2))
-    return v2.Compose(steps + _finish(mean, std))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)
+
+
+# --- segmentation --------------------------------------------------------------------
+
+
+def segment_eval(mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Normalise only: evaluation and prediction run on whole images at their own size."""
+    return v2.Compose(_normalise(mean, std))
+
+
+def segment_train(
+    img_size: int | None,
+    augment: str,
+    flip: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> v2.Compose:
+    """Joint (image, mask) augmentation at the images' own scale: geometry moves both, colour
+    touches the image only; then a random ``img_size`` x ``img_size`` crop (padded with the
+    ignore label where the image is smaller; None: the whole image).
+
+    ``none``: crop and flips only; ``light``: rescaling by 0.8-1.25 (no stretching: an aspect
+    change would turn circles into ellipses) and mild colour jitter; ``strong``: rescaling by
+    0.6-1.5, rotations up to 15 degrees and stronger jitter."""
+    _check(img_size, augment)
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
+    steps: list = []
+    if augment == "light":
+        steps += [v2.RandomAffine(0, scale=(0.8, 1.25), fill=fill), v2.ColorJitter(0.2, 0.2, 0.2)]
+    elif augment == "strong":
+        steps += [v2.RandomAffine(15, scale=(0.6, 1.5), fill=fill), v2.ColorJitter(0.4, 0.4, 0.4)]
+    if img_size is not None:
+        steps.append(v2.RandomCrop(img_size, pad_if_needed=True, fill=fill))
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, *_normalise(mean, std)])
+
+
+# --- detection -----------------------------------------------------------------------
+
+
+def detect_eval(img_size: int, mean: Sequence[float], std: Sequence[float]) -> v2.Compose:
+    """Resize to ``img_size`` square (boxes follow) and normalise."""
+    return detect_train(img_size, "none", False, mean, std)
+
+
+def detect_train(
+    img_size: int,
+    augment: str,
+    flip: bool,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> v2.Compose:
+    """Resize to ``img_size`` square, then (``light``) colour jitter, horizontal flip (unless
+    ``flip`` is off) and scale/translate jitter that move the boxes along; boxes that leave
+    the image go. Detection has no ``strong`` recipe."""
+    _check(img_size, augment, ("none", "light"))
+    steps: list = [v2.Resize((img_size, img_size), antialias=True)]
+    if augment == "light":
+        steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+        steps += [
+            # YOLOv1's recipe: random scaling and translation of up to 20% of the image.
+            v2.RandomAffine(degrees=0.0, translate=(0.2, 0.2), scale=(0.8, 1.2), fill=_DETECT_FILL),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=2.0),
+        ]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    return v2.Compose(steps)

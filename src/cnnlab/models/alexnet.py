@@ -62,11 +62,14 @@ class AlexNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _build(num_classes: int, in_channels: int, **kwargs: Any) -> AlexNet:
-    return AlexNet(num_classes, in_channels, **kwargs)
-
-
-@register_model(min_size=63, torchvision="alexnet")
+@register_model(
+    min_size=63,
+    torchvision="alexnet",
+    head=("avgpool", "classifier"),
+    pool="flatten",
+    classifier=("classifier",),
+    first_conv="features.0",
+)
 def alexnet(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> AlexNet:
     """AlexNet: 5 convs and 3 linear layers, 61.1M parameters at 1000 classes."""
-    return _build(num_classes, in_channels, **kwargs)
+    return AlexNet(num_classes, in_channels, **kwargs)

@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from cnnlab.blocks import ConvBNAct
 from cnnlab.errors import CnnlabError
+from cnnlab.models.blocks import ConvBNAct
 from cnnlab.registry import register_model
 
 
@@ -143,7 +143,14 @@ def _build(
     )
 
 
-@register_model(min_size=28, input_size=(1, 28, 28))
+@register_model(
+    min_size=28,
+    input_size=(1, 28, 28),
+    head=("classifier",),
+    pool="flatten",
+    classifier=("classifier",),
+    first_conv="features.conv2d_00",
+)
 def convnet(
     num_classes: int | None = None,  # default 10
     in_channels: int | None = None,  # default 1

@@ -16,8 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.blocks import DenseBlock, NormLayer, Transition
+from cnnlab.models.blocks import DenseBlock, NormLayer, Transition
 from cnnlab.registry import register_model
+
+# What the registry records about every DenseNet (see cnnlab.registry.ModelInfo); the
+# global pool is functional, as in torchvision.
+_FACTS = {
+    "head": ("classifier",),
+    "pool": "avg",
+    "classifier": ("classifier",),
+    "first_conv": "features.conv0",
+}
 
 
 class DenseNet(nn.Module):
@@ -86,43 +95,33 @@ class DenseNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _densenet(
-    growth_rate: int,
-    block_config: tuple[int, int, int, int],
-    num_init_features: int,
-    num_classes: int,
-    in_channels: int,
-    **kwargs: Any,
-) -> DenseNet:
+@register_model(min_size=29, torchvision="densenet121", **_FACTS)
+def densenet121(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> DenseNet:
+    """DenseNet-121: growth rate 32, blocks of 6, 12, 24, 16 layers (8.0M parameters)."""
     return DenseNet(
-        growth_rate,
-        block_config,
-        num_init_features,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        **kwargs,
+        32, (6, 12, 24, 16), 64, num_classes=num_classes, in_channels=in_channels, **kwargs
     )
 
 
-@register_model(min_size=29, torchvision="densenet121")
-def densenet121(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> DenseNet:
-    """DenseNet-121: growth rate 32, blocks of 6, 12, 24, 16 layers (8.0M parameters)."""
-    return _densenet(32, (6, 12, 24, 16), 64, num_classes, in_channels, **kwargs)
-
-
-@register_model(min_size=29, torchvision="densenet161")
+@register_model(min_size=29, torchvision="densenet161", **_FACTS)
 def densenet161(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> DenseNet:
     """DenseNet-161: growth rate 48, blocks of 6, 12, 36, 24 layers (28.7M parameters)."""
-    return _densenet(48, (6, 12, 36, 24), 96, num_classes, in_channels, **kwargs)
+    return DenseNet(
+        48, (6, 12, 36, 24), 96, num_classes=num_classes, in_channels=in_channels, **kwargs
+    )
 
 
-@register_model(min_size=29, torchvision="densenet169")
+@register_model(min_size=29, torchvision="densenet169", **_FACTS)
 def densenet169(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> DenseNet:
     """DenseNet-169: growth rate 32, blocks of 6, 12, 32, 32 layers (14.1M parameters)."""
-    return _densenet(32, (6, 12, 32, 32), 64, num_classes, in_channels, **kwargs)
+    return DenseNet(
+        32, (6, 12, 32, 32), 64, num_classes=num_classes, in_channels=in_channels, **kwargs
+    )
 
 
-@register_model(min_size=29, torchvision="densenet201")
+@register_model(min_size=29, torchvision="densenet201", **_FACTS)
 def densenet201(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> DenseNet:
     """DenseNet-201: growth rate 32, blocks of 6, 12, 48, 32 layers (20.0M parameters)."""
-    return _densenet(32, (6, 12, 48, 32), 64, num_classes, in_channels, **kwargs)
+    return DenseNet(
+        32, (6, 12, 48, 32), 64, num_classes=num_classes, in_channels=in_channels, **kwargs
+    )

@@ -3,17 +3,15 @@ Segmentation"): any zoo backbone's stride-32 features scored by a 1x1 convolutio
 upsampled back to the input, with skips from the stride-16 (FCN-16s) and stride-8 (FCN-8s)
 stages refining the coarse map.
 
-The backbone is a zoo classifier whose ``forward_features`` runs as usual while forward
-hooks keep the outputs of the modules its ``feature_info`` names at strides 8, 16 and 32;
-the layers ``forward_features`` never calls (the classifier head, auxiliary heads) are
-removed. Each skip fuses by summing a 2x-upsampled score map with a 1x1
-score of the finer stage; the final upsampling returns exactly the input's H x W, for any
-size (maps are cropped or edge-padded to fit after each upsampling).
+The backbone is a zoo classifier cut after the modules its ``feature_info`` names at
+strides 32, 16 and 8 (``cnnlab.models._features``), its classifier head removed. Each
+skip fuses by summing a 2x-upsampled score map with a 1x1 score of the finer stage; the
+final upsampling returns exactly the input's H x W, for any size (maps are cropped or
+edge-padded to fit after each upsampling).
 """
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.errors import CnnlabError
-from cnnlab.registry import create_model, register_model
+from cnnlab.models._features import backbone as backbone_features
+from cnnlab.registry import register_model
 
 _STRIDES = (32, 16, 8)  # score map strides, coarse to fine
 
@@ -68,102 +66,36 @@ def _zero_score(in_channels: int, num_classes: int) -> nn.Conv2d:
     return layer
 
 
-def _taps(backbone: nn.Module, name: str, strides: tuple[int, ...]) -> dict[int, dict]:
-    """For each stride, the last ``feature_info`` entry with that reduction."""
-    info = getattr(backbone, "feature_info", None)
-    if not info:
-        raise CnnlabError(f"backbone {name} has no feature_info; pick a zoo classifier")
-    found = {entry["reduction"]: entry for entry in info}
-    missing = [s for s in strides if s not in found]
-    if missing:
-        have = sorted(found)
-        raise CnnlabError(f"backbone {name} has no stride-{missing[0]} stage (its strides: {have})")
-    return {s: found[s] for s in strides}
-
-
-def _called_modules(backbone: nn.Module, in_channels: int) -> set[str]:
-    """Names of the modules ``forward_features`` calls, from one small eval-mode pass."""
-    called: set[str] = set()
-    handles = [
-        module.register_forward_pre_hook(lambda *_, name=name: called.add(name))
-        for name, module in backbone.named_modules()
-    ]
-    size = max(getattr(backbone, "min_input_size", 32), 32)
-    training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            backbone.forward_features(torch.zeros(1, in_channels, size, size))
-    finally:
-        for handle in handles:
-            handle.remove()
-        backbone.train(training)
-    return called
-
-
-def drop_head(backbone: nn.Module, in_channels: int) -> nn.Module:
-    """Remove (set to None) every submodule ``forward_features`` does not call: the
-    classifier head, auxiliary heads. Returns the same module."""
-    called = _called_modules(backbone, in_channels)
-    for parent_name, parent in list(backbone.named_modules()):
-        if parent_name and parent_name not in called:
-            continue
-        for child_name, _ in list(parent.named_children()):
-            if f"{parent_name}.{child_name}".lstrip(".") not in called:
-                setattr(parent, child_name, None)
-    return backbone
-
-
 class FCN(nn.Module):
-    """FCN-32s, -16s or -8s (``skips`` = 0, 1 or 2) over a zoo backbone."""
+    """FCN-32s, -16s or -8s (``skips`` = 0, 1 or 2) over a zoo backbone's feature maps."""
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        backbone_name: str,
-        num_classes: int,
-        skips: int,
-        in_channels: int,
-    ) -> None:
+    def __init__(self, backbone: nn.Module, taps: list[dict], num_classes: int) -> None:
         super().__init__()
-        strides = _STRIDES[: skips + 1]
-        taps = _taps(backbone, backbone_name, strides)
-        self.backbone = drop_head(backbone, in_channels)
-        self._tapped: dict[int, Tensor] = {}  # stride -> feature map, filled by the hooks
-        for stride in strides:
-            module = backbone.get_submodule(taps[stride]["module"])
-            # A bound method (not a closure), so deepcopy hooks the copy to the copy.
-            module.register_forward_hook(partial(self._keep, stride))
-        self.score32 = nn.Conv2d(taps[32]["num_chs"], num_classes, 1)
+        # backbone: (B, C, H, W) -> {"0": stride-32 map, "1": stride 16, "2": stride 8}
+        self.backbone = backbone
+        skips = len(taps) - 1
+        self.score32 = nn.Conv2d(taps[0]["num_chs"], num_classes, 1)
         if skips >= 1:
             self.up32 = bilinear_upsampling(num_classes, 2)
-            self.score16 = _zero_score(taps[16]["num_chs"], num_classes)
+            self.score16 = _zero_score(taps[1]["num_chs"], num_classes)
         if skips >= 2:
             self.up16 = bilinear_upsampling(num_classes, 2)
-            self.score8 = _zero_score(taps[8]["num_chs"], num_classes)
+            self.score8 = _zero_score(taps[2]["num_chs"], num_classes)
         # The paper learns the 2x upsamplings but fixes the final one to bilinear.
-        self.upsample = bilinear_upsampling(num_classes, strides[-1]).requires_grad_(False)
+        final = _STRIDES[skips]
+        self.upsample = bilinear_upsampling(num_classes, final).requires_grad_(False)
         self.feature_info = [
-            {
-                "num_chs": taps[s]["num_chs"],
-                "reduction": s,
-                "module": f"backbone.{taps[s]['module']}",
-            }
-            for s in reversed(strides)
+            {**tap, "module": f"backbone.{tap['module']}"} for tap in reversed(taps)
         ]
 
-    def _keep(self, stride: int, module: nn.Module, args: tuple, output: Tensor) -> None:
-        self._tapped[stride] = output
-
     def forward(self, x: Tensor) -> Tensor:
-        self.backbone.forward_features(x)
-        features, self._tapped = self._tapped, {}  # hold no activations between calls
-        score = self.score32(features[32])  # (B, K, H/32, W/32)
+        features = self.backbone(x)
+        score = self.score32(features["0"])  # (B, K, H/32, W/32)
         if hasattr(self, "score16"):
-            skip = self.score16(features[16])  # (B, K, H/16, W/16)
+            skip = self.score16(features["1"])  # (B, K, H/16, W/16)
             score = fit(self.up32(score), skip.shape[-2:]) + skip
         if hasattr(self, "score8"):
-            skip = self.score8(features[8])  # (B, K, H/8, W/8)
+            skip = self.score8(features["2"])  # (B, K, H/8, W/8)
             score = fit(self.up16(score), skip.shape[-2:]) + skip
         return fit(self.upsample(score), x.shape[-2:])  # (B, K, H, W)
 
@@ -176,11 +108,12 @@ def _fcn(
     backbone_weights: str | Path | None,
     backbone_args: dict[str, Any] | None,
 ) -> FCN:
-    # The backbone is built whole (so classifier weight files load), then its head dropped.
-    features = create_model(
-        backbone, in_channels=in_channels, weights=backbone_weights, **(backbone_args or {})
+    # The backbone is built whole (so classifier weight files load), then cut after its
+    # stride-8 stage; the classifier head goes.
+    features, taps = backbone_features(
+        backbone, _STRIDES[: skips + 1], in_channels, backbone_weights, backbone_args
     )
-    model = FCN(features, backbone, num_classes, skips, in_channels)
+    model = FCN(features, taps, num_classes)
     model.min_input_size = max(32, features.min_input_size)  # AlexNet needs more than 32
     return model
 

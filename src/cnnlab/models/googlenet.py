@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.blocks import ConvBNAct, Inception
 from cnnlab.errors import CnnlabError
+from cnnlab.models.blocks import ConvBNAct, Inception
 from cnnlab.registry import register_model
 
 # What a training-mode forward returns with aux_logits=True; the same fields as torchvision's.
@@ -156,11 +156,14 @@ class GoogLeNet(nn.Module):
         return GoogLeNetOutputs(logits, aux2, aux1) if with_aux else logits
 
 
-def _build(num_classes: int, in_channels: int, **kwargs: Any) -> GoogLeNet:
-    return GoogLeNet(num_classes, in_channels, **kwargs)
-
-
-@register_model(min_size=15, torchvision="googlenet")
+@register_model(
+    min_size=15,
+    torchvision="googlenet",
+    head=("avgpool", "dropout", "fc"),
+    pool="avg",
+    classifier=("fc", "aux1", "aux2"),
+    first_conv="conv1.conv",
+)
 def googlenet(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> GoogLeNet:
     """GoogLeNet: nine Inception modules, 6.6M parameters at 1000 classes.
 
@@ -169,4 +172,4 @@ def googlenet(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> G
     re-normalises ImageNet-normalised inputs for torchvision's pretrained weights, which were
     made with it on.
     """
-    return _build(num_classes, in_channels, **kwargs)
+    return GoogLeNet(num_classes, in_channels, **kwargs)

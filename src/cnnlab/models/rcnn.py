@@ -1,7 +1,8 @@
 """Faster R-CNN (Ren et al. 2015, arXiv:1506.01497) on a cnnlab zoo backbone.
 
 Assembled from torchvision's detection parts rather than rewritten: the zoo backbone is cut
-at one level of its ``feature_info`` (stride 16 by default, the paper's VGG-16 conv5_3),
+at one level of its ``feature_info`` (stride 16 by default, the paper's VGG-16 conv5_3;
+``cnnlab.models._features``),
 then torchvision's ``AnchorGenerator`` + ``RegionProposalNetwork`` propose regions,
 ``MultiScaleRoIAlign`` (or the original ``RoIPool``) crops them and ``RoIHeads`` classifies
 and refines them.
@@ -25,37 +26,12 @@ from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import MultiScaleRoIAlign, roi_pool
 
-from cnnlab.errors import CnnlabError
-from cnnlab.registry import create_model, model_info, register_model
+from cnnlab.models._features import backbone as backbone_features
+from cnnlab.registry import register_model
 
 Detections = list[dict[str, Tensor]]  # per image: boxes (N, 4) xyxy, scores (N,), labels (N,)
-
-
-def zoo_backbone(
-    name: str,
-    in_channels: int = 3,
-    weights: str | None = None,
-    reduction: int = 32,
-) -> tuple[nn.Module, int]:
-    """A zoo model cut after its ``feature_info`` level of the given ``reduction``.
-
-    Returns (module mapping (B, C, H, W) to ``{"0": (B, num_chs, H/r, W/r)}``, num_chs).
-    Layers after the cut (the classifier head included) are not part of the module.
-    """
-    model = create_model(name, num_classes=1, in_channels=in_channels, weights=weights)
-    levels = [f for f in getattr(model, "feature_info", []) if f["reduction"] == reduction]
-    if not levels:
-        found = sorted({f["reduction"] for f in getattr(model, "feature_info", [])})
-        raise CnnlabError(f"backbone {name} has no features at stride {reduction} (has {found})")
-    try:
-        body = create_feature_extractor(model, return_nodes={levels[-1]["module"]: "0"})
-    except Exception as error:  # torch.fx refuses data-dependent Python control flow
-        raise CnnlabError(f"backbone {name} cannot be cut at stride {reduction}: {error}") from None
-    body.min_input_size = model_info(name).min_size
-    return body, levels[-1]["num_chs"]
 
 
 class _PreparedImages(GeneralizedRCNNTransform):
@@ -104,10 +80,6 @@ class FasterRCNN(TorchvisionFasterRCNN):
             return {"loss": sum(output.values()), **output}
         return [{**d, "labels": d["labels"] - 1} for d in output]
 
-    def losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """RPN and box-head losses, plus their sum under ``"loss"`` (model in train mode)."""
-        return self(images, targets)
-
     @torch.no_grad()
     def detect(
         self,
@@ -135,8 +107,8 @@ def _fasterrcnn(
     representation_size: int,
     **kwargs: object,
 ) -> FasterRCNN:
-    body, channels = zoo_backbone(backbone, in_channels, backbone_weights, reduction)
-    body.out_channels = channels
+    body, _ = backbone_features(backbone, [reduction], in_channels, backbone_weights)
+    channels = body.out_channels
     # One feature map, so one tuple of sizes: every anchor size at every position.
     anchors = AnchorGenerator((tuple(anchor_sizes),), (tuple(aspect_ratios),))
     model = FasterRCNN(

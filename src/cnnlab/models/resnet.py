@@ -11,10 +11,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnnlab.blocks import BasicBlock, Bottleneck, NormLayer
+from cnnlab.models.blocks import BasicBlock, Bottleneck, NormLayer
 from cnnlab.registry import register_model
 
 Block = type[BasicBlock] | type[Bottleneck]
+# What the registry records about every ResNet (see cnnlab.registry.ModelInfo).
+_FACTS = {
+    "head": ("avgpool", "fc"),
+    "pool": "avg",
+    "classifier": ("fc",),
+    "first_conv": "conv1",
+}
 
 
 def _make_layer(
@@ -92,41 +99,31 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _resnet(
-    block: Block,
-    layers: tuple[int, int, int, int],
-    num_classes: int,
-    in_channels: int,
-    **kwargs: Any,
-) -> ResNet:
-    return ResNet(block, layers, num_classes=num_classes, in_channels=in_channels, **kwargs)
-
-
-@register_model(min_size=1, torchvision="resnet18")
+@register_model(min_size=1, torchvision="resnet18", **_FACTS)
 def resnet18(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> ResNet:
     """ResNet-18: BasicBlock stages of 2, 2, 2, 2 (11.7M parameters at 1000 classes)."""
-    return _resnet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, **kwargs)
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=1, torchvision="resnet34")
+@register_model(min_size=1, torchvision="resnet34", **_FACTS)
 def resnet34(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> ResNet:
     """ResNet-34: BasicBlock stages of 3, 4, 6, 3 (21.8M parameters)."""
-    return _resnet(BasicBlock, (3, 4, 6, 3), num_classes, in_channels, **kwargs)
+    return ResNet(BasicBlock, (3, 4, 6, 3), num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=1, torchvision="resnet50")
+@register_model(min_size=1, torchvision="resnet50", **_FACTS)
 def resnet50(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> ResNet:
     """ResNet-50: Bottleneck stages of 3, 4, 6, 3 (25.6M parameters)."""
-    return _resnet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, **kwargs)
+    return ResNet(Bottleneck, (3, 4, 6, 3), num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=1, torchvision="resnet101")
+@register_model(min_size=1, torchvision="resnet101", **_FACTS)
 def resnet101(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> ResNet:
     """ResNet-101: Bottleneck stages of 3, 4, 23, 3 (44.5M parameters)."""
-    return _resnet(Bottleneck, (3, 4, 23, 3), num_classes, in_channels, **kwargs)
+    return ResNet(Bottleneck, (3, 4, 23, 3), num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=1, torchvision="resnet152")
+@register_model(min_size=1, torchvision="resnet152", **_FACTS)
 def resnet152(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> ResNet:
     """ResNet-152: Bottleneck stages of 3, 8, 36, 3 (60.2M parameters)."""
-    return _resnet(Bottleneck, (3, 8, 36, 3), num_classes, in_channels, **kwargs)
+    return ResNet(Bottleneck, (3, 8, 36, 3), num_classes, in_channels, **kwargs)

@@ -12,12 +12,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnnlab.blocks import ConvBNAct, NormLayer
+from cnnlab.models.blocks import ConvBNAct, NormLayer
 from cnnlab.registry import register_model
 
 # Number of 3x3 convs in each of the five stages (the paper's configurations A, B, D, E),
 # by depth; every stage ends in a 2x2 max-pool.
 _STAGE_WIDTHS = (64, 128, 256, 512, 512)
+# What the registry records about every VGG (see cnnlab.registry.ModelInfo).
+_FACTS = {
+    "head": ("avgpool", "classifier"),
+    "pool": "flatten",
+    "classifier": ("classifier",),
+    "first_conv": "features.0",
+}
 _STAGE_DEPTHS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
 
 
@@ -99,49 +106,49 @@ def _vgg(
     return VGG(_STAGE_DEPTHS[depth], num_classes, in_channels, norm_layer, **kwargs)
 
 
-@register_model(min_size=32, torchvision="vgg11")
+@register_model(min_size=32, torchvision="vgg11", **_FACTS)
 def vgg11(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> VGG:
     """VGG-11 (configuration A): 8 convs and 3 linear layers, 132.9M parameters."""
     return _vgg(11, None, num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=32, torchvision="vgg13")
+@register_model(min_size=32, torchvision="vgg13", **_FACTS)
 def vgg13(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> VGG:
     """VGG-13 (configuration B): 10 convs and 3 linear layers, 133.0M parameters."""
     return _vgg(13, None, num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=32, torchvision="vgg16")
+@register_model(min_size=32, torchvision="vgg16", **_FACTS)
 def vgg16(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> VGG:
     """VGG-16 (configuration D): 13 convs and 3 linear layers, 138.4M parameters."""
     return _vgg(16, None, num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=32, torchvision="vgg19")
+@register_model(min_size=32, torchvision="vgg19", **_FACTS)
 def vgg19(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> VGG:
     """VGG-19 (configuration E): 16 convs and 3 linear layers, 143.7M parameters."""
     return _vgg(19, None, num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=32, torchvision="vgg11_bn")
+@register_model(min_size=32, torchvision="vgg11_bn", **_FACTS)
 def vgg11_bn(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> VGG:
     """VGG-11 with batch normalisation after every conv."""
     return _vgg(11, nn.BatchNorm2d, num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=32, torchvision="vgg13_bn")
+@register_model(min_size=32, torchvision="vgg13_bn", **_FACTS)
 def vgg13_bn(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> VGG:
     """VGG-13 with batch normalisation after every conv."""
     return _vgg(13, nn.BatchNorm2d, num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=32, torchvision="vgg16_bn")
+@register_model(min_size=32, torchvision="vgg16_bn", **_FACTS)
 def vgg16_bn(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> VGG:
     """VGG-16 with batch normalisation after every conv."""
     return _vgg(16, nn.BatchNorm2d, num_classes, in_channels, **kwargs)
 
 
-@register_model(min_size=32, torchvision="vgg19_bn")
+@register_model(min_size=32, torchvision="vgg19_bn", **_FACTS)
 def vgg19_bn(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> VGG:
     """VGG-19 with batch normalisation after every conv."""
     return _vgg(19, nn.BatchNorm2d, num_classes, in_channels, **kwargs)

@@ -36,9 +36,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
-from cnnlab.blocks import ConvBNAct
 from cnnlab.errors import CnnlabError
-from cnnlab.models.rcnn import zoo_backbone
+from cnnlab.models._features import backbone as backbone_features
+from cnnlab.models.blocks import ConvBNAct
 from cnnlab.registry import register_model
 
 Detections = list[dict[str, Tensor]]  # per image: boxes (N, 4) xyxy, scores (N,), labels (N,)
@@ -248,8 +248,9 @@ class YOLOv1(nn.Module):
     ) -> Tensor | dict[str, Tensor]:
         """(N, C, H, W) -> (N, S, S, B*5 + C): boxes and confidences in 0..1, then class
         probabilities summing to 1. With ``targets`` (boxes in the images' pixels), the
-        loss dict of ``losses`` instead, as torchvision's detectors do in training (so
-        DistributedDataParallel, which wraps ``forward``, sees the whole step)."""
+        ``YOLOLoss`` dict (``"loss"`` and its parts) instead, as torchvision's detectors do
+        in training (so DistributedDataParallel, which wraps ``forward``, sees the whole
+        step)."""
         features = self.backbone(x)["0"]  # (N, Cb, H/r, W/r)
         out = self.head(self.neck(features))  # (N, S, S, B*5 + C)
         split = self.boxes * 5
@@ -258,11 +259,6 @@ class YOLOv1(nn.Module):
             return pred
         encoded = encode_targets(targets, self.grid, self.num_classes, x.shape[-2:])
         return self.loss(pred.float(), encoded)  # sums of squares in full precision
-
-    def losses(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """The YOLO loss (``"loss"``) and its parts for a batch with targets in the images'
-        pixels."""
-        return self(images, targets)
 
     @torch.no_grad()
     def detect(
@@ -301,7 +297,8 @@ def yolov1(
     a weight file (or ``"torchvision"``) for it. ``head`` is "fc" (the paper's two fully
     connected layers) or "conv" (one 1x1 conv shared by every cell). Loss weights as in the
     paper; ``rescore`` makes the confidence target the IoU (the paper) rather than 1."""
-    body, channels = zoo_backbone(backbone, in_channels, backbone_weights, reduction)
+    body, _ = backbone_features(backbone, [reduction], in_channels, backbone_weights)
+    channels = body.out_channels
     loss = YOLOLoss(grid, boxes, num_classes, lambda_coord, lambda_noobj, rescore)
     model = YOLOv1(
         body, channels, num_classes, grid, boxes, head_channels, hidden, dropout, head, loss

@@ -122,9 +122,3 @@ def from_main(obj: T) -> T:
     box: list[Any] = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier() -> None:
-    """Wait until every process gets here."""
-    if context().active:
-        dist.barrier()

@@ -1,4 +1,5 @@
-"""Object-detection data: COCO and YOLO-txt folders, a seeded split, box-aware transforms.
+"""Object-detection data: COCO and YOLO-txt folders, their split, the dataset and batching
+(the box-aware transforms are in ``cnnlab.data.transforms``).
 
 Two on-disk layouts are read, both with the images under ``DIR/images/``:
 
@@ -18,23 +19,18 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
 
-from cnnlab.data.folders import IMAGE_EXTENSIONS
+from cnnlab.data.images import image_size, read_image, walk_files
+from cnnlab.data.splits import split_items
 from cnnlab.errors import CnnlabError
 
 log = logging.getLogger(__name__)
-
-_FILL = 114  # grey for pixels that scale jitter uncovers (Ultralytics' choice)
 
 
 @dataclass(frozen=True)
@@ -97,15 +93,11 @@ def make_detection_splits(root: Path, val_split: float = 0.2, seed: int = 0) -> 
         if val_classes != classes:
             raise CnnlabError(f"{root}: train and val have different classes")
         return DetectionSplits(root, fmt, classes, train, val, seed, val_split, True)
-    if not 0.0 < val_split < 1.0:
-        raise CnnlabError(f"val_split must be between 0 and 1, got {val_split}")
     fmt, classes, samples = read_detection_folder(root)
-    if len(samples) < 2:
-        raise CnnlabError(f"{root}: at least 2 images are needed to split train and val")
-    order = sorted(samples, key=lambda s: str(s.path))
-    random.Random(seed).shuffle(order)
-    n_val = min(max(1, round(len(order) * val_split)), len(order) - 1)
-    return DetectionSplits(root, fmt, classes, order[n_val:], order[:n_val], seed, val_split, False)
+    train, val, _ = split_items(
+        samples, val_split, 0.0, seed, key=lambda s: str(s.path), name=str(root / "images")
+    )
+    return DetectionSplits(root, fmt, classes, train, val, seed, val_split, False)
 
 
 def read_detection_folder(folder: Path) -> tuple[str, list[str], list[DetectionSample]]:
@@ -156,7 +148,7 @@ def read_coco(folder: Path) -> tuple[list[str], list[DetectionSample]]:
         if not image_path.is_file():
             raise CnnlabError(f"{path}: image {file_name!r} (id {image_id}) not found")
         if width is None or height is None:
-            width, height = _image_size(image_path)
+            width, height = image_size(image_path)
         boxes, labels = [], []
         for (x, y, w, h), label in objects[image_id]:
             box = _clip_box(image_path, (x, y, x + w, y + h), width, height)
@@ -201,10 +193,12 @@ def read_yolo(folder: Path) -> tuple[list[str], list[DetectionSample]]:
     if not classes:
         raise CnnlabError(f"{folder / 'classes.txt'}: no class names")
     samples = []
-    for image_path in _image_files(folder / "images"):
-        width, height = _image_size(image_path)
+    images = folder / "images"
+    for image_path in _image_files(images):
+        width, height = image_size(image_path)
         boxes, labels = [], []
-        for box, label in _read_yolo_labels(folder / "labels" / f"{image_path.stem}.txt", classes):
+        label_file = (folder / "labels" / image_path.relative_to(images)).with_suffix(".txt")
+        for box, label in _read_yolo_labels(label_file, classes):
             cx, cy, w, h = box
             pixels = ((cx - w / 2) * width, (cy - h / 2) * height)
             pixels += (pixels[0] + w * width, pixels[1] + h * height)
@@ -262,62 +256,14 @@ def _clip_box(
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise CnnlabError(f"{folder}: no such folder")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = walk_files(folder)[0]
     if not files:
         raise CnnlabError(f"{folder}: no image files")
     return files
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
-    try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, UnidentifiedImageError) as error:
-        raise CnnlabError(f"{path}: not a readable image ({error})") from None
-
-
 def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
-
-
-def read_rgb(path: Path, in_channels: int = 3) -> torch.Tensor:
-    """uint8 (in_channels, H, W) of an image file; unreadable files name themselves."""
-    mode = ImageReadMode.GRAY if in_channels == 1 else ImageReadMode.RGB
-    try:
-        return decode_image(str(path), mode=mode)
-    except (RuntimeError, OSError) as error:
-        raise CnnlabError(f"{path}: not a readable image ({error})") from None
-
-
-def train_transform(
-    img_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    augment: bool = True,
-    flip: bool = True,
-) -> Callable:
-    """Resize to ``img_size`` square, then (with ``augment``) colour jitter, horizontal flip
-    (unless ``flip`` is off) and scale/translate jitter that move the boxes along; boxes
-    that leave the image go."""
-    steps: list = [v2.Resize((img_size, img_size), antialias=True)]
-    if augment:
-        steps.append(v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.02))
-        if flip:
-            steps.append(v2.RandomHorizontalFlip())
-        steps += [
-            # YOLOv1's recipe: random scaling and translation of up to 20% of the image.
-            v2.RandomAffine(degrees=0.0, translate=(0.2, 0.2), scale=(0.8, 1.2), fill=_FILL),
-            v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=2.0),
-        ]
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
-    return v2.Compose(steps)
-
-
-def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """Resize to ``img_size`` square (boxes follow) and normalise."""
-    return train_transform(img_size, mean, std, augment=False)
 
 
 class DetectionDataset(torch.utils.data.Dataset):
@@ -337,7 +283,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         sample = self.samples[index]
-        image = tv_tensors.Image(read_rgb(sample.path, self.in_channels))
+        image = tv_tensors.Image(read_image(sample.path, self.in_channels))
         height, width = image.shape[-2:]
         boxes = tv_tensors.BoundingBoxes(
             torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4),

@@ -1,4 +1,5 @@
-"""Semantic segmentation data: image/mask folders, splits, joint transforms and batching.
+"""Semantic segmentation data: image/mask folders, their split, the dataset and batching
+(the joint image/mask transforms are in ``cnnlab.data.transforms``).
 
 Layout::
 
@@ -21,14 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 
-from cnnlab.data.folders import IMAGE_EXTENSIONS, read_image
-from cnnlab.data.transforms import ToChannels
+from cnnlab.data.images import image_size, read_image, require_folder, walk_files
+from cnnlab.data.splits import split_items
 from cnnlab.errors import CnnlabError
 
 IGNORE_INDEX = 255  # mask value excluded from the loss and the metrics
-AUGMENTS = ("none", "light", "strong")
 _CACHE_BYTES = 1 << 30  # decode everything into memory when it fits in this
 
 SegSample = tuple[Path, Path]  # (image path, mask path)
@@ -97,39 +96,38 @@ def read_classes(root: Path) -> list[str]:
 
 
 def scan_pairs(folder: Path) -> list[SegSample]:
-    """Every ``folder/images`` file paired with ``folder/masks/<same stem>.png``."""
+    """Every image under ``folder/images`` paired with the mask of the same relative path
+    and stem under ``folder/masks`` (``images/a/x.jpg`` -> ``masks/a/x.png``)."""
     images_dir, masks_dir = Path(folder) / "images", Path(folder) / "masks"
     for required in (images_dir, masks_dir):
         if not required.is_dir():
             raise CnnlabError(f"{required}: folder not found (expected images/ and masks/)")
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = walk_files(images_dir)[0]
     if not images:
         raise CnnlabError(f"{images_dir}: no image files")
-    missing = [p.name for p in images if not (masks_dir / f"{p.stem}.png").is_file()]
+
+    def mask_of(image: Path) -> Path:
+        return (masks_dir / image.relative_to(images_dir)).with_suffix(".png")
+
+    missing = [p.relative_to(images_dir).as_posix() for p in images if not mask_of(p).is_file()]
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
         raise CnnlabError(f"{masks_dir}: no mask NAME.png for {shown}")
-    return [(p.resolve(), (masks_dir / f"{p.stem}.png").resolve()) for p in images]
+    return [(p.resolve(), mask_of(p).resolve()) for p in images]
 
 
 def make_seg_splits(root: str | Path, val_split: float = 0.1, seed: int = 0) -> SegSplits:
-    """DIR/train + DIR/val when present, else a seeded random split of DIR/images."""
-    root = Path(root).resolve()
-    if not root.is_dir():
-        raise CnnlabError(f"{root}: data folder not found")
+    """DIR/train + DIR/val when present, else a seeded split of DIR/images
+    (``cnnlab.data.splits.split_items``)."""
+    root = require_folder(root).resolve()
     classes = read_classes(root)
     if (root / "train").is_dir() and (root / "val").is_dir():
         train, val = scan_pairs(root / "train"), scan_pairs(root / "val")
         return SegSplits(root, classes, train, val, seed, val_split, presplit=True)
     pairs = scan_pairs(root)
-    if len(pairs) < 2:
-        raise CnnlabError(f"{root}: needs at least two images to split into train and val")
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    n_val = min(len(pairs) - 1, max(1, round(len(pairs) * val_split)))
-    val = [pairs[i] for i in sorted(order[:n_val])]
-    train = [pairs[i] for i in sorted(order[n_val:])]
+    train, val, _ = split_items(pairs, val_split, 0.0, seed, name=str(root / "images"))
     return SegSplits(root, classes, train, val, seed, val_split, presplit=False)
 
 
@@ -166,55 +164,12 @@ def check_pairs(samples: Sequence[SegSample], num_classes: int) -> None:
     """Fail early, naming the file, on a mask whose size or values do not fit its image."""
     for image_path, mask_path in samples:
         mask = read_mask(mask_path, num_classes)
-        try:
-            with Image.open(image_path) as image:
-                width, height = image.size
-        except Exception as error:
-            raise CnnlabError(f"{image_path}: not a readable image ({error})") from None
+        width, height = image_size(image_path)
         if tuple(mask.shape) != (height, width):
             raise CnnlabError(
                 f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
                 f"{image_path.name} is {width}x{height}"
             )
-
-
-def train_transform(
-    crop: int | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    augment: str = "light",
-    flip: bool = True,
-) -> Callable:
-    """Joint (image, mask) augmentation at the images' own scale: geometry moves both, colour
-    touches the image only; then a random ``crop`` x ``crop`` window (padded with the ignore
-    label where the image is smaller; None: the whole image).
-
-    ``none``: crop and flips only; ``light``: rescaling by 0.8-1.25 (no stretching: an aspect
-    change would turn circles into ellipses) and mild colour jitter; ``strong``: rescaling by
-    0.6-1.5, rotations up to 15 degrees and stronger jitter."""
-    if augment not in AUGMENTS:
-        raise CnnlabError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
-    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
-    steps: list = []
-    if augment == "light":
-        steps += [v2.RandomAffine(0, scale=(0.8, 1.25), fill=fill), v2.ColorJitter(0.2, 0.2, 0.2)]
-    elif augment == "strong":
-        steps += [v2.RandomAffine(15, scale=(0.6, 1.5), fill=fill), v2.ColorJitter(0.4, 0.4, 0.4)]
-    if crop is not None:
-        steps.append(v2.RandomCrop(crop, pad_if_needed=True, fill=fill))
-    if flip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose([*steps, *_normalise(mean, std)])
-
-
-def eval_transform(mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """Normalise only: evaluation and prediction run on whole images at their own size."""
-    return v2.Compose(_normalise(mean, std))
-
-
-def _normalise(mean: Sequence[float], std: Sequence[float]) -> list:
-    to_float = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
-    return [to_float, v2.Normalize(list(mean), list(std))]
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
@@ -231,7 +186,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.samples = list(samples)
         self.transform = transform
         self.num_classes = num_classes
-        self.to_channels = ToChannels(in_channels)
+        self.in_channels = in_channels
         self.cache = _fits_in_memory(self.samples) if cache is None else cache
         self._decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -243,7 +198,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if index in self._decoded:
             return self._decoded[index]
         image_path, mask_path = self.samples[index]
-        image = self.to_channels(read_image(image_path))
+        image = read_image(image_path, self.in_channels)
         mask = read_mask(mask_path, self.num_classes)
         if tuple(mask.shape) != tuple(image.shape[-2:]):
             raise CnnlabError(
@@ -263,8 +218,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 def _fits_in_memory(samples: list[SegSample]) -> bool:
     if not samples:
         return False
-    with Image.open(samples[0][0]) as first:
-        width, height = first.size
+    width, height = image_size(samples[0][0])
     return len(samples) * width * height * 12 < _CACHE_BYTES  # 3 bytes image + 8 mask + slack
 
 

@@ -1,0 +1,204 @@
+"""``TrainConfig``: everything that defines a training run, for every task.
+
+The dataclass is the one description of a run's settings: ``train`` reads it, each run
+saves it (resolved) as ``RUN/config.yaml``, and the command line's training flags are
+generated from its fields (help and choices live in each field's metadata). Where the
+tasks differ only in defaults (a detector trains 30 epochs with a looser gradient clip),
+``TASK_DEFAULTS`` says so and ``make_config`` applies them; a value the user gives always
+wins.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from cnnlab.errors import CnnlabError
+
+AUGMENTS = ("none", "light", "strong")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+# AdamW's decoupled decay wants a much larger value than SGD's L2 penalty (timm's defaults).
+DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 5e-4}
+
+
+def _setting(default: Any, help: str, choices: tuple | None = None, cli: bool = True) -> Any:
+    """A field with the command line's help text (and choices); ``cli=False`` keeps it off
+    the command line (filled in by the run, or given another way)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved (resolved) as RUN/config.yaml."""
+
+    data: str = field(metadata={"help": "the data folder", "cli": False})
+    out: str = field(metadata={"help": "the run folder to create", "cli": False})
+    model: str = _setting("resnet18", "registered model name (`cnnlab models`)")
+    # Extra builder arguments, e.g. {"cdims": [32, 64]}; on the command line any builder
+    # argument passes through as a flag (--cdims 32,64, --backbone resnet18).
+    model_args: dict = field(
+        default_factory=dict, metadata={"help": "extra builder arguments", "cli": False}
+    )
+    weights: str | None = _setting(
+        None, "initial weights: a .pth/.safetensors file, or torchvision (from the torch cache)"
+    )
+    weights_file: str | None = _setting(None, "filled in: the weight file read", cli=False)
+    weights_sha256: str | None = _setting(None, "filled in: its SHA-256", cli=False)
+    freeze_backbone: bool = _setting(
+        False, "train the classifier head only (backbone BatchNorm statistics frozen too)"
+    )
+    backbone_lr_mult: float = _setting(1.0, "backbone learning rate = lr x this; the head: lr")
+    epochs: int = _setting(10, "passes over the training split")
+    batch_size: int = _setting(
+        64, "images per optimizer step; under torchrun, over all processes together"
+    )
+    lr: float = _setting(1e-3, "peak learning rate, reached at the end of warm-up")
+    optimizer: str = _setting("adamw", "sgd: momentum 0.9, Nesterov", OPTIMIZERS)
+    weight_decay: float | None = _setting(
+        None, "none: 0.05 adamw, 5e-4 sgd, 0 adam; never on norms and biases"
+    )
+    warmup_epochs: int = _setting(1, "linear warm-up length, then cosine decay to 0")
+    lr_interval: str = _setting(
+        "step", "the schedule advances every step or epoch", ("step", "epoch")
+    )
+    grad_clip: float | None = _setting(1.0, "max global gradient norm; none: no clipping")
+    img_size: int | None = _setting(
+        None, "square input side (segmentation: the training crop); none: the model's own"
+    )
+    in_channels: int | None = _setting(
+        None, "none: 1 when every sampled image is grayscale, else 3", (1, 3)
+    )
+    augment: str = _setting("light", "training augmentation", AUGMENTS)
+    flip: bool = _setting(True, "random horizontal flips (--no-flip for digits, text)")
+    label_smoothing: float = _setting(0.0, "cross-entropy label smoothing for training")
+    patience: int | None = _setting(None, "stop after this many epochs without a better best")
+    val_split: float = _setting(0.1, "fraction held out for validation (unless DIR/val exists)")
+    test_split: float = _setting(0.1, "fraction held out for testing (unless DIR/test exists)")
+    balance: str = _setting(
+        "none", "weights: weighted loss; sampler: balanced batches", ("none", "weights", "sampler")
+    )
+    amp: str = _setting(
+        "auto", "CUDA mixed precision (auto: bf16, else fp16)", ("auto", "bf16", "fp16", "off")
+    )
+    seed: int = _setting(0, "split, initialisation, shuffling and augmentation")
+    device: str = _setting("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
+    workers: int = _setting(0, "DataLoader worker processes")
+    quiet: bool = _setting(False, "no progress bar and no per-epoch line")
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            allowed = item.metadata.get("choices")
+            value = getattr(self, item.name)
+            if allowed and value is not None and value not in allowed:
+                listed = ", ".join(map(str, allowed))
+                raise CnnlabError(f"{item.name} must be one of {listed}, got {value!r}")
+        _require(self.epochs >= 1, "epochs must be at least 1")
+        _require(self.batch_size >= 1, "batch_size must be at least 1")
+        _require(self.lr > 0 and math.isfinite(self.lr), "lr must be a positive number")
+        _require(
+            self.weight_decay is None or 0 <= self.weight_decay < math.inf,
+            "weight_decay must be 0 or more",
+        )
+        _require(self.warmup_epochs >= 0, "warmup_epochs must be 0 or more")
+        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be positive")
+        _require(self.img_size is None or self.img_size >= 1, "img_size must be positive")
+        _require(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        _require(self.patience is None or self.patience >= 1, "patience must be at least 1")
+        _require(0 <= self.val_split < 1, "val_split must be in [0, 1)")
+        _require(0 <= self.test_split < 1, "test_split must be in [0, 1)")
+        _require(self.val_split + self.test_split < 1, "val_split + test_split must be below 1")
+        _require(self.workers >= 0, "workers must be 0 or more")
+        _require(self.backbone_lr_mult > 0, "backbone_lr_mult must be positive")
+        _require(
+            not (self.freeze_backbone and self.backbone_lr_mult != 1),
+            "freeze_backbone and backbone_lr_mult exclude each other (a frozen backbone"
+            " has no learning rate)",
+        )
+        _require(
+            not self.freeze_backbone or self.weights is not None,
+            "freeze_backbone needs weights: a frozen random backbone learns nothing",
+        )
+        # JSON types only, so config.yaml and model.json hold plain lists, never tuples.
+        self.model_args = json.loads(json.dumps(self.model_args))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """Build a config from a mapping, refusing unknown keys and wrongly typed values."""
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(data) - set(hints))
+        if unknown:
+            known = ", ".join(f.name for f in fields(cls))
+            raise CnnlabError(f"unknown config key {unknown[0]!r} (known: {known})")
+        for key, value in data.items():
+            if not has_type(value, hints[key]):
+                raise CnnlabError(f"config key {key!r}: {value!r} is not a {hints[key]}")
+        return cls(**data)
+
+
+# Defaults that differ from classification's. Segmentation: longer training in smaller
+# batches, no test split (the validation split reports). Detection: YOLOv1's weight decay,
+# a looser clip for the summed detection losses, 20% validation, colour inputs (grayscale
+# files are converted).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classify": {},
+    "segment": {
+        "model": "fcn8s",
+        "model_args": {"backbone": "resnet18"},
+        "epochs": 30,
+        "batch_size": 16,
+        "test_split": 0.0,
+    },
+    "detect": {
+        "model": "yolov1",
+        "model_args": {"backbone": "resnet18"},
+        "epochs": 30,
+        "batch_size": 16,
+        "weight_decay": 5e-4,
+        "grad_clip": 10.0,
+        "val_split": 0.2,
+        "test_split": 0.0,
+        "in_channels": 3,
+    },
+}
+
+
+def make_config(task: str, **values: Any) -> TrainConfig:
+    """A TrainConfig with ``task``'s defaults under ``values`` (model_args merge key by key;
+    None means "not given", as an unset command-line flag)."""
+    defaults = TASK_DEFAULTS[task]
+    given = {key: value for key, value in values.items() if value is not None}
+    model_args = {**defaults.get("model_args", {}), **given.pop("model_args", {})}
+    return TrainConfig.from_dict({**defaults, **given, "model_args": model_args})
+
+
+def default_of(task: str, name: str) -> Any:
+    """What ``make_config(task)`` sets ``name`` to when it is not given."""
+    if name in TASK_DEFAULTS[task]:
+        return TASK_DEFAULTS[task][name]
+    item = next(f for f in fields(TrainConfig) if f.name == name)
+    return item.default_factory() if callable(item.default_factory) else item.default
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise CnnlabError(message)
+
+
+def has_type(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (from YAML or JSON) fits the type hint: an int is a float, a bool
+    is no int, None fits an Optional."""
+    options = typing.get_args(hint) if typing.get_origin(hint) is not None else (hint,)
+    if value is None:
+        return type(None) in options
+    for option in options:
+        base = typing.get_origin(option) or option
+        if base is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if base is int and isinstance(value, bool):
+            continue
+        if base is not type(None) and isinstance(value, base):
+            return True
+    return False

@@ -1,0 +1,285 @@
+"""Checking and cleaning a class-folder tree: what would trouble training, and a clean copy.
+
+``check_folder`` decodes every image and reports bad files, duplicates (within and across
+classes), sizes and classes too small to split; ``clean_folder`` copies a tree into a new
+folder with clean class names and without the bad files and duplicates, leaving the
+source untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnlab.data.classify import class_dirs, is_presplit
+from cnnlab.data.images import BadImageError, decode_bytes, require_folder, walk_files
+from cnnlab.data.splits import SPLIT_NAMES
+from cnnlab.errors import CnnlabError
+from cnnlab.files import require_new_folder, staged_folder, write_json
+
+MIN_IMAGES_PER_CLASS = 3  # one each for train, val and test
+DEFAULT_STRIP_PREFIX = r"^n\d+[-_]"  # WordNet ids: n02085620-Chihuahua -> Chihuahua
+REPORT_NAME = "clean_report.json"
+_TORCHVISION_FORMATS = {"jpeg": ".jpg", "png": ".png", "gif": ".gif", "webp": ".webp"}
+_PIL_FORMATS = {"BMP": ".bmp", "TIFF": ".tiff"}
+
+
+@dataclass
+class _FileInfo:
+    split: str | None  # "train"/"val"/"test" in a pre-split tree, else None
+    cls: str
+    path: Path
+    rel: str  # path relative to the scanned root, POSIX style
+    digest: str = ""
+    fmt: str = ""
+    shape: tuple[int, int, int] | None = None  # (C, H, W) when readable
+    reason: str | None = None  # why it is unreadable
+
+
+def _part_key(key: tuple[str | None, str]) -> tuple[int, str]:
+    split, cls = key
+    return (SPLIT_NAMES.index(split) if split else 0, cls)
+
+
+def _parts(root: Path) -> list[tuple[str | None, Path]]:
+    if is_presplit(root):
+        return [(name, root / name) for name in SPLIT_NAMES if (root / name).is_dir()]
+    return [(None, root)]
+
+
+def _inspect(root: Path) -> tuple[list[_FileInfo], list[str], list[tuple[str | None, str]]]:
+    """Decode and hash every image file: (file infos, ignored files, empty class folders)."""
+    infos, ignored, empty = [], [], []
+    for split, part in _parts(root):
+        for folder in class_dirs(part):
+            images, others = walk_files(folder)
+            ignored += [p.relative_to(root).as_posix() for p in others]
+            if not images:
+                empty.append((split, folder.name))
+            for path in images:
+                infos.append(_inspect_file(root, split, folder.name, path))
+    return infos, ignored, empty
+
+
+def _inspect_file(root: Path, split: str | None, cls: str, path: Path) -> _FileInfo:
+    info = _FileInfo(split, cls, path, path.relative_to(root).as_posix())
+    try:
+        data = path.read_bytes()
+        image, info.fmt = decode_bytes(data, path)
+    except OSError as err:
+        info.reason = f"cannot read file: {err.strerror or err}"
+    except BadImageError as err:
+        info.reason = err.reason
+    else:
+        info.digest = hashlib.sha256(data).hexdigest()
+        info.shape = tuple(image.shape)
+    return info
+
+
+def _duplicate_groups(infos: list[_FileInfo]) -> list[list[_FileInfo]]:
+    by_digest: dict[str, list[_FileInfo]] = defaultdict(list)
+    for info in infos:
+        if info.reason is None:
+            by_digest[info.digest].append(info)
+    return sorted((g for g in by_digest.values() if len(g) > 1), key=lambda g: g[0].rel)
+
+
+def _stats(values: list[int]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def check_folder(root: Path) -> dict:
+    """Decode every image under ``root`` and report what would trouble training.
+
+    Keys: ``classes`` {name: readable images}, ``bad_files`` [{path, reason}], ``duplicates``
+    (groups of identical files), ``cross_class_duplicates`` (the groups spanning classes:
+    ambiguous labels), ``sizes`` (width/height min/median/max, channel counts),
+    ``too_small`` (classes with fewer than 3 readable images: too few for train/val/test),
+    ``empty_classes``, ``ignored_files`` (no image extension) and, for a pre-split tree,
+    ``splits`` {split: {class: count}}. Paths are relative to ``root``.
+    """
+    root = require_folder(Path(root))
+    infos, ignored, empty = _inspect(root)
+    good = [i for i in infos if i.reason is None]
+    classes: dict[str, int] = {}
+    splits: dict[str, dict[str, int]] = defaultdict(dict)
+    for split, cls in sorted({(i.split, i.cls) for i in infos} | set(empty), key=_part_key):
+        count = sum(1 for i in good if i.split == split and i.cls == cls)
+        classes[cls] = classes.get(cls, 0) + count
+        if split is not None:
+            splits[split][cls] = count
+    groups = _duplicate_groups(infos)
+    channels = defaultdict(int)
+    for info in good:
+        channels[str(info.shape[0])] += 1
+    report = {
+        "root": str(root),
+        "layout": "presplit" if is_presplit(root) else "class_folders",
+        "num_images": len(good),
+        "classes": dict(sorted(classes.items())),
+        "bad_files": [{"path": i.rel, "reason": i.reason} for i in infos if i.reason],
+        "duplicates": [[i.rel for i in g] for g in groups],
+        "cross_class_duplicates": [
+            [i.rel for i in g] for g in groups if len({i.cls for i in g}) > 1
+        ],
+        "sizes": {
+            "width": _stats([i.shape[2] for i in good]),
+            "height": _stats([i.shape[1] for i in good]),
+            "channels": dict(sorted(channels.items())),
+        },
+        "too_small": [
+            {"class": c, "count": n} for c, n in classes.items() if n < MIN_IMAGES_PER_CLASS
+        ],
+        "empty_classes": sorted({cls for _, cls in empty}),
+        "ignored_files": ignored,
+    }
+    if splits:
+        report["splits"] = dict(splits)
+    return report
+
+
+def summarize_check(report: dict) -> str:
+    """A short human-readable account of a ``check_folder`` report (for the terminal)."""
+    lines = [
+        f"{report['root']}: {report['num_images']} readable images, "
+        f"{len(report['classes'])} classes ({report['layout']})"
+    ]
+    lines += [f"  {name}: {count}" for name, count in report["classes"].items()]
+    sizes = report["sizes"]
+    if sizes["width"]:
+        w, h = sizes["width"], sizes["height"]
+        lines.append(
+            f"sizes (WxH): min {w['min']}x{h['min']}, median {w['median']}x{h['median']}, "
+            f"max {w['max']}x{h['max']}; channels {sizes['channels']}"
+        )
+    lines += [f"bad file: {b['path']}: {b['reason']}" for b in report["bad_files"]]
+    cross = {tuple(g) for g in report["cross_class_duplicates"]}
+    for group in report["duplicates"]:
+        kind = "duplicate across classes" if tuple(group) in cross else "duplicate"
+        lines.append(f"{kind}: {', '.join(group)}")
+    lines += [
+        f"too small to split: {t['class']} ({t['count']} images, need {MIN_IMAGES_PER_CLASS})"
+        for t in report["too_small"]
+    ]
+    if report["ignored_files"]:
+        lines.append(f"ignored {len(report['ignored_files'])} non-image file(s)")
+    return "\n".join(lines)
+
+
+def _clean_names(root: Path, pattern: re.Pattern) -> dict[tuple[str | None, str], str]:
+    names: dict[tuple[str | None, str], str] = {}
+    for split, part in _parts(root):
+        taken: dict[str, str] = {}
+        for folder in class_dirs(part):
+            new = pattern.sub("", folder.name, count=1).strip()
+            if not new:
+                raise CnnlabError(f"{folder}: class name is empty once the prefix is removed")
+            # Case-insensitive: "Dog" and "dog" would merge on macOS and Windows.
+            if new.lower() in taken:
+                raise CnnlabError(
+                    f"{part}: class folders {taken[new.lower()]!r} and {folder.name!r} both "
+                    f"clean to {new!r}; rename one or change --strip-prefix"
+                )
+            taken[new.lower()] = folder.name
+            names[(split, folder.name)] = new
+    return names
+
+
+def _choose_files(
+    infos: list[_FileInfo], names: dict[tuple[str | None, str], str]
+) -> tuple[list[_FileInfo], list[dict]]:
+    """(files to copy, [{path, reason}] left out): bad files and duplicates go."""
+    left_out = [{"path": i.rel, "reason": i.reason} for i in infos if i.reason]
+    dropped: set[str] = set()
+    for group in _duplicate_groups(infos):
+        labels = sorted({names[(i.split, i.cls)] for i in group})
+        if len(labels) > 1:
+            reason = (
+                f"duplicate across classes {', '.join(labels)}: "
+                "label ambiguous, all copies left out"
+            )
+            drop = group
+        else:
+            # Prefer the copy in train, then val, then test: a leaked copy leaves the eval set.
+            order = {name: k for k, name in enumerate(SPLIT_NAMES)}
+            group = sorted(group, key=lambda i: (order.get(i.split, 0), i.rel))
+            reason = f"duplicate of {group[0].rel} (kept)"
+            drop = group[1:]
+        for info in drop:
+            left_out.append({"path": info.rel, "reason": reason})
+            dropped.add(info.rel)
+    kept = [i for i in infos if i.reason is None and i.rel not in dropped]
+    return kept, sorted(left_out, key=lambda d: d["path"])
+
+
+def _extension(info: _FileInfo) -> str:
+    # Name the file after its content: a PNG saved as .jpg becomes .png.
+    ext = _TORCHVISION_FORMATS.get(info.fmt) or _PIL_FORMATS.get(info.fmt.upper())
+    return ext or info.path.suffix.lower().replace(".jpeg", ".jpg")
+
+
+def clean_folder(src: Path, dst: Path, strip_prefix: str = DEFAULT_STRIP_PREFIX) -> dict:
+    """Copy ``src`` into a new ``dst`` with clean class names and no bad or duplicate files.
+
+    Class folders lose the ``strip_prefix`` regex (WordNet ids by default); files become
+    ``<class>_<NNNN>.<ext>`` (extension from the content); unreadable files, all but the
+    first of each duplicate group, and every copy of a duplicate spanning classes are left
+    out. The returned report is also written to ``dst/clean_report.json``. ``src`` is only
+    read; ``dst`` is built in a temporary folder beside it and renamed into place at the
+    end, so a failure never leaves a half-written ``dst``.
+    """
+    try:
+        pattern = re.compile(strip_prefix)
+    except re.error as err:
+        raise CnnlabError(f"--strip-prefix {strip_prefix!r} is not a valid regex: {err}") from None
+    src = require_folder(Path(src))
+    dst = require_new_folder(dst)
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise CnnlabError(f"{dst}: destination is inside the source folder {src}")
+    names = _clean_names(src, pattern)
+    infos, ignored, empty = _inspect(src)
+    kept, left_out = _choose_files(infos, names)
+    with staged_folder(dst) as staging:
+        copied, counts = _copy_files(kept, names, staging)
+        report = {
+            "src": str(src),
+            "dst": str(dst),
+            "strip_prefix": strip_prefix,
+            "classes": counts,
+            "renamed_classes": {old: new for (_, old), new in names.items() if old != new},
+            "copied": copied,
+            "left_out": left_out,
+            "empty_classes": sorted({names[key] for key in empty}),
+            "too_small": [
+                {"class": c, "count": n} for c, n in counts.items() if n < MIN_IMAGES_PER_CLASS
+            ],
+            "ignored_files": ignored,
+        }
+        write_json(staging / REPORT_NAME, report)
+    return report
+
+
+def _copy_files(
+    kept: list[_FileInfo], names: dict[tuple[str | None, str], str], staging: Path
+) -> tuple[list[dict], dict[str, int]]:
+    by_class: dict[tuple[str | None, str], list[_FileInfo]] = defaultdict(list)
+    for info in kept:
+        by_class[(info.split, names[(info.split, info.cls)])].append(info)
+    copied, counts = [], defaultdict(int)
+    for (split, cls), files in sorted(by_class.items(), key=lambda item: _part_key(item[0])):
+        folder = staging / split / cls if split else staging / cls
+        folder.mkdir(parents=True)
+        width = max(4, len(str(len(files))))
+        for number, info in enumerate(sorted(files, key=lambda i: i.rel), start=1):
+            target = folder / f"{cls}_{number:0{width}d}{_extension(info)}"
+            shutil.copyfile(info.path, target)
+            copied.append({"from": info.rel, "to": target.relative_to(staging).as_posix()})
+        counts[cls] += len(files)
+    return copied, dict(sorted(counts.items()))

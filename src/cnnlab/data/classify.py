@@ -1,0 +1,306 @@
+"""Classification data: a ``DIR/<class>/<image>`` tree, its stratified split, the dataset.
+
+Two layouts are understood. A class-folder tree (``DIR/<class>/*.jpg``) is split into
+train/val/test by ``make_splits``, stratified by class. A pre-split tree
+(``DIR/train/<class>``, ``DIR/val/<class>`` and optionally ``DIR/test/<class>``) is used as
+given; a missing ``val`` or ``test`` part is carved out of ``train`` the same stratified way.
+
+An unreadable image never stops training: ``ImageDataset`` logs one warning naming the file
+(``logging.getLogger("cnnlab")``) and returns ``None``; ``collate_skip_bad`` drops the
+``None`` items. A batch whose items are all bad collates to two empty tensors
+(``labels.numel() == 0``), which the training loop skips. With ``num_workers > 0`` every
+worker holds its own copy of the dataset, so an uncached bad file is reported once per
+worker; cached datasets decode (and warn) once, up front.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
+
+from cnnlab.data.images import (
+    IMAGE_EXTENSIONS,
+    BadImageError,
+    read_image,
+    require_folder,
+    visible,
+    walk_files,
+)
+from cnnlab.data.splits import SPLIT_NAMES, check_fractions, split_items
+from cnnlab.errors import CnnlabError
+
+log = logging.getLogger("cnnlab")
+
+Sample = tuple[Path, int]  # (absolute path, class index)
+CACHE_LIMIT_BYTES = 1 << 30  # decode once into memory when the set is estimated below this
+_PROBE_IMAGES = 8  # images decoded to estimate the decoded size of the whole set
+
+
+# --- scanning ------------------------------------------------------------------------------
+
+
+def class_dirs(root: Path) -> list[Path]:
+    """The visible sub-folders of ``root``, sorted: its classes."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and visible(p.name))
+
+
+def is_presplit(root: Path) -> bool:
+    """Whether ``root`` holds train/ (and val/, test/) parts rather than class folders."""
+    return (root / "train").is_dir()
+
+
+def scan_class_folders(root: Path) -> tuple[list[str], list[Sample]]:
+    """Sorted class names and (path, class index) samples of a ``root/<class>/...`` tree."""
+    root = require_folder(root)
+    folders = class_dirs(root)
+    if not folders:
+        loose = walk_files(root)[0]
+        hint = f" ({len(loose)} images lie directly in it)" if loose else ""
+        raise CnnlabError(f"{root}: no class folders, expected {root}/<class>/<image>{hint}")
+    classes, samples = [], []
+    for label, folder in enumerate(folders):
+        images = walk_files(folder)[0]
+        if not images:
+            exts = " ".join(sorted(IMAGE_EXTENSIONS))
+            raise CnnlabError(f"{folder}: class folder has no image files ({exts})")
+        classes.append(folder.name)
+        samples.extend((path, label) for path in images)
+    return classes, samples
+
+
+# --- splits --------------------------------------------------------------------------------
+
+
+@dataclass
+class Splits:
+    """Which files went to train, val and test; written to RUN/split.json."""
+
+    root: Path
+    classes: list[str]
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]  # may be empty
+    seed: int
+    val_split: float
+    test_split: float
+    presplit: bool  # root/train (and val/test) were given; fractions carve only what is missing
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict; paths are relative to ``root`` (POSIX style)."""
+
+        def rel(samples: list[Sample]) -> list[list]:
+            return [[path.relative_to(self.root).as_posix(), label] for path, label in samples]
+
+        return {
+            "root": str(self.root),
+            "classes": list(self.classes),
+            "seed": self.seed,
+            "val_split": self.val_split,
+            "test_split": self.test_split,
+            "presplit": self.presplit,
+            "counts": {name: len(getattr(self, name)) for name in SPLIT_NAMES},
+            "train": rel(self.train),
+            "val": rel(self.val),
+            "test": rel(self.test),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, root: Path | None = None) -> Splits:
+        """Rebuild from ``to_json`` output; ``root`` overrides the recorded root (moved data)."""
+        keys = ("root", "classes", "seed", "val_split", "test_split", "presplit", *SPLIT_NAMES)
+        missing = [key for key in keys if key not in data]
+        if missing:
+            raise CnnlabError(f"split.json: missing key(s) {', '.join(missing)}")
+        base = Path(root if root is not None else data["root"]).absolute()
+        classes = [str(name) for name in data["classes"]]
+
+        def samples(name: str) -> list[Sample]:
+            out = []
+            for rel, label in data[name]:
+                if not 0 <= int(label) < len(classes):
+                    raise CnnlabError(f"split.json: {rel} has label {label} outside the classes")
+                out.append((base / rel, int(label)))
+            return out
+
+        return cls(
+            root=base,
+            classes=classes,
+            train=samples("train"),
+            val=samples("val"),
+            test=samples("test"),
+            seed=int(data["seed"]),
+            val_split=float(data["val_split"]),
+            test_split=float(data["test_split"]),
+            presplit=bool(data["presplit"]),
+        )
+
+
+def _stratified(
+    samples: list[Sample], classes: list[str], val_split: float, test_split: float, seed: int
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    by_class: dict[int, list[Path]] = defaultdict(list)
+    for path, label in samples:
+        by_class[label].append(path)
+    train, val, test = [], [], []
+    for label, name in enumerate(classes):
+        # A per-class generator seeded by (seed, class name): adding or removing one class
+        # leaves every other class's split unchanged.
+        parts = split_items(
+            by_class[label], val_split, test_split, f"{seed}/{name}", None, f"class {name!r}"
+        )
+        for split, paths in zip((train, val, test), parts, strict=True):
+            split += [(path, label) for path in paths]
+    return sorted(train), sorted(val), sorted(test)
+
+
+def _scan_part(folder: Path, classes: list[str]) -> list[Sample]:
+    part_classes, samples = scan_class_folders(folder)
+    if part_classes != classes:
+        missing = sorted(set(classes) - set(part_classes))
+        extra = sorted(set(part_classes) - set(classes))
+        raise CnnlabError(
+            f"{folder}: class folders differ from {folder.parent / 'train'}"
+            f" (missing: {', '.join(missing) or 'none'}; extra: {', '.join(extra) or 'none'})"
+        )
+    return samples
+
+
+def make_splits(
+    root: Path, val_split: float = 0.1, test_split: float = 0.1, seed: int = 0
+) -> Splits:
+    """Train/val/test samples of ``root``: its train/val/test folders, or a stratified split.
+
+    Stratified per class (``cnnlab.data.splits.split_items`` with a seed per class), so the
+    same seed and files give the same split whatever order the filesystem lists them in.
+    Every class gets at least one image in each requested split; a class too small for
+    that is a CnnlabError naming it and its count.
+    """
+    root = require_folder(root)
+    check_fractions(val_split, test_split)
+    presplit = is_presplit(root)
+    classes, samples = scan_class_folders(root / "train" if presplit else root)
+    if len(classes) < 2:
+        raise CnnlabError(f"{root}: found only class {classes[0]!r}; classifying needs >= 2")
+    given = {}
+    if presplit:
+        given = {n: _scan_part(root / n, classes) for n in ("val", "test") if (root / n).is_dir()}
+    carve_val = 0.0 if "val" in given else val_split
+    carve_test = 0.0 if "test" in given else test_split
+    train, val, test = _stratified(samples, classes, carve_val, carve_test, seed)
+    return Splits(
+        root=root,
+        classes=classes,
+        train=train,
+        val=given.get("val", val),
+        test=given.get("test", test),
+        seed=seed,
+        val_split=val_split,
+        test_split=test_split,
+        presplit=presplit,
+    )
+
+
+# --- datasets ------------------------------------------------------------------------------
+
+
+def _estimate_bytes(samples: Sequence[Sample]) -> int:
+    """Decoded uint8 size of the set, from the median of a few images spread through it."""
+    step = max(1, len(samples) // _PROBE_IMAGES)
+    sizes = []
+    for path, _ in samples[::step][:_PROBE_IMAGES]:
+        try:
+            sizes.append(read_image(path).numel())
+        except BadImageError:
+            continue
+    return int(statistics.median(sizes) * len(samples)) if sizes else 0
+
+
+class ImageDataset(Dataset):
+    """``dataset[i]`` -> (transformed image, label), or ``None`` when the file is unreadable.
+
+    Images are read with ``in_channels`` channels (None: as stored). ``cache=None`` decodes
+    every image once into memory (uint8) when the estimated decoded size is below
+    ``CACHE_LIMIT_BYTES`` (1 GiB); True/False force it. The transform still runs on every
+    access, so random augmentation differs each epoch.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        transform: Callable,
+        in_channels: int | None = None,
+        cache: bool | None = None,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.in_channels = in_channels
+        self._reported: set[str] = set()
+        if cache is None:
+            cache = _estimate_bytes(self.samples) < CACHE_LIMIT_BYTES
+        self._images: list[torch.Tensor | None] | None = (
+            [self._decode(path) for path, _ in self.samples] if cache else None
+        )
+
+    @property
+    def cached(self) -> bool:
+        return self._images is not None
+
+    def _decode(self, path: Path) -> torch.Tensor | None:
+        try:
+            return read_image(path, self.in_channels)
+        except BadImageError as err:
+            if str(path) not in self._reported:
+                self._reported.add(str(path))
+                log.warning("skipping unreadable image %s", err)
+            return None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        path, label = self.samples[index]
+        image = self._images[index] if self._images is not None else self._decode(path)
+        if image is None:
+            return None
+        return self.transform(image), label
+
+
+def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (image, label) pairs, dropping ``None``; all bad -> two empty tensors."""
+    good = [item for item in batch if item is not None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return default_collate(good)
+
+
+def _class_counts(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)  # (N,)
+    return torch.bincount(labels, minlength=num_classes).float()  # (num_classes,)
+
+
+def class_weights(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency loss weights with mean 1 over the classes present (absent: 0)."""
+    counts = _class_counts(samples, num_classes)
+    present = counts > 0
+    weights = torch.zeros(num_classes)
+    weights[present] = 1.0 / counts[present]
+    return weights * present.sum() / weights.sum()
+
+
+def balanced_sampler(
+    samples: Sequence[Sample], num_classes: int, generator: torch.Generator | None = None
+) -> WeightedRandomSampler:
+    """Draws ``len(samples)`` samples per epoch with replacement, each class equally often."""
+    counts = _class_counts(samples, num_classes)
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    per_sample = (1.0 / counts.double())[labels]  # (N,)
+    return WeightedRandomSampler(
+        per_sample, num_samples=len(samples), replacement=True, generator=generator
+    )

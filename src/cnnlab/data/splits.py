@@ -1,0 +1,67 @@
+"""The one seeded split: which items train, which validate, which test.
+
+``split_items`` is used by every task: classification calls it once per class (a
+stratified split), segmentation and detection once for the whole set. The items are
+sorted first, so the split depends on the seed and the file names only, never on the
+order a filesystem lists them in.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from cnnlab.errors import CnnlabError
+
+T = TypeVar("T")
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def check_fractions(val_split: float, test_split: float) -> None:
+    """CnnlabError unless both fractions are in [0, 1) and leave something to train on."""
+    for name, value in (("val_split", val_split), ("test_split", test_split)):
+        if not 0 <= value < 1:
+            raise CnnlabError(f"{name} must be in [0, 1), got {value}")
+    if val_split + test_split >= 1:
+        raise CnnlabError(f"val_split + test_split must be below 1, got {val_split + test_split}")
+
+
+def split_count(n: int, fraction: float) -> int:
+    """How many of ``n`` items a fraction takes: rounded half up (not Python's half to
+    even) and never 0 for a fraction above 0."""
+    return 0 if fraction == 0 else max(1, math.floor(n * fraction + 0.5))
+
+
+def split_items(
+    items: Sequence[T],
+    val_split: float,
+    test_split: float,
+    seed: int | str,
+    key: Callable[[T], Any] | None = None,
+    name: str = "the data",
+) -> tuple[list[T], list[T], list[T]]:
+    """(train, val, test): ``items`` sorted (by ``key``), shuffled by ``random.Random(seed)``,
+    the first ``split_count(n, val_split)`` for val, the next for test, the rest train.
+
+    Every requested split gets at least one item and train keeps at least one; fewer items
+    than that is a CnnlabError naming ``name`` (a class, a folder).
+    """
+    ordered = sorted(items, key=key)
+    n = len(ordered)
+    need = 1 + (val_split > 0) + (test_split > 0)
+    if n < need:
+        raise CnnlabError(
+            f"{name} has {n} image(s) but a train/val/test split needs at least {need};"
+            " add images or lower --val-split/--test-split to 0"
+        )
+    n_val, n_test = split_count(n, val_split), split_count(n, test_split)
+    while n_val + n_test > n - 1:  # keep at least one training item
+        if n_val >= n_test and n_val > 1:
+            n_val -= 1
+        else:
+            n_test -= 1
+    random.Random(seed).shuffle(ordered)
+    val, test, train = ordered[:n_val], ordered[n_val : n_val + n_test], ordered[n_val + n_test :]
+    return sorted(train, key=key), sorted(val, key=key), sorted(test, key=key)

@@ -1,0 +1,448 @@
+"""The training loop for every task, read top to bottom in ``fit``.
+
+What differs between tasks lives in a task object (``cnnlab.engine.task.Task``; the model's
+registry entry names the task). Everything a run produces goes to its run folder, each
+file written atomically, so a crash or a SIGKILL never leaves a half-written file and
+``resume`` continues exactly where the last completed epoch left off.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DistributedSampler
+
+from cnnlab import __version__, checkpoint, plots, transfer
+from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig, default_of, make_config
+from cnnlab.device import pick_device
+from cnnlab.engine import distributed, state
+from cnnlab.engine.progress import Reporter, short_float
+from cnnlab.engine.task import Task
+from cnnlab.errors import CnnlabError
+from cnnlab.files import read_json, read_yaml, write_json, write_yaml
+from cnnlab.registry import check_input_size, create_model, model_info
+from cnnlab.tasks import task_class
+
+_RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
+RESUME_OVERRIDES = ("device", "workers", "quiet")  # what a resumed run may change
+
+
+# ---------------------------------------------------------------------------- entry points
+
+
+def train(
+    cfg: TrainConfig | str | Path,
+    out: str | Path | None = None,
+    *,
+    task: str | None = None,
+    **settings: Any,
+) -> dict:
+    """Train into the new run folder ``cfg.out`` and return the final report.
+
+    ``cfg`` is a TrainConfig, or the data folder with ``out`` and TrainConfig fields as
+    ``settings`` (``train("data/dogs", "runs/dogs", model="resnet18", epochs=20)``), over
+    the task's defaults (``cnnlab.config.TASK_DEFAULTS``). The model's registry entry
+    decides the task; with ``task`` given, a model of another task is refused.
+
+    The folder receives config.yaml, split.json and model.json first, then metrics.csv,
+    last.pt and best.safetensors after every epoch, and at the end report.json (test
+    split, or val when there is none), curves.png and the task's own plots. Ctrl-C stops
+    training and still reports on the best weights when an epoch has completed. Launched
+    by torchrun as several processes, they train together (see
+    ``cnnlab.engine.distributed``) and every one of them returns the report.
+    """
+    if not isinstance(cfg, TrainConfig):
+        if out is None:
+            raise CnnlabError("train needs the data folder and out, the run folder to create")
+        model = settings.get("model") or default_of(task or "classify", "model")
+        cfg = make_config(task or model_info(model).task, data=str(cfg), out=str(out), **settings)
+    elif out is not None or settings:
+        raise CnnlabError("train takes a TrainConfig alone, or a data folder with settings")
+    run_dir = Path(cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CnnlabError(f"{run_dir} is a file; --out needs a folder")
+    if checkpoint.is_run_dir(run_dir):
+        raise CnnlabError(f"{run_dir} already holds a run; use --resume or another --out")
+    kind = _task_of(cfg.model, task)
+    # An absolute data path keeps config.yaml and split.json valid from any directory.
+    cfg = replace(cfg, data=str(Path(cfg.data).absolute()))
+    if cfg.weight_decay is None:
+        cfg = replace(cfg, weight_decay=DEFAULT_WEIGHT_DECAY[cfg.optimizer])
+    cfg, job = kind.setup(cfg)
+    if cfg.weights is not None:
+        path = transfer.resolve_weights(cfg.model, cfg.weights)
+        cfg = replace(cfg, weights_file=str(path), weights_sha256=transfer.sha256_of(path))
+    # Joining the group waits for every process, so all have checked --out before the main
+    # one writes into it.
+    with distributed.session(pick_device(cfg.device).type):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return fit(cfg, run_dir, job, None)
+
+
+def resume(run_dir: str | Path, task: str | None = None, **overrides: Any) -> dict:
+    """Continue the run in ``run_dir`` from its last completed epoch and return the report.
+
+    Uses RUN/config.yaml, RUN/split.json (never re-splits) and RUN/last.pt (model,
+    optimizer, scheduler, scaler, best, patience counter, RNG states, per-epoch history).
+    ``overrides`` may change the settings that do not define the run (``RESUME_OVERRIDES``;
+    None keeps the saved value, as an unset command-line flag). With ``task`` given, a run
+    of another task is refused.
+    """
+    run_dir = checkpoint.require_run_dir(run_dir)
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    if set(overrides) - set(RESUME_OVERRIDES):
+        raise CnnlabError(f"resume can only change {', '.join(RESUME_OVERRIDES)}")
+    meta = checkpoint.read_model_json(run_dir)
+    if task is not None and meta.task != task:
+        raise CnnlabError(f"{run_dir} holds a {meta.task} run, not a {task} run")
+    saved = read_yaml(run_dir / "config.yaml")
+    if not isinstance(saved, dict):
+        raise CnnlabError(f"{run_dir / 'config.yaml'}: not a mapping of settings")
+    cfg = TrainConfig.from_dict({**saved, **overrides, "out": str(run_dir)})
+    split_json = read_json(run_dir / "split.json")
+    root = split_json.get("root") if isinstance(split_json, dict) else None
+    if not isinstance(root, str):
+        raise CnnlabError(f"{run_dir / 'split.json'}: no data folder recorded")
+    if not Path(root).is_dir():
+        raise CnnlabError(f"{run_dir / 'split.json'}: data folder {root} no longer exists")
+    cfg, job = task_class(meta.task).setup(cfg, split_json)
+    last = run_dir / "last.pt"
+    saved_state = checkpoint.load_state(last) if last.is_file() else None
+    with distributed.session(pick_device(cfg.device).type):
+        return fit(cfg, run_dir, job, saved_state)
+
+
+def _task_of(model: str, wanted: str | None) -> Any:
+    info = model_info(model)
+    if wanted is not None and info.task != wanted:
+        raise CnnlabError(
+            f"{model} is a {info.task} model, not a {wanted} model (`cnnlab models` lists"
+            " each model's task)"
+        )
+    return task_class(info.task)
+
+
+def build_model(cfg: TrainConfig, task: Task, pretrained: bool) -> tuple[nn.Module, dict]:
+    """The model for ``task``'s classes and the create_model arguments that rebuild it
+    (model.json's ``model_args``).
+
+    ``weights`` and the ``backbone_weights`` of ``model_args`` are read for a fresh run
+    only (``pretrained``) and left out of the arguments: best.safetensors holds every
+    weight. The image size is checked against what the built model accepts."""
+    info = model_info(cfg.model)
+    args: dict[str, Any] = {"num_classes": len(task.classes), "in_channels": cfg.in_channels}
+    if info.takes_img_size:
+        args["img_size"] = cfg.img_size
+    args.update(cfg.model_args)
+    backbone_weights = args.pop("backbone_weights", None)
+    weights = {"weights": cfg.weights_file or cfg.weights, "backbone_weights": backbone_weights}
+    try:
+        model = create_model(cfg.model, **(weights if pretrained else {}), **args)
+    except TypeError as error:  # a model_args key the builder does not take
+        raise CnnlabError(f"{cfg.model}: {error}") from None
+    check_input_size(model, cfg.img_size, cfg.img_size, "images (img_size)")
+    return model, args
+
+
+def model_meta(cfg: TrainConfig, task: Task, model_args: dict) -> checkpoint.ModelMeta:
+    """What model.json records: the model, its classes, input size and normalisation."""
+    return checkpoint.ModelMeta(
+        task=task.name,
+        architecture=cfg.model,
+        model_args=model_args,
+        classes=list(task.classes),
+        input_size=[cfg.in_channels, cfg.img_size, cfg.img_size],
+        mean=list(task.mean),
+        std=list(task.std),
+        cnnlab_version=__version__,
+    )
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict:
+    """Train ``task`` with ``cfg`` into ``run_dir``, from scratch or from the ``saved``
+    last.pt state, and return the report of the best weights."""
+    ctx = distributed.context()
+    main = ctx.main  # only the main process evaluates, writes the run folder and prints
+    device = distributed.local_device(pick_device(cfg.device), ctx)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    if not task.splits.val:
+        raise CnnlabError(f"{cfg.data}: no validation images; raise val_split or add val/")
+    state.seed_everything(cfg.seed)
+    generator = torch.Generator()  # reseeded every epoch: shuffling is epoch-determined
+    train_loader, val_data, test_data = task.loaders(
+        cfg, generator, device, ctx.rank, ctx.world_size
+    )
+
+    # Model, optimizer, schedule, mixed precision.
+    model, model_args = build_model(cfg, task, pretrained=saved is None)
+    model.to(device)
+    memory_format = torch.preserve_format
+    if cuda and task.channels_last:
+        memory_format = torch.channels_last
+        model.to(memory_format=memory_format)
+    if cfg.freeze_backbone:
+        transfer.freeze_backbone(model)  # before the optimizer, which takes trainable ones
+    optimizer = make_optimizer(model, cfg)
+    per_step = cfg.lr_interval == "step"
+    steps = len(train_loader) if per_step else 1  # scheduler steps per epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: warmup_cosine(step, cfg.warmup_epochs * steps, cfg.epochs * steps),
+    )
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # Where we start: a fresh run writes its description, a resumed one restores its state.
+    start_epoch, best, stale, history = 0, None, 0, []
+    if saved is None:
+        if main:
+            write_yaml(run_dir / "config.yaml", asdict(cfg))
+            write_json(run_dir / "split.json", task.splits.to_json())
+            checkpoint.save_model_json(run_dir, model_meta(cfg, task, model_args))
+    else:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        start_epoch, best = saved["epoch"], saved["best"]
+        stale, history = saved["epochs_without_improvement"], saved["history"]
+        state.set_rng_state(saved["rng"])
+        if main:
+            state.sync_epoch_files(run_dir, history, best, model, task.columns)
+    # Trains through the wrapper (which averages gradients over processes); saves, loads and
+    # evaluates ``model`` itself, whose parameters it shares.
+    net = distributed.wrap(model, device, ctx)
+    step = Step(net, task, optimizer, scaler, device, dtype, cfg.grad_clip, memory_format)
+
+    say = Reporter(cfg.quiet or not main, task.score_label)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if cfg.patience is not None and stale >= cfg.patience:
+                say.line(f"early stop: no better {task.best_label} for {stale} epochs")
+                break
+            # Each process augments its shard with its own random numbers.
+            state.seed_everything(cfg.seed * 1000 + epoch + _RANK_SEED_STRIDE * ctx.rank)
+            generator.manual_seed(cfg.seed * 1000 + epoch)
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)  # a new shuffle, the same on every rank
+            model.train()
+            if cfg.freeze_backbone:
+                transfer.backbone_norms_eval(model)
+            started = time.perf_counter()
+            say.start(f"epoch {epoch + 1}/{cfg.epochs}", len(train_loader))
+            seen, loss_sum, right, scored, lr = train_epoch(
+                step, train_loader, scheduler if per_step else None, say
+            )
+            if not per_step:
+                scheduler.step()
+            say.stop()
+            # The whole data's numbers: sums over every process's shard.
+            seen_all, loss_sum, right, scored = distributed.sum_across(
+                torch.tensor(seen, device=device), loss_sum, right, scored
+            )
+            seen = int(seen_all.item())
+            if seen == 0:
+                raise CnnlabError(f"{cfg.data}: no readable training images")
+            train_loss = (loss_sum / seen).item()
+            if not math.isfinite(train_loss):
+                raise CnnlabError(
+                    f"the training loss became {train_loss} in epoch {epoch + 1};"
+                    " lower the learning rate (--lr) and start again"
+                )
+            train_seconds = time.perf_counter() - started
+
+            # The main process validates on the full set while the others wait.
+            val = public(task.evaluate(model, val_data, device, dtype)) if main else None
+            val = distributed.from_main(val)
+            improved = best is None or task.rank(val) > tuple(best["rank"])
+            if improved:
+                best = {"rank": list(task.rank(val)), "epoch": epoch + 1}
+            stale = 0 if improved else stale + 1
+            train_score = right.item() / scored.item() if task.score_label else None
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "lr": lr,
+                    "train_loss": train_loss,
+                    **task.epoch_row(train_score, val),
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            )
+            if main:
+                with state.hold_ctrl_c():
+                    checkpoint.save_state(
+                        run_dir / "last.pt",
+                        {
+                            "epoch": epoch + 1,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(),
+                            "best": best,
+                            "epochs_without_improvement": stale,
+                            "history": history,
+                            "rng": state.rng_state(),
+                        },
+                    )
+                    state.sync_epoch_files(run_dir, history, best, model, task.columns)
+            row = history[-1]
+            say.line(
+                f"epoch {row['epoch']}/{cfg.epochs}  {task.epoch_line(row)}"
+                f"  lr {short_float(row['lr'])}  {seen / train_seconds:.0f} img/s"
+            )
+    except KeyboardInterrupt:
+        if not history:
+            raise CnnlabError(
+                f"interrupted before the first epoch finished; {run_dir} has no weights yet"
+                " (start again with --resume)"
+            ) from None
+        say.stop()
+        say.line(f"interrupted: reporting on the best weights (epoch {best['epoch']})")
+    finally:
+        say.stop()  # never leave a live progress display behind an error
+
+    # Final report on the best weights, read back from the file a user will load.
+    report = None
+    if main:
+        checkpoint.load_weights(run_dir / "best.safetensors", model)
+        split, result = task.finish(model, val_data, test_data, device, dtype, run_dir)
+        report = {"split": split, "best_epoch": best["epoch"], **public(result)}
+        write_json(run_dir / "report.json", report)
+        plots.plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.curves)
+        say.line(f"{task.headline(report)}  -> {run_dir}")
+    return distributed.from_main(report)
+
+
+def public(result: dict) -> dict:
+    """An evaluation result without its private (plot) entries."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+@dataclass
+class Step:
+    """One optimizer step on one batch, with everything it needs."""
+
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    task: Any
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    grad_clip: float | None
+    memory_format: torch.memory_format = torch.preserve_format
+
+    def __call__(self, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, tuple | None]:
+        """Forward, backward, step; returns (loss, the task's batch score) on the device."""
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        targets = to_device(targets, self.device)
+        enabled = self.amp_dtype is not None
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled):
+            loss, score = self.task.forward_loss(self.net, images, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss, score
+
+
+def to_device(targets: Any, device: torch.device) -> Any:
+    """Every tensor in ``targets`` (a tensor, or lists and dicts of them) on ``device``."""
+    if isinstance(targets, torch.Tensor):
+        return targets.to(device, non_blocking=True)
+    if isinstance(targets, dict):
+        return {key: to_device(value, device) for key, value in targets.items()}
+    if isinstance(targets, list | tuple):
+        return type(targets)(to_device(value, device) for value in targets)
+    return targets
+
+
+def train_epoch(
+    step: Step,
+    batches: Iterable[tuple[torch.Tensor, Any]],
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    say: Reporter,
+) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """One pass over ``batches`` (``scheduler`` stepped after each step when given).
+
+    Returns (images seen, summed loss, right answers, scored answers, learning rate of the
+    last step); the sums stay on the device, so there is no host sync per step.
+    """
+    device = step.device
+    loss_sum = torch.zeros((), device=device)
+    right = torch.zeros((), dtype=torch.long, device=device)
+    scored = torch.zeros((), dtype=torch.long, device=device)
+    seen, lr = 0, step.optimizer.param_groups[0]["lr"]
+    for images, targets in batches:  # (B, C, S, S), the task's targets for B images
+        if len(images) == 0:  # every image of the batch was unreadable
+            continue
+        lr = step.optimizer.param_groups[0]["lr"]
+        loss, batch_score = step(images, targets)
+        if scheduler is not None:
+            scheduler.step()
+        seen += len(images)
+        loss_sum += loss.detach() * len(images)
+        if batch_score is not None:
+            right += batch_score[0]
+            scored += batch_score[1]
+        say.step(seen, loss_sum, right, scored)
+    return seen, loss_sum, right, scored, lr
+
+
+def warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up over ``warmup`` steps, then a half cosine from
+    1 down to 0 at ``total`` steps."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, Adam or SGD over the trainable parameters, with no weight decay on biases and
+    norm scales (1-D tensors: decaying them only hurts). With a ``backbone_lr_mult`` the
+    head's groups come first, so group 0 has the run's lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    mult = cfg.backbone_lr_mult
+    head = transfer.head_parameter_names(model) if mult != 1 else {n for n, _ in named}
+    groups = [
+        {
+            "params": [p for n, p in named if (n in head) == in_head and (p.ndim > 1) == decay],
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr": cfg.lr if in_head else cfg.lr * mult,
+        }
+        for in_head in (True, False)
+        for decay in (True, False)
+    ]
+    groups = [g for g in groups if g["params"]]
+    # The fused kernels update every tensor in one pass (on a CPU, AdamW's step over a
+    # detector's 26M parameters drops from about 1 s to 0.1 s); they exist for these two.
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    extra = {"fused": True} if fused else {}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **extra)
+    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=cfg.lr, **extra)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device``: None off CUDA or with ``off``."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16

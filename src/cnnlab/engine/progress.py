@@ -1,0 +1,81 @@
+"""What a training run shows while it works: a progress bar and one line per epoch.
+
+The bar (rich, on stderr, only on a terminal) reads the device-side running sums at most
+four times a second, so it adds no per-step host sync.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+
+class Reporter:
+    """Per-epoch progress bar and summary lines (both on stderr; none when ``quiet``)."""
+
+    REFRESH_SECONDS = 0.25
+
+    def __init__(self, quiet: bool, score_label: str | None = "top1") -> None:
+        self.quiet = quiet
+        self.score_label = score_label
+        self.show_bar = not quiet and sys.stderr.isatty()
+        self.progress = None
+
+    def start(self, description: str, total: int) -> None:
+        if not self.show_bar:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.progress.start()
+        self.task_id = self.progress.add_task(description, total=total, stats="")
+        self.steps, self.started, self.shown = 0, time.perf_counter(), 0.0
+
+    def step(
+        self, seen: int, loss_sum: torch.Tensor, right: torch.Tensor, scored: torch.Tensor
+    ) -> None:
+        if self.progress is None:
+            return
+        self.steps += 1
+        now = time.perf_counter()
+        if now - self.shown < self.REFRESH_SECONDS:
+            return
+        self.shown = now
+        stats = f"loss {loss_sum.item() / seen:.3f}"
+        if self.score_label:
+            stats += f"  {self.score_label} {100 * right.item() / max(1, scored.item()):.1f}%"
+        stats += f"  {seen / (now - self.started):.0f} img/s"
+        self.progress.update(self.task_id, completed=self.steps, stats=stats)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def line(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+
+def short_float(value: float) -> str:
+    """1e-3, 2.5e-4: the way people write learning rates."""
+    mantissa, exponent = f"{value:.2e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"

@@ -1,0 +1,94 @@
+"""The task protocol: what the training loop needs from a task, and nothing more.
+
+``cnnlab.tasks`` has one implementation per task (classify, segment, detect); the loop in
+``cnnlab.engine.loop`` calls only what is listed here and knows no task by name. The
+model's registry entry says which task a run is (``ModelInfo.task``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cnnlab.config import TrainConfig
+
+
+class Task(Protocol):
+    """One task's data, loss, metric and report for ``cnnlab.engine.loop.fit``."""
+
+    name: ClassVar[str]  # model.json's "task"
+    columns: ClassVar[tuple[str, ...]]  # metrics.csv, one row per epoch
+    curves: ClassVar[dict]  # curves.png: panel title -> metrics.csv columns
+    best_label: ClassVar[str]  # what picks the best checkpoint, for messages
+    score_label: ClassVar[str | None]  # the running training score on the progress bar
+    channels_last: ClassVar[bool]  # train in channels_last on CUDA
+    classes: list[str]
+    mean: tuple[float, ...]  # normalisation the model is trained with
+    std: tuple[float, ...]
+    splits: Any  # which files train and validate: .root, .val, .to_json() (split.json)
+
+    @classmethod
+    def setup(cls, cfg: TrainConfig, split_json: dict | None = None) -> tuple[TrainConfig, Task]:
+        """The run's resolved settings (image size, channels) and the task with its splits:
+        a new split of ``cfg.data``, or the one a resumed run saved (``split_json``)."""
+        ...
+
+    def loaders(
+        self,
+        cfg: TrainConfig,
+        generator: torch.Generator,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[DataLoader, Any, Any]:
+        """(training batches, what ``evaluate`` takes for val, the same for test or None)."""
+        ...
+
+    def forward_loss(
+        self, net: nn.Module, images: torch.Tensor, targets: Any
+    ) -> tuple[torch.Tensor, tuple | None]:
+        """(training loss, (right, scored) answers as device tensors or ints, or None)."""
+        ...
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: Any,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> dict:
+        """The task's metrics on ``data`` (entries starting with ``_`` are for plots)."""
+        ...
+
+    def rank(self, val: dict) -> tuple[float, ...]:
+        """Validation results as a tuple; the best checkpoint has the highest."""
+        ...
+
+    def epoch_row(self, train_score: float | None, val: dict) -> dict:
+        """The task's metrics.csv columns of one epoch."""
+        ...
+
+    def epoch_line(self, row: dict) -> str:
+        """The task's part of the one-line epoch summary."""
+        ...
+
+    def finish(
+        self,
+        model: nn.Module,
+        val: Any,
+        test: Any,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        run_dir: Path,
+    ) -> tuple[str, dict]:
+        """(split name, results) of the best weights for report.json; draws the task's
+        plots into ``run_dir`` (the loop draws curves.png)."""
+        ...
+
+    def headline(self, report: dict) -> str:
+        """The report in one line, as ``cnnlab train`` and ``eval`` print it."""
+        ...

@@ -1,0 +1,104 @@
+"""Writing files so that nothing is ever half-written or lost, and reading JSON/YAML safely.
+
+Every write goes to a temporary file in the same folder and is then renamed over the
+target (``os.replace`` is atomic on POSIX and Windows), so a crash, a full disk or a
+SIGKILL mid-write leaves either the old file or the new one, never half of one. A folder
+that is filled in several steps is built beside its destination and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cnnlab.errors import CnnlabError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open (not mkstemp, which makes 0600 files) so the umask sets the permissions.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            # Without fsync a power cut after the rename could still leave an empty file.
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_yaml(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as block-style YAML in insertion order, atomically."""
+    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing or malformed file is a CnnlabError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CnnlabError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CnnlabError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file; a missing or malformed file is a CnnlabError naming it."""
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CnnlabError(f"{path}: file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise CnnlabError(f"{path}: not valid YAML ({error})") from None
+
+
+def require_new_folder(dst: str | Path) -> Path:
+    """CnnlabError unless ``dst`` is missing or an empty folder: user data is never overwritten."""
+    dst = Path(dst).absolute()
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CnnlabError(f"{dst}: already exists and is not empty; choose a new folder")
+    return dst
+
+
+@contextmanager
+def staged_folder(dst: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dst`` that becomes ``dst`` when the block succeeds.
+
+    ``dst`` must pass ``require_new_folder``; on any error the temporary folder is removed,
+    so an interrupted write never leaves a half-filled ``dst``.
+    """
+    dst = require_new_folder(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        yield staging
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        os.replace(staging, dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,7 @@
+"""The inspector: per-layer output size, parameters (with formula), MACs and receptive
+field of any model (``summarize``), and tables of them (``render``)."""
+
+from cnnlab.inspect.render import model_table_rows, render_summary
+from cnnlab.inspect.summary import LayerRow, Summary, summarize
+
+__all__ = ["LayerRow", "Summary", "model_table_rows", "render_summary", "summarize"]

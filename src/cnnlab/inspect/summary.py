@@ -1,0 +1,293 @@
+"""Per-layer summary of any ``nn.Module``: output shape, parameters and their formula, MACs,
+receptive field and jump.
+
+Two mechanisms cooperate during one forward pass: module hooks record one row per layer
+call, in execution order, and ``FieldTracker`` (``receptive_field.py``) sees every torch
+function the forward pass calls, counting MACs and following the receptive field of every
+tensor, so branches and functional code inside ``forward`` are handled without knowing the
+architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cnnlab.errors import CnnlabError
+from cnnlab.inspect.receptive_field import Field, FieldTracker, tensors_in
+from cnnlab.registry import check_input_size
+
+
+@dataclass
+class LayerRow:
+    """One layer call: where it sits, what it produces and what it costs."""
+
+    name: str  # module path, e.g. "layer1.0.conv1"
+    type: str  # class name, e.g. "Conv2d"
+    output_shape: list[int]  # without the batch dimension
+    params: int
+    formula: str  # e.g. "3*3*128*64 + 64 = 73,792"; "" without parameters
+    macs: int  # for the whole batch
+    rf: float | None  # receptive field at the output, in input pixels; None if not spatial
+    jump: float | None  # input pixels between neighbouring outputs (effective stride)
+
+
+@dataclass
+class Summary:
+    """What ``summarize`` found; ``weight_mb`` counts parameters and buffers."""
+
+    input_size: tuple[int, ...]
+    batch_size: int
+    layers: list[LayerRow]
+    total_params: int  # each parameter once, even when shared
+    trainable_params: int
+    total_macs: int
+    weight_mb: float  # bytes of parameters + buffers (running stats), / 1e6
+    receptive_field: float | None  # of the last layer with a spatial output
+
+    def to_dict(self, model_name: str) -> dict[str, Any]:
+        """A JSON-serialisable document (the schema of ``cnnlab summary --format json``)."""
+        layers = []
+        for row in self.layers:
+            layer = asdict(row)
+            layer["rf"], layer["jump"] = plain(row.rf), plain(row.jump)
+            layers.append(layer)
+        return {
+            "model": model_name,
+            "input": list(self.input_size),
+            "layers": layers,
+            "total_params": self.total_params,
+            "trainable_params": self.trainable_params,
+            "total_macs": self.total_macs,
+            "receptive_field": plain(self.receptive_field),
+            "weight_mb": round(self.weight_mb, 3),
+        }
+
+
+def summarize(
+    model: nn.Module,
+    input_size: tuple[int, ...] = (3, 224, 224),
+    depth: int | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 1,
+) -> Summary:
+    """Run one forward pass on zeros of shape ``(batch_size, *input_size)`` and summarise it.
+
+    Rows are the leaf modules in execution order (a module called twice gives two rows).
+    ``depth`` works like torchinfo's: a container at that depth (the model's children are
+    depth 1) becomes one row with its layers' parameters and MACs summed. The model runs
+    in eval mode under ``torch.no_grad``; every module's training flag is restored. The
+    input is created on ``device``, where the model must already be.
+
+    MACs are for the whole batch and follow torchinfo's "Mult-Adds" where it is right:
+    convolution ``out_elements * (cin/groups) * kh * kw``, linear ``in * out`` per row,
+    normalisation ``batch * (weight + bias elements)``, activations and pooling 0. Bias
+    additions are not multiplies and are left out (torchinfo adds them: well under 1% on
+    classic CNNs). A transposed convolution costs ``in_elements * (cout/groups) * kh * kw``
+    (torchinfo uses the output size there).
+
+    The receptive field and jump of a row are in input pixels, for the spatial axis with
+    the larger field; adaptive and global pooling widen the field by the pooled window, so
+    after a global pool it spans the whole input.
+
+    Raises the registry's ``InputSizeError`` for inputs the model does not accept and
+    ``CnnlabError`` for any other failure of the forward pass.
+    """
+    if len(input_size) == 3:
+        check_input_size(model, *input_size[1:])
+    recorder = _Recorder(depth)
+    tracker = FieldTracker(recorder.add_macs)
+    recorder.field_of = tracker.field
+    handles = recorder.attach(model)
+    training = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        x = torch.zeros(batch_size, *input_size, device=device, dtype=_float_dtype(model))
+        with torch.no_grad(), tracker:
+            tracker.start(x)
+            model(x)
+    except CnnlabError:
+        raise
+    except Exception as error:
+        raise CnnlabError(_failure_line(model, input_size, error)) from error
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in training.items():
+            module.training = mode
+    return _totals(model, tuple(input_size), batch_size, recorder.rows, tracker.total_macs)
+
+
+# Containers that hold modules without a forward of their own.
+_UNCALLED = (nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass
+class _Frame:
+    row: LayerRow | None  # None: a container expanded further
+    own_macs: int = 0  # MACs of functions a container calls itself, outside its children
+
+
+@dataclass
+class _Recorder:
+    depth: int | None
+    rows: list[LayerRow] = field(default_factory=list)
+    field_of: Callable[[Tensor], Field | None] = lambda tensor: None
+    _stack: list[_Frame] = field(default_factory=list)
+
+    def attach(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        handles = []
+        levels = {"": 0}
+        for name, module in model.named_modules():
+            parent = name.rpartition(".")[0]
+            if name and isinstance(module, _UNCALLED):
+                levels[name] = levels[parent]  # never called: its items count as its parent's
+                continue
+            level = levels[name] = levels[parent] + 1 if name else 0
+            if self.depth is not None and level > self.depth:
+                continue  # inside a collapsed container: its row collects these
+            is_leaf = next(module.children(), None) is None
+            makes_row = is_leaf or level == self.depth
+            label = name or type(module).__name__
+            handles.append(module.register_forward_pre_hook(self._enter(label, module, makes_row)))
+            handles.append(module.register_forward_hook(self._leave(label, module)))
+        return handles
+
+    def add_macs(self, macs: int) -> None:
+        if not self._stack:
+            return
+        frame = self._stack[-1]
+        if frame.row is None:
+            frame.own_macs += macs
+        else:
+            frame.row.macs += macs
+
+    def _enter(self, name: str, module: nn.Module, makes_row: bool) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any) -> None:
+            row = None
+            if makes_row:
+                params, formula = _count(module, recurse=True)
+                row = LayerRow(name, type(module).__name__, [], params, formula, 0, None, None)
+                self.rows.append(row)
+            self._stack.append(_Frame(row))
+
+        return hook
+
+    def _leave(self, name: str, module: nn.Module) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            frame = self._stack.pop()
+            row = frame.row
+            if row is None:
+                # A container's own parameters (e.g. a class token) or its own functional
+                # MACs get a row, so rows add up to the totals.
+                params, formula = _count(module, recurse=False)
+                if not params and not frame.own_macs:
+                    return
+                row = LayerRow(name, type(module).__name__, [], params, formula, 0, None, None)
+                row.macs = frame.own_macs
+                self.rows.append(row)
+            tensor = next(tensors_in(output), None)
+            if tensor is None:
+                return
+            row.output_shape = list(tensor.shape[1:])
+            found = self.field_of(tensor)
+            if found is not None:
+                row.rf, row.jump = found.widest()
+
+        return hook
+
+
+def _count(module: nn.Module, recurse: bool) -> tuple[int, str]:
+    """Parameters of a module and the formula that gives them."""
+    if recurse and next(module.children(), None) is not None:
+        return _container_count(module)
+    params = dict(module.named_parameters(recurse=False))
+    total = sum(p.numel() for p in params.values())
+    if not total:
+        return 0, ""
+    terms = _layer_terms(module, params) or [_shape_term(p) for p in params.values()]
+    return total, f"{' + '.join(terms)} = {total:,}"
+
+
+def _container_count(module: nn.Module) -> tuple[int, str]:
+    total = sum(p.numel() for p in module.parameters())
+    if not total:
+        return 0, ""
+    parts = [n for m in module.modules() if (n := sum(p.numel() for p in m.parameters(False)))]
+    if len(parts) > 4:
+        return total, f"sum of {len(parts)} layers = {total:,}"
+    return total, f"{' + '.join(f'{n:,}' for n in parts)} = {total:,}"
+
+
+def _layer_terms(module: nn.Module, params: dict[str, Tensor]) -> list[str] | None:
+    """The textbook formula for conv, linear and normalisation layers, term by term."""
+    if "weight" not in params or set(params) - {"weight", "bias"}:
+        return None
+    weight, bias = params["weight"], params.get("bias")
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        # weight: (cin, cout/groups, *kernel)
+        cout = f"({module.out_channels}/{module.groups})" if module.groups > 1 else weight.shape[1]
+        term = "*".join(map(str, [*weight.shape[2:], weight.shape[0], cout]))
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        # weight: (cout, cin/groups, *kernel)
+        cin = f"({module.in_channels}/{module.groups})" if module.groups > 1 else weight.shape[1]
+        term = "*".join(map(str, [*weight.shape[2:], cin, weight.shape[0]]))
+    elif isinstance(module, nn.Linear):
+        term = f"{weight.shape[1]}*{weight.shape[0]}"
+    elif _is_norm(module) and bias is not None and bias.shape == weight.shape:
+        return [f"2*{weight.numel()}"]
+    else:
+        return None
+    return [term] if bias is None else [term, str(bias.numel())]
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm)
+
+
+def _shape_term(tensor: Tensor) -> str:
+    return "*".join(map(str, tensor.shape)) or "1"
+
+
+def _totals(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    batch_size: int,
+    rows: list[LayerRow],
+    total_macs: int,
+) -> Summary:
+    params = list(model.parameters())  # shared parameters appear once
+    tensors = [*params, *model.buffers()]
+    return Summary(
+        input_size=input_size,
+        batch_size=batch_size,
+        layers=rows,
+        total_params=sum(p.numel() for p in params),
+        trainable_params=sum(p.numel() for p in params if p.requires_grad),
+        total_macs=total_macs,
+        weight_mb=sum(t.numel() * t.element_size() for t in tensors) / 1e6,
+        receptive_field=next((row.rf for row in reversed(rows) if row.rf is not None), None),
+    )
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    floating = (p.dtype for p in model.parameters() if p.is_floating_point())
+    return next(floating, torch.get_default_dtype())
+
+
+def _failure_line(model: nn.Module, input_size: tuple[int, ...], error: Exception) -> str:
+    name = getattr(model, "model_name", type(model).__name__)
+    lines = str(error).strip().splitlines()
+    reason = lines[0] if lines else type(error).__name__
+    return f"{name} failed on input {','.join(map(str, input_size))}: {reason}"
+
+
+def plain(value: float | None) -> int | float | None:
+    """An int when whole, else a float rounded for JSON."""
+    if value is None:
+        return None
+    return int(value) if float(value).is_integer() else round(value, 4)

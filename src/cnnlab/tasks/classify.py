@@ -1,0 +1,372 @@
+"""Image classification: cross-entropy, top-1/top-5, best checkpoint by val top-1; top-k
+prediction and the test report of a finished run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cnnlab import metrics, plots
+from cnnlab.config import TrainConfig
+from cnnlab.data.classify import (
+    ImageDataset,
+    Sample,
+    Splits,
+    balanced_sampler,
+    class_weights,
+    collate_skip_bad,
+    make_splits,
+    scan_class_folders,
+)
+from cnnlab.data.images import detect_in_channels
+from cnnlab.data.loaders import eval_loader, train_loader
+from cnnlab.data.splits import SPLIT_NAMES
+from cnnlab.data.transforms import classify_eval, classify_train, default_stats
+from cnnlab.errors import CnnlabError
+from cnnlab.registry import model_info
+from cnnlab.tasks.common import RunFacts, chunks
+
+AUX_LOSS_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2014, section 5)
+WORST_IMAGES = 16  # highest-loss test images kept for errors.png
+EVAL_BATCH = 64
+COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds")
+
+
+@dataclass
+class ClassifyTask(RunFacts):
+    """Classification for the training loop (``cnnlab.engine.task.Task``) and for a run."""
+
+    label_smoothing: float = 0.0
+    balance: str = "none"
+    class_weights: torch.Tensor | None = None  # (K,) on the training device
+    name: ClassVar[str] = "classify"
+    columns: ClassVar[tuple[str, ...]] = COLUMNS
+    curves: ClassVar[dict] = {
+        "loss": ("train_loss", "val_loss"),
+        "top-1 accuracy": ("train_top1", "val_top1"),
+    }
+    best_label: ClassVar[str] = "val top-1"
+    score_label: ClassVar[str | None] = "top1"
+    channels_last: ClassVar[bool] = True
+    eval_split: ClassVar[str] = "test"  # what `cnnlab eval RUN` reports on
+
+    # -- training
+
+    @classmethod
+    def setup(
+        cls, cfg: TrainConfig, split_json: dict | None = None
+    ) -> tuple[TrainConfig, ClassifyTask]:
+        """Image size from the model, the stratified split, channels from the images."""
+        info = model_info(cfg.model)
+        img_size = cfg.img_size or info.input_size[1]
+        # Refuse a size the model cannot take before reading any data (a model built for
+        # img_size, the ConvNet, checks its own minimum once built).
+        if not info.takes_img_size and img_size < info.min_size:
+            raise CnnlabError(
+                f"{cfg.model} needs images of at least {info.min_size}x{info.min_size};"
+                f" img_size is {img_size}"
+            )
+        if split_json is None:
+            splits = make_splits(Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed)
+        else:
+            splits = Splits.from_json(split_json)
+        in_channels = cfg.in_channels or detect_in_channels([p for p, _ in splits.train])
+        cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
+        mean, std = default_stats(in_channels)
+        task = cls(
+            splits.classes,
+            in_channels,
+            img_size,
+            mean,
+            std,
+            splits,
+            cfg.label_smoothing,
+            cfg.balance,
+        )
+        return cfg, task
+
+    def loaders(
+        self,
+        cfg: TrainConfig,
+        generator: torch.Generator,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[DataLoader, DataLoader, DataLoader | None]:
+        """Train, val and test loaders; only the main process (rank 0) decodes val and
+        test up front, since only it evaluates."""
+        splits, k = self.splits, len(self.classes)
+        train_tf = classify_train(self.img_size, cfg.augment, cfg.flip, self.mean, self.std)
+        eval_tf = classify_eval(self.img_size, self.mean, self.std)
+        pin = device.type == "cuda"
+        sampler = None
+        if self.balance == "sampler":
+            if world_size > 1:
+                raise CnnlabError("balance=sampler needs a single process; use balance=weights")
+            sampler = balanced_sampler(splits.train, k, generator)
+        elif self.balance == "weights":
+            self.class_weights = class_weights(splits.train, k).to(device)
+        train = train_loader(
+            ImageDataset(splits.train, train_tf, self.in_channels),
+            cfg.batch_size,
+            generator,
+            collate_skip_bad,
+            workers=cfg.workers,
+            pin_memory=pin,
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.seed,
+            sampler=sampler,
+        )
+        cache = None if rank == 0 else False
+        common = {"workers": cfg.workers, "pin_memory": pin}
+
+        def evaluation(samples: list[Sample], persistent: bool) -> DataLoader:
+            dataset = ImageDataset(samples, eval_tf, self.in_channels, cache)
+            return eval_loader(
+                dataset, train.batch_size, collate_skip_bad, persistent=persistent, **common
+            )
+
+        test = evaluation(splits.test, False) if splits.test else None
+        return train, evaluation(splits.val, True), test
+
+    def forward_loss(
+        self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:
+        """Cross-entropy of the logits (B, K) and the batch's right answers. A model with
+        auxiliary classifiers (GoogLeNet with ``aux_logits``) returns them in training;
+        they add 0.3 x their losses, the paper's weight, and only the main logits score."""
+        outputs = net(images)
+        if isinstance(outputs, tuple):
+            outputs, *auxiliary = outputs
+            loss = self.loss(outputs, targets)
+            loss = loss + AUX_LOSS_WEIGHT * sum(self.loss(aux, targets) for aux in auxiliary)
+        else:
+            loss = self.loss(outputs, targets)
+        return loss, ((outputs.argmax(dim=1) == targets).sum(), len(targets))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Training objective; logits (B, K), targets (B,) class indices."""
+        return F.cross_entropy(
+            logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing
+        )
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: DataLoader,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        worst: int = 0,
+    ) -> dict:
+        """See ``evaluate``."""
+        return evaluate(model, data, device, self.classes, autocast_dtype, worst)
+
+    @staticmethod
+    def rank(val: dict) -> tuple[float, ...]:
+        """Higher is better: val top-1, then (on a tie) the lower val loss."""
+        return (val["top1"], -val["loss"])
+
+    @staticmethod
+    def epoch_row(train_score: float | None, val: dict) -> dict:
+        return {
+            "train_top1": train_score,
+            "val_loss": val["loss"],
+            "val_top1": val["top1"],
+            "val_top5": val["top5"],
+        }
+
+    @staticmethod
+    def epoch_line(row: dict) -> str:
+        return (
+            f"train loss {row['train_loss']:.3f} top1 {100 * row['train_top1']:.1f}%"
+            f"  val loss {row['val_loss']:.3f} top1 {100 * row['val_top1']:.1f}%"
+        )
+
+    def finish(
+        self,
+        model: nn.Module,
+        val: DataLoader,
+        test: DataLoader | None,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        run_dir: Path,
+    ) -> tuple[str, dict]:
+        """The test split (val when there is none), confusion.png and errors.png."""
+        split, loader = ("test", test) if test is not None else ("val", val)
+        result = self.evaluate(model, loader, device, autocast_dtype, worst=WORST_IMAGES)
+        plots.plot_confusion(result["_confusion"], self.classes, run_dir / "confusion.png")
+        worst = result["_worst"]
+        plots.plot_errors(
+            list(worst["images"]),
+            [self.classes[i] for i in worst["targets"].tolist()],
+            [self.classes[i] for i in worst["preds"].tolist()],
+            worst["losses"].tolist(),
+            run_dir / "errors.png",
+            self.mean,
+            self.std,
+        )
+        return split, result
+
+    @staticmethod
+    def headline(report: dict) -> str:
+        return (
+            f"{report.get('split', 'test')} top-1 {report['top1']:.2%}  top-5 "
+            f"{report['top5']:.2%}  loss {report['loss']:.4f}  ({report['n']} images)"
+        )
+
+    # -- a finished run
+
+    @torch.inference_mode()
+    def predict(
+        self, model: nn.Module, images: list[torch.Tensor], device: torch.device, topk: int = 5
+    ) -> list[dict]:
+        """``[{"top": [{"class", "prob"}, ...]}]`` per uint8 image (in_channels, H, W),
+        preprocessed as evaluation was (resize, centre crop, normalisation)."""
+        if topk < 1:
+            raise CnnlabError(f"topk must be at least 1, got {topk}")
+        k = min(topk, len(self.classes))
+        transform = classify_eval(self.img_size, self.mean, self.std)
+        results = []
+        for chunk in chunks(images, EVAL_BATCH):
+            batch = torch.stack([transform(image) for image in chunk]).to(device)  # (B, C, S, S)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            probs = model(batch).float().softmax(dim=1)  # (B, K)
+            top_probs, top_indices = probs.topk(k, dim=1)  # (B, k), sorted descending
+            for values, indices in zip(top_probs.tolist(), top_indices.tolist(), strict=True):
+                top = [
+                    {"class": self.classes[i], "prob": p}
+                    for i, p in zip(indices, values, strict=True)
+                ]
+                results.append({"top": top})
+        return results
+
+    def eval_data(
+        self, split_json: dict | None, data_dir: Path | None, split: str, source: Path
+    ) -> DataLoader:
+        """The run's own ``split`` (``split_json``, read from ``source``) or, with
+        ``data_dir``, ``DATA/<split>`` when that folder exists, else the whole class-folder
+        tree; its classes may be a subset of the run's, matched by name."""
+        if data_dir is None:
+            samples = self._own_split(split_json, split, source)
+        else:
+            root = Path(data_dir)
+            if (root / split).is_dir():
+                root = root / split
+            classes, samples = scan_class_folders(root)
+            samples = self._remap(classes, samples, root)
+        dataset = ImageDataset(
+            samples, classify_eval(self.img_size, self.mean, self.std), self.in_channels
+        )
+        return eval_loader(dataset, EVAL_BATCH, collate_skip_bad)
+
+    def _own_split(self, split_json: dict | None, split: str, source: Path) -> list[Sample]:
+        if split not in SPLIT_NAMES:
+            raise CnnlabError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
+        try:
+            splits = Splits.from_json(split_json)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CnnlabError(f"{source}: not a cnnlab split file ({e!r})") from e
+        samples = getattr(splits, split)
+        if not samples:
+            raise CnnlabError(
+                f"{source}: the run has no {split} images; pass a data folder instead"
+            )
+        if not splits.root.is_dir():
+            raise CnnlabError(
+                f"{source}: data folder {splits.root} no longer exists; pass a data folder"
+            )
+        return self._remap(splits.classes, samples, source)
+
+    def _remap(self, classes: list[str], samples: list[Sample], source: Path) -> list[Sample]:
+        """Relabel samples from ``classes`` indices to the model's, by class name."""
+        index = {name: i for i, name in enumerate(self.classes)}
+        unknown = [name for name in classes if name not in index]
+        if unknown:
+            raise CnnlabError(
+                f"{source}: class folder {unknown[0]!r} is not one of the run's"
+                f" {len(self.classes)} classes"
+            )
+        return [(path, index[classes[label]]) for path, label in samples]
+
+    @staticmethod
+    def describe(result: dict) -> str:
+        return ", ".join(f"{t['class']} {t['prob']:.1%}" for t in result["top"])
+
+    @staticmethod
+    def draw(image: torch.Tensor, result: dict) -> dict[str, torch.Tensor]:
+        """uint8 images to save, by name: the image with its top class and probability
+        written above it (``cnnlab.draw``)."""
+        from cnnlab.draw import caption
+
+        best = result["top"][0]
+        return {"labelled": caption(image, f"{best['class']} {best['prob']:.0%}")}
+
+
+TASK = ClassifyTask
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    classes: list[str],
+    autocast_dtype: torch.dtype | None = None,
+    worst: int = 0,
+) -> dict:
+    """Classification metrics of ``model`` over ``loader`` (model left in eval mode).
+
+    Returns ``{"top1", "top5", "loss", "n", "per_class": {name: {"precision", "recall",
+    "f1", "support"}}}`` (accuracies as fractions, top5 meaning top-min(5, K), loss the
+    plain mean cross-entropy) plus, for plots, ``_confusion`` (K, K) and, when ``worst``
+    > 0, ``_worst``: the ``worst`` highest-loss samples as ``{"images", "targets",
+    "preds", "losses"}`` CPU tensors.
+    """
+    model.eval()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    all_logits, all_targets = [], []
+    kept: tuple[torch.Tensor, ...] | None = None  # (images, targets, preds, losses)
+    for images, targets in loader:  # (B, C, S, S), (B,)
+        if len(targets) == 0:
+            continue
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images).float()  # (B, K)
+        all_logits.append(logits)
+        all_targets.append(targets)
+        if worst:
+            losses = F.cross_entropy(logits, targets, reduction="none")  # (B,)
+            kept = _keep_worst(kept, (images, targets, logits.argmax(dim=1), losses), worst)
+    if not all_logits:
+        raise CnnlabError("no readable images to evaluate")
+    logits = torch.cat(all_logits).cpu()  # (N, K)
+    targets = torch.cat(all_targets).cpu()  # (N,)
+    report: dict[str, Any] = {
+        "top1": metrics.topk_accuracy(logits, targets, k=1),
+        "top5": metrics.topk_accuracy(logits, targets, k=5),
+        "loss": F.cross_entropy(logits, targets, reduction="none").mean().item(),
+        "n": len(targets),
+        "per_class": metrics.per_class(logits, targets, classes),
+        "_confusion": metrics.confusion_matrix(logits, targets),
+    }
+    if kept is not None:
+        names = ("images", "targets", "preds", "losses")
+        report["_worst"] = {name: t.cpu() for name, t in zip(names, kept, strict=True)}
+    return report
+
+
+def _keep_worst(
+    kept: tuple[torch.Tensor, ...] | None, batch: tuple[torch.Tensor, ...], count: int
+) -> tuple[torch.Tensor, ...]:
+    """The ``count`` highest-loss samples of ``kept`` and ``batch`` (losses last)."""
+    pool = batch if kept is None else tuple(torch.cat(p) for p in zip(kept, batch, strict=True))
+    order = pool[-1].topk(min(count, len(pool[-1]))).indices
+    return tuple(t[order] for t in pool)

@@ -1,0 +1,36 @@
+"""What every task knows about its run, and the helpers the tasks share."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cnnlab.checkpoint import ModelMeta
+
+T = TypeVar("T")
+PREDICT_BATCH = 16  # images per forward pass when predicting or evaluating from files
+
+
+@dataclass
+class RunFacts:
+    """The classes, input and normalisation a model is trained with (model.json's), and,
+    while training, the data splits."""
+
+    classes: list[str]
+    in_channels: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    splits: Any = None
+
+    @classmethod
+    def from_meta(cls, meta: ModelMeta) -> Any:
+        """The task of a finished run, from its model.json."""
+        channels, size, _ = meta.input_size
+        return cls(list(meta.classes), channels, size, tuple(meta.mean), tuple(meta.std))
+
+
+def chunks(items: list[T], size: int) -> Iterator[list[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,305 @@
+"""Object detection: the detector's own losses, COCO mAP (pycocotools, through torchmetrics),
+best checkpoint by validation mAP@0.5; boxes and the validation report of a finished run.
+
+What is specific to a detector sits behind two calls every detection model answers:
+``model(images, targets) -> {"loss", ...}`` in train mode (a detector needs its targets
+inside the forward pass: Faster R-CNN samples anchors and RoIs from them) and
+``model.detect(images, score_threshold, nms_threshold, max_detections)`` in eval mode,
+both with boxes in the input's pixels and 0-based labels. Validation scores the whole set
+at once from the image files, as ``cnnlab detect eval`` does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from cnnlab.config import TrainConfig
+from cnnlab.data.detect import (
+    DetectionDataset,
+    DetectionSample,
+    DetectionSplits,
+    collate_detection,
+    make_detection_splits,
+    read_detection_folder,
+)
+from cnnlab.data.images import read_image
+from cnnlab.data.loaders import train_loader
+from cnnlab.data.transforms import default_stats, detect_eval, detect_train
+from cnnlab.errors import CnnlabError
+from cnnlab.registry import model_info
+from cnnlab.tasks.common import PREDICT_BATCH, RunFacts, chunks
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("epoch", "lr", "train_loss", "val_map50", "val_map", "seconds")
+MAX_DETECTIONS = 100  # per image, as COCO's evaluation
+NMS_THRESHOLD = 0.5
+EVAL_SCORE_THRESHOLD = 0.001
+PREDICT_SCORE_THRESHOLD = 0.25
+_UNDERSTATED_ABOVE = 0.05  # evaluating with a higher score threshold drops real detections
+# YOLOv1 for a few hundred 128x128 images trained from scratch: the shared conv head learns
+# where the paper's FC head barely does (see cnnlab.models.yolo); 128 / 16 = an 8 x 8 grid,
+# and a confidence target of 1 rather than the IoU (darknet's rescore=0).
+SHAPES_YOLO_ARGS = {"head": "conv", "reduction": 16, "grid": 8, "rescore": False}
+
+
+@dataclass
+class DetectTask(RunFacts):
+    """Detection for the training loop (``cnnlab.engine.task.Task``) and for a run."""
+
+    name: ClassVar[str] = "detect"
+    columns: ClassVar[tuple[str, ...]] = COLUMNS
+    curves: ClassVar[dict] = {
+        "training loss": {"train_loss": "train"},
+        "validation mAP": {"val_map50": "mAP@0.5", "val_map": "mAP@[.5:.95]"},
+    }
+    best_label: ClassVar[str] = "val mAP@0.5"
+    score_label: ClassVar[str | None] = None
+    channels_last: ClassVar[bool] = False
+    eval_split: ClassVar[str] = "val"
+
+    # -- training
+
+    @classmethod
+    def setup(
+        cls, cfg: TrainConfig, split_json: dict | None = None
+    ) -> tuple[TrainConfig, DetectTask]:
+        """Refuse settings detection has no use for; read the annotations and split them."""
+        if cfg.balance != "none" or cfg.label_smoothing or cfg.weights or cfg.freeze_backbone:
+            raise CnnlabError(
+                "balance, label_smoothing, weights and freeze_backbone are classification"
+                " settings; a detector takes backbone_weights"
+            )
+        if cfg.augment not in ("none", "light"):
+            raise CnnlabError("detection has one augmentation recipe: augment light or none")
+        if split_json is None:
+            splits = make_detection_splits(Path(cfg.data), cfg.val_split, cfg.seed)
+        else:
+            splits = DetectionSplits.from_json(split_json)
+        img_size = cfg.img_size or model_info(cfg.model).input_size[1]
+        in_channels = cfg.in_channels or 3
+        cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
+        mean, std = default_stats(in_channels)
+        return cfg, cls(splits.classes, in_channels, img_size, mean, std, splits)
+
+    def loaders(
+        self,
+        cfg: TrainConfig,
+        generator: torch.Generator,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[DataLoader, list[DetectionSample], None]:
+        """Training batches; validation reads the image files as ``detect eval`` does."""
+        transform = detect_train(self.img_size, cfg.augment, cfg.flip, self.mean, self.std)
+        train = train_loader(
+            DetectionDataset(self.splits.train, transform, self.in_channels),
+            cfg.batch_size,
+            generator,
+            collate_detection,
+            workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.seed,
+        )
+        return train, self.splits.val, None
+
+    @staticmethod
+    def forward_loss(
+        net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]]
+    ) -> tuple[Tensor, None]:
+        return net(images, targets)["loss"], None
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: list[DetectionSample],
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        score_threshold: float = EVAL_SCORE_THRESHOLD,
+    ) -> dict:
+        """``mean_average_precision`` of the model's detections on the samples' images."""
+        if score_threshold > _UNDERSTATED_ABOVE:
+            log.warning(
+                "score threshold %g drops low-scoring detections, so mAP will be understated;"
+                " evaluate with %g",
+                score_threshold,
+                EVAL_SCORE_THRESHOLD,
+            )
+        found = []
+        for chunk in chunks(data, PREDICT_BATCH):
+            images = [read_image(sample.path, self.in_channels) for sample in chunk]
+            found += self.detect(model, images, device, score_threshold)
+        return mean_average_precision(found, data, self.classes)
+
+    @staticmethod
+    def rank(val: dict) -> tuple[float, ...]:
+        """Higher is better: val mAP@0.5, then (on a tie) mAP@[.5:.95]."""
+        return (val["map50"], val["map"])
+
+    @staticmethod
+    def epoch_row(train_score: float | None, val: dict) -> dict:
+        return {"val_map50": val["map50"], "val_map": val["map"]}
+
+    @staticmethod
+    def epoch_line(row: dict) -> str:
+        return (
+            f"train loss {row['train_loss']:.3f}"
+            f"  val mAP@0.5 {row['val_map50']:.3f}  mAP {row['val_map']:.3f}"
+        )
+
+    def finish(
+        self,
+        model: nn.Module,
+        val: list[DetectionSample],
+        test: None,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        run_dir: Path,
+    ) -> tuple[str, dict]:
+        return "val", self.evaluate(model, val, device, autocast_dtype)
+
+    @staticmethod
+    def headline(report: dict) -> str:
+        return (
+            f"mAP@[.5:.95] {report['map']:.3f}  mAP@0.5 {report['map50']:.3f}  "
+            f"mAP@0.75 {report['map75']:.3f}  ({report['n_images']} images)"
+        )
+
+    # -- a finished run
+
+    @torch.inference_mode()
+    def detect(
+        self,
+        model: nn.Module,
+        images: list[Tensor],
+        device: torch.device,
+        score_threshold: float = PREDICT_SCORE_THRESHOLD,
+        max_detections: int = MAX_DETECTIONS,
+    ) -> list[dict[str, Tensor]]:
+        """``model.detect`` on uint8 images (in_channels, H, W) of any size, each resized
+        to the square input the model was trained at, with the boxes mapped back to the
+        image's own pixels: ``[{"boxes" (N, 4), "scores" (N,), "labels" (N,)}]`` on the CPU."""
+        model.eval()
+        transform = detect_eval(self.img_size, self.mean, self.std)
+        results = []
+        for chunk in chunks(images, PREDICT_BATCH):
+            batch = torch.stack([transform(image) for image in chunk]).to(device)  # (B, C, S, S)
+            found = model.detect(batch, score_threshold, NMS_THRESHOLD, max_detections)
+            side = batch.shape[-1]
+            for image, detections in zip(chunk, found, strict=True):
+                height, width = image.shape[-2:]
+                scale = torch.tensor([width, height, width, height], device=device) / side
+                results.append(
+                    {
+                        "boxes": (detections["boxes"] * scale).cpu(),
+                        "scores": detections["scores"].cpu(),
+                        "labels": detections["labels"].cpu(),
+                    }
+                )
+        return results
+
+    def predict(
+        self,
+        model: nn.Module,
+        images: list[Tensor],
+        device: torch.device,
+        score_threshold: float = PREDICT_SCORE_THRESHOLD,
+    ) -> list[dict]:
+        """``[{"detections": [{"class", "score", "box": [x1, y1, x2, y2]}]}]`` per image,
+        boxes in its own pixels, at most ``MAX_DETECTIONS``."""
+        results = []
+        for found in self.detect(model, images, device, score_threshold):
+            detections = [
+                {"class": self.classes[label], "score": score, "box": box}
+                for box, score, label in zip(
+                    found["boxes"].tolist(),
+                    found["scores"].tolist(),
+                    found["labels"].tolist(),
+                    strict=True,
+                )
+            ]
+            results.append({"detections": detections})
+        return results
+
+    def eval_data(
+        self, split_json: dict | None, data_dir: Path | None, split: str, source: Path
+    ) -> list[DetectionSample]:
+        """The run's own ``split`` (train or val), or every image of ``data_dir`` (its
+        ``split`` part when it has one)."""
+        if data_dir is None:
+            if split not in ("train", "val"):
+                raise CnnlabError(f"{source}: a detection run has train and val splits only")
+            return getattr(DetectionSplits.from_json(split_json), split)
+        folder = Path(data_dir) / split if (Path(data_dir) / split).is_dir() else Path(data_dir)
+        _, classes, samples = read_detection_folder(folder)
+        if classes != self.classes:
+            raise CnnlabError(f"{folder}: classes {classes} differ from the run's {self.classes}")
+        return samples
+
+    @staticmethod
+    def describe(result: dict) -> str:
+        found = ", ".join(f"{d['class']} {d['score']:.2f}" for d in result["detections"])
+        return found or "nothing"
+
+    def draw(self, image: Tensor, result: dict) -> dict[str, Tensor]:
+        """uint8 images to save, by name: the image with each box and "class score"
+        (``cnnlab.draw``)."""
+        from cnnlab.draw import draw_boxes
+
+        return {"drawing": draw_boxes(image, result["detections"], self.classes)}
+
+
+TASK = DetectTask
+
+
+def mean_average_precision(
+    predictions: list[dict[str, Tensor]], samples: list[DetectionSample], classes: list[str]
+) -> dict[str, Any]:
+    """COCO mAP@[.5:.95], mAP@0.5, mAP@0.75 and per-class AP@0.5 of ``predictions``
+    against the samples' boxes (torchmetrics, pycocotools backend, up to 100 per image):
+    ``{"map", "map50", "map75", "per_class_ap50": {name: ap or None}, "n_images"}``, None
+    for a class with no object in the set."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    if not any(s.boxes for s in samples):
+        raise CnnlabError("no annotated objects in the evaluation images")
+    # One process scores the whole set; torchmetrics would otherwise wait for the other
+    # processes of a torchrun group to send their share at compute().
+    common = {
+        "box_format": "xyxy",
+        "iou_type": "bbox",
+        "backend": "pycocotools",
+        "sync_on_compute": False,
+    }
+    coco = MeanAveragePrecision(**common)
+    at50 = MeanAveragePrecision(**common, iou_thresholds=[0.5], class_metrics=True)
+    targets = [
+        {
+            "boxes": torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(s.labels, dtype=torch.int64),
+        }
+        for s in samples
+    ]
+    for metric in (coco, at50):
+        metric.update(predictions, targets)
+    result, result50 = coco.compute(), at50.compute()
+    per_class: dict[str, float | None] = dict.fromkeys(classes)
+    labels = result50["classes"].reshape(-1).tolist()
+    for label, ap in zip(labels, result50["map_per_class"].reshape(-1).tolist(), strict=True):
+        per_class[classes[label]] = ap if ap >= 0 else None  # -1: no object of this class
+    return {
+        "map": result["map"].item(),
+        "map50": result["map_50"].item(),
+        "map75": result["map_75"].item(),
+        "per_class_ap50": per_class,
+        "n_images": len(samples),
+    }

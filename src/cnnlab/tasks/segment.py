@@ -1,0 +1,282 @@
+"""Semantic segmentation: per-pixel cross-entropy with an ignore index, mIoU from one
+confusion matrix over the whole set, best checkpoint by validation mIoU; masks and the
+validation report of a finished run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import tv_tensors
+
+from cnnlab.config import TrainConfig
+from cnnlab.data import segment as segdata
+from cnnlab.data.images import detect_in_channels, image_size
+from cnnlab.data.loaders import eval_loader, train_loader
+from cnnlab.data.segment import IGNORE_INDEX, SegSplits
+from cnnlab.data.transforms import default_stats, segment_eval, segment_train
+from cnnlab.errors import CnnlabError
+from cnnlab.tasks.common import RunFacts
+
+EVAL_BATCH = 8
+COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_pixel_acc",
+    "val_loss",
+    "val_pixel_acc",
+    "val_miou",
+    "seconds",
+)
+
+
+def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(K, K) pixel counts, rows the true class and columns the predicted one; pixels whose
+    target is the ignore index (255) are left out. Inputs: same-shape integer tensors."""
+    valid = targets != IGNORE_INDEX
+    index = targets[valid] * num_classes + preds[valid]
+    counts = torch.bincount(index, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def scores(confusion: torch.Tensor, classes: list[str]) -> dict:
+    """mIoU, pixel accuracy and per-class IoU from one confusion matrix.
+
+    IoU_c = TP / (TP + FP + FN); the mean runs over the classes with a non-zero union
+    (present in the targets or the predictions); a class with none gets ``None``.
+    """
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    iou = true_positive / union.clamp(min=1)
+    present = union > 0
+    total = confusion.sum()
+    return {
+        "miou": iou[present].mean().item() if present.any() else 0.0,
+        "pixel_acc": (true_positive.sum() / total).item() if total > 0 else 0.0,
+        "per_class_iou": {
+            name: iou[i].item() if present[i] else None for i, name in enumerate(classes)
+        },
+    }
+
+
+@dataclass
+class SegmentTask(RunFacts):
+    """Segmentation for the training loop (``cnnlab.engine.task.Task``) and for a run."""
+
+    name: ClassVar[str] = "segment"
+    columns: ClassVar[tuple[str, ...]] = COLUMNS
+    curves: ClassVar[dict] = {
+        "loss": ("train_loss", "val_loss"),
+        "pixel accuracy": ("train_pixel_acc", "val_pixel_acc"),
+        "validation mIoU": ("val_miou",),
+    }
+    best_label: ClassVar[str] = "val mIoU"
+    score_label: ClassVar[str | None] = "pixel acc"
+    channels_last: ClassVar[bool] = False
+    eval_split: ClassVar[str] = "val"
+
+    # -- training
+
+    @classmethod
+    def setup(
+        cls, cfg: TrainConfig, split_json: dict | None = None
+    ) -> tuple[TrainConfig, SegmentTask]:
+        """The split, masks checked against their images, the crop size (default: the
+        shorter side of the first training image) and the channels."""
+        if split_json is None:
+            splits = segdata.make_seg_splits(cfg.data, cfg.val_split, cfg.seed)
+            if len(splits.classes) > IGNORE_INDEX:
+                raise CnnlabError(f"{splits.root}/classes.txt: at most {IGNORE_INDEX} classes")
+            segdata.check_pairs(splits.train + splits.val, len(splits.classes))
+        else:
+            splits = SegSplits.from_json(split_json)
+        img_size = cfg.img_size or min(image_size(splits.train[0][0]))
+        in_channels = cfg.in_channels or detect_in_channels([image for image, _ in splits.train])
+        cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
+        mean, std = default_stats(in_channels)
+        return cfg, cls(splits.classes, in_channels, img_size, mean, std, splits)
+
+    def loaders(
+        self,
+        cfg: TrainConfig,
+        generator: torch.Generator,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> tuple[DataLoader, DataLoader, None]:
+        """Random crops for training; whole images, in order, for validation."""
+        k = len(self.classes)
+        train_tf = segment_train(self.img_size, cfg.augment, cfg.flip, self.mean, self.std)
+        train_set = segdata.SegmentationDataset(self.splits.train, train_tf, k, self.in_channels)
+        train = train_loader(
+            train_set,
+            cfg.batch_size,
+            generator,
+            segdata.collate_pad,
+            workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+            rank=rank,
+            world_size=world_size,
+            seed=cfg.seed,
+        )
+        val_set = segdata.SegmentationDataset(
+            self.splits.val, segment_eval(self.mean, self.std), k, self.in_channels
+        )
+        val = eval_loader(val_set, train.batch_size, segdata.collate_pad, workers=cfg.workers)
+        return train, val, None
+
+    def forward_loss(
+        self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Mean cross-entropy over labelled pixels (outputs (B, K, H, W), targets (B, H, W))
+        and the batch's (right pixels, labelled pixels)."""
+        outputs = net(images)
+        loss = F.cross_entropy(outputs, targets, ignore_index=IGNORE_INDEX)
+        labelled = targets != IGNORE_INDEX
+        return loss, (((outputs.argmax(dim=1) == targets) & labelled).sum(), labelled.sum())
+
+    @torch.inference_mode()
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: DataLoader,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> dict:
+        """``{"miou", "pixel_acc", "per_class_iou", "loss", "n"}`` over the whole loader
+        (one confusion matrix; ``loss`` the mean cross-entropy per labelled pixel) plus
+        ``_confusion`` (K, K)."""
+        model.eval()
+        k = len(self.classes)
+        confusion = torch.zeros(k, k, dtype=torch.long, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n = 0
+        for images, targets in data:  # (B, C, H, W), (B, H, W)
+            images, targets = images.to(device), targets.to(device)
+            enabled = autocast_dtype is not None
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=enabled):
+                logits = model(images).float()  # (B, K, H, W)
+            loss_sum += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+            confusion += confusion_matrix(logits.argmax(dim=1), targets, k)
+            n += len(images)
+        if n == 0:
+            raise CnnlabError("no images to evaluate")
+        confusion = confusion.cpu()
+        report = scores(confusion, self.classes)
+        report["loss"] = (loss_sum.cpu() / max(1, int(confusion.sum()))).item()
+        report["n"] = n
+        report["_confusion"] = confusion
+        return report
+
+    @staticmethod
+    def rank(val: dict) -> tuple[float, ...]:
+        """Higher is better: val mIoU, then (on a tie) the lower val loss."""
+        return (val["miou"], -val["loss"])
+
+    @staticmethod
+    def epoch_row(train_score: float | None, val: dict) -> dict:
+        return {
+            "train_pixel_acc": train_score,
+            "val_loss": val["loss"],
+            "val_pixel_acc": val["pixel_acc"],
+            "val_miou": val["miou"],
+        }
+
+    @staticmethod
+    def epoch_line(row: dict) -> str:
+        return (
+            f"train loss {row['train_loss']:.3f} pixel acc {100 * row['train_pixel_acc']:.1f}%"
+            f"  val loss {row['val_loss']:.3f} mIoU {100 * row['val_miou']:.1f}%"
+        )
+
+    def finish(
+        self,
+        model: nn.Module,
+        val: DataLoader,
+        test: None,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        run_dir: Path,
+    ) -> tuple[str, dict]:
+        return "val", self.evaluate(model, val, device, autocast_dtype)
+
+    @staticmethod
+    def headline(report: dict) -> str:
+        return (
+            f"mIoU {report['miou']:.3f}  pixel accuracy {report['pixel_acc']:.3f}  "
+            f"({report['n']} images)"
+        )
+
+    # -- a finished run
+
+    @torch.inference_mode()
+    def predict(
+        self, model: nn.Module, images: list[torch.Tensor], device: torch.device
+    ) -> list[dict]:
+        """``[{"class_fractions": {name: fraction}, "_mask": uint8 (H, W)}]`` per uint8
+        image (in_channels, H, W), each segmented whole at its own size."""
+        transform = segment_eval(self.mean, self.std)
+        results = []
+        for image in images:
+            x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)  # (C, H, W)
+            logits = model(x.unsqueeze(0).to(device))  # (1, K, H, W)
+            mask = logits.argmax(dim=1)[0].to(torch.uint8).cpu()  # (H, W)
+            counts = torch.bincount(mask.flatten().long(), minlength=len(self.classes))
+            fractions = (counts.double() / mask.numel()).tolist()
+            results.append(
+                {
+                    "class_fractions": dict(zip(self.classes, fractions, strict=True)),
+                    "_mask": mask,
+                }
+            )
+        return results
+
+    def eval_data(
+        self, split_json: dict | None, data_dir: Path | None, split: str, source: Path
+    ) -> DataLoader:
+        """The run's own ``split`` (train or val) or every image/mask pair of ``data_dir``
+        (its ``split`` part when it has one)."""
+        if data_dir is None:
+            if split not in ("train", "val"):
+                raise CnnlabError(f"{source}: a segmentation run has train and val splits only")
+            samples = getattr(SegSplits.from_json(split_json), split)
+        else:
+            root = Path(data_dir)
+            found = segdata.read_classes(root)
+            if found != self.classes:
+                raise CnnlabError(
+                    f"{root / 'classes.txt'}: classes {found} differ from the run's {self.classes}"
+                )
+            samples = segdata.scan_pairs(root / split if (root / split).is_dir() else root)
+            segdata.check_pairs(samples, len(self.classes))
+        dataset = segdata.SegmentationDataset(
+            samples, segment_eval(self.mean, self.std), len(self.classes), self.in_channels
+        )
+        return eval_loader(dataset, EVAL_BATCH, segdata.collate_pad)
+
+    @staticmethod
+    def describe(result: dict) -> str:
+        """Where the mask went, once written; else the classes' shares of the pixels."""
+        if "mask" in result:
+            return f"mask {result['mask']}, overlay {result['overlay']}"
+        shown = sorted(result["class_fractions"].items(), key=lambda item: -item[1])
+        return ", ".join(f"{name} {fraction:.1%}" for name, fraction in shown if fraction > 0)
+
+    @staticmethod
+    def draw(image: torch.Tensor, result: dict) -> dict[str, torch.Tensor]:
+        """uint8 images to save, by name: the mask (class index per pixel) and the image
+        with the classes tinted (``cnnlab.draw``)."""
+        from cnnlab.draw import overlay_mask
+
+        mask = result["_mask"]
+        return {"mask": mask[None], "overlay": overlay_mask(image, mask)}
+
+
+TASK = SegmentTask
