@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-import cnnlab.models.rcnn
-import cnnlab.models.yolo  # noqa: F401  (register the detectors)
+import cnnlab
 from cnnlab.data.shapes import write_shapes
-from cnnlab.detect import SHAPES_YOLO_ARGS, detect_train
+from cnnlab.tasks.detect import SHAPES_YOLO_ARGS
 
 TARGETS = {"fasterrcnn": 0.90, "yolov1": 0.80}
 BUDGET_MINUTES = 20.0
@@ -55,10 +54,11 @@ RECIPES = {
 def run(model: str, data: Path, work: Path, seed: int) -> dict:
     recipe = RECIPES[model]
     started = time.perf_counter()
-    report = detect_train(
+    report = cnnlab.train(
         data,
         work / model,
-        model,
+        task="detect",
+        model=model,
         img_size=128,
         val_split=VAL_SPLIT,
         seed=seed,

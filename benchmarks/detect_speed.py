@@ -36,8 +36,6 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-import cnnlab.models.rcnn
-import cnnlab.models.yolo  # noqa: F401  (register the detectors)
 from _bench import interleaved, machine_line, rate_row
 from cnnlab import create_model
 from cnnlab.inspect import summarize
@@ -150,10 +148,10 @@ def stage_gmacs(model: nn.Module, size: int, batch: int) -> dict[str, float]:
 
 def build(args: argparse.Namespace) -> dict[str, nn.Module]:
     if args.yolo_run and args.rcnn_run:
-        from cnnlab.detect import load_detector
+        from cnnlab.runs import load_run
 
-        yolo = load_detector(args.yolo_run, "cpu").model
-        rcnn = load_detector(args.rcnn_run, "cpu").model
+        yolo = load_run(args.yolo_run, "cpu").model
+        rcnn = load_run(args.rcnn_run, "cpu").model
         return {"yolov1": yolo.eval(), "fasterrcnn": rcnn.eval()}
     models = {}
     for name, arch, extra in (

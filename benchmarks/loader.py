@@ -1,16 +1,16 @@
 """Input pipeline speed: decode + augment images/s from a folder of JPEGs.
 
-The project's pipeline is ``cnnlab.data.ImageDataset`` with ``train_transform(224,
-"light")``: torchvision.io decoding (libjpeg-turbo) into a uint8 tensor, then v2 transforms
-on that tensor (RandomResizedCrop, flip, ColorJitter, to float, normalise). The baseline
-is torchvision's ``ImageFolder`` with its default PIL loader and the equivalent classic
-transforms on PIL images (RandomResizedCrop with the same scale and ratio, flip,
+The project's pipeline is ``cnnlab.data.classify.ImageDataset`` with ``classify_train(224,
+"light", ...)``: torchvision.io decoding (libjpeg-turbo) into a uint8 tensor, then v2
+transforms on that tensor (RandomResizedCrop, flip, ColorJitter, to float, normalise). The
+baseline is torchvision's ``ImageFolder`` with its default PIL loader and the equivalent
+classic transforms on PIL images (RandomResizedCrop with the same scale and ratio, flip,
 ColorJitter with the same strengths, ToTensor, Normalize). Both run in the main process,
 one image after the other on one thread (what one DataLoader worker does: PyTorch sets
-each worker to one thread), over the same 200 synthetic
-320x240 JPEGs written to a temporary folder. The project's dataset is measured with its
-decode cache off, so both decode every image; the cached number (decode once, augment
-every epoch, the project's default for small sets) is reported too.
+each worker to one thread), over the same 200 synthetic 320x240 JPEGs written to a
+temporary folder. The project's dataset is measured with its decode cache off, so both
+decode every image; the cached number (decode once, augment every epoch, the project's
+default for small sets) is reported too.
 
 The pipeline must also keep up with training: its images/s are compared with ResNet-18's
 training images/s at 224x224 (batch 16, a bare loop like ``train_step.py``'s), measured in
@@ -35,9 +35,8 @@ from torchvision import transforms as T
 
 from _bench import Row, interleaved, rate_row, report
 from cnnlab import create_model
-from cnnlab.data.datasets import ImageDataset
-from cnnlab.data.folders import scan_class_folders
-from cnnlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, train_transform
+from cnnlab.data.classify import ImageDataset, scan_class_folders
+from cnnlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classify_train
 
 SIZE = 224
 
@@ -109,9 +108,9 @@ def main() -> None:
         root = Path(tmp)
         write_jpegs(root, args.images)
         _, samples = scan_class_folders(root)
-        transform = train_transform(SIZE, "light")
-        ours = ImageDataset(samples, transform, cache=False)
-        cached = ImageDataset(samples, transform, cache=True)
+        transform = classify_train(SIZE, "light", True, IMAGENET_MEAN, IMAGENET_STD)
+        ours = ImageDataset(samples, transform, 3, cache=False)
+        cached = ImageDataset(samples, transform, 3, cache=True)
         baseline = datasets.ImageFolder(str(root), transform=baseline_transform())
         seconds = interleaved(
             {

@@ -2,10 +2,11 @@
 
 Ours is a run folder loaded with ``cnnlab.runs.load_run``, exactly what ``cnnlab predict``
 does: BatchNorm folded into the convolutions, weights in channels_last, and
-``Run._infer`` timed on 16 preprocessed 224x224 images (stack, channels_last, forward under
-inference_mode, softmax, top-5). The baseline is ``torchvision.models.resnet18`` with the
-same weights, eager, in eval mode under inference_mode, on the same batch in the default
-(NCHW) layout, followed by the same softmax and top-5. The weights are random but
+``Run.predict`` timed on 16 uint8 224x224 images (the run's evaluation transform, stack,
+channels_last, forward under inference_mode, softmax, top-5). The baseline is
+``torchvision.models.resnet18`` with the same weights, eager, in eval mode under
+inference_mode, on the same images through the same transform in the default (NCHW)
+layout, followed by the same softmax and top-5. The weights are random but
 "trained-looking" (BatchNorm statistics and affine parameters away from the identity), so
 the folding is really exercised; the script checks that both give the same top-1 and
 logits within 1e-4. Target: ratio >= 1.3.
@@ -31,6 +32,7 @@ from torch import nn
 
 from _bench import Row, interleaved, rate_row, report
 from cnnlab import checkpoint, create_model
+from cnnlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classify_eval
 from cnnlab.runs import load_run
 
 BATCH, SIZE, CLASSES = 16, 224, 1000
@@ -59,14 +61,16 @@ def write_run(model: nn.Module, folder: Path) -> Path:
         "mean": [0.485, 0.456, 0.406],
         "std": [0.229, 0.224, 0.225],
     }
-    checkpoint.save_model_json(folder, meta)
+    checkpoint.save_model_json(folder, checkpoint.ModelMeta(**meta))
     return folder
 
 
 def baseline_infer(model: nn.Module, images: list[torch.Tensor]):
+    transform = classify_eval(SIZE, IMAGENET_MEAN, IMAGENET_STD)
+
     def run() -> None:
         with torch.inference_mode():
-            probs = model(torch.stack(images)).softmax(dim=1)
+            probs = model(torch.stack([transform(image) for image in images])).softmax(dim=1)
             probs.topk(5, dim=1)
 
     return run
@@ -88,17 +92,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run = load_run(write_run(model, Path(tmp)))
     torch.manual_seed(1)
-    images = [torch.randn(3, SIZE, SIZE) for _ in range(BATCH)]  # normalised inputs
-    prepared = [(None, image) for image in images]
+    images = [torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8) for _ in range(BATCH)]
+    transform = classify_eval(SIZE, IMAGENET_MEAN, IMAGENET_STD)
+    batch = torch.stack([transform(image) for image in images])
 
     with torch.inference_mode():
-        expected = baseline(torch.stack(images))
-        got = run.model(torch.stack(images).contiguous(memory_format=torch.channels_last))
+        expected = baseline(batch)
+        got = run.model(batch.contiguous(memory_format=torch.channels_last))
     difference = (got - expected).abs().max().item()
     same_top1 = torch.equal(got.argmax(1), expected.argmax(1))
 
     contenders = {
-        "ours": lambda: run._infer(prepared, 5),
+        "ours": lambda: run.predict(images, topk=5),
         "baseline": baseline_infer(baseline, images),
     }
     compile_seconds = None
@@ -106,7 +111,7 @@ def main() -> None:
         compiled = torch.compile(run.model)
         started = time.perf_counter()
         with torch.inference_mode():
-            compiled(torch.stack(images).contiguous(memory_format=torch.channels_last))
+            compiled(batch.contiguous(memory_format=torch.channels_last))
         compile_seconds = time.perf_counter() - started
         contenders["compiled"] = baseline_infer(compiled, images)
     seconds = interleaved(contenders, args.repeats, warmup=2)

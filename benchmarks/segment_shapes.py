@@ -33,11 +33,11 @@ TARGET_SECONDS = 15 * 60
 
 def background_only_miou(run: Path) -> float:
     """mIoU of a model that answers "background" for every pixel of the validation split."""
-    from cnnlab import checkpoint
-    from cnnlab.data.segmentation import SegSplits, read_mask
-    from cnnlab.segment import confusion_matrix, scores
+    from cnnlab.data.segment import SegSplits, read_mask
+    from cnnlab.files import read_json
+    from cnnlab.tasks.segment import confusion_matrix, scores
 
-    splits = SegSplits.from_json(checkpoint.read_json(run / "split.json"))
+    splits = SegSplits.from_json(read_json(run / "split.json"))
     k = len(splits.classes)
     confusion = torch.zeros(k, k, dtype=torch.long)
     for _, mask_path in splits.val:
@@ -66,18 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import cnnlab.models.fcn  # noqa: F401  (registered by the zoo once it imports fcn)
+    import cnnlab
     from cnnlab.data.shapes import write_shapes
-    from cnnlab.segment import segment_train
 
     out = args.out or Path(tempfile.mkdtemp(prefix="segment_shapes_"))
     started, cpu_started = time.perf_counter(), time.process_time()
     write_shapes(out / "shapes", task="segment", n=args.n, size=args.size, seed=args.seed)
-    report = segment_train(
+    report = cnnlab.train(
         out / "shapes",
         out / "run",
+        task="segment",
         model=args.model,
-        backbone=args.backbone,
+        model_args={"backbone": args.backbone},
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,

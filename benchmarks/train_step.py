@@ -3,10 +3,10 @@
 Both sides train the same model (one module, each side with its own optimizer) on the same
 in-memory batches with the same recipe: AdamW (lr 1e-3, weight decay 0.05), cross-entropy,
 gradient clipping at norm 1.0, and the warm-up + cosine schedule stepped after every step.
-The engine side runs ``engine._train_epoch``, the code ``_fit`` runs for every epoch: the
-device moves, autocast and GradScaler (disabled on CPU), the step, the schedule, the
-running sums of loss and right answers kept on the device, and the progress hook, with the
-optimizer ``_fit`` builds (AdamW's fused step, also on CPU). The baseline is the loop of the
+The engine side runs ``cnnlab.engine.loop.train_epoch``, the code ``fit`` runs for every
+epoch: the device moves, autocast and GradScaler (disabled on CPU), the step, the schedule,
+the running sums of loss and right answers kept on the device, and the progress hook, with
+the optimizer ``fit`` builds (AdamW's fused step, also on CPU). The baseline is the loop of the
 PyTorch tutorial (zero_grad, forward, loss, backward, clip, step, schedule) with AdamW's
 default step. The engine's bookkeeping must cost less than its fused step wins back: the
 target is a ratio of at least 0.97.
@@ -29,8 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from _bench import Row, interleaved, matmul_peak, rate_row, report
-from cnnlab import create_model, engine
+from cnnlab import create_model
+from cnnlab.config import TrainConfig
+from cnnlab.data.transforms import default_stats
+from cnnlab.engine.loop import Step, train_epoch
+from cnnlab.engine.optim import make_optimizer, warmup_cosine
+from cnnlab.engine.progress import Reporter
 from cnnlab.inspect import summarize
+from cnnlab.tasks.classify import ClassifyTask
 
 
 @dataclass
@@ -54,21 +60,22 @@ TOTAL_STEPS = 10_000  # schedule length: the lr stays in its cosine, never at 0
 
 def _schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: engine.warmup_cosine(step, 100, TOTAL_STEPS)
+        optimizer, lambda step: warmup_cosine(step, 100, TOTAL_STEPS)
     )
 
 
 def engine_pass(model: nn.Module, batches: list) -> callable:
-    cfg = engine.TrainConfig(data="-", out="-", lr=1e-3, weight_decay=0.05, quiet=True)
-    optimizer = engine._make_optimizer(model, cfg)  # as _fit builds it: fused on CPU
+    cfg = TrainConfig(data="-", out="-", lr=1e-3, weight_decay=0.05, quiet=True)
+    optimizer = make_optimizer(model, cfg)  # as fit builds it: fused on CPU
     scheduler = _schedule(optimizer)
-    task = engine.ClassifyTask([str(i) for i in range(CLASSES)])
+    channels, size = batches[0][0].shape[1:3]
+    task = ClassifyTask([str(i) for i in range(CLASSES)], channels, size, *default_stats(channels))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    step = engine._Step(model, task, optimizer, scaler, torch.device("cpu"), None, cfg.grad_clip)
-    say = engine._Reporter(quiet=True)
+    step = Step(model, task, optimizer, scaler, torch.device("cpu"), None, cfg.grad_clip)
+    say = Reporter(quiet=True)
 
     def run() -> None:
-        loss_sum = engine._train_epoch(step, batches, scheduler, say)[1]
+        loss_sum = train_epoch(step, batches, scheduler, say)[1]
         loss_sum.item()  # the engine reads its sums once per epoch
 
     return run

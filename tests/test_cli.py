@@ -64,14 +64,14 @@ def test_on_off_builder_settings_read_as_bare_flags() -> None:
     import cnnlab.models.rcnn
     import cnnlab.models.yolo  # noqa: F401  (register the detectors)
 
-    assert cli._model_args(["--roi-pool"], "fasterrcnn") == {"roi_pool": True}
-    assert cli._model_args(["--roi-pool", "false"], "fasterrcnn") == {"roi_pool": False}
-    assert cli._model_args(["--no-rescore", "--grid", "8"], "yolov1") == {
+    assert cli.builder_args(["--roi-pool"], "fasterrcnn") == {"roi_pool": True}
+    assert cli.builder_args(["--roi-pool", "false"], "fasterrcnn") == {"roi_pool": False}
+    assert cli.builder_args(["--no-rescore", "--grid", "8"], "yolov1") == {
         "rescore": False,
         "grid": 8,
     }
     with pytest.raises(CnnlabError, match="--grid needs a value"):
-        cli._model_args(["--grid", "--no-rescore"], "yolov1")
+        cli.builder_args(["--grid", "--no-rescore"], "yolov1")
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from cnnlab.data.classify import Splits
 from cnnlab.data.transforms import default_stats
 from cnnlab.device import pick_device
 from cnnlab.engine import resume, train
-from cnnlab.engine.loop import warmup_cosine
+from cnnlab.engine.optim import warmup_cosine
 from cnnlab.errors import CnnlabError
 from cnnlab.tasks.classify import COLUMNS as METRICS_COLUMNS
 from cnnlab.tasks.classify import ClassifyTask, evaluate

@@ -20,7 +20,7 @@ from cnnlab import checkpoint, create_model, files
 from cnnlab.cli import main
 from cnnlab.config import TrainConfig
 from cnnlab.engine import resume, train
-from cnnlab.engine.loop import make_optimizer
+from cnnlab.engine.optim import make_optimizer
 from cnnlab.errors import CnnlabError
 from cnnlab.tasks.classify import ClassifyTask
 from cnnlab.transfer import backbone_norms_eval, freeze_backbone, head_parameter_names

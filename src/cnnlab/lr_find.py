@@ -28,7 +28,8 @@ import torch
 from cnnlab import transfer
 from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig
 from cnnlab.device import pick_device
-from cnnlab.engine.loop import Step, amp_dtype, build_model, make_optimizer
+from cnnlab.engine.loop import Step, build_model
+from cnnlab.engine.optim import amp_dtype, make_optimizer
 from cnnlab.engine.state import seed_everything
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import model_info

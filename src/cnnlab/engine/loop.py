@@ -19,10 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DistributedSampler
 
+import cnnlab.engine.distributed as distributed
+import cnnlab.engine.state as state
 from cnnlab import __version__, checkpoint, plots, transfer
 from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig, default_of, make_config
 from cnnlab.device import pick_device
-from cnnlab.engine import distributed, state
+from cnnlab.engine.optim import amp_dtype, make_optimizer, warmup_cosine
 from cnnlab.engine.progress import Reporter, short_float
 from cnnlab.engine.task import Task
 from cnnlab.errors import CnnlabError
@@ -401,48 +403,3 @@ def train_epoch(
             scored += batch_score[1]
         say.step(seen, loss_sum, right, scored)
     return seen, loss_sum, right, scored, lr
-
-
-def warmup_cosine(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warm-up over ``warmup`` steps, then a half cosine from
-    1 down to 0 at ``total`` steps."""
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, Adam or SGD over the trainable parameters, with no weight decay on biases and
-    norm scales (1-D tensors: decaying them only hurts). With a ``backbone_lr_mult`` the
-    head's groups come first, so group 0 has the run's lr."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    mult = cfg.backbone_lr_mult
-    head = transfer.head_parameter_names(model) if mult != 1 else {n for n, _ in named}
-    groups = [
-        {
-            "params": [p for n, p in named if (n in head) == in_head and (p.ndim > 1) == decay],
-            "weight_decay": cfg.weight_decay if decay else 0.0,
-            "lr": cfg.lr if in_head else cfg.lr * mult,
-        }
-        for in_head in (True, False)
-        for decay in (True, False)
-    ]
-    groups = [g for g in groups if g["params"]]
-    # The fused kernels update every tensor in one pass (on a CPU, AdamW's step over a
-    # detector's 26M parameters drops from about 1 s to 0.1 s); they exist for these two.
-    fused = next(model.parameters()).device.type in ("cpu", "cuda")
-    extra = {"fused": True} if fused else {}
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, **extra)
-    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=cfg.lr, **extra)
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` on ``device``: None off CUDA or with ``off``."""
-    if device.type != "cuda" or amp == "off":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if amp == "bf16" else torch.float16

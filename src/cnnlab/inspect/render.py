@@ -42,6 +42,24 @@ def render_summary(summary: Summary, title: str) -> Group:
     return Group(table, totals)
 
 
+def models_table(rows: list[dict[str, Any]]) -> Table:
+    """``model_table_rows`` as a rich table."""
+    table = Table(title="cnnlab models")
+    for column in ("name", "family", "task", "params", "MACs", "input", "min input"):
+        table.add_column(column, justify="right" if column in {"params", "MACs"} else "left")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["family"],
+            row["task"],
+            f"{row['params']:,}",
+            f"{row['macs'] / 1e9:.2f} G",
+            "x".join(str(d) for d in row["input_size"]),
+            str(row["min_size"]),
+        )
+    return table
+
+
 def model_table_rows() -> list[dict[str, Any]]:
     """One row per registered model: name, family, task, params, MACs, sizes.
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.inspect.receptive_field import Field, FieldTracker, tensors_in
-from cnnlab.registry import check_input_size
+from cnnlab.registry import check_input_size, create_model, model_info
 
 
 @dataclass
@@ -66,6 +66,24 @@ class Summary:
             "receptive_field": plain(self.receptive_field),
             "weight_mb": round(self.weight_mb, 3),
         }
+
+
+def summarize_model(
+    name: str,
+    input_size: tuple[int, int, int] | None = None,
+    depth: int | None = None,
+    **builder_args: Any,
+) -> tuple[Summary, tuple[int, int, int]]:
+    """Build the registered model ``name`` for ``input_size`` (default: its natural input;
+    its channels become ``in_channels``, its size the ``img_size`` of a model built for
+    one) and summarise it. Returns (summary, the input size used)."""
+    info = model_info(name)
+    input_size = tuple(input_size or info.input_size)
+    builder_args.setdefault("in_channels", input_size[0])
+    if info.takes_img_size:
+        builder_args.setdefault("img_size", (input_size[1], input_size[2]))
+    model = create_model(name, **builder_args)
+    return summarize(model, input_size=input_size, depth=depth), input_size
 
 
 def summarize(

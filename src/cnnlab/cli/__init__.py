@@ -1,0 +1,46 @@
+"""The ``cnnlab`` command: parses arguments, calls the Python API, prints the result.
+
+Every command that reports numbers takes ``--format json`` and then prints exactly one JSON
+document on stdout; tables and progress go to the terminal (progress on stderr). A
+``CnnlabError`` becomes one line on stderr and exit status 2. The training flags are
+generated from ``TrainConfig``'s fields; the three tasks share one set of train, eval and
+predict commands (``cnnlab train``, ``cnnlab segment train``, ``cnnlab detect train``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from cnnlab.cli.parsing import build_parser, builder_args
+from cnnlab.errors import CnnlabError
+
+__all__ = ["build_parser", "builder_args", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s: %(message)s" if args.verbose else "%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        source = getattr(args, "model_args_from", None)
+        model_name = getattr(args, source, None) if source else None
+        if model_name is None and source and not getattr(args, "resume", None):
+            from cnnlab.config import default_of
+
+            model_name = default_of(args.task, "model")
+        if unknown and not model_name:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        extra = builder_args(unknown, model_name) if model_name else {}
+        return args.handler(args, extra)
+    except CnnlabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,234 @@
+"""The command handlers: each calls the Python API and prints its result (one JSON
+document with ``--format json``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from cnnlab.errors import CnnlabError
+
+TASK_COMMANDS = {"classify": "", "segment": "segment ", "detect": "detect "}  # "cnnlab {}train"
+EXPLICIT_NONE = object()  # `--grad-clip none`: an explicit None, not an unset flag
+
+
+def print_json(document: object) -> None:
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def _console():  # rich is imported lazily so `cnnlab --help` starts fast
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped to a file or a pager: never squeeze the table
+        console = Console(width=240)
+    return console
+
+
+def parse_input(text: str) -> tuple[int, int, int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise CnnlabError(
+            f"--input {text!r}: expected C,H,W as three positive integers (3,224,224)"
+        )
+    return dims  # type: ignore[return-value]
+
+
+def _print_report(report: dict, form: str, task: Any) -> None:
+    """A training or evaluation report: JSON, or its task's headline."""
+    from cnnlab.engine.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun every process returns the report; one prints
+        return
+    if form == "json":
+        print_json(report)
+    else:
+        print(task.headline(report))
+
+
+def _load(args: argparse.Namespace, task: str):
+    """The run of an eval/predict command, refused (with the command to use) when it is
+    another task's."""
+    from cnnlab.runs import load_run
+
+    run = load_run(Path(args.run), device=args.device)
+    if run.task.name != task:
+        right = TASK_COMMANDS[run.task.name]
+        raise CnnlabError(
+            f"{args.run} holds a {run.task.name} run; use `cnnlab {right}{args.action} {args.run}`"
+        )
+    return run
+
+
+def cmd_models(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.inspect import model_table_rows, models_table
+
+    rows = model_table_rows()
+    if args.format == "json":
+        print_json(rows)
+    else:
+        _console().print(models_table(rows))
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.inspect import render_summary, summarize_model
+
+    size = parse_input(args.input) if args.input else None
+    if args.num_classes is not None:
+        extra["num_classes"] = args.num_classes
+    summary, size = summarize_model(args.model, size, args.depth, **extra)
+    if args.format == "json":
+        print_json(summary.to_dict(args.model))
+    else:
+        _console().print(render_summary(summary, title=f"{args.model} {size}"))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace, extra: dict) -> int:
+    if args.data_command == "digits":
+        from cnnlab.data.digits import write_digits
+
+        counts = write_digits(Path(args.dst), size=args.size)
+        print(f"wrote {sum(counts.values())} digit images ({len(counts)} classes) to {args.dst}")
+    elif args.data_command == "shapes":
+        from cnnlab.data.shapes import write_shapes
+
+        write_shapes(Path(args.dst), task=args.task, n=args.n, size=args.size, seed=args.seed)
+        print(f"wrote {args.n} {args.size}x{args.size} shape images for {args.task} to {args.dst}")
+    elif args.data_command == "check":
+        from cnnlab.data.check import check_folder, summarize_check
+
+        report = check_folder(Path(args.dir))
+        if args.format == "json":
+            print_json(report)
+        else:
+            print(summarize_check(report))
+    else:
+        from cnnlab.data.check import clean_folder
+
+        report = clean_folder(Path(args.src), Path(args.dst), strip_prefix=args.strip_prefix)
+        if args.format == "json":
+            print_json(report)
+        else:
+            print(
+                f"cleaned {args.src} into {args.dst}; {len(report['left_out'])} files left out "
+                f"(see {Path(args.dst) / 'clean_report.json'})"
+            )
+    return 0
+
+
+def _train_config(args: argparse.Namespace, extra: dict, task: str):
+    """The TrainConfig of the flags the user set, over ``task``'s defaults."""
+    from cnnlab.config import TrainConfig, make_config
+
+    names = {f.name for f in fields(TrainConfig) if f.metadata.get("cli", True)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    given = {k: None if v is EXPLICIT_NONE else v for k, v in given.items()}
+    data = getattr(args, "data", None)
+    return make_config(task, data=str(data), out=str(args.out), model_args=extra, **given)
+
+
+def cmd_train(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.engine import resume, train
+    from cnnlab.tasks import task_class
+
+    if args.resume:
+        if extra or args.data or args.out:
+            raise CnnlabError(
+                "--resume RUN continues a run as it was; give no DIR, --out or model flags"
+            )
+        from cnnlab.checkpoint import read_model_json
+
+        task = read_model_json(args.resume).task
+        # `cnnlab train --resume` continues a run of any task; the task commands their own.
+        wanted = None if args.task == "classify" else args.task
+        overrides = {k: getattr(args, k) for k in ("device", "workers", "quiet")}
+        report = resume(Path(args.resume), wanted, **overrides)
+    else:
+        if not args.data or not args.out:
+            raise CnnlabError(
+                f"{TASK_COMMANDS[args.task]}train needs DIR and --out RUN (or --resume RUN)"
+            )
+        task = args.task
+        report = train(_train_config(args, extra, task), task=task)
+    _print_report(report, args.format, task_class(task))
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.lr_find import lr_find, png_path
+    from cnnlab.plots import plot_lr_find
+
+    out = png_path(args.out)
+    args.out = "."  # the run folder TrainConfig asks for; lr-find writes none
+    cfg = _train_config(args, extra, "classify")
+    result = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+    plot_lr_find(result.lrs, result.losses, result.suggested_lr, out)
+    if args.format == "json":
+        print_json(result.to_dict())
+    else:
+        print(f"suggested lr {result.suggested_lr:.2e}  (plot: {out})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: dict) -> int:
+    run = _load(args, args.task)
+    options = {}
+    if getattr(args, "score_threshold", None) is not None:
+        options["score_threshold"] = args.score_threshold
+    report = run.evaluate(Path(args.dir) if args.dir else None, args.split, **options)
+    _print_report(report, args.format, run.task)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
+    run = _load(args, args.task)
+    options = {}
+    for name in ("topk", "score_threshold"):
+        if getattr(args, name, None) is not None:
+            options[name] = getattr(args, name)
+    results, errors = run.predict_files([Path(p) for p in args.paths], **options)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        for result in results:
+            result.update(run.save(result, args.out, Path(result["file"]).stem))
+    for message in errors:
+        print(f"error: {message}", file=sys.stderr)
+    results = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+    if args.format == "json":
+        print_json(results)
+    else:
+        for result in results:
+            print(f"{result['file']}: {run.task.describe(result)}")
+    return 2 if errors else 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.demo import run_demo
+
+    return run_demo(args.task, Path(args.out) if args.out else None, quiet=args.quiet)
+
+
+def cmd_heatmap(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.heatmap import heatmap
+
+    result = heatmap(Path(args.run), Path(args.image), args.class_name, args.out, args.device)
+    if args.format == "json":
+        print_json(result)
+    else:
+        rows, cols = result["shape"]
+        print(
+            f"{result['class']}: {rows}x{cols} probability map, peak at cell {result['peak']}"
+            + (f"; drawn to {args.out}" if args.out else "")
+        )
+    return 0
