@@ -313,11 +313,15 @@ def test_split_json_round_trip(tmp_path: Path) -> None:
     splits = make_splits(root, seed=5)
     data = json.loads(json.dumps(splits.to_json()))
     assert data["train"][0][0] == splits.train[0][0].relative_to(root).as_posix()
-    assert Splits.from_json(data) == splits
-    moved = Splits.from_json(data, root=tmp_path / "elsewhere")
-    assert moved.val[0][0] == tmp_path / "elsewhere" / data["val"][0][0]
-    with pytest.raises(CnnlabError, match="missing key"):
-        Splits.from_json({"classes": []})
+    saved = tmp_path / "split.json"
+    saved.write_text(json.dumps(data))
+    assert Splits.from_json(saved) == splits
+    saved.write_text(json.dumps({"root": str(root), "classes": []}))
+    with pytest.raises(CnnlabError, match=r"split\.json: not a cnnlab split file \('train'\)"):
+        Splits.from_json(saved)
+    saved.write_text(json.dumps({**data, "root": str(tmp_path / "gone")}))
+    with pytest.raises(CnnlabError, match="gone no longer exists"):
+        Splits.from_json(saved)
 
 
 def test_presplit_folders(tmp_path: Path) -> None:

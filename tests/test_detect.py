@@ -24,7 +24,7 @@ from cnnlab.data.detect import read_coco
 from cnnlab.data.images import read_image
 from cnnlab.data.shapes import write_shapes
 from cnnlab.demo import shapes_demo
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.tasks.detect import COLUMNS as METRICS_COLUMNS
 from cnnlab.tasks.detect import DetectTask, mean_average_precision
 
@@ -224,7 +224,7 @@ def test_predict_maps_boxes_back_to_each_images_own_pixels(run, shapes, tmp_path
     drawn = tmp_path / "drawn"
     drawn.mkdir()
     (result,) = run.predict([large], score_threshold=0.01)
-    assert run.save(result, drawn, "00_large") == {"drawing": str(drawn / "00_large.png")}
+    assert run.save(result, drawn / "00_large") == {"drawing": str(drawn / "00_large.png")}
     assert result["file"] == str(large)
     assert len(result["detections"]) == len(raw["boxes"]) > 0
     boxes = torch.tensor([d["box"] for d in result["detections"]])
@@ -286,7 +286,9 @@ def test_a_run_stopped_by_ctrl_c_resumes_to_the_same_metrics(shapes, tmp_path, m
     monkeypatch.setattr(DetectTask, "evaluate", evaluate_and_count)
     monkeypatch.setattr(DetectTask, "forward_loss", staticmethod(forward_loss_until_ctrl_c))
     stopped = tmp_path / "stopped"
-    report = detect_train(shapes, stopped, "yolov1", **settings)
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        detect_train(shapes, stopped, "yolov1", **settings)
+    report = interrupted.value.report
     assert report["best_epoch"] == 1 and len(_metric_rows(stopped)) == 1
 
     monkeypatch.undo()

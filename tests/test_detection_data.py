@@ -166,7 +166,9 @@ def test_split_is_seeded_recorded_and_rebuilt(tmp_path):
     assert len(first.val) == 3 and len(first.train) == 7
     assert [s.path for s in first.val] == [s.path for s in again.val]
     assert [s.path for s in first.val] != [s.path for s in other.val]
-    rebuilt = DetectionSplits.from_json(json.loads(json.dumps(first.to_json())))
+    saved = tmp_path / "split.json"
+    saved.write_text(json.dumps(first.to_json()))
+    rebuilt = DetectionSplits.from_json(saved)
     assert rebuilt.val == first.val and rebuilt.train == first.train
     assert rebuilt.classes == ["circle", "square", "triangle"]
 

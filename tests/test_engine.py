@@ -30,7 +30,7 @@ from cnnlab.data.transforms import default_stats
 from cnnlab.device import pick_device
 from cnnlab.engine import resume, train
 from cnnlab.engine.optim import warmup_cosine
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.tasks.classify import COLUMNS as METRICS_COLUMNS
 from cnnlab.tasks.classify import ClassifyTask, evaluate
 
@@ -142,7 +142,7 @@ def test_config_yaml_rebuilds_the_resolved_config(run: tuple[Path, dict], data_d
 
 def test_split_json_and_metrics_csv(run: tuple[Path, dict], data_dir: Path) -> None:
     out, _ = run
-    splits = Splits.from_json(files.read_json(out / "split.json"))
+    splits = Splits.from_json(out / "split.json")
     assert splits.classes == list(CLASSES)
     assert len(splits.train) + len(splits.val) + len(splits.test) == 3 * PER_CLASS + 1
     rows = _rows(out / "metrics.csv")
@@ -402,7 +402,10 @@ def test_ctrl_c_reports_on_best_then_resume_finishes(
     monkeypatch.setattr(ClassifyTask, "evaluate", evaluate_and_count)
     monkeypatch.setattr(ClassifyTask, "loss", loss_until_ctrl_c)
     out = tmp_path / "run"
-    report = train(_config(data_dir, out, balance="sampler"))
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(_config(data_dir, out, balance="sampler"))
+    report = stopped.value.report
+    assert (stopped.value.epoch, stopped.value.epochs, stopped.value.run_dir) == (1, 3, str(out))
     assert report["best_epoch"] == 1
     assert json.loads((out / "report.json").read_text()) == report
     assert len(_rows(out / "metrics.csv")) == 1
@@ -426,7 +429,8 @@ def test_ctrl_c_while_writing_an_epoch_keeps_its_files_consistent(
 
     monkeypatch.setattr(checkpoint, "save_state", ctrl_c_during_epoch_2)
     out = tmp_path / "run"
-    train(_config(data_dir, out))
+    with pytest.raises(TrainingInterrupted):
+        train(_config(data_dir, out))
     # Held until the epoch's files were all written, then training stopped.
     assert checkpoint.load_state(out / "last.pt")["epoch"] == 2
     assert [r["epoch"] for r in _rows(out / "metrics.csv")] == ["1", "2"]

@@ -105,7 +105,8 @@ def test_splits_are_seeded_presplit_folders_respected_and_saved(tmp_path):
     other = segdata.make_seg_splits(tmp_path / "flat", val_split=0.3, seed=2)
     assert len(first.val) == 3 and len(first.train) == 7
     assert first.val == again.val and first.val != other.val
-    saved = json.loads(json.dumps(first.to_json()))
+    saved = tmp_path / "split.json"
+    saved.write_text(json.dumps(first.to_json()))
     assert segdata.SegSplits.from_json(saved) == first
 
     for part in ("train", "val"):

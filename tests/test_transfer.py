@@ -21,7 +21,7 @@ from cnnlab.cli import main
 from cnnlab.config import TrainConfig
 from cnnlab.engine import resume, train
 from cnnlab.engine.optim import make_optimizer
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.tasks.classify import ClassifyTask
 from cnnlab.transfer import backbone_norms_eval, freeze_backbone, head_parameter_names
 from cnnlab.weights import load_pretrained, read_state_dict, torchvision_weight_files
@@ -152,7 +152,8 @@ def test_resume_keeps_the_trained_weights_and_never_rereads_the_file(
 
     monkeypatch.setattr(ClassifyTask, "evaluate", evaluate_then_stop)
     out = tmp_path / "run"
-    train(_config(data_dir, out, freeze_backbone=True))
+    with pytest.raises(TrainingInterrupted):
+        train(_config(data_dir, out, freeze_backbone=True))
     assert checkpoint.load_state(out / "last.pt")["epoch"] == 1
     monkeypatch.undo()
 

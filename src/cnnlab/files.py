@@ -56,24 +56,49 @@ def write_yaml(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file; a missing or malformed file is a CnnlabError naming it."""
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents; a missing file, or one that is not UTF-8 text, is a
+    CnnlabError naming it (and the first byte that is not)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise CnnlabError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CnnlabError(f"{path}: not valid JSON ({error})") from None
+    except UnicodeDecodeError as error:
+        raise CnnlabError(
+            f"{path}: not UTF-8 text (byte {error.start} is 0x{error.object[error.start]:02x})"
+        ) from None
+    except OSError as error:
+        raise CnnlabError(f"{path}: cannot read file: {error.strerror or error}") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file; a missing or malformed file is a CnnlabError naming it."""
+    text = read_text(path)
+    try:
+        # Python reads NaN and Infinity, which JSON does not have; refuse them.
+        return json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError) as error:
+        where = (
+            f" at line {error.lineno} column {error.colno}"
+            if isinstance(error, json.JSONDecodeError)
+            else ""
+        )
+        reason = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+        raise CnnlabError(f"{path}: not valid JSON ({reason}{where})") from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def read_yaml(path: str | Path) -> Any:
     """Read a YAML file; a missing or malformed file is a CnnlabError naming it."""
+    text = read_text(path)
     try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CnnlabError(f"{path}: file not found") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise CnnlabError(f"{path}: not valid YAML ({error})") from None
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        reason = " ".join(str(error).split())
+        raise CnnlabError(f"{path}: not valid YAML ({reason})") from None
 
 
 def require_new_folder(dst: str | Path) -> Path:
@@ -102,3 +127,34 @@ def staged_folder(dst: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def output_stems(inputs: list[Path], out_dir: Path) -> dict[Path, Path]:
+    """Where each input's outputs go: ``out_dir`` / the input's path below the folder the
+    inputs share, without its suffix (``photo.png`` -> ``OUT/photo``; ``a/x.png`` and
+    ``b/x.png`` -> ``OUT/a/x`` and ``OUT/b/x``). Two inputs that would still share a stem
+    (``x.png`` and ``x.jpg``) are refused, so outputs never collide."""
+    absolute = [path.absolute() for path in inputs]
+    base = Path(os.path.commonpath([path.parent for path in absolute])) if absolute else Path()
+    stems: dict[Path, Path] = {}
+    owners: dict[Path, Path] = {}
+    for path, full in zip(inputs, absolute, strict=True):
+        stem = Path(out_dir) / full.relative_to(base).with_suffix("")
+        if stem in owners:
+            raise CnnlabError(
+                f"{path} and {owners[stem]} would write the same output {stem}.png; rename one"
+            )
+        owners[stem] = path
+        stems[path] = stem
+    return stems
+
+
+def check_targets(targets: list[Path], inputs: list[Path], overwrite: bool) -> None:
+    """CnnlabError before anything is written when a target is one of the inputs (always
+    refused) or an existing file (refused unless ``overwrite``)."""
+    sources = {path.resolve() for path in inputs}
+    for target in targets:
+        if target.resolve() in sources:
+            raise CnnlabError(f"{target}: an output would replace this input; choose another --out")
+        if target.exists() and not overwrite:
+            raise CnnlabError(f"{target}: already exists; choose another --out or pass --overwrite")

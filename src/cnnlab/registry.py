@@ -144,7 +144,10 @@ def create_model(
     info = model_info(name)
     kwargs = {"num_classes": num_classes, "in_channels": in_channels, **kwargs}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    model = info.builder(**kwargs)
+    try:
+        model = info.builder(**kwargs)
+    except TypeError as error:  # an argument the builder (or its model) does not take
+        raise CnnlabError(f"{name}: {error}") from None
     model.model_name = name
     model.min_input_size = getattr(model, "min_input_size", info.min_size)
     if weights is not None:

@@ -30,7 +30,7 @@ from cnnlab.checkpoint import ModelMeta
 from cnnlab.data.images import BadImageError, list_images, read_image, to_channels
 from cnnlab.device import pick_device
 from cnnlab.errors import CnnlabError
-from cnnlab.files import atomic_write_bytes, read_json
+from cnnlab.files import atomic_write_bytes
 from cnnlab.registry import create_model, model_info
 from cnnlab.tasks import task_class
 
@@ -108,27 +108,34 @@ class Run:
         split, the others' val) or, with ``data_dir``, on that folder (its ``split`` part
         when it has one). Returns the report with ``"split"`` added."""
         split = split or self.task.eval_split
-        split_file = self.path / "split.json"
-        split_json = read_json(split_file) if data_dir is None else None
         folder = Path(data_dir) if data_dir is not None else None
-        data = self.task.eval_data(split_json, folder, split, split_file)
+        data = self.task.eval_data(self.path / "split.json", folder, split)
         report = self.task.evaluate(self.model, data, self.device, **options)
         return {"split": split, **{k: v for k, v in report.items() if not k.startswith("_")}}
 
-    def save(self, result: dict, out_dir: str | Path, stem: str) -> dict[str, str]:
+    def output_files(self, stem: Path) -> dict[str, Path]:
+        """The PNGs ``save`` writes for one prediction, by drawing name: ``STEM.png`` for
+        the task's first drawing, ``STEM_NAME.png`` for the others."""
+        names = self.task.drawings
+        return {
+            name: stem.with_name(f"{stem.name}.png" if i == 0 else f"{stem.name}_{name}.png")
+            for i, name in enumerate(names)
+        }
+
+    def save(self, result: dict, stem: str | Path) -> dict[str, str]:
         """Write the task's drawings of one prediction (``result`` from ``predict``, with a
-        ``file``) as PNGs in ``out_dir``: ``STEM.png`` for the first, ``STEM_NAME.png`` for
-        the others. Returns {name: path written}."""
+        ``file``) to ``output_files(stem)``, creating folders. Returns {name: path}."""
         from torchvision.io import encode_png
 
         if result.get("file") is None:
             raise CnnlabError("only predictions of image files can be saved")
         image = read_image(result["file"], self.task.in_channels)
+        targets = self.output_files(Path(stem))
         written = {}
-        for index, (name, drawing) in enumerate(self.task.draw(image, result).items()):
-            target = Path(out_dir) / (f"{stem}.png" if index == 0 else f"{stem}_{name}.png")
-            atomic_write_bytes(target, encode_png(drawing).numpy().tobytes())
-            written[name] = str(target)
+        for name, drawing in self.task.draw(image, result).items():
+            targets[name].parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(targets[name], encode_png(drawing).numpy().tobytes())
+            written[name] = str(targets[name])
         return written
 
     def _decode(self, image: ImageInput | Image.Image) -> torch.Tensor:
@@ -160,20 +167,15 @@ def load_run(path: str | Path, device: str = "auto", fast: bool = True) -> Run:
     run_dir = checkpoint.require_run_dir(Path(path))
     meta = checkpoint.read_model_json(run_dir)
     model_json = run_dir / checkpoint.MODEL_JSON
-    info = model_info(meta.architecture)  # unknown: CnnlabError with close names
-    if info.task != meta.task:
-        raise CnnlabError(
-            f"{model_json}: {meta.architecture} is a {info.task} model but the file says"
-            f" {meta.task}"
-        )
     try:
+        info = model_info(meta.architecture)
+        if info.task != meta.task:
+            raise CnnlabError(
+                f"{meta.architecture} is a {info.task} model but the file says {meta.task}"
+            )
         model = create_model(meta.architecture, **meta.model_args)
-    except CnnlabError as error:
+    except CnnlabError as error:  # an unknown model or arguments it does not take
         raise CnnlabError(f"{model_json}: {error}") from None
-    except TypeError as error:  # an argument the builder does not take
-        raise CnnlabError(
-            f"{model_json}: model_args do not fit {meta.architecture}: {error}"
-        ) from None
     checkpoint.load_weights(run_dir / "best.safetensors", model)  # mismatch: CnnlabError
     task = task_class(meta.task).from_meta(meta)
     target = pick_device(device)

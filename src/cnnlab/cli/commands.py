@@ -10,7 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from cnnlab.errors import CnnlabError
+from cnnlab.errors import CnnlabError, TrainingInterrupted
 
 TASK_COMMANDS = {"classify": "", "segment": "segment ", "detect": "detect "}  # "cnnlab {}train"
 EXPLICIT_NONE = object()  # `--grad-clip none`: an explicit None, not an unset flag
@@ -139,28 +139,36 @@ def _train_config(args: argparse.Namespace, extra: dict, task: str):
 
 
 def cmd_train(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.checkpoint import read_model_json
     from cnnlab.engine import resume, train
     from cnnlab.tasks import task_class
 
-    if args.resume:
-        if extra or args.data or args.out:
-            raise CnnlabError(
-                "--resume RUN continues a run as it was; give no DIR, --out or model flags"
-            )
-        from cnnlab.checkpoint import read_model_json
-
-        task = read_model_json(args.resume).task
-        # `cnnlab train --resume` continues a run of any task; the task commands their own.
-        wanted = None if args.task == "classify" else args.task
-        overrides = {k: getattr(args, k) for k in ("device", "workers", "quiet")}
-        report = resume(Path(args.resume), wanted, **overrides)
-    else:
-        if not args.data or not args.out:
-            raise CnnlabError(
-                f"{TASK_COMMANDS[args.task]}train needs DIR and --out RUN (or --resume RUN)"
-            )
-        task = args.task
-        report = train(_train_config(args, extra, task), task=task)
+    if args.resume and (extra or args.data or args.out):
+        raise CnnlabError(
+            "--resume RUN continues a run as it was; give no DIR, --out or model flags"
+        )
+    if not args.resume and not (args.data and args.out):
+        raise CnnlabError(
+            f"{TASK_COMMANDS[args.task]}train needs DIR and --out RUN (or --resume RUN)"
+        )
+    task = read_model_json(args.resume).task if args.resume else args.task
+    try:
+        if args.resume:
+            # `cnnlab train --resume` continues a run of any task; the task commands theirs.
+            wanted = None if args.task == "classify" else args.task
+            overrides = {k: getattr(args, k) for k in ("device", "workers", "quiet")}
+            report = resume(Path(args.resume), wanted, **overrides)
+        else:
+            report = train(_train_config(args, extra, task), task=task)
+    except TrainingInterrupted as stop:
+        if stop.report is not None:
+            _print_report(stop.report, args.format, task_class(task))
+        print(
+            f"{stop}; the report above is of the best weights. Continue with:"
+            f" cnnlab {TASK_COMMANDS[task]}train --resume {stop.run_dir}",
+            file=sys.stderr,
+        )
+        return 130
     _print_report(report, args.format, task_class(task))
     return 0
 
@@ -192,16 +200,24 @@ def cmd_eval(args: argparse.Namespace, extra: dict) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.files import check_targets, output_stems
+
     run = _load(args, args.task)
     options = {}
     for name in ("topk", "score_threshold"):
         if getattr(args, name, None) is not None:
             options[name] = getattr(args, name)
     results, errors = run.predict_files([Path(p) for p in args.paths], **options)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        for result in results:
-            result.update(run.save(result, args.out, Path(result["file"]).stem))
+    out = args.out or (_new_folder("predictions") if args.task == "segment" else None)
+    if out is not None and results:
+        # Every name is checked before anything is written: no input is ever replaced, an
+        # existing file only with --overwrite, and two inputs never share an output.
+        inputs = [Path(r["file"]) for r in results]
+        stems = output_stems(inputs, Path(out))
+        targets = [f for path in inputs for f in run.output_files(stems[path]).values()]
+        check_targets(targets, inputs, args.overwrite)
+        for result, path in zip(results, inputs, strict=True):
+            result.update(run.save(result, stems[path]))
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     results = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
@@ -211,6 +227,15 @@ def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
         for result in results:
             print(f"{result['file']}: {run.task.describe(result)}")
     return 2 if errors else 0
+
+
+def _new_folder(stem: str) -> Path:
+    """./STEM, or STEM2, STEM3, ... when taken: outputs never go into an earlier folder."""
+    candidate, number = Path(stem), 1
+    while candidate.exists():
+        number += 1
+        candidate = Path(f"{stem}{number}")
+    return candidate
 
 
 def cmd_demo(args: argparse.Namespace, extra: dict) -> int:

@@ -99,11 +99,26 @@ def _optional(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def fraction(text: str) -> float:
+    """A number in [0, 1] (a probability or a threshold)."""
+    value = float(text)
+    if not 0 <= value <= 1:  # also refuses nan
+        raise ValueError(text)
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where --help is)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every command with its flags and its handler (``cnnlab.cli.commands``)."""
     from cnnlab import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cnnlab",
         description="Build, inspect and train the classic convolutional networks.",
     )
@@ -194,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--split", choices=splits, help="(default: test, else val)")
         sub.add_argument("--device", default="auto")
         if task == "detect":
-            sub.add_argument("--score-threshold", type=float, help="(default: 0.001)")
+            sub.add_argument("--score-threshold", type=fraction, help="(default: 0.001)")
         fmt(sub)
         sub = add(
             group,
@@ -206,14 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("run")
         sub.add_argument("paths", nargs="+", metavar="IMAGE")
-        sub.add_argument(
-            "--out", default="." if task == "segment" else None, help="folder for the drawn results"
-        )
+        default_out = "a new ./predictions" if task == "segment" else "none: nothing drawn"
+        sub.add_argument("--out", help=f"folder for the drawn results (default: {default_out})")
+        sub.add_argument("--overwrite", action="store_true", help="replace files already in --out")
         sub.add_argument("--device", default="auto")
         if task == "classify":
             sub.add_argument("--topk", type=int, default=5)
         if task == "detect":
-            sub.add_argument("--score-threshold", type=float, help="(default: 0.25)")
+            sub.add_argument("--score-threshold", type=fraction, help="(default: 0.25)")
         fmt(sub)
 
     sub = add(

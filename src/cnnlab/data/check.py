@@ -17,7 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnlab.data.classify import class_dirs, is_presplit
-from cnnlab.data.images import BadImageError, decode_bytes, require_folder, walk_files
+from cnnlab.data.images import (
+    BadImageError,
+    decode_bytes,
+    read_bytes,
+    require_folder,
+    walk_files,
+)
 from cnnlab.data.splits import SPLIT_NAMES
 from cnnlab.errors import CnnlabError
 from cnnlab.files import require_new_folder, staged_folder, write_json
@@ -69,10 +75,8 @@ def _inspect(root: Path) -> tuple[list[_FileInfo], list[str], list[tuple[str | N
 def _inspect_file(root: Path, split: str | None, cls: str, path: Path) -> _FileInfo:
     info = _FileInfo(split, cls, path, path.relative_to(root).as_posix())
     try:
-        data = path.read_bytes()
+        data = read_bytes(path)
         image, info.fmt = decode_bytes(data, path)
-    except OSError as err:
-        info.reason = f"cannot read file: {err.strerror or err}"
     except BadImageError as err:
         info.reason = err.reason
     else:

@@ -33,7 +33,13 @@ from cnnlab.data.images import (
     visible,
     walk_files,
 )
-from cnnlab.data.splits import SPLIT_NAMES, check_fractions, split_items
+from cnnlab.data.splits import (
+    SPLIT_NAMES,
+    check_fractions,
+    inside,
+    read_split_file,
+    split_items,
+)
 from cnnlab.errors import CnnlabError
 
 log = logging.getLogger("cnnlab")
@@ -112,34 +118,35 @@ class Splits:
         }
 
     @classmethod
-    def from_json(cls, data: dict, root: Path | None = None) -> Splits:
-        """Rebuild from ``to_json`` output; ``root`` overrides the recorded root (moved data)."""
-        keys = ("root", "classes", "seed", "val_split", "test_split", "presplit", *SPLIT_NAMES)
-        missing = [key for key in keys if key not in data]
-        if missing:
-            raise CnnlabError(f"split.json: missing key(s) {', '.join(missing)}")
-        base = Path(root if root is not None else data["root"]).absolute()
-        classes = [str(name) for name in data["classes"]]
+    def from_json(cls, path: Path) -> Splits:
+        """The splits a run saved in ``path`` (its split.json), checked key by key."""
+        data, root = read_split_file(path)
+        try:
+            classes = [str(name) for name in data["classes"]]
 
-        def samples(name: str) -> list[Sample]:
-            out = []
-            for rel, label in data[name]:
-                if not 0 <= int(label) < len(classes):
-                    raise CnnlabError(f"split.json: {rel} has label {label} outside the classes")
-                out.append((base / rel, int(label)))
-            return out
+            def samples(name: str) -> list[Sample]:
+                out = []
+                for rel, label in data[name]:
+                    if isinstance(label, bool) or not isinstance(label, int):
+                        raise ValueError(f"{rel!r} has label {label!r}")
+                    if not 0 <= label < len(classes):
+                        raise ValueError(f"{rel!r} has label {label} outside the classes")
+                    out.append((inside(root.absolute(), rel, path), label))
+                return out
 
-        return cls(
-            root=base,
-            classes=classes,
-            train=samples("train"),
-            val=samples("val"),
-            test=samples("test"),
-            seed=int(data["seed"]),
-            val_split=float(data["val_split"]),
-            test_split=float(data["test_split"]),
-            presplit=bool(data["presplit"]),
-        )
+            return cls(
+                root=root.absolute(),
+                classes=classes,
+                train=samples("train"),
+                val=samples("val"),
+                test=samples("test"),
+                seed=int(data["seed"]),
+                val_split=float(data["val_split"]),
+                test_split=float(data["test_split"]),
+                presplit=bool(data["presplit"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise CnnlabError(f"{path}: not a cnnlab split file ({error})") from None
 
 
 def _stratified(

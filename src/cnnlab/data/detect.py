@@ -17,8 +17,8 @@ either layout give a fixed split; otherwise a seeded random split is made and re
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +27,9 @@ import torch
 from torchvision import tv_tensors
 
 from cnnlab.data.images import image_size, read_image, walk_files
-from cnnlab.data.splits import split_items
+from cnnlab.data.splits import read_split_file, split_items
 from cnnlab.errors import CnnlabError
+from cnnlab.files import read_json, read_text
 
 log = logging.getLogger(__name__)
 
@@ -71,16 +72,20 @@ class DetectionSplits:
         }
 
     @classmethod
-    def from_json(cls, data: dict, root: Path | None = None) -> DetectionSplits:
-        """Re-read the annotations and rebuild the recorded split (``root`` overrides)."""
-        root = Path(root or data["root"])
-        splits = make_detection_splits(root, data["val_split"], data["seed"])
-        by_path = {_relative(s.path, root): s for s in splits.train + splits.val}
-        missing = [p for p in data["train"] + data["val"] if p not in by_path]
-        if missing:
-            raise CnnlabError(f"{root}: {missing[0]} from split.json is no longer in the data")
-        splits.train = [by_path[p] for p in data["train"]]
-        splits.val = [by_path[p] for p in data["val"]]
+    def from_json(cls, path: Path) -> DetectionSplits:
+        """Re-read the annotations and rebuild the split a run saved in ``path``."""
+        data, root = read_split_file(path)
+        try:
+            splits = make_detection_splits(root, float(data["val_split"]), int(data["seed"]))
+            by_path = {_relative(s.path, root): s for s in splits.train + splits.val}
+            recorded = {name: list(data[name]) for name in ("train", "val")}
+        except (KeyError, TypeError, ValueError) as error:
+            raise CnnlabError(f"{path}: not a cnnlab split file ({error})") from None
+        for name, files in recorded.items():
+            missing = [f for f in files if not isinstance(f, str) or f not in by_path]
+            if missing:
+                raise CnnlabError(f"{path}: {missing[0]!r} is no longer in the data at {root}")
+            setattr(splits, name, [by_path[f] for f in files])
         return splits
 
 
@@ -117,12 +122,7 @@ def read_detection_folder(folder: Path) -> tuple[str, list[str], list[DetectionS
 def read_coco(folder: Path) -> tuple[list[str], list[DetectionSample]]:
     """Classes (categories sorted by id) and samples of ``folder/annotations.json``."""
     path = Path(folder) / "annotations.json"
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CnnlabError(
-            f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
-        ) from None
+    data = read_json(path)
     if not isinstance(data, dict) or not all(
         isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
     ):
@@ -136,6 +136,16 @@ def read_coco(folder: Path) -> tuple[list[str], list[DetectionSample]]:
         }
     except (KeyError, TypeError) as error:
         raise CnnlabError(f"{path}: an image or category lacks {error}") from None
+    for image_id, (file_name, width, height) in images.items():
+        if not isinstance(file_name, str) or not file_name:
+            raise CnnlabError(f"{path}: image {image_id!r} has no file_name string")
+        for name, value in (("width", width), ("height", height)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise CnnlabError(
+                    f"{path}: image {image_id!r} has {name} {value!r}, not a positive int"
+                )
     objects: dict[object, list[tuple[list[float], int]]] = {key: [] for key in images}
     for index, ann in enumerate(data["annotations"]):
         image_id = _check_annotation(path, index, ann, images, label_of)
@@ -144,7 +154,7 @@ def read_coco(folder: Path) -> tuple[list[str], list[DetectionSample]]:
             objects[image_id].append((ann["bbox"], label_of[ann["category_id"]]))
     samples = []
     for image_id, (file_name, width, height) in images.items():
-        image_path = _coco_image_path(Path(folder), file_name)
+        image_path = _coco_image_path(Path(folder), file_name, path)
         if not image_path.is_file():
             raise CnnlabError(f"{path}: image {file_name!r} (id {image_id}) not found")
         if width is None or height is None:
@@ -165,10 +175,11 @@ def _check_annotation(path: Path, index: int, ann: object, images: dict, label_o
     if not isinstance(ann, dict):
         raise CnnlabError(f"{where} is not an object")
     bbox = ann.get("bbox")
-    if not (
-        isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, int | float) for v in bbox)
-    ):
-        raise CnnlabError(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
+    numbers = isinstance(bbox, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox
+    )
+    if not (numbers and len(bbox) == 4):
+        raise CnnlabError(f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r}")
     if ann.get("image_id") not in images:
         raise CnnlabError(f"{where}: unknown image_id {ann.get('image_id')!r}")
     if ann.get("category_id") not in label_of:
@@ -176,19 +187,27 @@ def _check_annotation(path: Path, index: int, ann: object, images: dict, label_o
     return ann["image_id"]
 
 
-def _coco_image_path(folder: Path, file_name: str) -> Path:
-    # COCO files name images relative to an images folder; some tools prefix "images/".
-    inside = folder / "images" / file_name
-    return inside if inside.exists() or not (folder / file_name).exists() else folder / file_name
+def _coco_image_path(folder: Path, file_name: str, source: Path) -> Path:
+    """The image a COCO ``file_name`` names: relative to ``folder/images`` (some tools write
+    "images/x.jpg", relative to ``folder``), and never outside ``folder``."""
+    relative = Path(file_name)
+    if relative.is_absolute() or ".." in relative.parts:
+        raise CnnlabError(
+            f"{source}: file_name {file_name!r} must be a path inside {folder}, not absolute"
+            " and without '..'"
+        )
+    inside = folder / "images" / relative
+    path = inside if inside.exists() or not (folder / relative).exists() else folder / relative
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise CnnlabError(f"{source}: file_name {file_name!r} leads outside {folder} (a link)")
+    return path
 
 
 def read_yolo(folder: Path) -> tuple[list[str], list[DetectionSample]]:
     """Classes (``classes.txt``) and samples of a YOLO-txt folder."""
     folder = Path(folder)
     classes = [
-        line.strip()
-        for line in (folder / "classes.txt").read_text(encoding="utf-8").splitlines()
-        if line.strip()
+        line.strip() for line in read_text(folder / "classes.txt").splitlines() if line.strip()
     ]
     if not classes:
         raise CnnlabError(f"{folder / 'classes.txt'}: no class names")
@@ -215,7 +234,7 @@ def _read_yolo_labels(path: Path, classes: list[str]) -> list[tuple[list[float],
     if not path.is_file():
         return []
     objects = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -225,6 +244,8 @@ def _read_yolo_labels(path: Path, classes: list[str]) -> list[tuple[list[float],
             label, values = int(fields[0]), [float(v) for v in fields[1:]]
         except ValueError:
             raise CnnlabError(f"{path}:{number}: not numbers: {line.strip()!r}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise CnnlabError(f"{path}:{number}: not finite numbers: {line.strip()!r}")
         if not 0 <= label < len(classes):
             raise CnnlabError(
                 f"{path}:{number}: class {label} is not in classes.txt (0..{len(classes) - 1})"

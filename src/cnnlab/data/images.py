@@ -1,9 +1,19 @@
 """Image files: the one lister and the one reader every part of cnnlab uses.
 
 Listing: folders are searched recursively and sorted; names starting with ``.``
-(``.DS_Store``, macOS ``._photo.jpg``) and ``__MACOSX`` folders are never images.
+(``.DS_Store``, macOS ``._photo.jpg``) and ``__MACOSX`` folders are never images; only
+regular files count, and symlinked folders are followed only when they stay inside the
+folder searched and do not lead back into it.
+
 Reading: any file becomes uint8 (C, H, W) with C in {1, 3} or a ``BadImageError`` that
-names the file and says what is wrong with it.
+names the file and says what is wrong with it; nothing a file holds can crash or exhaust
+the process. Only regular files are opened (a FIFO would block). The image's size is read
+from its header and refused above ``max_pixels()`` before anything is decoded (a 900 KB
+PNG can decode to 30000 x 30000). JPEGs go to torchvision's fast libjpeg-turbo decoder once
+every segment before the scan is known to lie inside the file; everything else, PNG
+included, decodes through Pillow, which raises on bad data where torchvision's PNG decoder
+segfaults (a chunk length past the end of the file, a broken zlib stream). A PNG's chunks
+are checked first (inside the file, CRCs, IHDR first, IEND last) for a clear message.
 """
 
 from __future__ import annotations
@@ -12,7 +22,9 @@ import io
 import math
 import os
 import re
+import stat
 import warnings
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,6 +39,9 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 )
 _SKIP_NAMES = frozenset({"__MACOSX"})
+# Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS): about a quarter gigabyte of RGB.
+DEFAULT_MAX_PIXELS = 89_478_485
+MAX_PIXELS_ENV = "CNNLAB_MAX_PIXELS"  # the setting: width x height above this is refused
 _SOURCE_PATH = re.compile(r"^.*\.cpp:\d+, ")  # torchvision prefixes C++ errors with its source
 
 
@@ -52,16 +67,50 @@ def is_image_name(path: Path) -> bool:
 
 
 def walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under ``folder``, recursively, sorted by path."""
+    """(image files, other files) under ``folder``, recursively, sorted by path.
+
+    Only regular files are listed (not FIFOs, sockets or devices). A symlinked folder is
+    followed when it resolves inside ``folder`` and to a folder not seen yet, so a link to
+    another part of the disk or back up the tree (a loop) is passed over.
+    """
+    root = Path(folder).resolve()
     images, others = [], []
+    seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if visible(d)]
-        for name in filenames:
+        here = os.stat(dirpath)
+        seen.add((here.st_dev, here.st_ino))
+        kept = []
+        for name in sorted(dirnames):
+            target = Path(dirpath, name)
             if not visible(name):
                 continue
+            if target.is_symlink():
+                resolved = target.resolve()
+                key = _inode(resolved)
+                if key is None or key in seen or not resolved.is_relative_to(root):
+                    continue
+            kept.append(name)
+        dirnames[:] = kept
+        for name in filenames:
             path = Path(dirpath, name)
-            (images if is_image_name(path) else others).append(path)
+            if visible(name) and _is_regular(path):
+                (images if is_image_name(path) else others).append(path)
     return sorted(images), sorted(others)
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # a dangling link
+        return False
 
 
 def list_images(paths: Sequence[str | Path] | str | Path) -> tuple[list[Path], list[str]]:
@@ -87,70 +136,171 @@ def list_images(paths: Sequence[str | Path] | str | Path) -> tuple[list[Path], l
 
 
 def _sniff(data: bytes) -> str | None:
+    """The format by the file's signature: png, jpeg, or None for anything else."""
     if data.startswith(b"\xff\xd8\xff"):
         return "jpeg"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
     return None
 
 
-def _decode_torchvision(data: bytes, fmt: str, path: Path) -> torch.Tensor:
-    # Colour type 3 (palette): decode_image(UNCHANGED) returns the palette *indices* as one
-    # grey channel, so palette PNGs are expanded to RGB instead.
-    palette = fmt == "png" and len(data) > 25 and data[25] == 3
-    mode = ImageReadMode.RGB if palette else ImageReadMode.UNCHANGED
+def _decode_jpeg(data: bytes, path: Path) -> torch.Tensor:
+    # libjpeg-turbo through torchvision: the fastest JPEG decoder here, and one that turns
+    # bad data into an error (fuzzed in tests/fuzz_reader.py).
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoders in favour of TorchCodec; still the
             # pinned, fastest way to decode here.
             warnings.simplefilter("ignore", DeprecationWarning)
-            image = decode_image(encoded, mode=mode, apply_exif_orientation=True)
+            return decode_image(encoded, mode=ImageReadMode.UNCHANGED, apply_exif_orientation=True)
     except RuntimeError as err:
         message = _SOURCE_PATH.sub("", str(err).splitlines()[0])
-        raise BadImageError(path, f"corrupt or truncated {fmt.upper()}: {message}") from None
-    return image[0] if image.ndim == 4 else image  # an animated GIF: (N, C, H, W) -> frame 0
+        raise BadImageError(path, f"corrupt or truncated JPEG: {message}") from None
 
 
 def _decode_pil(data: bytes, path: Path) -> tuple[torch.Tensor, str]:
-    # torchvision cannot decode BMP or TIFF; Pillow can, and refuses everything else here.
-    from PIL import Image, UnidentifiedImageError
+    # Every format but JPEG. Pillow raises on bad data where torchvision's PNG decoder
+    # can crash the process (a CRC-valid PNG with a broken zlib stream segfaults it); it
+    # is at most 1.7x slower on tiny PNGs (35 us), as fast on large ones, and a run
+    # decodes a small set once into memory.
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as pil:
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning; the size is checked here against cnnlab's limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            pil = Image.open(io.BytesIO(data))
+        with pil:
             fmt = pil.format or "unknown"
+            check_pixels(pil.size, path)
             pil.load()
+            pil = ImageOps.exif_transpose(pil)
             if pil.mode not in ("L", "RGB", "I;16"):
                 pil = pil.convert("L" if pil.mode in ("1", "LA", "I", "F") else "RGB")
             array = torch.from_numpy(np.array(pil))
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image (content is not a known image format)") from None
-    except (OSError, ValueError, SyntaxError) as err:
+    except Image.DecompressionBombError as err:
+        raise BadImageError(path, f"{err} (set {MAX_PIXELS_ENV} to allow it)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise BadImageError(path, f"corrupt or truncated image: {err}") from None
     image = array[None] if array.ndim == 2 else array.permute(2, 0, 1)
     return image, fmt
+
+
+def max_pixels() -> int:
+    """The largest width x height decoded: ``$CNNLAB_MAX_PIXELS``, else Pillow's limit."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None:
+        return DEFAULT_MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise CnnlabError(f"{MAX_PIXELS_ENV}={value!r}: expected a positive number of pixels")
+    return limit
+
+
+def _png_size(data: bytes, path: Path) -> tuple[int, int]:
+    """(width, height) of a PNG whose every chunk lies inside the file with a valid CRC,
+    IHDR first and IEND last; else BadImageError."""
+    position, size, has_data = 8, None, False
+    while position + 12 <= len(data):
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        end = position + 12 + length
+        if end > len(data):
+            raise BadImageError(
+                path, f"truncated PNG ({kind!r} chunk at byte {position} runs past the end)"
+            )
+        crc = int.from_bytes(data[end - 4 : end], "big")
+        if zlib.crc32(data[position + 4 : end - 4]) != crc:
+            raise BadImageError(
+                path, f"corrupt PNG ({kind!r} chunk at byte {position} fails its CRC)"
+            )
+        if size is None:
+            if kind != b"IHDR" or length != 13:
+                raise BadImageError(path, "corrupt PNG (it does not start with an IHDR chunk)")
+            size = (
+                int.from_bytes(data[position + 8 : position + 12], "big"),
+                int.from_bytes(data[position + 12 : position + 16], "big"),
+            )
+        has_data |= kind == b"IDAT"
+        if kind == b"IEND":
+            if not has_data:
+                raise BadImageError(path, "corrupt PNG (no IDAT image data)")
+            return size
+        position = end
+    raise BadImageError(path, "truncated PNG (no IEND chunk at the end)")
+
+
+_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes, path: Path) -> tuple[int, int]:
+    """(width, height) of a JPEG whose segments up to the scan lie inside the file."""
+    position, size = 2, None
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            raise BadImageError(path, f"corrupt JPEG (no marker at byte {position})")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            position += 2
+            continue
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        if length < 2 or position + 2 + length > len(data):
+            raise BadImageError(
+                path, f"truncated JPEG (segment at byte {position} runs past the end)"
+            )
+        if marker in _JPEG_FRAMES and length >= 7:
+            height = int.from_bytes(data[position + 5 : position + 7], "big")
+            width = int.from_bytes(data[position + 7 : position + 9], "big")
+            size = (width, height)
+        if marker == 0xDA:  # start of scan: the compressed image data follows
+            if size is None:
+                raise BadImageError(path, "corrupt JPEG (no frame header before the image data)")
+            return size
+        position += 2 + length
+    raise BadImageError(path, "truncated JPEG (no image data)")
+
+
+def check_pixels(size: tuple[int, int], path: Path) -> None:
+    """BadImageError unless (width, height) is a real size within ``max_pixels()``."""
+    width, height = size
+    if width < 1 or height < 1:
+        raise BadImageError(path, f"corrupt image header (size {width}x{height})")
+    limit = max_pixels()
+    if width * height > limit:
+        raise BadImageError(
+            path,
+            f"{width}x{height} is {width * height:,} pixels, above the limit of {limit:,}"
+            f" (a decompression bomb? set {MAX_PIXELS_ENV} to allow it)",
+        )
 
 
 def decode_bytes(data: bytes, path: Path | str = "<bytes>") -> tuple[torch.Tensor, str]:
     """Decode an encoded image to uint8 (C, H, W) with C in {1, 3}; also return its format.
 
     Grey stays one channel; grey+alpha drops alpha; palette and RGBA become RGB; 16-bit
-    images are scaled to 8 bits; EXIF orientation is applied. Raises BadImageError.
+    images are scaled to 8 bits; EXIF orientation is applied. Raises BadImageError (see the
+    module doc for what is checked before decoding).
     """
     path = Path(path)
     if not data:
         raise BadImageError(path, "empty file")
     fmt = _sniff(data)
-    if fmt == "png" and b"IEND" not in data[-64:]:
-        raise BadImageError(path, "truncated PNG (no IEND chunk at the end)")
-    if fmt is None:
-        image, fmt = _decode_pil(data, path)
+    if fmt == "jpeg":
+        check_pixels(_jpeg_size(data, path), path)
+        image = _decode_jpeg(data, path)
     else:
-        image = _decode_torchvision(data, fmt, path)
+        if fmt == "png":
+            check_pixels(_png_size(data, path), path)
+        image, fmt = _decode_pil(data, path)
     if image.dtype != torch.uint8:
         image = to_dtype(image, torch.uint8, scale=True)  # 16-bit PNG/TIFF
     channels = image.shape[0]
@@ -162,8 +312,11 @@ def decode_bytes(data: bytes, path: Path | str = "<bytes>") -> tuple[torch.Tenso
 
 
 def read_bytes(path: Path | str) -> bytes:
-    """The file's bytes; a file that cannot be read is a BadImageError naming it."""
+    """The bytes of a regular file; anything else is a BadImageError naming it."""
     try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadImageError(path, "not a regular file (a folder, pipe or device)")
         return Path(path).read_bytes()
     except OSError as err:
         raise BadImageError(path, f"cannot read file: {err.strerror or err}") from None
@@ -180,10 +333,12 @@ def image_size(path: Path | str) -> tuple[int, int]:
     """(width, height) from the file's header, without decoding the pixels."""
     from PIL import Image, UnidentifiedImageError
 
+    if not _is_regular(Path(path)):
+        raise BadImageError(path, "not a regular file (a folder, pipe or device)")
     try:
         with Image.open(path) as image:
             return image.size
-    except (OSError, UnidentifiedImageError) as error:
+    except (OSError, UnidentifiedImageError, ValueError) as error:
         raise BadImageError(path, f"not a readable image ({error})") from None
 
 

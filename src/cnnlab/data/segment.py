@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 from torchvision import tv_tensors
 
-from cnnlab.data.images import image_size, read_image, require_folder, walk_files
-from cnnlab.data.splits import split_items
+from cnnlab.data.images import check_pixels, image_size, read_image, require_folder, walk_files
+from cnnlab.data.splits import inside, read_split_file, split_items
 from cnnlab.errors import CnnlabError
+from cnnlab.files import read_text
 
 IGNORE_INDEX = 255  # mask value excluded from the loss and the metrics
 _CACHE_BYTES = 1 << 30  # decode everything into memory when it fits in this
@@ -64,22 +65,27 @@ class SegSplits:
         }
 
     @classmethod
-    def from_json(cls, data: dict, root: Path | None = None) -> SegSplits:
-        """Rebuild the splits saved by ``to_json``, optionally under another root."""
-        base = Path(root if root is not None else data["root"])
+    def from_json(cls, path: Path) -> SegSplits:
+        """The splits a run saved in ``path`` (its split.json), checked key by key."""
+        data, root = read_split_file(path)
+        try:
 
-        def absolute(pairs: list[list[str]]) -> list[SegSample]:
-            return [(base / image, base / mask) for image, mask in pairs]
+            def absolute(pairs: list[list[str]]) -> list[SegSample]:
+                return [
+                    (inside(root, image, path), inside(root, mask, path)) for image, mask in pairs
+                ]
 
-        return cls(
-            base,
-            list(data["classes"]),
-            absolute(data["train"]),
-            absolute(data["val"]),
-            int(data["seed"]),
-            float(data["val_split"]),
-            bool(data["presplit"]),
-        )
+            return cls(
+                root,
+                [str(name) for name in data["classes"]],
+                absolute(data["train"]),
+                absolute(data["val"]),
+                int(data["seed"]),
+                float(data["val_split"]),
+                bool(data["presplit"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise CnnlabError(f"{path}: not a cnnlab split file ({error})") from None
 
 
 def read_classes(root: Path) -> list[str]:
@@ -87,7 +93,7 @@ def read_classes(root: Path) -> list[str]:
     path = Path(root) / "classes.txt"
     if not path.is_file():
         raise CnnlabError(f"{path}: missing; write one class name per line, background first")
-    classes = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    classes = [line.strip() for line in read_text(path).splitlines() if line.strip()]
     if len(classes) < 2:
         raise CnnlabError(f"{path}: needs at least two classes (background and one more)")
     if len(set(classes)) != len(classes):
@@ -132,7 +138,9 @@ def make_seg_splits(root: str | Path, val_split: float = 0.1, seed: int = 0) -> 
 
 
 def read_mask(path: Path, num_classes: int) -> torch.Tensor:
-    """A mask file as int64 (H, W) class indices; palette PNGs give their palette indices."""
+    """A mask file as int64 (H, W) class indices; palette PNGs give their palette indices.
+    Only a regular file within the pixel limit is decoded (``cnnlab.data.images``)."""
+    check_pixels(image_size(path), path)
     try:
         with Image.open(path) as image:
             mode = image.mode

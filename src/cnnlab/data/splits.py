@@ -11,9 +11,11 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from cnnlab.errors import CnnlabError
+from cnnlab.files import read_json
 
 T = TypeVar("T")
 SPLIT_NAMES = ("train", "val", "test")
@@ -65,3 +67,26 @@ def split_items(
     random.Random(seed).shuffle(ordered)
     val, test, train = ordered[:n_val], ordered[n_val : n_val + n_test], ordered[n_val + n_test :]
     return sorted(train, key=key), sorted(val, key=key), sorted(test, key=key)
+
+
+def read_split_file(path: Path) -> tuple[dict, Path]:
+    """A run's split.json and the data folder it records; a CnnlabError naming the file
+    unless that folder still exists."""
+    data = read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("root"), str):
+        raise CnnlabError(f"{path}: not a cnnlab split file (no data folder recorded)")
+    root = Path(data["root"])
+    if not root.is_dir():
+        raise CnnlabError(f"{path}: data folder {root} no longer exists; pass a data folder")
+    return data, root
+
+
+def inside(root: Path, relative: object, source: Path | str) -> Path:
+    """``root / relative`` for a recorded relative path that stays inside ``root``."""
+    if (
+        not isinstance(relative, str)
+        or Path(relative).is_absolute()
+        or ".." in Path(relative).parts
+    ):
+        raise CnnlabError(f"{source}: {relative!r} is not a path inside the data folder")
+    return root / relative

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ from cnnlab.device import pick_device
 from cnnlab.engine.optim import amp_dtype, make_optimizer, warmup_cosine
 from cnnlab.engine.progress import Reporter, short_float
 from cnnlab.engine.task import Task
-from cnnlab.errors import CnnlabError
-from cnnlab.files import read_json, read_yaml, write_json, write_yaml
+from cnnlab.errors import CnnlabError, TrainingInterrupted
+from cnnlab.files import read_yaml, write_json, write_yaml
 from cnnlab.registry import check_input_size, create_model, model_info
 from cnnlab.tasks import task_class
 
@@ -70,22 +71,49 @@ def train(
     run_dir = Path(cfg.out)
     if run_dir.exists() and not run_dir.is_dir():
         raise CnnlabError(f"{run_dir} is a file; --out needs a folder")
-    if checkpoint.is_run_dir(run_dir):
-        raise CnnlabError(f"{run_dir} already holds a run; use --resume or another --out")
+    data = Path(cfg.data).absolute()
+    if run_dir.absolute().resolve().is_relative_to(data.resolve()):
+        raise CnnlabError(f"{run_dir}: --out lies inside the data folder {data}; choose another")
     kind = _task_of(cfg.model, task)
-    # An absolute data path keeps config.yaml and split.json valid from any directory.
-    cfg = replace(cfg, data=str(Path(cfg.data).absolute()))
-    if cfg.weight_decay is None:
-        cfg = replace(cfg, weight_decay=DEFAULT_WEIGHT_DECAY[cfg.optimizer])
-    cfg, job = kind.setup(cfg)
-    if cfg.weights is not None:
-        path = transfer.resolve_weights(cfg.model, cfg.weights)
-        cfg = replace(cfg, weights_file=str(path), weights_sha256=transfer.sha256_of(path))
-    # Joining the group waits for every process, so all have checked --out before the main
-    # one writes into it.
-    with distributed.session(pick_device(cfg.device).type):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return fit(cfg, run_dir, job, None)
+    created = not run_dir.exists()
+    try:
+        return _train_new(cfg, run_dir, data, kind)
+    except BaseException:
+        # A run refused before it wrote anything leaves no empty folder behind.
+        main = distributed.is_main_process()
+        if main and created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
+
+
+def _train_new(cfg: TrainConfig, run_dir: Path, data: Path, kind: Any) -> dict:
+    # One process owns the folder from here on (under torchrun, the main one): two runs
+    # started together on one --out cannot both pass the checks below.
+    with state.run_lock(run_dir) if distributed.is_main_process() else nullcontext():
+        if checkpoint.is_run_dir(run_dir):
+            raise CnnlabError(f"{run_dir} already holds a run; use --resume or another --out")
+        if run_dir.is_dir() and any(p.name != state.LOCK_NAME for p in run_dir.iterdir()):
+            raise CnnlabError(
+                f"{run_dir} is not empty and holds no run; --out takes a new or empty folder"
+            )
+        # An absolute data path keeps config.yaml and split.json valid from any directory.
+        cfg = replace(cfg, data=str(data))
+        if cfg.weight_decay is None:
+            cfg = replace(cfg, weight_decay=DEFAULT_WEIGHT_DECAY[cfg.optimizer])
+        cfg, job = kind.setup(cfg)
+        given = cfg.model_args.get("num_classes", len(job.classes))
+        if given != len(job.classes):
+            raise CnnlabError(
+                f"num_classes is {given} but {job.splits.root} has {len(job.classes)} classes;"
+                " leave num_classes out (it follows the data)"
+            )
+        if cfg.weights is not None:
+            path = transfer.resolve_weights(cfg.model, cfg.weights)
+            cfg = replace(cfg, weights_file=str(path), weights_sha256=transfer.sha256_of(path))
+        # Joining the group waits for every process, so all have checked --out before the
+        # main one writes into it.
+        with distributed.session(pick_device(cfg.device).type):
+            return fit(cfg, run_dir, job, None)
 
 
 def resume(run_dir: str | Path, task: str | None = None, **overrides: Any) -> dict:
@@ -104,21 +132,20 @@ def resume(run_dir: str | Path, task: str | None = None, **overrides: Any) -> di
     meta = checkpoint.read_model_json(run_dir)
     if task is not None and meta.task != task:
         raise CnnlabError(f"{run_dir} holds a {meta.task} run, not a {task} run")
-    saved = read_yaml(run_dir / "config.yaml")
+    config = run_dir / "config.yaml"
+    saved = read_yaml(config)
     if not isinstance(saved, dict):
-        raise CnnlabError(f"{run_dir / 'config.yaml'}: not a mapping of settings")
-    cfg = TrainConfig.from_dict({**saved, **overrides, "out": str(run_dir)})
-    split_json = read_json(run_dir / "split.json")
-    root = split_json.get("root") if isinstance(split_json, dict) else None
-    if not isinstance(root, str):
-        raise CnnlabError(f"{run_dir / 'split.json'}: no data folder recorded")
-    if not Path(root).is_dir():
-        raise CnnlabError(f"{run_dir / 'split.json'}: data folder {root} no longer exists")
-    cfg, job = task_class(meta.task).setup(cfg, split_json)
-    last = run_dir / "last.pt"
-    saved_state = checkpoint.load_state(last) if last.is_file() else None
-    with distributed.session(pick_device(cfg.device).type):
-        return fit(cfg, run_dir, job, saved_state)
+        raise CnnlabError(f"{config}: not a mapping of settings")
+    try:
+        cfg = TrainConfig.from_dict({**saved, **overrides, "out": str(run_dir)})
+    except CnnlabError as error:
+        raise CnnlabError(f"{config}: {error}") from None
+    with state.run_lock(run_dir) if distributed.is_main_process() else nullcontext():
+        cfg, job = task_class(meta.task).setup(cfg, run_dir / "split.json")
+        last = run_dir / "last.pt"
+        saved_state = checkpoint.load_state(last) if last.is_file() else None
+        with distributed.session(pick_device(cfg.device).type):
+            return fit(cfg, run_dir, job, saved_state)
 
 
 def _task_of(model: str, wanted: str | None) -> Any:
@@ -145,10 +172,7 @@ def build_model(cfg: TrainConfig, task: Task, pretrained: bool) -> tuple[nn.Modu
     args.update(cfg.model_args)
     backbone_weights = args.pop("backbone_weights", None)
     weights = {"weights": cfg.weights_file or cfg.weights, "backbone_weights": backbone_weights}
-    try:
-        model = create_model(cfg.model, **(weights if pretrained else {}), **args)
-    except TypeError as error:  # a model_args key the builder does not take
-        raise CnnlabError(f"{cfg.model}: {error}") from None
+    model = create_model(cfg.model, **(weights if pretrained else {}), **args)
     check_input_size(model, cfg.img_size, cfg.img_size, "images (img_size)")
     return model, args
 
@@ -214,13 +238,9 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
             write_json(run_dir / "split.json", task.splits.to_json())
             checkpoint.save_model_json(run_dir, model_meta(cfg, task, model_args))
     else:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
+        state.restore(saved, run_dir / "last.pt", model, optimizer, scheduler, scaler)
         start_epoch, best = saved["epoch"], saved["best"]
         stale, history = saved["epochs_without_improvement"], saved["history"]
-        state.set_rng_state(saved["rng"])
         if main:
             state.sync_epoch_files(run_dir, history, best, model, task.columns)
     # Trains through the wrapper (which averages gradients over processes); saves, loads and
@@ -229,6 +249,8 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
     step = Step(net, task, optimizer, scaler, device, dtype, cfg.grad_clip, memory_format)
 
     say = Reporter(cfg.quiet or not main, task.score_label)
+    if start_epoch:
+        say.line(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
     try:
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.patience is not None and stale >= cfg.patience:
@@ -312,6 +334,9 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
             ) from None
         say.stop()
         say.line(f"interrupted: reporting on the best weights (epoch {best['epoch']})")
+        interrupted = True
+    else:
+        interrupted = False
     finally:
         say.stop()  # never leave a live progress display behind an error
 
@@ -324,7 +349,10 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
         write_json(run_dir / "report.json", report)
         plots.plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.curves)
         say.line(f"{task.headline(report)}  -> {run_dir}")
-    return distributed.from_main(report)
+    report = distributed.from_main(report)
+    if interrupted:
+        raise TrainingInterrupted(str(run_dir), history[-1]["epoch"], cfg.epochs, report)
+    return report
 
 
 def public(result: dict) -> dict:

@@ -32,9 +32,9 @@ class Task(Protocol):
     splits: Any  # which files train and validate: .root, .val, .to_json() (split.json)
 
     @classmethod
-    def setup(cls, cfg: TrainConfig, split_json: dict | None = None) -> tuple[TrainConfig, Task]:
+    def setup(cls, cfg: TrainConfig, split_file: Path | None = None) -> tuple[TrainConfig, Task]:
         """The run's resolved settings (image size, channels) and the task with its splits:
-        a new split of ``cfg.data``, or the one a resumed run saved (``split_json``)."""
+        a new split of ``cfg.data``, or the one a resumed run saved in ``split_file``."""
         ...
 
     def loaders(

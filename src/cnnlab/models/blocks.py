@@ -16,7 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cnnlab.errors import CnnlabError
+
 NormLayer = Callable[..., nn.Module]
+
+
+def check_rate(model: str, name: str, value: object) -> float:
+    """A dropout rate in [0, 1), or a CnnlabError naming the model's argument."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise CnnlabError(f"{model}: {name} must be a rate in [0, 1), got {value!r}")
+    return float(value)
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:

@@ -15,7 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.models.blocks import ConvBNAct
+from cnnlab.models.blocks import ConvBNAct, check_rate
 from cnnlab.registry import register_model
 
 
@@ -60,6 +60,7 @@ class ConvNet(nn.Module):
         super().__init__()
         height, width = _size(img_size)
         cdims, hdims = _ints("cdims", cdims), _ints("hdims", hdims)
+        dropout = check_rate("convnet", "dropout", dropout)
         if not isinstance(ksize, int) or ksize < 1 or ksize % 2 == 0:
             raise CnnlabError(f"convnet: ksize must be a positive odd int, got {ksize!r}")
         shrink = 2 ** len(cdims)  # each stage halves H and W (floor)

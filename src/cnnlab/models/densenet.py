@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.models.blocks import DenseBlock, NormLayer, Transition
+from cnnlab.models.blocks import DenseBlock, NormLayer, Transition, check_rate
 from cnnlab.registry import register_model
 
 # What the registry records about every DenseNet (see cnnlab.registry.ModelInfo); the
@@ -42,6 +42,7 @@ class DenseNet(nn.Module):
         norm_layer: NormLayer | None = None,
     ) -> None:
         super().__init__()
+        drop_rate = check_rate("densenet", "drop_rate", drop_rate)
         norm_layer = norm_layer or nn.BatchNorm2d
         self.features = nn.Sequential(
             OrderedDict(

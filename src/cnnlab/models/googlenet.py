@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.models.blocks import ConvBNAct, Inception
+from cnnlab.models.blocks import ConvBNAct, Inception, check_rate
 from cnnlab.registry import register_model
 
 # What a training-mode forward returns with aux_logits=True; the same fields as torchvision's.
@@ -55,6 +55,8 @@ class GoogLeNet(nn.Module):
         dropout_aux: float = 0.7,
     ) -> None:
         super().__init__()
+        dropout = check_rate("googlenet", "dropout", dropout)
+        dropout_aux = check_rate("googlenet", "dropout_aux", dropout_aux)
         if transform_input and in_channels != 3:
             raise CnnlabError(
                 f"googlenet: transform_input re-normalises RGB inputs; in_channels={in_channels}"

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnnlab.models.blocks import ConvBNAct, NormLayer
+from cnnlab.models.blocks import ConvBNAct, NormLayer, check_rate
 from cnnlab.registry import register_model
 
 # Number of 3x3 convs in each of the five stages (the paper's configurations A, B, D, E),
@@ -60,6 +60,7 @@ class VGG(nn.Module):
         init_weights: bool = True,
     ) -> None:
         super().__init__()
+        dropout = check_rate("vgg", "dropout", dropout)
         self.features, self.feature_info = _make_features(stage_depths, in_channels, norm_layer)
         channels = self.feature_info[-1]["num_chs"]
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))

@@ -38,7 +38,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from cnnlab.errors import CnnlabError
 from cnnlab.models._features import backbone as backbone_features
-from cnnlab.models.blocks import ConvBNAct
+from cnnlab.models.blocks import ConvBNAct, check_rate
 from cnnlab.registry import register_model
 
 Detections = list[dict[str, Tensor]]  # per image: boxes (N, 4) xyxy, scores (N,), labels (N,)
@@ -221,6 +221,7 @@ class YOLOv1(nn.Module):
         super().__init__()
         if head not in ("fc", "conv"):
             raise CnnlabError(f"yolov1: head must be fc or conv, got {head!r}")
+        dropout = check_rate("yolov1", "dropout", dropout)
         self.grid, self.boxes, self.num_classes = grid, boxes, num_classes
         self.backbone = backbone
         self.neck = nn.Sequential(

@@ -54,13 +54,14 @@ class ClassifyTask(RunFacts):
     best_label: ClassVar[str] = "val top-1"
     score_label: ClassVar[str | None] = "top1"
     channels_last: ClassVar[bool] = True
+    drawings: ClassVar[tuple[str, ...]] = ("labelled",)  # what ``draw`` returns, in order
     eval_split: ClassVar[str] = "test"  # what `cnnlab eval RUN` reports on
 
     # -- training
 
     @classmethod
     def setup(
-        cls, cfg: TrainConfig, split_json: dict | None = None
+        cls, cfg: TrainConfig, split_file: Path | None = None
     ) -> tuple[TrainConfig, ClassifyTask]:
         """Image size from the model, the stratified split, channels from the images."""
         info = model_info(cfg.model)
@@ -72,10 +73,10 @@ class ClassifyTask(RunFacts):
                 f"{cfg.model} needs images of at least {info.min_size}x{info.min_size};"
                 f" img_size is {img_size}"
             )
-        if split_json is None:
+        if split_file is None:
             splits = make_splits(Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed)
         else:
-            splits = Splits.from_json(split_json)
+            splits = Splits.from_json(split_file)
         in_channels = cfg.in_channels or detect_in_channels([p for p, _ in splits.train])
         cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
         mean, std = default_stats(in_channels)
@@ -247,14 +248,12 @@ class ClassifyTask(RunFacts):
                 results.append({"top": top})
         return results
 
-    def eval_data(
-        self, split_json: dict | None, data_dir: Path | None, split: str, source: Path
-    ) -> DataLoader:
-        """The run's own ``split`` (``split_json``, read from ``source``) or, with
+    def eval_data(self, split_file: Path, data_dir: Path | None, split: str) -> DataLoader:
+        """The run's own ``split`` (from its ``split_file``) or, with
         ``data_dir``, ``DATA/<split>`` when that folder exists, else the whole class-folder
         tree; its classes may be a subset of the run's, matched by name."""
         if data_dir is None:
-            samples = self._own_split(split_json, split, source)
+            samples = self._own_split(split_file, split)
         else:
             root = Path(data_dir)
             if (root / split).is_dir():
@@ -266,23 +265,16 @@ class ClassifyTask(RunFacts):
         )
         return eval_loader(dataset, EVAL_BATCH, collate_skip_bad)
 
-    def _own_split(self, split_json: dict | None, split: str, source: Path) -> list[Sample]:
+    def _own_split(self, split_file: Path, split: str) -> list[Sample]:
         if split not in SPLIT_NAMES:
             raise CnnlabError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
-        try:
-            splits = Splits.from_json(split_json)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CnnlabError(f"{source}: not a cnnlab split file ({e!r})") from e
+        splits = Splits.from_json(split_file)
         samples = getattr(splits, split)
         if not samples:
             raise CnnlabError(
-                f"{source}: the run has no {split} images; pass a data folder instead"
+                f"{split_file}: the run has no {split} images; pass a data folder instead"
             )
-        if not splits.root.is_dir():
-            raise CnnlabError(
-                f"{source}: data folder {splits.root} no longer exists; pass a data folder"
-            )
-        return self._remap(splits.classes, samples, source)
+        return self._remap(splits.classes, samples, split_file)
 
     def _remap(self, classes: list[str], samples: list[Sample], source: Path) -> list[Sample]:
         """Relabel samples from ``classes`` indices to the model's, by class name."""

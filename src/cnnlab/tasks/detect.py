@@ -63,13 +63,14 @@ class DetectTask(RunFacts):
     best_label: ClassVar[str] = "val mAP@0.5"
     score_label: ClassVar[str | None] = None
     channels_last: ClassVar[bool] = False
+    drawings: ClassVar[tuple[str, ...]] = ("drawing",)  # what ``draw`` returns, in order
     eval_split: ClassVar[str] = "val"
 
     # -- training
 
     @classmethod
     def setup(
-        cls, cfg: TrainConfig, split_json: dict | None = None
+        cls, cfg: TrainConfig, split_file: Path | None = None
     ) -> tuple[TrainConfig, DetectTask]:
         """Refuse settings detection has no use for; read the annotations and split them."""
         if cfg.balance != "none" or cfg.label_smoothing or cfg.weights or cfg.freeze_backbone:
@@ -79,10 +80,10 @@ class DetectTask(RunFacts):
             )
         if cfg.augment not in ("none", "light"):
             raise CnnlabError("detection has one augmentation recipe: augment light or none")
-        if split_json is None:
+        if split_file is None:
             splits = make_detection_splits(Path(cfg.data), cfg.val_split, cfg.seed)
         else:
-            splits = DetectionSplits.from_json(split_json)
+            splits = DetectionSplits.from_json(split_file)
         img_size = cfg.img_size or model_info(cfg.model).input_size[1]
         in_channels = cfg.in_channels or 3
         cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
@@ -231,14 +232,14 @@ class DetectTask(RunFacts):
         return results
 
     def eval_data(
-        self, split_json: dict | None, data_dir: Path | None, split: str, source: Path
+        self, split_file: Path, data_dir: Path | None, split: str
     ) -> list[DetectionSample]:
         """The run's own ``split`` (train or val), or every image of ``data_dir`` (its
         ``split`` part when it has one)."""
         if data_dir is None:
             if split not in ("train", "val"):
-                raise CnnlabError(f"{source}: a detection run has train and val splits only")
-            return getattr(DetectionSplits.from_json(split_json), split)
+                raise CnnlabError(f"{split_file}: a detection run has train and val splits only")
+            return getattr(DetectionSplits.from_json(split_file), split)
         folder = Path(data_dir) / split if (Path(data_dir) / split).is_dir() else Path(data_dir)
         _, classes, samples = read_detection_folder(folder)
         if classes != self.classes:

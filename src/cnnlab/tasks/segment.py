@@ -80,23 +80,24 @@ class SegmentTask(RunFacts):
     best_label: ClassVar[str] = "val mIoU"
     score_label: ClassVar[str | None] = "pixel acc"
     channels_last: ClassVar[bool] = False
+    drawings: ClassVar[tuple[str, ...]] = ("mask", "overlay")  # what ``draw`` returns, in order
     eval_split: ClassVar[str] = "val"
 
     # -- training
 
     @classmethod
     def setup(
-        cls, cfg: TrainConfig, split_json: dict | None = None
+        cls, cfg: TrainConfig, split_file: Path | None = None
     ) -> tuple[TrainConfig, SegmentTask]:
         """The split, masks checked against their images, the crop size (default: the
         shorter side of the first training image) and the channels."""
-        if split_json is None:
+        if split_file is None:
             splits = segdata.make_seg_splits(cfg.data, cfg.val_split, cfg.seed)
             if len(splits.classes) > IGNORE_INDEX:
                 raise CnnlabError(f"{splits.root}/classes.txt: at most {IGNORE_INDEX} classes")
             segdata.check_pairs(splits.train + splits.val, len(splits.classes))
         else:
-            splits = SegSplits.from_json(split_json)
+            splits = SegSplits.from_json(split_file)
         img_size = cfg.img_size or min(image_size(splits.train[0][0]))
         in_channels = cfg.in_channels or detect_in_channels([image for image, _ in splits.train])
         cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
@@ -238,15 +239,13 @@ class SegmentTask(RunFacts):
             )
         return results
 
-    def eval_data(
-        self, split_json: dict | None, data_dir: Path | None, split: str, source: Path
-    ) -> DataLoader:
+    def eval_data(self, split_file: Path, data_dir: Path | None, split: str) -> DataLoader:
         """The run's own ``split`` (train or val) or every image/mask pair of ``data_dir``
         (its ``split`` part when it has one)."""
         if data_dir is None:
             if split not in ("train", "val"):
-                raise CnnlabError(f"{source}: a segmentation run has train and val splits only")
-            samples = getattr(SegSplits.from_json(split_json), split)
+                raise CnnlabError(f"{split_file}: a segmentation run has train and val splits only")
+            samples = getattr(SegSplits.from_json(split_file), split)
         else:
             root = Path(data_dir)
             found = segdata.read_classes(root)
