@@ -40,8 +40,13 @@ def test_summary_json_has_the_documented_schema_and_resnet50_totals(capsys) -> N
     assert document["total_params"] == 25_557_032
     assert abs(document["total_macs"] - 4.09e9) / 4.09e9 < 0.01
     first = document["layers"][0]
-    assert set(first) == {"name", "type", "output_shape", "params", "formula", "macs", "rf", "jump"}
+    assert set(first) == {
+        "name", "type", "output_shape", "params", "formula", "size_formula", "macs", "rf",
+        "rf_min", "jump",
+    }  # fmt: skip
     assert first["formula"] == "7*7*3*64 = 9,408"
+    assert first["size_formula"] == "floor((224 - 7 + 2*3)/2) + 1 = 112"
+    assert (first["rf"], first["rf_min"], first["jump"]) == (7, 7, 2)
 
 
 def test_summary_table_shows_formulas_and_totals(capsys) -> None:

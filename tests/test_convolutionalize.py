@@ -151,3 +151,13 @@ def test_heat_map_peaks_where_the_digit_is(digits_run, tmp_path):
     assert best["class"] == max(peaks, key=peaks.get)
     with pytest.raises(CnnlabError, match="unknown class"):
         heatmap(run, tmp_path / "canvas.png", class_name="cat")
+
+
+def test_the_package_name_stays_the_function_after_its_module_is_imported():
+    import importlib
+
+    import cnnlab
+
+    importlib.import_module("cnnlab.convolutionalize")
+    assert callable(cnnlab.convolutionalize)
+    assert cnnlab.convolutionalize.__module__ == "cnnlab.convolutionalize"

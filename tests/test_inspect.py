@@ -1,6 +1,7 @@
 """The inspector against torchinfo and fvcore, and against receptive fields worked by hand."""
 
 import functools
+import io
 import json
 import math
 
@@ -15,6 +16,8 @@ from torch import nn
 
 from cnnlab.errors import CnnlabError, InputSizeError
 from cnnlab.inspect import model_table_rows, render_summary, summarize
+from cnnlab.inspect.compare import compare
+from cnnlab.inspect.specs import build_model
 from cnnlab.registry import create_model, list_models
 
 TORCHVISION = {
@@ -218,6 +221,9 @@ def test_to_dict_schema_is_exact_and_json_serialisable():
         "trainable_params",
         "total_macs",
         "receptive_field",
+        "receptive_field_min",
+        "depth",
+        "output_stride",
         "weight_mb",
     }
     assert (document["model"], document["input"]) == ("tiny", [3, 9, 9])
@@ -225,12 +231,15 @@ def test_to_dict_schema_is_exact_and_json_serialisable():
         "name": "0",
         "type": "Conv2d",
         "output_shape": [8, 4, 4],
+        "size_formula": "(9 - 3 + 2*0)/2 + 1 = 4",
         "params": 3 * 3 * 3 * 8 + 8,
         "formula": "3*3*3*8 + 8 = 224",
         "macs": 8 * 4 * 4 * 3 * 3 * 3,
         "rf": 3,
+        "rf_min": 3,
         "jump": 2,
     }
+    assert (document["depth"], document["output_stride"]) == (2, 2)
     assert document["layers"][2]["rf"] is None
     assert document["total_macs"] == 8 * 4 * 4 * 27 + 128 * 4
     assert document["receptive_field"] == 3
@@ -262,12 +271,11 @@ def test_transposed_conv_output_size_macs_and_fractional_jump():
 
 
 def test_upsampling_path_restores_the_jump():
-    # An FCN-like encoder-decoder: down by 4, up by 4 with a transposed conv.
-    net = nn.Sequential(
-        nn.Conv2d(1, 4, 4, stride=4), nn.ConvTranspose2d(4, 1, 4, stride=4)
-    )  # r 4, j 4 then j 1, r 4 + 3*1
+    # An FCN-like encoder-decoder: down by 4, up by 4 with a transposed conv. Each output of
+    # a kernel-4, stride-4 transposed conv copies one input position, so the field stays 4.
+    net = nn.Sequential(nn.Conv2d(1, 4, 4, stride=4), nn.ConvTranspose2d(4, 1, 4, stride=4))
     summary = summarize(net, (1, 16, 16))
-    assert [(row.rf, row.jump) for row in summary.layers] == [(4, 4), (7, 1)]
+    assert [(row.rf, row.rf_min, row.jump) for row in summary.layers] == [(4, 4, 4), (4, 4, 1)]
     assert summary.layers[1].macs == 4 * 4 * 4 * 1 * 4 * 4
 
 
@@ -414,3 +422,210 @@ def test_model_table_has_every_registered_model_with_true_counts():
         resnet50.total_macs,
     )
     assert rows["resnet50"]["input_size"] == [3, 224, 224]
+
+
+# ---------------------------------------------------------------------------- exact fields
+
+
+def oracle_sizes(model: nn.Module, input_size: tuple[int, int, int]) -> set[int]:
+    """Receptive field heights, by backpropagation, of the output positions whose field
+    lies inside the input (positive weights, no nonlinearity: no gradient cancels)."""
+    model = model.double().eval()
+    for parameter in model.parameters():
+        with torch.no_grad():
+            parameter.copy_(parameter.abs() + 0.1)
+    x = torch.ones(1, *input_size, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    height = input_size[1]
+    column = next(  # a column near the middle that sees the input (a dilated up-conv has gaps)
+        c
+        for c in range(out.shape[3] // 2, out.shape[3])
+        if torch.autograd.grad(out[0, 0, :, c].sum(), x, retain_graph=True)[0].any()
+    )
+    sizes = set()
+    for row in range(out.shape[2]):
+        x.grad = None
+        out[0, 0, row, column].backward(retain_graph=True)
+        seen = x.grad[0].abs().sum(dim=(0, 2)).nonzero().flatten()
+        if len(seen) and seen.min() > 0 and seen.max() < height - 1:  # not cut by a border
+            sizes.add(int(seen.max() - seen.min() + 1))
+    return sizes
+
+
+class FCNLike(nn.Module):
+    """Down by 8, up by 2 twice with learned transposed convs, a skip from stride 4, then
+    a bilinear upsampling: fields that depend on the output position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down1 = nn.Conv2d(1, 2, 3, stride=2, padding=1)
+        self.down2 = nn.Conv2d(2, 2, 3, stride=2, padding=1)
+        self.down3 = nn.Conv2d(2, 2, 3, stride=2, padding=1)
+        self.up1 = nn.ConvTranspose2d(2, 2, 4, stride=2, padding=1)
+        self.skip = nn.Conv2d(2, 2, 1)
+        self.up2 = nn.ConvTranspose2d(2, 1, 3, stride=2, padding=1, output_padding=1)
+
+    def forward(self, x):
+        a = self.down2(self.down1(x))  # stride 4
+        b = self.up1(self.down3(a)) + self.skip(a)  # stride 4 again
+        return F.interpolate(self.up2(b), scale_factor=2, mode="bilinear")
+
+
+@pytest.mark.parametrize(
+    ("model", "size"),
+    [
+        (
+            nn.Sequential(
+                nn.Conv2d(1, 1, 7, stride=4, padding=3),
+                nn.ConvTranspose2d(1, 1, 4, stride=2, padding=1),
+            ),
+            64,
+        ),
+        (nn.Sequential(nn.Conv2d(1, 1, 3, stride=2), nn.ConvTranspose2d(1, 1, 3, stride=2)), 33),
+        (
+            nn.Sequential(
+                nn.Conv2d(1, 1, 5, stride=3), nn.ConvTranspose2d(1, 1, 2, stride=3, dilation=2)
+            ),
+            61,
+        ),
+        (nn.Sequential(nn.Conv2d(1, 1, 3, stride=2, padding=1), nn.Upsample(scale_factor=3)), 32),
+        (FCNLike(), 64),
+    ],
+    ids=["issue-example", "k3s2", "dilated-k<s", "nearest-x3", "fcn-like"],
+)
+def test_fields_through_upsampling_equal_a_gradient_oracle(model: nn.Module, size: int) -> None:
+    summary = summarize(model, (1, size, size))
+    sizes = oracle_sizes(model, (1, size, size))
+    assert (summary.receptive_field_min, summary.receptive_field) == (min(sizes), max(sizes))
+
+
+def test_the_issue_cases_transposed_conv_and_fcn8s():
+    net = nn.Sequential(
+        nn.Conv2d(1, 1, 7, stride=4, padding=3), nn.ConvTranspose2d(1, 1, 4, stride=2, padding=1)
+    )
+    assert summarize(net, (1, 64, 64)).receptive_field == 11  # the old rule said 13
+    with torch.device("meta"):
+        fcn = create_model("fcn8s", num_classes=4, backbone="resnet18")
+    summary = summarize(fcn, (3, 224, 224), device="meta")
+    assert (summary.receptive_field_min, summary.receptive_field) == (467, 499)
+
+
+# ---------------------------------------------------------------------------- size formulas
+
+
+def test_every_row_says_why_it_has_its_size():
+    rows = rows_by_name(summarize(tv_model("alexnet"), (3, 224, 224)))
+    assert rows["features.0"].size_formula == "floor((224 - 11 + 2*2)/4) + 1 = 55"
+    assert rows["features.2"].size_formula == "(55 - 3 + 2*0)/2 + 1 = 27"
+    assert rows["features.3"].size_formula == "27 - 5 + 2*2 + 1 = 27"
+    assert rows["features.1"].size_formula == "unchanged"
+    assert rows["avgpool"].size_formula == "adaptive 6x6 -> 6x6"
+    assert rows["classifier.1"].size_formula == "9,216 -> 4,096"
+    ceil = summarize(nn.MaxPool2d(3, stride=2, ceil_mode=True), (1, 28, 28)).layers[0]
+    assert ceil.size_formula == "ceil((28 - 3 + 2*0)/2) + 1 = 14"
+    dilated = summarize(nn.Conv2d(1, 1, 3, stride=2, dilation=2), (1, 17, 11)).layers[0]
+    assert (
+        dilated.size_formula
+        == "H: (17 - 2*(3 - 1) - 1 + 2*0)/2 + 1 = 7; W: (11 - 2*(3 - 1) - 1 + 2*0)/2 + 1 = 4"
+    )
+    up = nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, dilation=2)
+    assert (
+        summarize(up, (8, 5, 5)).layers[0].size_formula
+        == "(5 - 1)*2 - 2*1 + 2*(3 - 1) + 1 + 1 = 12"
+    )
+    flat = summarize(nn.Flatten(), (3, 4, 5)).layers[0]
+    assert flat.size_formula == "3*4*5 = 60"
+
+
+def test_branch_rows_give_the_merge_rule_and_dense_blocks_have_rows():
+    googlenet = rows_by_name(summarize(tv_model("googlenet"), (3, 64, 64), depth=1))
+    assert googlenet["inception3a"].size_formula == "concat 64 + 128 + 32 + 32 = 256 channels"
+    resnet = rows_by_name(summarize(tv_model("resnet18"), (3, 64, 64), depth=2))
+    assert resnet["layer1.0"].size_formula == "add 64x16x16 + 64x16x16 -> 64x16x16"
+    dense = summarize(create_model("densenet121"), (3, 64, 64), depth=2)
+    assert len(dense.layers) == 14  # as torchinfo: the DenseBlocks are rows of their own
+    block = rows_by_name(dense)["features.denseblock1"]
+    assert block.size_formula == "concat 64 + 6x32 = 256 channels"
+    assert sum(row.params for row in dense.layers) == dense.total_params
+
+
+def test_layers_that_do_not_run_in_eval_still_add_up():
+    summary = summarize(create_model("googlenet", aux_logits=True), (3, 64, 64))
+    rows = rows_by_name(summary)
+    assert rows["aux1"].size_formula == "not run in eval mode"
+    assert sum(row.params for row in summary.layers) == summary.total_params == 13_004_888
+
+
+def test_render_fits_80_columns_and_never_cuts_a_number():
+    summary = summarize(create_model("resnet50"), (3, 224, 224))
+    for width in (80, 100):
+        text = _render_at(summary, width)
+        assert max(len(line) for line in text.splitlines()) <= width
+        assert "2,359,296" in text and "floor((224 - 7 + 2*3)/2) + 1 = 112" in text
+    assert "…" not in _render_at(summary, 80)
+    wide = _render_at(summary, None)
+    assert "layer4.2.conv2 (Conv2d)" in wide and "3*3*512*512 = 2,359,296" in wide
+    assert str(summary).startswith("\nLayer (type)") or "Layer (type)" in str(summary)
+    assert "<table>" in summary._repr_html_() and "2,359,296" in summary._repr_html_()
+
+
+def _render_at(summary, width):
+    console = Console(width=width or 1000, record=True, file=io.StringIO())
+    console.print(render_summary(summary, "t", width=width))
+    return console.export_text()
+
+
+# ---------------------------------------------------------------------------- compare
+
+
+def test_compare_tells_the_ilsvrc_story():
+    rows = {
+        r["model"]: r for r in compare(["alexnet", "vgg16", "googlenet", "resnet50", "densenet121"])
+    }
+    assert [rows[m]["depth"] for m in rows] == [8, 16, 22, 50, 121]
+    assert rows["alexnet"]["fc_share"] > 0.95 and rows["resnet50"]["fc_share"] < 0.1
+    assert rows["googlenet"]["params"] == 6_624_904
+    assert rows["vgg16"]["params_vs_first"] == pytest.approx(138_357_544 / 61_100_840)
+    assert (rows["alexnet"]["receptive_field"], rows["resnet50"]["receptive_field"]) == (195, 427)
+    assert all(rows[m]["output_stride"] == 32 for m in rows)
+
+
+def test_alexnet_of_the_paper_has_its_documented_parameters_and_lrn_costs():
+    summary = summarize(create_model("alexnet_paper"), (3, 227, 227))
+    assert summary.total_params == 60_965_224
+    rows = rows_by_name(summary)
+    assert rows["features.4"].formula == "5*5*(96/2)*256 + 256 = 307,456"  # one GPU's half
+    assert rows["features.2"].macs == 96 * 55 * 55 * 5  # LRN: 5 per output
+    assert rows["classifier.2"].params == 9216 * 4096 + 4096
+
+
+def test_models_named_by_file_module_or_torchvision(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "from torch import nn\n"
+        "class Tiny(nn.Module):\n"
+        "    def __init__(self, width=4):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(3, width, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.conv(x)\n"
+        "built = Tiny(2)\n"
+    )
+    model, size = build_model(f"{tmp_path / 'mine.py'}:Tiny", {"width": 8})
+    assert (model.conv.out_channels, size) == (8, (3, 224, 224))
+    assert build_model(f"{tmp_path / 'mine.py'}:built")[0].conv.out_channels == 2
+    assert isinstance(
+        build_model("torch.nn:Conv2d", {"in_channels": 1, "out_channels": 2, "kernel_size": 3})[0],
+        nn.Conv2d,
+    )
+    assert sum(p.numel() for p in build_model("torchvision:resnet18")[0].parameters()) == 11_689_512
+    (tmp_path / "broken.py").write_text("def f(:\n")
+    for spec, message in [
+        (f"{tmp_path / 'broken.py'}:f", "broken.py:1: syntax error"),
+        (f"{tmp_path / 'mine.py'}:Nope", "has no 'Nope'"),
+        (f"{tmp_path / 'missing.py'}:Net", "no such file"),
+        ("no.such.module:Net", "cannot import no.such.module"),
+        ("torchvision:resnett", "did you mean"),
+        ("math:pi", "not a torch nn.Module"),
+    ]:
+        with pytest.raises(CnnlabError, match=message):
+            build_model(spec)

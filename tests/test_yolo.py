@@ -165,6 +165,16 @@ def test_summary_runs_at_the_papers_input_size(model):
     assert pooled[0].output_shape == [32, 7, 7]
 
 
+@pytest.mark.parametrize("depth", [None, 1, 2])
+def test_a_cut_backbone_has_rows_for_every_layer_at_any_depth(model, depth):
+    # torch.fx's GraphModule calls the leaves of layer1-3 directly and keeps bare Module
+    # placeholders for their names: those are no rows, the leaves are.
+    summary = summarize(model, input_size=(3, 448, 448), depth=depth)
+    assert sum(row.params for row in summary.layers) == summary.total_params
+    assert all(row.output_shape for row in summary.layers)
+    assert "Module" not in {row.type for row in summary.layers}
+
+
 def test_backbone_is_cut_at_stride_32_without_its_classifier():
     model = create_model("yolov1", num_classes=2, backbone="resnet18", head_channels=8, hidden=8)
     names = {name.split(".")[0] for name, _ in model.backbone.named_parameters()}

@@ -9,6 +9,9 @@ The public API: ``create_model``, ``list_models``, ``model_info`` and ``register
 from importlib import import_module
 from typing import Any
 
+# Imported now, not lazily: the function shares its module's name, and a lazy lookup
+# would give the module once anything imported ``cnnlab.convolutionalize`` directly.
+from cnnlab.convolutionalize import convolutionalize
 from cnnlab.errors import CnnlabError, InputSizeError
 from cnnlab.registry import create_model, list_models, model_info, register_model
 
@@ -30,7 +33,6 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "TrainConfig": "cnnlab.config",
-    "convolutionalize": "cnnlab.convolutionalize",
     "load_run": "cnnlab.runs",
     "resume": "cnnlab.engine.loop",
     "summarize": "cnnlab.inspect",

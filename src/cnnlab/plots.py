@@ -175,6 +175,39 @@ def plot_lr_find(
     _save(fig, Path(out))
 
 
+def plot_compare(rows: Sequence[dict], out: Path) -> None:
+    """Parameters against MACs, one labelled point per model of ``inspect.compare``, the
+    point's size growing with the model's depth."""
+    fig = _new_figure((7, 5))
+    ax = fig.subplots()
+    macs = [row["macs"] / 1e9 for row in rows]
+    params = [row["params"] / 1e6 for row in rows]
+    sizes = [20 + 2 * row["depth"] for row in rows]
+    ax.scatter(macs, params, s=sizes, alpha=0.7, color="tab:blue")
+    middle = math.sqrt(min(macs) * max(macs))  # the log axis's centre
+    by_cost = sorted(range(len(rows)), key=macs.__getitem__)
+    for rank, i in enumerate(by_cost):
+        label = f"{rows[i]['model']}\n{rows[i]['depth']} layers, {rows[i]['fc_share']:.0%} in FC"
+        right = macs[i] > middle  # labels point inwards, so none runs off the figure
+        below = rank % 2 == 1  # neighbours in cost alternate above and below their points
+        ax.annotate(
+            label,
+            (macs[i], params[i]),
+            textcoords="offset points",
+            xytext=(-8 if right else 8, -22 if below else 6),
+            ha="right" if right else "left",
+            fontsize=8,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("multiply-adds per image (G)")
+    ax.set_ylabel("parameters (M)")
+    ax.set_title("parameters against cost (point size: depth)")
+    ax.grid(alpha=0.3, which="both")
+    ax.margins(0.25)
+    _save(fig, Path(out))
+
+
 def _read_metrics(path: Path) -> list[dict[str, str]]:
     try:
         with path.open(newline="") as f:

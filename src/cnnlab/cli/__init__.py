@@ -28,12 +28,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        # Unknown flags are the model builder's arguments (--cdims 32,64); the user's own
+        # model (a spec with ":") takes --kwargs instead.
         source = getattr(args, "model_args_from", None)
         model_name = getattr(args, source, None) if source else None
-        if model_name is None and source and not getattr(args, "resume", None):
+        if source and model_name is None and not getattr(args, "resume", None):
             from cnnlab.config import default_of
 
             model_name = default_of(args.task, "model")
+        if model_name and ":" in model_name:
+            model_name = None
         if unknown and not model_name:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         extra = builder_args(unknown, model_name) if model_name else {}

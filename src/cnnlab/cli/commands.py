@@ -22,12 +22,31 @@ def print_json(document: object) -> None:
 
 
 def _console():  # rich is imported lazily so `cnnlab --help` starts fast
+    """The terminal, at its width; piped output takes $COLUMNS when set, else no limit."""
+    import os
+
     from rich.console import Console
 
     console = Console()
-    if not console.is_terminal:  # piped to a file or a pager: never squeeze the table
-        console = Console(width=240)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=10_000)  # a file or a pager: never squeeze or cut a line
     return console
+
+
+def _width(console) -> int | None:
+    return None if console.width >= 10_000 else console.width
+
+
+def _kwargs(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CnnlabError(f"--kwargs {text!r}: not JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise CnnlabError(f"--kwargs {text!r}: expected a JSON object of keyword arguments")
+    return value
 
 
 def parse_input(text: str) -> tuple[int, int, int]:
@@ -81,16 +100,38 @@ def cmd_models(args: argparse.Namespace, extra: dict) -> int:
 
 
 def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
-    from cnnlab.inspect import render_summary, summarize_model
+    from cnnlab.inspect import render_summary
+    from cnnlab.inspect.specs import summarize_spec
 
     size = parse_input(args.input) if args.input else None
+    kwargs = {**_kwargs(args.kwargs), **extra}
     if args.num_classes is not None:
-        extra["num_classes"] = args.num_classes
-    summary, size = summarize_model(args.model, size, args.depth, **extra)
+        kwargs["num_classes"] = args.num_classes
+    _, summary, size = summarize_spec(args.model, kwargs, size, depth=args.depth)
     if args.format == "json":
         print_json(summary.to_dict(args.model))
+        return 0
+    console = _console()
+    title = f"{args.model} at {'x'.join(map(str, size))}"
+    console.print(render_summary(summary, title, _width(console), wide=args.wide or None))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.inspect.compare import compare, compare_table
+
+    size = parse_input(args.input) if args.input else None
+    rows = compare(args.models, size, _kwargs(args.kwargs))
+    if args.plot:
+        from cnnlab.plots import plot_compare
+
+        plot_compare(rows, Path(args.plot))
+    if args.format == "json":
+        print_json(rows)
     else:
-        _console().print(render_summary(summary, title=f"{args.model} {size}"))
+        _console().print(compare_table(rows))
+        if args.plot:
+            print(f"plot: {args.plot}")
     return 0
 
 

@@ -140,13 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "summary",
         c.cmd_summary,
-        "per-layer output shape, parameters (with formula), MACs and receptive field",
+        "per-layer output size (with its formula), parameters (with theirs), MACs and"
+        " receptive field",
         model_args_from="model",
     )
-    sub.add_argument("model", help="a registered model name (see `cnnlab models`)")
-    sub.add_argument("--input", help="C,H,W (default: the model's natural input)")
+    sub.add_argument(
+        "model",
+        help="a registered model (`cnnlab models`), torchvision:NAME, path/to/file.py:Name"
+        " or package.module:name",
+    )
+    sub.add_argument("--input", help="C,H,W (default: the model's natural input, or 3,224,224)")
     sub.add_argument("--num-classes", type=int)
+    sub.add_argument("--kwargs", help="keyword arguments for the model, as a JSON object")
     sub.add_argument("--depth", type=int, help="expand containers this deep (default: all)")
+    sub.add_argument(
+        "--wide", action="store_true", help="one line per layer, formulas included, at any width"
+    )
+    fmt(sub, ("table", "json"))
+    sub = add(
+        commands,
+        "compare",
+        c.cmd_compare,
+        "models side by side: depth, parameters (and the share in dense layers), MACs,"
+        " receptive field, output stride",
+    )
+    sub.add_argument("models", nargs="+", metavar="MODEL", help="as for `cnnlab summary`")
+    sub.add_argument("--input", help="C,H,W for every model (default: each model's own)")
+    sub.add_argument("--kwargs", help="keyword arguments for every model, as a JSON object")
+    sub.add_argument("--plot", metavar="FILE", help="draw parameters against MACs into this PNG")
     fmt(sub, ("table", "json"))
 
     data = add(commands, "data", None, "make, check and clean image folders")

@@ -3,7 +3,8 @@ linear, matmul, attention, normalisation), for the whole batch.
 
 MACs follow torchinfo's "Mult-Adds" where it is right: convolution ``out_elements *
 (cin/groups) * kh * kw``, linear ``in * out`` per row, normalisation ``batch * (weight +
-bias elements)``, activations and pooling 0. Bias additions are not multiplies and are
+bias elements)``, local response normalisation ``size`` per element, activations and
+pooling 0. Bias additions are not multiplies and are
 left out (torchinfo adds them: well under 1% on classic CNNs). A transposed convolution
 costs ``in_elements * (cout/groups) * kh * kw`` (torchinfo uses the output size there).
 """
@@ -62,6 +63,13 @@ def _norm_macs(weight_at: int) -> MacRule:
     return rule
 
 
+def _lrn_macs(args: tuple, kwargs: dict, out: Any) -> int:
+    # Local response normalisation (AlexNet): each output sums the squares of ``size``
+    # neighbouring channels before it divides, so ``size`` multiply-adds per element
+    # (torchinfo and fvcore count it as 0).
+    return out.numel() * arg(args, kwargs, 1, "size")
+
+
 def _mac_rules() -> dict[str, MacRule]:
     rules: dict[str, MacRule] = {"linear": _linear_macs}
     for n in (1, 2, 3):
@@ -72,6 +80,7 @@ def _mac_rules() -> dict[str, MacRule]:
     rules["scaled_dot_product_attention"] = _attention_macs
     rules["batch_norm"] = rules["instance_norm"] = _norm_macs(weight_at=3)
     rules["layer_norm"] = rules["group_norm"] = _norm_macs(weight_at=2)
+    rules["local_response_norm"] = _lrn_macs
     return rules
 
 

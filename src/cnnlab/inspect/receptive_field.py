@@ -1,17 +1,25 @@
 """Receptive field and jump of every tensor of a forward pass, through any architecture.
 
 ``FieldTracker`` is a ``TorchFunctionMode``: it sees every torch function the forward pass
-calls, counts its MACs (``cnnlab.inspect.macs``) and gives each output tensor a receptive
-field derived from its inputs': windows (conv, pooling) grow it, resampling rescales the
-jump, and where branches meet (ResNet's add, Inception's and DenseNet's concatenation) the
-widest field wins.
+calls, counts its MACs (``cnnlab.inspect.macs``) and gives each output tensor a field
+derived from its inputs'.
+
+A field says, for each spatial axis and each output position ``o``, the first and last
+input pixel that ``o`` sees. After convolutions and pooling that is ``jump * o + offset``
+for every position alike; after a transposed convolution of stride ``s`` only every s-th
+position of the upsampled grid lies on an input, so the field depends on ``o`` modulo the
+total upsampling: ``Axis`` keeps one (first, last) pair per position in a period and a
+slope per period, and every rule below is exact for that form. Where branches meet (ResNet's
+add, Inception's and DenseNet's concatenation) each position takes the union of the
+branches' fields. Resampling by a whole factor is exact too; other rescalings keep the
+field's sizes and scale its jump.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,38 +28,108 @@ from torch.overrides import TorchFunctionMode
 
 from cnnlab.inspect.macs import MAC_RULES, arg
 
+_HOLE = (math.inf, -math.inf)  # a position no input reaches (a transposed conv with k < s)
+
+
+@dataclass(frozen=True)
+class Axis:
+    """The field along one axis: output position ``o = q * period + r`` sees input pixels
+    ``slope * q + first[r]`` to ``slope * q + last[r]``."""
+
+    period: int
+    slope: float
+    first: tuple[float, ...]
+    last: tuple[float, ...]
+
+    @classmethod
+    def pixels(cls) -> Axis:
+        """The input itself: position o sees pixel o."""
+        return cls(1, 1.0, (0.0,), (0.0,))
+
+    def span(self, o: int) -> tuple[float, float]:
+        q, r = divmod(o, self.period)
+        return self.slope * q + self.first[r], self.slope * q + self.last[r]
+
+    def sizes(self) -> list[float]:
+        """The field's width at each position of a period (positions no input reaches
+        left out)."""
+        return [b - a + 1 for a, b in zip(self.first, self.last, strict=True) if a <= b]
+
+    @property
+    def jump(self) -> float:
+        """Input pixels between neighbouring outputs, on average."""
+        return self.slope / self.period
+
+
+def _build(period: int, slope: float, spans: Sequence[tuple[float, float]]) -> Axis:
+    return Axis(period, slope, tuple(a for a, _ in spans), tuple(b for _, b in spans))
+
+
+def _union(spans: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    return (
+        min((a for a, _ in spans), default=_HOLE[0]),
+        max((b for _, b in spans), default=_HOLE[1]),
+    )
+
+
+def window(axis: Axis, kernel: int, stride: int, dilation: int, padding: int) -> Axis:
+    """Convolution or pooling: output o sees inputs o*s - p + d*t for t in 0..k-1."""
+    period = axis.period // math.gcd(axis.period, stride)
+    spans = [
+        _union([axis.span(o * stride - padding + dilation * t) for t in range(kernel)])
+        for o in range(period)
+    ]
+    return _build(period, axis.slope * period * stride / axis.period, spans)
+
+
+def transposed(axis: Axis, kernel: int, stride: int, dilation: int, padding: int) -> Axis:
+    """Transposed convolution: output o receives input i when o = i*s - p + d*t for some t
+    in 0..k-1; the pattern repeats every s * (the input's period) outputs."""
+    period = stride * axis.period
+    spans = []
+    for o in range(period):
+        sources = [
+            (o + padding - dilation * t) // stride
+            for t in range(kernel)
+            if (o + padding - dilation * t) % stride == 0
+        ]
+        spans.append(_union([axis.span(i) for i in sources]))
+    return _build(period, axis.slope, spans)
+
+
+def merged(axes: Sequence[Axis]) -> Axis:
+    """Where branches meet, each position sees what any branch sees."""
+    period = math.lcm(*(a.period for a in axes))
+    spans = [_union([a.span(o) for a in axes]) for o in range(period)]
+    return _build(period, axes[0].slope * period / axes[0].period, spans)
+
+
+def whole(axis: Axis, size: int) -> Axis:
+    """An axis reduced to one value (a global pool, a mean): it sees the whole input."""
+    first, last = axis.span(0)[0], axis.span(size - 1)[1]
+    return _build(1, axis.slope * size / axis.period, [(first, last)])
+
+
+def rescaled(axis: Axis, size_in: int, size_out: int) -> Axis:
+    """A resampling by no whole factor: the field keeps its sizes, the jump scales."""
+    factor = size_in / size_out
+    return Axis(axis.period, axis.slope * factor, axis.first, axis.last)
+
 
 @dataclass(frozen=True)
 class Field:
-    """Receptive field and jump per spatial axis, in input pixels (floats: transposed
-    convolutions and upsampling make jumps fractional)."""
+    """One ``Axis`` per spatial dimension."""
 
-    rf: tuple[float, ...]
-    jump: tuple[float, ...]
+    axes: tuple[Axis, ...]
 
-    def widest(self) -> tuple[float, float]:
-        axis = max(range(len(self.rf)), key=self.rf.__getitem__)
-        return self.rf[axis], self.jump[axis]
-
-
-def window(f: Field, kernel: Any, stride: Any, dilation: Any) -> Field:
-    """Conv or pooling: r_out = r_in + d*(k-1)*j_in, j_out = j_in*s."""
-    rank = len(f.rf)
-    k, s, d = ntuple(kernel, rank), ntuple(stride, rank), ntuple(dilation, rank)
-    rf = tuple(r + di * (ki - 1) * j for r, j, ki, di in zip(f.rf, f.jump, k, d, strict=True))
-    return Field(rf, tuple(j * si for j, si in zip(f.jump, s, strict=True)))
+    def widest(self) -> tuple[float, float, float]:
+        """(largest field, smallest field, jump) of the axis whose field is largest."""
+        sizes = [axis.sizes() or [0.0] for axis in self.axes]
+        best = max(range(len(sizes)), key=lambda i: max(sizes[i]))
+        return max(sizes[best]), min(sizes[best]), self.axes[best].jump
 
 
-def transposed_window(f: Field, kernel: Any, stride: Any, dilation: Any) -> Field:
-    """Transposed conv: j_out = j_in/s, r_out = r_in + d*(k-1)*j_out."""
-    rank = len(f.rf)
-    k, s, d = ntuple(kernel, rank), ntuple(stride, rank), ntuple(dilation, rank)
-    jump = tuple(j / si for j, si in zip(f.jump, s, strict=True))
-    rf = tuple(r + di * (ki - 1) * j for r, j, ki, di in zip(f.rf, jump, k, d, strict=True))
-    return Field(rf, jump)
-
-
-def ntuple(value: Any, rank: int) -> tuple[float, ...]:
+def ntuple(value: Any, rank: int) -> tuple:
     if isinstance(value, int | float):
         return (value,) * rank
     value = tuple(value)
@@ -62,42 +140,70 @@ def ntuple(value: Any, rank: int) -> tuple[float, ...]:
 WindowRule = Callable[[Field, Tensor, Tensor, tuple, dict], Field]
 
 
+def _padding(value: Any, kernel: Sequence[int], dilation: Sequence[int], rank: int) -> tuple:
+    if value == "valid":
+        return (0,) * rank
+    if value == "same":  # PyTorch pads the left by half the total, rounded down
+        return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+    return ntuple(value, rank)
+
+
 def _conv_rule(f: Field, x: Tensor, y: Tensor, args: tuple, kwargs: dict) -> Field:
-    kernel = arg(args, kwargs, 1, "weight").shape[2:]
-    stride, dilation = arg(args, kwargs, 3, "stride", 1), arg(args, kwargs, 5, "dilation", 1)
-    return window(f, kernel, stride, dilation)
+    rank = len(f.axes)
+    kernel = tuple(arg(args, kwargs, 1, "weight").shape[2:])
+    stride = ntuple(arg(args, kwargs, 3, "stride", 1), rank)
+    dilation = ntuple(arg(args, kwargs, 5, "dilation", 1), rank)
+    padding = _padding(arg(args, kwargs, 4, "padding", 0), kernel, dilation, rank)
+    return Field(tuple(map(window, f.axes, kernel, stride, dilation, padding)))
 
 
 def _conv_transpose_rule(f: Field, x: Tensor, y: Tensor, args: tuple, kwargs: dict) -> Field:
-    kernel = arg(args, kwargs, 1, "weight").shape[2:]
-    stride, dilation = arg(args, kwargs, 3, "stride", 1), arg(args, kwargs, 7, "dilation", 1)
-    return transposed_window(f, kernel, stride, dilation)
+    rank = len(f.axes)
+    kernel = tuple(arg(args, kwargs, 1, "weight").shape[2:])
+    stride = ntuple(arg(args, kwargs, 3, "stride", 1), rank)
+    padding = ntuple(arg(args, kwargs, 4, "padding", 0), rank)
+    dilation = ntuple(arg(args, kwargs, 7, "dilation", 1), rank)
+    return Field(tuple(map(transposed, f.axes, kernel, stride, dilation, padding)))
 
 
 def _pool_rule(kernel_at: int, dilation_at: int | None) -> WindowRule:
     def rule(f: Field, x: Tensor, y: Tensor, args: tuple, kwargs: dict) -> Field:
-        kernel = arg(args, kwargs, kernel_at, "kernel_size")
+        rank = len(f.axes)
+        kernel = ntuple(arg(args, kwargs, kernel_at, "kernel_size"), rank)
         stride = arg(args, kwargs, kernel_at + 1, "stride") or kernel  # None or [] -> kernel
+        padding = ntuple(arg(args, kwargs, kernel_at + 2, "padding", 0), rank)
         dilation = 1 if dilation_at is None else arg(args, kwargs, dilation_at, "dilation", 1)
-        return window(f, kernel, stride, dilation)
+        return Field(
+            tuple(
+                map(window, f.axes, kernel, ntuple(stride, rank), ntuple(dilation, rank), padding)
+            )
+        )
 
     return rule
 
 
 def _adaptive_rule(f: Field, x: Tensor, y: Tensor, args: tuple, kwargs: dict) -> Field:
-    # Output i pools input[floor(i*n/m) : ceil((i+1)*n/m)]; the widest window is the kernel.
-    rank = len(f.rf)
-    sizes = zip(x.shape[-rank:], y.shape[-rank:], strict=True)
-    kernel, stride = [], []
-    for n, m in sizes:
-        kernel.append(max(math.ceil((i + 1) * n / m) - (i * n) // m for i in range(m)))
-        stride.append(n // m if n % m == 0 else n / m)
-    return window(f, kernel, stride, 1)
+    # Output i pools input[floor(i*n/m) : ceil((i+1)*n/m)]: a window when m divides n,
+    # else one span per output, repeating (as if) every m outputs.
+    rank = len(f.axes)
+    axes = []
+    for axis, n, m in zip(f.axes, x.shape[-rank:], y.shape[-rank:], strict=True):
+        if m == 1:
+            axes.append(whole(axis, n))
+        elif n % m == 0:
+            axes.append(window(axis, n // m, n // m, 1, 0))
+        else:
+            spans = [
+                _union([axis.span(j) for j in range(i * n // m, math.ceil((i + 1) * n / m))])
+                for i in range(m)
+            ]
+            axes.append(_build(m, axis.span(n)[0] - axis.span(0)[0], spans))
+    return Field(tuple(axes))
 
 
 def _unshuffle_rule(f: Field, x: Tensor, y: Tensor, args: tuple, kwargs: dict) -> Field:
     factor = arg(args, kwargs, 1, "downscale_factor")
-    return window(f, factor, factor, 1)
+    return Field(tuple(window(axis, factor, factor, 1, 0) for axis in f.axes))
 
 
 def _window_rules() -> dict[str, WindowRule]:
@@ -108,7 +214,6 @@ def _window_rules() -> dict[str, WindowRule]:
         for name in (f"max_pool{n}d", f"max_pool{n}d_with_indices"):
             rules[name] = _pool_rule(kernel_at=1, dilation_at=4)
         rules[f"avg_pool{n}d"] = _pool_rule(kernel_at=1, dilation_at=None)
-        rules[f"lp_pool{n}d"] = _pool_rule(kernel_at=2, dilation_at=None)
         for name in ("adaptive_avg_pool", "adaptive_max_pool"):
             rules[f"{name}{n}d"] = _adaptive_rule
         rules[f"adaptive_max_pool{n}d_with_indices"] = _adaptive_rule
@@ -117,49 +222,93 @@ def _window_rules() -> dict[str, WindowRule]:
 
 
 _WINDOW_RULES = _window_rules()
-# These resample: the field is unchanged, the jump scales by input/output size.
 _RESAMPLERS = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pixel_shuffle"}
 
 
-def _follow(f: Field, x: Tensor, y: Tensor, name: str, args: tuple) -> Field:
+def _resampled(axis: Axis, n: int, m: int, mode: str) -> Axis:
+    """Upsampling n -> m positions: exact for a whole factor (nearest: each output copies
+    one input; bilinear without aligned corners: it blends the two inputs around
+    (o + 0.5) / f - 0.5), else the sizes are kept and the jump scaled."""
+    if m % n or m == n:
+        return rescaled(axis, n, m)
+    factor = m // n
+    if mode not in ("bilinear", "linear", "bicubic", "trilinear"):
+        return transposed(axis, factor, factor, 1, 0)
+    period = factor * axis.period
+    spans = []
+    for o in range(period):
+        x = (o + 0.5) / factor - 0.5
+        left = math.floor(x)
+        sources = [left, left + 1] if x > left else [left]
+        spans.append(_union([axis.span(i) for i in sources]))
+    return _build(period, axis.slope, spans)
+
+
+def _follow(f: Field, x: Tensor, y: Tensor, name: str, args: tuple, kwargs: dict) -> Field:
     """The field of ``y`` from input ``x`` through an op without a window (same rank)."""
-    rank = len(f.rf)
+    rank = len(f.axes)
     sizes = list(zip(x.shape[-rank:], y.shape[-rank:], strict=True))
     if name in _RESAMPLERS:
-        return Field(f.rf, tuple(j * n / m for j, (n, m) in zip(f.jump, sizes, strict=True)))
-    steps = _slice_steps(args[1], x.dim())[-rank:] if name == "__getitem__" else None
-    if steps is not None:
-        return Field(f.rf, tuple(j * s for j, s in zip(f.jump, steps, strict=True)))
-    # An axis reduced to one value (a mean over H and W) sees the whole axis.
-    rf, jump = [], []
-    for r, j, (n, m) in zip(f.rf, f.jump, sizes, strict=True):
-        whole = m == 1 and n > 1
-        rf.append(r + (n - 1) * j if whole else r)
-        jump.append(j * n if whole else j)
-    return Field(tuple(rf), tuple(jump))
+        mode = "nearest" if name == "pixel_shuffle" else arg(args, kwargs, 3, "mode", "nearest")
+        return Field(
+            tuple(_resampled(a, n, m, mode) for a, (n, m) in zip(f.axes, sizes, strict=True))
+        )
+    if name == "__getitem__":
+        slices = _slices(args[1], x.shape)
+        if slices is not None:
+            starts_steps = slices[-rank:]
+            return Field(
+                tuple(
+                    window(a, 1, step, 1, -start)
+                    for a, (start, step) in zip(f.axes, starts_steps, strict=True)
+                )
+            )
+    if name == "pad":  # F.pad: (left, right, top, bottom, ...) from the last axis backwards
+        pads = list(arg(args, kwargs, 1, "pad", ()))
+        lefts = [pads[2 * i] if 2 * i < len(pads) else 0 for i in range(rank)][::-1]
+        return Field(tuple(window(a, 1, 1, 1, left) for a, left in zip(f.axes, lefts, strict=True)))
+    axes = []
+    for axis, (n, m) in zip(f.axes, sizes, strict=True):
+        if m == n:
+            axes.append(axis)
+        elif m == 1:  # an axis reduced to one value (a mean over H and W)
+            axes.append(whole(axis, n))
+        else:
+            axes.append(rescaled(axis, n, m))
+    return Field(tuple(axes))
 
 
-def _slice_steps(index: Any, ndim: int) -> list[int] | None:
+def _slices(index: Any, shape: Sequence[int]) -> list[tuple[int, int]] | None:
+    """(start, step) per dimension of a basic-slicing index, or None for other indexing."""
     items = list(index) if isinstance(index, tuple) else [index]
     if not all(isinstance(item, slice) or item is Ellipsis for item in items):
         return None
     if any(item is Ellipsis for item in items):
         at = next(i for i, item in enumerate(items) if item is Ellipsis)
-        items = items[:at] + [slice(None)] * (ndim - len(items) + 1) + items[at + 1 :]
-    items += [slice(None)] * (ndim - len(items))
-    return [item.step or 1 for item in items]
+        items = items[:at] + [slice(None)] * (len(shape) - len(items) + 1) + items[at + 1 :]
+    items += [slice(None)] * (len(shape) - len(items))
+    found = []
+    for item, size in zip(items, shape, strict=True):
+        start, _, step = item.indices(size)
+        found.append((start, step))
+    return found
 
 
-def _widest(fields: list[tuple[Field, tuple[bool, ...]]]) -> Field:
-    """Where branches meet, each axis takes the largest field, and the jump of the widest
-    branch that is not broadcast along that axis (a (B, C, 1, 1) gate has no spacing)."""
-    rf, jump = [], []
-    for axis in range(len(fields[0][0].rf)):
-        ranked = sorted(fields, key=lambda pair: pair[0].rf[axis], reverse=True)
-        spaced = [f for f, broadcast in ranked if not broadcast[axis]] or [ranked[0][0]]
-        rf.append(ranked[0][0].rf[axis])
-        jump.append(spaced[0].jump[axis])
-    return Field(tuple(rf), tuple(jump))
+def _merge(fields: list[tuple[Field, tuple[bool, ...]]], sizes: Sequence[int]) -> Field:
+    """Where branches meet: each position sees what any branch sees there. A branch
+    broadcast along an axis (a (B, C, 1, 1) gate) has one value for every position, so it
+    adds its whole field to each of the ``sizes`` real positions."""
+    axes = []
+    for i, size in enumerate(sizes):
+        spread = [f.axes[i] for f, broadcast in fields if not broadcast[i]]
+        gates = [f.axes[i] for f, broadcast in fields if broadcast[i]]
+        base = merged(spread or [gates[0]])
+        if spread and gates:
+            gate = _union([g.span(0) for g in gates])
+            spans = [_union([base.span(o), gate]) for o in range(size)]
+            base = _build(size, base.slope * size / base.period, spans)
+        axes.append(base)
+    return Field(tuple(axes))
 
 
 def _broadcast(x: Tensor, y: Tensor, rank: int) -> tuple[bool, ...]:
@@ -168,27 +317,46 @@ def _broadcast(x: Tensor, y: Tensor, rank: int) -> tuple[bool, ...]:
 
 class FieldTracker(TorchFunctionMode):
     """Sees every torch function of the forward pass: counts MACs and gives each output
-    tensor a receptive field derived from its inputs'.
+    tensor a receptive field derived from its inputs; ``on_merge(name, inputs, output)`` is
+    told of every add or concatenation of spatial maps (for the size formulas).
 
     Tensors are keyed by ``id`` with a weak reference, so a recycled id is never mistaken
     for the tensor that used to have it, and nothing is kept alive longer than the model
     keeps it.
     """
 
-    def __init__(self, add_macs: Callable[[int], None]) -> None:
+    # Layers with weights: the depth of a network counts them along its longest path.
+    WEIGHTED = frozenset(
+        {"linear", *(f"conv{n}d" for n in (1, 2, 3))} | {f"conv_transpose{n}d" for n in (1, 2, 3)}
+    )
+    MERGES = frozenset(
+        {"add", "add_", "__add__", "__iadd__", "__radd__", "cat", "concat", "concatenate"}
+    )
+
+    def __init__(
+        self,
+        add_macs: Callable[[int], None],
+        on_merge: Callable[[str, list[Tensor], Tensor], None] = lambda *_: None,
+    ) -> None:
         super().__init__()
         self._add_macs = add_macs
+        self._on_merge = on_merge
         self._fields: dict[int, tuple[weakref.ref, Field]] = {}
+        self._depths: dict[int, tuple[weakref.ref, int]] = {}
         self.total_macs = 0
 
     def start(self, x: Tensor) -> None:
         if x.dim() >= 3:  # (B, C, *spatial)
-            rank = x.dim() - 2
-            self._set(x, Field((1.0,) * rank, (1.0,) * rank))
+            self._set(x, Field((Axis.pixels(),) * (x.dim() - 2)))
 
     def field(self, tensor: Tensor) -> Field | None:
         entry = self._fields.get(id(tensor))
         return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def depth(self, tensor: Tensor) -> int:
+        """Layers with weights on the longest path from the input to ``tensor``."""
+        entry = self._depths.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else 0
 
     def _set(self, tensor: Tensor, f: Field) -> None:
         self._fields[id(tensor)] = (weakref.ref(tensor), f)
@@ -205,7 +373,15 @@ class FieldTracker(TorchFunctionMode):
             self.total_macs += macs
             self._add_macs(macs)
         self._propagate(name, args, kwargs, out)
+        self._deepen(name, args, kwargs, out)
         return out
+
+    def _deepen(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+        deepest = max((self.depth(t) for t in tensors_in((args, kwargs))), default=0)
+        depth = deepest + (name in self.WEIGHTED)
+        if depth:
+            for tensor in tensors_in(out):
+                self._depths[id(tensor)] = (weakref.ref(tensor), depth)
 
     def _propagate(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         outputs = list(tensors_in(out))
@@ -219,15 +395,17 @@ class FieldTracker(TorchFunctionMode):
                 self._set(outputs[0], rule(f, x, outputs[0], args, kwargs))
             return
         sources = [(t, f) for t in tensors_in((args, kwargs)) if (f := self.field(t)) is not None]
+        if name in self.MERGES and len(sources) > 1:
+            self._on_merge(name, [t for t, _ in sources], outputs[0])
         for y in outputs:
             # A change of rank (flatten, a mean without keepdim) ends the spatial field.
             fields = [
-                (_follow(f, x, y, name, args), _broadcast(x, y, len(f.rf)))
+                (_follow(f, x, y, name, args, kwargs), _broadcast(x, y, len(f.axes)))
                 for x, f in sources
                 if x.dim() == y.dim()
             ]
             if fields:
-                self._set(y, _widest(fields))
+                self._set(y, _merge(fields, y.shape[-len(fields[0][0].axes) :]))
 
 
 def tensors_in(value: Any) -> Iterator[Tensor]:

@@ -2,44 +2,145 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
-import torch
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from cnnlab.errors import CnnlabError
-from cnnlab.inspect.summary import Summary, summarize
-from cnnlab.registry import create_model, list_models, model_info
+from cnnlab.inspect.sizes import UNCHANGED
+from cnnlab.inspect.specs import summarize_spec
+from cnnlab.inspect.summary import Summary
+from cnnlab.registry import list_models, model_info
+
+_COLUMNS = ("Layer (type)", "Output", "Params", "MACs", "RF", "Jump")
+_FORMULAS = ("Size", "Params formula")
+_GAP = 2
 
 
-def render_summary(summary: Summary, title: str) -> Group:
-    """A rich table with one row per layer, followed by the totals."""
-    table = Table(title=title, show_lines=False)
-    for header in ("Layer", "Type", "Output shape", "Params", "Formula", "MACs", "RF", "Jump"):
-        justify = "left" if header in ("Layer", "Type", "Output shape", "Formula") else "right"
-        table.add_column(header, justify=justify, no_wrap=header != "Formula")
+def render_summary(
+    summary: Summary, title: str, width: int | None = None, wide: bool | None = None
+) -> Group:
+    """The per-layer table and the totals, for a console ``width`` columns wide (None: no
+    limit, as for a file).
+
+    Wide: one line per layer, the size and parameter formulas in the last two columns.
+    When that does not fit (``wide=None`` decides) each layer takes a second, dimmed line
+    holding its formulas, wrapped to the width, so that no number is ever cut.
+    """
+    cells = [_cells(row) for row in summary.layers]
+    widths = [max(len(c) for c in column) for column in zip(_COLUMNS, *cells, strict=True)]
+    formulas = [(row.size_formula, row.formula) for row in summary.layers]
+    formula_widths = [
+        max(len(f) for f in column) for column in zip(_FORMULAS, *formulas, strict=True)
+    ]
+    needed = sum(widths) + sum(formula_widths) + _GAP * (len(widths) + 1)
+    if wide is None:
+        wide = width is None or needed <= width
+    if not wide and width is not None:  # the name column gives way; numbers never do
+        others = sum(widths[1:]) + _GAP * (len(widths) - 1)
+        widths[0] = max(min(widths[0], width - others), len(_COLUMNS[0]))
+    header = _line(_COLUMNS, widths)
+    if wide:
+        header += " " * _GAP + _line(_FORMULAS, formula_widths, right=())
+    lines = [Text(title, style="bold"), Text(header, style="bold"), Text("-" * len(header))]
+    for row_cells, (size, params) in zip(cells, formulas, strict=True):
+        if wide:
+            extra = " " * _GAP + _line((size, params), formula_widths, right=())
+            lines.append(Text(_line(row_cells, widths) + extra))
+            continue
+        name, *numbers = row_cells
+        if len(name) > widths[0]:  # a long name on its own line, the numbers under it
+            lines.append(Text(name))
+            name = ""
+        lines.append(Text(_line((name, *numbers), widths)))
+        detail = "  ·  ".join(
+            f"{label}: {text}"
+            for label, text in (("size", size), ("params", params))
+            if text and text != UNCHANGED
+        )
+        for part in textwrap.wrap(detail, max((width or 100) - 4, 20)):
+            lines.append(Text("    " + part, style="dim"))
+    return Group(*lines, Text(""), _totals(summary))
+
+
+def render_text(summary: Summary, width: int = 100, title: str = "") -> str:
+    """``render_summary`` as plain text (no colours)."""
+    import io
+
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=width, force_terminal=False, color_system=None)
+    console.print(render_summary(summary, title, width=width))
+    return buffer.getvalue()
+
+
+def render_html(summary: Summary) -> str:
+    """The per-layer table and the totals as HTML (a notebook's rich display)."""
+    from html import escape
+
+    heads = ("Layer", "Type", "Output", "Size", "Params", "Params formula", "MACs", "RF", "Jump")
+    body = []
     for row in summary.layers:
-        table.add_row(
+        rf = _cells(row)[4]
+        values = (
             row.name,
             row.type,
             "x".join(map(str, row.output_shape)),
-            f"{row.params:,}" if row.params else "-",
+            row.size_formula,
+            f"{row.params:,}",
             row.formula,
-            f"{row.macs:,}" if row.macs else "-",
-            _pretty(row.rf),
+            f"{row.macs:,}",
+            rf,
             _pretty(row.jump),
         )
-    rf = "-" if summary.receptive_field is None else f"{_pretty(summary.receptive_field)} px"
-    totals = Text(
+        body.append("<tr>" + "".join(f"<td>{escape(v)}</td>" for v in values) + "</tr>")
+    totals = escape(_totals(summary).plain).replace("\n", "<br>")
+    head = "".join(f"<th>{h}</th>" for h in heads)
+    return f"<table><tr>{head}</tr>{''.join(body)}</table><p>{totals}</p>"
+
+
+def _cells(row) -> tuple[str, ...]:
+    rf = _pretty(row.rf)
+    if row.rf is not None and row.rf_min is not None and row.rf_min != row.rf:
+        rf = f"{_pretty(row.rf_min)}-{rf}"
+    return (
+        f"{row.name} ({row.type})",
+        "x".join(map(str, row.output_shape)) or "-",
+        f"{row.params:,}" if row.params else "-",
+        f"{row.macs:,}" if row.macs else "-",
+        rf,
+        _pretty(row.jump),
+    )
+
+
+def _line(values, widths, right=(2, 3, 4, 5)) -> str:
+    return (
+        (" " * _GAP)
+        .join(
+            value.rjust(w) if i in right else value.ljust(w)
+            for i, (value, w) in enumerate(zip(values, widths, strict=True))
+        )
+        .rstrip()
+    )
+
+
+def _totals(summary: Summary) -> Text:
+    rf = "-"
+    if summary.receptive_field is not None:
+        rf = f"{_pretty(summary.receptive_field)} px"
+        low = summary.receptive_field_min
+        if low is not None and low != summary.receptive_field:
+            rf = f"{_pretty(low)} to {rf} (it depends on the output position)"
+    return Text(
         f"Parameters:           {summary.total_params:,}\n"
         f"Trainable parameters: {summary.trainable_params:,}\n"
         f"MACs:                 {summary.total_macs:,} ({summary.total_macs / 1e9:.2f} G)\n"
         f"Weight memory:        {summary.weight_mb:,.2f} MB (parameters + buffers)\n"
         f"Receptive field:      {rf}"
     )
-    return Group(table, totals)
 
 
 def models_table(rows: list[dict[str, Any]]) -> Table:
@@ -65,13 +166,12 @@ def model_table_rows() -> list[dict[str, Any]]:
 
     Parameters are counted at the default settings (with as many input channels as the
     natural input has) and MACs at the model's natural input size. Models are built on the
-    meta device (no memory, no initialisation) and only rebuilt on the CPU when their
-    forward pass needs real data (e.g. box filtering).
+    meta device where they can be (``summarize_spec``).
     """
     rows = []
     for name in list_models():
         info = model_info(name)
-        summary = _summarize_cheaply(name, info.input_size)
+        _, summary, _ = summarize_spec(name, depth=0)
         rows.append(
             {
                 "name": name,
@@ -84,16 +184,6 @@ def model_table_rows() -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _summarize_cheaply(name: str, input_size: tuple[int, int, int]) -> Summary:
-    channels = input_size[0]
-    with torch.device("meta"):
-        model = create_model(name, in_channels=channels)
-    try:
-        return summarize(model, input_size, depth=0, device="meta")
-    except CnnlabError:
-        return summarize(create_model(name, in_channels=channels), input_size, depth=0)
 
 
 def _pretty(value: float | None) -> str:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.inspect.receptive_field import Field, FieldTracker, tensors_in
+from cnnlab.inspect.sizes import merge_formula, size_formula
 from cnnlab.registry import check_input_size, create_model, model_info
 
 
@@ -29,10 +30,12 @@ class LayerRow:
     name: str  # module path, e.g. "layer1.0.conv1"
     type: str  # class name, e.g. "Conv2d"
     output_shape: list[int]  # without the batch dimension
+    size_formula: str  # why it has that size, e.g. "(224 - 11 + 2*2)/4 + 1 = 55"
     params: int
     formula: str  # e.g. "3*3*128*64 + 64 = 73,792"; "" without parameters
     macs: int  # for the whole batch
     rf: float | None  # receptive field at the output, in input pixels; None if not spatial
+    rf_min: float | None  # the smallest, where it depends on the position (upsampling)
     jump: float | None  # input pixels between neighbouring outputs (effective stride)
 
 
@@ -47,14 +50,30 @@ class Summary:
     trainable_params: int
     total_macs: int
     weight_mb: float  # bytes of parameters + buffers (running stats), / 1e6
-    receptive_field: float | None  # of the last layer with a spatial output
+    receptive_field: float | None  # of the last layer with a spatial output (the largest)
+    receptive_field_min: float | None  # and its smallest, where it depends on the position
+    depth: int  # layers with weights (conv, linear) on the longest path through the model
+    output_stride: float | None  # input pixels between neighbours of the last spatial map
+
+    def __str__(self) -> str:
+        """The table as ``cnnlab summary`` prints it, 100 columns wide."""
+        from cnnlab.inspect.render import render_text
+
+        return render_text(self, width=100)
+
+    def _repr_html_(self) -> str:
+        """An HTML table for notebooks (Jupyter calls this)."""
+        from cnnlab.inspect.render import render_html
+
+        return render_html(self)
 
     def to_dict(self, model_name: str) -> dict[str, Any]:
         """A JSON-serialisable document (the schema of ``cnnlab summary --format json``)."""
         layers = []
         for row in self.layers:
             layer = asdict(row)
-            layer["rf"], layer["jump"] = plain(row.rf), plain(row.jump)
+            for key in ("rf", "rf_min", "jump"):
+                layer[key] = plain(getattr(row, key))
             layers.append(layer)
         return {
             "model": model_name,
@@ -64,6 +83,9 @@ class Summary:
             "trainable_params": self.trainable_params,
             "total_macs": self.total_macs,
             "receptive_field": plain(self.receptive_field),
+            "receptive_field_min": plain(self.receptive_field_min),
+            "depth": self.depth,
+            "output_stride": plain(self.output_stride),
             "weight_mb": round(self.weight_mb, 3),
         }
 
@@ -109,8 +131,12 @@ def summarize(
     (torchinfo uses the output size there).
 
     The receptive field and jump of a row are in input pixels, for the spatial axis with
-    the larger field; adaptive and global pooling widen the field by the pooled window, so
-    after a global pool it spans the whole input.
+    the larger field; after an upsampling the field depends on the output position, and
+    ``rf`` is the largest, ``rf_min`` the smallest (``receptive_field.py``). Adaptive and
+    global pooling widen the field by the pooled window, so after a global pool it spans
+    the whole input. Each row's ``size_formula`` says why it has its size (``sizes.py``).
+    A module that never runs in eval mode (GoogLeNet's auxiliary heads) still gets a row,
+    with its parameters, so that the rows add up to the totals.
 
     Raises the registry's ``InputSizeError`` for inputs the model does not accept and
     ``CnnlabError`` for any other failure of the forward pass.
@@ -118,7 +144,7 @@ def summarize(
     if len(input_size) == 3:
         check_input_size(model, *input_size[1:])
     recorder = _Recorder(depth)
-    tracker = FieldTracker(recorder.add_macs)
+    tracker = FieldTracker(recorder.add_macs, recorder.add_merge)
     recorder.field_of = tracker.field
     handles = recorder.attach(model)
     training = {module: module.training for module in model.modules()}
@@ -127,7 +153,8 @@ def summarize(
         x = torch.zeros(batch_size, *input_size, device=device, dtype=_float_dtype(model))
         with torch.no_grad(), tracker:
             tracker.start(x)
-            model(x)
+            output = model(x)
+        depth = max((tracker.depth(t) for t in tensors_in(output)), default=0)
     except CnnlabError:
         raise
     except Exception as error:
@@ -137,17 +164,26 @@ def summarize(
             handle.remove()
         for module, mode in training.items():
             module.training = mode
-    return _totals(model, tuple(input_size), batch_size, recorder.rows, tracker.total_macs)
+    recorder.add_uncalled(model)
+    summary = _totals(model, tuple(input_size), batch_size, recorder.rows, tracker.total_macs)
+    summary.depth = depth
+    return summary
 
 
-# Containers that hold modules without a forward of their own.
-_UNCALLED = (nn.ModuleList, nn.ModuleDict)
+def _never_called(module: nn.Module) -> bool:
+    """A module without a forward of its own only holds others: a plain ModuleList or
+    ModuleDict (a subclass with a forward, like DenseNet's DenseBlock, is a layer like any
+    other), or the bare ``nn.Module`` that torch.fx's GraphModule (a cut backbone) puts at
+    each level of the names of the leaves it calls directly."""
+    return type(module).forward is nn.Module.forward
 
 
 @dataclass
 class _Frame:
     row: LayerRow | None  # None: a container expanded further
+    input_shape: list[int] | None
     own_macs: int = 0  # MACs of functions a container calls itself, outside its children
+    merge: str | None = None  # the last add/concatenation its own forward made
 
 
 @dataclass
@@ -156,13 +192,15 @@ class _Recorder:
     rows: list[LayerRow] = field(default_factory=list)
     field_of: Callable[[Tensor], Field | None] = lambda tensor: None
     _stack: list[_Frame] = field(default_factory=list)
+    _watched: dict[str, nn.Module] = field(default_factory=dict)  # name -> module with hooks
+    _entered: set[str] = field(default_factory=set)
 
     def attach(self, model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         handles = []
         levels = {"": 0}
         for name, module in model.named_modules():
             parent = name.rpartition(".")[0]
-            if name and isinstance(module, _UNCALLED):
+            if name and _never_called(module):
                 levels[name] = levels[parent]  # never called: its items count as its parent's
                 continue
             level = levels[name] = levels[parent] + 1 if name else 0
@@ -171,7 +209,9 @@ class _Recorder:
             is_leaf = next(module.children(), None) is None
             makes_row = is_leaf or level == self.depth
             label = name or type(module).__name__
-            handles.append(module.register_forward_pre_hook(self._enter(label, module, makes_row)))
+            self._watched[name] = module
+            enter = self._enter(name, label, module, makes_row)
+            handles.append(module.register_forward_pre_hook(enter))
             handles.append(module.register_forward_hook(self._leave(label, module)))
         return handles
 
@@ -184,14 +224,52 @@ class _Recorder:
         else:
             frame.row.macs += macs
 
-    def _enter(self, name: str, module: nn.Module, makes_row: bool) -> Callable[..., None]:
-        def hook(_module: nn.Module, _args: Any) -> None:
+    def add_merge(self, name: str, inputs: list[Tensor], output: Tensor) -> None:
+        if self._stack and output.dim() >= 3:
+            shapes = [list(t.shape) for t in inputs]
+            self._stack[-1].merge = merge_formula(name, shapes, list(output.shape))
+
+    def add_uncalled(self, model: nn.Module) -> None:
+        """A row for each watched module the forward pass never reached whose parent it
+        did (GoogLeNet's auxiliary heads in eval mode), so the rows add up to the totals."""
+        for name, module in self._watched.items():
+            parent = name.rpartition(".")[0]
+            while parent and parent not in self._watched:  # through a ModuleList
+                parent = parent.rpartition(".")[0]
+            if not name or name in self._entered or parent not in self._entered:
+                continue
+            params, formula = _count(module, recurse=True)
+            if params:
+                self.rows.append(
+                    LayerRow(
+                        name,
+                        type(module).__name__,
+                        [],
+                        "not run in eval mode",
+                        params,
+                        formula,
+                        0,
+                        None,
+                        None,
+                        None,
+                    )
+                )
+
+    def _enter(
+        self, name: str, label: str, module: nn.Module, makes_row: bool
+    ) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: Any) -> None:
+            self._entered.add(name)
             row = None
             if makes_row:
                 params, formula = _count(module, recurse=True)
-                row = LayerRow(name, type(module).__name__, [], params, formula, 0, None, None)
+                row = LayerRow(
+                    label, type(module).__name__, [], "", params, formula, 0, None, None, None
+                )
                 self.rows.append(row)
-            self._stack.append(_Frame(row))
+            tensor = next(tensors_in(args), None)
+            shape = list(tensor.shape[1:]) if tensor is not None else None
+            self._stack.append(_Frame(row, shape))
 
         return hook
 
@@ -205,16 +283,22 @@ class _Recorder:
                 params, formula = _count(module, recurse=False)
                 if not params and not frame.own_macs:
                     return
-                row = LayerRow(name, type(module).__name__, [], params, formula, 0, None, None)
+                row = LayerRow(
+                    name, type(module).__name__, [], "", params, formula, 0, None, None, None
+                )
                 row.macs = frame.own_macs
                 self.rows.append(row)
             tensor = next(tensors_in(output), None)
             if tensor is None:
                 return
             row.output_shape = list(tensor.shape[1:])
+            # A merge counts where the module's own forward made it, not inside a plain
+            # Sequential's hidden children.
+            merge = None if type(module).forward is nn.Sequential.forward else frame.merge
+            row.size_formula = size_formula(module, frame.input_shape, row.output_shape, merge)
             found = self.field_of(tensor)
             if found is not None:
-                row.rf, row.jump = found.widest()
+                row.rf, row.rf_min, row.jump = found.widest()
 
         return hook
 
@@ -280,6 +364,7 @@ def _totals(
 ) -> Summary:
     params = list(model.parameters())  # shared parameters appear once
     tensors = [*params, *model.buffers()]
+    last = next((row for row in reversed(rows) if row.rf is not None), None)
     return Summary(
         input_size=input_size,
         batch_size=batch_size,
@@ -288,7 +373,10 @@ def _totals(
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_macs=total_macs,
         weight_mb=sum(t.numel() * t.element_size() for t in tensors) / 1e6,
-        receptive_field=next((row.rf for row in reversed(rows) if row.rf is not None), None),
+        receptive_field=last.rf if last else None,
+        receptive_field_min=last.rf_min if last else None,
+        depth=0,
+        output_stride=last.jump if last else None,
     )
 
 

@@ -1,0 +1,93 @@
+"""Models side by side: depth, parameters, where they live, cost and field of view.
+
+``compare(specs)`` summarises each model (``cnnlab.inspect.specs`` names them) and gives
+one row per model: the depth in layers with weights along the longest path, the parameters
+and the share of them in fully connected layers, the MACs, the receptive field and output
+stride of the last feature map (the last output with more than one position, before any
+global pool), and parameters and MACs relative to the first model. The ILSVRC story reads
+straight off it: each winner deeper than the last, and after AlexNet and VGG (whose dense
+layers hold most of their weights) far fewer parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.table import Table
+from torch import nn
+
+from cnnlab.inspect.specs import summarize_spec
+from cnnlab.inspect.summary import plain
+
+
+def compare(
+    specs: list[str],
+    input_size: tuple[int, int, int] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per model, in the order given (see the module doc for the columns)."""
+    rows = []
+    for spec in specs:
+        model, summary, size = summarize_spec(spec, kwargs, input_size)
+        dense = sum(
+            p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()
+        )
+        # The last map with more than one position: the features, before a global pool.
+        spatial = [
+            r for r in summary.layers if r.rf is not None and math.prod(r.output_shape[1:]) > 1
+        ]
+        last = spatial[-1] if spatial else None
+        rows.append(
+            {
+                "model": spec,
+                "input": list(size),
+                "depth": summary.depth,
+                "params": summary.total_params,
+                "fc_share": dense / summary.total_params if summary.total_params else 0.0,
+                "macs": summary.total_macs,
+                "receptive_field": plain(last.rf) if last else None,
+                "output_stride": plain(last.jump) if last else None,
+            }
+        )
+    first = rows[0] if rows else None
+    for row in rows:
+        row["params_vs_first"] = row["params"] / first["params"] if first["params"] else None
+        row["macs_vs_first"] = row["macs"] / first["macs"] if first["macs"] else None
+    return rows
+
+
+def compare_table(rows: list[dict[str, Any]]) -> Table:
+    """``compare``'s rows as a rich table."""
+    table = Table(title="models side by side")
+    headers = ("model", "input", "depth", "params", "in FC", "MACs", "RF", "stride")
+    for header in (*headers, "params x", "MACs x"):
+        left = header == "model"
+        table.add_column(
+            header,
+            justify="left" if left else "right",
+            overflow="fold" if left else "ellipsis",
+            no_wrap=not left,
+        )
+    for row in rows:
+        table.add_row(
+            row["model"],
+            "x".join(map(str, row["input"])),
+            str(row["depth"]),
+            f"{row['params']:,}",
+            f"{row['fc_share']:.0%}",
+            f"{row['macs'] / 1e9:.3g} G",
+            _number(row["receptive_field"]),
+            _number(row["output_stride"]),
+            _ratio(row["params_vs_first"]),
+            _ratio(row["macs_vs_first"]),
+        )
+    return table
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
