@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from cnnlab.errors import CnnlabError
 
+SMALL_LAST_BATCH = 0.1  # a partial last batch below this share of the epoch is dropped
+
 
 def per_process_batch(batch_size: int, processes: int) -> int:
     """The batch each of ``processes`` loads so that together they make ``batch_size``."""
@@ -43,17 +45,21 @@ def train_loader(
     per_process = per_process_batch(batch_size, world_size)
     if sampler is None and world_size > 1:
         sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
-    # Dropping the partial last batch (when there is a full one) avoids a batch of one,
-    # which BatchNorm cannot train on; reshuffling spreads the dropped images over epochs.
-    # Every process has as many images (the sampler pads), hence as many steps.
+    # A partial last batch is dropped where it is a small share of the epoch (under a
+    # tenth: a step on a few images is mostly noise, and the shuffle drops other images
+    # next epoch) or a single image, which BatchNorm cannot train on. Otherwise it trains:
+    # 93 images in batches of 64 make two steps, not one. Every process has as many
+    # images (the sampler pads), hence as many steps.
     shard = len(sampler) if sampler is not None else len(dataset)
+    rest = shard % per_process
+    drop_last = shard > per_process and (rest == 1 or rest < SMALL_LAST_BATCH * shard)
     return DataLoader(
         dataset,
         batch_size=per_process,
         shuffle=sampler is None,
         sampler=sampler,
         generator=generator,
-        drop_last=shard > per_process,
+        drop_last=drop_last,
         num_workers=workers,
         pin_memory=pin_memory,
         collate_fn=collate_fn,
