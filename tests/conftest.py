@@ -28,3 +28,36 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("digits") / "digits"
     write_digits(root, size=32)
     return root
+
+
+def save_torchvision_file(
+    state: dict, folder: Path, torchvision_name: str, patch: pytest.MonkeyPatch
+) -> Path:
+    """Save ``state`` into the torch hub cache ``folder`` as cnnlab's stand-in for
+    torchvision's weight file. torchvision's names carry the first hex digits of the real
+    file's SHA-256, which cnnlab checks, so the file gets a name carrying its own and cnnlab
+    is pointed at that name (nothing can be downloaded here)."""
+    import hashlib
+
+    from cnnlab import weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / "staged.pth"
+    torch.save(state, staged)
+    digest = hashlib.sha256(staged.read_bytes()).hexdigest()
+    path = staged.rename(folder / f"{torchvision_name}-{digest[:8]}.pth")
+    real = weights.torchvision_weight_urls
+    patch.setattr(
+        weights,
+        "torchvision_weight_urls",
+        lambda name: (
+            [f"https://example.invalid/{path.name}"] if name == torchvision_name else real(name)
+        ),
+    )
+    return path
+
+
+@pytest.fixture
+def torchvision_file(monkeypatch: pytest.MonkeyPatch):
+    """``save_torchvision_file`` with this test's monkeypatch."""
+    return lambda state, folder, name: save_torchvision_file(state, folder, name, monkeypatch)

@@ -405,4 +405,4 @@ def test_commands_train_eval_and_predict_on_a_yolo_txt_folder(model, shapes, tmp
     assert cli.main(["train", "--resume", str(run), "--quiet", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["map50"] == pytest.approx(trained["map50"])
     assert cli.main(["train", "--resume", str(run), "--quiet"]) == 0
-    assert capsys.readouterr().out.startswith("mAP@[.5:.95] ")
+    assert capsys.readouterr().out.startswith("val mAP@[.5:.95] ")

@@ -529,7 +529,10 @@ def test_binary_and_non_finite_annotation_files_are_one_line(tmp_path: Path) -> 
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (["summary", "resnet18", "--bogus", "1"], "unexpected keyword argument 'bogus'"),
+        (
+            ["summary", "resnet18", "--bogus", "1"],
+            "resnet18 does not take --bogus (it takes: --zero-init-residual)",
+        ),
         (["summary", "convnet", "--dropout", "2"], "dropout must be a rate in [0, 1)"),
         (["summary", "alexnet", "--dropout", "-0.1"], "dropout must be a rate"),
         (["train", "DATA", "--out", "RUN", "--weight-decay", "-1"], "weight_decay must be"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnnlab.cli import main
-from cnnlab.lr_find import DIVERGE, suggest_lr
+from cnnlab.lr_find import DIVERGE, Smoothed, smoothing_for, suggest_lr
 
 MODEL = ["--model", "convnet", "--img-size", "16", "--cdims", "8,16", "--hdims", "32,"]
 
@@ -100,3 +100,19 @@ def test_bad_sweeps_are_one_line_errors(
     (tmp_path / "file").write_text("x")
     assert main([*base[:-1], str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_a_short_sweep_is_not_fooled_by_its_first_batches() -> None:
+    # 30 steps from 1e-7 to 10, as `--steps 30`: three lucky batches at the start (1.7 where
+    # the plateau is 2.3), the real fall from 1e-4 to 1e-2 down to 1.6, then an explosion.
+    # fastai's beta of 0.98 would average almost every loss so far: the fall would never
+    # reach below the lucky start, whose minimum / 10 (3e-7) would be the suggestion.
+    lrs = np.logspace(-7, 1, 30)
+    x = np.log10(lrs)
+    raw = 2.3 - 0.35 * (np.tanh(2 * (x + 3)) + 1) + np.where(x > -1.5, 8 * (x + 1.5) ** 2, 0.0)
+    raw += np.random.default_rng(0).normal(0, 0.03, 30)
+    raw[1:4] = 1.7
+    for beta, low, high in ((smoothing_for(30), 1e-4, 1e-2), (0.98, 0, 1e-6)):
+        smooth = Smoothed(beta)
+        suggested = suggest_lr(lrs.tolist(), [smooth.add(loss) for loss in raw])
+        assert low < suggested < high, (beta, suggested)

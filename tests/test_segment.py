@@ -263,4 +263,4 @@ def test_commands_eval_predict_and_resume_a_finished_run(shapes_run, tmp_path, c
     assert (tmp_path / image.name).is_file()
     # `train --resume` resumes a run of any task; a finished one only reports again.
     assert cli.main(["train", "--resume", run, "--quiet"]) == 0
-    assert capsys.readouterr().out.startswith("mIoU ")
+    assert capsys.readouterr().out.startswith("val mIoU ")

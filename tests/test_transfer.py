@@ -25,6 +25,7 @@ from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.tasks.classify import ClassifyTask
 from cnnlab.transfer import backbone_norms_eval, freeze_backbone, head_parameter_names
 from cnnlab.weights import load_pretrained, read_state_dict, torchvision_weight_files
+from conftest import save_torchvision_file
 
 SIZE = 32
 CLASSES = ("red", "green", "blue")
@@ -57,9 +58,8 @@ def weight_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.normal_(0, 0.1)
             module.running_var.uniform_(0.5, 2.0)
-    path = folder / torchvision_weight_files("resnet18")[0]
-    torch.save(model.state_dict(), path)
     with pytest.MonkeyPatch.context() as patch:
+        path = save_torchvision_file(model.state_dict(), folder, "resnet18", patch)
         patch.setenv("TORCH_HOME", str(torch_home))
         yield path
 
@@ -107,7 +107,7 @@ def test_frozen_backbone_stays_the_files_and_only_the_head_trains(
 
     config = files.read_yaml(out / "config.yaml")
     assert config["weights"] == "torchvision" and config["freeze_backbone"] is True
-    assert Path(config["weights_file"]).name == "resnet18-f37072fd.pth"
+    assert Path(config["weights_file"]).name == weight_file.name
     assert config["weights_sha256"] == hashlib.sha256(weight_file.read_bytes()).hexdigest()
 
     source, best = read_state_dict(weight_file), _best(out)
@@ -242,5 +242,8 @@ def test_bad_transfer_settings_are_one_line_errors(
     assert main([*base, "--weights", "torchvision"]) == 2
     error = capsys.readouterr().err
     assert "no torchvision weights for resnet18" in error
-    assert str(tmp_path / "empty" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in error
+    assert (
+        str(tmp_path / "empty" / "hub" / "checkpoints" / torchvision_weight_files("resnet18")[0])
+        in error
+    )
     assert not (tmp_path / "run").exists()  # nothing written before the weights were found

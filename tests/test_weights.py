@@ -53,15 +53,13 @@ def _logits(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def test_torchvision_weights_come_from_the_torch_hub_cache(
-    hub: Path, state: dict[str, Tensor], torchvision_resnet18: nn.Module
+    hub: Path, state: dict[str, Tensor], torchvision_resnet18: nn.Module, torchvision_file
 ) -> None:
-    file_name = torchvision_weight_files("resnet18")[0]
-    assert file_name == "resnet18-f37072fd.pth"
-    hub.mkdir(parents=True)
-    torch.save(state, hub / file_name)
+    assert torchvision_weight_files("resnet18")[0] == "resnet18-f37072fd.pth"
+    path = torchvision_file(state, hub, "resnet18")
     model = create_model("resnet18", weights="torchvision")
     report = model.pretrained_report
-    assert report.source == hub / file_name
+    assert report.source == path
     assert sorted(report.loaded) == sorted(state)
     assert report.adapted == report.skipped == []
     x = torch.randn(2, 3, 64, 64)
@@ -74,6 +72,23 @@ def test_missing_torchvision_weights_name_the_expected_path(hub: Path) -> None:
     expected = hub / torchvision_weight_files("resnet50")[0]
     assert f"expected {expected} " in str(error.value)
     assert "nothing is downloaded" in str(error.value)
+    assert f"download https://download.pytorch.org/models/{expected.name} " in str(error.value)
+
+
+def test_a_file_under_torchvisions_name_must_carry_its_hash(
+    hub: Path, state: dict[str, Tensor], tmp_path: Path
+) -> None:
+    # resnet18-f37072fd.pth: torchvision's file has a SHA-256 starting f37072fd; this one not.
+    hub.mkdir(parents=True)
+    fake = hub / "resnet18-f37072fd.pth"
+    torch.save(state, fake)
+    for weights in ("torchvision", str(fake)):
+        with pytest.raises(CnnlabError, match=r"SHA-256 starts [0-9a-f]{8}, not f37072fd"):
+            create_model("resnet18", weights=weights)
+    # Under a name of the user's own, the same tensors load: no hash is claimed.
+    renamed = tmp_path / "my-resnet18.pth"
+    fake.rename(renamed)
+    assert create_model("resnet18", weights=str(renamed)).pretrained_report.loaded
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
@@ -162,10 +177,11 @@ def test_old_densenet_key_names_load_like_torchvision_renames_them(tmp_path: Pat
     torch.testing.assert_close(_logits(model, x), _logits(reference, x), rtol=0, atol=1e-5)
 
 
-def test_googlenet_torchvision_weights_switch_on_input_transform(hub: Path) -> None:
-    hub.mkdir(parents=True)
+def test_googlenet_torchvision_weights_switch_on_input_transform(
+    hub: Path, torchvision_file
+) -> None:
     source = tvm.googlenet(aux_logits=False, init_weights=False)
-    torch.save(source.state_dict(), hub / torchvision_weight_files("googlenet")[0])
+    torchvision_file(source.state_dict(), hub, "googlenet")
     model = create_model("googlenet", weights="torchvision")
     assert model.transform_input is True
     grey = create_model("googlenet", in_channels=1, weights="torchvision")

@@ -8,6 +8,7 @@ that is filled in several steps is built beside its destination and renamed into
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -158,3 +159,15 @@ def check_targets(targets: list[Path], inputs: list[Path], overwrite: bool) -> N
             raise CnnlabError(f"{target}: an output would replace this input; choose another --out")
         if target.exists() and not overwrite:
             raise CnnlabError(f"{target}: already exists; choose another --out or pass --overwrite")
+
+
+_HASH_CHUNK = 1 << 20  # bytes read at a time
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -3,22 +3,26 @@
 Train a fresh model (the same data, split, transforms, weights, freezing and optimizer that
 ``cnnlab train`` would use) for ``steps`` steps while the learning rate grows exponentially
 from ``start_lr`` to ``end_lr``, and record the loss. The raw loss is noisy, so it is
-smoothed with an exponential moving average (``beta`` 0.98) divided by ``1 - beta**(i+1)``
-to remove the average's bias towards its zero start. The test stops early once the smoothed
+smoothed with an exponential moving average divided by ``1 - beta**(i+1)`` to remove the
+average's bias towards its zero start. The average spans a tenth of the sweep (``beta =
+1 - 10 / steps``, within 0.5..0.98: fastai's 0.98 for its 100 steps would, over 30, be
+nearly the mean of every loss so far, lagging so far behind the fall that a lucky first
+batch stays the minimum). The test stops early once the smoothed
 loss exceeds ``4 x`` its best: past that point the loss has exploded.
 
 The suggested learning rate is where the smoothed loss falls fastest on its way down to
-its minimum: the most negative slope of loss against log(lr), each slope measured across a
-tenth of the points on either side, because step-to-step slopes are mostly noise. When the
-minimum comes too early for that (within the first fifth), it falls back to the learning
-rate of the minimum divided by 10. Both are rules of thumb: look at the plot. Nothing here
-touches a run folder; the model is thrown away afterwards.
+its minimum: the most negative slope of a straight line fitted to loss against log(lr)
+over a fifth of the points, because step-to-step slopes are mostly noise. The first tenth
+of the points is left out: there the average holds only a few losses, and one lucky
+batch would look like the steepest fall. When the minimum comes too early for a fit (or
+the loss never falls), it falls back to the learning rate of the minimum divided by 10.
+Both are rules of thumb: look at the plot. Nothing here touches a run folder; the model
+is thrown away afterwards.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig
 from cnnlab.device import pick_device
 from cnnlab.engine.loop import Step, build_model
 from cnnlab.engine.optim import amp_dtype, make_optimizer
+from cnnlab.engine.progress import Reporter
 from cnnlab.engine.state import seed_everything
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import model_info
@@ -55,7 +60,7 @@ def lr_find(
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
     steps: int = 100,
-    beta: float = 0.98,
+    beta: float | None = None,
 ) -> LRFindResult:
     """Run the range test for the model and data of ``cfg``, any task (its ``lr`` and
     schedule are ignored; ``out`` is not written to)."""
@@ -63,6 +68,7 @@ def lr_find(
         raise CnnlabError(f"need 0 < start_lr < end_lr, got {start_lr} and {end_lr}")
     if steps < 2:
         raise CnnlabError(f"steps must be at least 2, got {steps}")
+    beta = smoothing_for(steps) if beta is None else beta
     if not 0 <= beta < 1:
         raise CnnlabError(f"beta must be in [0, 1), got {beta}")
     if cfg.weight_decay is None:
@@ -84,22 +90,44 @@ def lr_find(
     step = Step(model, task, optimizer, scaler, device, dtype, cfg.grad_clip)
 
     lrs, losses = [], []
-    average, best = 0.0, math.inf
-    for i, (images, targets) in enumerate(_forever(train_loader, steps)):
-        lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
-        for group, factor in zip(optimizer.param_groups, scale, strict=True):
-            group["lr"] = lr * factor
-        loss = step(images, targets)[0].item()
-        average = beta * average + (1 - beta) * loss
-        smoothed = average / (1 - beta ** (i + 1))
-        lrs.append(lr)
-        losses.append(smoothed)
-        if not math.isfinite(smoothed) or smoothed > DIVERGE * best:
-            break
-        best = min(best, smoothed)
-    if not cfg.quiet:
-        print(f"lr-find: {len(lrs)} steps, lr {lrs[0]:.1e} .. {lrs[-1]:.1e}", file=sys.stderr)
+    smooth, best = Smoothed(beta), math.inf
+    say = Reporter(cfg.quiet, None)
+    say.start("lr-find", steps)
+    try:
+        for i, (images, targets) in enumerate(_forever(train_loader, steps)):
+            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
+            for group, factor in zip(optimizer.param_groups, scale, strict=True):
+                group["lr"] = lr * factor
+            loss = step(images, targets)[0].item()
+            smoothed = smooth.add(loss)
+            lrs.append(lr)
+            losses.append(smoothed)
+            say.advance(lambda now, lr=lr, smoothed=smoothed: f"lr {lr:.1e}  loss {smoothed:.3f}")
+            if not math.isfinite(smoothed) or smoothed > DIVERGE * best:
+                break
+            best = min(best, smoothed)
+    finally:
+        say.stop()
+    say.line(f"lr-find: {len(lrs)} steps, lr {lrs[0]:.1e} .. {lrs[-1]:.1e}")
     return LRFindResult(lrs, losses, suggest_lr(lrs, losses))
+
+
+def smoothing_for(steps: int) -> float:
+    """The moving average's beta for a sweep of ``steps``: it spans a tenth of them."""
+    return min(0.98, max(0.5, 1 - 10 / steps))
+
+
+class Smoothed:
+    """A bias-corrected exponential moving average, fed one value at a time."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta, self.average, self.count = beta, 0.0, 0
+
+    def add(self, value: float) -> float:
+        """Take ``value``; return the average so far."""
+        self.count += 1
+        self.average = self.beta * self.average + (1 - self.beta) * value
+        return self.average / (1 - self.beta**self.count)
 
 
 def _forever(loader: torch.utils.data.DataLoader, steps: int):
@@ -119,22 +147,23 @@ def _forever(loader: torch.utils.data.DataLoader, steps: int):
 
 
 def suggest_lr(lrs: list[float], losses: list[float]) -> float:
-    """The lr where ``losses`` fall fastest before their minimum, the slope over log(lr)
-    taken across a window of a tenth of the points on each side (a single step's slope is
-    mostly noise); with too few points before the minimum, the lr of the minimum / 10."""
+    """The lr at the centre of the steepest fall of ``losses`` before their minimum: the
+    most negative slope of a line fitted over log(lr) across a fifth of the points, none
+    from the first tenth (see the module doc); the lr of the minimum / 10 when no fall can
+    be fitted."""
     finite = [(lr, loss) for lr, loss in zip(lrs, losses, strict=True) if math.isfinite(loss)]
     if not finite:
         return lrs[0]
     x = np.log10([lr for lr, _ in finite])
     y = np.array([loss for _, loss in finite])
     lowest = int(np.argmin(y))
-    half = max(1, len(y) // 10)
-    if lowest < 2 * half:
+    skip, width = max(1, len(y) // 10), max(3, len(y) // 5)
+    starts = range(skip, lowest - width + 2)  # windows [s, s + width) ending by the minimum
+    slopes = [np.polyfit(x[s : s + width], y[s : s + width], 1)[0] for s in starts]
+    if not slopes or min(slopes) >= 0:
         return float(finite[lowest][0] / 10)
-    centres = np.arange(half, lowest + 1)
-    left, right = centres - half, np.minimum(centres + half, lowest)
-    slopes = (y[right] - y[left]) / (x[right] - x[left])
-    return float(finite[int(centres[np.argmin(slopes)])][0])
+    steepest = starts[int(np.argmin(slopes))]
+    return float(finite[steepest + width // 2][0])
 
 
 def png_path(out: str | Path | None) -> Path:

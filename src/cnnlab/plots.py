@@ -169,9 +169,13 @@ def plot_lr_find(
     ax.set_ylabel("smoothed training loss")
     ax.set_title(f"learning-rate range test (suggested {suggested:.1e})")
     ax.grid(alpha=0.3)
-    low, high = min(losses), losses[0]
-    if math.isfinite(low) and math.isfinite(high) and high > low:
-        ax.set_ylim(low - 0.1 * (high - low), high + 0.5 * (high - low))  # clip the explosion
+    finite = [loss for loss in losses if math.isfinite(loss)]
+    if finite:
+        # The whole way down to the minimum shows; the explosion after it is clipped.
+        low = min(finite)
+        high = max(finite[: finite.index(low) + 1])
+        if high > low:
+            ax.set_ylim(low - 0.1 * (high - low), high + 0.3 * (high - low))
     _save(fig, Path(out))
 
 

@@ -9,12 +9,15 @@ classifier head and how the head reads the features, and its first convolution.
 
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import fnmatch
 import inspect
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -51,6 +54,40 @@ class ModelInfo:
     def takes_img_size(self) -> bool:
         """Whether the builder fixes the input size (the ConvNet's first linear layer)."""
         return "img_size" in self.parameters
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The settings a user may pass the builder, beyond num_classes and in_channels, with
+        their defaults: its own keyword parameters and, where it hands ``**kwargs`` on to
+        the model class it returns, that class's parameters after ``in_channels`` (those
+        before are the architecture the builder fixes, as ResNet's block and depths).
+        Callables (a norm layer) are left out: no command line can name one."""
+        own = inspect.signature(self.builder).parameters
+        found = {
+            name: p.default
+            for name, p in own.items()
+            if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY
+        }
+        model_class = typing.get_type_hints(self.builder).get("return")
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in own.values())
+        if takes_any and isinstance(model_class, type):
+            params = list(inspect.signature(model_class.__init__).parameters.items())
+            names = [name for name, _ in params]
+            after = names.index("in_channels") + 1 if "in_channels" in names else len(names)
+            hints = typing.get_type_hints(model_class.__init__)
+            for name, p in params[after:]:
+                if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or _is_callable(hints.get(name)):
+                    continue
+                found.setdefault(name, p.default)
+        return {k: v for k, v in found.items() if k not in ("num_classes", "in_channels")}
+
+
+def _is_callable(hint: Any) -> bool:
+    options = typing.get_args(hint) if typing.get_origin(hint) is not None else (hint,)
+    return any(
+        typing.get_origin(option) is collections.abc.Callable or option is Callable
+        for option in options
+    )
 
 
 _REGISTRY: dict[str, ModelInfo] = {}

@@ -28,6 +28,7 @@ from torch import nn
 from cnnlab import checkpoint
 from cnnlab.checkpoint import ModelMeta
 from cnnlab.data.images import BadImageError, list_images, read_image, to_channels
+from cnnlab.data.splits import split_folder
 from cnnlab.device import pick_device
 from cnnlab.errors import CnnlabError
 from cnnlab.files import atomic_write_bytes
@@ -106,12 +107,17 @@ class Run:
     ) -> dict:
         """The task's metrics on the run's own ``split`` (default: classification's test
         split, the others' val) or, with ``data_dir``, on that folder (its ``split`` part
-        when it has one). Returns the report with ``"split"`` added."""
+        when it has one). The report says what it measured: ``"split"`` (None for a whole
+        folder that has no such part) and, for a folder, ``"data"`` (the folder read)."""
         split = split or self.task.eval_split
         folder = Path(data_dir) if data_dir is not None else None
         data = self.task.eval_data(self.path / "split.json", folder, split)
         report = self.task.evaluate(self.model, data, self.device, **options)
-        return {"split": split, **{k: v for k, v in report.items() if not k.startswith("_")}}
+        where: dict[str, Any] = {"split": split}
+        if folder is not None:
+            read = split_folder(folder, split)
+            where = {"split": split if read != folder else None, "data": str(read)}
+        return {**where, **{k: v for k, v in report.items() if not k.startswith("_")}}
 
     def output_files(self, stem: Path) -> dict[str, Path]:
         """The PNGs ``save`` writes for one prediction, by drawing name: ``STEM.png`` for

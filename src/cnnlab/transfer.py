@@ -10,15 +10,12 @@ resumed run (which loads no weight file) finds the same head.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from torch import nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import classifier_modules, model_info
-
-_CHUNK = 1 << 20
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:
@@ -76,12 +73,3 @@ def resolve_weights(model: str, weights: str) -> Path:
     if not path.is_file():
         raise CnnlabError(f"{path}: weight file not found")
     return path.absolute()
-
-
-def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -35,14 +35,18 @@ def torch_hub_checkpoints() -> Path:
     return Path(torch_home) / "hub" / "checkpoints"
 
 
-def torchvision_weight_files(torchvision_name: str) -> list[str]:
-    """File names torchvision uses for a model's weights, its default first."""
+def torchvision_weight_urls(torchvision_name: str) -> list[str]:
+    """Where torchvision publishes a model's weight files, its default first."""
     from torchvision.models import get_model_weights
 
     enum = get_model_weights(torchvision_name)
     default = enum.DEFAULT
-    members = [default, *(w for w in enum if w is not default)]
-    return [w.url.rsplit("/", 1)[-1] for w in members]
+    return [w.url for w in (default, *(w for w in enum if w is not default))]
+
+
+def torchvision_weight_files(torchvision_name: str) -> list[str]:
+    """File names torchvision uses for a model's weights, its default first."""
+    return [url.rsplit("/", 1)[-1] for url in torchvision_weight_urls(torchvision_name)]
 
 
 def find_torchvision_weights(info: ModelInfo) -> Path:
@@ -50,14 +54,39 @@ def find_torchvision_weights(info: ModelInfo) -> Path:
     if info.torchvision is None:
         raise CnnlabError(f"{info.name} has no torchvision weights; pass a file path instead")
     folder = torch_hub_checkpoints()
-    names = torchvision_weight_files(info.torchvision)
-    for file_name in names:
-        if (folder / file_name).is_file():
-            return folder / file_name
+    urls = torchvision_weight_urls(info.torchvision)
+    for url in urls:
+        path = folder / url.rsplit("/", 1)[-1]
+        if path.is_file():
+            check_hash_in_name(path, url)
+            return path
+    name = urls[0].rsplit("/", 1)[-1]
     raise CnnlabError(
-        f"no torchvision weights for {info.name} on this machine: expected {folder / names[0]} "
-        f"(copy torchvision's {names[0]} there, or set TORCH_HOME; nothing is downloaded)"
+        f"no torchvision weights for {info.name} on this machine: expected {folder / name} "
+        f"(download {urls[0]} where there is internet and copy it there, or set TORCH_HOME;"
+        " nothing is downloaded)"
     )
+
+
+# torchvision names each file NAME-<the first hex digits of its SHA-256>.pth.
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,})\.")
+
+
+def check_hash_in_name(path: Path, url: str) -> None:
+    """CnnlabError unless the SHA-256 of ``path`` starts with the digits torchvision's file
+    name carries, as torch.hub checks a download: a damaged or other file is refused."""
+    from cnnlab.files import sha256_of
+
+    found = _HASH_IN_NAME.search(path.name)
+    if found is None:
+        return
+    digest = sha256_of(path)
+    if not digest.startswith(found.group(1)):
+        raise CnnlabError(
+            f"{path}: its SHA-256 starts {digest[: len(found.group(1))]}, not {found.group(1)}"
+            f" as torchvision's file name says; it is damaged or another file (fetch {url}"
+            " again)"
+        )
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -110,6 +139,11 @@ def load_pretrained(model: nn.Module, info: ModelInfo, weights: str | Path) -> L
     (``ModelInfo.first_conv``) adapts to ``in_channels``, tensors of another shape (a head
     for other classes) stay new."""
     path = find_torchvision_weights(info) if weights == "torchvision" else Path(weights)
+    if weights != "torchvision" and info.torchvision is not None and path.is_file():
+        # A file given by path under one of torchvision's names is held to that name's hash.
+        for url in torchvision_weight_urls(info.torchvision):
+            if url.endswith(f"/{path.name}"):
+                check_hash_in_name(path, url)
     source = _modern_keys(read_state_dict(path))
     target = model.state_dict()
     report = LoadReport(source=path)

@@ -10,6 +10,7 @@ predict commands (``cnnlab train``, ``cnnlab segment train``, ``cnnlab detect tr
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -48,3 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader left (`cnnlab summary vgg16 | head`): the rest is not wanted. Whatever
+        # Python still holds for stdout goes nowhere, so its flush at exit cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool that stopped there

@@ -4,7 +4,7 @@ fields) and the model builder's pass-through arguments."""
 from __future__ import annotations
 
 import argparse
-import inspect
+import functools
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -33,14 +33,15 @@ def parse_value(text: str) -> object:
 
 
 def builder_args(extra: Sequence[str], model: str) -> dict:
-    """Turn unknown ``--key value`` pairs into keyword arguments the model's builder takes;
-    a builder's on/off setting (a bool default) also reads as ``--key`` or ``--no-key``."""
+    """Turn unknown ``--key value`` pairs into keyword arguments the model's builder takes
+    (``ModelInfo.options``); an on/off setting (a bool default) also reads as ``--key`` or
+    ``--no-key``."""
     from cnnlab.registry import model_info
 
-    parameters = inspect.signature(model_info(model).builder).parameters
+    options = model_info(model).options
 
     def is_switch(name: str) -> bool:
-        return name in parameters and isinstance(parameters[name].default, bool)
+        return isinstance(options.get(name), bool)
 
     args: dict = {}
     tokens = list(extra)
@@ -59,15 +60,60 @@ def builder_args(extra: Sequence[str], model: str) -> dict:
                 continue
             raise CnnlabError(f"--{flag} needs a value")
         args[key] = parse_value(value or tokens.pop(0))
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-    own = [n for n in parameters if n not in {"num_classes", "in_channels", "kwargs"}]
     for key in args:
-        if key not in parameters and not takes_any:
-            known = ", ".join(f"--{n.replace('_', '-')}" for n in own) or "none"
+        if key not in options and key != "num_classes":  # the data decides; train checks
+            known = ", ".join(f"--{n.replace('_', '-')}" for n in options) or "none"
             raise CnnlabError(
                 f"{model} does not take --{key.replace('_', '-')} (it takes: {known})"
             )
     return args
+
+
+def models_help(task: str) -> str:
+    """The epilog of a train command: the task's models and each one's own flags."""
+    from cnnlab.config import TrainConfig
+    from cnnlab.registry import list_models, model_info
+
+    config_flags = {f.name for f in fields(TrainConfig)}
+    wrap = functools.partial(_wrap, width=78)
+    lines = [*wrap(f"models (--model): {', '.join(list_models(task=task))}".split(" "), ""), ""]
+    lines.append("model flags:")
+    seen: dict[tuple[str, ...], list[str]] = {}  # the same flags (a family) are listed once
+    for name in list_models(task=task):
+        flags = tuple(
+            f"--{key.replace('_', '-')} {_shown(default)}"
+            for key, default in model_info(name).options.items()
+            if key not in config_flags  # --img-size is a training flag, listed above
+        )
+        seen.setdefault(flags or ("(none)",), []).append(name)
+    for flags, names in seen.items():
+        lines += wrap(f"{', '.join(names)}:".split(" "), "  ")
+        lines += wrap(list(flags), "      ")
+    return "\n".join(lines)
+
+
+def _wrap(units: list[str], indent: str, width: int) -> list[str]:
+    """``units`` joined by spaces into lines of at most ``width``, never splitting a unit
+    (a flag stays beside its value)."""
+    lines, line = [], indent
+    for unit in units:
+        if line.strip() and len(line) + 1 + len(unit) > width:
+            lines.append(line)
+            line = indent
+        line = f"{line} {unit}" if line.strip() else f"{line}{unit}"
+    return [*lines, line]
+
+
+def _shown(default: object) -> str:
+    if isinstance(default, tuple | list):
+        return ",".join(map(str, default))
+    return (
+        "none"
+        if default is None
+        else str(default).lower()
+        if isinstance(default, bool)
+        else str(default)
+    )
 
 
 def _config_flags(sub: argparse.ArgumentParser, task: str, skip: Sequence[str] = ()) -> None:
@@ -107,8 +153,35 @@ def fraction(text: str) -> float:
     return value
 
 
+DEVICE_HELP = "auto (CUDA when available) | cpu | cuda | cuda:N"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in its help (unless the help says it already, or there is
+    none); descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default in (None, False, argparse.SUPPRESS)
+        if "default" in text or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (what is wrong, and where --help is)."""
+    """argparse, but a usage error is one line (what is wrong, and where --help is), each
+    flag's default shows in --help, and an epilog may be computed only when help is
+    asked for (``epilog_of``: listing the models imports every model file)."""
+
+    def __init__(self, *args: Any, epilog_of: Callable[[], str] | None = None, **kwargs: Any):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.epilog_of = epilog_of
+
+    def format_help(self) -> str:
+        if self.epilog_of is not None:
+            self.epilog = self.epilog_of()
+        return super().format_help()
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
@@ -126,13 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(group, name: str, handler: Callable | None, help_text: str, **defaults):
-        sub = group.add_parser(name, help=help_text, description=help_text)
+    def add(group, name: str, handler: Callable | None, help_text: str, epilog_of=None, **defaults):
+        sub = group.add_parser(name, help=help_text, description=help_text, epilog_of=epilog_of)
         sub.set_defaults(handler=handler, **defaults)
         return sub
 
     def fmt(sub: argparse.ArgumentParser, choices=("text", "json")) -> None:
-        sub.add_argument("--format", choices=choices, default=choices[0])
+        sub.add_argument(
+            "--format", choices=choices, default=choices[0], help="json: one JSON document"
+        )
 
     sub = add(commands, "models", c.cmd_models, "list every registered model")
     fmt(sub, ("table", "json"))
@@ -150,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         " or package.module:name",
     )
     sub.add_argument("--input", help="C,H,W (default: the model's natural input, or 3,224,224)")
-    sub.add_argument("--num-classes", type=int)
+    sub.add_argument("--num-classes", type=int, help="(default: the model's own)")
     sub.add_argument("--kwargs", help="keyword arguments for the model, as a JSON object")
     sub.add_argument("--depth", type=int, help="expand containers this deep (default: all)")
     sub.add_argument(
@@ -173,20 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     data = add(commands, "data", None, "make, check and clean image folders")
     actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     sub = add(actions, "digits", c.cmd_data, "write scikit-learn's 1,797 digits as PNG folders")
-    sub.add_argument("dst")
+    sub.add_argument("dst", help="the folder to create, one subfolder per digit")
     sub.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     sub = add(actions, "check", c.cmd_data, "counts, sizes, unreadable files and duplicates")
-    sub.add_argument("dir")
+    sub.add_argument("dir", help="class folders, or train/ val/ test/ of them")
     fmt(sub)
     sub = add(actions, "shapes", c.cmd_data, "synthetic shapes for segmentation or detection")
-    sub.add_argument("dst")
-    sub.add_argument("--task", choices=("segment", "detect"), required=True)
+    sub.add_argument("dst", help="the folder to create")
+    sub.add_argument("--task", choices=("segment", "detect"), required=True, help="masks, or boxes")
     sub.add_argument("--n", type=int, default=400, help="number of images (default 400)")
     sub.add_argument("--size", type=int, default=128, help="image side (default 128)")
-    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--seed", type=int, default=0, help="what the images show")
     sub = add(actions, "clean", c.cmd_data, "copy a class-folder tree into a clean new folder")
-    sub.add_argument("src")
-    sub.add_argument("dst")
+    sub.add_argument("src", help="class folders (left as they are)")
+    sub.add_argument("dst", help="the new folder")
     sub.add_argument(
         "--strip-prefix",
         default=r"^n\d+[-_]",
@@ -207,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
             "train",
             c.cmd_train,
             f"train {what}",
+            epilog_of=functools.partial(models_help, task),
             task=task,
             action="train",
             model_args_from="model",
@@ -224,13 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
             task=task,
             action="eval",
         )
-        sub.add_argument("run")
-        sub.add_argument("dir", nargs="?", metavar="DIR")
+        sub.add_argument("run", help="a run folder")
+        sub.add_argument(
+            "dir", nargs="?", metavar="DIR", help="another data folder (default: the run's own)"
+        )
         splits = ("train", "val", "test") if task == "classify" else ("train", "val")
         sub.add_argument("--split", choices=splits, help="(default: test, else val)")
-        sub.add_argument("--device", default="auto")
+        sub.add_argument("--device", default="auto", help=DEVICE_HELP)
         if task == "detect":
-            sub.add_argument("--score-threshold", type=fraction, help="(default: 0.001)")
+            sub.add_argument(
+                "--score-threshold", type=fraction, help="keep boxes above (default: 0.001)"
+            )
         fmt(sub)
         sub = add(
             group,
@@ -240,16 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
             task=task,
             action="predict",
         )
-        sub.add_argument("run")
-        sub.add_argument("paths", nargs="+", metavar="IMAGE")
+        sub.add_argument("run", help="a run folder")
+        sub.add_argument("paths", nargs="+", metavar="IMAGE", help="image files or folders")
         default_out = "a new ./predictions" if task == "segment" else "none: nothing drawn"
         sub.add_argument("--out", help=f"folder for the drawn results (default: {default_out})")
         sub.add_argument("--overwrite", action="store_true", help="replace files already in --out")
-        sub.add_argument("--device", default="auto")
+        sub.add_argument("--device", default="auto", help=DEVICE_HELP)
         if task == "classify":
-            sub.add_argument("--topk", type=int, default=5)
+            sub.add_argument("--topk", type=int, default=5, help="classes listed per image")
         if task == "detect":
-            sub.add_argument("--score-threshold", type=fraction, help="(default: 0.25)")
+            sub.add_argument(
+                "--score-threshold", type=fraction, help="keep boxes above (default: 0.25)"
+            )
         fmt(sub)
 
     sub = add(
@@ -262,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("data", metavar="DIR", help="class folders, or train/ val/ test/")
     sub.add_argument("--out", default=".", help="folder for lr_find.png, or a .png path")
-    sub.add_argument("--start-lr", type=float, default=1e-7)
-    sub.add_argument("--end-lr", type=float, default=10.0)
+    sub.add_argument("--start-lr", type=float, default=1e-7, help="the first step's lr")
+    sub.add_argument("--end-lr", type=float, default=10.0, help="the last step's lr")
     sub.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     _config_flags(
         sub, "classify", skip=("lr", "epochs", "warmup_epochs", "lr_interval", "patience")
@@ -275,12 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--task", choices=tuple(TASK_COMMANDS), default="classify")
     sub.add_argument("--out", help="run folder (default runs/demo, runs/demo2, ...)")
-    sub.add_argument("--quiet", action="store_true")
+    sub.add_argument("--quiet", action="store_true", help="no progress bar, no epoch lines")
     sub = add(commands, "heatmap", c.cmd_heatmap, "where a classification run sees each class")
-    sub.add_argument("run")
-    sub.add_argument("image")
+    sub.add_argument("run", help="a classification run folder")
+    sub.add_argument("image", help="an image, best larger than the training size")
     sub.add_argument("--class", dest="class_name", help="class to map (default: highest peak)")
     sub.add_argument("--out", help="write the map over the image to this PNG")
-    sub.add_argument("--device", default="auto")
+    sub.add_argument("--device", default="auto", help=DEVICE_HELP)
     fmt(sub)
     return parser

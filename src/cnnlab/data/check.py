@@ -20,8 +20,11 @@ from cnnlab.data.classify import class_dirs, is_presplit
 from cnnlab.data.images import (
     BadImageError,
     decode_bytes,
+    is_image_name,
     read_bytes,
     require_folder,
+    stored_mode,
+    visible,
     walk_files,
 )
 from cnnlab.data.splits import SPLIT_NAMES
@@ -29,6 +32,22 @@ from cnnlab.errors import CnnlabError
 from cnnlab.files import require_new_folder, staged_folder, write_json
 
 MIN_IMAGES_PER_CLASS = 3  # one each for train, val and test
+TINY_SIDE = 32  # images with a side below this are flagged: enlarged, they are mostly blur
+# How decode_bytes turns a stored mode into what the model sees, for the report.
+_CONVERTED = {
+    "RGBA": "alpha dropped",
+    "LA": "alpha dropped",
+    "P": "palette expanded to RGB",
+    "PA": "palette expanded to RGB",
+    "CMYK": "converted to RGB",
+    "YCbCr": "converted to RGB",
+    "1": "read as grey",
+    "I": "read as grey",
+    "I;16": "scaled to 8 bits",
+    "F": "read as grey",
+}
+# File names that say "a copy of another file": "x (copy).jpg", "x - Copy.jpg", "x (1).jpg".
+_COPY_NAME = re.compile(r"(?i)(\bcopy\b|\(\d+\)\s*$|복사본)")
 DEFAULT_STRIP_PREFIX = r"^n\d+[-_]"  # WordNet ids: n02085620-Chihuahua -> Chihuahua
 REPORT_NAME = "clean_report.json"
 _TORCHVISION_FORMATS = {"jpeg": ".jpg", "png": ".png", "gif": ".gif", "webp": ".webp"}
@@ -43,6 +62,7 @@ class _FileInfo:
     rel: str  # path relative to the scanned root, POSIX style
     digest: str = ""
     fmt: str = ""
+    mode: str = ""  # how the file stores its pixels (stored_mode)
     shape: tuple[int, int, int] | None = None  # (C, H, W) when readable
     reason: str | None = None  # why it is unreadable
 
@@ -59,9 +79,15 @@ def _parts(root: Path) -> list[tuple[str | None, Path]]:
 
 
 def _inspect(root: Path) -> tuple[list[_FileInfo], list[str], list[tuple[str | None, str]]]:
-    """Decode and hash every image file: (file infos, ignored files, empty class folders)."""
+    """Decode and hash every image file: (file infos, ignored files, empty class folders).
+    Images lying beside the class folders belong to no class: they are ignored files."""
     infos, ignored, empty = [], [], []
     for split, part in _parts(root):
+        ignored += [
+            p.relative_to(root).as_posix()
+            for p in sorted(part.iterdir())
+            if visible(p.name) and p.is_file() and is_image_name(p)
+        ]
         for folder in class_dirs(part):
             images, others = walk_files(folder)
             ignored += [p.relative_to(root).as_posix() for p in others]
@@ -82,6 +108,7 @@ def _inspect_file(root: Path, split: str | None, cls: str, path: Path) -> _FileI
     else:
         info.digest = hashlib.sha256(data).hexdigest()
         info.shape = tuple(image.shape)
+        info.mode = stored_mode(data)
     return info
 
 
@@ -105,9 +132,11 @@ def check_folder(root: Path) -> dict:
     Keys: ``classes`` {name: readable images}, ``bad_files`` [{path, reason}], ``duplicates``
     (groups of identical files), ``cross_class_duplicates`` (the groups spanning classes:
     ambiguous labels), ``sizes`` (width/height min/median/max, channel counts),
-    ``too_small`` (classes with fewer than 3 readable images: too few for train/val/test),
-    ``empty_classes``, ``ignored_files`` (no image extension) and, for a pre-split tree,
-    ``splits`` {split: {class: count}}. Paths are relative to ``root``.
+    ``modes`` (how the files store pixels: RGB, L, RGBA, CMYK, ...), ``tiny`` (images with
+    a side under 32 pixels), ``too_small`` (classes with fewer than 3 readable images: too
+    few for train/val/test), ``empty_classes``, ``ignored_files`` (no image extension, or
+    an image beside the class folders, in no class) and, for a pre-split tree, ``splits``
+    {split: {class: count}}. Paths are relative to ``root``.
     """
     root = require_folder(Path(root))
     infos, ignored, empty = _inspect(root)
@@ -120,9 +149,10 @@ def check_folder(root: Path) -> dict:
         if split is not None:
             splits[split][cls] = count
     groups = _duplicate_groups(infos)
-    channels = defaultdict(int)
+    channels, modes = defaultdict(int), defaultdict(int)
     for info in good:
         channels[str(info.shape[0])] += 1
+        modes[info.mode] += 1
     report = {
         "root": str(root),
         "layout": "presplit" if is_presplit(root) else "class_folders",
@@ -137,7 +167,13 @@ def check_folder(root: Path) -> dict:
             "width": _stats([i.shape[2] for i in good]),
             "height": _stats([i.shape[1] for i in good]),
             "channels": dict(sorted(channels.items())),
+            "modes": dict(sorted(modes.items())),
         },
+        "tiny": [
+            {"path": i.rel, "width": i.shape[2], "height": i.shape[1]}
+            for i in good
+            if min(i.shape[1:]) < TINY_SIDE
+        ],
         "too_small": [
             {"class": c, "count": n} for c, n in classes.items() if n < MIN_IMAGES_PER_CLASS
         ],
@@ -161,8 +197,20 @@ def summarize_check(report: dict) -> str:
         w, h = sizes["width"], sizes["height"]
         lines.append(
             f"sizes (WxH): min {w['min']}x{h['min']}, median {w['median']}x{h['median']}, "
-            f"max {w['max']}x{h['max']}; channels {sizes['channels']}"
+            f"max {w['max']}x{h['max']}"
         )
+        lines.append(
+            "stored as: "
+            + ", ".join(
+                f"{mode} {count}" + (f" ({_CONVERTED[mode]})" if mode in _CONVERTED else "")
+                for mode, count in sizes["modes"].items()
+            )
+        )
+    tiny = report["tiny"]
+    if tiny:
+        shown = ", ".join(f"{t['path']} ({t['width']}x{t['height']})" for t in tiny[:5])
+        more = f" and {len(tiny) - 5} more" if len(tiny) > 5 else ""
+        lines.append(f"tiny (a side under {TINY_SIDE} px): {shown}{more}")
     lines += [f"bad file: {b['path']}: {b['reason']}" for b in report["bad_files"]]
     cross = {tuple(g) for g in report["cross_class_duplicates"]}
     for group in report["duplicates"]:
@@ -172,8 +220,13 @@ def summarize_check(report: dict) -> str:
         f"too small to split: {t['class']} ({t['count']} images, need {MIN_IMAGES_PER_CLASS})"
         for t in report["too_small"]
     ]
-    if report["ignored_files"]:
-        lines.append(f"ignored {len(report['ignored_files'])} non-image file(s)")
+    ignored = report["ignored_files"]
+    loose = [path for path in ignored if is_image_name(Path(path))]
+    if loose:
+        shown = ", ".join(loose[:5]) + (f" and {len(loose) - 5} more" if len(loose) > 5 else "")
+        lines.append(f"ignored: {len(loose)} image(s) outside any class folder: {shown}")
+    if len(ignored) > len(loose):
+        lines.append(f"ignored {len(ignored) - len(loose)} non-image file(s)")
     return "\n".join(lines)
 
 
@@ -211,9 +264,10 @@ def _choose_files(
             )
             drop = group
         else:
-            # Prefer the copy in train, then val, then test: a leaked copy leaves the eval set.
+            # Prefer the copy in train, then val, then test (a leaked copy leaves the eval
+            # set), then the original over a file named as a copy, then the shorter name.
             order = {name: k for k, name in enumerate(SPLIT_NAMES)}
-            group = sorted(group, key=lambda i: (order.get(i.split, 0), i.rel))
+            group = sorted(group, key=lambda i: (order.get(i.split, 0), *_copy_rank(i.path)))
             reason = f"duplicate of {group[0].rel} (kept)"
             drop = group[1:]
         for info in drop:
@@ -221,6 +275,11 @@ def _choose_files(
             dropped.add(info.rel)
     kept = [i for i in infos if i.reason is None and i.rel not in dropped]
     return kept, sorted(left_out, key=lambda d: d["path"])
+
+
+def _copy_rank(path: Path) -> tuple[bool, int, str]:
+    """Sorts an original before its copies: "x.jpg" before "x (copy).jpg" and "x (1).jpg"."""
+    return (bool(_COPY_NAME.search(path.stem)), len(path.name), path.name)
 
 
 def _extension(info: _FileInfo) -> str:

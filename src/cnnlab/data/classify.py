@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
 from cnnlab.data.images import (
     IMAGE_EXTENSIONS,
     BadImageError,
+    is_image_name,
     read_image,
     require_folder,
     visible,
@@ -70,6 +71,17 @@ def scan_class_folders(root: Path) -> tuple[list[str], list[Sample]]:
         loose = walk_files(root)[0]
         hint = f" ({len(loose)} images lie directly in it)" if loose else ""
         raise CnnlabError(f"{root}: no class folders, expected {root}/<class>/<image>{hint}")
+    loose = sorted(
+        p.name for p in root.iterdir() if visible(p.name) and p.is_file() and is_image_name(p)
+    )
+    if loose:
+        log.warning(
+            "%s: %d image(s) lie beside the class folders, in no class, and are left out"
+            " (first: %s)",
+            root,
+            len(loose),
+            loose[0],
+        )
     classes, samples = [], []
     for label, folder in enumerate(folders):
         images = walk_files(folder)[0]

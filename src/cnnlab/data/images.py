@@ -189,6 +189,21 @@ def _decode_pil(data: bytes, path: Path) -> tuple[torch.Tensor, str]:
     return image, fmt
 
 
+def stored_mode(data: bytes) -> str:
+    """How an encoded image stores its pixels, from its header (Pillow's mode names: "RGB",
+    "L", "RGBA", "LA", "P", "CMYK", "I;16", ...); "unknown" when Pillow cannot tell.
+    ``decode_bytes`` turns every one into grey or RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as pil:  # reads the header only
+                return pil.mode
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
+        return "unknown"
+
+
 def max_pixels() -> int:
     """The largest width x height decoded: ``$CNNLAB_MAX_PIXELS``, else Pillow's limit."""
     value = os.environ.get(MAX_PIXELS_ENV)

@@ -21,6 +21,12 @@ T = TypeVar("T")
 SPLIT_NAMES = ("train", "val", "test")
 
 
+def split_folder(root: Path, split: str) -> Path:
+    """The folder an evaluation of ``split`` reads from a data folder ``root``: ``ROOT/split``
+    when the data comes pre-split (train/ val/ test/), else the whole of ``root``."""
+    return root / split if (root / split).is_dir() else root
+
+
 def check_fractions(val_split: float, test_split: float) -> None:
     """CnnlabError unless both fractions are in [0, 1) and leave something to train on."""
     for name, value in (("val_split", val_split), ("test_split", test_split)):

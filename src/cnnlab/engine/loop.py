@@ -29,7 +29,7 @@ from cnnlab.engine.optim import amp_dtype, make_optimizer, warmup_cosine
 from cnnlab.engine.progress import Reporter, short_float
 from cnnlab.engine.task import Task
 from cnnlab.errors import CnnlabError, TrainingInterrupted
-from cnnlab.files import read_yaml, write_json, write_yaml
+from cnnlab.files import read_yaml, sha256_of, write_json, write_yaml
 from cnnlab.registry import check_input_size, create_model, model_info
 from cnnlab.tasks import task_class
 
@@ -109,7 +109,7 @@ def _train_new(cfg: TrainConfig, run_dir: Path, data: Path, kind: Any) -> dict:
             )
         if cfg.weights is not None:
             path = transfer.resolve_weights(cfg.model, cfg.weights)
-            cfg = replace(cfg, weights_file=str(path), weights_sha256=transfer.sha256_of(path))
+            cfg = replace(cfg, weights_file=str(path), weights_sha256=sha256_of(path))
         # Joining the group waits for every process, so all have checked --out before the
         # main one writes into it.
         with distributed.session(pick_device(cfg.device).type):
@@ -249,6 +249,7 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
     step = Step(net, task, optimizer, scaler, device, dtype, cfg.grad_clip, memory_format)
 
     say = Reporter(cfg.quiet or not main, task.score_label)
+    say.line(setup_line(cfg, task, model, device, ctx.world_size))
     if start_epoch:
         say.line(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
     try:
@@ -348,11 +349,41 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
         report = {"split": split, "best_epoch": best["epoch"], **public(result)}
         write_json(run_dir / "report.json", report)
         plots.plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.curves)
-        say.line(f"{task.headline(report)}  -> {run_dir}")
+        # The figures themselves are the caller's to print (the CLI: on stdout).
+        say.line(f"best weights: epoch {best['epoch']}; report, weights and plots in {run_dir}")
     report = distributed.from_main(report)
     if interrupted:
         raise TrainingInterrupted(str(run_dir), history[-1]["epoch"], cfg.epochs, report)
     return report
+
+
+def setup_line(
+    cfg: TrainConfig, task: Task, model: nn.Module, device: torch.device, processes: int
+) -> str:
+    """What is about to train, before the first epoch: the split, the model, the device."""
+    splits = task.splits
+    sizes = [f"{len(splits.train):,} train", f"{len(splits.val):,} val"]
+    if getattr(splits, "test", None):
+        sizes.append(f"{len(splits.test):,} test")
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counted = f"{params:,} parameters" + (
+        f" ({trainable:,} trainable)" if trainable != params else ""
+    )
+    where = (
+        f"{device.type} ({torch.get_num_threads()} threads)"
+        if device.type == "cpu"
+        else str(device)
+    )
+    if processes > 1:
+        where = f"{processes} processes on {device.type}"
+    line = (
+        f"{' / '.join(sizes)} images, {len(task.classes)} classes; {cfg.model}, {counted};"
+        f" {where}; {cfg.epochs} epochs of batches of {cfg.batch_size}"
+    )
+    if cfg.batch_size > len(splits.train):
+        line += f" (more than the {len(splits.train)} training images: one step per epoch)"
+    return line
 
 
 def public(result: dict) -> dict:

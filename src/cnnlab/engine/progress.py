@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -51,6 +52,19 @@ class Reporter:
     def step(
         self, seen: int, loss_sum: torch.Tensor, right: torch.Tensor, scored: torch.Tensor
     ) -> None:
+        """One training step done: the running loss and score (read only when shown)."""
+
+        def stats(now: float) -> str:
+            text = f"loss {loss_sum.item() / seen:.3f}"
+            if self.score_label:
+                text += f"  {self.score_label} {100 * right.item() / max(1, scored.item()):.1f}%"
+            return text + f"  {seen / (now - self.started):.0f} img/s"
+
+        self.advance(stats)
+
+    def advance(self, stats: Callable[[float], str]) -> None:
+        """One step done; ``stats(now)`` gives the text beside the bar, asked for at most
+        four times a second (it may read device tensors)."""
         if self.progress is None:
             return
         self.steps += 1
@@ -58,11 +72,7 @@ class Reporter:
         if now - self.shown < self.REFRESH_SECONDS:
             return
         self.shown = now
-        stats = f"loss {loss_sum.item() / seen:.3f}"
-        if self.score_label:
-            stats += f"  {self.score_label} {100 * right.item() / max(1, scored.item()):.1f}%"
-        stats += f"  {seen / (now - self.started):.0f} img/s"
-        self.progress.update(self.task_id, completed=self.steps, stats=stats)
+        self.progress.update(self.task_id, completed=self.steps, stats=stats(now))
 
     def stop(self) -> None:
         if self.progress is not None:

@@ -29,7 +29,8 @@ class Task(Protocol):
     classes: list[str]
     mean: tuple[float, ...]  # normalisation the model is trained with
     std: tuple[float, ...]
-    splits: Any  # which files train and validate: .root, .val, .to_json() (split.json)
+    splits: Any  # which files train and validate: .root, .train, .val (.test where the task
+    # has one), .to_json() (split.json)
 
     @classmethod
     def setup(cls, cfg: TrainConfig, split_file: Path | None = None) -> tuple[TrainConfig, Task]:

@@ -26,11 +26,11 @@ from cnnlab.data.classify import (
 )
 from cnnlab.data.images import detect_in_channels
 from cnnlab.data.loaders import eval_loader, train_loader
-from cnnlab.data.splits import SPLIT_NAMES
+from cnnlab.data.splits import SPLIT_NAMES, split_folder
 from cnnlab.data.transforms import classify_eval, classify_train, default_stats
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import model_info
-from cnnlab.tasks.common import RunFacts, chunks
+from cnnlab.tasks.common import RunFacts, chunks, measured_on
 
 AUX_LOSS_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2014, section 5)
 WORST_IMAGES = 16  # highest-loss test images kept for errors.png
@@ -217,9 +217,11 @@ class ClassifyTask(RunFacts):
 
     @staticmethod
     def headline(report: dict) -> str:
+        """With five classes or fewer, top-5 is always 100% and is left out."""
+        top5 = f"  top-5 {report['top5']:.2%}" if len(report["per_class"]) > 5 else ""
         return (
-            f"{report.get('split', 'test')} top-1 {report['top1']:.2%}  top-5 "
-            f"{report['top5']:.2%}  loss {report['loss']:.4f}  ({report['n']} images)"
+            f"{measured_on(report)} top-1 {report['top1']:.2%}{top5}  loss {report['loss']:.4f}"
+            f"  ({report['n']} images)"
         )
 
     # -- a finished run
@@ -255,9 +257,7 @@ class ClassifyTask(RunFacts):
         if data_dir is None:
             samples = self._own_split(split_file, split)
         else:
-            root = Path(data_dir)
-            if (root / split).is_dir():
-                root = root / split
+            root = split_folder(Path(data_dir), split)
             classes, samples = scan_class_folders(root)
             samples = self._remap(classes, samples, root)
         dataset = ImageDataset(

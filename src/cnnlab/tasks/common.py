@@ -31,6 +31,12 @@ class RunFacts:
         return cls(list(meta.classes), channels, size, tuple(meta.mean), tuple(meta.std))
 
 
+def measured_on(report: dict) -> str:
+    """What a report's figures are of, for its headline: "test", or the folder it read
+    ("data/other", "data/other/test")."""
+    return report.get("data") or report.get("split") or "test"
+
+
 def chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]

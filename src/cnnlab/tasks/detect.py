@@ -31,10 +31,11 @@ from cnnlab.data.detect import (
 )
 from cnnlab.data.images import read_image
 from cnnlab.data.loaders import train_loader
+from cnnlab.data.splits import split_folder
 from cnnlab.data.transforms import default_stats, detect_eval, detect_train
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import model_info
-from cnnlab.tasks.common import PREDICT_BATCH, RunFacts, chunks
+from cnnlab.tasks.common import PREDICT_BATCH, RunFacts, chunks, measured_on
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,8 @@ class DetectTask(RunFacts):
     @staticmethod
     def headline(report: dict) -> str:
         return (
-            f"mAP@[.5:.95] {report['map']:.3f}  mAP@0.5 {report['map50']:.3f}  "
-            f"mAP@0.75 {report['map75']:.3f}  ({report['n_images']} images)"
+            f"{measured_on(report)} mAP@[.5:.95] {report['map']:.3f}  mAP@0.5"
+            f" {report['map50']:.3f}  mAP@0.75 {report['map75']:.3f}  ({report['n_images']} images)"
         )
 
     # -- a finished run
@@ -240,7 +241,7 @@ class DetectTask(RunFacts):
             if split not in ("train", "val"):
                 raise CnnlabError(f"{split_file}: a detection run has train and val splits only")
             return getattr(DetectionSplits.from_json(split_file), split)
-        folder = Path(data_dir) / split if (Path(data_dir) / split).is_dir() else Path(data_dir)
+        folder = split_folder(Path(data_dir), split)
         _, classes, samples = read_detection_folder(folder)
         if classes != self.classes:
             raise CnnlabError(f"{folder}: classes {classes} differ from the run's {self.classes}")

@@ -19,9 +19,10 @@ from cnnlab.data import segment as segdata
 from cnnlab.data.images import detect_in_channels, image_size
 from cnnlab.data.loaders import eval_loader, train_loader
 from cnnlab.data.segment import IGNORE_INDEX, SegSplits
+from cnnlab.data.splits import split_folder
 from cnnlab.data.transforms import default_stats, segment_eval, segment_train
 from cnnlab.errors import CnnlabError
-from cnnlab.tasks.common import RunFacts
+from cnnlab.tasks.common import RunFacts, measured_on
 
 EVAL_BATCH = 8
 COLUMNS = (
@@ -211,8 +212,8 @@ class SegmentTask(RunFacts):
     @staticmethod
     def headline(report: dict) -> str:
         return (
-            f"mIoU {report['miou']:.3f}  pixel accuracy {report['pixel_acc']:.3f}  "
-            f"({report['n']} images)"
+            f"{measured_on(report)} mIoU {report['miou']:.2%}  pixel accuracy"
+            f" {report['pixel_acc']:.2%}  ({report['n']} images)"
         )
 
     # -- a finished run
@@ -253,7 +254,7 @@ class SegmentTask(RunFacts):
                 raise CnnlabError(
                     f"{root / 'classes.txt'}: classes {found} differ from the run's {self.classes}"
                 )
-            samples = segdata.scan_pairs(root / split if (root / split).is_dir() else root)
+            samples = segdata.scan_pairs(split_folder(root, split))
             segdata.check_pairs(samples, len(self.classes))
         dataset = segdata.SegmentationDataset(
             samples, segment_eval(self.mean, self.std), len(self.classes), self.in_channels

@@ -1,0 +1,186 @@
+"""What a person sees: honest labels, the lines around training, help, pipes, data checks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import TensorDataset
+
+from cnnlab import cli
+from cnnlab.data.loaders import train_loader
+from cnnlab.tasks.segment import SegmentTask
+
+TINY = ["--model", "convnet", "--cdims", "4,8", "--hdims", "16", "--img-size", "16"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def three_digits(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
+    """Digits 0, 1 and 2 (40 of each), and one image lying beside the class folders."""
+    root = tmp_path_factory.mktemp("three") / "digits"
+    for digit in ("0", "1", "2"):
+        (root / digit).mkdir(parents=True)
+        for path in sorted((digits_dir / digit).iterdir())[:40]:
+            shutil.copy(path, root / digit / path.name)
+    shutil.copy(root / "0" / sorted(p.name for p in (root / "0").iterdir())[0], root / "x.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, three_digits: Path) -> dict:
+    """A small classification run trained through the command line, with what it printed."""
+    run = tmp_path_factory.mktemp("runs") / "run"
+    done = run_cli(
+        "train", str(three_digits), *TINY, "--epochs", "2", "--batch-size", "16",
+        "--no-flip", "--out", str(run),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return {"run": run, "out": done.stdout, "err": done.stderr}
+
+
+def test_train_says_what_it_trains_and_prints_the_result_once(trained: dict) -> None:
+    err, out = trained["err"], trained["out"]
+    first = err.splitlines()[1]  # after the warning about the loose image
+    assert "x.png" in err.splitlines()[0] and "in no class" in err.splitlines()[0]
+    assert first.startswith("96 train / 12 val / 12 test images, 3 classes; convnet, ")
+    assert "parameters; cpu (" in first and "2 epochs of batches of 16" in first
+    assert out.count("top-1") == 1 and "top-1" not in err  # the figures once, on stdout
+    assert out.startswith("test top-1 ")
+    assert "top-5" not in out  # with 3 classes top-5 is always 100%
+    assert f"report, weights and plots in {trained['run']}" in err
+
+
+def test_eval_says_which_split_or_folder_it_measured(trained: dict, three_digits: Path) -> None:
+    run = str(trained["run"])
+    val = run_cli("eval", run, "--split", "val")
+    assert val.returncode == 0 and val.stdout.startswith("val top-1 "), val.stderr
+    folder = run_cli("eval", run, str(three_digits), "--format", "json")
+    report = json.loads(folder.stdout)
+    assert report["split"] is None and report["data"] == str(three_digits)
+    assert report["n"] == 120
+    text = run_cli("eval", run, str(three_digits))
+    assert text.stdout.startswith(f"{three_digits} top-1 ")
+    own = json.loads(run_cli("eval", run, "--format", "json").stdout)
+    assert own["split"] == "test" and "data" not in own
+
+
+def test_segmentation_reports_percentages_like_classification() -> None:
+    line = SegmentTask.headline({"split": "val", "miou": 0.8873, "pixel_acc": 0.97, "n": 30})
+    assert line == "val mIoU 88.73%  pixel accuracy 97.00%  (30 images)"
+
+
+@pytest.mark.parametrize(
+    ("images", "batch", "steps"),
+    [(93, 64, 2), (1257, 32, 39), (65, 64, 1), (9, 64, 1), (64, 64, 1)],
+    ids=["a-third-left-trains", "a-small-rest-drops", "one-image-drops", "all-in-one", "exact"],
+)
+def test_the_last_partial_batch_trains_unless_tiny(images: int, batch: int, steps: int) -> None:
+    dataset = TensorDataset(torch.zeros(images, 1))
+    assert len(train_loader(dataset, batch, torch.Generator(), None)) == steps
+
+
+def test_a_batch_larger_than_the_training_split_is_said(three_digits: Path, tmp_path) -> None:
+    done = run_cli(
+        "train", str(three_digits), *TINY, "--epochs", "1", "--batch-size", "128", "--quiet",
+        "--out", str(tmp_path / "run"), "--format", "json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["n"] == 12
+    loud = run_cli(
+        "train", str(three_digits), *TINY, "--epochs", "1", "--batch-size", "128",
+        "--out", str(tmp_path / "loud"),
+    )  # fmt: skip
+    assert "(more than the 96 training images: one step per epoch)" in loud.stderr
+
+
+def test_help_shows_defaults_the_models_and_their_own_flags(capsys) -> None:
+    for args in (["detect", "train", "--help"], ["train", "--help"], ["predict", "--help"]):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(args)
+        assert stop.value.code == 0
+    detect_help, train_help, predict_help = capsys.readouterr().out.split("usage: ")[1:]
+    assert "models (--model): fasterrcnn, yolov1" in detect_help
+    for flag in ("--head fc", "--grid 7", "--reduction 32", "--rescore true", "--roi-pool false"):
+        assert flag in detect_help
+    assert "resnet101, resnet152, resnet18, resnet34, resnet50:" in train_help
+    assert "--aux-logits false" in train_help and "(default: adamw)" in train_help
+    assert "(default: auto)" in predict_help and "(default: 5)" in predict_help
+    assert all(len(line) <= 80 for line in train_help.splitlines())
+
+
+def test_version() -> None:
+    done = run_cli("--version")
+    assert done.returncode == 0 and done.stdout.startswith("cnnlab 0.")
+
+
+def test_a_closed_pipe_ends_quietly() -> None:
+    # `cnnlab summary densenet201 --format json | head -c 100`: the reader leaves early.
+    pipeline = subprocess.run(
+        f"{sys.executable} -m cnnlab summary densenet201 --format json | head -c 100;"
+        " exit ${PIPESTATUS[0]}",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert pipeline.stdout.startswith("{")
+    assert "Traceback" not in pipeline.stderr and "BrokenPipe" not in pipeline.stderr
+    assert pipeline.returncode == 141, pipeline.stderr
+
+
+def write_folder(root: Path) -> Path:
+    """Two classes with a tiny image, a CMYK JPEG, an RGBA PNG, an image outside any class
+    and two copies named as copies."""
+    rng = np.random.default_rng(0)
+
+    def noise(height: int, width: int, channels: int = 3) -> np.ndarray:
+        return rng.integers(0, 255, (height, width, channels), dtype=np.uint8)
+
+    for name in ("cat", "dog"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(noise(40, 48)).save(root / name / f"{i}.jpg")
+    Image.fromarray(noise(9, 12)).save(root / "cat" / "tiny.png")
+    Image.fromarray(noise(40, 40)).convert("CMYK").save(root / "dog" / "cmyk.jpg")
+    Image.fromarray(noise(40, 40, 4), "RGBA").save(root / "dog" / "alpha.png")
+    Image.fromarray(noise(40, 40)).save(root / "loose.jpg")
+    shutil.copy(root / "cat" / "0.jpg", root / "cat" / "0 (copy).jpg")
+    shutil.copy(root / "cat" / "1.jpg", root / "cat" / "a (1).jpg")
+    return root
+
+
+def test_data_check_flags_tiny_images_stored_modes_and_loose_files(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "photos")
+    report = json.loads(run_cli("data", "check", str(root), "--format", "json").stdout)
+    assert report["tiny"] == [{"path": "cat/tiny.png", "width": 12, "height": 9}]
+    assert report["sizes"]["modes"] == {"CMYK": 1, "RGB": 9, "RGBA": 1}
+    assert report["sizes"]["channels"] == {"3": 11}
+    assert report["ignored_files"] == ["loose.jpg"]
+    text = run_cli("data", "check", str(root)).stdout
+    assert "CMYK 1 (converted to RGB)" in text and "RGBA 1 (alpha dropped)" in text
+    assert "tiny (a side under 32 px): cat/tiny.png (12x9)" in text
+    assert "ignored: 1 image(s) outside any class folder: loose.jpg" in text
+
+
+def test_data_clean_keeps_the_original_not_the_copy(tmp_path: Path) -> None:
+    root = write_folder(tmp_path / "photos")
+    done = run_cli("data", "clean", str(root), str(tmp_path / "clean"), "--format", "json")
+    left_out = {item["path"]: item["reason"] for item in json.loads(done.stdout)["left_out"]}
+    assert left_out == {
+        "cat/0 (copy).jpg": "duplicate of cat/0.jpg (kept)",
+        "cat/a (1).jpg": "duplicate of cat/1.jpg (kept)",
+    }
