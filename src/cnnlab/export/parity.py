@@ -34,9 +34,11 @@ ODD_SIZE = (7, 13)  # added to the run's size for the extra segmentation image
 
 def parity_inputs(run: Run, count: int, any_size: bool = False) -> tuple[list[Tensor], str]:
     """Up to ``count`` model inputs (C, H, W) and where they came from."""
-    task = run.task
+    task, split_file = run.task, run.path / "split.json"
     try:
-        paths = task.split_images(run.path / "split.json", "val")[:count]
+        if not split_file.is_file():
+            raise CnnlabError("the run has no split.json")
+        paths = task.split_images(split_file, "val")[:count]
         images = [read_image(path, task.in_channels) for path in paths]
         source = f"{len(images)} images of the run's val split"
         if not images:
