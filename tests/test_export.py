@@ -185,6 +185,10 @@ def test_cli_export_then_predict_with_onnxruntime(runs, data, tmp_path, capsys) 
     assert "add --json" in capsys.readouterr().err
     assert cli.main(["export", str(run), "--out", str(tmp_path / "m.onnx"), "--format", "pt2"]) == 2
     assert "must end in .pt2" in capsys.readouterr().err
+    # The opset asked for is the one written (dynamo down to 17; older: TorchScript).
+    assert export_run(run, out=tmp_path / "opset17.onnx", opset=17)["opset"] == 17
+    old = export_run(run, out=tmp_path / "opset11.onnx", opset=11)
+    assert (old["opset"], old["exporter"]) == (11, "torchscript")
     assert cli.main(["export", str(run), "--out", str(tmp_path / "m.pt2")]) == 0
     text = capsys.readouterr().out.splitlines()
     assert text[0].startswith(f"exported {tmp_path / 'm.pt2'}: pt2 (torch.export exporter)")

@@ -11,7 +11,9 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -95,7 +97,11 @@ def onnx_proto(
                     input_names=names[:1],
                     output_names=names[1:],
                 )
-            return exported.model_proto, "dynamo"
+            written = opset_of(exported.model_proto)
+            if opset is None or written == opset:
+                return exported.model_proto, "dynamo"
+            # It cannot convert every graph down, and then writes its own opset instead.
+            reason = CnnlabError(f"it wrote opset {written}, not {opset}")
         except Exception as error:
             reason = error
     dynamic_axes = {names[0]: {AXES[name]: name for name in dynamic}} if dynamic else None
@@ -126,8 +132,12 @@ def onnx_bytes(proto: Any, metadata: dict[str, Any]) -> tuple[bytes, int]:
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    return proto.SerializeToString(), opset
+    return proto.SerializeToString(), opset_of(proto)
+
+
+def opset_of(proto: Any) -> int:
+    """The ai.onnx opset a ModelProto uses."""
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
 
 
 @contextlib.contextmanager
@@ -139,6 +149,7 @@ def quiet() -> Iterator[None]:
         contextlib.redirect_stdout(sink),
         contextlib.redirect_stderr(sink),
         warnings.catch_warnings(),
+        _null_descriptors(),
     ):
         warnings.simplefilter("ignore")
         logging.disable(logging.WARNING)
@@ -146,6 +157,25 @@ def quiet() -> Iterator[None]:
             yield
         finally:
             logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def _null_descriptors() -> Iterator[None]:
+    """File descriptors 1 and 2 on /dev/null: the TorchScript exporter prints its graph
+    from C++ when it fails, past Python's sys.stdout and sys.stderr."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for descriptor in saved:
+            os.close(descriptor)
 
 
 def failure(error: BaseException | None) -> str:
