@@ -3,8 +3,8 @@
 ``export_run(RUN)`` loads the run as ``cnnlab predict`` does (``load_run``: BatchNorm
 folded into the convolutions), traces it with ``torch.export`` and writes the program
 (``torch.export.save``) or its ONNX translation (``torch.onnx.export(..., dynamo=True)``;
-the TorchScript exporter only where torch.export fails, as on Faster R-CNN's
-data-dependent box filtering). What is exported, per task:
+the TorchScript exporter only where that fails, as on Faster R-CNN's data-dependent box
+filtering, or cannot write the opset asked for). What is exported, per task:
 
 * classification: logits (N, K) for (N, C, S, S) images at the run's size S;
 * segmentation: logits (N, K, H, W) at any H, W the model takes (else at S x S);
