@@ -2,7 +2,8 @@
 
 The public API: ``create_model``, ``list_models``, ``model_info`` and ``register_model``
 (the zoo), ``summarize`` (the inspector), ``train``, ``resume`` and ``TrainConfig``
-(training any task), ``load_run`` (a finished run of any task) and ``convolutionalize``.
+(training any task), ``load_run`` (a finished run of any task), ``export_run`` (its model
+as ONNX or ``.pt2``, checked against the run) and ``convolutionalize``.
 ``import cnnlab`` stays light: the training stack is imported on first use.
 """
 
@@ -21,6 +22,7 @@ __all__ = [
     "TrainConfig",
     "convolutionalize",
     "create_model",
+    "export_run",
     "list_models",
     "load_run",
     "model_info",
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "TrainConfig": "cnnlab.config",
+    "export_run": "cnnlab.export",
     "load_run": "cnnlab.runs",
     "resume": "cnnlab.engine.loop",
     "summarize": "cnnlab.inspect",

@@ -11,7 +11,8 @@ rounding: each BatchNorm folded into the convolution before it (``fold_batchnorm
 where the task trains that way, weights and batches in channels_last layout, which oneDNN
 (CPU) and cuDNN convolve faster. torch.compile is not used: on a CPU it needs tens of
 seconds to compile before the first image, which a command that predicts a few images
-never wins back.
+never wins back. ``backend="onnxruntime"`` swaps the model for the run's exported
+``model.onnx`` in ONNX Runtime (``cnnlab.runtime``); the task runs it unchanged.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 ImageInput = str | Path | torch.Tensor  # or a PIL.Image.Image
 FILE_BATCH = 64  # image files decoded and predicted at a time
+BACKENDS = ("torch", "onnxruntime")
 
 
 @dataclass
@@ -163,15 +165,26 @@ class Run:
         return to_channels(pil_to_tensor(image), channels)
 
 
-def load_run(path: str | Path, device: str = "auto", fast: bool = True) -> Run:
+def load_run(
+    path: str | Path, device: str = "auto", fast: bool = True, backend: str = "torch"
+) -> Run:
     """Load a run folder of any task: model from ``model.json`` and ``best.safetensors``.
 
     ``device`` is ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. ``fast``
     folds BatchNorm into convolutions (and uses channels_last where the task trains so);
-    without it the model is exactly the trained module.
+    without it the model is exactly the trained module. ``backend="onnxruntime"`` runs
+    ``RUN/model.onnx`` (``cnnlab export RUN``) in ONNX Runtime on the CPU instead, with
+    torch's thread count; it must have been exported from the run's present weights.
     """
+    if backend not in BACKENDS:
+        raise CnnlabError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
     run_dir = checkpoint.require_run_dir(Path(path))
     meta = checkpoint.read_model_json(run_dir)
+    if backend == "onnxruntime":
+        if device not in ("auto", "cpu"):
+            raise CnnlabError(f"the onnxruntime backend runs on the CPU, not {device}")
+        task = task_class(meta.task).from_meta(meta)
+        return Run(run_dir, meta, task, _onnx_model(run_dir, meta), torch.device("cpu"))
     model_json = run_dir / checkpoint.MODEL_JSON
     try:
         info = model_info(meta.architecture)
@@ -191,6 +204,28 @@ def load_run(path: str | Path, device: str = "auto", fast: bool = True) -> Run:
         if task.channels_last:
             model.to(memory_format=torch.channels_last)
     return Run(run_dir, meta, task, model, target)
+
+
+def _onnx_model(run_dir: Path, meta: ModelMeta) -> nn.Module:
+    """RUN/model.onnx in ONNX Runtime, refused when it was exported from other weights or
+    for other classes than the run has now (a retrained run must be exported again)."""
+    from cnnlab.runtime import FILES, onnx_model
+    from cnnlab.transfer import sha256_of
+
+    file = run_dir / FILES["onnx"]
+    again = f"export it again with `cnnlab export {run_dir}`"
+    if not file.is_file():
+        raise CnnlabError(f"{file}: not found; run `cnnlab export {run_dir}` first")
+    model = onnx_model(file)
+    exported = model.metadata
+    weights = run_dir / "best.safetensors"
+    if not weights.is_file():
+        raise CnnlabError(f"{weights}: weight file not found")
+    if exported.get("weights_sha256") != sha256_of(weights):
+        raise CnnlabError(f"{file}: exported from other weights than {weights}; {again}")
+    if exported.get("classes") != meta.classes or exported.get("task") != meta.task:
+        raise CnnlabError(f"{file}: exported for other classes than the run's; {again}")
+    return model
 
 
 def fold_batchnorm(model: nn.Module) -> int:

@@ -79,7 +79,7 @@ def _load(args: argparse.Namespace, task: str):
     another task's."""
     from cnnlab.runs import load_run
 
-    run = load_run(Path(args.run), device=args.device)
+    run = load_run(Path(args.run), device=args.device, backend=args.backend)
     if run.task.name != task:
         right = TASK_COMMANDS[run.task.name]
         raise CnnlabError(
@@ -277,6 +277,32 @@ def _new_folder(stem: str) -> Path:
         number += 1
         candidate = Path(f"{stem}{number}")
     return candidate
+
+
+def cmd_export(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.export import describe, export_run
+
+    if args.format == "json":
+        raise CnnlabError(
+            "export --format names the exported file's format (onnx or pt2); add --json"
+            " for the record as JSON"
+        )
+    if args.images < 1:
+        raise CnnlabError(f"--images must be at least 1, got {args.images}")
+    record = export_run(
+        Path(args.run),
+        args.format,
+        args.out,
+        args.opset,
+        args.dynamic_batch,
+        args.images,
+        args.overwrite,
+    )
+    if args.json:
+        print_json(record)
+    else:
+        print(describe(record))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace, extra: dict) -> int:

@@ -209,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--format", choices=choices, default=choices[0], help="json: one JSON document"
         )
 
+    def backend(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--backend",
+            choices=("torch", "onnxruntime"),
+            default="torch",
+            help="onnxruntime: run RUN/model.onnx (`cnnlab export RUN`) on the CPU",
+        )
+
     sub = add(commands, "models", c.cmd_models, "list every registered model")
     fmt(sub, ("table", "json"))
     sub = add(
@@ -307,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         splits = ("train", "val", "test") if task == "classify" else ("train", "val")
         sub.add_argument("--split", choices=splits, help="(default: test, else val)")
         sub.add_argument("--device", default="auto", help=DEVICE_HELP)
+        backend(sub)
         if task == "detect":
             sub.add_argument(
                 "--score-threshold", type=fraction, help="keep boxes above (default: 0.001)"
@@ -326,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", help=f"folder for the drawn results (default: {default_out})")
         sub.add_argument("--overwrite", action="store_true", help="replace files already in --out")
         sub.add_argument("--device", default="auto", help=DEVICE_HELP)
+        backend(sub)
         if task == "classify":
             sub.add_argument("--topk", type=int, default=5, help="classes listed per image")
         if task == "detect":
@@ -351,6 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "classify", skip=("lr", "epochs", "warmup_epochs", "lr_interval", "patience")
     )
     fmt(sub)
+
+    sub = add(
+        commands,
+        "export",
+        c.cmd_export,
+        "write a run's model as ONNX or torch.export .pt2, checked against the run first",
+    )
+    sub.add_argument("run", help="a run folder")
+    sub.add_argument(
+        "--format", metavar="{onnx,pt2}", help="the file's format (default: --out's suffix, onnx)"
+    )
+    sub.add_argument("--out", metavar="FILE", help="(default: RUN/model.onnx or RUN/model.pt2)")
+    sub.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    sub.add_argument(
+        "--dynamic-batch", action="store_true", help="any batch size (default: one image)"
+    )
+    sub.add_argument("--images", type=int, default=8, help="validation images for the parity check")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing FILE")
+    sub.add_argument("--json", action="store_true", help="print the record as one JSON document")
 
     sub = add(
         commands, "demo", c.cmd_demo, "the built-in job: train the notes' ConvNet on the digits"

@@ -51,11 +51,10 @@ def bilinear_upsampling(channels: int, factor: int) -> nn.ConvTranspose2d:
 def fit(x: Tensor, size: tuple[int, int]) -> Tensor:
     """Crop (B, C, h, w) at the bottom/right, or pad it by repeating the edge, to ``size``."""
     height, width = size
-    x = x[..., :height, :width]
-    pad_h, pad_w = height - x.shape[-2], width - x.shape[-1]
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-    return x
+    # Pad (by zero rows where it is big enough), then crop: no branch on the sizes, which
+    # torch.export would otherwise fix to the example input's side of it.
+    pad_h, pad_w = torch.sym_max(height - x.shape[-2], 0), torch.sym_max(width - x.shape[-1], 0)
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")[..., :height, :width]
 
 
 def _zero_score(in_channels: int, num_classes: int) -> nn.Conv2d:

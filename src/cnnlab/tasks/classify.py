@@ -235,10 +235,9 @@ class ClassifyTask(RunFacts):
         if topk < 1:
             raise CnnlabError(f"topk must be at least 1, got {topk}")
         k = min(topk, len(self.classes))
-        transform = classify_eval(self.img_size, self.mean, self.std)
         results = []
         for chunk in chunks(images, EVAL_BATCH):
-            batch = torch.stack([transform(image) for image in chunk]).to(device)  # (B, C, S, S)
+            batch = torch.stack([self.preprocess(image) for image in chunk]).to(device)
             batch = batch.contiguous(memory_format=torch.channels_last)
             probs = model(batch).float().softmax(dim=1)  # (B, K)
             top_probs, top_indices = probs.topk(k, dim=1)  # (B, k), sorted descending
@@ -249,6 +248,15 @@ class ClassifyTask(RunFacts):
                 ]
                 results.append({"top": top})
         return results
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """The model's float input (C, S, S) for a uint8 image (in_channels, H, W), as
+        ``predict`` and evaluation make it."""
+        return classify_eval(self.img_size, self.mean, self.std)(image)
+
+    def split_images(self, split_file: Path, split: str) -> list[Path]:
+        """The image files of the run's own ``split``."""
+        return [path for path, _ in getattr(Splits.from_json(split_file), split)]
 
     def eval_data(self, split_file: Path, data_dir: Path | None, split: str) -> DataLoader:
         """The run's own ``split`` (from its ``split_file``) or, with

@@ -191,10 +191,9 @@ class DetectTask(RunFacts):
         to the square input the model was trained at, with the boxes mapped back to the
         image's own pixels: ``[{"boxes" (N, 4), "scores" (N,), "labels" (N,)}]`` on the CPU."""
         model.eval()
-        transform = detect_eval(self.img_size, self.mean, self.std)
         results = []
         for chunk in chunks(images, PREDICT_BATCH):
-            batch = torch.stack([transform(image) for image in chunk]).to(device)  # (B, C, S, S)
+            batch = torch.stack([self.preprocess(image) for image in chunk]).to(device)
             found = model.detect(batch, score_threshold, NMS_THRESHOLD, max_detections)
             side = batch.shape[-1]
             for image, detections in zip(chunk, found, strict=True):
@@ -208,6 +207,15 @@ class DetectTask(RunFacts):
                     }
                 )
         return results
+
+    def preprocess(self, image: Tensor) -> Tensor:
+        """The model's float input (C, S, S) for a uint8 image (in_channels, H, W), as
+        ``detect`` makes it: resized to the square training size and normalised."""
+        return detect_eval(self.img_size, self.mean, self.std)(image)
+
+    def split_images(self, split_file: Path, split: str) -> list[Path]:
+        """The image files of the run's own ``split``."""
+        return [sample.path for sample in getattr(DetectionSplits.from_json(split_file), split)]
 
     def predict(
         self,

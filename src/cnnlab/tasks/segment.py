@@ -224,11 +224,9 @@ class SegmentTask(RunFacts):
     ) -> list[dict]:
         """``[{"class_fractions": {name: fraction}, "_mask": uint8 (H, W)}]`` per uint8
         image (in_channels, H, W), each segmented whole at its own size."""
-        transform = segment_eval(self.mean, self.std)
         results = []
         for image in images:
-            x = transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)  # (C, H, W)
-            logits = model(x.unsqueeze(0).to(device))  # (1, K, H, W)
+            logits = model(self.preprocess(image).unsqueeze(0).to(device))  # (1, K, H, W)
             mask = logits.argmax(dim=1)[0].to(torch.uint8).cpu()  # (H, W)
             counts = torch.bincount(mask.flatten().long(), minlength=len(self.classes))
             fractions = (counts.double() / mask.numel()).tolist()
@@ -239,6 +237,16 @@ class SegmentTask(RunFacts):
                 }
             )
         return results
+
+    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
+        """The model's float input (C, H, W) for a uint8 image (in_channels, H, W), as
+        ``predict`` and evaluation make it: normalised, at its own size."""
+        transform = segment_eval(self.mean, self.std)
+        return transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+
+    def split_images(self, split_file: Path, split: str) -> list[Path]:
+        """The image files of the run's own ``split``."""
+        return [image for image, _ in getattr(SegSplits.from_json(split_file), split)]
 
     def eval_data(self, split_file: Path, data_dir: Path | None, split: str) -> DataLoader:
         """The run's own ``split`` (train or val) or every image/mask pair of ``data_dir``

@@ -1,0 +1,286 @@
+"""Export a run's model to ONNX or torch.export's ``.pt2``, proven against the run first.
+
+``export_run(RUN)`` loads the run as ``cnnlab predict`` does (``load_run``: BatchNorm
+folded into the convolutions), traces it with ``torch.export`` and writes the program
+(``torch.export.save``) or its ONNX translation (``torch.onnx.export(..., dynamo=True)``;
+the TorchScript exporter only where that fails, as on Faster R-CNN's data-dependent box
+filtering, or cannot write the opset asked for). What is exported, per task:
+
+* classification: logits (N, K) for (N, C, S, S) images at the run's size S;
+* segmentation: logits (N, K, H, W) at any H, W the model takes (else at S x S);
+* YOLOv1: its raw (N, S, S, B*5 + C) grid, the decoding written into the file
+  (``runtime.YOLO_DECODING``); other detectors: boxes, scores and labels of one image.
+
+Inputs are normalised float32 images (``runtime.METADATA`` carries the mean, std, size and
+class names). The file is written under a temporary name, run on ``PARITY_IMAGES`` images
+of the run's validation split (random images when it has none) beside the run's own model,
+and renamed into place only when the outputs agree (``check_parity``); the figures go to
+``export.json`` beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from cnnlab import __version__
+from cnnlab.errors import CnnlabError
+from cnnlab.export.parity import PARITY_IMAGES, check_parity
+from cnnlab.export.writers import failure, onnx_bytes, onnx_proto, pt2_bytes, trace
+from cnnlab.files import atomic_write_bytes, read_json, write_json
+from cnnlab.models.yolo import YOLOv1
+from cnnlab.runs import Run, load_run
+from cnnlab.runtime import FILES, YOLO_DECODING, onnx_model, pt2_model
+from cnnlab.tasks.detect import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_THRESHOLD
+from cnnlab.transfer import sha256_of
+
+FORMATS = tuple(FILES)
+RECORD = "export.json"  # beside the exported file: one entry per file name
+
+
+class _Detections(nn.Module):
+    """A detector's ``detect`` on one image as three tensors, the thresholds built in."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        found = self.detector.detect(images, EVAL_SCORE_THRESHOLD, NMS_THRESHOLD, MAX_DETECTIONS)
+        return found[0]["boxes"], found[0]["scores"], found[0]["labels"]
+
+
+def export_run(
+    run_dir: str | Path,
+    format: str | None = None,
+    out: str | Path | None = None,
+    opset: int | None = None,
+    dynamic_batch: bool = False,
+    images: int = PARITY_IMAGES,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export the run folder's model and return its record (also in ``export.json``).
+
+    ``format`` is ``onnx`` or ``pt2`` (default: from ``out``'s suffix, else onnx); ``out``
+    defaults to ``RUN/model.onnx`` (``RUN/model.pt2``) and replaces an existing file only
+    with ``overwrite``. ``opset`` picks the ONNX opset (default: the exporter's);
+    ``dynamic_batch`` lets the batch size vary (otherwise the graph takes one image).
+    A model an exporter cannot handle, or an export whose outputs differ from the run's
+    on ``images`` images, is a CnnlabError, and no file is left behind.
+    """
+    run_dir = Path(run_dir)
+    format, target = _target(run_dir, format, out, overwrite)
+    if opset is not None and format != "onnx":
+        raise CnnlabError("--opset is for ONNX files; a .pt2 has no opset")
+    record_file = target.parent / RECORD
+    records = _read_records(record_file)
+    run = load_run(run_dir, device="cpu")
+    run.model.to(memory_format=torch.contiguous_format)  # exported graphs take plain NCHW
+    module, output, names = _graph(run, dynamic_batch)
+    dynamic = _dynamic_axes(run, dynamic_batch)
+    example = _example(run, dynamic)
+    name = run.meta.architecture
+    started = time.perf_counter()
+    try:
+        program, dynamic = trace(module, example, dynamic, getattr(run.model, "min_input_size", 1))
+        why_no_program = None
+    except Exception as error:  # the exporter's own error, whatever it is
+        program, why_no_program = None, error
+    metadata = _metadata(run, output, dynamic)
+    if format == "pt2":
+        if program is None:
+            raise CnnlabError(
+                f"{name} cannot be exported to pt2: torch.export fails"
+                f" ({failure(why_no_program)}); try --format onnx, whose TorchScript"
+                " fallback traces what torch.export cannot"
+            )
+        data, exporter = pt2_bytes(program, metadata), "torch.export"
+    else:
+        try:
+            proto, exporter = onnx_proto(
+                program, module, example, dynamic, names, opset, why_no_program
+            )
+        except CnnlabError as error:
+            raise CnnlabError(f"{name} cannot be exported to ONNX: {error}") from None
+        data, opset = onnx_bytes(proto, metadata)
+    seconds = time.perf_counter() - started
+    partial = target.with_name(f".{target.stem}.{secrets.token_hex(4)}.partial{target.suffix}")
+    try:
+        atomic_write_bytes(partial, data)
+        exported = pt2_model(partial) if format == "pt2" else onnx_model(partial)
+        parity = check_parity(run, exported, images)
+        if not parity["passed"]:
+            raise CnnlabError(f"{target}: parity check failed ({parity['failure']}); not written")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    record = {
+        "file": str(target),
+        "run": str(run_dir),
+        "format": format,
+        "exporter": exporter,
+        "opset": opset,
+        "input": {"name": names[0], "shape": _input_shape(run, dynamic), "dynamic": dynamic},
+        "outputs": names[1:],
+        "output": output,
+        "bytes": len(data),
+        "export_seconds": round(seconds, 2),
+        "parity": parity,
+        "metadata": metadata,
+        "versions": _versions(),
+    }
+    records[target.name] = record
+    write_json(record_file, records)
+    return record
+
+
+def describe(record: dict[str, Any]) -> str:
+    """An export record in three lines, as ``cnnlab export`` prints it."""
+    parity = record["parity"]
+    opset = f", opset {record['opset']}" if record["opset"] else ""
+    shape = "(" + ", ".join(str(n) for n in record["input"]["shape"]) + ")"
+    lines = [
+        f"exported {record['file']}: {record['format']} ({record['exporter']} exporter{opset}),"
+        f" input {shape}, {record['bytes'] / 1e6:.1f} MB in {record['export_seconds']:.1f} s",
+        f"parity with the run's model on {parity['inputs']}: " + _parity_figures(parity),
+        f"record: {Path(record['file']).parent / RECORD}",
+    ]
+    return "\n".join(lines)
+
+
+def _parity_figures(parity: dict[str, Any]) -> str:
+    figures = []
+    if "max_abs_diff" in parity:
+        figures.append(
+            f"max |difference| {parity['max_abs_diff']:.2g} (tolerance {parity['tolerance']:.2g})"
+        )
+    for key, what in (("top1", "top-1"), ("mask_pixels", "mask pixels")):
+        if f"{key}_same" in parity:
+            same, ties = parity[f"{key}_same"], parity[f"{key}_ties"]
+            tied = f" (+{ties} ties within rounding)" if ties else ""
+            figures.append(f"{what} the same on {same} of {parity[f'{key}_total']}{tied}")
+    if "detections" in parity:
+        figures.append(
+            f"{parity['matched']} of {parity['detections']} detections matched (IoU >="
+            f" {parity['min_iou']:.6g}, scores within {parity['max_score_diff']:.2g})"
+        )
+    return ", ".join(figures)
+
+
+def _target(
+    run_dir: Path, format: str | None, out: str | Path | None, overwrite: bool
+) -> tuple[str, Path]:
+    suffixed = {f".{name}": name for name in FORMATS}
+    if out is not None and format is None:
+        format = suffixed.get(Path(out).suffix, "onnx")
+    format = format or "onnx"
+    if format not in FORMATS:
+        raise CnnlabError(f"unknown export format {format!r}; choose onnx or pt2")
+    target = Path(out) if out is not None else run_dir / FILES[format]
+    if target.suffix != f".{format}":
+        raise CnnlabError(f"{target}: a {format} file must end in .{format}")
+    if target.is_dir() or (target.exists() and not overwrite):
+        raise CnnlabError(f"{target}: already exists; choose another --out or pass --overwrite")
+    if not target.parent.is_dir():
+        raise CnnlabError(f"{target.parent}: no such folder")
+    return format, target
+
+
+def _read_records(path: Path) -> dict:
+    """export.json's entries, checked before anything is exported (it is rewritten)."""
+    if not path.exists():
+        return {}
+    records = read_json(path)
+    if not isinstance(records, dict):
+        raise CnnlabError(f"{path}: not a cnnlab export record; move it away first")
+    return records
+
+
+def _graph(run: Run, dynamic_batch: bool) -> tuple[nn.Module, str, list[str]]:
+    """(module to trace, its output kind, [input name, output names...])."""
+    model = run.model
+    if run.task.name != "detect":
+        return model, "logits", ["images", "logits"]
+    if isinstance(model, YOLOv1):
+        return model, "yolov1_grid", ["images", "grid"]
+    if dynamic_batch:
+        raise CnnlabError(
+            f"{run.meta.architecture} exports the detections of one image per call;"
+            " drop --dynamic-batch"
+        )
+    return _Detections(model).eval(), "detections", ["images", "boxes", "scores", "labels"]
+
+
+def _dynamic_axes(run: Run, dynamic_batch: bool) -> list[str]:
+    """The input axes to export as dynamic: the batch on request; a segmentation model's
+    height and width unless it has a fixed input size."""
+    axes = ["batch"] if dynamic_batch else []
+    if run.task.name == "segment" and getattr(run.model, "fixed_input_size", None) is None:
+        axes += ["height", "width"]
+    return axes
+
+
+def _metadata(run: Run, output: str, dynamic: list[str]) -> dict[str, Any]:
+    meta = run.meta
+    metadata: dict[str, Any] = {
+        "task": meta.task,
+        "architecture": meta.architecture,
+        "classes": list(meta.classes),
+        "input_size": list(meta.input_size),
+        "mean": list(meta.mean),
+        "std": list(meta.std),
+        "output": output,
+        "dynamic": dynamic,
+        "weights_sha256": sha256_of(run.path / "best.safetensors"),
+        "cnnlab_version": __version__,
+    }
+    if output == "yolov1_grid":
+        metadata["decoding"] = YOLO_DECODING
+        metadata["detect"] = {"boxes": run.model.boxes, "grid": run.model.grid}
+    elif output == "detections":
+        metadata["decoding"] = (
+            "already decoded for one image: boxes (M, 4) x1, y1, x2, y2 in the input's"
+            " pixels, scores (M,) sorted descending, labels (M,) indexing classes; after"
+            f" per-class NMS at IoU {NMS_THRESHOLD}, scores >= {EVAL_SCORE_THRESHOLD},"
+            f" at most {MAX_DETECTIONS}"
+        )
+        metadata["detect"] = {
+            "score_threshold": EVAL_SCORE_THRESHOLD,
+            "nms_threshold": NMS_THRESHOLD,
+            "max_detections": MAX_DETECTIONS,
+        }
+    return metadata
+
+
+def _example(run: Run, dynamic: list[str]) -> Tensor:
+    """A random normalised input at the run's size (two images when the batch is dynamic:
+    torch.export would take a batch of one for a fixed 1)."""
+    channels, height, width = run.meta.input_size
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(2 if "batch" in dynamic else 1, channels, height, width, generator=generator)
+
+
+def _input_shape(run: Run, dynamic: list[str]) -> list[int | str]:
+    shape: list[int | str] = [1, *run.meta.input_size]
+    for axis, name in enumerate(("batch", None, "height", "width")):
+        if name in dynamic:
+            shape[axis] = name
+    return shape
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "cnnlab": __version__,
+    }
