@@ -209,8 +209,8 @@ def load_run(
 def _onnx_model(run_dir: Path, meta: ModelMeta) -> nn.Module:
     """RUN/model.onnx in ONNX Runtime, refused when it was exported from other weights or
     for other classes than the run has now (a retrained run must be exported again)."""
+    from cnnlab.files import sha256_of
     from cnnlab.runtime import FILES, onnx_model
-    from cnnlab.transfer import sha256_of
 
     file = run_dir / FILES["onnx"]
     again = f"export it again with `cnnlab export {run_dir}`"

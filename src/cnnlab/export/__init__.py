@@ -33,12 +33,11 @@ from cnnlab import __version__
 from cnnlab.errors import CnnlabError
 from cnnlab.export.parity import PARITY_IMAGES, check_parity
 from cnnlab.export.writers import failure, onnx_bytes, onnx_proto, pt2_bytes, trace
-from cnnlab.files import atomic_write_bytes, read_json, write_json
+from cnnlab.files import atomic_write_bytes, read_json, sha256_of, write_json
 from cnnlab.models.yolo import YOLOv1
 from cnnlab.runs import Run, load_run
 from cnnlab.runtime import FILES, YOLO_DECODING, onnx_model, pt2_model
 from cnnlab.tasks.detect import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_THRESHOLD
-from cnnlab.transfer import sha256_of
 
 FORMATS = tuple(FILES)
 RECORD = "export.json"  # beside the exported file: one entry per file name
