@@ -151,3 +151,31 @@ def test_heat_map_peaks_where_the_digit_is(digits_run, tmp_path):
     assert best["class"] == max(peaks, key=peaks.get)
     with pytest.raises(CnnlabError, match="unknown class"):
         heatmap(run, tmp_path / "canvas.png", class_name="cat")
+
+
+def test_class_maps_of_a_loaded_run_match_the_command_and_respect_max_side(digits_run, tmp_path):
+    from PIL import Image
+
+    from cnnlab.data.images import read_image
+    from cnnlab.heatmap import class_maps, fully_convolutional, heatmap
+    from cnnlab.runs import load_run
+
+    run, images, _ = digits_run
+    canvas = torch.zeros(40, 96, dtype=torch.uint8)
+    canvas[12:28, 8:24] = images[0, 0]
+    Image.fromarray(canvas.numpy()).save(tmp_path / "wide.png")
+    loaded = load_run(run, "cpu")
+    maps = class_maps(loaded, read_image(tmp_path / "wide.png", 1))
+    assert maps.probs.shape == (10, 7, 21)  # (40 - 16) / 4 + 1, (96 - 16) / 4 + 1
+    assert torch.allclose(maps.probs.sum(0), torch.ones(7, 21), atol=1e-5)
+    for name in ("3", None):
+        assert maps.result(maps.index(name)) == heatmap(run, tmp_path / "wide.png", name)
+
+    # the longer side bounded: 96 -> 48, the shorter 40 -> 20 (aspect kept), one model reused
+    model = fully_convolutional(loaded)
+    small = class_maps(loaded, read_image(tmp_path / "wide.png", 1), model, max_side=48)
+    assert tuple(small.pixels.shape) == (1, 20, 48)
+    assert small.probs.shape == (10, 2, 9)
+    # an image smaller than the training size is still enlarged to it first
+    tiny = class_maps(loaded, torch.zeros(1, 8, 12, dtype=torch.uint8), model, max_side=48)
+    assert tuple(tiny.pixels.shape) == (1, 16, 24)
