@@ -71,7 +71,7 @@ def model_table_rows() -> list[dict[str, Any]]:
     rows = []
     for name in list_models():
         info = model_info(name)
-        summary = _summarize_cheaply(name, info.input_size)
+        summary = summarize_cheaply(name, info.input_size)
         rows.append(
             {
                 "name": name,
@@ -86,14 +86,18 @@ def model_table_rows() -> list[dict[str, Any]]:
     return rows
 
 
-def _summarize_cheaply(name: str, input_size: tuple[int, int, int]) -> Summary:
-    channels = input_size[0]
+def summarize_cheaply(name: str, input_size: tuple[int, int, int], **builder_args: Any) -> Summary:
+    """The totals (``depth=0``) of the registered model ``name`` built with
+    ``builder_args`` (``in_channels`` defaults to the input's), at ``input_size``: built on
+    the meta device (no memory, no initialisation), rebuilt on the CPU only when its
+    forward pass needs real data (e.g. box filtering)."""
+    builder_args.setdefault("in_channels", input_size[0])
     with torch.device("meta"):
-        model = create_model(name, in_channels=channels)
+        model = create_model(name, **builder_args)
     try:
         return summarize(model, input_size, depth=0, device="meta")
     except CnnlabError:
-        return summarize(create_model(name, in_channels=channels), input_size, depth=0)
+        return summarize(create_model(name, **builder_args), input_size, depth=0)
 
 
 def _pretty(value: float | None) -> str:
