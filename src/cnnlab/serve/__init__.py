@@ -89,6 +89,10 @@ class Server(uvicorn.Server):
         if self.started and not self.should_exit:
             print(self.announce, file=sys.stderr, flush=True)
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.config.app.state.stopping.set()  # uploads still arriving end now (a 503)
+        await super().shutdown(sockets=sockets)
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():

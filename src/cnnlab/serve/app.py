@@ -83,8 +83,13 @@ def create_app(
         description="Predict with cnnlab run folders: classification, segmentation, detection.",
         lifespan=lifespan,
     )
-    app.add_middleware(PredictLimits, gate=Gate(queue_size), max_upload=max_upload)
-    app.state.served, app.state.pool = served, pool
+    # Set when the server begins to stop (cnnlab.serve.Server): an upload still arriving
+    # then gets a 503 at once, rather than holding the shutdown until it is cancelled.
+    stopping = asyncio.Event()
+    app.add_middleware(
+        PredictLimits, gate=Gate(queue_size), max_upload=max_upload, stopping=stopping
+    )
+    app.state.served, app.state.pool, app.state.stopping = served, pool, stopping
 
     def find(run_id: str) -> Served:
         if run_id not in served:
@@ -174,7 +179,10 @@ def _options(target: Served, **given: Any) -> dict:
     """The prediction options given for ``target``'s task; one for another task is a 400."""
     task = target.run.task.name
     takes = {"classify": {"topk", "heatmaps"}, "detect": {"score_threshold"}}.get(task, set())
-    options = {key: value for key, value in given.items() if value not in (None, False)}
+    # Unset is None (or False for the heatmaps switch); a threshold of 0.0 is set.
+    options = {
+        key: value for key, value in given.items() if value is not None and value is not False
+    }
     wrong = sorted(set(options) - takes)
     if wrong:
         raise HTTPException(400, f"{wrong[0]} does not apply to {target.id!r}, a {task} run")
@@ -188,10 +196,11 @@ def _static(name: str) -> bytes:
 class PredictLimits:
     """ASGI middleware for ``POST /api/predict``: 415 unless multipart, 413 past
     ``max_upload`` and the form around it (the Content-Length, then the bytes as they
-    arrive), 503 when ``gate`` is full; all before the body is read."""
+    arrive), 503 when ``gate`` is full; all before the body is read. Once ``stopping`` is
+    set, a body still being read is cut short with a 503."""
 
-    def __init__(self, app: ASGIApp, gate: Gate, max_upload: int) -> None:
-        self.app, self.gate = app, gate
+    def __init__(self, app: ASGIApp, gate: Gate, max_upload: int, stopping: asyncio.Event) -> None:
+        self.app, self.gate, self.stopping = app, gate, stopping
         self.max_body = max_upload + FORM_OVERHEAD
         self.too_large = f"the upload is larger than the limit of {max_upload:,} bytes"
 
@@ -218,7 +227,7 @@ class PredictLimits:
 
         async def counted() -> Message:
             nonlocal received
-            message = await receive()
+            message = await self._unless_stopping(receive)
             received += len(message.get("body", b""))
             if received > self.max_body:  # a body longer than its Content-Length, or chunked
                 raise HTTPException(413, self.too_large)
@@ -228,6 +237,16 @@ class PredictLimits:
             await self.app(scope, counted, send)
         finally:
             self.gate.leave()
+
+    async def _unless_stopping(self, receive: Receive) -> Message:
+        arrived = asyncio.ensure_future(receive())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait((arrived, stop), return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not arrived.done():
+            arrived.cancel()
+            raise HTTPException(503, "the server is stopping", {"Retry-After": "1"})
+        return arrived.result()
 
 
 def _error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
