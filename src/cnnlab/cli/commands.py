@@ -266,5 +266,12 @@ def cmd_serve(args: argparse.Namespace, extra: dict) -> int:
         raise CnnlabError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
     upload = int(args.max_upload_mb * 1000 * 1000)
     return serve(
-        args.runs, args.host, args.port, args.device, args.queue_size, upload, args.workers
+        args.runs,
+        args.host,
+        args.port,
+        args.device,
+        args.queue_size,
+        upload,
+        args.workers,
+        args.threads,
     )

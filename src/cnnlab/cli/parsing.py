@@ -282,4 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-upload-mb", type=float, default=20.0, help="largest image file (default 20 MB)"
     )
     sub.add_argument("--workers", type=positive, default=1, help="inference threads (default 1)")
+    sub.add_argument(
+        "--threads", type=positive, help="torch threads per worker (default: CPUs - 1, shared)"
+    )
     return parser

@@ -6,6 +6,7 @@ const state = { runs: [], run: null, file: null, answer: null, maxUpload: 20e6, 
 const $ = (id) => document.getElementById(id);
 const STAGE_SIDE = 440; // CSS pixels the longer side of the shown image gets
 const DETECT_REQUEST_THRESHOLD = 0.05; // asked of the server; the slider filters above it
+const DETECTIONS_LISTED = 15; // rows in the list; every box above the threshold is drawn
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -142,6 +143,7 @@ async function predict(file) {
   if (!response.ok) {
     $("status").textContent = "";
     $("panel").replaceChildren();
+    $("result").hidden = true;
     clearOverlay();
     showError(`${response.status}: ${body.detail}`);
     return;
@@ -259,11 +261,13 @@ function detectPanel(answer) {
   const list = el("ul", { class: "rows", id: "detections" });
   const fill = () => {
     const shown = answer.detections.filter((d) => d.score >= overlay.threshold);
-    list.replaceChildren(...(shown.length ? shown.map((d) => el("li", {}, el("span", { class: "choice" },
+    const rows = shown.slice(0, DETECTIONS_LISTED).map((d) => el("li", {}, el("span", { class: "choice" },
       el("span", { class: "swatch", style: `background:${colourOf(d.class)}` }),
       el("span", {}, d.class),
       el("span", { class: "muted" }, d.box.map((v) => Math.round(v)).join(", ")),
-      el("span", { class: "num" }, d.score.toFixed(2))))) : [el("li", { class: "muted" }, "nothing above the threshold")]));
+      el("span", { class: "num" }, d.score.toFixed(2)))));
+    if (shown.length > DETECTIONS_LISTED) rows.push(el("li", { class: "muted" }, `and ${shown.length - DETECTIONS_LISTED} more, drawn above`));
+    list.replaceChildren(...(rows.length ? rows : [el("li", { class: "muted" }, "nothing above the threshold")]));
   };
   fill();
   const slider = el("input", { type: "range", min: String(DETECT_REQUEST_THRESHOLD), max: "1", step: "0.05", value: String(overlay.threshold), "aria-label": "score threshold" });
