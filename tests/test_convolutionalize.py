@@ -153,7 +153,7 @@ def test_heat_map_peaks_where_the_digit_is(digits_run, tmp_path):
         heatmap(run, tmp_path / "canvas.png", class_name="cat")
 
 
-def test_class_maps_of_a_loaded_run_match_the_command_and_respect_max_side(digits_run, tmp_path):
+def test_class_maps_of_a_loaded_run_match_the_command_and_respect_max_pixels(digits_run, tmp_path):
     from PIL import Image
 
     from cnnlab.data.images import read_image
@@ -171,11 +171,14 @@ def test_class_maps_of_a_loaded_run_match_the_command_and_respect_max_side(digit
     for name in ("3", None):
         assert maps.result(maps.index(name)) == heatmap(run, tmp_path / "wide.png", name)
 
-    # the longer side bounded: 96 -> 48, the shorter 40 -> 20 (aspect kept), one model reused
+    # 40x96 = 3840 pixels shrunk to 960 (aspect kept): 20x48; one model made and reused
     model = fully_convolutional(loaded)
-    small = class_maps(loaded, read_image(tmp_path / "wide.png", 1), model, max_side=48)
+    small = class_maps(loaded, read_image(tmp_path / "wide.png", 1), model, max_pixels=960)
     assert tuple(small.pixels.shape) == (1, 20, 48)
     assert small.probs.shape == (10, 2, 9)
-    # an image smaller than the training size is still enlarged to it first
-    tiny = class_maps(loaded, torch.zeros(1, 8, 12, dtype=torch.uint8), model, max_side=48)
+    # the shorter side is then enlarged to the training size: 8x12 -> 16x24
+    tiny = class_maps(loaded, torch.zeros(1, 8, 12, dtype=torch.uint8), model, max_pixels=960)
     assert tuple(tiny.pixels.shape) == (1, 16, 24)
+    # unless that takes a strip over the bound: 4x400 would be 16x1600
+    with pytest.raises(CnnlabError, match="too elongated"):
+        class_maps(loaded, torch.zeros(1, 4, 400, dtype=torch.uint8), model, max_pixels=960)

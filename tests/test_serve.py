@@ -133,9 +133,14 @@ def test_heat_maps_are_what_cnnlab_heatmap_gives(client, serve_runs) -> None:
     answer = post(client, run_id, image.read_bytes(), heatmaps="true", topk=3).json()
     maps = answer["heatmaps"]["maps"]
     assert [m["class"] for m in maps] == [t["class"] for t in answer["top"]]
-    assert answer["heatmaps"]["size"] == [32, 32]  # within 4x the 16-pixel training size
+    assert answer["heatmaps"]["size"] == [32, 32]  # within (8 x 16)^2 pixels: as it is
     for found in maps:
         assert_close(found, heatmap(serve_runs["classify"], image, found["class"], device="cpu"))
+    # a strip too long to map at the training size still gets its prediction
+    strip = png_bytes(np.zeros((4, 2000), np.uint8))
+    answer = post(client, run_id, strip, heatmaps="true").json()
+    assert answer["top"] and answer["heatmaps"] is None
+    assert "too elongated" in answer["heatmaps_error"]
     # a detection run takes no heat-map or top-k option
     assert_refused(post(client, ids(client)["detect"], image.read_bytes(), topk=2), 400, "topk")
 

@@ -10,6 +10,7 @@ feature cell for global-pooling models); a softmax over classes in each cell giv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,18 +96,19 @@ def class_maps(
     run: Run,
     image: torch.Tensor,
     model: FullyConvolutional | None = None,
-    max_side: int | None = None,
+    max_pixels: int | None = None,
 ) -> ClassMaps:
     """Every class's probability map over ``image`` (uint8 (C, H, W), the run's channels).
 
     ``model`` is ``fully_convolutional(run)`` (made here when not given; a caller mapping
-    many images makes it once). An image smaller than the training size is enlarged to it
-    (shorter side); with ``max_side``, one whose longer side is above it is shrunk to it
-    first, which bounds the time and memory one map takes.
+    many images makes it once). With ``max_pixels``, which bounds the time and memory one
+    map takes, a larger image is first shrunk to that many pixels (aspect kept). An image
+    whose shorter side is below the training size is then enlarged to it; one so elongated
+    that this takes it over ``max_pixels`` is a CnnlabError.
     """
     model = model if model is not None else fully_convolutional(run)
     task = run.task
-    pixels = _fit(image, task.img_size, max_side)  # uint8 (C, H, W)
+    pixels = _fit(image, task.img_size, max_pixels)  # uint8 (C, H, W)
     x = v2.functional.to_dtype(pixels, torch.float32, scale=True)
     x = v2.functional.normalize(x, list(task.mean), list(task.std))  # (C, H, W)
     with torch.inference_mode():
@@ -148,15 +150,21 @@ class CellBoxes:
         return x - dx / 2, right, bottom, y - dy / 2
 
 
-def _fit(image: torch.Tensor, size: int, max_side: int | None) -> torch.Tensor:
-    """``image`` scaled (aspect kept) so that its shorter side is at least ``size`` and, with
-    ``max_side``, its longer side at most that (the bound wins); unchanged when it fits."""
+def _fit(image: torch.Tensor, size: int, max_pixels: int | None) -> torch.Tensor:
+    """``image`` scaled (aspect kept) to at most ``max_pixels`` pixels, then so that its
+    shorter side is at least ``size``; unchanged when it fits."""
     height, width = image.shape[-2:]
     short, long = sorted((height, width))
+    if max_pixels is not None and short * long > max_pixels:
+        scale = math.sqrt(max_pixels / (short * long))
+        short, long = max(1, int(short * scale)), max(1, int(long * scale))
     if short < size:  # torchvision's rule for resize(image, size): the longer side floored
         short, long = size, int(size * long / short)
-    if max_side is not None and long > max_side:
-        short, long = max(1, int(max_side * short / long)), max_side
+        if max_pixels is not None and short * long > max_pixels:
+            raise CnnlabError(
+                f"a {width}x{height} image is too elongated for a heat map: at a shorter side"
+                f" of {size} pixels it has more than {max_pixels:,}"
+            )
     target = [short, long] if height <= width else [long, short]
     if target == [height, width]:
         return image

@@ -27,7 +27,8 @@ from cnnlab.files import read_json
 from cnnlab.runs import Run, load_run
 
 FIGURES = ("curves", "confusion", "errors")  # RUN/NAME.png a client may fetch by run id
-HEATMAP_SIDE = 4  # heat maps are computed on at most this many training sizes per side
+# Heat maps are computed on at most (HEATMAP_SIDE x the training size) squared pixels.
+HEATMAP_SIDE = 8
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,8 @@ class Served:
             with self._maps_lock:  # made once, on the first request that asks for maps
                 if self._maps_model is None:
                     self._maps_model = fully_convolutional(self.run)
-            side = HEATMAP_SIDE * self.run.task.img_size
-            maps = class_maps(self.run, image, self._maps_model, max_side=side)
+            bound = (HEATMAP_SIDE * self.run.task.img_size) ** 2
+            maps = class_maps(self.run, image, self._maps_model, max_pixels=bound)
         except CnnlabError as error:  # a model that does not convert, an image too narrow
             return {"heatmaps": None, "heatmaps_error": str(error)}
         return {
