@@ -310,7 +310,8 @@ function drawHeatmap(answer) {
   const pixels = cells.getContext("2d").createImageData(cols, rows);
   found.map.forEach((line, r) => line.forEach((p, col) => {
     const [red, green, blue] = jet(p);
-    pixels.data.set([red, green, blue, Math.round(255 * overlay.alpha)], 4 * (r * cols + col));
+    // fainter where the class is unlikely, so the image shows through where nothing is found
+    pixels.data.set([red, green, blue, Math.round(255 * overlay.alpha * (0.25 + 0.75 * p))], 4 * (r * cols + col));
   }));
   cells.getContext("2d").putImageData(pixels, 0, 0);
   // the cells' extent is in the pixels of the image as mapped; scale it to the image's own
