@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -30,6 +31,7 @@ from PIL import Image
 from cnnlab.heatmap import heatmap
 from cnnlab.inspect import summarize_cheaply
 from cnnlab.runs import load_run
+from cnnlab.serve.pool import Gate, Job, Pool
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +283,20 @@ def cli(*args: object) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "--port 70000: expected 0 to 65535"),
+        (["--max-upload-mb", "0"], "--max-upload-mb 0.0: expected a positive size"),
+        (["--queue-size", "0"], "--queue-size: invalid positive value: '0'"),
+    ],
+)
+def test_bad_settings_are_one_line(tmp_path, flags: list[str], message: str) -> None:
+    done = cli(tmp_path, *flags)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert message in done.stderr
+
+
 def test_a_folder_that_is_no_run_or_a_port_in_use_is_one_line(serve_runs, tmp_path) -> None:
     done = cli(tmp_path)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
@@ -292,3 +308,35 @@ def test_a_folder_that_is_no_run_or_a_port_in_use_is_one_line(serve_runs, tmp_pa
         done = cli(serve_runs["classify"], "--port", port)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert f"127.0.0.1:{port}: cannot listen" in done.stderr
+
+
+def test_the_pool_batches_the_queued_jobs_of_a_key_oldest_first() -> None:
+    taken, release, batches = threading.Event(), threading.Event(), []
+
+    def work(key, payloads):
+        taken.set()
+        release.wait(10)
+        batches.append((key, list(payloads)))
+        return [ValueError(p) if p == "bad" else p.upper() for p in payloads]
+
+    pool = Pool(work, workers=1, max_batch=3)
+    pool.start()
+    first = pool.submit(Job("a", "x"))
+    assert taken.wait(10)  # the worker holds "x"; the rest queue behind it
+    queued = [("a", "p"), ("b", "q"), ("a", "bad"), ("a", "r"), ("a", "s")]
+    futures = [pool.submit(Job(key, payload)) for key, payload in queued]
+    release.set()
+    assert [f.result(10) for f in (first, *futures[:2], *futures[3:])] == list("XPQRS")
+    with pytest.raises(ValueError, match="bad"):  # only its own request fails
+        futures[2].result(10)
+    pool.stop()
+    assert batches == [("a", ["x"]), ("a", ["p", "bad", "r"]), ("b", ["q"]), ("a", ["s"])]
+    with pytest.raises(RuntimeError, match="stopping"):
+        pool.submit(Job("a", "late"))
+
+
+def test_the_gate_lets_in_its_capacity() -> None:
+    gate = Gate(2)
+    assert gate.enter() and gate.enter() and not gate.enter()
+    gate.leave()
+    assert gate.enter()

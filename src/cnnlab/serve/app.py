@@ -48,20 +48,20 @@ SECURITY_HEADERS = {
 
 
 def create_app(
-    runs: Sequence[str | Path] | dict[str, Served],
+    runs: Sequence[str | Path],
     queue_size: int = 32,
     max_upload: int = MAX_UPLOAD,
     workers: int = 1,
     max_batch: int = 8,
     device: str = "auto",
 ) -> FastAPI:
-    """The app serving ``runs`` (run folders, loaded here, or ``load_served``'s result).
+    """The app serving the run folders ``runs``, loaded here (``load_served``).
 
     ``queue_size`` predictions are in the server at once at most (waiting or running; more
     get 503); ``max_upload`` bytes per image; ``workers`` inference threads, each taking up
     to ``max_batch`` queued requests for one run into one forward pass.
     """
-    served = runs if isinstance(runs, dict) else load_served(runs, device)
+    served = load_served(runs, device)
     if not served:
         raise CnnlabError("no runs to serve")
     if max_upload < 1:
@@ -89,7 +89,7 @@ def create_app(
     app.add_middleware(
         PredictLimits, gate=Gate(queue_size), max_upload=max_upload, stopping=stopping
     )
-    app.state.served, app.state.pool, app.state.stopping = served, pool, stopping
+    app.state.served, app.state.stopping = served, stopping
 
     def find(run_id: str) -> Served:
         if run_id not in served:
@@ -106,7 +106,7 @@ def create_app(
             raise HTTPException(404, f"no static file {name!r}")
         return Response(page[name], media_type=STATIC[name], headers=SECURITY_HEADERS)
 
-    @app.get("/healthz", summary="liveness: the runs held and the predictions inside")
+    @app.get("/healthz", summary="liveness: ok, and how many runs it holds")
     def healthz() -> dict:
         return {"status": "ok", "runs": len(served)}
 
