@@ -28,10 +28,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnnlab.errors import CnnlabError
 from cnnlab.heatmap import heatmap
 from cnnlab.inspect import summarize_cheaply
 from cnnlab.runs import load_run
 from cnnlab.serve.pool import Gate, Job, Pool
+from cnnlab.serve.served import Upload, load_served
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +255,7 @@ def test_the_page_is_served_with_nothing_from_elsewhere(client) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_it_cleanly_with_status_0(serve_runs, launch_server, sig) -> None:
     """Even with an upload that never finishes: it is answered 503 as the server stops,
-    so the stop does not wait out uvicorn's grace period."""
+    so the stop does not wait out uvicorn's grace period and cancel it."""
     server = launch_server(serve_runs["classify"])
     assert httpx.get(server.url + "healthz", timeout=30).status_code == 200
     address = httpx.URL(server.url)
@@ -265,11 +267,12 @@ def test_a_signal_stops_it_cleanly_with_status_0(serve_runs, launch_server, sig)
         time.sleep(0.2)
         started = time.monotonic()
         assert server.stop(sig) == 0
-        assert time.monotonic() - started < 4  # GRACE_SECONDS is 5
+        assert time.monotonic() - started < 15
         stalled.settimeout(5)
         assert stalled.recv(4096).startswith(b"HTTP/1.1 503 ")
     log = "".join(server.stderr)
     assert "Traceback" not in log and "cnnlab serve: stopped" in log
+    assert "timeout graceful shutdown exceeded" not in log  # the upload did not hold it
 
 
 def cli(*args: object) -> subprocess.CompletedProcess:
@@ -340,3 +343,19 @@ def test_the_gate_lets_in_its_capacity() -> None:
     assert gate.enter() and gate.enter() and not gate.enter()
     gate.leave()
     assert gate.enter()
+
+
+def test_in_a_batch_each_bad_image_fails_only_its_own_request(serve_runs) -> None:
+    """A segmentation batch with an image below the model's minimum size, one that is no
+    image, and a good one: the model refuses the batch, so each is retried alone."""
+    [served] = load_served([serve_runs["segment"]], "cpu").values()
+    good = first_image(serve_runs["segment_data"]).read_bytes()
+    uploads = [
+        Upload("tiny.png", png_bytes(np.zeros((4, 4, 3), np.uint8))),
+        Upload("junk.png", b"junk"),
+        Upload("good.png", good),
+    ]
+    tiny, junk, answer = served.predict(uploads, {})
+    assert isinstance(tiny, CnnlabError) and "at least 32x32, got 4x4" in str(tiny)
+    assert isinstance(junk, CnnlabError) and str(junk).startswith("junk.png: ")
+    assert answer["file"] == "good.png" and answer["mask_png"].startswith("data:image/png")

@@ -82,13 +82,15 @@ def image_of(folder: Path) -> Path:
     return sorted(p for p in folder.rglob("*.png") if "masks" not in p.parts)[0]
 
 
-def overlay_alpha(page) -> int:
-    """How many pixels of the canvas over the image are drawn (alpha > 0)."""
-    return page.evaluate(
-        """() => { const c = document.getElementById('overlay');
-        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
-    )
+DRAWN = """() => { const c = document.getElementById('overlay');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    for (let i = 3; i < d.length; i += 4) if (d[i] > 0) return true; return false; }"""
+
+
+def wait_drawn(page) -> None:
+    """Until something is drawn on the canvas over the image (it is drawn once both the
+    answer and the image have arrived, in either order)."""
+    page.wait_for_function(DRAWN, timeout=30_000)
 
 
 def answered(page, name: str) -> None:
@@ -124,7 +126,7 @@ def test_classify_shows_top_classes_and_each_class_heat_map(page, server, serve_
     best = answer["top"][0]
     assert page.inner_text("#top1").startswith(best["class"])
     assert page.locator("#top li").count() == 10
-    assert overlay_alpha(page) > 0  # the top class's heat map is drawn
+    wait_drawn(page)  # the top class's heat map
     first = page.inner_text("#peak")
     assert first.startswith(f"P({best['class']})")
     other = answer["top"][1]["class"]
@@ -153,8 +155,8 @@ def test_segment_and_detect_draw_their_answers(page, serve_runs, tmp_path) -> No
         "input[aria-label='score threshold']",
         "s => { s.value = s.min; s.dispatchEvent(new Event('input')); }",
     )
-    rows = page.locator("#detections li .num").count()
-    assert rows > 0 and overlay_alpha(page) > 0
+    assert page.locator("#detections li .num").count() > 0
+    wait_drawn(page)  # the boxes
     page.screenshot(path=tmp_path / "detect.png", full_page=True)
 
 

@@ -58,16 +58,14 @@ class Served:
         """One response document, or the exception to answer with, per upload. Images are
         decoded by cnnlab's guarded reader and predicted together; a batch the model
         refuses is retried one image at a time, so one bad image fails only its request."""
-        answers: list[dict | Exception] = []
-        images: dict[int, torch.Tensor] = {}
+        answers: list[dict | Exception] = [{} for _ in uploads]
+        images: dict[int, torch.Tensor] = {}  # by upload, the readable ones
         for i, upload in enumerate(uploads):
             try:
                 image = decode_bytes(upload.data, upload.name)[0]
                 images[i] = to_channels(image, self.run.task.in_channels)
             except BadImageError as error:
-                answers.append(error)
-                continue
-            answers.append({})
+                answers[i] = error
         options = dict(options)
         heatmaps = options.pop("heatmaps", False)
         results = self._results(list(images.values()), options)
