@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,3 +69,118 @@ def save_torchvision_file(
 def torchvision_file(monkeypatch: pytest.MonkeyPatch):
     """``save_torchvision_file`` with this test's monkeypatch."""
     return lambda state, folder, name: save_torchvision_file(state, folder, name, monkeypatch)
+
+
+# --- cnnlab serve: three tiny runs and the real server in a child process ----------------
+
+
+@pytest.fixture(scope="session")
+def serve_runs(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> dict[str, Path]:
+    """A tiny run of each task, by task, and ``{task}_data``, the folder it was trained on:
+    a convnet on the digits (32x32, trained at 16x16), FCN-32s on a convnet backbone and
+    YOLOv1 on VGG-11 cut at stride 2 on 6 synthetic shapes images each. A few seconds."""
+    import cnnlab
+    from cnnlab.data.shapes import write_shapes
+
+    root = tmp_path_factory.mktemp("serve_runs")
+    runs = {"classify": root / "digits", "classify_data": digits_dir}
+    cnnlab.train(
+        digits_dir,
+        runs["classify"],
+        model="convnet",
+        model_args={"cdims": [4], "hdims": [8]},
+        img_size=16,
+        epochs=1,
+        batch_size=64,
+        quiet=True,
+    )
+    write_shapes(root / "shapes_segment", task="segment", n=6, size=32, seed=0)
+    runs["segment"], runs["segment_data"] = root / "shapes-fcn", root / "shapes_segment"
+    cnnlab.train(
+        runs["segment_data"],
+        runs["segment"],
+        task="segment",
+        model="fcn32s",
+        model_args={"backbone": "convnet", "backbone_args": {"cdims": [4] * 5, "img_size": 32}},
+        epochs=1,
+        batch_size=2,
+        val_split=0.34,
+        quiet=True,
+    )
+    write_shapes(root / "shapes_detect", task="detect", n=6, size=64, seed=0)
+    runs["detect"], runs["detect_data"] = root / "shapes-yolo", root / "shapes_detect"
+    yolo = {"backbone": "vgg11", "reduction": 2, "head": "conv", "grid": 32, "head_channels": 8}
+    cnnlab.train(
+        runs["detect_data"],
+        runs["detect"],
+        task="detect",
+        model="yolov1",
+        model_args=yolo,
+        img_size=64,
+        epochs=1,
+        batch_size=2,
+        val_split=0.34,
+        quiet=True,
+    )
+    return runs
+
+
+class ServerProcess:
+    """``cnnlab serve ARGS --port 0`` in a child process; ``url`` once it said where."""
+
+    ANNOUNCED = re.compile(r"^cnnlab serve: .* at (http://\S+/) ")
+
+    def __init__(self, *args: object, timeout: float = 120) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cnnlab", "serve", *map(str, args), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()  # the pipe never fills
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.process.kill()
+                raise AssertionError(f"no address after {timeout} s: {self.stderr}") from None
+            if line is None:
+                raise AssertionError(f"the server ended: {''.join(self.stderr)}")
+            if found := self.ANNOUNCED.match(line):
+                self.url = found.group(1)
+                return
+
+    def _drain(self) -> None:
+        for line in self.process.stderr:
+            self.stderr.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send ``sig`` and return the exit status (the test fails if it hangs)."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"still running {timeout} s after signal {sig}") from None
+
+
+@pytest.fixture(scope="session")
+def launch_server() -> Iterator[Callable[..., ServerProcess]]:
+    """Start ``cnnlab serve ARGS`` servers; any still running at the end is stopped."""
+    started: list[ServerProcess] = []
+
+    def launch(*args: object) -> ServerProcess:
+        started.append(ServerProcess(*args))
+        return started[-1]
+
+    yield launch
+    for server in started:
+        if server.process.poll() is None:
+            server.stop(signal.SIGKILL)

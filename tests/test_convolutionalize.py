@@ -161,3 +161,34 @@ def test_the_package_name_stays_the_function_after_its_module_is_imported():
     importlib.import_module("cnnlab.convolutionalize")
     assert callable(cnnlab.convolutionalize)
     assert cnnlab.convolutionalize.__module__ == "cnnlab.convolutionalize"
+
+
+def test_class_maps_of_a_loaded_run_match_the_command_and_respect_max_pixels(digits_run, tmp_path):
+    from PIL import Image
+
+    from cnnlab.data.images import read_image
+    from cnnlab.heatmap import class_maps, fully_convolutional, heatmap
+    from cnnlab.runs import load_run
+
+    run, images, _ = digits_run
+    canvas = torch.zeros(40, 96, dtype=torch.uint8)
+    canvas[12:28, 8:24] = images[0, 0]
+    Image.fromarray(canvas.numpy()).save(tmp_path / "wide.png")
+    loaded = load_run(run, "cpu")
+    maps = class_maps(loaded, read_image(tmp_path / "wide.png", 1))
+    assert maps.probs.shape == (10, 7, 21)  # (40 - 16) / 4 + 1, (96 - 16) / 4 + 1
+    assert torch.allclose(maps.probs.sum(0), torch.ones(7, 21), atol=1e-5)
+    for name in ("3", None):
+        assert maps.result(maps.index(name)) == heatmap(run, tmp_path / "wide.png", name)
+
+    # 40x96 = 3840 pixels shrunk to 960 (aspect kept): 20x48; one model made and reused
+    model = fully_convolutional(loaded)
+    small = class_maps(loaded, read_image(tmp_path / "wide.png", 1), model, max_pixels=960)
+    assert tuple(small.pixels.shape) == (1, 20, 48)
+    assert small.probs.shape == (10, 2, 9)
+    # the shorter side is then enlarged to the training size: 8x12 -> 16x24
+    tiny = class_maps(loaded, torch.zeros(1, 8, 12, dtype=torch.uint8), model, max_pixels=960)
+    assert tuple(tiny.pixels.shape) == (1, 16, 24)
+    # unless that takes a strip over the bound: 4x400 would be 16x1600
+    with pytest.raises(CnnlabError, match="too elongated"):
+        class_maps(loaded, torch.zeros(1, 4, 400, dtype=torch.uint8), model, max_pixels=960)

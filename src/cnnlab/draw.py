@@ -26,7 +26,8 @@ PALETTE = np.array(
     ],
     dtype=np.uint8,
 )
-_BOX_COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
+# Box colours (CSS names too, so a web page draws them alike), cycled over the classes.
+BOX_COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
 
 
 def rgb(image: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ def draw_boxes(image: torch.Tensor, detections: list[dict], classes: list[str]) 
         image,
         torch.tensor([d["box"] for d in detections]),
         labels=[f"{d['class']} {d['score']:.2f}" for d in detections],
-        colors=[_BOX_COLOURS[classes.index(d["class"]) % len(_BOX_COLOURS)] for d in detections],
+        colors=[BOX_COLOURS[classes.index(d["class"]) % len(BOX_COLOURS)] for d in detections],
         width=2,
     )
 

@@ -4,10 +4,14 @@ over an image larger than it was trained on.
 The image is preprocessed like evaluation (channels, scaling, normalisation) but keeps its
 own size, so the fully convolutional copy returns one score vector per window (or per
 feature cell for global-pooling models); a softmax over classes in each cell gives the map.
+``class_maps(run, image)`` computes every class's map of one decoded image for a loaded run;
+``heatmap`` (the ``cnnlab heatmap`` command) and ``cnnlab serve`` both call it.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +20,7 @@ from torchvision.transforms import v2
 from cnnlab.convolutionalize import FullyConvolutional, convolutionalize
 from cnnlab.data.images import read_image
 from cnnlab.errors import CnnlabError
-from cnnlab.runs import load_run
+from cnnlab.runs import Run, load_run
 
 
 def heatmap(
@@ -35,39 +39,82 @@ def heatmap(
     enlarged to it (shorter side).
     """
     loaded = load_run(run, device)
-    if loaded.task.name != "classify":
-        raise CnnlabError(f"{run}: heat maps come from classification runs, not {loaded.task.name}")
-    task = loaded.task
-    pixels = _at_least(read_image(Path(image), task.in_channels), task.img_size)  # uint8 (C, H, W)
-    x = v2.functional.to_dtype(pixels, torch.float32, scale=True)
-    x = v2.functional.normalize(x, list(task.mean), list(task.std))  # (C, H, W)
-    model = convolutionalize(loaded.model).to(loaded.device).eval()
-    with torch.inference_mode():
-        probs = model(x[None].to(loaded.device)).softmax(dim=1)[0].cpu()  # (K, H', W')
-    if class_name is None:
-        index = int(probs.flatten(1).amax(dim=1).argmax())
-    elif class_name in loaded.classes:
-        index = loaded.classes.index(class_name)
-    else:
-        raise CnnlabError(
-            f"unknown class {class_name!r}; the run knows {', '.join(loaded.classes)}"
-        )
-    grid = probs[index]  # (H', W')
-    row, col = divmod(int(grid.argmax()), grid.shape[1])
-    boxes = CellBoxes(model, tuple(pixels.shape[-2:]), tuple(grid.shape))
-    result = {
-        "class": loaded.classes[index],
-        "map": [[round(float(p), 6) for p in line] for line in grid.tolist()],
-        "shape": list(grid.shape),
-        "peak": [row, col],
-        "prob": float(grid[row, col]),
-        "peak_box": boxes.box(row, col),
-    }
+    maps = class_maps(loaded, read_image(Path(image), loaded.task.in_channels))
+    index = maps.index(class_name)
     if out is not None:
         from cnnlab.plots import plot_heatmap
 
-        plot_heatmap(pixels, grid.numpy(), boxes.extent(), loaded.classes[index], Path(out))
-    return result
+        grid = maps.probs[index].numpy()
+        plot_heatmap(maps.pixels, grid, maps.boxes.extent(), maps.classes[index], Path(out))
+    return maps.result(index)
+
+
+def fully_convolutional(run: Run) -> FullyConvolutional:
+    """The run's classifier as a fully convolutional copy on its device, in eval mode;
+    CnnlabError for a run of another task or a model that does not convert."""
+    if run.task.name != "classify":
+        raise CnnlabError(
+            f"{run.path}: heat maps come from classification runs, not {run.task.name}"
+        )
+    return convolutionalize(run.model).to(run.device).eval()
+
+
+@dataclass
+class ClassMaps:
+    """Every class's probability in each cell of one image's map."""
+
+    probs: torch.Tensor  # (K, H', W') softmax over the classes in each cell
+    pixels: torch.Tensor  # uint8 (C, H, W): the image as mapped (resized when it had to be)
+    boxes: CellBoxes  # where each cell looks in ``pixels``
+    classes: list[str]
+
+    def index(self, class_name: str | None = None) -> int:
+        """The index of ``class_name``, or (None) of the class whose map peaks highest."""
+        if class_name is None:
+            return int(self.probs.flatten(1).amax(dim=1).argmax())
+        if class_name not in self.classes:
+            raise CnnlabError(
+                f"unknown class {class_name!r}; the run knows {', '.join(self.classes)}"
+            )
+        return self.classes.index(class_name)
+
+    def result(self, index: int) -> dict:
+        """``heatmap``'s document for the class at ``index``."""
+        grid = self.probs[index]  # (H', W')
+        row, col = divmod(int(grid.argmax()), grid.shape[1])
+        return {
+            "class": self.classes[index],
+            "map": [[round(float(p), 6) for p in line] for line in grid.tolist()],
+            "shape": list(grid.shape),
+            "peak": [row, col],
+            "prob": float(grid[row, col]),
+            "peak_box": self.boxes.box(row, col),
+        }
+
+
+def class_maps(
+    run: Run,
+    image: torch.Tensor,
+    model: FullyConvolutional | None = None,
+    max_pixels: int | None = None,
+) -> ClassMaps:
+    """Every class's probability map over ``image`` (uint8 (C, H, W), the run's channels).
+
+    ``model`` is ``fully_convolutional(run)`` (made here when not given; a caller mapping
+    many images makes it once). With ``max_pixels``, which bounds the time and memory one
+    map takes, a larger image is first shrunk to that many pixels (aspect kept). An image
+    whose shorter side is below the training size is then enlarged to it; one so elongated
+    that this takes it over ``max_pixels`` is a CnnlabError.
+    """
+    model = model if model is not None else fully_convolutional(run)
+    task = run.task
+    pixels = _fit(image, task.img_size, max_pixels)  # uint8 (C, H, W)
+    x = v2.functional.to_dtype(pixels, torch.float32, scale=True)
+    x = v2.functional.normalize(x, list(task.mean), list(task.std))  # (C, H, W)
+    with torch.inference_mode():
+        probs = model(x[None].to(run.device)).softmax(dim=1)[0].float().cpu()  # (K, H', W')
+    boxes = CellBoxes(model, tuple(pixels.shape[-2:]), tuple(probs.shape[-2:]))
+    return ClassMaps(probs, pixels, boxes, list(run.classes))
 
 
 class CellBoxes:
@@ -103,7 +150,22 @@ class CellBoxes:
         return x - dx / 2, right, bottom, y - dy / 2
 
 
-def _at_least(image: torch.Tensor, size: int) -> torch.Tensor:
-    if min(image.shape[-2:]) >= size:
+def _fit(image: torch.Tensor, size: int, max_pixels: int | None) -> torch.Tensor:
+    """``image`` scaled (aspect kept) to at most ``max_pixels`` pixels, then so that its
+    shorter side is at least ``size``; unchanged when it fits."""
+    height, width = image.shape[-2:]
+    short, long = sorted((height, width))
+    if max_pixels is not None and short * long > max_pixels:
+        scale = math.sqrt(max_pixels / (short * long))
+        short, long = max(1, int(short * scale)), max(1, int(long * scale))
+    if short < size:  # torchvision's rule for resize(image, size): the longer side floored
+        short, long = size, int(size * long / short)
+        if max_pixels is not None and short * long > max_pixels:
+            raise CnnlabError(
+                f"a {width}x{height} image is too elongated for a heat map: at a shorter side"
+                f" of {size} pixels it has more than {max_pixels:,}"
+            )
+    target = [short, long] if height <= width else [long, short]
+    if target == [height, width]:
         return image
-    return v2.functional.resize(image, size, antialias=True)
+    return v2.functional.resize(image, target, antialias=True)

@@ -324,3 +324,21 @@ def cmd_heatmap(args: argparse.Namespace, extra: dict) -> int:
             + (f"; drawn to {args.out}" if args.out else "")
         )
     return 0
+
+
+def cmd_serve(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.serve import serve
+
+    if not args.max_upload_mb > 0:  # also refuses nan
+        raise CnnlabError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
+    upload = int(args.max_upload_mb * 1000 * 1000)
+    return serve(
+        args.runs,
+        args.host,
+        args.port,
+        args.device,
+        args.queue_size,
+        upload,
+        args.workers,
+        args.threads,
+    )

@@ -153,6 +153,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive(text: str) -> int:
+    """A whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 DEVICE_HELP = "auto (CUDA when available) | cpu | cuda | cuda:N"
 
 
@@ -394,4 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--out", help="write the map over the image to this PNG")
     sub.add_argument("--device", default="auto", help=DEVICE_HELP)
     fmt(sub)
+    sub = add(commands, "serve", c.cmd_serve, "a web page and JSON API for trying runs")
+    sub.add_argument("runs", nargs="+", metavar="RUN", help="run folders of any task")
+    sub.add_argument("--host", default="127.0.0.1", help="(default: 127.0.0.1, this machine)")
+    sub.add_argument("--port", type=int, default=8000, help="(default 8000; 0: any free port)")
+    sub.add_argument("--device", default="auto")
+    sub.add_argument(
+        "--queue-size", type=positive, default=32, help="predictions inside at once (default 32)"
+    )
+    sub.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="largest image file (default 20 MB)"
+    )
+    sub.add_argument("--workers", type=positive, default=1, help="inference threads (default 1)")
+    sub.add_argument(
+        "--threads", type=positive, help="torch threads per worker (default: CPUs - 1, shared)"
+    )
     return parser

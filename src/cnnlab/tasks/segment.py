@@ -22,6 +22,7 @@ from cnnlab.data.segment import IGNORE_INDEX, SegSplits
 from cnnlab.data.splits import split_folder
 from cnnlab.data.transforms import default_stats, segment_eval, segment_train
 from cnnlab.errors import CnnlabError
+from cnnlab.registry import check_input_size
 from cnnlab.tasks.common import RunFacts, measured_on
 
 EVAL_BATCH = 8
@@ -226,6 +227,9 @@ class SegmentTask(RunFacts):
         image (in_channels, H, W), each segmented whole at its own size."""
         results = []
         for image in images:
+            # each image is segmented at its own size: one too small for the model's
+            # pooling is refused in a line (InputSizeError), not by a torch error
+            check_input_size(model, *image.shape[-2:], what="images")
             logits = model(self.preprocess(image).unsqueeze(0).to(device))  # (1, K, H, W)
             mask = logits.argmax(dim=1)[0].to(torch.uint8).cpu()  # (H, W)
             counts = torch.bincount(mask.flatten().long(), minlength=len(self.classes))

@@ -1,0 +1,396 @@
+// cnnlab serve: the page. Its only backend is the JSON API (GET /api/runs, POST /api/predict);
+// every drawing (heat map, mask, boxes) is made here on a canvas over the uploaded image.
+"use strict";
+
+const state = { runs: [], run: null, file: null, answer: null, maxUpload: 20e6, heatClass: null };
+const $ = (id) => document.getElementById(id);
+const STAGE_SIDE = 440; // CSS pixels the longer side of the shown image gets
+const DETECT_REQUEST_THRESHOLD = 0.05; // asked of the server; the slider filters above it
+const DETECTIONS_LISTED = 15; // rows in the list; every box above the threshold is drawn
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "style") node.style.cssText = value; // CSSOM: allowed by the page's CSP
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (value !== null && value !== undefined && value !== false) node.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+}
+
+const pct = (p) => `${(100 * p).toFixed(1)}%`;
+function count(n) {
+  if (n === null || n === undefined) return "?";
+  for (const [size, unit] of [[1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
+    if (n >= size) return `${(n / size).toFixed(n >= 10 * size ? 1 : 2)} ${unit}`;
+  }
+  return String(n);
+}
+
+// The number a run is judged by, from its report.json.
+function headline(run) {
+  const m = run.metrics;
+  if (!m) return "no report yet";
+  if (run.task === "classify") return `${m.split} top-1 ${pct(m.top1)}`;
+  if (run.task === "segment") return `${m.split} mIoU ${m.miou.toFixed(3)}`;
+  return `${m.split} mAP@0.5 ${m.map50.toFixed(3)}`;
+}
+
+function showError(text) {
+  const box = $("error");
+  box.textContent = text;
+  box.hidden = !text;
+}
+
+async function loadRuns() {
+  let body;
+  try {
+    const response = await fetch("/api/runs");
+    body = await response.json();
+    if (!response.ok) throw new Error(body.detail || response.statusText);
+  } catch (error) {
+    showError(`Cannot list the runs: ${error.message}`);
+    return;
+  }
+  state.runs = body.runs;
+  state.maxUpload = body.max_upload;
+  $("limit").textContent = `${(body.max_upload / 1e6).toFixed(body.max_upload % 1e6 ? 1 : 0)} MB`;
+  const list = $("run-list");
+  list.replaceChildren(...state.runs.map((run) => el("li", {}, el("button", {
+    type: "button", "data-run": run.id, "aria-pressed": "false", onclick: () => selectRun(run.id),
+  },
+  el("span", { class: "run-name" }, el("span", { class: `badge ${run.task}` }, run.task), run.name),
+  el("span", { class: "run-line" }, `${run.model} · ${count(run.parameters)} params`),
+  el("span", { class: "run-line" }, headline(run))))));
+  list.removeAttribute("aria-busy");
+  const wanted = new URLSearchParams(location.hash.slice(1)).get("run");
+  selectRun(state.runs.some((r) => r.id === wanted) ? wanted : state.runs[0].id);
+}
+
+function selectRun(id) {
+  state.run = state.runs.find((r) => r.id === id);
+  for (const button of document.querySelectorAll("#run-list button")) {
+    button.setAttribute("aria-pressed", String(button.dataset.run === id));
+  }
+  history.replaceState(null, "", `#run=${encodeURIComponent(id)}`);
+  renderDetails(state.run);
+  showError("");
+  if (state.file) predict(state.file); // the same image through the newly chosen run
+}
+
+function renderDetails(run) {
+  const box = $("run-details");
+  const [c, h, w] = run.input_size;
+  const scalars = Object.entries(run.metrics || {}).filter(([, v]) => typeof v === "number");
+  const colours = run.colours;
+  box.replaceChildren(
+    el("div", { class: "details-head" },
+      el("h2", {}, run.name),
+      el("span", {}, el("span", { class: `badge ${run.task}` }, run.task), run.model)),
+    el("div", { class: "facts" },
+      el("span", {}, el("b", {}, count(run.parameters)), " parameters"),
+      el("span", {}, el("b", {}, count(run.macs)), ` MACs at ${c}×${h}×${w}`),
+      el("span", {}, el("b", {}, run.classes.length), " classes")),
+    el("ul", { class: "chips", "aria-label": "classes" }, run.classes.map((name, i) => el("li", {},
+      colours[i] ? el("span", { class: "swatch", style: `background:${colours[i]}` }) : null, name))),
+    scalars.length ? el("table", { class: "metrics" },
+      el("tr", {}, scalars.map(([k]) => el("th", {}, k))),
+      el("tr", {}, scalars.map(([, v]) => el("td", {}, Number.isInteger(v) ? v : v.toFixed(4)))))
+      : el("p", { class: "muted" }, "No report.json: the run has not finished."),
+    Object.keys(run.figures).length ? el("details", {},
+      el("summary", {}, "Training figures"),
+      Object.entries(run.figures).map(([name, url]) => el("img", {
+        class: "figure", src: url, alt: `${name} of ${run.name}`, loading: "lazy",
+      }))) : null,
+  );
+  box.hidden = false;
+}
+
+async function predict(file) {
+  state.file = file;
+  showError("");
+  if (file.size > state.maxUpload) {
+    showError(`${file.name}: ${count(file.size)}B is larger than the server's limit of ${count(state.maxUpload)}B`);
+    return;
+  }
+  const run = state.run;
+  const form = new FormData();
+  form.append("run", run.id);
+  form.append("file", file, file.name);
+  if (run.task === "classify") {
+    form.append("topk", String(Math.min(10, run.classes.length)));
+    form.append("heatmaps", "true");
+  }
+  if (run.task === "detect") form.append("score_threshold", String(DETECT_REQUEST_THRESHOLD));
+  showImage(file);
+  $("status").textContent = "predicting…";
+  const started = performance.now();
+  let response, body;
+  try {
+    response = await fetch("/api/predict", { method: "POST", body: form });
+    body = await response.json();
+  } catch (error) {
+    $("status").textContent = "";
+    showError(`The server did not answer: ${error.message}`);
+    return;
+  }
+  if (state.run !== run || state.file !== file) return; // a newer request took over
+  const took = Math.round(performance.now() - started);
+  if (!response.ok) {
+    $("status").textContent = "";
+    $("panel").replaceChildren();
+    $("result").hidden = true;
+    clearOverlay();
+    showError(`${response.status}: ${body.detail}`);
+    return;
+  }
+  state.answer = body;
+  state.heatClass = body.heatmaps ? body.heatmaps.maps[0].class : null;
+  $("status").textContent = `${run.name} answered in ${took} ms`;
+  renderAnswer();
+  $("raw").hidden = false;
+  $("json").textContent = JSON.stringify(body, (k, v) => (k === "mask_png" ? `${v.slice(0, 48)}…` : v), 2);
+  $("curl").textContent = `curl -F run=${run.id} -F file=@${file.name} ${location.origin}/api/predict`;
+}
+
+function showImage(file) {
+  const photo = $("photo");
+  if (photo.dataset.url) URL.revokeObjectURL(photo.dataset.url);
+  photo.dataset.url = URL.createObjectURL(file);
+  photo.onload = () => { fitStage(); if (state.answer) drawOverlay(); };
+  photo.onerror = () => { $("status").textContent = "this browser cannot show the image; the results are below"; };
+  state.answer = null;
+  photo.src = photo.dataset.url;
+  $("result").hidden = false;
+}
+
+// The image at STAGE_SIDE on its longer side (small ones enlarged, their pixels kept sharp);
+// the canvas over it at the screen's resolution.
+function fitStage() {
+  const photo = $("photo"), canvas = $("overlay");
+  const w = photo.naturalWidth, h = photo.naturalHeight;
+  if (!w || !h) return;
+  const scale = STAGE_SIDE / Math.max(w, h);
+  const cssW = Math.round(w * scale), cssH = Math.round(h * scale);
+  photo.style.width = canvas.style.width = `${cssW}px`;
+  photo.style.height = canvas.style.height = `${cssH}px`;
+  photo.classList.toggle("pixelated", scale > 2);
+  canvas.width = Math.round(cssW * devicePixelRatio);
+  canvas.height = Math.round(cssH * devicePixelRatio);
+}
+
+function clearOverlay() {
+  const canvas = $("overlay");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+}
+
+// A 2-D context whose units are the image's own pixels.
+function imageContext() {
+  const canvas = $("overlay"), photo = $("photo");
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.setTransform(canvas.width / photo.naturalWidth, 0, 0, canvas.height / photo.naturalHeight, 0, 0);
+  return ctx;
+}
+
+function renderAnswer() {
+  const task = state.run.task;
+  const panel = $("panel");
+  if (task === "classify") panel.replaceChildren(...classifyPanel(state.answer));
+  else if (task === "segment") panel.replaceChildren(...segmentPanel(state.answer));
+  else panel.replaceChildren(...detectPanel(state.answer));
+  drawOverlay();
+}
+
+function opacitySlider(label, value, onchange) {
+  const input = el("input", { type: "range", min: "0", max: "1", step: "0.05", value: String(value), "aria-label": label });
+  input.addEventListener("input", () => onchange(Number(input.value)));
+  return el("label", { class: "slider" }, label, input);
+}
+
+const overlay = { alpha: 0.5, threshold: 0.25 };
+
+function classifyPanel(answer) {
+  const best = answer.top[0];
+  const parts = [el("p", { class: "top1", id: "top1" }, `${best.class} · ${pct(best.prob)}`)];
+  const mapped = new Set(answer.heatmaps ? answer.heatmaps.maps.map((m) => m.class) : []);
+  parts.push(el("h3", {}, mapped.size ? "Top classes (pick one to see its heat map)" : "Top classes"));
+  parts.push(el("ul", { class: "rows", id: "top" }, answer.top.map((t) => el("li", {},
+    el("label", { class: "choice" },
+      el("input", {
+        type: "radio", name: "heat", value: t.class, checked: t.class === state.heatClass,
+        disabled: !mapped.has(t.class), onchange: () => { state.heatClass = t.class; drawOverlay(); },
+      }),
+      el("span", {}, t.class),
+      el("span", { class: "prob" }, el("span", { style: `width:${(100 * t.prob).toFixed(1)}%` })),
+      el("span", { class: "num" }, pct(t.prob)))))));
+  if (answer.heatmaps) {
+    parts.push(opacitySlider("heat map opacity", overlay.alpha, (v) => { overlay.alpha = v; drawOverlay(); }));
+    parts.push(el("div", { class: "colourbar", "aria-hidden": "true" }),
+      el("div", { class: "scale" }, el("span", {}, "P = 0"), el("span", {}, "per window"), el("span", {}, "1")));
+    parts.push(el("p", { class: "muted", id: "peak" }));
+  } else if (answer.heatmaps_error) {
+    parts.push(el("p", { class: "muted" }, `No heat map: ${answer.heatmaps_error}`));
+  }
+  return parts;
+}
+
+function segmentPanel(answer) {
+  const run = state.run;
+  const shares = Object.entries(answer.class_fractions).sort((a, b) => b[1] - a[1]);
+  return [
+    el("h3", {}, "Pixels per class"),
+    el("ul", { class: "rows", id: "fractions" }, shares.map(([name, share]) => {
+      const colour = run.colours[run.classes.indexOf(name)];
+      return el("li", {}, el("span", { class: "choice" },
+        el("span", { class: "swatch", style: colour ? `background:${colour}` : "background:transparent" }),
+        el("span", {}, name),
+        el("span", { class: "prob" }, el("span", { style: `width:${(100 * share).toFixed(1)}%;background:${colour || "#98a2b3"}` })),
+        el("span", { class: "num" }, pct(share))));
+    })),
+    opacitySlider("mask opacity", overlay.alpha, (v) => { overlay.alpha = v; drawOverlay(); }),
+  ];
+}
+
+function detectPanel(answer) {
+  const list = el("ul", { class: "rows", id: "detections" });
+  const fill = () => {
+    const shown = answer.detections.filter((d) => d.score >= overlay.threshold);
+    const rows = shown.slice(0, DETECTIONS_LISTED).map((d) => el("li", {}, el("span", { class: "choice" },
+      el("span", { class: "swatch", style: `background:${colourOf(d.class)}` }),
+      el("span", {}, d.class),
+      el("span", { class: "muted" }, d.box.map((v) => Math.round(v)).join(", ")),
+      el("span", { class: "num" }, d.score.toFixed(2)))));
+    if (shown.length > DETECTIONS_LISTED) rows.push(el("li", { class: "muted" }, `and ${shown.length - DETECTIONS_LISTED} more, drawn above`));
+    list.replaceChildren(...(rows.length ? rows : [el("li", { class: "muted" }, "nothing above the threshold")]));
+  };
+  fill();
+  const slider = el("input", { type: "range", min: String(DETECT_REQUEST_THRESHOLD), max: "1", step: "0.05", value: String(overlay.threshold), "aria-label": "score threshold" });
+  const value = el("span", { class: "num" }, overlay.threshold.toFixed(2));
+  slider.addEventListener("input", () => {
+    overlay.threshold = Number(slider.value);
+    value.textContent = overlay.threshold.toFixed(2);
+    fill();
+    drawOverlay();
+  });
+  return [el("h3", {}, "Detections"), list, el("label", { class: "slider" }, "score threshold", slider, value)];
+}
+
+const colourOf = (name) => state.run.colours[state.run.classes.indexOf(name)] || "red";
+
+function drawOverlay() {
+  const answer = state.answer, photo = $("photo");
+  if (!answer || !photo.naturalWidth) return;
+  const task = state.run.task;
+  if (task === "classify") drawHeatmap(answer);
+  else if (task === "segment") drawMask(answer);
+  else drawBoxes(answer);
+}
+
+// jet, as matplotlib draws `cnnlab heatmap`'s figure
+function jet(t) {
+  const c = (x) => Math.round(255 * Math.min(1, Math.max(0, 1.5 - Math.abs(x))));
+  return [c(4 * t - 3), c(4 * t - 2), c(4 * t - 1)];
+}
+
+function drawHeatmap(answer) {
+  const ctx = imageContext();
+  if (!answer.heatmaps) return;
+  const found = answer.heatmaps.maps.find((m) => m.class === state.heatClass);
+  if (!found) return;
+  const [rows, cols] = found.shape;
+  const cells = document.createElement("canvas");
+  cells.width = cols;
+  cells.height = rows;
+  const pixels = cells.getContext("2d").createImageData(cols, rows);
+  found.map.forEach((line, r) => line.forEach((p, col) => {
+    const [red, green, blue] = jet(p);
+    // fainter where the class is unlikely, so the image shows through where nothing is found
+    pixels.data.set([red, green, blue, Math.round(255 * overlay.alpha * (0.25 + 0.75 * p))], 4 * (r * cols + col));
+  }));
+  cells.getContext("2d").putImageData(pixels, 0, 0);
+  // the cells' extent is in the pixels of the image as mapped; scale it to the image's own
+  const [mappedH, mappedW] = answer.heatmaps.size;
+  const photo = $("photo");
+  const sx = photo.naturalWidth / mappedW, sy = photo.naturalHeight / mappedH;
+  const [left, right, bottom, top] = answer.heatmaps.extent;
+  ctx.imageSmoothingEnabled = true;
+  ctx.drawImage(cells, left * sx, top * sy, (right - left) * sx, (bottom - top) * sy);
+  const [x0, y0, x1, y1] = found.peak_box;
+  ctx.lineWidth = 2 / ctx.getTransform().a;
+  ctx.strokeStyle = "#ffffff";
+  ctx.strokeRect(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy);
+  const peak = $("peak");
+  if (peak) peak.textContent = `P(${found.class}) peaks at ${pct(found.prob)} in the window outlined (cell ${found.peak.join(", ")} of ${rows}×${cols}).`;
+}
+
+function drawMask(answer) {
+  const ctx = imageContext();
+  const mask = new Image();
+  mask.onload = () => {
+    if (state.answer !== answer) return;
+    const cells = document.createElement("canvas");
+    cells.width = mask.naturalWidth;
+    cells.height = mask.naturalHeight;
+    const cctx = cells.getContext("2d");
+    cctx.drawImage(mask, 0, 0);
+    const data = cctx.getImageData(0, 0, cells.width, cells.height);
+    const rgb = state.run.colours.map((c) => (c ? [1, 3, 5].map((i) => parseInt(c.slice(i, i + 2), 16)) : null));
+    for (let i = 0; i < data.data.length; i += 4) {
+      const colour = rgb[data.data[i]]; // the class index, in every channel of the grey PNG
+      if (colour) data.data.set([...colour, Math.round(255 * overlay.alpha)], i);
+      else data.data[i + 3] = 0;
+    }
+    cctx.putImageData(data, 0, 0);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(cells, 0, 0, $("photo").naturalWidth, $("photo").naturalHeight);
+  };
+  mask.src = answer.mask_png;
+}
+
+function drawBoxes(answer) {
+  const ctx = imageContext();
+  const unit = 1 / ctx.getTransform().a; // one screen pixel, in image pixels
+  ctx.lineWidth = 2 * unit;
+  ctx.font = `${12 * unit}px system-ui, sans-serif`;
+  for (const d of answer.detections.filter((x) => x.score >= overlay.threshold)) {
+    const [x0, y0, x1, y1] = d.box;
+    const colour = colourOf(d.class);
+    ctx.strokeStyle = colour;
+    ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+    const label = `${d.class} ${d.score.toFixed(2)}`;
+    const width = ctx.measureText(label).width + 6 * unit;
+    ctx.fillStyle = colour;
+    ctx.fillRect(x0, Math.max(0, y0 - 16 * unit), width, 16 * unit);
+    ctx.fillStyle = "#000000";
+    ctx.fillText(label, x0 + 3 * unit, Math.max(0, y0 - 16 * unit) + 12 * unit);
+  }
+}
+
+function wireUpload() {
+  const drop = $("drop"), input = $("file");
+  input.addEventListener("change", () => { if (input.files[0]) predict(input.files[0]); input.value = ""; });
+  drop.addEventListener("click", (event) => { if (event.target === drop || event.target.tagName === "P") input.click(); });
+  drop.addEventListener("keydown", (event) => { if (event.key === "Enter" || event.key === " ") { event.preventDefault(); input.click(); } });
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    const file = event.dataTransfer.files[0];
+    if (file) predict(file);
+  });
+  document.addEventListener("paste", (event) => {
+    const file = [...event.clipboardData.files].find((f) => f.type.startsWith("image/"));
+    if (file) predict(file);
+  });
+  window.addEventListener("resize", () => { fitStage(); drawOverlay(); });
+}
+
+wireUpload();
+loadRuns();

@@ -1,0 +1,361 @@
+"""``cnnlab serve``: the real server in a child process, driven over HTTP.
+
+Its answers are the ones ``cnnlab predict`` gives for the same image (``Run.predict_files``
+is what that command prints), its run list is what ``cnnlab.inspect`` and the run folder
+say, and no bad request (empty, truncated, a decompression bomb, 25 MB, not an image, not
+multipart, a full queue) gets anything but a one-line 4xx or 503 JSON error, after which
+the next good request is still answered.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnnlab.errors import CnnlabError
+from cnnlab.heatmap import heatmap
+from cnnlab.inspect.specs import summarize_spec
+from cnnlab.runs import load_run
+from cnnlab.serve.pool import Gate, Job, Pool
+from cnnlab.serve.served import Upload, load_served
+
+
+@pytest.fixture(scope="module")
+def server(serve_runs, launch_server):
+    """One server with the three runs; at most two predictions inside at once."""
+    runs = [serve_runs[task] for task in ("classify", "segment", "detect")]
+    return launch_server(*runs, "--queue-size", "2")
+
+
+@pytest.fixture(scope="module")
+def client(server) -> httpx.Client:
+    with httpx.Client(base_url=server.url, timeout=60) as session:
+        yield session
+
+
+def ids(client: httpx.Client) -> dict[str, str]:
+    return {run["task"]: run["id"] for run in client.get("/api/runs").json()["runs"]}
+
+
+def first_image(folder: Path) -> Path:
+    return sorted(p for p in folder.rglob("*.png") if "masks" not in p.parts)[0]
+
+
+def post(client: httpx.Client, run: str, data: bytes, name="x.png", kind="image/png", **fields):
+    form = {"run": run, **{k: str(v) for k, v in fields.items()}}
+    return client.post("/api/predict", data=form, files={"file": (name, data, kind)})
+
+
+def assert_close(got: object, want: object, where: str = "") -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for key in want:
+            assert_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert_close(a, b, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-5), where
+    else:
+        assert got == want, where
+
+
+def assert_refused(response: httpx.Response, status: int, *words: str) -> None:
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail
+    for word in words:
+        assert word in detail, detail
+
+
+def test_health_and_the_run_list(client, serve_runs) -> None:
+    assert client.get("/healthz").json() == {"status": "ok", "runs": 3}
+    listing = client.get("/api/runs").json()
+    assert listing["max_upload"] == 20_000_000
+    runs = {run["task"]: run for run in listing["runs"]}
+    assert sorted(runs) == ["classify", "detect", "segment"]
+    for task, run in runs.items():
+        path = serve_runs[task]
+        meta = json.loads((path / "model.json").read_text())
+        _, summary, _ = summarize_spec(
+            meta["architecture"], meta["model_args"], tuple(meta["input_size"]), depth=0
+        )
+        assert run["id"] == run["name"] == path.name  # an id, never a path
+        assert run["model"] == meta["architecture"] and run["classes"] == meta["classes"]
+        assert (run["parameters"], run["macs"]) == (summary.total_params, summary.total_macs)
+        assert run["metrics"] == json.loads((path / "report.json").read_text())
+        curves = client.get(run["figures"]["curves"])
+        assert curves.headers["content-type"] == "image/png"
+        assert curves.content == (path / "curves.png").read_bytes()
+        assert client.get(f"/api/runs/{run['id']}").json() == run
+    assert runs["segment"]["colours"][0] is None  # the background is not tinted
+    assert client.get(f"/api/runs/{runs['classify']['id']}/figures/model.png").status_code == 404
+    assert client.get("/api/runs/nope/figures/curves.png").status_code == 404
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "detect"])
+def test_a_prediction_is_what_cnnlab_predict_prints(client, serve_runs, task: str) -> None:
+    image = first_image(serve_runs[f"{task}_data"])
+    options = {"score_threshold": 0.0} if task == "detect" else {}
+    response = post(client, ids(client)[task], image.read_bytes(), name=image.name, **options)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    run = load_run(serve_runs[task], "cpu")
+    [want], errors = run.predict_files([image], **options)
+    assert not errors
+    mask = want.pop("_mask", None)
+    want["file"] = image.name  # the name the client gave, not a path on the server
+    assert_close({k: v for k, v in answer.items() if k in want}, want)
+    if task == "segment":
+        encoded = answer["mask_png"].removeprefix("data:image/png;base64,")
+        png = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        assert np.array_equal(np.asarray(png), mask.numpy())  # the class of each pixel
+    if task == "detect":
+        assert answer["detections"], "threshold 0 keeps every box"
+
+
+def test_heat_maps_are_what_cnnlab_heatmap_gives(client, serve_runs) -> None:
+    image = first_image(serve_runs["classify_data"])
+    run_id = ids(client)["classify"]
+    answer = post(client, run_id, image.read_bytes(), heatmaps="true", topk=3).json()
+    maps = answer["heatmaps"]["maps"]
+    assert [m["class"] for m in maps] == [t["class"] for t in answer["top"]]
+    assert answer["heatmaps"]["size"] == [32, 32]  # within (8 x 16)^2 pixels: as it is
+    for found in maps:
+        assert_close(found, heatmap(serve_runs["classify"], image, found["class"], device="cpu"))
+    # a strip too long to map at the training size still gets its prediction
+    strip = png_bytes(np.zeros((4, 2000), np.uint8))
+    answer = post(client, run_id, strip, heatmaps="true").json()
+    assert answer["top"] and answer["heatmaps"] is None
+    assert "too elongated" in answer["heatmaps_error"]
+    # a detection run takes no heat-map or top-k option
+    assert_refused(post(client, ids(client)["detect"], image.read_bytes(), topk=2), 400, "topk")
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bomb_png(side: int = 10_000) -> bytes:
+    """A valid grey PNG of side x side black pixels: 100 megapixels in about 100 KB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * ((side + 1) * side), 9)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    )
+
+
+def test_bad_uploads_are_one_line_4xx_and_the_server_goes_on(client, serve_runs) -> None:
+    run_id = ids(client)["classify"]
+    good = first_image(serve_runs["classify_data"]).read_bytes()
+    image = png_bytes(np.full((20, 20), 128, np.uint8))
+    bad = {
+        "empty": (lambda: post(client, run_id, b"", name="empty.png"), 400, "empty.png"),
+        "truncated": (lambda: post(client, run_id, image[:60], name="cut.png"), 400, "cut.png"),
+        "bomb": (lambda: post(client, run_id, bomb_png(), name="bomb.png"), 400, "limit"),
+        "25 MB": (lambda: post(client, run_id, os.urandom(25_000_000)), 413, "20,000,000"),
+        "text": (lambda: post(client, run_id, b"hi", "a.txt", "text/plain"), 415, "text/plain"),
+        "not an image": (lambda: post(client, run_id, b"hello" * 9, "a.png"), 400, "not an image"),
+        "json": (lambda: client.post("/api/predict", json={"run": run_id}), 415, "multipart"),
+        "no file": (
+            lambda: client.post("/api/predict", files={"run": (None, run_id)}),
+            422,
+            "file",
+        ),
+        "unknown run": (lambda: post(client, "runs/../x", good), 404, "no run"),
+        "bad topk": (lambda: post(client, run_id, good, topk=0), 422, "topk"),
+    }
+    for name, (send, status, word) in bad.items():
+        assert_refused(send(), status, word)
+        assert post(client, run_id, good).status_code == 200, f"after {name}"
+
+
+def test_a_body_longer_than_the_limit_is_cut_off_as_it_arrives(client, serve_runs) -> None:
+    """No Content-Length (chunked): the bytes are counted as they come."""
+    run_id = ids(client)["classify"]
+
+    def body():
+        yield b'--b\r\nContent-Disposition: form-data; name="run"\r\n\r\n' + run_id.encode()
+        yield b'\r\n--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
+        for _ in range(21):
+            yield b"\0" * 1_000_000
+        yield b"\r\n--b--\r\n"
+
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    assert_refused(client.post("/api/predict", content=body(), headers=headers), 413, "limit")
+    good = first_image(serve_runs["classify_data"]).read_bytes()
+    assert post(client, run_id, good).status_code == 200
+
+
+def test_a_full_queue_is_503_with_retry_after_until_a_place_frees(client, server, serve_runs):
+    """Two uploads that never finish hold the server's two places."""
+    address = httpx.URL(server.url)
+    held = []
+    for _ in range(2):
+        stalled = socket.create_connection((address.host, address.port))
+        stalled.sendall(
+            b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 9999\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+        )
+        held.append(stalled)
+    run_id = ids(client)["classify"]
+    good = first_image(serve_runs["classify_data"]).read_bytes()
+    deadline = time.monotonic() + 10
+    while (busy := post(client, run_id, good)).status_code == 200:  # until both are admitted
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert_refused(busy, 503, "busy")
+    assert busy.headers["retry-after"] == "1"
+    assert client.get("/healthz").status_code == 200  # only predictions are queued
+    for stalled in held:
+        stalled.close()
+    while (again := post(client, run_id, good)).status_code == 503:
+        assert time.monotonic() < deadline + 10
+        time.sleep(0.05)
+    assert again.status_code == 200
+
+
+def test_the_page_is_served_with_nothing_from_elsewhere(client) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        assert client.get(f"/static/{name}").status_code == 200
+    texts = [page.text, *(client.get(f"/static/{n}").text for n in ("app.js", "style.css"))]
+    for text in texts:
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text
+    assert client.get("/static/../served.py").status_code == 404
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/predict", "/api/runs"}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_it_cleanly_with_status_0(serve_runs, launch_server, sig) -> None:
+    """Even with an upload that never finishes: it is answered 503 as the server stops,
+    so the stop does not wait out uvicorn's grace period and cancel it."""
+    server = launch_server(serve_runs["classify"])
+    assert httpx.get(server.url + "healthz", timeout=30).status_code == 200
+    address = httpx.URL(server.url)
+    with socket.create_connection((address.host, address.port)) as stalled:
+        stalled.sendall(
+            b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 9999\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+        )
+        time.sleep(0.2)
+        started = time.monotonic()
+        assert server.stop(sig) == 0
+        assert time.monotonic() - started < 15
+        stalled.settimeout(5)
+        assert stalled.recv(4096).startswith(b"HTTP/1.1 503 ")
+    log = "".join(server.stderr)
+    assert "Traceback" not in log and "cnnlab serve: stopped" in log
+    assert "timeout graceful shutdown exceeded" not in log  # the upload did not hold it
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cnnlab", "serve", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "--port 70000: expected 0 to 65535"),
+        (["--max-upload-mb", "0"], "--max-upload-mb 0.0: expected a positive size"),
+        (["--queue-size", "0"], "--queue-size: invalid positive value: '0'"),
+    ],
+)
+def test_bad_settings_are_one_line(tmp_path, flags: list[str], message: str) -> None:
+    done = cli(tmp_path, *flags)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert message in done.stderr
+
+
+def test_a_folder_that_is_no_run_or_a_port_in_use_is_one_line(serve_runs, tmp_path) -> None:
+    done = cli(tmp_path)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert str(tmp_path) in done.stderr and "not a cnnlab run folder" in done.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = cli(serve_runs["classify"], "--port", port)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert f"127.0.0.1:{port}: cannot listen" in done.stderr
+
+
+def test_the_pool_batches_the_queued_jobs_of_a_key_oldest_first() -> None:
+    taken, release, batches = threading.Event(), threading.Event(), []
+
+    def work(key, payloads):
+        taken.set()
+        release.wait(10)
+        batches.append((key, list(payloads)))
+        return [ValueError(p) if p == "bad" else p.upper() for p in payloads]
+
+    pool = Pool(work, workers=1, max_batch=3)
+    pool.start()
+    first = pool.submit(Job("a", "x"))
+    assert taken.wait(10)  # the worker holds "x"; the rest queue behind it
+    queued = [("a", "p"), ("b", "q"), ("a", "bad"), ("a", "r"), ("a", "s")]
+    futures = [pool.submit(Job(key, payload)) for key, payload in queued]
+    release.set()
+    assert [f.result(10) for f in (first, *futures[:2], *futures[3:])] == list("XPQRS")
+    with pytest.raises(ValueError, match="bad"):  # only its own request fails
+        futures[2].result(10)
+    pool.stop()
+    assert batches == [("a", ["x"]), ("a", ["p", "bad", "r"]), ("b", ["q"]), ("a", ["s"])]
+    with pytest.raises(RuntimeError, match="stopping"):
+        pool.submit(Job("a", "late"))
+
+
+def test_the_gate_lets_in_its_capacity() -> None:
+    gate = Gate(2)
+    assert gate.enter() and gate.enter() and not gate.enter()
+    gate.leave()
+    assert gate.enter()
+
+
+def test_in_a_batch_each_bad_image_fails_only_its_own_request(serve_runs) -> None:
+    """A segmentation batch with an image below the model's minimum size, one that is no
+    image, and a good one: the model refuses the batch, so each is retried alone."""
+    [served] = load_served([serve_runs["segment"]], "cpu").values()
+    good = first_image(serve_runs["segment_data"]).read_bytes()
+    uploads = [
+        Upload("tiny.png", png_bytes(np.zeros((4, 4, 3), np.uint8))),
+        Upload("junk.png", b"junk"),
+        Upload("good.png", good),
+    ]
+    tiny, junk, answer = served.predict(uploads, {})
+    assert isinstance(tiny, CnnlabError) and "at least 32x32, got 4x4" in str(tiny)
+    assert isinstance(junk, CnnlabError) and str(junk).startswith("junk.png: ")
+    assert answer["file"] == "good.png" and answer["mask_png"].startswith("data:image/png")

@@ -1,0 +1,174 @@
+"""The page of ``cnnlab serve`` in a real browser (Playwright driving Debian's chromium):
+a user picks each run, uploads an image and sees its answer drawn; a bad file is one line
+on the page and the next good one still works; nothing is fetched from elsewhere.
+
+Without chromium these tests skip with the command that installs it, except under CI
+(``CI=true``), where a missing browser is a failure. Screenshots go to pytest's tmp dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium_path() -> str:
+    for found in (shutil.which("chromium"), "/usr/bin/chromium"):
+        if found and os.access(found, os.X_OK):
+            return found
+    message = "no chromium for the browser tests: apt-get install -y chromium"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def server(serve_runs, launch_server):
+    return launch_server(*(serve_runs[task] for task in ("classify", "segment", "detect")))
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh page on the server; fails the test on any script error or console error, and
+    on any request that leaves the server."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    opened = context.new_page()
+    problems: list[str] = []
+    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    opened.on(
+        "console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None
+    )
+    opened.on(
+        "request",
+        lambda r: (
+            None
+            if r.url.startswith((server.url, "data:", "blob:"))
+            else problems.append(f"request elsewhere: {r.url}")
+        ),
+    )
+    opened.problems = problems
+    opened.goto(server.url)
+    opened.wait_for_selector("#run-list button")
+    yield opened
+    context.close()
+    assert not [p for p in problems if "status of 4" not in p], problems  # 4xx: asked for
+
+
+def image_of(folder: Path) -> Path:
+    return sorted(p for p in folder.rglob("*.png") if "masks" not in p.parts)[0]
+
+
+DRAWN = """() => { const c = document.getElementById('overlay');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    for (let i = 3; i < d.length; i += 4) if (d[i] > 0) return true; return false; }"""
+
+
+def wait_drawn(page) -> None:
+    """Until something is drawn on the canvas over the image (it is drawn once both the
+    answer and the image have arrived, in either order)."""
+    page.wait_for_function(DRAWN, timeout=30_000)
+
+
+def answered(page, name: str) -> None:
+    """Wait until the page shows the answer for the file ``name``."""
+    page.wait_for_function(f"document.getElementById('curl').textContent.includes('@{name} ')")
+
+
+def choose(page, task: str) -> None:
+    page.click(f"#run-list button:has(.badge.{task})")
+    page.wait_for_selector(f"#run-details .badge.{task}")
+
+
+def test_classify_shows_top_classes_and_each_class_heat_map(page, server, serve_runs, tmp_path):
+    buttons = page.locator("#run-list button")
+    assert buttons.count() == 3
+    assert sorted(buttons.nth(i).locator(".badge").inner_text() for i in range(3)) == [
+        "CLASSIFY",
+        "DETECT",
+        "SEGMENT",
+    ]
+    choose(page, "classify")
+    image = image_of(serve_runs["classify_data"])
+    page.set_input_files("#file", image)
+    page.wait_for_selector("#top1")
+    page.wait_for_function("document.getElementById('peak').textContent.length > 0")
+    run_id = page.locator("#run-list button[aria-pressed=true]").get_attribute("data-run")
+    with image.open("rb") as handle:
+        answer = httpx.post(
+            server.url + "api/predict",
+            data={"run": run_id, "topk": "10", "heatmaps": "true"},
+            files={"file": (image.name, handle, "image/png")},
+        ).json()
+    best = answer["top"][0]
+    assert page.inner_text("#top1").startswith(best["class"])
+    assert page.locator("#top li").count() == 10
+    wait_drawn(page)  # the top class's heat map
+    first = page.inner_text("#peak")
+    assert first.startswith(f"P({best['class']})")
+    other = answer["top"][1]["class"]
+    page.check(f"#top input[value='{other}']")
+    page.wait_for_function(f"document.getElementById('peak').textContent.startsWith('P({other})')")
+    page.screenshot(path=tmp_path / "classify.png", full_page=True)
+    assert "answered in" in page.inner_text("#status")
+
+
+def test_segment_and_detect_draw_their_answers(page, serve_runs, tmp_path) -> None:
+    choose(page, "segment")
+    page.set_input_files("#file", image_of(serve_runs["segment_data"]))
+    page.wait_for_selector("#fractions li")
+    assert page.locator("#fractions li").count() == 4  # background and three shapes
+    shares = page.locator("#fractions .num").all_inner_texts()
+    assert abs(sum(float(s.rstrip("%")) for s in shares) - 100) < 0.5
+    page.screenshot(path=tmp_path / "segment.png", full_page=True)
+
+    choose(page, "detect")  # the same image goes through the newly chosen run
+    page.wait_for_selector("#detections li")
+    image = image_of(serve_runs["detect_data"])
+    page.set_input_files("#file", image)
+    answered(page, image.name)
+    # the lowest threshold shows every box the server sent
+    page.eval_on_selector(
+        "input[aria-label='score threshold']",
+        "s => { s.value = s.min; s.dispatchEvent(new Event('input')); }",
+    )
+    assert page.locator("#detections li .num").count() > 0
+    wait_drawn(page)  # the boxes
+    page.screenshot(path=tmp_path / "detect.png", full_page=True)
+
+
+def test_a_bad_file_is_one_line_and_the_next_good_one_works(page, serve_runs, tmp_path) -> None:
+    choose(page, "classify")
+    page.set_input_files(
+        "#file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not a png"}]
+    )
+    page.wait_for_selector("#error:not([hidden])")
+    message = page.inner_text("#error")
+    assert message.startswith("400: notes.png:") and "\n" not in message
+    page.screenshot(path=tmp_path / "error.png", full_page=True)
+    page.set_input_files("#file", image_of(serve_runs["classify_data"]))
+    page.wait_for_selector("#top1")
+    assert page.is_hidden("#error")
