@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -87,15 +88,26 @@ DRAWN = """() => { const c = document.getElementById('overlay');
     for (let i = 3; i < d.length; i += 4) if (d[i] > 0) return true; return false; }"""
 
 
+def wait_until(page, predicate: str, timeout: float = 30.0) -> None:
+    """Poll the JavaScript function ``predicate`` until it returns true. Not
+    ``page.wait_for_function``: that evaluates a string inside the page, which the page's
+    Content-Security-Policy (script-src 'self') rightly refuses."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(predicate):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout:.0f} s: {predicate}")
+        time.sleep(0.05)
+
+
 def wait_drawn(page) -> None:
     """Until something is drawn on the canvas over the image (it is drawn once both the
     answer and the image have arrived, in either order)."""
-    page.wait_for_function(DRAWN, timeout=30_000)
+    wait_until(page, DRAWN)
 
 
 def answered(page, name: str) -> None:
     """Wait until the page shows the answer for the file ``name``."""
-    page.wait_for_function(f"document.getElementById('curl').textContent.includes('@{name} ')")
+    wait_until(page, f"() => document.getElementById('curl').textContent.includes('@{name} ')")
 
 
 def choose(page, task: str) -> None:
@@ -115,7 +127,7 @@ def test_classify_shows_top_classes_and_each_class_heat_map(page, server, serve_
     image = image_of(serve_runs["classify_data"])
     page.set_input_files("#file", image)
     page.wait_for_selector("#top1")
-    page.wait_for_function("document.getElementById('peak').textContent.length > 0")
+    wait_until(page, "() => document.getElementById('peak').textContent.length > 0")
     run_id = page.locator("#run-list button[aria-pressed=true]").get_attribute("data-run")
     with image.open("rb") as handle:
         answer = httpx.post(
@@ -131,7 +143,7 @@ def test_classify_shows_top_classes_and_each_class_heat_map(page, server, serve_
     assert first.startswith(f"P({best['class']})")
     other = answer["top"][1]["class"]
     page.check(f"#top input[value='{other}']")
-    page.wait_for_function(f"document.getElementById('peak').textContent.startsWith('P({other})')")
+    wait_until(page, f"() => document.getElementById('peak').textContent.startsWith('P({other})')")
     page.screenshot(path=tmp_path / "classify.png", full_page=True)
     assert "answered in" in page.inner_text("#status")
 
@@ -147,7 +159,10 @@ def test_segment_and_detect_draw_their_answers(page, serve_runs, tmp_path) -> No
 
     choose(page, "detect")  # the same image goes through the newly chosen run
     page.wait_for_selector("#detections li")
-    image = image_of(serve_runs["detect_data"])
+    # A name of its own: the segmentation image was also 0.png, and waiting for "@0.png"
+    # would take the answer already on the page for the new one.
+    image = tmp_path / "detect-image.png"
+    shutil.copyfile(image_of(serve_runs["detect_data"]), image)
     page.set_input_files("#file", image)
     answered(page, image.name)
     # the lowest threshold shows every box the server sent
@@ -155,6 +170,7 @@ def test_segment_and_detect_draw_their_answers(page, serve_runs, tmp_path) -> No
         "input[aria-label='score threshold']",
         "s => { s.value = s.min; s.dispatchEvent(new Event('input')); }",
     )
+    page.wait_for_selector("#detections li .num")
     assert page.locator("#detections li .num").count() > 0
     wait_drawn(page)  # the boxes
     page.screenshot(path=tmp_path / "detect.png", full_page=True)
