@@ -125,8 +125,9 @@ def test_run_folder_contents(run: tuple[Path, dict]) -> None:
         "curves.png",
         "confusion.png",
         "errors.png",
+        "batch.png",
     }
-    for png in ("curves.png", "confusion.png", "errors.png"):
+    for png in ("curves.png", "confusion.png", "errors.png", "batch.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -182,7 +183,9 @@ def test_report_json(run: tuple[Path, dict]) -> None:
     out, report = run
     saved = json.loads((out / "report.json").read_text())
     assert saved == report
-    assert set(saved) == {"split", "best_epoch", "top1", "top5", "loss", "n", "per_class"}
+    assert set(saved) == {
+        "split", "best_epoch", "top1", "top5", "loss", "n", "per_class", "most_confused"
+    }  # fmt: skip
     assert set(saved["per_class"]) == set(CLASSES)
     assert sum(c["support"] for c in saved["per_class"].values()) == saved["n"]
     for stats in saved["per_class"].values():

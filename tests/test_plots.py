@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from cnnlab.errors import CnnlabError
-from cnnlab.plots import line_label, plot_confusion, plot_curves, plot_errors
+from cnnlab.plots import line_label, plot_confusion, plot_curves, plot_errors, spike_indices
 from cnnlab.tasks.classify import ClassifyTask
 
 CLASSIFY_CURVES = ClassifyTask.curves
@@ -89,8 +89,8 @@ def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 def test_errors_grid_rgb(tmp_path: Path) -> None:
     images = normalise(torch.rand(5, 3, 16, 16), 0.5, 0.25)
     out = tmp_path / "errors.png"
-    plot_errors(list(images), list("abcde"), list("edcba"), [0.1, 3, 2, 1, 0.5], out,
-                mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
+    plot_errors(list(images), list("abcde"), list("edcba"), [0.9] * 5, [0.1, 3, 2, 1, 0.5],
+                out, mean=(0.5,) * 3, std=(0.25,) * 3)  # fmt: skip
     pixels = read_png(out).astype(int)
     assert pixels.shape[0] >= 400 and pixels.shape[1] >= 600  # 2 rows x 3 columns
     colourful = np.abs(pixels[..., 0] - pixels[..., 1]) + np.abs(pixels[..., 1] - pixels[..., 2])
@@ -102,12 +102,26 @@ def test_errors_grayscale_shown_in_grey_and_denormalised(tmp_path: Path) -> None
     # A uniform 0.5 grey image normalised with mean 0.5 / std 0.5 is all zeros.
     images = [torch.zeros(1, 16, 16), torch.zeros(1, 16, 16)]
     out = tmp_path / "errors.png"
-    plot_errors(images, ["3", "8"], ["8", "3"], [1.0, 2.0], out, mean=(0.5,), std=(0.5,))
+    plot_errors(images, ["3", "8"], ["8", "3"], [0.6, 0.7], [1.0, 2.0], out, (0.5,), (0.5,))
     pixels = read_png(out).astype(int)
-    # Only neutral greys (image, black text on white): no colour map was applied.
-    assert np.abs(pixels[..., 0] - pixels[..., 2]).max() <= 2
     mid_grey = (np.abs(pixels - 128) <= 2).all(axis=-1)
     assert mid_grey.sum() > 5000  # the de-normalised image, not black (0) or clipped
+    # No colour map on the images: the only colour is the titles' red (both are wrong).
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 110) & (pixels[..., 2] < 110)
+    green = (pixels[..., 1] > 100) & (pixels[..., 0] < 90) & (pixels[..., 2] < 90)
+    colourful = np.abs(pixels[..., 0] - pixels[..., 2]) > 30
+    assert red.sum() > 50 and green.sum() == 0
+    assert colourful.sum() < 0.03 * colourful.size
+
+
+def test_errors_titles_say_right_in_green_and_wrong_in_red(tmp_path: Path) -> None:
+    images = [torch.zeros(1, 16, 16)] * 2
+    out = tmp_path / "errors.png"
+    plot_errors(images, ["3", "8"], ["3", "8"], [0.9, 0.8], [0.1, 0.2], out, (0.5,), (0.5,))
+    pixels = read_png(out).astype(int)
+    green = (pixels[..., 1] > 100) & (pixels[..., 0] < 90) & (pixels[..., 2] < 90)
+    red = (pixels[..., 0] > 150) & (pixels[..., 1] < 110) & (pixels[..., 2] < 110)
+    assert green.sum() > 50 and red.sum() == 0
 
 
 def test_errors_capped_to_sixteen_worst(tmp_path: Path) -> None:
@@ -115,7 +129,7 @@ def test_errors_capped_to_sixteen_worst(tmp_path: Path) -> None:
         out = tmp_path / f"errors{n}.png"
         images = list(torch.zeros(n, 3, 8, 8))
         labels = [str(i) for i in range(n)]
-        plot_errors(images, labels, labels, list(range(n)), out, (0.0,) * 3, (1.0,) * 3)
+        plot_errors(images, labels, labels, [0.5] * n, list(range(n)), out, (0,) * 3, (1,) * 3)
         return read_png(out).shape
 
     assert draw(40) == draw(16) != draw(4)
@@ -123,13 +137,13 @@ def test_errors_capped_to_sixteen_worst(tmp_path: Path) -> None:
 
 def test_errors_empty_is_a_valid_png(tmp_path: Path) -> None:
     out = tmp_path / "errors.png"
-    plot_errors([], [], [], [], out, (0.5,), (0.5,))
+    plot_errors([], [], [], [], [], out, (0.5,), (0.5,))
     assert read_png(out).shape[0] >= 200
 
 
 def test_errors_length_mismatch(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="same length"):
-        plot_errors([torch.zeros(1, 4, 4)], ["a"], [], [1.0], tmp_path / "e.png", (0,), (1,))
+        plot_errors([torch.zeros(1, 4, 4)], ["a"], [], [1], [1.0], tmp_path / "e.png", (0,), (1,))
 
 
 def test_curves_take_the_tasks_panels_and_line_names(tmp_path: Path) -> None:
@@ -142,3 +156,17 @@ def test_curves_take_the_tasks_panels_and_line_names(tmp_path: Path) -> None:
     assert line_label("val_loss", ("train_loss", "val_loss")) == "val"
     assert line_label("val_top1", ("val_top1", "val_top5")) == "val_top1"
     assert line_label("val_map", {"val_map50": "mAP@0.5", "val_map": "mAP"}) == "mAP"
+
+
+def test_a_spike_is_found_and_the_best_epoch_drawn(tmp_path: Path) -> None:
+    losses = [2.0, 1.2, 0.8, 17.7, 0.5, 0.4, 0.35]
+    assert spike_indices(losses) == {3}
+    assert spike_indices([2.0, 1.2, 0.8, 0.6, 0.5]) == set()  # a falling start is no spike
+    assert spike_indices([0.5, 0.4, 3.0]) == {2}  # the last epoch can be one
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text(
+        "epoch,train_loss,val_loss\n" + "".join(f"{i + 1},{v},{v}\n" for i, v in enumerate(losses))
+    )
+    plot_curves(metrics, tmp_path / "plain.png", {"loss": ("train_loss", "val_loss")})
+    plot_curves(metrics, tmp_path / "best.png", {"loss": ("train_loss", "val_loss")}, 5)
+    assert not np.array_equal(read_png(tmp_path / "plain.png"), read_png(tmp_path / "best.png"))

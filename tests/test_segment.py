@@ -177,6 +177,8 @@ def test_train_writes_a_segmentation_run(shapes_run):
         "last.pt",
         "report.json",
         "curves.png",
+        "batch.png",
+        "val_predictions.png",
     ):
         assert (run / name).is_file(), name
     meta = json.loads((run / "model.json").read_text())
@@ -214,10 +216,24 @@ def test_predict_writes_index_masks_and_overlays(shapes_run, tmp_path, capsys):
     for result, image in zip(results, images, strict=True):
         mask = Image.open(result["mask"])
         assert result["mask"] == str(tmp_path / "pred" / image.name)
-        assert mask.mode == "L" and mask.size == Image.open(image).size
-        assert np.array(mask).max() <= 3
+        # A palette PNG: its pixels are the class indices, its palette their colours.
+        assert mask.mode == "P" and mask.size == Image.open(image).size
+        indices = np.array(mask)
+        assert indices.max() <= 3
+        palette = mask.getpalette()
+        assert (
+            palette[:3] == [0, 0, 0] and len(set(map(tuple, np.reshape(palette[:12], (4, 3))))) == 4
+        )
+        shares = np.bincount(indices.ravel(), minlength=4) / indices.size
+        classes = ["background", "circle", "square", "triangle"]
+        for k, name in enumerate(classes):
+            assert shares[k] == pytest.approx(result["class_fractions"].get(name, 0.0), abs=1e-6)
         overlay = Image.open(result["overlay"])
-        assert overlay.mode == "RGB" and overlay.size == mask.size
+        # 64x64 is enlarged by a whole factor to be legible, a legend band below it.
+        width, height = mask.size
+        factor = overlay.width // width
+        assert overlay.mode == "RGB" and factor >= 2 and overlay.width == width * factor
+        assert overlay.height > height * factor
         assert result["overlay"].endswith(f"{image.stem}_overlay.png")
         assert sum(result["class_fractions"].values()) == pytest.approx(1.0)
     json.dumps(results)

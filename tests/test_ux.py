@@ -184,3 +184,110 @@ def test_data_clean_keeps_the_original_not_the_copy(tmp_path: Path) -> None:
         "cat/0 (copy).jpg": "duplicate of cat/0.jpg (kept)",
         "cat/a (1).jpg": "duplicate of cat/1.jpg (kept)",
     }
+
+
+# ------------------------------------------------------------ pictures and mistakes (fastai)
+
+
+def test_eval_lists_the_most_confused_pairs(trained: dict, three_digits: Path) -> None:
+    run = str(trained["run"])
+    report = json.loads(run_cli("eval", run, str(three_digits), "--format", "json").stdout)
+    wrong = round(report["n"] * (1 - report["top1"]))
+    assert sum(m["count"] for m in report["most_confused"]) == wrong
+    counts = [m["count"] for m in report["most_confused"]]
+    assert counts == sorted(counts, reverse=True)
+    assert all(m["true"] != m["pred"] for m in report["most_confused"])
+    text = run_cli("eval", run, str(three_digits)).stdout.splitlines()
+    if wrong:
+        first = report["most_confused"][0]
+        assert text[1].startswith("most confused (true as predicted): ")
+        assert f"{first['true']} as {first['pred']} ({first['count']})" in text[1]
+    else:
+        assert len(text) == 1
+
+
+def test_most_confused_counts_off_diagonal_cells() -> None:
+    from cnnlab.metrics import most_confused
+
+    confusion = torch.tensor([[5, 2, 0], [0, 4, 3], [1, 0, 6]])
+    assert most_confused(confusion, ["a", "b", "c"]) == [
+        {"true": "b", "pred": "c", "count": 3},
+        {"true": "a", "pred": "b", "count": 2},
+        {"true": "c", "pred": "a", "count": 1},
+    ]
+    assert most_confused(torch.eye(3, dtype=torch.long), ["a", "b", "c"]) == []
+
+
+def test_errors_show_the_misclassified_first_then_the_highest_loss() -> None:
+    from torch.utils.data import DataLoader
+
+    from cnnlab.tasks.classify import evaluate
+
+    # Logits chosen by hand: images 1 and 3 are wrong (3 with the lower loss), 0 is right
+    # but unsure (the highest loss among the right ones), 2 is right and sure.
+    logits = torch.tensor([[0.2, 0.0], [0.0, 3.0], [5.0, 0.0], [0.0, 0.5]])
+    targets = torch.tensor([0, 0, 0, 0])
+
+    class Lookup(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return logits[images[:, 0, 0, 0].long()]
+
+    images = torch.arange(4, dtype=torch.float32).reshape(4, 1, 1, 1).expand(4, 1, 2, 2)
+    loader = DataLoader(TensorDataset(images.clone(), targets), batch_size=3)
+    report = evaluate(Lookup(), loader, torch.device("cpu"), ["a", "b"], worst=3)
+    shown = report["_worst"]
+    assert shown["images"][:, 0, 0, 0].tolist() == [1.0, 3.0, 0.0]
+    assert shown["preds"].tolist() == [1, 1, 0]
+    assert shown["probs"][0] == pytest.approx(torch.tensor([0.0, 3.0]).softmax(0)[1].item())
+    assert report["most_confused"] == [{"true": "a", "pred": "b", "count": 2}]
+
+
+def test_a_run_folder_shows_a_training_batch(trained: dict) -> None:
+    batch = Image.open(trained["run"] / "batch.png")
+    assert batch.mode in ("RGB", "RGBA") and min(batch.size) >= 200
+    errors = Image.open(trained["run"] / "errors.png")
+    assert min(errors.size) >= 200
+
+
+def test_drawn_boxes_are_capped_and_the_rest_counted() -> None:
+    from cnnlab.draw import MAX_BOXES_DRAWN, draw_boxes
+
+    image = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+    boxes = [
+        {"box": [i % 8 * 8, i // 8 * 8, i % 8 * 8 + 6, i // 8 * 8 + 6], "class": "a",
+         "score": 1 - i / 100}
+        for i in range(64)
+    ]  # fmt: skip
+    few = draw_boxes(image, boxes[:1], ["a"])
+    many = draw_boxes(image, boxes, ["a"])
+    assert few.shape == many.shape == (3, 256, 256)  # enlarged by 4 to be legible
+    cap = min(MAX_BOXES_DRAWN, 256 * 256 // (64 * 64))
+    # The boxes beyond the cap (the lowest scores, the bottom rows) leave their pixels as
+    # they were, except where the "+N more" note sits in the bottom right corner.
+    last_row = many[:, 7 * 32 + 4 : 7 * 32 + 20, 0:100]
+    assert (last_row == 128).all()
+    assert not (many[:, 0:32, 0:32] == 128).all()  # the best box is drawn
+    assert cap < 64
+
+
+def test_a_predicted_mask_png_keeps_class_indices_and_shows_colours(tmp_path: Path) -> None:
+    from cnnlab.data.segment import read_mask
+    from cnnlab.draw import mask_colour, mask_png
+
+    mask = torch.tensor([[0, 1, 2], [3, 0, 1]], dtype=torch.uint8)
+    path = tmp_path / "mask.png"
+    path.write_bytes(mask_png(mask))
+    assert torch.equal(read_mask(path, 4), mask.long())  # readable back as training labels
+    shown = Image.open(path).convert("RGB")
+    assert shown.getpixel((1, 0)) == mask_colour(1) and shown.getpixel((2, 0)) == mask_colour(2)
+    assert mask_colour(1) != mask_colour(2) and shown.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_a_models_own_flag_is_not_taken_for_a_longer_training_flag(tmp_path: Path) -> None:
+    # --backbone once matched --backbone-lr-mult as an abbreviation and its value was refused.
+    parser = cli.build_parser()
+    args, rest = parser.parse_known_args(
+        ["detect", "train", str(tmp_path), "--model", "yolov1", "--backbone", "vgg11"]
+    )
+    assert rest == ["--backbone", "vgg11"]  # left for the model's own flags
+    assert args.backbone_lr_mult is None  # not given

@@ -89,7 +89,8 @@ def run_demo(task: str = "classify", out: Path | None = None, quiet: bool = Fals
         cfg = make_config("classify", data=str(data), out=str(run_dir), quiet=quiet, **DIGITS_DEMO)
         report = train(cfg)
         print(f"test accuracy: {report['top1']:.2%} on {report['n']} held-out digits")
-        print(f"run folder: {run_dir} (curves.png, confusion.png, errors.png, report.json)")
+        pictures = "batch.png, curves.png, confusion.png, errors.png, report.json"
+        print(f"run folder: {run_dir} ({pictures})")
         return 0
     report = shapes_demo(task, out or next_free_run(f"demo-{task}"), quiet=quiet)
     if task == "segment":

@@ -1,16 +1,20 @@
 """Drawing predictions onto images: boxes, masks and labels, uint8 (C, H, W) in and out.
 
-These are the pictures a prediction is saved as; the figures of a run folder (curves,
-confusion matrix, heat maps) are matplotlib's, in ``cnnlab.plots``.
+These are the pictures a prediction is saved as, and the tiles of a run's batch and
+validation grids; the figures of a run folder (curves, confusion matrix, heat maps) are
+matplotlib's, in ``cnnlab.plots``. One palette (matplotlib's tab10) colours a class's boxes,
+its mask and its legend entry, here and on the web page.
 """
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
+
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-# Box and mask colours: a qualitative palette (tab10), cycled over the classes.
 PALETTE = np.array(
     [
         [31, 119, 180],
@@ -26,8 +30,25 @@ PALETTE = np.array(
     ],
     dtype=np.uint8,
 )
-# Box colours (CSS names too, so a web page draws them alike), cycled over the classes.
-BOX_COLOURS = ["red", "lime", "blue", "yellow", "magenta", "cyan", "orange", "white"]
+MAX_BOXES_DRAWN = 30  # more boxes than this hide the image; the highest scores are drawn
+BOX_AREA = 64 * 64  # and at most one box per this many pixels of the drawing
+LEGIBLE_SIDE = 256  # smaller images are enlarged (whole factors, nearest) to draw on them
+
+
+def box_colour(label: int) -> tuple[int, int, int]:
+    """The colour of class ``label``'s boxes."""
+    return tuple(int(v) for v in PALETTE[label % len(PALETTE)])
+
+
+def mask_colour(label: int) -> tuple[int, int, int]:
+    """The colour of class ``label`` in a mask; the background (class 0) stays black."""
+    if label == 0:
+        return (0, 0, 0)
+    return tuple(int(v) for v in PALETTE[(label - 1) % len(PALETTE)])
+
+
+def hex_colour(rgb: Sequence[int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
 def rgb(image: torch.Tensor) -> torch.Tensor:
@@ -35,38 +56,164 @@ def rgb(image: torch.Tensor) -> torch.Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image[:3]
 
 
-def overlay_mask(image: torch.Tensor, mask: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+def unnormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (C, H, W) of an image normalised with ``mean`` and ``std`` (as a model sees it)."""
+    image = image.detach().float().cpu()
+    mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+    return ((image * std_t + mean_t).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def encode_png(image: torch.Tensor) -> bytes:
+    """PNG bytes of a uint8 (C, H, W) image (C 1 or 3)."""
+    pixels = image.permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def mask_png(mask: torch.Tensor) -> bytes:
+    """PNG bytes of a (H, W) mask of class indices as a palette image: each pixel's value
+    is still its class (what ``cnnlab segment`` reads back), and any viewer shows the
+    classes in their colours instead of near-black greys 0, 1, 2."""
+    classes = mask.numpy().astype(np.uint8)
+    picture = Image.fromarray(classes, mode="P")
+    colours = [mask_colour(label) for label in range(256)]
+    picture.putpalette([channel for colour in colours for channel in colour])
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def legible(image: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(the image enlarged by a whole factor so its shorter side is at least 256 pixels,
+    nearest neighbour, and that factor): labels drawn on a 64x64 image would cover it."""
+    side = min(image.shape[-2:])
+    factor = min(8, -(-LEGIBLE_SIDE // side)) if side < LEGIBLE_SIDE else 1
+    if factor == 1:
+        return image, 1
+    return image.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1), factor
+
+
+def overlay_mask(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    classes: Sequence[str] | None = None,
+    alpha: float = 0.5,
+) -> torch.Tensor:
     """uint8 (3, H, W): the image with every non-background class (mask > 0) tinted in its
-    colour; ``mask`` is (H, W) class indices."""
+    colour; ``mask`` is (H, W) class indices. With ``classes``, a legend band below names
+    the colours of the classes present (the image grows by its height), and an image under
+    256 pixels is first enlarged (``legible``)."""
+    if classes is not None:
+        image, factor = legible(image)
+        mask = mask.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     pixels = rgb(image).permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, 3)
-    classes = mask.numpy().astype(np.int64)
-    colours = PALETTE[(classes - 1) % len(PALETTE)].astype(np.float32)  # (H, W, 3)
-    tinted = (1 - alpha) * pixels + alpha * colours
-    out = np.where(classes[..., None] > 0, tinted, pixels).round().astype(np.uint8)
-    return torch.from_numpy(out).permute(2, 0, 1).contiguous()
+    labels = mask.numpy().astype(np.int64)
+    colours = np.array([mask_colour(k) for k in range(labels.max() + 1)], dtype=np.float32)
+    tinted = (1 - alpha) * pixels + alpha * colours[labels]
+    out = np.where(labels[..., None] > 0, tinted, pixels).round().astype(np.uint8)
+    drawn = torch.from_numpy(out).permute(2, 0, 1).contiguous()
+    if classes is None:
+        return drawn
+    present = sorted(set(np.unique(labels).tolist()) - {0})
+    return legend_below(drawn, [(classes[k], mask_colour(k)) for k in present])
 
 
-def draw_boxes(image: torch.Tensor, detections: list[dict], classes: list[str]) -> torch.Tensor:
-    """uint8 (3, H, W): each detection's ``box`` drawn with "class score" in its class colour."""
-    from torchvision.utils import draw_bounding_boxes
+def legend_below(image: torch.Tensor, entries: list[tuple[str, tuple[int, int, int]]]):
+    """uint8 (3, H + band, W): ``image`` above a white band of colour swatches and names,
+    wrapped over as many lines as the width needs."""
+    width = image.shape[-1]
+    font = _font(12)
+    line_height, swatch = 16, 10
+    lines: list[list[tuple[str, tuple[int, int, int], int]]] = [[]]
+    x = 4
+    for name, colour in entries or [("background only", (255, 255, 255))]:
+        needed = swatch + 4 + int(font.getlength(name)) + 10
+        if x + needed > width and lines[-1]:
+            lines.append([])
+            x = 4
+        lines[-1].append((name, colour, x))
+        x += needed
+    canvas = Image.new("RGB", (width, image.shape[-2] + line_height * len(lines) + 4), "white")
+    canvas.paste(Image.fromarray(rgb(image).permute(1, 2, 0).numpy()), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for row, line in enumerate(lines):
+        y = image.shape[-2] + 4 + row * line_height
+        for name, colour, x in line:
+            draw.rectangle([x, y + 2, x + swatch, y + 2 + swatch], fill=colour, outline="black")
+            draw.text((x + swatch + 4, y), name, fill="black", font=font)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
-    image = rgb(image)
-    if not detections:
-        return image.clone()
-    return draw_bounding_boxes(
-        image,
-        torch.tensor([d["box"] for d in detections]),
-        labels=[f"{d['class']} {d['score']:.2f}" for d in detections],
-        colors=[BOX_COLOURS[classes.index(d["class"]) % len(BOX_COLOURS)] for d in detections],
-        width=2,
-    )
+
+def draw_boxes(
+    image: torch.Tensor,
+    detections: list[dict],
+    classes: list[str],
+    max_boxes: int = MAX_BOXES_DRAWN,
+) -> torch.Tensor:
+    """uint8 (3, H, W): each detection's ``box`` in its class colour with a dark edge (so it
+    shows on any background), its "class score" on a filled tag above the box (inside it
+    at the top edge, and never past the right edge). An image under 256 pixels is first
+    enlarged (``legible``). At most ``max_boxes``, and one per 64x64 pixels of the drawing,
+    the highest scores; a note in the corner says how many more there are."""
+    image, factor = legible(image)
+    canvas = Image.fromarray(rgb(image).permute(1, 2, 0).numpy().copy())
+    height, width = canvas.height, canvas.width
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(10, min(18, round(min(height, width) / 22))))
+    line = max(1, round(min(height, width) / 160))
+    ranked = sorted(detections, key=lambda d: -d.get("score", 1.0))
+    cap = max(1, min(max_boxes, height * width // BOX_AREA))
+    shown, hidden = ranked[:cap], len(ranked) - cap
+    # Lowest scores first, so the best boxes and their tags end up on top.
+    for detection in reversed(shown):
+        x0, y0, x1, y1 = (float(v) * factor for v in detection["box"])
+        colour = box_colour(classes.index(detection["class"]))
+        draw.rectangle([x0 - line, y0 - line, x1 + line, y1 + line], outline="black", width=1)
+        draw.rectangle([x0, y0, x1, y1], outline=colour, width=line + 1)
+        score = detection.get("score")
+        _tag(draw, font, f"{detection['class']} {score:.2f}" if score is not None
+             else detection["class"], colour, x0, y0, width)  # fmt: skip
+    if hidden > 0:
+        _tag(draw, font, f"+{hidden} more below score {shown[-1]['score']:.2f}",
+             (255, 255, 255), width, height, width, anchor_bottom=True)  # fmt: skip
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def _tag(
+    draw: ImageDraw.ImageDraw,
+    font: ImageFont.ImageFont,
+    text: str,
+    colour: tuple[int, int, int],
+    x: float,
+    y: float,
+    width: int,
+    anchor_bottom: bool = False,
+) -> None:
+    """``text`` on a filled box of ``colour`` at (x, y): above y when it fits, else below it;
+    shifted left to stay inside ``width``; black or white text, whichever reads better."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    tag_w, tag_h = right - left + 4, bottom - top + 4
+    x = min(max(0.0, x), max(0.0, width - tag_w))
+    y = y - tag_h if anchor_bottom or y - tag_h >= 0 else y
+    draw.rectangle([x, y, x + tag_w, y + tag_h], fill=colour)
+    luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+    draw.text((x + 2 - left, y + 2 - top), text, fill="black" if luminance > 140 else "white",
+              font=font)  # fmt: skip
 
 
 def caption(image: torch.Tensor, text: str) -> torch.Tensor:
     """uint8 (3, H + band, W): the image below a white band holding ``text``."""
     pixels = rgb(image).permute(1, 2, 0).numpy()
-    band = 14
+    font = _font(11)
+    band = 16
     canvas = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + band), "white")
     canvas.paste(Image.fromarray(pixels), (0, band))
-    ImageDraw.Draw(canvas).text((2, 1), text, fill="black")
-    return torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1).contiguous()
+    ImageDraw.Draw(canvas).text((2, 1), text, fill="black", font=font)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    """Pillow's bundled scalable font at ``size`` pixels (no system font is needed)."""
+    return ImageFont.load_default(size=size)

@@ -42,3 +42,14 @@ def per_class(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -
         name: {"precision": p, "recall": r, "f1": f, "support": s}
         for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
     }
+
+
+def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 10) -> list[dict]:
+    """The most frequent mistakes, as fastai's ``most_confused``: ``[{"true", "pred",
+    "count"}]`` for each off-diagonal cell of the (K, K) ``confusion`` (rows true, columns
+    predicted) holding at least one image, largest first, at most ``top``."""
+    counts = torch.as_tensor(confusion).clone()
+    counts.fill_diagonal_(0)
+    pairs = [(int(counts[t, p]), t, p) for t, p in counts.nonzero().tolist()]
+    pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
+    return [{"true": classes[t], "pred": classes[p], "count": n} for n, t, p in pairs[:top]]

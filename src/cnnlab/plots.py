@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,12 +30,18 @@ _MAX_ERROR_IMAGES = 16
 
 
 def plot_curves(
-    metrics_csv: Path, out: Path, panels: dict[str, Sequence[str] | dict[str, str]]
+    metrics_csv: Path,
+    out: Path,
+    panels: dict[str, Sequence[str] | dict[str, str]],
+    best_epoch: int | None = None,
 ) -> None:
     """One panel per entry of ``panels`` (title -> metrics.csv columns, one line each), from
     a run's ``metrics.csv``. A line is named by its label when the columns come as
     {column: label}, else "train"/"val" when the panel compares one metric on both splits,
-    else by its column."""
+    else by its column. ``best_epoch`` (the weights kept) is marked in every panel. A spike
+    (one epoch's value more than three times its neighbours' and the line's median) would
+    flatten every other epoch: the axis stops short of it and a marker at the top edge
+    gives its value."""
     from matplotlib.ticker import MaxNLocator
 
     rows = _read_metrics(Path(metrics_csv))
@@ -42,10 +49,33 @@ def plot_curves(
     epochs = [_number(row.get("epoch")) for row in rows]
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, columns) in zip(axes, panels.items(), strict=True):
+        kept, spikes = [], []
         for column in columns:
             values = [_number(row.get(column)) for row in rows]
             # Markers make a one-epoch run visible as a point rather than nothing.
-            ax.plot(epochs, values, marker="o", markersize=3, label=line_label(column, columns))
+            line = ax.plot(
+                epochs, values, marker="o", markersize=3, label=line_label(column, columns)
+            )[0]
+            spiked = spike_indices(values)
+            spikes += [(epochs[i], values[i], line.get_color()) for i in spiked]
+            kept += [v for i, v in enumerate(values) if i not in spiked and math.isfinite(v)]
+        if spikes and kept:
+            low, high = min(kept), max(kept)
+            margin = 0.15 * (high - low or abs(high) or 1.0)
+            top = high + margin
+            ax.set_ylim(low - margin / 3, top)
+            for epoch, value, colour in spikes:
+                ax.plot([epoch], [top], marker="^", color=colour, clip_on=False)
+                ax.annotate(
+                    f"{value:.3g}", (epoch, top), textcoords="offset points", xytext=(6, -12),
+                    fontsize=8, color=colour, bbox={"facecolor": "white", "edgecolor": "none"},
+                )  # fmt: skip
+        if best_epoch is not None and rows:
+            ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1)
+            ax.text(
+                best_epoch, 0.02, f" best: epoch {best_epoch}", transform=ax.get_xaxis_transform(),
+                fontsize=8, color="dimgrey",
+            )  # fmt: skip
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.25" ticks
         ax.set_ylabel(title)
@@ -55,6 +85,27 @@ def plot_curves(
         if not rows:
             ax.text(0.5, 0.5, "no epochs yet", ha="center", va="center", transform=ax.transAxes)
     _save(fig, Path(out))
+
+
+def spike_indices(values: list[float]) -> set[int]:
+    """Indices whose value is more than 3x each neighbour's and 3x the line's median."""
+    finite = [v for v in values if math.isfinite(v)]
+    if len(finite) < 3:
+        return set()
+    median = sorted(finite)[len(finite) // 2]
+    found = set()
+    for i, value in enumerate(values):
+        neighbours = [values[j] for j in (i - 1, i + 1) if 0 <= j < len(values)]
+        neighbours = [v for v in neighbours if math.isfinite(v)]
+        if (
+            math.isfinite(value)
+            and neighbours
+            and value > 3 * max(neighbours)
+            and value > 3 * median
+            and value > 0
+        ):
+            found.add(i)
+    return found
 
 
 def line_label(column: str, columns: Sequence[str] | dict[str, str]) -> str:
@@ -105,30 +156,103 @@ def plot_errors(
     images: Sequence[torch.Tensor],
     true: Sequence[str],
     pred: Sequence[str],
+    probs: Sequence[float],
     losses: Sequence[float],
     out: Path,
     mean: Sequence[float],
     std: Sequence[float],
 ) -> None:
-    """A grid of the highest-loss images, each titled "true: X / pred: Y (loss)".
+    """A grid of the images to look at first, as fastai's ``plot_top_losses``: each titled
+    "true / pred" and "(p=0.83, loss 1.54)", the predicted class's probability and the
+    image's loss, in red when the prediction is wrong and green when right, in the order
+    given (misclassified first, then by loss).
 
     ``images`` are normalised (C, H, W) tensors as the model saw them; ``mean`` and ``std``
-    undo that normalisation for display. At most 16 images are shown, worst first.
+    undo that normalisation for display. At most 16 images are shown.
     """
-    if not len(images) == len(true) == len(pred) == len(losses):
-        raise ValueError("images, true, pred and losses must have the same length")
-    worst = sorted(range(len(images)), key=lambda i: -float(losses[i]))[:_MAX_ERROR_IMAGES]
-    cols = max(1, min(4, math.ceil(math.sqrt(len(worst)))))
-    rows = max(1, math.ceil(len(worst) / cols))
-    fig = _new_figure((3 * cols, 3.2 * rows))
-    if not worst:
-        fig.text(0.5, 0.5, "no test images to show", ha="center", va="center")
-    for slot, i in enumerate(worst):
+    if not len(images) == len(true) == len(pred) == len(probs) == len(losses):
+        raise ValueError("images, true, pred, probs and losses must have the same length")
+    shown = min(len(images), _MAX_ERROR_IMAGES)
+    wrong = sum(t != p for t, p in zip(true, pred, strict=True))
+    cols = max(1, min(4, math.ceil(math.sqrt(shown))))
+    rows = max(1, math.ceil(shown / cols))
+    fig = _new_figure((3 * cols, 3.3 * rows + 0.4))
+    if not shown:
+        fig.text(0.5, 0.5, "no images to show", ha="center", va="center")
+    order = "misclassified first (red), then" if wrong else "none misclassified;"
+    fig.suptitle(
+        f"true / predicted (p: the prediction's probability): {order} the highest losses"
+        " (green: right)",
+        fontsize=10,
+    )
+    for slot in range(shown):
         ax = fig.add_subplot(rows, cols, slot + 1)
-        pixels = _denormalise(images[i], mean, std)  # (H, W) or (H, W, 3) in [0, 1]
+        pixels = _denormalise(images[slot], mean, std)  # (H, W) or (H, W, 3) in [0, 1]
         ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0.0, vmax=1.0)
-        ax.set_title(f"true: {true[i]} / pred: {pred[i]} ({float(losses[i]):.2f})", fontsize=8)
+        names = textwrap.shorten(f"{true[slot]} / {pred[slot]}", 34, placeholder="...")
+        colour = "tab:green" if true[slot] == pred[slot] else "tab:red"
+        figures = f"(p={float(probs[slot]):.2f}, loss {float(losses[slot]):.2f})"
+        ax.set_title(f"{names}\n{figures}", fontsize=8, color=colour)
         ax.axis("off")
+    _save(fig, Path(out))
+
+
+def plot_pictures(
+    pictures: Sequence[tuple[torch.Tensor, str]],
+    out: Path,
+    title: str,
+    columns: int = 4,
+    legend: Sequence[tuple[str, Sequence[int]]] = (),
+) -> None:
+    """A grid of uint8 (C, H, W) pictures, each above its caption: a run's batch.png (the
+    training images as the model sees them, augmented, with their labels) and its
+    validation drawings; ``legend`` names colours (class name, RGB) below the grid."""
+    shown = list(pictures)[:_MAX_ERROR_IMAGES]
+    cols = max(1, min(columns, len(shown)))
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig = _new_figure((3 * cols, 3.2 * rows + 0.4))
+    fig.suptitle(title, fontsize=10)
+    if not shown:
+        fig.text(0.5, 0.5, "nothing to show", ha="center", va="center")
+    for slot, (picture, text) in enumerate(shown):
+        ax = fig.add_subplot(rows, cols, slot + 1)
+        pixels = picture.permute(1, 2, 0).numpy()
+        grey = pixels.shape[-1] == 1
+        ax.imshow(
+            pixels[..., 0] if grey else pixels, cmap="gray" if grey else None, vmin=0, vmax=255
+        )
+        ax.set_title(textwrap.shorten(text, 40, placeholder="..."), fontsize=8)
+        ax.axis("off")
+    if legend:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=[c / 255 for c in rgb], label=name) for name, rgb in legend]
+        fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)))
+    _save(fig, Path(out))
+
+
+def plot_pr_curves(
+    curves: dict[str, tuple[Sequence[float], Sequence[float]]],
+    ap50: dict[str, float | None],
+    out: Path,
+) -> None:
+    """Precision against recall at IoU 0.5, one line per class (its AP@0.5 in the legend),
+    as a detection run's pr_curve.png."""
+    fig = _new_figure((6, 5))
+    ax = fig.subplots()
+    for name, (recall, precision) in curves.items():
+        ap = ap50.get(name)
+        ax.plot(recall, precision, label=f"{name} (AP@0.5 {ap:.3f})" if ap is not None else name)
+    if not curves:
+        ax.text(0.5, 0.5, "no labelled objects", ha="center", va="center")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title("precision-recall at IoU 0.5 (validation)")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(loc="lower left")
     _save(fig, Path(out))
 
 
@@ -233,10 +357,10 @@ def _cells(matrix: torch.Tensor) -> list[tuple[tuple[int, int], float]]:
 
 
 def _denormalise(image: torch.Tensor, mean: Sequence[float], std: Sequence[float]):
-    image = image.detach().float().cpu()  # (C, H, W)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
-    pixels = (image * std_t + mean_t).clamp(0.0, 1.0)
+    """(H, W) or (H, W, 3) floats in [0, 1] for imshow, of a normalised (C, H, W) image."""
+    from cnnlab.draw import unnormalise
+
+    pixels = unnormalise(image, mean, std).float() / 255
     if pixels.shape[0] == 1:
         return pixels[0].numpy()  # (H, W): drawn with the grey colour map
     return pixels[:3].permute(1, 2, 0).numpy()  # (H, W, 3)

@@ -17,6 +17,8 @@ never wins back. ``backend="onnxruntime"`` swaps the model for the run's exporte
 
 from __future__ import annotations
 
+import csv
+import io
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,6 +123,21 @@ class Run:
             where = {"split": split if read != folder else None, "data": str(read)}
         return {**where, **{k: v for k, v in report.items() if not k.startswith("_")}}
 
+    def table(self, results: Sequence[dict]) -> str:
+        """CSV text of predictions (from ``predict``/``predict_files``), long format: a
+        header of the task's ``csv_columns`` (classify: file, rank, class, prob; detect:
+        file, class, score, x1, y1, x2, y2 in the image's pixels; segment: file, class,
+        fraction), then the task's rows for each result in turn."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(self.task.csv_columns)
+        for result in results:
+            writer.writerows(
+                [round(v, 6) if isinstance(v, float) else v for v in row]
+                for row in self.task.csv_rows(result)
+            )
+        return buffer.getvalue()
+
     def output_files(self, stem: Path) -> dict[str, Path]:
         """The PNGs ``save`` writes for one prediction, by drawing name: ``STEM.png`` for
         the task's first drawing, ``STEM_NAME.png`` for the others."""
@@ -133,8 +150,6 @@ class Run:
     def save(self, result: dict, stem: str | Path) -> dict[str, str]:
         """Write the task's drawings of one prediction (``result`` from ``predict``, with a
         ``file``) to ``output_files(stem)``, creating folders. Returns {name: path}."""
-        from torchvision.io import encode_png
-
         if result.get("file") is None:
             raise CnnlabError("only predictions of image files can be saved")
         image = read_image(result["file"], self.task.in_channels)
@@ -142,7 +157,7 @@ class Run:
         written = {}
         for name, drawing in self.task.draw(image, result).items():
             targets[name].parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(targets[name], encode_png(drawing).numpy().tobytes())
+            atomic_write_bytes(targets[name], drawing)
             written[name] = str(targets[name])
         return written
 

@@ -71,7 +71,7 @@ def _print_report(report: dict, form: str, task: Any) -> None:
     if form == "json":
         print_json(report)
     else:
-        print(task.headline(report))
+        print("\n".join([task.headline(report), *task.details(report)]))
 
 
 def _load(args: argparse.Namespace, task: str):

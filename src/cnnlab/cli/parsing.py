@@ -183,6 +183,9 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, epilog_of: Callable[[], str] | None = None, **kwargs: Any):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        # No abbreviations: a model's own flag (--backbone) would be read as a prefix of a
+        # training flag (--backbone-lr-mult) and its value refused.
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
         self.epilog_of = epilog_of
 

@@ -35,6 +35,7 @@ from cnnlab.tasks import task_class
 
 _RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
 RESUME_OVERRIDES = ("device", "workers", "quiet")  # what a resumed run may change
+BATCH_PICTURES = 16  # training images shown in batch.png
 
 
 # ---------------------------------------------------------------------------- entry points
@@ -248,6 +249,14 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
     net = distributed.wrap(model, device, ctx)
     step = Step(net, task, optimizer, scaler, device, dtype, cfg.grad_clip, memory_format)
 
+    if saved is None and main:
+        # Each epoch reseeds every generator, so looking at a batch here changes nothing.
+        images, targets = next(iter(train_loader))
+        plots.plot_pictures(
+            task.batch_pictures(images[:BATCH_PICTURES], targets),
+            run_dir / "batch.png",
+            f"a training batch as the model sees it (augment {cfg.augment})",
+        )
     say = Reporter(cfg.quiet or not main, task.score_label)
     say.line(setup_line(cfg, task, model, device, ctx.world_size))
     if start_epoch:
@@ -348,7 +357,9 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
         split, result = task.finish(model, val_data, test_data, device, dtype, run_dir)
         report = {"split": split, "best_epoch": best["epoch"], **public(result)}
         write_json(run_dir / "report.json", report)
-        plots.plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", task.curves)
+        plots.plot_curves(
+            run_dir / "metrics.csv", run_dir / "curves.png", task.curves, best["epoch"]
+        )
         # The figures themselves are the caller's to print (the CLI: on stdout).
         say.line(f"best weights: epoch {best['epoch']}; report, weights and plots in {run_dir}")
     report = distributed.from_main(report)

@@ -93,3 +93,18 @@ class Task(Protocol):
     def headline(self, report: dict) -> str:
         """The report in one line, as ``cnnlab train`` and ``eval`` print it."""
         ...
+
+    def batch_pictures(self, images: torch.Tensor, targets: Any) -> list[tuple[torch.Tensor, str]]:
+        """(uint8 picture, caption) of each image of a training batch, for batch.png."""
+        ...
+
+    def details(self, report: dict) -> list[str]:
+        """Lines printed after the headline (the most frequent mistakes, the classes)."""
+        ...
+
+    #: The header of ``cnnlab predict --save-csv``; ``csv_rows`` gives one result's rows.
+    csv_columns: ClassVar[tuple[str, ...]]
+
+    def csv_rows(self, result: dict) -> list[tuple]:
+        """One prediction's rows under ``csv_columns`` (long format, one row per class or box)."""
+        ...

@@ -21,7 +21,7 @@ import torch
 
 from cnnlab.convolutionalize import FullyConvolutional
 from cnnlab.data.images import BadImageError, decode_bytes, to_channels
-from cnnlab.draw import BOX_COLOURS, PALETTE
+from cnnlab.draw import box_colour, hex_colour, mask_colour
 from cnnlab.errors import CnnlabError
 from cnnlab.files import read_json
 from cnnlab.runs import Run, load_run
@@ -177,12 +177,9 @@ def colours(task: str, count: int) -> list[str | None]:
     """The CSS colour ``cnnlab.draw`` gives each class: its box colour (detection), its mask
     tint (segmentation; the background, class 0, is not tinted), none for classification."""
     if task == "detect":
-        return [BOX_COLOURS[i % len(BOX_COLOURS)] for i in range(count)]
+        return [hex_colour(box_colour(i)) for i in range(count)]
     if task == "segment":
-        tints = [
-            "#{:02x}{:02x}{:02x}".format(*PALETTE[(i - 1) % len(PALETTE)]) for i in range(count)
-        ]
-        return [None, *tints[1:]]
+        return [None, *(hex_colour(mask_colour(i)) for i in range(1, count))]
     return [None] * count
 
 

@@ -55,6 +55,7 @@ class ClassifyTask(RunFacts):
     score_label: ClassVar[str | None] = "top1"
     channels_last: ClassVar[bool] = True
     drawings: ClassVar[tuple[str, ...]] = ("labelled",)  # what ``draw`` returns, in order
+    csv_columns: ClassVar[tuple[str, ...]] = ("file", "rank", "class", "prob")  # --save-csv
     eval_split: ClassVar[str] = "test"  # what `cnnlab eval RUN` reports on
 
     # -- training
@@ -208,6 +209,7 @@ class ClassifyTask(RunFacts):
             list(worst["images"]),
             [self.classes[i] for i in worst["targets"].tolist()],
             [self.classes[i] for i in worst["preds"].tolist()],
+            worst["probs"].tolist(),
             worst["losses"].tolist(),
             run_dir / "errors.png",
             self.mean,
@@ -223,6 +225,27 @@ class ClassifyTask(RunFacts):
             f"{measured_on(report)} top-1 {report['top1']:.2%}{top5}  loss {report['loss']:.4f}"
             f"  ({report['n']} images)"
         )
+
+    def batch_pictures(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> list[tuple[torch.Tensor, str]]:
+        """(uint8 image, its label) for each image of a training batch, as batch.png shows
+        them."""
+        from cnnlab.draw import unnormalise
+
+        return [
+            (unnormalise(image, self.mean, self.std), self.classes[int(label)])
+            for image, label in zip(images, targets, strict=False)
+        ]
+
+    @staticmethod
+    def details(report: dict) -> list[str]:
+        """What follows the headline: the most frequent mistakes."""
+        mistakes = report.get("most_confused") or []
+        if not mistakes:
+            return []
+        shown = ", ".join(f"{m['true']} as {m['pred']} ({m['count']})" for m in mistakes[:5])
+        return [f"most confused (true as predicted): {shown}"]
 
     # -- a finished run
 
@@ -300,13 +323,21 @@ class ClassifyTask(RunFacts):
         return ", ".join(f"{t['class']} {t['prob']:.1%}" for t in result["top"])
 
     @staticmethod
-    def draw(image: torch.Tensor, result: dict) -> dict[str, torch.Tensor]:
-        """uint8 images to save, by name: the image with its top class and probability
-        written above it (``cnnlab.draw``)."""
-        from cnnlab.draw import caption
+    def csv_rows(result: dict) -> list[tuple]:
+        """One row per listed class, in ``csv_columns`` order (rank 1 the top class)."""
+        return [
+            (result["file"], rank, top["class"], top["prob"])
+            for rank, top in enumerate(result["top"], start=1)
+        ]
+
+    @staticmethod
+    def draw(image: torch.Tensor, result: dict) -> dict[str, bytes]:
+        """PNGs to save, by name: the image with its top class and probability written
+        above it (``cnnlab.draw``)."""
+        from cnnlab.draw import caption, encode_png
 
         best = result["top"][0]
-        return {"labelled": caption(image, f"{best['class']} {best['prob']:.0%}")}
+        return {"labelled": encode_png(caption(image, f"{best['class']} {best['prob']:.0%}"))}
 
 
 TASK = ClassifyTask
@@ -324,10 +355,12 @@ def evaluate(
     """Classification metrics of ``model`` over ``loader`` (model left in eval mode).
 
     Returns ``{"top1", "top5", "loss", "n", "per_class": {name: {"precision", "recall",
-    "f1", "support"}}}`` (accuracies as fractions, top5 meaning top-min(5, K), loss the
-    plain mean cross-entropy) plus, for plots, ``_confusion`` (K, K) and, when ``worst``
-    > 0, ``_worst``: the ``worst`` highest-loss samples as ``{"images", "targets",
-    "preds", "losses"}`` CPU tensors.
+    "f1", "support"}}, "most_confused": [{"true", "pred", "count"}]}`` (accuracies as
+    fractions, top5 meaning top-min(5, K), loss the plain mean cross-entropy) plus, for
+    plots, ``_confusion`` (K, K) and, when ``worst`` > 0, ``_worst``: the misclassified
+    samples first, then the highest-loss ones, ``worst`` in all, as ``{"images",
+    "targets", "preds", "probs", "losses"}`` CPU tensors (``probs``: of the predicted
+    class).
     """
     model.eval()
     memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
@@ -344,7 +377,8 @@ def evaluate(
         all_targets.append(targets)
         if worst:
             losses = F.cross_entropy(logits, targets, reduction="none")  # (B,)
-            kept = _keep_worst(kept, (images, targets, logits.argmax(dim=1), losses), worst)
+            probs, preds = logits.softmax(dim=1).max(dim=1)  # (B,), (B,)
+            kept = _keep_worst(kept, (images, targets, preds, probs, losses), worst)
     if not all_logits:
         raise CnnlabError("no readable images to evaluate")
     logits = torch.cat(all_logits).cpu()  # (N, K)
@@ -357,8 +391,9 @@ def evaluate(
         "per_class": metrics.per_class(logits, targets, classes),
         "_confusion": metrics.confusion_matrix(logits, targets),
     }
+    report["most_confused"] = metrics.most_confused(report["_confusion"], classes)
     if kept is not None:
-        names = ("images", "targets", "preds", "losses")
+        names = ("images", "targets", "preds", "probs", "losses")
         report["_worst"] = {name: t.cpu() for name, t in zip(names, kept, strict=True)}
     return report
 
@@ -366,7 +401,11 @@ def evaluate(
 def _keep_worst(
     kept: tuple[torch.Tensor, ...] | None, batch: tuple[torch.Tensor, ...], count: int
 ) -> tuple[torch.Tensor, ...]:
-    """The ``count`` highest-loss samples of ``kept`` and ``batch`` (losses last)."""
+    """The ``count`` samples of ``kept`` and ``batch`` to show as errors: the misclassified
+    first, then by loss (tensors: images, targets, preds, probs, losses)."""
     pool = batch if kept is None else tuple(torch.cat(p) for p in zip(kept, batch, strict=True))
-    order = pool[-1].topk(min(count, len(pool[-1]))).indices
+    targets, preds, losses = pool[1], pool[2], pool[-1]
+    # Any wrong answer outranks every right one; the loss orders within each group.
+    wrong = (preds != targets).to(losses.dtype)
+    order = (losses + wrong * (losses.max() + 1)).topk(min(count, len(losses))).indices
     return tuple(t[order] for t in pool)

@@ -44,6 +44,7 @@ MAX_DETECTIONS = 100  # per image, as COCO's evaluation
 NMS_THRESHOLD = 0.5
 EVAL_SCORE_THRESHOLD = 0.001
 PREDICT_SCORE_THRESHOLD = 0.25
+VAL_PICTURES = 6  # validation images drawn into the run folder
 _UNDERSTATED_ABOVE = 0.05  # evaluating with a higher score threshold drops real detections
 # YOLOv1 for a few hundred 128x128 images trained from scratch: the shared conv head learns
 # where the paper's FC head barely does (see cnnlab.models.yolo); 128 / 16 = an 8 x 8 grid,
@@ -65,6 +66,9 @@ class DetectTask(RunFacts):
     score_label: ClassVar[str | None] = None
     channels_last: ClassVar[bool] = False
     drawings: ClassVar[tuple[str, ...]] = ("drawing",)  # what ``draw`` returns, in order
+    csv_columns: ClassVar[tuple[str, ...]] = (  # --save-csv; boxes in the image's pixels
+        "file", "class", "score", "x1", "y1", "x2", "y2"
+    )  # fmt: skip
     eval_split: ClassVar[str] = "val"
 
     # -- training
@@ -127,6 +131,7 @@ class DetectTask(RunFacts):
         device: torch.device,
         autocast_dtype: torch.dtype | None = None,
         score_threshold: float = EVAL_SCORE_THRESHOLD,
+        pr_curves: bool = False,
     ) -> dict:
         """``mean_average_precision`` of the model's detections on the samples' images."""
         if score_threshold > _UNDERSTATED_ABOVE:
@@ -140,7 +145,7 @@ class DetectTask(RunFacts):
         for chunk in chunks(data, PREDICT_BATCH):
             images = [read_image(sample.path, self.in_channels) for sample in chunk]
             found += self.detect(model, images, device, score_threshold)
-        return mean_average_precision(found, data, self.classes)
+        return mean_average_precision(found, data, self.classes, pr_curves)
 
     @staticmethod
     def rank(val: dict) -> tuple[float, ...]:
@@ -167,7 +172,28 @@ class DetectTask(RunFacts):
         autocast_dtype: torch.dtype | None,
         run_dir: Path,
     ) -> tuple[str, dict]:
-        return "val", self.evaluate(model, val, device, autocast_dtype)
+        """The val report, pr_curve.png (per class) and val_predictions.png (the first val
+        images: their labelled boxes beside the boxes found)."""
+        from cnnlab import plots
+        from cnnlab.draw import draw_boxes
+
+        result = self.evaluate(model, val, device, autocast_dtype, pr_curves=True)
+        plots.plot_pr_curves(result["_pr"], result["per_class_ap50"], run_dir / "pr_curve.png")
+        shown = val[:VAL_PICTURES]
+        images = [read_image(sample.path, self.in_channels) for sample in shown]
+        pictures = []
+        found_all = self.predict(model, images, device)
+        for sample, image, found in zip(shown, images, found_all, strict=True):
+            truth = [
+                {"box": box, "class": self.classes[label]}
+                for box, label in zip(sample.boxes, sample.labels, strict=True)
+            ]
+            pictures.append((draw_boxes(image, truth, self.classes), f"{sample.path.name}: labels"))
+            boxes = found["detections"]
+            caption = f"found {len(boxes)} (score >= {PREDICT_SCORE_THRESHOLD})"
+            pictures.append((draw_boxes(image, boxes, self.classes), caption))
+        plots.plot_pictures(pictures, run_dir / "val_predictions.png", "validation images")
+        return "val", result
 
     @staticmethod
     def headline(report: dict) -> str:
@@ -175,6 +201,32 @@ class DetectTask(RunFacts):
             f"{measured_on(report)} mAP@[.5:.95] {report['map']:.3f}  mAP@0.5"
             f" {report['map50']:.3f}  mAP@0.75 {report['map75']:.3f}  ({report['n_images']} images)"
         )
+
+    def batch_pictures(
+        self, images: Tensor, targets: list[dict[str, Tensor]]
+    ) -> list[tuple[Tensor, str]]:
+        """(uint8 image with its boxes, how many) for each image of a training batch, as
+        batch.png shows them."""
+        from cnnlab.draw import draw_boxes, unnormalise
+
+        pictures = []
+        for image, target in zip(images, targets, strict=False):
+            boxes = [
+                {"box": box, "class": self.classes[label]}
+                for box, label in zip(
+                    target["boxes"].tolist(), target["labels"].tolist(), strict=True
+                )
+            ]
+            drawn = draw_boxes(unnormalise(image, self.mean, self.std), boxes, self.classes)
+            pictures.append((drawn, f"{len(boxes)} object{'s' if len(boxes) != 1 else ''}"))
+        return pictures
+
+    @staticmethod
+    def details(report: dict) -> list[str]:
+        """The AP@0.5 of each class, lowest first."""
+        aps = [(name, ap) for name, ap in report["per_class_ap50"].items() if ap is not None]
+        aps.sort(key=lambda item: item[1])
+        return ["AP@0.5 per class: " + ", ".join(f"{name} {ap:.3f}" for name, ap in aps)]
 
     # -- a finished run
 
@@ -260,24 +312,34 @@ class DetectTask(RunFacts):
         found = ", ".join(f"{d['class']} {d['score']:.2f}" for d in result["detections"])
         return found or "nothing"
 
-    def draw(self, image: Tensor, result: dict) -> dict[str, Tensor]:
-        """uint8 images to save, by name: the image with each box and "class score"
-        (``cnnlab.draw``)."""
-        from cnnlab.draw import draw_boxes
+    @staticmethod
+    def csv_rows(result: dict) -> list[tuple]:
+        """One row per box, in ``csv_columns`` order; none for an image with no boxes."""
+        return [(result["file"], d["class"], d["score"], *d["box"]) for d in result["detections"]]
 
-        return {"drawing": draw_boxes(image, result["detections"], self.classes)}
+    def draw(self, image: Tensor, result: dict) -> dict[str, bytes]:
+        """PNGs to save, by name: the image with each box and "class score"
+        (``cnnlab.draw``)."""
+        from cnnlab.draw import draw_boxes, encode_png
+
+        return {"drawing": encode_png(draw_boxes(image, result["detections"], self.classes))}
 
 
 TASK = DetectTask
 
 
 def mean_average_precision(
-    predictions: list[dict[str, Tensor]], samples: list[DetectionSample], classes: list[str]
+    predictions: list[dict[str, Tensor]],
+    samples: list[DetectionSample],
+    classes: list[str],
+    pr_curves: bool = False,
 ) -> dict[str, Any]:
     """COCO mAP@[.5:.95], mAP@0.5, mAP@0.75 and per-class AP@0.5 of ``predictions``
     against the samples' boxes (torchmetrics, pycocotools backend, up to 100 per image):
     ``{"map", "map50", "map75", "per_class_ap50": {name: ap or None}, "n_images"}``, None
-    for a class with no object in the set."""
+    for a class with no object in the set. With ``pr_curves``, also ``_pr``: per class
+    with objects, (recall, precision) at IoU 0.5 as COCO interpolates it (the precision
+    at each of 101 recall levels up to the recall reached)."""
     from torchmetrics.detection import MeanAveragePrecision
 
     if not any(s.boxes for s in samples):
@@ -291,7 +353,9 @@ def mean_average_precision(
         "sync_on_compute": False,
     }
     coco = MeanAveragePrecision(**common)
-    at50 = MeanAveragePrecision(**common, iou_thresholds=[0.5], class_metrics=True)
+    at50 = MeanAveragePrecision(
+        **common, iou_thresholds=[0.5], class_metrics=True, extended_summary=pr_curves
+    )
     targets = [
         {
             "boxes": torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
@@ -306,10 +370,24 @@ def mean_average_precision(
     labels = result50["classes"].reshape(-1).tolist()
     for label, ap in zip(labels, result50["map_per_class"].reshape(-1).tolist(), strict=True):
         per_class[classes[label]] = ap if ap >= 0 else None  # -1: no object of this class
-    return {
+    report = {
         "map": result["map"].item(),
         "map50": result["map_50"].item(),
         "map75": result["map_75"].item(),
         "per_class_ap50": per_class,
         "n_images": len(samples),
     }
+    if pr_curves:
+        # precision: (IoU thresholds, 101 recall levels, classes, areas, max detections);
+        # recall: the same without the levels. "all" areas, up to 100 detections.
+        levels = torch.linspace(0, 1, 101)
+        curves = {}
+        for k, label in enumerate(labels):
+            reached = float(result50["recall"][0, k, 0, -1])
+            if reached < 0:  # no object of this class
+                continue
+            keep = levels <= reached + 1e-9
+            precision = result50["precision"][0, :, k, 0, -1].float().clamp(min=0)
+            curves[classes[label]] = (levels[keep].tolist(), precision[keep].tolist())
+        report["_pr"] = curves
+    return report

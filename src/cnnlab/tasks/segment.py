@@ -16,7 +16,7 @@ from torchvision import tv_tensors
 
 from cnnlab.config import TrainConfig
 from cnnlab.data import segment as segdata
-from cnnlab.data.images import detect_in_channels, image_size
+from cnnlab.data.images import detect_in_channels, image_size, read_image
 from cnnlab.data.loaders import eval_loader, train_loader
 from cnnlab.data.segment import IGNORE_INDEX, SegSplits
 from cnnlab.data.splits import split_folder
@@ -26,6 +26,7 @@ from cnnlab.registry import check_input_size
 from cnnlab.tasks.common import RunFacts, measured_on
 
 EVAL_BATCH = 8
+VAL_PICTURES = 6  # validation images drawn into the run folder
 COLUMNS = (
     "epoch",
     "lr",
@@ -83,6 +84,7 @@ class SegmentTask(RunFacts):
     score_label: ClassVar[str | None] = "pixel acc"
     channels_last: ClassVar[bool] = False
     drawings: ClassVar[tuple[str, ...]] = ("mask", "overlay")  # what ``draw`` returns, in order
+    csv_columns: ClassVar[tuple[str, ...]] = ("file", "class", "fraction")  # --save-csv
     eval_split: ClassVar[str] = "val"
 
     # -- training
@@ -208,7 +210,31 @@ class SegmentTask(RunFacts):
         autocast_dtype: torch.dtype | None,
         run_dir: Path,
     ) -> tuple[str, dict]:
-        return "val", self.evaluate(model, val, device, autocast_dtype)
+        """The val report and val_predictions.png: the first val images with their labelled
+        mask beside the predicted one."""
+        from cnnlab import plots
+        from cnnlab.draw import mask_colour, overlay_mask
+
+        result = self.evaluate(model, val, device, autocast_dtype)
+        shown = self.splits.val[:VAL_PICTURES]
+        images = [read_image(image, self.in_channels) for image, _ in shown]
+        pictures = []
+        for (path, mask_path), image, found in zip(
+            shown, images, self.predict(model, images, device), strict=True
+        ):
+            truth = segdata.read_mask(mask_path, len(self.classes))
+            labelled = truth != IGNORE_INDEX
+            truth = torch.where(labelled, truth, 0)  # unlabelled pixels shown untinted
+            predicted = found["_mask"].long()
+            accuracy = (predicted == truth)[labelled].float().mean().item()
+            pictures.append((overlay_mask(image, truth), f"{path.name}: labels"))
+            pictures.append(
+                (overlay_mask(image, predicted), f"predicted ({accuracy:.0%} of pixels)")
+            )
+        legend = [(name, mask_colour(k)) for k, name in enumerate(self.classes) if k > 0]
+        plots.plot_pictures(pictures, run_dir / "val_predictions.png", "validation images",
+                            legend=legend)  # fmt: skip
+        return "val", result
 
     @staticmethod
     def headline(report: dict) -> str:
@@ -216,6 +242,28 @@ class SegmentTask(RunFacts):
             f"{measured_on(report)} mIoU {report['miou']:.2%}  pixel accuracy"
             f" {report['pixel_acc']:.2%}  ({report['n']} images)"
         )
+
+    def batch_pictures(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> list[tuple[torch.Tensor, str]]:
+        """(uint8 image with its mask tinted, the classes in it) for each image of a training
+        batch, as batch.png shows them (padding, labelled 255, is left untinted)."""
+        from cnnlab.draw import overlay_mask, unnormalise
+
+        pictures = []
+        for image, mask in zip(images, targets, strict=False):
+            shown = torch.where(mask == IGNORE_INDEX, 0, mask)
+            present = sorted(set(shown.unique().tolist()) - {0})
+            names = ", ".join(self.classes[k] for k in present) or "background only"
+            pictures.append((overlay_mask(unnormalise(image, self.mean, self.std), shown), names))
+        return pictures
+
+    @staticmethod
+    def details(report: dict) -> list[str]:
+        """The IoU of each class, lowest first."""
+        ious = [(name, iou) for name, iou in report["per_class_iou"].items() if iou is not None]
+        ious.sort(key=lambda item: item[1])
+        return ["IoU per class: " + ", ".join(f"{name} {iou:.1%}" for name, iou in ious)]
 
     # -- a finished run
 
@@ -282,13 +330,21 @@ class SegmentTask(RunFacts):
         return ", ".join(f"{name} {fraction:.1%}" for name, fraction in shown if fraction > 0)
 
     @staticmethod
-    def draw(image: torch.Tensor, result: dict) -> dict[str, torch.Tensor]:
-        """uint8 images to save, by name: the mask (class index per pixel) and the image
-        with the classes tinted (``cnnlab.draw``)."""
-        from cnnlab.draw import overlay_mask
+    def csv_rows(result: dict) -> list[tuple]:
+        """One row per class (absent ones with 0), in ``csv_columns`` order."""
+        return [(result["file"], name, share) for name, share in result["class_fractions"].items()]
+
+    def draw(self, image: torch.Tensor, result: dict) -> dict[str, bytes]:
+        """PNGs to save, by name: the mask (each pixel's value its class index, shown in the
+        class colours) and the image with the classes tinted above a legend
+        (``cnnlab.draw``)."""
+        from cnnlab.draw import encode_png, mask_png, overlay_mask
 
         mask = result["_mask"]
-        return {"mask": mask[None], "overlay": overlay_mask(image, mask)}
+        return {
+            "mask": mask_png(mask),
+            "overlay": encode_png(overlay_mask(image, mask, self.classes)),
+        }
 
 
 TASK = SegmentTask
