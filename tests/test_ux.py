@@ -291,3 +291,50 @@ def test_a_models_own_flag_is_not_taken_for_a_longer_training_flag(tmp_path: Pat
     )
     assert rest == ["--backbone", "vgg11"]  # left for the model's own flags
     assert args.backbone_lr_mult is None  # not given
+
+
+def first_image(folder: Path) -> Path:
+    return sorted(p for p in folder.rglob("*.png") if p.parent.name != "proposals")[0]
+
+
+@pytest.mark.parametrize("task", ["classify", "segment", "detect"])
+def test_predict_save_and_save_csv_for_every_task(
+    task: str, serve_runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    image = first_image(serve_runs[f"{task}_data"])
+    shutil.copy(image, tmp_path / "pic.png")
+    command = [] if task == "classify" else [task]
+    table = tmp_path / "out" / "pred.csv"
+    args = [*command, "predict", str(serve_runs[task]), str(tmp_path / "pic.png")]
+    if task == "detect":  # the tiny run's boxes score low; keep them so there are rows
+        args += ["--score-threshold", "0"]
+    assert cli.main([*args, "--save", str(tmp_path / "drawn"), "--save-csv", str(table)]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "drawn" / "pic.png").stat().st_size > 0
+    rows = table.read_text().splitlines()
+    header = rows[0].split(",")
+    body = [dict(zip(header, row.split(","), strict=True)) for row in rows[1:]]
+    assert body and all(row["file"] == str(tmp_path / "pic.png") for row in body)
+    if task == "classify":
+        assert header == ["file", "rank", "class", "prob"]
+        assert [int(row["rank"]) for row in body] == list(range(1, len(body) + 1))
+        probs = [float(row["prob"]) for row in body]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1.0001
+    elif task == "segment":
+        assert header == ["file", "class", "fraction"]
+        assert abs(sum(float(row["fraction"]) for row in body) - 1) < 1e-4
+    else:
+        assert header == ["file", "class", "score", "x1", "y1", "x2", "y2"]
+        width, height = Image.open(image).size
+        for row in body:
+            assert 0 <= float(row["x1"]) <= float(row["x2"]) <= width
+            assert 0 <= float(row["y1"]) <= float(row["y2"]) <= height
+    # The same command again: the CSV is refused before any drawing is replaced.
+    drawn_before = (tmp_path / "drawn" / "pic.png").stat().st_mtime_ns
+    assert cli.main([*args, "--save", str(tmp_path / "drawn"), "--save-csv", str(table)]) == 2
+    assert "pred.csv: already exists; choose another --save-csv" in capsys.readouterr().err
+    assert (tmp_path / "drawn" / "pic.png").stat().st_mtime_ns == drawn_before
+    assert cli.main([*args, "--save-csv", str(tmp_path)]) == 2
+    assert "is a folder; --save-csv takes a file name" in capsys.readouterr().err
+    assert cli.main([*args, "--save-csv", str(tmp_path / "pic.png")]) == 2
+    assert "would replace this input" in capsys.readouterr().err

@@ -150,15 +150,22 @@ def output_stems(inputs: list[Path], out_dir: Path) -> dict[Path, Path]:
     return stems
 
 
-def check_targets(targets: list[Path], inputs: list[Path], overwrite: bool) -> None:
+def check_targets(
+    targets: list[Path], inputs: list[Path], overwrite: bool, flag: str = "--out"
+) -> None:
     """CnnlabError before anything is written when a target is one of the inputs (always
-    refused) or an existing file (refused unless ``overwrite``)."""
+    refused) or an existing file (refused unless ``overwrite``); ``flag`` is the option
+    that named the target, for the message."""
     sources = {path.resolve() for path in inputs}
     for target in targets:
         if target.resolve() in sources:
-            raise CnnlabError(f"{target}: an output would replace this input; choose another --out")
+            raise CnnlabError(
+                f"{target}: an output would replace this input; choose another {flag}"
+            )
         if target.exists() and not overwrite:
-            raise CnnlabError(f"{target}: already exists; choose another --out or pass --overwrite")
+            raise CnnlabError(
+                f"{target}: already exists; choose another {flag} or pass --overwrite"
+            )
 
 
 _HASH_CHUNK = 1 << 20  # bytes read at a time

@@ -241,7 +241,7 @@ def cmd_eval(args: argparse.Namespace, extra: dict) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
-    from cnnlab.files import check_targets, output_stems
+    from cnnlab.files import atomic_write_text, check_targets, output_stems
 
     run = _load(args, args.task)
     options = {}
@@ -250,15 +250,22 @@ def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
             options[name] = getattr(args, name)
     results, errors = run.predict_files([Path(p) for p in args.paths], **options)
     out = args.out or (_new_folder("predictions") if args.task == "segment" else None)
+    inputs = [Path(r["file"]) for r in results]
+    # Every name is checked before anything is written: no input is ever replaced, an
+    # existing file only with --overwrite, and two inputs never share an output.
+    if args.save_csv is not None:
+        if Path(args.save_csv).is_dir():
+            raise CnnlabError(f"{args.save_csv}: is a folder; --save-csv takes a file name")
+        check_targets([Path(args.save_csv)], inputs, args.overwrite, "--save-csv")
     if out is not None and results:
-        # Every name is checked before anything is written: no input is ever replaced, an
-        # existing file only with --overwrite, and two inputs never share an output.
-        inputs = [Path(r["file"]) for r in results]
         stems = output_stems(inputs, Path(out))
         targets = [f for path in inputs for f in run.output_files(stems[path]).values()]
         check_targets(targets, inputs, args.overwrite)
         for result, path in zip(results, inputs, strict=True):
             result.update(run.save(result, stems[path]))
+    if args.save_csv is not None:
+        Path(args.save_csv).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.save_csv, run.table(results))
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     results = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]

@@ -343,8 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("run", help="a run folder")
         sub.add_argument("paths", nargs="+", metavar="IMAGE", help="image files or folders")
         default_out = "a new ./predictions" if task == "segment" else "none: nothing drawn"
-        sub.add_argument("--out", help=f"folder for the drawn results (default: {default_out})")
-        sub.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+        sub.add_argument(
+            "--out",
+            "--save",
+            dest="out",
+            metavar="DIR",
+            help=f"folder for the drawn results (default: {default_out})",
+        )
+        sub.add_argument(
+            "--save-csv",
+            metavar="FILE",
+            help="write the predictions to a CSV file, one row per class, box or mask class",
+        )
+        sub.add_argument(
+            "--overwrite", action="store_true", help="replace files already in --out / --save-csv"
+        )
         sub.add_argument("--device", default="auto", help=DEVICE_HELP)
         backend(sub)
         if task == "classify":
