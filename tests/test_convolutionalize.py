@@ -153,6 +153,23 @@ def test_heat_map_peaks_where_the_digit_is(digits_run, tmp_path):
         heatmap(run, tmp_path / "canvas.png", class_name="cat")
 
 
+def test_the_peak_is_given_in_the_image_s_own_pixels_when_the_map_was_made_smaller(digits_run):
+    from cnnlab.heatmap import class_maps
+    from cnnlab.runs import load_run
+
+    run, images, labels = digits_run
+    three = images[labels == 3][0, 0]
+    canvas = torch.zeros(96, 96, dtype=torch.uint8)
+    top, left = 56, 16  # the digit drawn twice as large
+    canvas[top : top + 32, left : left + 32] = three.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    maps = class_maps(load_run(run), canvas[None], max_pixels=48 * 48)
+    assert tuple(maps.pixels.shape[-2:]) == (48, 48)  # mapped at half size
+    result = maps.result(maps.index("3"))
+    assert result["peak"] == [top // 2 // 4, left // 2 // 4]
+    assert result["peak_box"] == [left, top, left + 32, top + 32]
+    assert result["peak_xy"] == [left + 16, top + 16]
+
+
 def test_the_package_name_stays_the_function_after_its_module_is_imported():
     import importlib
 

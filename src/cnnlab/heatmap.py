@@ -34,9 +34,10 @@ def heatmap(
     highest), optionally drawn over the image into the PNG ``out``.
 
     Returns ``{"class", "map": [[p, ...], ...], "shape": [H', W'], "peak": [row, col],
-    "prob": p at the peak, "peak_box": [x0, y0, x1, y1]}`` where ``peak_box`` is the input
-    region (pixels) the peak cell scores. An image smaller than the training size is first
-    enlarged to it (shorter side).
+    "prob": p at the peak, "peak_box": [x0, y0, x1, y1], "peak_xy": [x, y]}`` where
+    ``peak_box`` is the region the peak cell scores and ``peak_xy`` its centre, both in the
+    image's own pixels. An image smaller than the training size is first enlarged to it
+    (shorter side) and the map computed on that, but the box is given in the image as read.
     """
     loaded = load_run(run, device)
     maps = class_maps(loaded, read_image(Path(image), loaded.task.in_channels))
@@ -67,6 +68,7 @@ class ClassMaps:
     pixels: torch.Tensor  # uint8 (C, H, W): the image as mapped (resized when it had to be)
     boxes: CellBoxes  # where each cell looks in ``pixels``
     classes: list[str]
+    image_size: tuple[int, int]  # (H, W) of the image as given, before any resizing
 
     def index(self, class_name: str | None = None) -> int:
         """The index of ``class_name``, or (None) of the class whose map peaks highest."""
@@ -82,13 +84,19 @@ class ClassMaps:
         """``heatmap``'s document for the class at ``index``."""
         grid = self.probs[index]  # (H', W')
         row, col = divmod(int(grid.argmax()), grid.shape[1])
+        # The window is found in the pixels as mapped; a user reads it in the image's own.
+        (height, width), (mapped_h, mapped_w) = self.image_size, self.pixels.shape[-2:]
+        sx, sy = width / mapped_w, height / mapped_h
+        x0, y0, x1, y1 = self.boxes.box(row, col)
+        box = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
         return {
             "class": self.classes[index],
             "map": [[round(float(p), 6) for p in line] for line in grid.tolist()],
             "shape": list(grid.shape),
             "peak": [row, col],
             "prob": float(grid[row, col]),
-            "peak_box": self.boxes.box(row, col),
+            "peak_box": [round(v, 2) for v in box],
+            "peak_xy": [round((box[0] + box[2]) / 2, 2), round((box[1] + box[3]) / 2, 2)],
         }
 
 
@@ -114,7 +122,7 @@ def class_maps(
     with torch.inference_mode():
         probs = model(x[None].to(run.device)).softmax(dim=1)[0].float().cpu()  # (K, H', W')
     boxes = CellBoxes(model, tuple(pixels.shape[-2:]), tuple(probs.shape[-2:]))
-    return ClassMaps(probs, pixels, boxes, list(run.classes))
+    return ClassMaps(probs, pixels, boxes, list(run.classes), tuple(image.shape[-2:]))
 
 
 class CellBoxes:

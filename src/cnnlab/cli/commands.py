@@ -326,8 +326,11 @@ def cmd_heatmap(args: argparse.Namespace, extra: dict) -> int:
         print_json(result)
     else:
         rows, cols = result["shape"]
+        (x, y), box = result["peak_xy"], ", ".join(f"{v:g}" for v in result["peak_box"])
         print(
-            f"{result['class']}: {rows}x{cols} probability map, peak at cell {result['peak']}"
+            f"{result['class']}: {rows}x{cols} probability map; P({result['class']}) peaks at"
+            f" {result['prob']:.2%} around pixel ({x:g}, {y:g}), the window [{box}]"
+            f" (x0, y0, x1, y1; cell {result['peak'][0]}, {result['peak'][1]})"
             + (f"; drawn to {args.out}" if args.out else "")
         )
     return 0

@@ -321,10 +321,10 @@ function drawHeatmap(answer) {
   const [left, right, bottom, top] = answer.heatmaps.extent;
   ctx.imageSmoothingEnabled = true;
   ctx.drawImage(cells, left * sx, top * sy, (right - left) * sx, (bottom - top) * sy);
-  const [x0, y0, x1, y1] = found.peak_box;
+  const [x0, y0, x1, y1] = found.peak_box; // already in the image's own pixels
   ctx.lineWidth = 2 / ctx.getTransform().a;
   ctx.strokeStyle = "#ffffff";
-  ctx.strokeRect(x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy);
+  ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
   const peak = $("peak");
   if (peak) peak.textContent = `P(${found.class}) peaks at ${pct(found.prob)} in the window outlined (cell ${found.peak.join(", ")} of ${rows}×${cols}).`;
 }
