@@ -18,7 +18,9 @@ from typing import Any
 
 from cnnlab.errors import CnnlabError
 
-AUGMENTS = ("none", "light", "strong")
+# trivial and randaugment: torchvision's TrivialAugmentWide and RandAugment policies after the
+# light crop (classification only; see cnnlab.data.transforms).
+AUGMENTS = ("none", "light", "strong", "trivial", "randaugment")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # AdamW's decoupled decay wants a much larger value than SGD's L2 penalty (timm's defaults).
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 5e-4}
@@ -74,6 +76,15 @@ class TrainConfig:
     augment: str = _setting("light", "training augmentation", AUGMENTS)
     flip: bool = _setting(True, "random horizontal flips (--no-flip for digits, text)")
     label_smoothing: float = _setting(0.0, "cross-entropy label smoothing for training")
+    mixup: float = _setting(0.0, "MixUp alpha for training batches (timm: 0.8); 0: off")
+    cutmix: float = _setting(
+        0.0, "CutMix alpha (timm: 1.0); 0: off; with mixup each batch takes one of the two"
+    )
+    ema: float | None = _setting(
+        None,
+        "decay of a moving average of the weights (timm: 0.9998), warmed up as timm's; the"
+        " average is what is evaluated and saved",
+    )
     patience: int | None = _setting(None, "stop after this many epochs without a better best")
     val_split: float = _setting(0.1, "fraction held out for validation (unless DIR/val exists)")
     test_split: float = _setting(0.1, "fraction held out for testing (unless DIR/test exists)")
@@ -106,6 +117,10 @@ class TrainConfig:
         _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be positive")
         _require(self.img_size is None or self.img_size >= 1, "img_size must be positive")
         _require(0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)")
+        for name in ("mixup", "cutmix"):
+            value = getattr(self, name)
+            _require(0 <= value < math.inf, f"{name} must be 0 (off) or a positive alpha")
+        _require(self.ema is None or 0 < self.ema < 1, "ema must be a decay between 0 and 1")
         _require(self.patience is None or self.patience >= 1, "patience must be at least 1")
         _require(0 <= self.val_split < 1, "val_split must be in [0, 1)")
         _require(0 <= self.test_split < 1, "test_split must be in [0, 1)")

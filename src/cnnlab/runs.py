@@ -181,7 +181,11 @@ class Run:
 
 
 def load_run(
-    path: str | Path, device: str = "auto", fast: bool = True, backend: str = "torch"
+    path: str | Path,
+    device: str = "auto",
+    fast: bool = True,
+    backend: str = "torch",
+    tta: bool = False,
 ) -> Run:
     """Load a run folder of any task: model from ``model.json`` and ``best.safetensors``.
 
@@ -190,11 +194,20 @@ def load_run(
     without it the model is exactly the trained module. ``backend="onnxruntime"`` runs
     ``RUN/model.onnx`` (``cnnlab export RUN``) in ONNX Runtime on the CPU instead, with
     torch's thread count; it must have been exported from the run's present weights.
+    ``tta`` (classification) predicts and evaluates with test-time augmentation: the class
+    probabilities averaged over views the run trained on (see ``tasks.classify.TTA``).
     """
     if backend not in BACKENDS:
         raise CnnlabError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
     run_dir = checkpoint.require_run_dir(Path(path))
     meta = checkpoint.read_model_json(run_dir)
+    run = _load_model(run_dir, meta, device, fast, backend)
+    if tta:
+        run.model = run.task.test_time_augmented(run.model, run_dir / "config.yaml")
+    return run
+
+
+def _load_model(run_dir: Path, meta: ModelMeta, device: str, fast: bool, backend: str) -> Run:
     if backend == "onnxruntime":
         if device not in ("auto", "cpu"):
             raise CnnlabError(f"the onnxruntime backend runs on the CPU, not {device}")

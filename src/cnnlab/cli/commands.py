@@ -79,7 +79,9 @@ def _load(args: argparse.Namespace, task: str):
     another task's."""
     from cnnlab.runs import load_run
 
-    run = load_run(Path(args.run), device=args.device, backend=args.backend)
+    run = load_run(
+        Path(args.run), device=args.device, backend=args.backend, tta=getattr(args, "tta", False)
+    )
     if run.task.name != task:
         right = TASK_COMMANDS[run.task.name]
         raise CnnlabError(

@@ -228,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
             help="onnxruntime: run RUN/model.onnx (`cnnlab export RUN`) on the CPU",
         )
 
+    def test_time_augmentation(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--tta",
+            action="store_true",
+            help="average each image's class probabilities with its mirror image (when the"
+            " run trained with flips) and a 90%% centre zoom (when it trained with crops)",
+        )
+
     sub = add(commands, "models", c.cmd_models, "list every registered model")
     fmt(sub, ("table", "json"))
     sub = add(
@@ -327,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--split", choices=splits, help="(default: test, else val)")
         sub.add_argument("--device", default="auto", help=DEVICE_HELP)
         backend(sub)
+        if task == "classify":
+            test_time_augmentation(sub)
         if task == "detect":
             sub.add_argument(
                 "--score-threshold", type=fraction, help="keep boxes above (default: 0.001)"
@@ -362,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         backend(sub)
         if task == "classify":
             sub.add_argument("--topk", type=int, default=5, help="classes listed per image")
+            test_time_augmentation(sub)
         if task == "detect":
             sub.add_argument(
                 "--score-threshold", type=fraction, help="keep boxes above (default: 0.25)"

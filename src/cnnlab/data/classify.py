@@ -299,6 +299,18 @@ def collate_skip_bad(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     return default_collate(good)
 
 
+class MixingCollate:
+    """``collate_skip_bad``, then ``mix`` (``transforms.batch_mix``) on the batch: labels
+    become soft (B, K). A class, not a closure, so worker processes can unpickle it."""
+
+    def __init__(self, mix: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.mix = mix
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = collate_skip_bad(batch)
+        return self.mix(images, labels) if len(images) else (images, labels)
+
+
 def _class_counts(samples: Sequence[Sample], num_classes: int) -> torch.Tensor:
     labels = torch.tensor([label for _, label in samples], dtype=torch.long)  # (N,)
     return torch.bincount(labels, minlength=num_classes).float()  # (num_classes,)

@@ -16,9 +16,17 @@ and edges. Training presets keep most of the object for the same reason:
 - ``strong``: RandomResizedCrop (scale 0.25..1), flip, TrivialAugmentWide, stronger
   ColorJitter, GaussianBlur with probability 0.2.
 
+- ``trivial``: the light crop and flip, then TrivialAugmentWide (one operation a picture at
+  a random strength: rotations up to 135 degrees, shears, posterize, solarize, ...).
+- ``randaugment``: the light crop and flip, then RandAugment (two operations at magnitude 9
+  of 31: rotations up to 9 degrees), as timm's ``rand-m9``.
+
 ``flip=False`` says orientation carries meaning (digits, text): no flips, and ``strong``
 uses a mild RandomAffine (10 degrees) instead of TrivialAugmentWide, whose rotations reach
-135 degrees and would turn a 6 into a 9.
+135 degrees and would turn a 6 into a 9. ``trivial`` is that policy as asked for, flips or
+not; ``randaugment`` stays mild enough for digits.
+
+MixUp and CutMix mix whole batches (``batch_mix``), after collation.
 
 Segmentation transforms (image, mask) pairs at the images' own scale and evaluates whole
 images; detection resizes to a square and moves the boxes with every geometric step.
@@ -92,6 +100,13 @@ def classify_train(
     _check(img_size, augment)
     if augment == "none":
         return classify_eval(img_size, mean, std)
+    if augment in ("trivial", "randaugment"):
+        steps = [v2.RandomResizedCrop(img_size, scale=(0.7, 1.0), ratio=(5 / 6, 6 / 5))]
+        if flip:
+            steps.append(v2.RandomHorizontalFlip())
+        steps.append(v2.TrivialAugmentWide() if augment == "trivial" else v2.RandAugment())
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        return v2.Compose(steps)
     strong = augment == "strong"
     # Crops stay near square: the final resize to S x S would otherwise stretch the object.
     ratio = (3 / 4, 4 / 3) if strong else (5 / 6, 6 / 5)
@@ -116,6 +131,20 @@ def classify_train(
     return v2.Compose(steps)
 
 
+def batch_mix(mixup: float, cutmix: float, num_classes: int) -> v2.Transform | None:
+    """MixUp and/or CutMix of a collated (images, labels) batch into (images, soft labels
+    (B, K)) with Beta(alpha, alpha) weights; with both, each batch takes one at random
+    (timm's switch probability 0.5). None when both alphas are 0."""
+    mixes = [
+        mix(alpha=alpha, num_classes=num_classes)
+        for mix, alpha in ((v2.MixUp, mixup), (v2.CutMix, cutmix))
+        if alpha > 0
+    ]
+    if not mixes:
+        return None
+    return mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+
+
 # --- segmentation --------------------------------------------------------------------
 
 
@@ -138,7 +167,7 @@ def segment_train(
     ``none``: crop and flips only; ``light``: rescaling by 0.8-1.25 (no stretching: an aspect
     change would turn circles into ellipses) and mild colour jitter; ``strong``: rescaling by
     0.6-1.5, rotations up to 15 degrees and stronger jitter."""
-    _check(img_size, augment)
+    _check(img_size, augment, ("none", "light", "strong"))
     fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
     steps: list = []
     if augment == "light":

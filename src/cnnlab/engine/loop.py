@@ -25,7 +25,7 @@ import cnnlab.engine.state as state
 from cnnlab import __version__, checkpoint, plots, transfer
 from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig, default_of, make_config
 from cnnlab.device import pick_device
-from cnnlab.engine.optim import amp_dtype, make_optimizer, warmup_cosine
+from cnnlab.engine.optim import amp_dtype, ema_model, make_optimizer, warmup_cosine
 from cnnlab.engine.progress import Reporter, short_float
 from cnnlab.engine.task import Task
 from cnnlab.errors import CnnlabError, TrainingInterrupted
@@ -230,6 +230,9 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
     )
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # With --ema the average is the model that is evaluated, kept as best and reported.
+    ema = ema_model(model, cfg.ema) if cfg.ema is not None else None
+    evaluated = ema.module if ema is not None else model
 
     # Where we start: a fresh run writes its description, a resumed one restores its state.
     start_epoch, best, stale, history = 0, None, 0, []
@@ -239,15 +242,15 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
             write_json(run_dir / "split.json", task.splits.to_json())
             checkpoint.save_model_json(run_dir, model_meta(cfg, task, model_args))
     else:
-        state.restore(saved, run_dir / "last.pt", model, optimizer, scheduler, scaler)
+        state.restore(saved, run_dir / "last.pt", model, optimizer, scheduler, scaler, ema=ema)
         start_epoch, best = saved["epoch"], saved["best"]
         stale, history = saved["epochs_without_improvement"], saved["history"]
         if main:
-            state.sync_epoch_files(run_dir, history, best, model, task.columns)
+            state.sync_epoch_files(run_dir, history, best, evaluated, task.columns)
     # Trains through the wrapper (which averages gradients over processes); saves, loads and
     # evaluates ``model`` itself, whose parameters it shares.
     net = distributed.wrap(model, device, ctx)
-    step = Step(net, task, optimizer, scaler, device, dtype, cfg.grad_clip, memory_format)
+    step = Step(net, task, optimizer, scaler, device, dtype, cfg.grad_clip, memory_format, ema)
 
     if saved is None and main:
         # Each epoch reseeds every generator, so looking at a batch here changes nothing.
@@ -298,7 +301,7 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
             train_seconds = time.perf_counter() - started
 
             # The main process validates on the full set while the others wait.
-            val = public(task.evaluate(model, val_data, device, dtype)) if main else None
+            val = public(task.evaluate(evaluated, val_data, device, dtype)) if main else None
             val = distributed.from_main(val)
             improved = best is None or task.rank(val) > tuple(best["rank"])
             if improved:
@@ -328,9 +331,10 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
                             "epochs_without_improvement": stale,
                             "history": history,
                             "rng": state.rng_state(),
+                            **({"ema": ema.state_dict()} if ema is not None else {}),
                         },
                     )
-                    state.sync_epoch_files(run_dir, history, best, model, task.columns)
+                    state.sync_epoch_files(run_dir, history, best, evaluated, task.columns)
             row = history[-1]
             say.line(
                 f"epoch {row['epoch']}/{cfg.epochs}  {task.epoch_line(row)}"
@@ -394,7 +398,11 @@ def setup_line(
     )
     if cfg.batch_size > len(splits.train):
         line += f" (more than the {len(splits.train)} training images: one step per epoch)"
-    return line
+    mixes = (("mixup", cfg.mixup), ("cutmix", cfg.cutmix))
+    recipe = [f"{name} {alpha:g}" for name, alpha in mixes if alpha]
+    if cfg.ema is not None:
+        recipe.append(f"the weights' moving average (decay {cfg.ema:g}) evaluated")
+    return line + "".join(f"; {part}" for part in recipe)
 
 
 def public(result: dict) -> dict:
@@ -414,6 +422,7 @@ class Step:
     amp_dtype: torch.dtype | None
     grad_clip: float | None
     memory_format: torch.memory_format = torch.preserve_format
+    ema: nn.Module | None = None  # an AveragedModel updated after every step
 
     def __call__(self, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, tuple | None]:
         """Forward, backward, step; returns (loss, the task's batch score) on the device."""
@@ -429,6 +438,8 @@ class Step:
             nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
         return loss, score
 
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from cnnlab import transfer
 from cnnlab.config import TrainConfig
@@ -54,3 +55,22 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def ema_model(model: nn.Module, decay: float) -> AveragedModel:
+    """torch's AveragedModel keeping an exponential moving average of ``model``'s weights
+    and buffers (BatchNorm statistics too, as timm's ModelEmaV3). The decay warms up as
+    timm's, min(decay, (1 + t) / (10 + t)) at update t: a run of a few hundred steps
+    would otherwise average mostly its random initialisation."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], done: torch.Tensor):
+        updates = int(done)
+        rate = min(decay, (1 + updates) / (10 + updates))
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - rate)
+        else:  # counters such as BatchNorm's num_batches_tracked follow the model
+            for mean, value in zip(averaged, current, strict=True):
+                mean.copy_(value)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)

@@ -84,10 +84,11 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
 
 
-def restore(saved: dict, source: Path, *parts: object) -> None:
+def restore(saved: dict, source: Path, *parts: object, ema: nn.Module | None = None) -> None:
     """Load last.pt's model, optimizer, scheduler and scaler states into ``parts`` (in that
-    order) and its RNG states, after checking its keys and types; a file that does not fit
-    is one line naming ``source``."""
+    order), the weights' moving average into ``ema`` when the run keeps one, and its RNG
+    states, after checking its keys and types; a file that does not fit is one line naming
+    ``source``."""
     if not isinstance(saved, dict):
         raise CnnlabError(f"{source}: not a cnnlab resume state (not a mapping)")
     for key, kind in STATE_KEYS.items():
@@ -99,6 +100,8 @@ def restore(saved: dict, source: Path, *parts: object) -> None:
     try:
         for part, key in zip(parts, ("model", "optimizer", "scheduler", "scaler"), strict=True):
             part.load_state_dict(saved[key])
+        if ema is not None:
+            ema.load_state_dict(saved["ema"])
         set_rng_state(saved["rng"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)

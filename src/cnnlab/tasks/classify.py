@@ -16,6 +16,7 @@ from cnnlab import metrics, plots
 from cnnlab.config import TrainConfig
 from cnnlab.data.classify import (
     ImageDataset,
+    MixingCollate,
     Sample,
     Splits,
     balanced_sampler,
@@ -27,11 +28,13 @@ from cnnlab.data.classify import (
 from cnnlab.data.images import detect_in_channels
 from cnnlab.data.loaders import eval_loader, train_loader
 from cnnlab.data.splits import SPLIT_NAMES, split_folder
-from cnnlab.data.transforms import classify_eval, classify_train, default_stats
+from cnnlab.data.transforms import batch_mix, classify_eval, classify_train, default_stats
 from cnnlab.errors import CnnlabError
+from cnnlab.files import read_yaml
 from cnnlab.registry import model_info
 from cnnlab.tasks.common import RunFacts, chunks, measured_on
 
+TTA_ZOOM = 0.9  # the centre part TTA enlarges: inside every training crop's scale range
 AUX_LOSS_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2014, section 5)
 WORST_IMAGES = 16  # highest-loss test images kept for errors.png
 EVAL_BATCH = 64
@@ -114,11 +117,12 @@ class ClassifyTask(RunFacts):
             sampler = balanced_sampler(splits.train, k, generator)
         elif self.balance == "weights":
             self.class_weights = class_weights(splits.train, k).to(device)
+        mix = batch_mix(cfg.mixup, cfg.cutmix, k)
         train = train_loader(
             ImageDataset(splits.train, train_tf, self.in_channels),
             cfg.batch_size,
             generator,
-            collate_skip_bad,
+            collate_skip_bad if mix is None else MixingCollate(mix),
             workers=cfg.workers,
             pin_memory=pin,
             rank=rank,
@@ -143,7 +147,9 @@ class ClassifyTask(RunFacts):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:
         """Cross-entropy of the logits (B, K) and the batch's right answers. A model with
         auxiliary classifiers (GoogLeNet with ``aux_logits``) returns them in training;
-        they add 0.3 x their losses, the paper's weight, and only the main logits score."""
+        they add 0.3 x their losses, the paper's weight, and only the main logits score.
+        MixUp/CutMix targets are soft (B, K): an answer is right when it names the class
+        with the larger share."""
         outputs = net(images)
         if isinstance(outputs, tuple):
             outputs, *auxiliary = outputs
@@ -151,10 +157,12 @@ class ClassifyTask(RunFacts):
             loss = loss + AUX_LOSS_WEIGHT * sum(self.loss(aux, targets) for aux in auxiliary)
         else:
             loss = self.loss(outputs, targets)
-        return loss, ((outputs.argmax(dim=1) == targets).sum(), len(targets))
+        labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
+        return loss, ((outputs.argmax(dim=1) == labels).sum(), len(targets))
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Training objective; logits (B, K), targets (B,) class indices."""
+        """Training objective; logits (B, K), targets (B,) class indices or (B, K) class
+        probabilities (mixed batches)."""
         return F.cross_entropy(
             logits, targets, weight=self.class_weights, label_smoothing=self.label_smoothing
         )
@@ -230,11 +238,18 @@ class ClassifyTask(RunFacts):
         self, images: torch.Tensor, targets: torch.Tensor
     ) -> list[tuple[torch.Tensor, str]]:
         """(uint8 image, its label) for each image of a training batch, as batch.png shows
-        them."""
+        them; a mixed image names its two classes and their shares."""
         from cnnlab.draw import unnormalise
 
+        def caption(label: torch.Tensor) -> str:
+            if label.ndim == 0:
+                return self.classes[int(label)]
+            shares, indices = label.topk(min(2, len(label)))
+            named = zip(indices.tolist(), shares.tolist(), strict=True)
+            return " + ".join(f"{self.classes[i]} {p:.2f}" for i, p in named if p >= 0.005)
+
         return [
-            (unnormalise(image, self.mean, self.std), self.classes[int(label)])
+            (unnormalise(image, self.mean, self.std), caption(label))
             for image, label in zip(images, targets, strict=False)
         ]
 
@@ -271,6 +286,20 @@ class ClassifyTask(RunFacts):
                 ]
                 results.append({"top": top})
         return results
+
+    def test_time_augmented(self, model: nn.Module, config_file: Path) -> nn.Module:
+        """``model`` wrapped in ``TTA`` with the views the run trained on, read from its
+        config.yaml: the mirror image when it trained with flips, a zoom when with crops."""
+        saved = read_yaml(config_file)
+        if not isinstance(saved, dict):
+            raise CnnlabError(f"{config_file}: not a mapping of settings")
+        mirror, zoom = saved.get("flip", True), saved.get("augment", "light") != "none"
+        if not (mirror or zoom):
+            raise CnnlabError(
+                f"{config_file}: the run trained without flips or crops; --tta has no view"
+                " it has seen to add"
+            )
+        return TTA(model, mirror, TTA_ZOOM if zoom else None)
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """The model's float input (C, S, S) for a uint8 image (in_channels, H, W), as
@@ -409,3 +438,27 @@ def _keep_worst(
     wrong = (preds != targets).to(losses.dtype)
     order = (losses + wrong * (losses.max() + 1)).topk(min(count, len(losses))).indices
     return tuple(t[order] for t in pool)
+
+
+class TTA(nn.Module):
+    """Test-time augmentation: the class probabilities of each image averaged over its
+    views (itself, its mirror image, its centre ``zoom`` part enlarged back), all in one
+    forward pass. Returns their logarithm, so whatever takes logits (softmax, the
+    cross-entropy of evaluation) reads the averaged probabilities."""
+
+    def __init__(self, model: nn.Module, mirror: bool, zoom: float | None) -> None:
+        super().__init__()
+        self.model, self.mirror, self.zoom = model, mirror, zoom
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, S, S) normalised
+        views = [x]
+        if self.mirror:
+            views.append(x.flip(-1))
+        if self.zoom is not None:
+            height, width = x.shape[-2:]
+            crop_h, crop_w = round(height * self.zoom), round(width * self.zoom)
+            top, left = (height - crop_h) // 2, (width - crop_w) // 2
+            part = x[..., top : top + crop_h, left : left + crop_w]
+            views.append(F.interpolate(part, size=(height, width), mode="bilinear"))
+        probs = self.model(torch.cat(views)).float().softmax(dim=1)  # (V * B, K)
+        return probs.view(len(views), len(x), -1).mean(dim=0).clamp_min(1e-12).log()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
+from torch import nn
+
 from cnnlab.checkpoint import ModelMeta
+from cnnlab.errors import CnnlabError
 
 T = TypeVar("T")
 PREDICT_BATCH = 16  # images per forward pass when predicting or evaluating from files
@@ -29,6 +33,12 @@ class RunFacts:
         """The task of a finished run, from its model.json."""
         channels, size, _ = meta.input_size
         return cls(list(meta.classes), channels, size, tuple(meta.mean), tuple(meta.std))
+
+    def test_time_augmented(self, model: nn.Module, config_file: Path) -> nn.Module:
+        """``model`` averaging its answers over augmented views (classification's; a task
+        whose answers are maps or boxes has none)."""
+        name = getattr(self, "name", "this")
+        raise CnnlabError(f"--tta averages class probabilities: not for {name} runs")
 
 
 def measured_on(report: dict) -> str:

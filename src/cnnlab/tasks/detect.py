@@ -78,10 +78,17 @@ class DetectTask(RunFacts):
         cls, cfg: TrainConfig, split_file: Path | None = None
     ) -> tuple[TrainConfig, DetectTask]:
         """Refuse settings detection has no use for; read the annotations and split them."""
-        if cfg.balance != "none" or cfg.label_smoothing or cfg.weights or cfg.freeze_backbone:
+        if (
+            cfg.balance != "none"
+            or cfg.label_smoothing
+            or cfg.weights
+            or cfg.freeze_backbone
+            or cfg.mixup
+            or cfg.cutmix
+        ):
             raise CnnlabError(
-                "balance, label_smoothing, weights and freeze_backbone are classification"
-                " settings; a detector takes backbone_weights"
+                "balance, label_smoothing, mixup, cutmix, weights and freeze_backbone are"
+                " classification settings; a detector takes backbone_weights"
             )
         if cfg.augment not in ("none", "light"):
             raise CnnlabError("detection has one augmentation recipe: augment light or none")

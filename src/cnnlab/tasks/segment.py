@@ -95,6 +95,8 @@ class SegmentTask(RunFacts):
     ) -> tuple[TrainConfig, SegmentTask]:
         """The split, masks checked against their images, the crop size (default: the
         shorter side of the first training image) and the channels."""
+        if cfg.mixup or cfg.cutmix:
+            raise CnnlabError("mixup and cutmix mix class labels: classification settings")
         if split_file is None:
             splits = segdata.make_seg_splits(cfg.data, cfg.val_split, cfg.seed)
             if len(splits.classes) > IGNORE_INDEX:
