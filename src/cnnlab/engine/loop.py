@@ -258,7 +258,7 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
         plots.plot_pictures(
             task.batch_pictures(images[:BATCH_PICTURES], targets),
             run_dir / "batch.png",
-            f"a training batch as the model sees it (augment {cfg.augment})",
+            f"a training batch as the model sees it ({', '.join(batch_recipe(cfg))})",
         )
     say = Reporter(cfg.quiet or not main, task.score_label)
     say.line(setup_line(cfg, task, model, device, ctx.world_size))
@@ -394,15 +394,21 @@ def setup_line(
         where = f"{processes} processes on {device.type}"
     line = (
         f"{' / '.join(sizes)} images, {len(task.classes)} classes; {cfg.model}, {counted};"
-        f" {where}; {cfg.epochs} epochs of batches of {cfg.batch_size}"
+        f" {where}; {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
+        f" of batches of {cfg.batch_size}"
     )
     if cfg.batch_size > len(splits.train):
         line += f" (more than the {len(splits.train)} training images: one step per epoch)"
-    mixes = (("mixup", cfg.mixup), ("cutmix", cfg.cutmix))
-    recipe = [f"{name} {alpha:g}" for name, alpha in mixes if alpha]
+    recipe = batch_recipe(cfg)[1:]
     if cfg.ema is not None:
         recipe.append(f"the weights' moving average (decay {cfg.ema:g}) evaluated")
     return line + "".join(f"; {part}" for part in recipe)
+
+
+def batch_recipe(cfg: TrainConfig) -> list[str]:
+    """What makes a training batch, in words: the augmentation, then any batch mixing."""
+    mixes = (("mixup", cfg.mixup), ("cutmix", cfg.cutmix))
+    return [f"augment {cfg.augment}", *(f"{name} {alpha:g}" for name, alpha in mixes if alpha)]
 
 
 def public(result: dict) -> dict:
