@@ -55,7 +55,8 @@ def train(
     the task's defaults (``cnnlab.config.TASK_DEFAULTS``). The model's registry entry
     decides the task; with ``task`` given, a model of another task is refused.
 
-    The folder receives config.yaml, split.json and model.json first, then metrics.csv,
+    The folder receives config.yaml, split.json, model.json and batch.png (a training
+    batch as the model sees it) first, then metrics.csv,
     last.pt and best.safetensors after every epoch, and at the end report.json (test
     split, or val when there is none), curves.png and the task's own plots. Ctrl-C stops
     training and still reports on the best weights when an epoch has completed. Launched
