@@ -41,6 +41,13 @@ class RunFacts:
         raise CnnlabError(f"--tta averages class probabilities: not for {name} runs")
 
 
+def per_class_line(label: str, values: dict[str, float | None], spec: str) -> str:
+    """``"LABEL: a 0.12, b 0.80"``: each class's figure (formatted by ``spec``), lowest
+    first, classes without one left out."""
+    known = sorted(((v, name) for name, v in values.items() if v is not None))
+    return f"{label}: " + ", ".join(f"{name} {value:{spec}}" for value, name in known)
+
+
 def measured_on(report: dict) -> str:
     """What a report's figures are of, for its headline: "test", or the folder it read
     ("data/other", "data/other/test")."""

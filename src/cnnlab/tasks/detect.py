@@ -35,7 +35,7 @@ from cnnlab.data.splits import split_folder
 from cnnlab.data.transforms import default_stats, detect_eval, detect_train
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import model_info
-from cnnlab.tasks.common import PREDICT_BATCH, RunFacts, chunks, measured_on
+from cnnlab.tasks.common import PREDICT_BATCH, RunFacts, chunks, measured_on, per_class_line
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +231,7 @@ class DetectTask(RunFacts):
     @staticmethod
     def details(report: dict) -> list[str]:
         """The AP@0.5 of each class, lowest first."""
-        aps = [(name, ap) for name, ap in report["per_class_ap50"].items() if ap is not None]
-        aps.sort(key=lambda item: item[1])
-        return ["AP@0.5 per class: " + ", ".join(f"{name} {ap:.3f}" for name, ap in aps)]
+        return [per_class_line("AP@0.5 per class", report["per_class_ap50"], ".3f")]
 
     # -- a finished run
 

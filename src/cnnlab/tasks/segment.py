@@ -23,7 +23,7 @@ from cnnlab.data.splits import split_folder
 from cnnlab.data.transforms import default_stats, segment_eval, segment_train
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import check_input_size
-from cnnlab.tasks.common import RunFacts, measured_on
+from cnnlab.tasks.common import RunFacts, measured_on, per_class_line
 
 EVAL_BATCH = 8
 VAL_PICTURES = 6  # validation images drawn into the run folder
@@ -263,9 +263,7 @@ class SegmentTask(RunFacts):
     @staticmethod
     def details(report: dict) -> list[str]:
         """The IoU of each class, lowest first."""
-        ious = [(name, iou) for name, iou in report["per_class_iou"].items() if iou is not None]
-        ious.sort(key=lambda item: item[1])
-        return ["IoU per class: " + ", ".join(f"{name} {iou:.1%}" for name, iou in ious)]
+        return [per_class_line("IoU per class", report["per_class_iou"], ".1%")]
 
     # -- a finished run
 
