@@ -182,6 +182,7 @@ def _train_config(args: argparse.Namespace, extra: dict, task: str):
 def cmd_train(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.checkpoint import read_model_json
     from cnnlab.engine import resume, train
+    from cnnlab.engine.loop import RESUME_OVERRIDES
     from cnnlab.tasks import task_class
 
     if args.resume and (extra or args.data or args.out):
@@ -197,7 +198,8 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
         if args.resume:
             # `cnnlab train --resume` continues a run of any task; the task commands theirs.
             wanted = None if args.task == "classify" else args.task
-            overrides = {k: getattr(args, k) for k in ("device", "workers", "quiet")}
+            overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES}
+            overrides = {k: v for k, v in overrides.items() if v is not EXPLICIT_NONE}
             report = resume(Path(args.resume), wanted, **overrides)
         else:
             report = train(_train_config(args, extra, task), task=task)

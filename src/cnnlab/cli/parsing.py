@@ -418,6 +418,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--workers", type=positive, default=1, help="inference threads (default 1)")
     sub.add_argument(
-        "--threads", type=positive, help="torch threads per worker (default: CPUs - 1, shared)"
+        "--threads", type=positive, help="torch threads per worker (default: free cores - 1)"
     )
     return parser
