@@ -89,9 +89,10 @@ def _load(args: argparse.Namespace, task: str):
 
 
 def cmd_models(args: argparse.Namespace, extra: dict) -> int:
-    from cnnlab.inspect import model_table_rows, models_table
+    from cnnlab.inspect import models_table
+    from cnnlab.inspect.cache import cached_model_table_rows
 
-    rows = model_table_rows()
+    rows = cached_model_table_rows(args.pattern)
     if args.format == "json":
         print_json(rows)
     else:

@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     sub = add(commands, "models", c.cmd_models, "list every registered model")
+    sub.add_argument(
+        "pattern", nargs="?", help="only names matching: a glob (resnet*) or a part (resnet)"
+    )
     fmt(sub, ("table", "json"))
     sub = add(
         commands,
