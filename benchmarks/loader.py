@@ -33,7 +33,7 @@ from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
 
-from _bench import Row, interleaved, rate_row, report
+from _bench import Row, add_load_flag, interleaved, rate_row, report_loads, under_loads
 from cnnlab import create_model
 from cnnlab.data.classify import ImageDataset, scan_class_folders
 from cnnlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classify_train
@@ -98,42 +98,50 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed passes per side")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
+    add_load_flag(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        write_jpegs(root, args.images)
-        _, samples = scan_class_folders(root)
-        transform = classify_train(SIZE, "light", True, IMAGENET_MEAN, IMAGENET_STD)
-        ours = ImageDataset(samples, transform, 3, cache=False)
-        cached = ImageDataset(samples, transform, 3, cache=True)
-        baseline = datasets.ImageFolder(str(root), transform=baseline_transform())
-        seconds = interleaved(
-            {
-                "ours": every_item(ours),
-                "cached": every_item(cached),
-                "baseline": every_item(baseline),
-            },
-            args.repeats,
-        )
-    rate = {name: args.images / s for name, s in seconds.items()}
-    torch.set_num_threads(threads)
-    training = resnet18_training_rate(max(3, args.repeats // 2))
-    rows: list[Row] = [
-        rate_row("decode + augment, 1 thread", rate["ours"], rate["baseline"], "images/s"),
-        rate_row("cached (default): augment only", rate["cached"], rate["baseline"], "images/s"),
-        rate_row(
-            "decode + augment vs ResNet-18 training",
-            rate["ours"],
-            training,
-            "images/s (baseline: training)",
-        ),
-    ]
-    report(rows, args.format, "loader: cnnlab ImageDataset vs torchvision ImageFolder + PIL")
+
+    def measure(load: int) -> list[Row]:
+        torch.manual_seed(0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            write_jpegs(root, args.images)
+            _, samples = scan_class_folders(root)
+            transform = classify_train(SIZE, "light", True, IMAGENET_MEAN, IMAGENET_STD)
+            ours = ImageDataset(samples, transform, 3, cache=False)
+            cached = ImageDataset(samples, transform, 3, cache=True)
+            baseline = datasets.ImageFolder(str(root), transform=baseline_transform())
+            seconds = interleaved(
+                {
+                    "ours": every_item(ours),
+                    "cached": every_item(cached),
+                    "baseline": every_item(baseline),
+                },
+                args.repeats,
+            )
+        rate = {name: args.images / s for name, s in seconds.items()}
+        torch.set_num_threads(threads)
+        training = resnet18_training_rate(max(3, args.repeats // 2))
+        rows: list[Row] = [
+            rate_row("decode + augment, 1 thread", rate["ours"], rate["baseline"], "images/s"),
+            rate_row(
+                "cached (default): augment only", rate["cached"], rate["baseline"], "images/s"
+            ),
+            rate_row(
+                "decode + augment vs ResNet-18 training",
+                rate["ours"],
+                training,
+                "images/s (baseline: training)",
+            ),
+        ]
+        return rows
+
+    title = "loader: cnnlab ImageDataset vs torchvision ImageFolder + PIL"
+    report_loads(under_loads(args.load, measure), args.format, title)
 
 
 if __name__ == "__main__":

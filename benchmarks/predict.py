@@ -38,7 +38,7 @@ import torch
 import torchvision
 from torch import nn
 
-from _bench import Row, interleaved, rate_row, report
+from _bench import Row, add_load_flag, interleaved, rate_row, report_loads, under_loads
 from cnnlab import checkpoint, create_model
 from cnnlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classify_eval
 from cnnlab.export import describe, export_run
@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="(1 2)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, BATCH], help="(1 16)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
+    add_load_flag(parser)
     args = parser.parse_args()
 
     model = trained_looking_resnet18()
@@ -156,21 +157,28 @@ def main() -> None:
     images = [
         torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8) for _ in range(max(args.batches))
     ]
-    rows: list[Row] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = write_run(model, Path(tmp))
-        record = export_run(folder, "onnx", dynamic_batch=True, images=4)
-        parity = describe(record).splitlines()[1]
-        print(f"exported in {record['export_seconds']:.1f} s; {parity}", file=sys.stderr)
-        for threads in args.threads:
-            torch.set_num_threads(threads)  # the ONNX Runtime session takes torch's count
-            runs = {backend: load_run(folder, "cpu", backend=backend) for backend in BACKENDS}
-            same_answers(runs, baseline, images)
-            for size in args.batches:
-                rows += measure(runs, baseline, images[:size], threads, args.repeats)
-        if args.compile:
-            rows.append(compile_row(runs["torch"], baseline, images[:BATCH], args.repeats))
-    report(rows, args.format, "predict: load_run's model paths vs torchvision eager ResNet-18")
+
+    def rows_at(load: int) -> list[Row]:
+        rows: list[Row] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_run(model, Path(tmp))
+            record = export_run(folder, "onnx", dynamic_batch=True, images=4)
+            parity = describe(record).splitlines()[1]
+            print(f"exported in {record['export_seconds']:.1f} s; {parity}", file=sys.stderr)
+            for threads in args.threads:
+                torch.set_num_threads(threads)  # the ONNX Runtime session takes torch's count
+                runs = {backend: load_run(folder, "cpu", backend=backend) for backend in BACKENDS}
+                same_answers(runs, baseline, images)
+                for size in args.batches:
+                    rows += measure(runs, baseline, images[:size], threads, args.repeats)
+            if args.compile:
+                rows.append(compile_row(runs["torch"], baseline, images[:BATCH], args.repeats))
+        return rows
+
+    results = under_loads(args.load, rows_at)
+    title = "predict: load_run's model paths vs torchvision eager ResNet-18"
+    report_loads(results, args.format, title)
+    rows = [row for result in results for row in result.rows]
     for row in rows:
         if "batch 1," in row.name and row.name.endswith("vs folded torch") and row.ratio < 1.3:
             print(f"target missed: {row.name} {row.ratio:.2f} < 1.3 (see above)", file=sys.stderr)

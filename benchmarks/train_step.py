@@ -17,6 +17,7 @@ fraction of this machine's fp32 matmul peak, measured in the same run (a torch.m
 
     python benchmarks/train_step.py                  # ConvNet 32x32 b64, ResNet-18 224x224 b16
     python benchmarks/train_step.py --format json
+    python benchmarks/train_step.py --load 2       # idle, then with 2 busy loops
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _bench import Row, interleaved, matmul_peak, rate_row, report
+from _bench import Row, add_load_flag, interleaved, matmul_peak, rate_row, report_loads, under_loads
 from cnnlab import create_model
 from cnnlab.config import TrainConfig
 from cnnlab.data.transforms import default_stats
@@ -136,14 +137,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed passes per side (default per case)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
+    add_load_flag(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak = matmul_peak()
-    measured = [(CASES[name], *measure(CASES[name], args.repeats)) for name in args.cases]
-    peak = max(peak, matmul_peak())  # the best the machine showed, before or after
-    rows = [row for case, rate, macs in measured for row in rows_for(case, rate, macs, peak)]
-    report(rows, args.format, "train_step: cnnlab engine vs bare PyTorch loop")
+
+    def rows(load: int) -> list[Row]:
+        peak = matmul_peak()
+        measured = [(CASES[name], *measure(CASES[name], args.repeats)) for name in args.cases]
+        peak = max(peak, matmul_peak())  # the best the machine showed, before or after
+        return [row for case, rate, macs in measured for row in rows_for(case, rate, macs, peak)]
+
+    title = "train_step: cnnlab engine vs bare PyTorch loop"
+    report_loads(under_loads(args.load, rows), args.format, title)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,19 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cnnlab_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The tests' cnnlab cache (``cnnlab models``' table) is theirs, not the user's."""
+    folder = tmp_path_factory.mktemp("cnnlab-cache")
+    previous = os.environ.get("CNNLAB_CACHE")
+    os.environ["CNNLAB_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("CNNLAB_CACHE", None)
+    else:
+        os.environ["CNNLAB_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in digits as 32x32 grayscale PNGs, DIR/<digit>/NNNN.png, written once per

@@ -157,9 +157,13 @@ def test_onnxruntime_backend_predicts_what_the_torch_backend_does(exported, data
             assert len(mine["detections"]) > 0
     if task != "detect":  # evaluation runs on the exported model too
         mine, theirs = ort_run.evaluate(), load_run(run, "cpu").evaluate()
-        assert {k: v for k, v in mine.items() if not isinstance(v, dict)} == pytest.approx(
-            {k: v for k, v in theirs.items() if not isinstance(v, dict)}
-        )
+
+        # Numbers within rounding; lists (most_confused) alike.
+        def numbers(report: dict) -> dict:
+            return {k: v for k, v in report.items() if not isinstance(v, dict | list)}
+
+        assert numbers(mine) == pytest.approx(numbers(theirs))
+        assert mine.get("most_confused") == theirs.get("most_confused")
 
 
 def test_cli_export_then_predict_with_onnxruntime(runs, data, tmp_path, capsys) -> None:

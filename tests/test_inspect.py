@@ -4,6 +4,7 @@ import functools
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -629,3 +630,41 @@ def test_models_named_by_file_module_or_torchvision(tmp_path):
     ]:
         with pytest.raises(CnnlabError, match=message):
             build_model(spec)
+
+
+def test_models_table_is_cached_and_a_changed_key_recomputes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import cnnlab.inspect.cache as cache
+    import cnnlab.inspect.render as render
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path))
+    computed = []
+    real = render.model_table_rows
+
+    def counting(pattern=None):
+        computed.append(pattern)
+        return real(pattern)
+
+    monkeypatch.setattr(render, "model_table_rows", counting)
+    first = cache.cached_model_table_rows("densenet121")
+    assert "counting parameters and MACs of 1 models" in capsys.readouterr().err
+    assert [row["name"] for row in first] == ["densenet121"]
+    assert first[0]["params"] == 7_978_856
+    assert (tmp_path / cache.CACHE_FILE).is_file()
+    second = cache.cached_model_table_rows("densenet121")  # read back, not computed
+    assert second == first and computed == ["densenet121"]
+    assert capsys.readouterr().err == ""
+    # Another key (torch's version, a source file, the pattern) computes again.
+    monkeypatch.setattr(cache.torch, "__version__", "0.0-other")
+    assert cache.cached_model_table_rows("densenet121") == first
+    assert computed == ["densenet121", "densenet121"]
+    assert cache.table_key("vgg1?") != cache.table_key("densenet121")
+    assert [r["name"] for r in cache.cached_model_table_rows("vgg1?")] == [
+        "vgg11",
+        "vgg13",
+        "vgg16",
+        "vgg19",
+    ]
+    with pytest.raises(CnnlabError, match="no registered model matches"):
+        cache.cached_model_table_rows("nothing-like-this")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -57,6 +58,8 @@ def test_train_says_what_it_trains_and_prints_the_result_once(trained: dict) -> 
     assert "x.png" in err.splitlines()[0] and "in no class" in err.splitlines()[0]
     assert first.startswith("96 train / 12 val / 12 test images, 3 classes; convnet, ")
     assert "parameters; cpu (" in first and "2 epochs of batches of 16" in first
+    # The CPU rule's choice and why: "cpu (1 thread, 0 workers (2 cores, 0.8 busy))".
+    assert re.search(r"cpu \(\d+ threads?, 0 workers \(.*\d+ cores?, \d+\.\d busy\)\)", first)
     assert out.count("top-1") == 1 and "top-1" not in err  # the figures once, on stdout
     assert out.startswith("test top-1 ")
     assert "top-5" not in out  # with 3 classes top-5 is always 100%

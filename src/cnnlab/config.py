@@ -96,7 +96,12 @@ class TrainConfig:
     )
     seed: int = _setting(0, "split, initialisation, shuffling and augmentation")
     device: str = _setting("auto", "auto (CUDA when available) | cpu | cuda | cuda:N")
-    workers: int = _setting(0, "DataLoader worker processes")
+    threads: int | None = _setting(
+        None, "torch threads; none: the free cores now (cnnlab.device.cpu_plan)"
+    )
+    workers: int | None = _setting(
+        None, "DataLoader worker processes; none: 0 on a CPU with few free cores (cpu_plan)"
+    )
     quiet: bool = _setting(False, "no progress bar and no per-epoch line")
 
     def __post_init__(self) -> None:
@@ -125,7 +130,8 @@ class TrainConfig:
         _require(0 <= self.val_split < 1, "val_split must be in [0, 1)")
         _require(0 <= self.test_split < 1, "test_split must be in [0, 1)")
         _require(self.val_split + self.test_split < 1, "val_split + test_split must be below 1")
-        _require(self.workers >= 0, "workers must be 0 or more")
+        _require(self.threads is None or self.threads >= 1, "threads must be at least 1")
+        _require(self.workers is None or self.workers >= 0, "workers must be 0 or more")
         _require(self.backbone_lr_mult > 0, "backbone_lr_mult must be positive")
         _require(
             not (self.freeze_backbone and self.backbone_lr_mult != 1),

@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from cnnlab import transfer
 from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig
-from cnnlab.device import pick_device
+from cnnlab.device import cpu_plan, pick_device, threads_for
 from cnnlab.engine.loop import Step, build_model
 from cnnlab.engine.optim import amp_dtype, make_optimizer
 from cnnlab.engine.progress import Reporter
@@ -76,6 +77,22 @@ def lr_find(
     cfg, task = task_class(model_info(cfg.model).task).setup(cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    plan = cpu_plan(cfg.threads, cfg.workers, device.type)
+    with threads_for(plan.threads):
+        return _range_test(
+            replace(cfg, workers=plan.workers), task, device, start_lr, end_lr, steps, beta
+        )
+
+
+def _range_test(
+    cfg: TrainConfig,
+    task: Any,
+    device: torch.device,
+    start_lr: float,
+    end_lr: float,
+    steps: int,
+    beta: float,
+) -> LRFindResult:
     generator = torch.Generator().manual_seed(cfg.seed)
     train_loader = task.loaders(cfg, generator, device)[0]
     model, _ = build_model(cfg, task, pretrained=True)

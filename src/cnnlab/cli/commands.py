@@ -91,9 +91,10 @@ def _load(args: argparse.Namespace, task: str):
 
 
 def cmd_models(args: argparse.Namespace, extra: dict) -> int:
-    from cnnlab.inspect import model_table_rows, models_table
+    from cnnlab.inspect import models_table
+    from cnnlab.inspect.cache import cached_model_table_rows
 
-    rows = model_table_rows()
+    rows = cached_model_table_rows(args.pattern)
     if args.format == "json":
         print_json(rows)
     else:
@@ -184,6 +185,7 @@ def _train_config(args: argparse.Namespace, extra: dict, task: str):
 def cmd_train(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.checkpoint import read_model_json
     from cnnlab.engine import resume, train
+    from cnnlab.engine.loop import RESUME_OVERRIDES
     from cnnlab.tasks import task_class
 
     if args.resume and (extra or args.data or args.out):
@@ -199,7 +201,8 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
         if args.resume:
             # `cnnlab train --resume` continues a run of any task; the task commands theirs.
             wanted = None if args.task == "classify" else args.task
-            overrides = {k: getattr(args, k) for k in ("device", "workers", "quiet")}
+            overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES}
+            overrides = {k: v for k, v in overrides.items() if v is not EXPLICIT_NONE}
             report = resume(Path(args.resume), wanted, **overrides)
         else:
             report = train(_train_config(args, extra, task), task=task)

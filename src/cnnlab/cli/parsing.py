@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     sub = add(commands, "models", c.cmd_models, "list every registered model")
+    sub.add_argument(
+        "pattern", nargs="?", help="only names matching: a glob (resnet*) or a part (resnet)"
+    )
     fmt(sub, ("table", "json"))
     sub = add(
         commands,
@@ -442,6 +445,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("--workers", type=positive, default=1, help="inference threads (default 1)")
     sub.add_argument(
-        "--threads", type=positive, help="torch threads per worker (default: CPUs - 1, shared)"
+        "--threads", type=positive, help="torch threads per worker (default: free cores - 1)"
     )
     return parser

@@ -9,6 +9,7 @@ file written atomically, so a crash or a SIGKILL never leaves a half-written fil
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -24,7 +25,7 @@ import cnnlab.engine.distributed as distributed
 import cnnlab.engine.state as state
 from cnnlab import __version__, checkpoint, plots, transfer
 from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig, default_of, make_config
-from cnnlab.device import pick_device
+from cnnlab.device import CpuPlan, cpu_plan, pick_device, threads_for
 from cnnlab.engine.optim import amp_dtype, ema_model, make_optimizer, warmup_cosine
 from cnnlab.engine.progress import Reporter, short_float
 from cnnlab.engine.task import Task
@@ -34,7 +35,7 @@ from cnnlab.registry import check_input_size, create_model, model_info
 from cnnlab.tasks import task_class
 
 _RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
-RESUME_OVERRIDES = ("device", "workers", "quiet")  # what a resumed run may change
+RESUME_OVERRIDES = ("device", "threads", "workers", "quiet")  # what a resumed run may change
 BATCH_PICTURES = 16  # training images shown in batch.png
 
 
@@ -198,7 +199,16 @@ def model_meta(cfg: TrainConfig, task: Task, model_args: dict) -> checkpoint.Mod
 
 def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict:
     """Train ``task`` with ``cfg`` into ``run_dir``, from scratch or from the ``saved``
-    last.pt state, and return the report of the best weights."""
+    last.pt state, and return the report of the best weights. Torch's thread count is the
+    CPU rule's (``cnnlab.device.cpu_plan``) while it trains, the caller's again after."""
+    ctx = distributed.context()
+    device_type = pick_device(cfg.device).type
+    plan = cpu_plan(cfg.threads, cfg.workers, device_type, local_processes(ctx))
+    with threads_for(plan.threads):
+        return _fit(cfg, run_dir, task, saved, plan)
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None, plan: CpuPlan) -> dict:
     ctx = distributed.context()
     main = ctx.main  # only the main process evaluates, writes the run folder and prints
     device = distributed.local_device(pick_device(cfg.device), ctx)
@@ -209,8 +219,9 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
         raise CnnlabError(f"{cfg.data}: no validation images; raise val_split or add val/")
     state.seed_everything(cfg.seed)
     generator = torch.Generator()  # reseeded every epoch: shuffling is epoch-determined
+    # config.yaml keeps the user's threads/workers (None: the rule, decided again on resume).
     train_loader, val_data, test_data = task.loaders(
-        cfg, generator, device, ctx.rank, ctx.world_size
+        replace(cfg, workers=plan.workers), generator, device, ctx.rank, ctx.world_size
     )
 
     # Model, optimizer, schedule, mixed precision.
@@ -262,7 +273,7 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
             f"a training batch as the model sees it ({', '.join(batch_recipe(cfg))})",
         )
     say = Reporter(cfg.quiet or not main, task.score_label)
-    say.line(setup_line(cfg, task, model, device, ctx.world_size))
+    say.line(setup_line(cfg, task, model, device, ctx.world_size, plan))
     if start_epoch:
         say.line(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
     try:
@@ -373,8 +384,19 @@ def fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None) -> dict
     return report
 
 
+def local_processes(ctx: distributed.Context) -> int:
+    """How many training processes share this machine's cores (torchrun's
+    LOCAL_WORLD_SIZE)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+
+
 def setup_line(
-    cfg: TrainConfig, task: Task, model: nn.Module, device: torch.device, processes: int
+    cfg: TrainConfig,
+    task: Task,
+    model: nn.Module,
+    device: torch.device,
+    processes: int,
+    plan: CpuPlan | None = None,
 ) -> str:
     """What is about to train, before the first epoch: the split, the model, the device."""
     splits = task.splits
@@ -386,11 +408,8 @@ def setup_line(
     counted = f"{params:,} parameters" + (
         f" ({trainable:,} trainable)" if trainable != params else ""
     )
-    where = (
-        f"{device.type} ({torch.get_num_threads()} threads)"
-        if device.type == "cpu"
-        else str(device)
-    )
+    plan = plan or cpu_plan(cfg.threads, cfg.workers, device.type)
+    where = f"{device.type if device.type == 'cpu' else device} ({plan.describe()})"
     if processes > 1:
         where = f"{processes} processes on {device.type}"
     line = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import textwrap
 from typing import Any
 
@@ -9,6 +10,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from cnnlab.errors import CnnlabError
 from cnnlab.inspect.sizes import UNCHANGED
 from cnnlab.inspect.specs import summarize_spec
 from cnnlab.inspect.summary import Summary
@@ -161,15 +163,31 @@ def models_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def model_table_rows() -> list[dict[str, Any]]:
-    """One row per registered model: name, family, task, params, MACs, sizes.
+def matching_models(pattern: str | None = None) -> list[str]:
+    """Registered names matching ``pattern``: a glob (``resnet*``), else a part of the name
+    (``resnet``); every name without one."""
+    names = list_models()
+    if pattern is None:
+        return names
+    if any(c in pattern for c in "*?["):
+        found = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+    else:
+        found = [name for name in names if pattern in name]
+    if not found:
+        raise CnnlabError(f"no registered model matches {pattern!r} (`cnnlab models` lists all)")
+    return found
+
+
+def model_table_rows(pattern: str | None = None) -> list[dict[str, Any]]:
+    """One row per registered model (matching ``pattern``, see ``matching_models``): name,
+    family, task, params, MACs, sizes.
 
     Parameters are counted at the default settings (with as many input channels as the
     natural input has) and MACs at the model's natural input size. Models are built on the
     meta device where they can be (``summarize_spec``).
     """
     rows = []
-    for name in list_models():
+    for name in matching_models(pattern):
         info = model_info(name)
         _, summary, _ = summarize_spec(name, depth=0)
         rows.append(

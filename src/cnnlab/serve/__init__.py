@@ -20,6 +20,7 @@ from pathlib import Path
 
 import uvicorn
 
+from cnnlab.device import choose_threads, free_cores, use_threads
 from cnnlab.errors import CnnlabError
 from cnnlab.serve.app import MAX_UPLOAD, create_app
 
@@ -44,13 +45,11 @@ def serve(
     ``default_threads``); the other arguments are ``create_app``'s. Returns 0 once stopped
     by a signal.
     """
-    import torch
-
     if not 0 <= port <= 65535:
         raise CnnlabError(f"--port {port}: expected 0 to 65535")
     threads = threads or default_threads(workers)
     if threads is not None:
-        torch.set_num_threads(threads)
+        use_threads(threads)
     app = create_app(runs, queue_size, max_upload, workers, device=device)
     listener = bind(host, port)
     url = page_url(host, listener.getsockname()[1])
@@ -111,15 +110,15 @@ class Server(uvicorn.Server):
 
 
 def default_threads(workers: int) -> int | None:
-    """Torch threads per inference worker: the CPUs this process may use, less one for the
-    event loop (parsing and answering requests), shared among the workers; None (torch's
-    own choice) when ``OMP_NUM_THREADS`` says. Each worker's forward passes start their own
-    OpenMP team, and a team with more threads than free cores waits at every barrier for a
-    thread the scheduler parked: on a busy 2-core machine a 1 ms ConvNet prediction took
-    38 ms with 2 threads."""
+    """Torch threads per inference worker: the CPU rule (``cnnlab.device.cpu_plan``) over
+    the cores free now, less one for the event loop (parsing and answering requests),
+    shared among the workers; None (torch's own choice) when ``OMP_NUM_THREADS`` says. Each
+    worker's forward passes start their own OpenMP team, and a team with more threads than
+    free cores waits at every barrier for a thread the scheduler parked: on a busy 2-core
+    machine a 1 ms ConvNet prediction took 38 ms with 2 threads."""
     if "OMP_NUM_THREADS" in os.environ:
         return None
-    return max(1, (len(os.sched_getaffinity(0)) - 1) // workers)
+    return choose_threads(max(1, free_cores() - 1), workers)
 
 
 def bind(host: str, port: int) -> socket.socket:
