@@ -41,7 +41,8 @@ def test_a_box_round_trips_through_the_regression_targets():
     # Each foreground RoI (the two proposals and the objects themselves) decodes to its object.
     matched = truth[box_match(sampled[0][foreground], truth)]
     torch.testing.assert_close(decoded.reshape(-1, 4), matched, atol=1e-4, rtol=0)
-    assert foreground.sum() == 4 and set(labels[0][foreground].tolist()) == {2, 3}
+    # RoIHeads sees labels with background at 0 (the model adds 1 to the user's labels).
+    assert foreground.sum() == 4 and set(labels[0][foreground].tolist()) == {1, 2}
     # The targets are Fast R-CNN's normalised ones: (dx, dy) scaled by 10, (dw, dh) by 5.
     first = (sampled[0] == proposals[0][0]).all(dim=1).nonzero()[0, 0]
     dx = 10 * ((10 + 40) / 2 - (8 + 38) / 2) / 30
