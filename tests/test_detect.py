@@ -350,6 +350,7 @@ CLI_TINY = {
         "--box-batch-size-per-image", "16",
         "--representation-size", "64",
     ],
+    "fastrcnn": ["--backbone", "resnet18", "--representation-size", "64", "--max-proposals", "100"],
 }  # fmt: skip
 
 
@@ -375,7 +376,7 @@ def _coco_to_yolo_txt(coco_dir: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("model", ["yolov1", "fasterrcnn"])
+@pytest.mark.parametrize("model", ["yolov1", "fasterrcnn", "fastrcnn"])
 def test_commands_train_eval_and_predict_on_a_yolo_txt_folder(model, shapes, tmp_path, capsys):
     from cnnlab import cli
 

@@ -282,6 +282,26 @@ def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
     return 2 if errors else 0
 
 
+def cmd_proposals(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.data.proposals import ProposalSource, proposal_report
+
+    source = ProposalSource(args.mode, args.max, args.file, args.workers)
+    report = proposal_report(Path(args.data), source)
+    if args.format == "json":
+        print_json(report)
+    else:
+
+        def shown(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
+        print(
+            f"{report['n_images']} images: {report['boxes_per_image']:.1f} boxes/image,"
+            f" recall@0.5 {shown(report['recall50'])}, recall@0.7 {shown(report['recall70'])},"
+            f" {report['seconds_per_image']:.3f} s/image ({report['source']})"
+        )
+    return 0
+
+
 def _new_folder(stem: str) -> Path:
     """./STEM, or STEM2, STEM3, ... when taken: outputs never go into an earlier folder."""
     candidate, number = Path(stem), 1

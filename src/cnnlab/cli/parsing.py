@@ -381,6 +381,28 @@ def build_parser() -> argparse.ArgumentParser:
                 "--score-threshold", type=fraction, help="keep boxes above (default: 0.25)"
             )
         fmt(sub)
+        if task == "detect":
+            sub = add(
+                group,
+                "proposals",
+                c.cmd_proposals,
+                "selective-search region proposals of every image, cached beside the data;"
+                " prints boxes per image and their recall of the labelled boxes",
+            )
+            sub.add_argument("data", metavar="DIR", help="a detection data folder")
+            sub.add_argument(
+                "--mode", choices=("fast", "quality"), default="fast", help="(default fast)"
+            )
+            sub.add_argument(
+                "--max", type=positive, default=2000, help="boxes kept per image (default 2000)"
+            )
+            sub.add_argument(
+                "--file", help="read a proposal file of your own instead (docs/proposals.md)"
+            )
+            sub.add_argument(
+                "--workers", type=positive, default=1, help="processes computing (default 1)"
+            )
+            fmt(sub)
 
     sub = add(
         commands,

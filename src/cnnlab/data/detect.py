@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision import tv_tensors
 
@@ -290,14 +291,20 @@ def _relative(path: Path, root: Path) -> str:
 class DetectionDataset(torch.utils.data.Dataset):
     """Samples as (image float (C, S, S), target) with target ``boxes`` (N, 4) in the
     transformed image's pixels, ``labels`` (N,), ``size`` (2,) = original (H, W) and
-    ``index`` into ``samples``."""
+    ``index`` into ``samples``; given ``proposals`` (boxes (M, 4) in each image's pixels,
+    by path), also ``proposals`` moved by the same transform."""
 
     def __init__(
-        self, samples: list[DetectionSample], transform: Callable, in_channels: int = 3
+        self,
+        samples: list[DetectionSample],
+        transform: Callable,
+        in_channels: int = 3,
+        proposals: dict[Path, np.ndarray] | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.in_channels = in_channels
+        self.proposals = proposals
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -306,19 +313,26 @@ class DetectionDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         image = tv_tensors.Image(read_image(sample.path, self.in_channels))
         height, width = image.shape[-2:]
-        boxes = tv_tensors.BoundingBoxes(
-            torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4),
-            format="XYXY",
-            canvas_size=(height, width),
-        )
+        boxes = torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(sample.labels, dtype=torch.int64)
+        if self.proposals is not None:
+            # Proposals ride along as boxes of label -1, so every transform (flip, affine,
+            # dropping boxes that leave the image) moves them exactly as the objects.
+            extra = torch.as_tensor(self.proposals[sample.path], dtype=torch.float32)
+            boxes = torch.cat([boxes, extra.reshape(-1, 4)])
+            labels = torch.cat([labels, torch.full((len(extra),), -1, dtype=torch.int64)])
+        boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width))
         image, target = self.transform(image, {"boxes": boxes, "labels": labels})
-        return image.as_subclass(torch.Tensor), {
-            "boxes": target["boxes"].as_subclass(torch.Tensor),
-            "labels": target["labels"],
+        boxes, labels = target["boxes"].as_subclass(torch.Tensor), target["labels"]
+        found = {
+            "boxes": boxes[labels >= 0],
+            "labels": labels[labels >= 0],
             "size": torch.tensor([height, width]),
             "index": torch.tensor(index),
         }
+        if self.proposals is not None:
+            found["proposals"] = boxes[labels < 0]
+        return image.as_subclass(torch.Tensor), found
 
 
 def collate_detection(

@@ -112,8 +112,17 @@ class DetectTask(RunFacts):
     ) -> tuple[DataLoader, list[DetectionSample], None]:
         """Training batches; validation reads the image files as ``detect eval`` does."""
         transform = detect_train(self.img_size, cfg.augment, cfg.flip, self.mean, self.std)
+        source = proposal_source(cfg.model, cfg.model_args, cfg.workers)
+        proposals = None
+        if source is not None:  # under torchrun the first process computes and caches them
+            paths = [sample.path for sample in self.splits.train + self.splits.val]
+            if world_size > 1 and rank != 0:
+                torch.distributed.barrier()
+            proposals = source.boxes(paths, progress=rank == 0)
+            if world_size > 1 and rank == 0:
+                torch.distributed.barrier()
         train = train_loader(
-            DetectionDataset(self.splits.train, transform, self.in_channels),
+            DetectionDataset(self.splits.train, transform, self.in_channels, proposals),
             cfg.batch_size,
             generator,
             collate_detection,
@@ -148,10 +157,13 @@ class DetectTask(RunFacts):
                 score_threshold,
                 EVAL_SCORE_THRESHOLD,
             )
+        source = proposal_source_of(model)
+        proposals = None if source is None else source.boxes([s.path for s in data])
         found = []
         for chunk in chunks(data, PREDICT_BATCH):
             images = [read_image(sample.path, self.in_channels) for sample in chunk]
-            found += self.detect(model, images, device, score_threshold)
+            given = None if proposals is None else [proposals[s.path] for s in chunk]
+            found += self.detect(model, images, device, score_threshold, proposals=given)
         return mean_average_precision(found, data, self.classes, pr_curves)
 
     @staticmethod
@@ -243,19 +255,37 @@ class DetectTask(RunFacts):
         device: torch.device,
         score_threshold: float = PREDICT_SCORE_THRESHOLD,
         max_detections: int = MAX_DETECTIONS,
+        proposals: list | None = None,
     ) -> list[dict[str, Tensor]]:
         """``model.detect`` on uint8 images (in_channels, H, W) of any size, each resized
         to the square input the model was trained at, with the boxes mapped back to the
-        image's own pixels: ``[{"boxes" (N, 4), "scores" (N,), "labels" (N,)}]`` on the CPU."""
+        image's own pixels: ``[{"boxes" (N, 4), "scores" (N,), "labels" (N,)}]`` on the CPU.
+        A proposal-based model takes ``proposals`` (boxes (M, 4) in each image's pixels);
+        without them selective search runs on each image."""
         model.eval()
+        source = proposal_source_of(model)
+        if source is not None and proposals is None:
+            from cnnlab.data.proposals import selective_search
+
+            proposals = [selective_search(image, source.mode, source.max_boxes) for image in images]
         results = []
-        for chunk in chunks(images, PREDICT_BATCH):
+        for start, chunk in zip(
+            range(0, len(images), PREDICT_BATCH), chunks(images, PREDICT_BATCH), strict=True
+        ):
             batch = torch.stack([self.preprocess(image) for image in chunk]).to(device)
-            found = model.detect(batch, score_threshold, NMS_THRESHOLD, max_detections)
             side = batch.shape[-1]
+            options = {}
+            if source is not None:
+                options["proposals"] = [
+                    torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(device)
+                    * (side / _whwh(image, device))
+                    for image, boxes in zip(
+                        chunk, proposals[start : start + len(chunk)], strict=True
+                    )
+                ]
+            found = model.detect(batch, score_threshold, NMS_THRESHOLD, max_detections, **options)
             for image, detections in zip(chunk, found, strict=True):
-                height, width = image.shape[-2:]
-                scale = torch.tensor([width, height, width, height], device=device) / side
+                scale = _whwh(image, device) / side
                 results.append(
                     {
                         "boxes": (detections["boxes"] * scale).cpu(),
@@ -331,6 +361,37 @@ class DetectTask(RunFacts):
 
 
 TASK = DetectTask
+
+
+def _whwh(image: Tensor, device: torch.device) -> Tensor:
+    height, width = image.shape[-2:]
+    return torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
+
+
+def proposal_source(model: str, model_args: dict, workers: int = 1):
+    """Where a proposal-based model (Fast R-CNN, SPPNet) built from these settings gets its
+    proposals (``cnnlab.data.proposals.ProposalSource``); None for the others."""
+    options = {**model_info(model).options, **(model_args or {})}
+    if "proposal_mode" not in options:
+        return None
+    from cnnlab.data.proposals import ProposalSource
+
+    return ProposalSource(
+        options["proposal_mode"],
+        options["max_proposals"],
+        options["proposal_file"],
+        max(1, workers),
+    )
+
+
+def proposal_source_of(model: nn.Module):
+    """The ``ProposalSource`` of a built model, None for a model that finds its own boxes."""
+    settings = getattr(getattr(model, "module", model), "proposal_settings", None)
+    if settings is None:
+        return None
+    from cnnlab.data.proposals import ProposalSource
+
+    return ProposalSource(settings["mode"], settings["max_boxes"], settings["file"])
 
 
 def mean_average_precision(
