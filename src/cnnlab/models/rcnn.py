@@ -37,6 +37,25 @@ from cnnlab.registry import register_model
 Detections = list[dict[str, Tensor]]  # per image: boxes (N, 4) xyxy, scores (N,), labels (N,)
 
 
+def with_background_label(targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+    """Targets with torchvision's labels: 0 is its background class, so users' shift by 1."""
+    return [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+
+
+def without_background_label(found: Detections) -> Detections:
+    """torchvision's detections with the users' 0-based labels."""
+    return [{**d, "labels": d["labels"] - 1} for d in found]
+
+
+def set_detection_limits(
+    roi_heads: RoIHeads, score_threshold: float, nms_threshold: float, max_detections: int
+) -> None:
+    """What ``RoIHeads`` keeps at test time: scores above, NMS at, boxes per image."""
+    roi_heads.score_thresh = score_threshold
+    roi_heads.nms_thresh = nms_threshold
+    roi_heads.detections_per_img = max_detections
+
+
 class _PreparedImages(GeneralizedRCNNTransform):
     # cnnlab's data pipeline resizes and normalises; doing it again here would resize boxes
     # twice and normalise twice. Batching (padding to a multiple of 32) still happens.
@@ -76,12 +95,11 @@ class FasterRCNN(TorchvisionFasterRCNN):
         if isinstance(images, Tensor):
             images = list(images.unbind(0))
         if targets is not None:
-            # torchvision reserves label 0 for the background class.
-            targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+            targets = with_background_label(targets)
         output = super().forward(images, targets)
         if self.training:
             return {"loss": sum(output.values()), **output}
-        return [{**d, "labels": d["labels"] - 1} for d in output]
+        return without_background_label(output)
 
     @torch.no_grad()
     def detect(
@@ -92,9 +110,7 @@ class FasterRCNN(TorchvisionFasterRCNN):
         max_detections: int = 100,
     ) -> Detections:
         """Detections per image in the input's pixels (model in eval mode)."""
-        self.roi_heads.score_thresh = score_threshold
-        self.roi_heads.nms_thresh = nms_threshold
-        self.roi_heads.detections_per_img = max_detections
+        set_detection_limits(self.roi_heads, score_threshold, nms_threshold, max_detections)
         return self(images)
 
 
@@ -297,7 +313,7 @@ class ProposalRCNN(nn.Module):
             if targets is None:
                 raise ValueError("training needs targets with boxes, labels and proposals")
             proposals = [self._background_from(t["proposals"].float(), t["boxes"]) for t in targets]
-            targets = [{"boxes": t["boxes"], "labels": t["labels"] + 1} for t in targets]
+            targets = with_background_label(targets)
         elif proposals is None:
             whole = torch.tensor([[0.0, 0.0, size[1], size[0]]], device=images.device)
             proposals = [whole] * len(images)
@@ -306,7 +322,7 @@ class ProposalRCNN(nn.Module):
         found, losses = self.roi_heads(features, proposals, [size] * len(images), targets)
         if self.training:
             return {"loss": sum(losses.values()), **losses}
-        return [{**d, "labels": d["labels"] - 1} for d in found]
+        return without_background_label(found)
 
     @torch.no_grad()
     def detect(
@@ -318,9 +334,7 @@ class ProposalRCNN(nn.Module):
         proposals: list[Tensor] | None = None,
     ) -> Detections:
         """Detections per image in the input's pixels (model in eval mode)."""
-        self.roi_heads.score_thresh = score_threshold
-        self.roi_heads.nms_thresh = nms_threshold
-        self.roi_heads.detections_per_img = max_detections
+        set_detection_limits(self.roi_heads, score_threshold, nms_threshold, max_detections)
         return self(images, proposals=proposals)
 
 
