@@ -3,7 +3,7 @@
 Both sides train the same model (one module, each side with its own optimizer) on the same
 in-memory batches with the same recipe: AdamW (lr 1e-3, weight decay 0.05), cross-entropy,
 gradient clipping at norm 1.0, and the warm-up + cosine schedule stepped after every step.
-The engine side runs ``cnnlab.engine.loop.train_epoch``, the code ``fit`` runs for every
+The engine side runs ``cnnlab.engine.step.train_epoch``, the code ``fit`` runs for every
 epoch: the device moves, autocast and GradScaler (disabled on CPU), the step, the schedule,
 the running sums of loss and right answers kept on the device, and the progress hook, with
 the optimizer ``fit`` builds (AdamW's fused step, also on CPU). The baseline is the loop of the
@@ -33,9 +33,9 @@ from _bench import Row, add_load_flag, interleaved, matmul_peak, rate_row, repor
 from cnnlab import create_model
 from cnnlab.config import TrainConfig
 from cnnlab.data.transforms import default_stats
-from cnnlab.engine.loop import Step, train_epoch
 from cnnlab.engine.optim import make_optimizer, warmup_cosine
 from cnnlab.engine.progress import Reporter
+from cnnlab.engine.step import Step, train_epoch
 from cnnlab.inspect import summarize
 from cnnlab.tasks.classify import ClassifyTask
 

@@ -33,10 +33,11 @@ import torch
 from cnnlab import transfer
 from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig
 from cnnlab.device import cpu_plan, pick_device, threads_for
-from cnnlab.engine.loop import Step, build_model
+from cnnlab.engine.loop import build_model
 from cnnlab.engine.optim import amp_dtype, make_optimizer
 from cnnlab.engine.progress import Reporter
 from cnnlab.engine.state import seed_everything
+from cnnlab.engine.step import Step
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import model_info
 from cnnlab.tasks import task_class
