@@ -29,7 +29,8 @@ from cnnlab.data.transforms import (
 from cnnlab.engine import resume, train
 from cnnlab.engine.optim import ema_model
 from cnnlab.errors import CnnlabError, TrainingInterrupted
-from cnnlab.tasks.classify import TTA, ClassifyTask
+from cnnlab.tasks.classify import ClassifyTask
+from cnnlab.tasks.tta import TTA
 
 
 def tiny_config(data: Path, out: Path, **changes: object) -> TrainConfig:

@@ -195,7 +195,7 @@ def load_run(
     ``RUN/model.onnx`` (``cnnlab export RUN``) in ONNX Runtime on the CPU instead, with
     torch's thread count; it must have been exported from the run's present weights.
     ``tta`` (classification) predicts and evaluates with test-time augmentation: the class
-    probabilities averaged over views the run trained on (see ``tasks.classify.TTA``).
+    probabilities averaged over views the run trained on (see ``tasks.tta.TTA``).
     """
     if backend not in BACKENDS:
         raise CnnlabError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
