@@ -4,7 +4,7 @@ from torch import nn
 
 import cnnlab.models.fcn  # noqa: F401  (registers the FCNs; the zoo imports it later)
 from cnnlab import create_model
-from cnnlab.convolutionalize import FullyConvolutional, convolutionalize
+from cnnlab.dense_to_conv import FullyConvolutional, convolutionalize
 from cnnlab.errors import CnnlabError, InputSizeError
 from cnnlab.registry import check_input_size
 
@@ -175,9 +175,9 @@ def test_the_package_name_stays_the_function_after_its_module_is_imported():
 
     import cnnlab
 
-    importlib.import_module("cnnlab.convolutionalize")
+    importlib.import_module("cnnlab.dense_to_conv")
     assert callable(cnnlab.convolutionalize)
-    assert cnnlab.convolutionalize.__module__ == "cnnlab.convolutionalize"
+    assert cnnlab.convolutionalize.__module__ == "cnnlab.dense_to_conv"
 
 
 def test_class_maps_of_a_loaded_run_match_the_command_and_respect_max_pixels(digits_run, tmp_path):

@@ -636,17 +636,16 @@ def test_models_table_is_cached_and_a_changed_key_recomputes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     import cnnlab.inspect.cache as cache
-    import cnnlab.inspect.render as render
 
     monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path))
     computed = []
-    real = render.model_table_rows
+    real = cache.model_table_rows
 
     def counting(pattern=None):
         computed.append(pattern)
         return real(pattern)
 
-    monkeypatch.setattr(render, "model_table_rows", counting)
+    monkeypatch.setattr(cache, "model_table_rows", counting)
     first = cache.cached_model_table_rows("densenet121")
     assert "counting parameters and MACs of 1 models" in capsys.readouterr().err
     assert [row["name"] for row in first] == ["densenet121"]
@@ -656,7 +655,7 @@ def test_models_table_is_cached_and_a_changed_key_recomputes(
     assert second == first and computed == ["densenet121"]
     assert capsys.readouterr().err == ""
     # Another key (torch's version, a source file, the pattern) computes again.
-    monkeypatch.setattr(cache.torch, "__version__", "0.0-other")
+    monkeypatch.setattr(cache, "torch_version", lambda: "0.0-other")
     assert cache.cached_model_table_rows("densenet121") == first
     assert computed == ["densenet121", "densenet121"]
     assert cache.table_key("vgg1?") != cache.table_key("densenet121")

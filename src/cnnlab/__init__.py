@@ -4,17 +4,15 @@ The public API: ``create_model``, ``list_models``, ``model_info`` and ``register
 (the zoo), ``summarize`` (the inspector), ``train``, ``resume`` and ``TrainConfig``
 (training any task), ``load_run`` (a finished run of any task), ``export_run`` (its model
 as ONNX or ``.pt2``, checked against the run) and ``convolutionalize``.
-``import cnnlab`` stays light: the training stack is imported on first use.
+``import cnnlab`` stays light: each name is imported on first use, so that a command
+which needs no tensors (``cnnlab models`` reading its cache, ``--help``) does not pay for
+``import torch``.
 """
 
 from importlib import import_module
 from typing import Any
 
-# Imported now, not lazily: the function shares its module's name, and a lazy lookup
-# would give the module once anything imported ``cnnlab.convolutionalize`` directly.
-from cnnlab.convolutionalize import convolutionalize
 from cnnlab.errors import CnnlabError, InputSizeError
-from cnnlab.registry import create_model, list_models, model_info, register_model
 
 __all__ = [
     "CnnlabError",
@@ -33,8 +31,15 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
+# convolutionalize lives in cnnlab.dense_to_conv: a module of the function's own name would,
+# once imported, shadow the function as the package's attribute.
 _LAZY = {
     "TrainConfig": "cnnlab.config",
+    "convolutionalize": "cnnlab.dense_to_conv",
+    "create_model": "cnnlab.registry",
+    "list_models": "cnnlab.registry",
+    "model_info": "cnnlab.registry",
+    "register_model": "cnnlab.registry",
     "export_run": "cnnlab.export",
     "load_run": "cnnlab.runs",
     "resume": "cnnlab.engine.loop",

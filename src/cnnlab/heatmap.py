@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
-from cnnlab.convolutionalize import FullyConvolutional, convolutionalize
 from cnnlab.data.images import read_image
+from cnnlab.dense_to_conv import FullyConvolutional, convolutionalize
 from cnnlab.errors import CnnlabError
 from cnnlab.runs import Run, load_run
 

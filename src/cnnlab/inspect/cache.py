@@ -1,18 +1,25 @@
-"""``cnnlab models``' figures (parameters, MACs) computed once and kept in the user cache
-(``cache_dir``), keyed by a SHA-256 of the code that computes them (models/, inspect/,
-registry.py), torch's version and the pattern."""
+"""``cnnlab models``: one row per registered model (parameters, MACs, sizes), computed once
+and kept in the user cache (``cache_dir``), keyed by a SHA-256 of the code that computes
+them (models/, inspect/, registry.py), torch's version and the pattern, and shown as a rich
+table.
+
+Reading the cache imports neither torch nor the models (``import torch`` alone takes about
+2 s on the 2-core machine): they are imported only when a table must be computed."""
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
+from rich.table import Table
 
+from cnnlab.errors import CnnlabError
 from cnnlab.files import atomic_write_text
 
 CACHE_FILE = "models-table.json"
@@ -36,6 +43,11 @@ def sources() -> list[Path]:
     return files
 
 
+def torch_version() -> str:
+    """The installed torch's version, read from its metadata (no ``import torch``)."""
+    return version("torch")
+
+
 def table_key(pattern: str | None = None) -> str:
     """SHA-256 of the sources (names and bytes), torch's version and ``pattern``."""
     digest = hashlib.sha256()
@@ -43,7 +55,7 @@ def table_key(pattern: str | None = None) -> str:
     for path in sources():
         digest.update(path.relative_to(package).as_posix().encode() + b"\0")
         digest.update(path.read_bytes() + b"\0")
-    digest.update(f"torch {torch.__version__}\0pattern {pattern!r}".encode())
+    digest.update(f"torch {torch_version()}\0pattern {pattern!r}".encode())
     return digest.hexdigest()
 
 
@@ -52,8 +64,6 @@ def cached_model_table_rows(
 ) -> list[dict[str, Any]]:
     """``model_table_rows(pattern)``, read from the cache when the key matches; otherwise
     computed (with a line on ``progress``, default stderr) and stored for the next call."""
-    from cnnlab.inspect.render import matching_models, model_table_rows
-
     key = table_key(pattern)
     path = cache_dir() / CACHE_FILE
     try:
@@ -80,3 +90,67 @@ def cached_model_table_rows(
     except OSError:  # a read-only home: the table is still right, only not kept
         pass
     return rows
+
+
+def matching_models(pattern: str | None = None) -> list[str]:
+    """Registered names matching ``pattern``: a glob (``resnet*``), else a part of the name
+    (``resnet``); every name without one."""
+    from cnnlab.registry import list_models
+
+    names = list_models()
+    if pattern is None:
+        return names
+    if any(c in pattern for c in "*?["):
+        found = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+    else:
+        found = [name for name in names if pattern in name]
+    if not found:
+        raise CnnlabError(f"no registered model matches {pattern!r} (`cnnlab models` lists all)")
+    return found
+
+
+def model_table_rows(pattern: str | None = None) -> list[dict[str, Any]]:
+    """One row per registered model (matching ``pattern``, see ``matching_models``): name,
+    family, task, params, MACs, sizes.
+
+    Parameters are counted at the default settings (with as many input channels as the
+    natural input has) and MACs at the model's natural input size. Models are built on the
+    meta device where they can be (``summarize_spec``).
+    """
+    from cnnlab.inspect.specs import summarize_spec
+    from cnnlab.registry import model_info
+
+    rows = []
+    for name in matching_models(pattern):
+        info = model_info(name)
+        _, summary, _ = summarize_spec(name, depth=0)
+        rows.append(
+            {
+                "name": name,
+                "family": info.family,
+                "task": info.task,
+                "params": summary.total_params,
+                "macs": summary.total_macs,
+                "input_size": list(info.input_size),
+                "min_size": info.min_size,
+            }
+        )
+    return rows
+
+
+def models_table(rows: list[dict[str, Any]]) -> Table:
+    """``model_table_rows`` as a rich table."""
+    table = Table(title="cnnlab models")
+    for column in ("name", "family", "task", "params", "MACs", "input", "min input"):
+        table.add_column(column, justify="right" if column in {"params", "MACs"} else "left")
+    for row in rows:
+        table.add_row(
+            row["name"],
+            row["family"],
+            row["task"],
+            f"{row['params']:,}",
+            f"{row['macs'] / 1e9:.2f} G",
+            "x".join(str(d) for d in row["input_size"]),
+            str(row["min_size"]),
+        )
+    return table

@@ -1,20 +1,14 @@
-"""The inspector's tables: one model's per-layer summary, and every registered model."""
+"""The inspector's table of one model's per-layer summary (text, rich and HTML)."""
 
 from __future__ import annotations
 
-import fnmatch
 import textwrap
-from typing import Any
 
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
-from cnnlab.errors import CnnlabError
 from cnnlab.inspect.sizes import UNCHANGED
-from cnnlab.inspect.specs import summarize_spec
 from cnnlab.inspect.summary import Summary
-from cnnlab.registry import list_models, model_info
 
 _COLUMNS = ("Layer (type)", "Output", "Params", "MACs", "RF", "Jump")
 _FORMULAS = ("Size", "Params formula")
@@ -143,65 +137,6 @@ def _totals(summary: Summary) -> Text:
         f"Weight memory:        {summary.weight_mb:,.2f} MB (parameters + buffers)\n"
         f"Receptive field:      {rf}"
     )
-
-
-def models_table(rows: list[dict[str, Any]]) -> Table:
-    """``model_table_rows`` as a rich table."""
-    table = Table(title="cnnlab models")
-    for column in ("name", "family", "task", "params", "MACs", "input", "min input"):
-        table.add_column(column, justify="right" if column in {"params", "MACs"} else "left")
-    for row in rows:
-        table.add_row(
-            row["name"],
-            row["family"],
-            row["task"],
-            f"{row['params']:,}",
-            f"{row['macs'] / 1e9:.2f} G",
-            "x".join(str(d) for d in row["input_size"]),
-            str(row["min_size"]),
-        )
-    return table
-
-
-def matching_models(pattern: str | None = None) -> list[str]:
-    """Registered names matching ``pattern``: a glob (``resnet*``), else a part of the name
-    (``resnet``); every name without one."""
-    names = list_models()
-    if pattern is None:
-        return names
-    if any(c in pattern for c in "*?["):
-        found = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-    else:
-        found = [name for name in names if pattern in name]
-    if not found:
-        raise CnnlabError(f"no registered model matches {pattern!r} (`cnnlab models` lists all)")
-    return found
-
-
-def model_table_rows(pattern: str | None = None) -> list[dict[str, Any]]:
-    """One row per registered model (matching ``pattern``, see ``matching_models``): name,
-    family, task, params, MACs, sizes.
-
-    Parameters are counted at the default settings (with as many input channels as the
-    natural input has) and MACs at the model's natural input size. Models are built on the
-    meta device where they can be (``summarize_spec``).
-    """
-    rows = []
-    for name in matching_models(pattern):
-        info = model_info(name)
-        _, summary, _ = summarize_spec(name, depth=0)
-        rows.append(
-            {
-                "name": name,
-                "family": info.family,
-                "task": info.task,
-                "params": summary.total_params,
-                "macs": summary.total_macs,
-                "input_size": list(info.input_size),
-                "min_size": info.min_size,
-            }
-        )
-    return rows
 
 
 def _pretty(value: float | None) -> str:

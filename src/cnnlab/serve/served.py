@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from cnnlab.convolutionalize import FullyConvolutional
 from cnnlab.data.images import BadImageError, decode_bytes, to_channels
+from cnnlab.dense_to_conv import FullyConvolutional
 from cnnlab.draw import box_colour, hex_colour, mask_colour
 from cnnlab.errors import CnnlabError
 from cnnlab.files import read_json
