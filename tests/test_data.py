@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from cnnlab.data import images as image_files
 from cnnlab.data.check import check_folder, clean_folder, summarize_check
@@ -421,14 +423,51 @@ def test_train_is_random_eval_is_deterministic() -> None:
 
 
 def test_flip_false_never_mirrors() -> None:
-    transform = train_transform(16, "light", flip=False)
-    names = [type(t).__name__ for t in transform.transforms]
-    assert "RandomHorizontalFlip" not in names
-    assert "TrivialAugmentWide" not in [
-        type(t).__name__ for t in train_transform(16, "strong", flip=False).transforms
-    ]
+    image = torch.zeros(1, 16, 16, dtype=torch.uint8)
+    image[..., :8] = 255  # bright left half
+
+    def mirrored(transform: Callable) -> int:
+        outputs = [transform(image) for _ in range(40)]
+        return sum(int(out[..., :8].mean() < out[..., 8:].mean()) for out in outputs)
+
+    torch.manual_seed(0)
+    assert mirrored(train_transform(16, "light", flip=False, in_channels=1)) == 0
+    assert mirrored(train_transform(16, "strong", flip=False, in_channels=1)) == 0
+    assert 5 < mirrored(train_transform(16, "light", flip=True, in_channels=1)) < 35
     with pytest.raises(CnnlabError, match="unknown augment"):
         train_transform(16, "heavy")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_fused_classify_transforms_equal_torchvision_compose(channels: int) -> None:
+    # The light preset and the evaluation transform call v2's kernels directly; with the
+    # same random draws they must give what the v2.Compose of the same steps gives.
+    mean, std = default_stats(channels)
+    image = torch.randint(0, 256, (channels, 30, 23), dtype=torch.uint8)
+    reference = v2.Compose(
+        [
+            v2.RandomResizedCrop(16, scale=(0.7, 1.0), ratio=(5 / 6, 6 / 5)),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+    fused = train_transform(16, "light", flip=True, in_channels=channels)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        expected = reference(image)
+        torch.manual_seed(seed)
+        assert torch.equal(fused(image), expected)
+    evaluation = v2.Compose(
+        [
+            v2.Resize(16, antialias=True),
+            v2.CenterCrop(16),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+    assert torch.equal(eval_transform(16, channels)(image), evaluation(image))
 
 
 # --- balancing -----------------------------------------------------------------------------
