@@ -36,7 +36,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from _bench import interleaved, machine_line, rate_row
+from _bench import add_load_flag, busy_loops, interleaved, load_title, machine_line, rate_row
 from cnnlab import create_model
 from cnnlab.inspect import summarize
 
@@ -213,8 +213,8 @@ def _rounded(values: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in values.items()}
 
 
-def print_table(rows: list[dict]) -> None:
-    print(f"detect_speed  ({machine_line()})")
+def print_table(rows: list[dict], title: str, machine: str) -> None:
+    print(f"{title}  ({machine})")
     width = max(len(r["name"]) for r in rows)
     print(
         f"{'':{width}}  {'yolov1 img/s':>12}  {'frcnn img/s':>11}  {'ratio':>6}"
@@ -255,16 +255,22 @@ def main() -> None:
     parser.add_argument("--yolo-run", help="time a trained YOLOv1 run instead (with --rcnn-run)")
     parser.add_argument("--rcnn-run", help="time a trained Faster R-CNN run instead")
     parser.add_argument("--format", choices=["table", "json"], default="table")
+    add_load_flag(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     models = build(args)
-    rows = [row for size in args.sizes for row in measure(models, size, args)]
+    results = []
+    for load in [0, *[n for n in args.load if n > 0]]:
+        with busy_loops(load):
+            rows = [row for size in args.sizes for row in measure(models, size, args)]
+            results.append({"load": load, "machine": machine_line(), "rows": rows})
     if args.format == "json":
-        print(json.dumps(rows, indent=2))
-    else:
-        print_table(rows)
+        print(json.dumps(results, indent=2))
+        return
+    for result in results:
+        print_table(result["rows"], load_title("detect_speed", result["load"]), result["machine"])
 
 
 if __name__ == "__main__":

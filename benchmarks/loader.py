@@ -1,8 +1,9 @@
 """Input pipeline speed: decode + augment images/s from a folder of JPEGs.
 
 The project's pipeline is ``cnnlab.data.classify.ImageDataset`` with ``classify_train(224,
-"light", ...)``: torchvision.io decoding (libjpeg-turbo) into a uint8 tensor, then v2
-transforms on that tensor (RandomResizedCrop, flip, ColorJitter, to float, normalise). The
+"light", ...)``: torchvision.io decoding (libjpeg-turbo) into a uint8 tensor, then
+torchvision's v2 kernels on that tensor (RandomResizedCrop, flip, to float, ColorJitter,
+normalise; ``cnnlab.data.transforms.LightAugment``). The
 baseline is torchvision's ``ImageFolder`` with its default PIL loader and the equivalent
 classic transforms on PIL images (RandomResizedCrop with the same scale and ratio, flip,
 ColorJitter with the same strengths, ToTensor, Normalize). Both run in the main process,

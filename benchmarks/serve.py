@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from _bench import Row, interleaved, rate_row, report
+from _bench import Row, add_load_flag, interleaved, rate_row, report_loads, under_loads
 from cnnlab import checkpoint, create_model
 from cnnlab.demo import DIGITS_DEMO
 from cnnlab.runs import load_run
@@ -194,61 +194,68 @@ def main() -> None:
         "--threads", type=int, help="torch threads, both sides (default: what the server picks)"
     )
     parser.add_argument("--format", choices=("table", "json"), default="table")
+    add_load_flag(parser)
     args = parser.parse_args()
     threads = args.threads or default_threads(workers=1)
     if threads:
         torch.set_num_threads(threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = write_run(Path(tmp) / "run", args.model)
-        paths = write_images(Path(tmp), args.model)
-        kind = "image/jpeg" if paths[0].suffix == ".jpg" else "image/png"
-        uploads = [(p.name, p.read_bytes(), kind) for p in paths]
-        bodies = [multipart("run", *upload) for upload in uploads]
-        run = load_run(run_dir, "cpu")
-        server = Server(run_dir, threads)
-        try:
-            check = httpx.post(
-                server.url + "api/predict", data={"run": "run"}, files={"file": uploads[0]}
-            ).json()
-            local = run.predict(paths[0])[0]
-            if check["top"][0]["class"] != local["top"][0]["class"]:
-                raise SystemExit(f"the server and load_run disagree: {check} vs {local}")
-            rounds: dict[str, list[list]] = {"ours": [], "baseline": []}
+    def measure(load: int) -> list[Row]:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = write_run(Path(tmp) / "run", args.model)
+            paths = write_images(Path(tmp), args.model)
+            kind = "image/jpeg" if paths[0].suffix == ".jpg" else "image/png"
+            uploads = [(p.name, p.read_bytes(), kind) for p in paths]
+            bodies = [multipart("run", *upload) for upload in uploads]
+            run = load_run(run_dir, "cpu")
+            server = Server(run_dir, threads)
+            try:
+                check = httpx.post(
+                    server.url + "api/predict", data={"run": "run"}, files={"file": uploads[0]}
+                ).json()
+                local = run.predict(paths[0])[0]
+                if check["top"][0]["class"] != local["top"][0]["class"]:
+                    raise SystemExit(f"the server and load_run disagree: {check} vs {local}")
+                rounds: dict[str, list[list]] = {"ours": [], "baseline": []}
 
-            def ours() -> None:
-                rounds["ours"].append([])
-                client_round(server.url, bodies, args, rounds["ours"][-1])
+                def ours() -> None:
+                    rounds["ours"].append([])
+                    client_round(server.url, bodies, args, rounds["ours"][-1])
 
-            def baseline() -> None:
-                rounds["baseline"].append([])
-                for i in range(args.requests):
-                    started = time.perf_counter()
-                    ok = bool(run.predict(paths[i % len(paths)])[0]["top"])
-                    rounds["baseline"][-1].append((time.perf_counter() - started, ok))
+                def baseline() -> None:
+                    rounds["baseline"].append([])
+                    for i in range(args.requests):
+                        started = time.perf_counter()
+                        ok = bool(run.predict(paths[i % len(paths)])[0]["top"])
+                        rounds["baseline"][-1].append((time.perf_counter() - started, ok))
 
-            seconds = interleaved({"ours": ours, "baseline": baseline}, args.repeats, warmup=1)
-        finally:
-            status = server.stop()
-    timed = {side: [x for r in found[1:] for x in r] for side, found in rounds.items()}
-    latency = {side: [t * 1000 for t, _ in found] for side, found in timed.items()}
-    failures = sum(not ok for _, ok in timed["ours"])
-    rate = {side: args.requests / s for side, s in seconds.items()}
-    label = f"{args.model} {args.clients} clients"
-    rows = [rate_row(f"{label}: throughput", rate["ours"], rate["baseline"], "requests/s")]
-    for q in (50, 95, 99):
-        ours_ms, loop_ms = percentile(latency["ours"], q), percentile(latency["baseline"], q)
-        rows.append(Row(f"{label}: p{q} latency", ours_ms, loop_ms, "ms", loop_ms / ours_ms))
-    spread = percentile(latency["ours"], 99) / percentile(latency["ours"], 50)
-    rows.append(Row(f"{label}: p99 / p50 (target < 10)", spread, 10.0, "x", 10.0 / spread))
-    total = len(timed["ours"])
-    rows.append(Row(f"{label}: failed of {total}", failures, 0, "requests", float(failures == 0)))
-    report(rows, args.format, "serve: cnnlab serve vs load_run(RUN).predict in a loop")
-    print(
-        f"median round of {args.requests}: server {seconds['ours']:.2f} s, loop"
-        f" {seconds['baseline']:.2f} s; the server exited with {status}; {os.cpu_count()} CPUs",
-        file=sys.stderr,
-    )
+                seconds = interleaved({"ours": ours, "baseline": baseline}, args.repeats, warmup=1)
+            finally:
+                status = server.stop()
+        timed = {side: [x for r in found[1:] for x in r] for side, found in rounds.items()}
+        latency = {side: [t * 1000 for t, _ in found] for side, found in timed.items()}
+        failures = sum(not ok for _, ok in timed["ours"])
+        rate = {side: args.requests / s for side, s in seconds.items()}
+        label = f"{args.model} {args.clients} clients"
+        rows = [rate_row(f"{label}: throughput", rate["ours"], rate["baseline"], "requests/s")]
+        for q in (50, 95, 99):
+            ours_ms, loop_ms = percentile(latency["ours"], q), percentile(latency["baseline"], q)
+            rows.append(Row(f"{label}: p{q} latency", ours_ms, loop_ms, "ms", loop_ms / ours_ms))
+        spread = percentile(latency["ours"], 99) / percentile(latency["ours"], 50)
+        rows.append(Row(f"{label}: p99 / p50 (target < 10)", spread, 10.0, "x", 10.0 / spread))
+        total = len(timed["ours"])
+        rows.append(
+            Row(f"{label}: failed of {total}", failures, 0, "requests", float(failures == 0))
+        )
+        print(
+            f"median round of {args.requests}: server {seconds['ours']:.2f} s, loop"
+            f" {seconds['baseline']:.2f} s; the server exited with {status}; {os.cpu_count()} CPUs",
+            file=sys.stderr,
+        )
+        return rows
+
+    title = "serve: cnnlab serve vs load_run(RUN).predict in a loop"
+    report_loads(under_loads(args.load, measure), args.format, title)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def test_train_eval_predict_on_a_class_folder_tree(tmp_path: Path, capsys) -> No
 def test_demo_trains_the_digits_and_prints_the_accuracy(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    # The real demo trains 40 epochs (a benchmark's job); two show the whole path works.
+    # The real demo trains 20 epochs (a benchmark's job); two show the whole path works.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setitem(demo.DIGITS_DEMO, "epochs", 2)
     assert cli.main(["demo", "--quiet"]) == 0
