@@ -232,7 +232,8 @@ class FCHead(nn.Module):
         layer = getattr(self, name)
         if self.training or not self.svd_rank or self.svd_rank > min(layer.weight.shape):
             return layer(x)
-        key = (layer.weight.data_ptr(), layer.weight._version, layer.weight.device)
+        weight = layer.weight  # the factors follow the rank and the weights' updates
+        key = (self.svd_rank, weight.data_ptr(), weight._version, weight.device)
         cached = self._factors.get(name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
