@@ -170,3 +170,35 @@ def test_a_spike_is_found_and_the_best_epoch_drawn(tmp_path: Path) -> None:
     plot_curves(metrics, tmp_path / "plain.png", {"loss": ("train_loss", "val_loss")})
     plot_curves(metrics, tmp_path / "best.png", {"loss": ("train_loss", "val_loss")}, 5)
     assert not np.array_equal(read_png(tmp_path / "plain.png"), read_png(tmp_path / "best.png"))
+
+
+def test_a_spike_inside_the_other_lines_range_is_not_clipped(tmp_path: Path) -> None:
+    """The demo's first val loss (0.48, then 0.1 and less) is a spike of its own line but
+    below the first train loss (1.9): the axis must reach 1.9 and no marker stands for 0.48."""
+    import matplotlib.axes
+
+    train = [1.87, 0.63, 0.40, 0.29, 0.25]
+    val = [0.48, 0.11, 0.07, 0.05, 0.03]
+    assert spike_indices(val) == {0}
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text(
+        "epoch,train_loss,val_loss\n"
+        + "".join(f"{i + 1},{t},{v}\n" for i, (t, v) in enumerate(zip(train, val, strict=True)))
+    )
+    markers, annotations = [], []
+    original_plot, original_annotate = matplotlib.axes.Axes.plot, matplotlib.axes.Axes.annotate
+
+    def plot(ax, *args, **kwargs):
+        markers.append(kwargs.get("marker"))
+        return original_plot(ax, *args, **kwargs)
+
+    def annotate(ax, text, *args, **kwargs):
+        annotations.append(text)
+        return original_annotate(ax, text, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(matplotlib.axes.Axes, "plot", plot)
+        patch.setattr(matplotlib.axes.Axes, "annotate", annotate)
+        plot_curves(metrics, tmp_path / "curves.png", {"loss": ("train_loss", "val_loss")})
+    assert markers == ["o", "o"]  # the two lines, no clipped-spike marker
+    assert annotations == []

@@ -63,6 +63,10 @@ def plot_curves(
             low, high = min(kept), max(kept)
             margin = 0.15 * (high - low or abs(high) or 1.0)
             top = high + margin
+            # A spike of one line that the panel's other lines reach anyway (the first
+            # val loss beside a higher train loss) is drawn where it is, not clipped.
+            spikes = [spike for spike in spikes if spike[1] > top]
+        if spikes and kept:
             ax.set_ylim(low - margin / 3, top)
             for epoch, value, colour in spikes:
                 ax.plot([epoch], [top], marker="^", color=colour, clip_on=False)
