@@ -34,8 +34,9 @@ from cnnlab.data.detect import make_detection_splits
 from cnnlab.data.shapes import write_shapes
 from cnnlab.tasks.detect import SHAPES_YOLO_ARGS, proposal_source
 
-TARGETS = {"fasterrcnn": 0.90, "yolov1": 0.80, "fastrcnn": 0.75, "sppnet": 0.75}
+TARGETS = {"fasterrcnn": 0.90, "yolov1": 0.80, "fastrcnn": 0.75, "sppnet": 0.75, "rcnn": 0.75}
 BUDGET_MINUTES = 20.0
+ROWS_FILE = "detect_shapes.json"  # in --work: every model's row of the last runs
 IMAGES, VAL_SPLIT = 800, 0.125  # 700 training and 100 validation images
 # Fast R-CNN and SPPNet: as Faster R-CNN's box head (a few objects an image, so 32 sampled
 # RoIs, a quarter foreground, and fc6/fc7 256 wide: 256*49 -> 1024 from scratch would cost
@@ -43,6 +44,15 @@ IMAGES, VAL_SPLIT = 800, 0.125  # 700 training and 100 validation images
 # proposal below IoU 0.5, not only those in [0.1, 0.5): from scratch, a classifier that
 # never saw a proposal on empty canvas scores those high at test time.
 SHAPES_PROPOSAL_ARGS = {"representation_size": 256, "rois_per_image": 32, "background_iou_low": 0.0}
+# R-CNN: every sampled proposal is a backbone forward pass, so the crops are small (objects
+# are 22-56 px, so a 48 px crop with 6 px of context keeps most of their detail) and 16 a
+# training image (a batch of 8 is the paper's 128 crops, 32 foreground).
+SHAPES_RCNN_ARGS = {
+    "crop_size": 48,
+    "context_padding": 6,
+    "representation_size": 256,
+    "rois_per_image": 16,
+}
 RECIPES = {
     "fasterrcnn": {
         "epochs": 10,
@@ -63,7 +73,16 @@ RECIPES = {
     "yolov1": {"epochs": 12, "batch_size": 16, "lr": 1e-3, "model_args": SHAPES_YOLO_ARGS},
     "fastrcnn": {"epochs": 12, "batch_size": 8, "lr": 1e-3, "model_args": SHAPES_PROPOSAL_ARGS},
     "sppnet": {"epochs": 12, "batch_size": 8, "lr": 1e-3, "model_args": SHAPES_PROPOSAL_ARGS},
+    "rcnn": {"epochs": 6, "batch_size": 8, "lr": 1e-3, "model_args": SHAPES_RCNN_ARGS},
 }
+
+
+def save_rows(path: Path, rows: list[dict]) -> None:
+    """Add ``rows`` to the JSON list in ``path`` (benchmarks/lineage.py reads the training
+    minutes there), replacing earlier rows of the same models."""
+    kept = json.loads(path.read_text()) if path.is_file() else []
+    done = {row["model"] for row in rows}
+    path.write_text(json.dumps([r for r in kept if r["model"] not in done] + rows, indent=2))
 
 
 def proposal_minutes(model: str, data: Path, seed: int) -> float | None:
@@ -78,7 +97,7 @@ def proposal_minutes(model: str, data: Path, seed: int) -> float | None:
     return (time.perf_counter() - started) / 60
 
 
-def run(model: str, data: Path, work: Path, seed: int) -> dict:
+def run(model: str, data: Path, work: Path, seed: int, threads: int = 1) -> dict:
     recipe = RECIPES[model]
     proposals = proposal_minutes(model, data, seed)
     started = time.perf_counter()
@@ -91,6 +110,7 @@ def run(model: str, data: Path, work: Path, seed: int) -> dict:
         val_split=VAL_SPLIT,
         seed=seed,
         device="cpu",
+        threads=threads,
         workers=1,
         **recipe,
     )
@@ -125,7 +145,8 @@ def main() -> None:
         write_shapes(data, task="detect", n=IMAGES, size=128, seed=args.seed)
     for model in args.models:
         shutil.rmtree(work / model, ignore_errors=True)
-    rows = [run(model, data, work, args.seed) for model in args.models]
+    rows = [run(model, data, work, args.seed, args.threads) for model in args.models]
+    save_rows(work / ROWS_FILE, rows)
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return

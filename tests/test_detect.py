@@ -351,6 +351,10 @@ CLI_TINY = {
         "--representation-size", "64",
     ],
     "fastrcnn": ["--backbone", "resnet18", "--representation-size", "64", "--max-proposals", "100"],
+    "rcnn": [
+        "--crop-size", "32", "--context-padding", "4",
+        "--representation-size", "32", "--max-proposals", "100",
+    ],
 }  # fmt: skip
 
 
@@ -376,7 +380,7 @@ def _coco_to_yolo_txt(coco_dir: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("model", ["yolov1", "fasterrcnn", "fastrcnn"])
+@pytest.mark.parametrize("model", ["yolov1", "fasterrcnn", "fastrcnn", "rcnn"])
 def test_commands_train_eval_and_predict_on_a_yolo_txt_folder(model, shapes, tmp_path, capsys):
     from cnnlab import cli
 

@@ -115,7 +115,7 @@ def test_help_shows_defaults_the_models_and_their_own_flags(capsys) -> None:
             cli.main(args)
         assert stop.value.code == 0
     detect_help, train_help, predict_help = capsys.readouterr().out.split("usage: ")[1:]
-    assert "models (--model): fasterrcnn, fastrcnn, sppnet, yolov1" in detect_help
+    assert "models (--model): fasterrcnn, fastrcnn, rcnn, sppnet, yolov1" in detect_help
     for flag in ("--head fc", "--grid 7", "--reduction 32", "--rescore true", "--roi-pool false"):
         assert flag in detect_help
     assert "resnet101, resnet152, resnet18, resnet34, resnet50:" in train_help

@@ -370,6 +370,12 @@ def _fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None, plan: 
     report = None
     if main:
         checkpoint.load_weights(run_dir / "best.safetensors", model)
+        fitted = task.after_training(model, device)
+        if fitted is not None:
+            say.line(fitted)
+            checkpoint.save_weights(
+                run_dir / "best.safetensors", model, metadata={"epoch": str(best["epoch"])}
+            )
         split, result = task.finish(model, val_data, test_data, device, dtype, run_dir)
         report = {"split": split, "best_epoch": best["epoch"], **public(result)}
         write_json(run_dir / "report.json", report)

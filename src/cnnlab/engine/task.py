@@ -77,6 +77,11 @@ class Task(Protocol):
         """The task's part of the one-line epoch summary."""
         ...
 
+    def after_training(self, model: nn.Module, device: torch.device) -> str | None:
+        """Fit what the model learns after gradient training (R-CNN's SVMs) into ``model``,
+        which holds the best weights; a line saying what, or None when nothing changed."""
+        ...
+
     def finish(
         self,
         model: nn.Module,

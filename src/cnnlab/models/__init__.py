@@ -7,6 +7,7 @@ from cnnlab.models import (  # noqa: F401
     fcn,
     googlenet,
     rcnn,
+    rcnn_crops,
     resnet,
     vgg,
     yolo,

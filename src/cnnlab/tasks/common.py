@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 
 from cnnlab.checkpoint import ModelMeta
@@ -33,6 +34,12 @@ class RunFacts:
         """The task of a finished run, from its model.json."""
         channels, size, _ = meta.input_size
         return cls(list(meta.classes), channels, size, tuple(meta.mean), tuple(meta.std))
+
+    def after_training(self, model: nn.Module, device: torch.device) -> str | None:
+        """Fit what ``model`` learns after its gradient training from the training split,
+        and say in a line what was fitted; None when there is nothing to fit (every task's
+        models but R-CNN, whose SVMs ``DetectTask`` fits)."""
+        return None
 
     def test_time_augmented(self, model: nn.Module, config_file: Path) -> nn.Module:
         """``model`` averaging its answers over augmented views (classification's; a task

@@ -134,6 +134,19 @@ class DetectTask(RunFacts):
         )
         return train, self.splits.val, None
 
+    def after_training(self, model: nn.Module, device: torch.device) -> str | None:
+        """A model with ``fit_after_training`` (R-CNN) fits its SVMs and box regressors on
+        the training images as it sees them at test time, with their proposals."""
+        fit = getattr(model, "fit_after_training", None)
+        if fit is None:
+            return None
+        paths = [sample.path for sample in self.splits.train]
+        proposals = proposal_source_of(model).boxes(paths, progress=False)
+        transform = detect_eval(self.img_size, self.mean, self.std)
+        data = DetectionDataset(self.splits.train, transform, self.in_channels, proposals)
+        batches = DataLoader(data, batch_size=PREDICT_BATCH, collate_fn=collate_detection)
+        return fit(batches)
+
     @staticmethod
     def forward_loss(
         net: nn.Module, images: Tensor, targets: list[dict[str, Tensor]]
