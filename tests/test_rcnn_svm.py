@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import cnnlab
 from cnnlab import create_model
 from cnnlab.data.shapes import write_shapes
+from cnnlab.export import export_run
 from cnnlab.models.rcnn_crops import (
     hard_negatives,
     ridge_regression,
@@ -124,3 +125,7 @@ def test_it_trains_fits_its_svms_and_the_shared_evaluator_scores_it(shapes, tmp_
     loaded.model.svm_bias -= 5
     after = loaded.predict([image], score_threshold=0.0)[0]["detections"]
     assert before and after and after[0]["score"] < before[0]["score"]
+    # An exported graph could not run selective search: refused, nothing written.
+    with pytest.raises(cnnlab.CnnlabError, match="classifies selective-search proposals"):
+        export_run(out)
+    assert not (out / "model.onnx").exists()

@@ -37,7 +37,12 @@ from cnnlab.files import atomic_write_bytes, read_json, sha256_of, write_json
 from cnnlab.models.yolo import YOLOv1
 from cnnlab.runs import Run, load_run
 from cnnlab.runtime import FILES, YOLO_DECODING, onnx_model, pt2_model
-from cnnlab.tasks.detect import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_THRESHOLD
+from cnnlab.tasks.detect import (
+    EVAL_SCORE_THRESHOLD,
+    MAX_DETECTIONS,
+    NMS_THRESHOLD,
+    proposal_source_of,
+)
 
 FORMATS = tuple(FILES)
 RECORD = "export.json"  # beside the exported file: one entry per file name
@@ -208,6 +213,12 @@ def _graph(run: Run, dynamic_batch: bool) -> tuple[nn.Module, str, list[str]]:
         return model, "logits", ["images", "logits"]
     if isinstance(model, YOLOv1):
         return model, "yolov1_grid", ["images", "grid"]
+    if proposal_source_of(model) is not None:
+        raise CnnlabError(
+            f"{run.meta.architecture} classifies selective-search proposals, which an exported"
+            " graph cannot compute; export a detector that finds its own boxes"
+            " (fasterrcnn, yolov1)"
+        )
     if dynamic_batch:
         raise CnnlabError(
             f"{run.meta.architecture} exports the detections of one image per call;"
