@@ -370,7 +370,7 @@ def _fit(cfg: TrainConfig, run_dir: Path, task: Task, saved: dict | None, plan: 
     report = None
     if main:
         checkpoint.load_weights(run_dir / "best.safetensors", model)
-        fitted = task.after_training(model, device)
+        fitted = task.after_training(model, device, say.line)
         if fitted is not None:
             say.line(fitted)
             checkpoint.save_weights(

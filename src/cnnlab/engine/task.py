@@ -7,6 +7,7 @@ model's registry entry says which task a run is (``ModelInfo.task``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -77,9 +78,12 @@ class Task(Protocol):
         """The task's part of the one-line epoch summary."""
         ...
 
-    def after_training(self, model: nn.Module, device: torch.device) -> str | None:
+    def after_training(
+        self, model: nn.Module, device: torch.device, say: Callable[[str], None]
+    ) -> str | None:
         """Fit what the model learns after gradient training (R-CNN's SVMs) into ``model``,
-        which holds the best weights; a line saying what, or None when nothing changed."""
+        which holds the best weights, telling the user through ``say`` when it begins; a
+        line saying what was fitted, or None when nothing changed."""
         ...
 
     def finish(

@@ -252,14 +252,10 @@ class RCNN(nn.Module):
     # -- after training: the SVMs and the box regressors
 
     @torch.no_grad()
-    def fit_after_training(self, batches: Iterable[tuple[Tensor, list[dict]]]) -> str | None:
+    def fit_after_training(self, batches: Iterable[tuple[Tensor, list[dict]]]) -> str:
         """Fit the per-class SVMs (with hard-negative mining) and box regressors on the
         fc7 features of ``batches``: (images, targets with boxes, labels and proposals), the
-        training images as the model sees them at test time. Returns what it fitted, or
-        None when they are fitted already (these weights are the ones they were fitted on:
-        fine-tuning never changes the fitted parts)."""
-        if self.fitted.item():
-            return None
+        training images as the model sees them at test time. Returns what it fitted."""
         self.eval()
         pool = self._feature_pool(batches)
         features = [pool["object_features"], pool["proposal_features"]]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,10 +35,13 @@ class RunFacts:
         channels, size, _ = meta.input_size
         return cls(list(meta.classes), channels, size, tuple(meta.mean), tuple(meta.std))
 
-    def after_training(self, model: nn.Module, device: torch.device) -> str | None:
-        """Fit what ``model`` learns after its gradient training from the training split,
-        and say in a line what was fitted; None when there is nothing to fit (every task's
-        models but R-CNN, whose SVMs ``DetectTask`` fits)."""
+    def after_training(
+        self, model: nn.Module, device: torch.device, say: Callable[[str], None]
+    ) -> str | None:
+        """Fit what ``model`` learns after its gradient training from the training split
+        (``say`` tells the user it has begun), and return a line saying what was fitted;
+        None when there is nothing to fit (every task's models but R-CNN, whose SVMs
+        ``DetectTask`` fits)."""
         return None
 
     def test_time_augmented(self, model: nn.Module, config_file: Path) -> nn.Module:

@@ -12,6 +12,7 @@ at once from the image files, as ``cnnlab detect eval`` does.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -134,12 +135,16 @@ class DetectTask(RunFacts):
         )
         return train, self.splits.val, None
 
-    def after_training(self, model: nn.Module, device: torch.device) -> str | None:
+    def after_training(
+        self, model: nn.Module, device: torch.device, say: Callable[[str], None]
+    ) -> str | None:
         """A model with ``fit_after_training`` (R-CNN) fits its SVMs and box regressors on
-        the training images as it sees them at test time, with their proposals."""
+        the training images as it sees them at test time, with their proposals, unless its
+        ``fitted`` says these weights have them already (a finished run resumed)."""
         fit = getattr(model, "fit_after_training", None)
-        if fit is None:
+        if fit is None or getattr(model, "fitted", 0):
             return None
+        say(f"fitting the SVMs and box regressors on {len(self.splits.train)} training images")
         paths = [sample.path for sample in self.splits.train]
         proposals = proposal_source_of(model).boxes(paths, progress=False)
         transform = detect_eval(self.img_size, self.mean, self.std)
