@@ -283,8 +283,9 @@ class RCNN(nn.Module):
         self.fitted.fill_(1.0)
         return (
             f"fitted {self.num_classes} linear SVMs on {len(objects)} labelled boxes and"
-            f" {mined} hard negatives (of {len(proposals)} proposals, {self.hard_negative_rounds}"
-            f" mining rounds) and box regressors on {len(pool['regression_labels'])} proposals"
+            f" {mined} negatives (of {len(proposals)} proposals: a random share, then"
+            f" {self.hard_negative_rounds - 1} rounds of the hardest) and box regressors on"
+            f" {len(pool['regression_labels'])} proposals with IoU >= {REGRESSION_IOU}"
         )
 
     def _feature_pool(self, batches: Iterable[tuple[Tensor, list[dict]]]) -> dict[str, Tensor]:
@@ -340,22 +341,23 @@ class RCNN(nn.Module):
         round adds the hard negatives the last SVM scores highest."""
         dim = positives.shape[1]
         if not len(positives) or not len(negatives):
-            return torch.zeros(dim), torch.tensor(-10.0), 0  # never fires
+            return torch.zeros(dim), torch.tensor(-10.0), 0  # no SVM to train: never fires
         limit = max(len(positives) * 4, 256)  # negatives added per round
         active = torch.zeros(len(negatives), dtype=torch.bool)
         first = torch.randperm(len(negatives), generator=torch.Generator().manual_seed(1))
         active[first[:limit]] = True
         weight, bias = torch.zeros(dim), torch.zeros(())
-        for _ in range(self.hard_negative_rounds):
+        for round_ in range(max(1, self.hard_negative_rounds)):
+            if round_:
+                hard = hard_negatives(negatives @ weight + bias, active, limit)
+                if not len(hard):
+                    break  # every negative is beyond the margin: mining is done
+                active[hard] = True
             chosen = negatives[active]
             x = torch.cat([positives, chosen]).double()
             y = torch.cat([torch.ones(len(positives)), torch.zeros(len(chosen))]).bool()
             weight, bias = train_linear_svm(x, y, self.svm_cost)
             weight, bias = weight.float(), bias.float()
-            hard = hard_negatives(negatives @ weight + bias, active, limit)
-            if not len(hard):
-                break
-            active[hard] = True
         return weight, bias, int(active.sum())
 
 
