@@ -129,3 +129,10 @@ def test_it_trains_fits_its_svms_and_the_shared_evaluator_scores_it(shapes, tmp_
     with pytest.raises(cnnlab.CnnlabError, match="classifies selective-search proposals"):
         export_run(out)
     assert not (out / "model.onnx").exists()
+
+
+def test_a_crop_too_small_for_its_context_or_backbone_is_refused():
+    with pytest.raises(cnnlab.CnnlabError, match="context_padding 8 takes 16"):
+        create_model("rcnn", num_classes=2, crop_size=16, context_padding=8)
+    with pytest.raises(cnnlab.CnnlabError, match="below vgg11's 32 px"):
+        create_model("rcnn", num_classes=2, backbone="vgg11", crop_size=16, context_padding=2)

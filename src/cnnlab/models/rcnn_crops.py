@@ -393,11 +393,13 @@ def rcnn(
     ``proposal_file`` (docs/proposals.md). ``num_classes`` counts object classes without
     background."""
     body, _ = backbone_features(backbone, [reduction], in_channels, backbone_weights)
-    if crop_size < max(body.min_input_size, 2 * context_padding + 1):
+    if crop_size <= 2 * context_padding:
         raise CnnlabError(
-            f"crop_size {crop_size} is too small: {backbone} needs {body.min_input_size} px"
-            f" and context_padding {context_padding} takes {2 * context_padding}"
+            f"crop_size {crop_size} leaves no room for the box: context_padding"
+            f" {context_padding} takes {2 * context_padding} of it"
         )
+    if crop_size < body.min_input_size:
+        raise CnnlabError(f"crop_size {crop_size} is below {backbone}'s {body.min_input_size} px")
     settings = {"mode": proposal_mode, "max_boxes": max_proposals, "file": proposal_file}
     return RCNN(
         body, num_classes, crop_size, context_padding, representation_size, rois_per_image,
