@@ -339,6 +339,12 @@ class ProposalRCNN(nn.Module):
         return self(images, proposals=proposals)
 
 
+def proposal_settings(mode: str, max_boxes: int, file: str | None) -> dict:
+    """A proposal-based model's ``proposal_settings``: where a task gets its proposals
+    (``cnnlab.tasks.detect.proposal_source_of`` reads them)."""
+    return {"mode": mode, "max_boxes": max_boxes, "file": file}
+
+
 def _proposal_rcnn(
     num_classes: int,
     in_channels: int,
@@ -362,7 +368,7 @@ def _proposal_rcnn(
         pooler = SpatialPyramidPool(levels, 1.0 / reduction)
         bins = pooler.bins
     head = FCHead(body.out_channels * bins, representation_size, svd_rank)
-    settings = {"mode": proposal_mode, "max_boxes": max_proposals, "file": proposal_file}
+    settings = proposal_settings(proposal_mode, max_proposals, proposal_file)
     return ProposalRCNN(
         body,
         pooler,

@@ -33,7 +33,7 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_sm
 
 from cnnlab.errors import CnnlabError
 from cnnlab.models._features import backbone as backbone_features
-from cnnlab.models.rcnn import Detections
+from cnnlab.models.rcnn import Detections, proposal_settings
 from cnnlab.registry import register_model
 
 FOREGROUND_IOU = 0.5  # fine-tuning: a proposal is an object's class at this IoU or above
@@ -400,7 +400,7 @@ def rcnn(
         )
     if crop_size < body.min_input_size:
         raise CnnlabError(f"crop_size {crop_size} is below {backbone}'s {body.min_input_size} px")
-    settings = {"mode": proposal_mode, "max_boxes": max_proposals, "file": proposal_file}
+    settings = proposal_settings(proposal_mode, max_proposals, proposal_file)
     return RCNN(
         body, num_classes, crop_size, context_padding, representation_size, rois_per_image,
         foreground_fraction, svm_cost, hard_negative_rounds, negatives_per_image, box_ridge,
