@@ -1,19 +1,20 @@
-"""Detection accuracy on synthetic 128x128 shapes: Faster R-CNN, YOLOv1, Fast R-CNN and
-SPPNet (resnet18, from scratch) trained within a wall-clock budget, scored by validation
-mAP@0.5.
+"""Detection accuracy on synthetic 128x128 shapes: Faster R-CNN, YOLOv1, R-CNN, Fast R-CNN
+and SPPNet (resnet18, from scratch) trained within a wall-clock budget, scored by
+validation mAP@0.5.
 
-Targets (issues 6 and 12): Faster R-CNN mAP@0.5 >= 0.90, YOLOv1 >= 0.80, Fast R-CNN and
-SPPNet >= 0.75, each within 20 minutes of training on a 2-core CPU. The recipes below are
-what fits that budget there; the printed minutes include data loading and the per-epoch
-validation. Fast R-CNN's and SPPNet's selective-search proposals are not in those minutes:
-they are computed once for all 800 images before the first of the two trains (one process,
-cached beside the data as ``cnnlab detect proposals`` does), and the minutes that took, or
-for the second model reading the cache, are printed apart as "proposal min"; training only
-reads the cache. Training runs on one intra-op thread with data loading in one worker
+Targets (issues 6 and 12): Faster R-CNN mAP@0.5 >= 0.90, YOLOv1 >= 0.80, R-CNN, Fast R-CNN
+and SPPNet >= 0.75, each within 20 minutes of training on a 2-core CPU. The recipes below
+are what fits that budget there; the printed minutes include data loading, the per-epoch
+validation and R-CNN's SVM fitting. The proposal-based models' selective search is not in
+those minutes: it is computed once for all 800 images before the first of them trains (one
+process, cached beside the data as ``cnnlab detect proposals`` does), and the minutes that
+took, or for the others reading the cache, are printed apart as "proposal min"; training
+only reads the cache. Training runs on one intra-op thread with data loading in one worker
 process: on a 2-core machine shared with other jobs, two threads per process spin against
 each other (a Faster R-CNN step measured 7.6 s with two threads against 1.9 s with one).
+benchmarks/lineage.py reuses these runs (and ``recipe_at`` for larger shapes).
 
-    python benchmarks/detect_shapes.py                       # all four models
+    python benchmarks/detect_shapes.py                       # all five models
     python benchmarks/detect_shapes.py --models fastrcnn sppnet --work /tmp/shapes
     python benchmarks/detect_shapes.py --models yolov1 --format json
 """
@@ -21,6 +22,7 @@ each other (a Faster R-CNN step measured 7.6 s with two threads against 1.9 s wi
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import tempfile
@@ -37,7 +39,7 @@ from cnnlab.tasks.detect import SHAPES_YOLO_ARGS, proposal_source
 TARGETS = {"fasterrcnn": 0.90, "yolov1": 0.80, "fastrcnn": 0.75, "sppnet": 0.75, "rcnn": 0.75}
 BUDGET_MINUTES = 20.0
 ROWS_FILE = "detect_shapes.json"  # in --work: every model's row of the last runs
-IMAGES, VAL_SPLIT = 800, 0.125  # 700 training and 100 validation images
+IMAGES, VAL_SPLIT, SIZE = 800, 0.125, 128  # 700 training and 100 validation images
 # Fast R-CNN and SPPNet: as Faster R-CNN's box head (a few objects an image, so 32 sampled
 # RoIs, a quarter foreground, and fc6/fc7 256 wide: 256*49 -> 1024 from scratch would cost
 # more than the backbone and overfit 700 images), and background sampled from every
@@ -97,8 +99,22 @@ def proposal_minutes(model: str, data: Path, seed: int) -> float | None:
     return (time.perf_counter() - started) / 60
 
 
-def run(model: str, data: Path, work: Path, seed: int, threads: int = 1) -> dict:
-    recipe = RECIPES[model]
+def recipe_at(model: str, size: int) -> dict:
+    """The model's recipe for shapes at ``size`` (objects grow with the image): Faster
+    R-CNN's anchors and YOLOv1's grid (a cell per stride-16 feature) grow with it; R-CNN
+    keeps its 48 px crops, the others their settings."""
+    recipe = copy.deepcopy(RECIPES[model])
+    args = recipe["model_args"]
+    if "anchor_sizes" in args:
+        args["anchor_sizes"] = [round(a * size / SIZE) for a in args["anchor_sizes"]]
+    if "grid" in args:
+        args["grid"] = size // args["reduction"]
+    return recipe
+
+
+def run(model: str, data: Path, work: Path, seed: int, threads: int = 1, size: int = SIZE) -> dict:
+    """Train ``model`` on the shapes in ``data`` (``size`` px) into ``work/model``; its row."""
+    recipe = recipe_at(model, size)
     proposals = proposal_minutes(model, data, seed)
     started = time.perf_counter()
     report = cnnlab.train(
@@ -106,7 +122,7 @@ def run(model: str, data: Path, work: Path, seed: int, threads: int = 1) -> dict
         work / model,
         task="detect",
         model=model,
-        img_size=128,
+        img_size=size,
         val_split=VAL_SPLIT,
         seed=seed,
         device="cpu",
@@ -117,6 +133,7 @@ def run(model: str, data: Path, work: Path, seed: int, threads: int = 1) -> dict
     minutes = (time.perf_counter() - started) / 60
     return {
         "model": model,
+        "size": size,
         "map50": round(report["map50"], 4),
         "map": round(report["map"], 4),
         "target_map50": TARGETS[model],
@@ -142,7 +159,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="cnnlab-detect-shapes-"))
     data = work / "shapes"
     if not (data / "annotations.json").is_file():
-        write_shapes(data, task="detect", n=IMAGES, size=128, seed=args.seed)
+        write_shapes(data, task="detect", n=IMAGES, size=SIZE, seed=args.seed)
     for model in args.models:
         shutil.rmtree(work / model, ignore_errors=True)
     rows = [run(model, data, work, args.seed, args.threads) for model in args.models]
