@@ -35,6 +35,7 @@ per trained size (docs/lineage.png).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import statistics
@@ -59,6 +60,8 @@ from detect_shapes import IMAGES, ROWS_FILE, SIZE, VAL_SPLIT, recipe_at, run, sa
 MODELS = ("rcnn", "sppnet", "fastrcnn", "fasterrcnn", "yolov1")
 NAMES = {
     "rcnn": "R-CNN",
+    "rcnn+224": "R-CNN 224 crops",
+    "fastrcnn+svd": "Fast R-CNN SVD",
     "sppnet": "SPPNet",
     "fastrcnn": "Fast R-CNN",
     "fasterrcnn": "Faster R-CNN",
@@ -66,6 +69,9 @@ NAMES = {
 }
 CLASSES = 3  # circle, square, triangle
 PAPER_SPP_OVER_RCNN = 10.0  # the target; the SPPNet paper measured 24-102x
+SVD_RANK = 64  # Fast R-CNN's truncated SVD at test time (benchmarks/fastrcnn_svd.py)
+PAPER_CROPS = {"crop_size": 224, "context_padding": 16}  # R-CNN's 227 and 16, on resnet18
+PAPER_IMAGES = 3  # images R-CNN with the paper's crops is timed on (a few seconds each)
 
 
 def layout(work: Path, size: int) -> tuple[Path, Path]:
@@ -157,17 +163,54 @@ def detector(model: nn.Module, inputs: list, proposals: list | None):
     return once
 
 
-def gmacs(model: nn.Module, inputs: list, proposals: list | None, images: int = 4) -> float:
+def gmacs(model: nn.Module, inputs: list, proposals: list | None) -> float:
     """Multiply-adds (G) an image of the network, from torch's FLOP counter (2 per MAC)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        detector(model, inputs[:images], None if proposals is None else proposals[:images])()
-    return counter.get_total_flops() / 2 / 1e9 / min(images, len(inputs))
+        detector(model, inputs, proposals)()
+    return counter.get_total_flops() / 2 / 1e9 / len(inputs)
+
+
+def with_svd(model: nn.Module) -> nn.Module:
+    """A copy of a Fast R-CNN running fc6/fc7 as their rank-``SVD_RANK`` truncated SVD."""
+    compressed = copy.deepcopy(model)
+    compressed.roi_heads.box_head.svd_rank = SVD_RANK
+    return compressed
+
+
+def paper_rcnn(size: int) -> nn.Module:
+    """An untrained R-CNN with the paper's crops (224 px, 16 px of context), for its speed."""
+    torch.manual_seed(0)
+    args = {**recipe_at("rcnn", size)["model_args"], **PAPER_CROPS}
+    return create_model("rcnn", num_classes=CLASSES, **args).eval()
+
+
+def speed_row(
+    name: str, size: int, model: nn.Module, inputs: list, given: list | None, seconds: float,
+    proposal_seconds: float,
+) -> dict:  # fmt: skip
+    network = seconds / len(inputs)
+    proposing = proposal_seconds if given is not None else 0.0
+    scored = boxes_scored(name.split("+")[0], model, inputs, given)
+    return {
+        "model": name,
+        "size": size,
+        "proposals_per_image": round(scored, 1),
+        "forwards_per_image": round(scored, 1) if name.startswith("rcnn") else 1,
+        "network_gmacs": round(gmacs(model, inputs, given), 3),
+        "proposal_s": round(proposing, 4),
+        "network_s": round(network, 4),
+        "images_per_s": round(1 / (proposing + network), 2),
+        "network_images_per_s": round(1 / network, 2),
+    }
 
 
 def measure(
     work: Path, size: int, count: int, seed: int, repeats: int, trained: bool
 ) -> list[dict]:
+    """The speed rows at ``size``: the five, Fast R-CNN with its truncated SVD, and (on
+    ``PAPER_IMAGES`` images, one pass: a forward pass per 224 px crop is slow) R-CNN with
+    the paper's crops."""
     paths = speed_images(work, size, count, seed, trained)
     images = [read_image(path, 3) for path in paths]
     if any(tuple(image.shape[-2:]) != (size, size) for image in images):
@@ -175,74 +218,95 @@ def measure(
     prepare = detect_eval(size, *default_stats(3))
     inputs = [prepare(image)[None] for image in images]
     models = models_at(work, size, trained)
+    models["fastrcnn+svd"] = with_svd(models["fastrcnn"])
     proposals, proposal_seconds = proposals_of(models["fastrcnn"], images)
-    given = {m: proposals if proposal_source_of(models[m]) else None for m in MODELS}
-    seconds = interleaved(
-        {m: detector(models[m], inputs, given[m]) for m in MODELS}, repeats, warmup=1
-    )
-    rows = []
-    for m in MODELS:
-        network = seconds[m] / len(inputs)
-        proposing = proposal_seconds if given[m] is not None else 0.0
-        scored = boxes_scored(m, models[m], inputs, given[m])
-        rows.append(
-            {
-                "model": m,
-                "size": size,
-                "proposals_per_image": round(scored, 1),
-                "forwards_per_image": round(scored, 1) if m == "rcnn" else 1,
-                "network_gmacs": round(gmacs(models[m], inputs, given[m]), 3),
-                "proposal_s": round(proposing, 4),
-                "network_s": round(network, 4),
-                "images_per_s": round(1 / (proposing + network), 2),
-                "network_images_per_s": round(1 / network, 2),
-            }
-        )
+    given = {m: proposals if proposal_source_of(model) else None for m, model in models.items()}
+    timed = {m: detector(model, inputs, given[m]) for m, model in models.items()}
+    seconds = interleaved(timed, repeats, warmup=1)
+    rows = [
+        speed_row(m, size, model, inputs, given[m], seconds[m], proposal_seconds)
+        for m, model in models.items()
+    ]
+    paper = paper_rcnn(size)
+    few, few_given = inputs[:PAPER_IMAGES], proposals[:PAPER_IMAGES]
+    started = time.perf_counter()
+    detector(paper, few, few_given)()
+    seconds = time.perf_counter() - started
+    rows.append(speed_row("rcnn+224", size, paper, few, few_given, seconds, proposal_seconds))
     return rows
+
+
+def svd_rows(work: Path, size: int, rows: dict[str, dict]) -> dict[str, dict]:
+    """The trained Fast R-CNN's row again, with its validation mAP under truncated SVD."""
+    run = load_run(layout(work, size)[1] / "fastrcnn", "cpu")
+    run.model.roi_heads.box_head.svd_rank = SVD_RANK
+    report = run.evaluate()
+    fast = rows["fastrcnn"]
+    return {
+        "fastrcnn+svd": {**fast, "map50": round(report["map50"], 4), "map": round(report["map"], 4)}
+    }
 
 
 def checks(rows: list[dict]) -> list[tuple[str, float, bool, str]]:
     """(claim, measured ratio, holds, the numbers behind it) for the notes' speed order."""
     by = {r["model"]: r for r in rows}
-    spp = by["sppnet"]["network_images_per_s"] / by["rcnn"]["network_images_per_s"]
-    fast = by["fastrcnn"]["network_images_per_s"] / by["sppnet"]["network_images_per_s"]
-    faster = by["fasterrcnn"]["images_per_s"] / by["fastrcnn"]["images_per_s"]
-    fastest = max(rows, key=lambda r: r["images_per_s"])
-    yolo = by["yolov1"]["images_per_s"] / max(
-        r["images_per_s"] for r in rows if r["model"] != "yolov1"
-    )
+
+    def network(a: str, b: str) -> float:
+        return by[a]["network_images_per_s"] / by[b]["network_images_per_s"]
 
     def cost(m: str) -> str:
         r = by[m]
         return f"{NAMES[m]} {r['network_gmacs']:.2f} GMACs, {r['network_s'] * 1000:.0f} ms"
 
+    spp, paper = network("sppnet", "rcnn"), network("sppnet", "rcnn+224")
+    fast, svd = network("fastrcnn", "sppnet"), network("fastrcnn+svd", "sppnet")
+    faster = by["fasterrcnn"]["images_per_s"] / by["fastrcnn"]["images_per_s"]
+    others = [r for r in rows if r["model"] != "yolov1"]
+    fastest = max(others, key=lambda r: r["images_per_s"])
+    yolo = by["yolov1"]["images_per_s"] / fastest["images_per_s"]
+    per_crop = by["rcnn"]["network_gmacs"] / by["rcnn"]["forwards_per_image"]
+    paper_crop = by["rcnn+224"]["network_gmacs"] / by["rcnn+224"]["forwards_per_image"]
+    target = f"{PAPER_SPP_OVER_RCNN:g}x"
     return [
         (
-            f"SPPNet >= {PAPER_SPP_OVER_RCNN:g}x R-CNN (network)",
+            f"SPPNet >= {target} R-CNN, network, the trained 48 px crops",
             spp,
             spp >= PAPER_SPP_OVER_RCNN,
-            f"{by['rcnn']['forwards_per_image']:.0f} crops an image; {cost('rcnn')}"
-            f" against {cost('sppnet')}; with selective search counted"
+            f"{by['rcnn']['forwards_per_image']:.0f} crops an image at {per_crop:.3f} GMACs;"
+            f" {cost('rcnn')} against {cost('sppnet')}; with selective search counted"
             f" {by['sppnet']['images_per_s'] / by['rcnn']['images_per_s']:.1f}x",
         ),
         (
-            "Fast R-CNN >= SPPNet (network)",
-            fast,
-            fast >= 1.0,
-            f"{cost('fastrcnn')} against {cost('sppnet')}",
+            f"SPPNet >= {target} R-CNN, network, the paper's 224 px crops",
+            paper,
+            paper >= PAPER_SPP_OVER_RCNN,
+            f"{paper_crop:.2f} GMACs a crop; {cost('rcnn+224')} ({PAPER_IMAGES} images)",
         ),
         (
-            "Faster R-CNN > Fast R-CNN (with proposals)",
+            "Fast R-CNN >= SPPNet, network",
+            fast,
+            fast >= 1.0,
+            f"{cost('fastrcnn')} against {cost('sppnet')}: RoIPool 7x7 and the pyramid's"
+            " 6x6+3x3+2x2+1x1 feed fc6 49 and 50 bins",
+        ),
+        (
+            f"Fast R-CNN with its truncated SVD (rank {SVD_RANK}) >= SPPNet, network",
+            svd,
+            svd >= 1.0,
+            f"{cost('fastrcnn+svd')} against {cost('sppnet')}",
+        ),
+        (
+            "Faster R-CNN > Fast R-CNN, with proposals",
             faster,
             faster > 1.0,
             f"selective search {by['fastrcnn']['proposal_s'] * 1000:.0f} ms an image;"
             f" {cost('fasterrcnn')} against {cost('fastrcnn')}",
         ),
         (
-            "YOLOv1 the fastest (over the next)",
+            "YOLOv1 the fastest, over the next",
             yolo,
-            fastest["model"] == "yolov1",
-            f"{cost('yolov1')}; the fastest is {NAMES[fastest['model']]}",
+            yolo > 1.0,
+            f"{cost('yolov1')}; the next is {cost(fastest['model'])}",
         ),
     ]
 
@@ -250,7 +314,7 @@ def checks(rows: list[dict]) -> list[tuple[str, float, bool, str]]:
 def print_table(rows: list[dict], trained: dict[str, dict] | None, title: str) -> None:
     print(title)
     print(
-        f"{'model':<13} {'props/img':>9} {'CNN fwd/img':>11} {'GMACs':>7} {'prop s/img':>10}"
+        f"{'model':<16} {'props/img':>9} {'CNN fwd/img':>11} {'GMACs':>7} {'prop s/img':>10}"
         f" {'net s/img':>9} {'img/s':>7} {'train min':>9} {'mAP@0.5':>7} {'mAP':>6}"
     )
     for r in rows:
@@ -261,7 +325,7 @@ def print_table(rows: list[dict], trained: dict[str, dict] | None, title: str) -
             else f"{'-':>9} {'-':>7} {'-':>6}"
         )
         print(
-            f"{NAMES[r['model']]:<13} {r['proposals_per_image']:>9.0f}"
+            f"{NAMES[r['model']]:<16} {r['proposals_per_image']:>9.0f}"
             f" {r['forwards_per_image']:>11.0f} {r['network_gmacs']:>7.2f}"
             f" {r['proposal_s']:>10.3f} {r['network_s']:>9.4f} {r['images_per_s']:>7.2f} {learned}"
         )
@@ -282,7 +346,9 @@ def plot(results: list[dict], trained: dict[int, dict[str, dict]], out: Path) ->
     for ax, size in zip(axes, sizes, strict=True):
         rows = next(r["rows"] for r in results if r["load"] == 0 and r["size"] == size)
         for r in rows:
-            row = trained[size][r["model"]]
+            row = trained[size].get(r["model"])
+            if row is None:  # timed untrained (R-CNN with the paper's crops)
+                continue
             x = r["images_per_s"]
             ax.scatter([x], [row["map50"]], s=60, color="tab:blue", zorder=3)
             ax.scatter(
@@ -329,9 +395,10 @@ def main() -> None:
     train_sizes = [] if args.no_train else args.train_sizes
     sizes = sorted(set(args.sizes) | set(train_sizes))
     work = args.work or Path(tempfile.mkdtemp(prefix="cnnlab-lineage-"))
-    trained = {
-        size: trained_rows(work, size, args.seed, args.threads, args.reuse) for size in train_sizes
-    }
+    trained = {}
+    for size in train_sizes:
+        rows = trained_rows(work, size, args.seed, args.threads, args.reuse)
+        trained[size] = {**rows, **svd_rows(work, size, rows)}
     results = []
     for load in [0, *[n for n in args.load if n > 0]]:
         with busy_loops(load):
