@@ -304,8 +304,9 @@ def checks(rows: list[dict]) -> list[tuple[str, float, bool, str]]:
             "Fast R-CNN >= SPPNet, network",
             fast,
             fast >= 1.0,
-            f"{cost('fastrcnn')} against {cost('sppnet')}: RoIPool 7x7 and the pyramid's"
-            " 6x6+3x3+2x2+1x1 feed fc6 49 and 50 bins",
+            f"{cost('fastrcnn')} against {cost('sppnet')}: the same arithmetic, RoIPool 7x7"
+            " and the pyramid's 6x6+3x3+2x2+1x1 feeding fc6 49 and 50 bins; Fast R-CNN's"
+            " test-time saving is its truncated SVD, next",
         ),
         (
             f"Fast R-CNN with its truncated SVD (rank {SVD_RANK}) >= SPPNet, network",
