@@ -25,8 +25,9 @@ from cnnlab.data.images import read_image
 from cnnlab.data.shapes import write_shapes
 from cnnlab.demo import shapes_demo
 from cnnlab.errors import CnnlabError, TrainingInterrupted
+from cnnlab.metrics import mean_average_precision
 from cnnlab.tasks.detect import COLUMNS as METRICS_COLUMNS
-from cnnlab.tasks.detect import DetectTask, mean_average_precision
+from cnnlab.tasks.detect import DetectTask
 
 
 def detect_train(data: Path, out: Path, model: str = "yolov1", **settings) -> dict:

@@ -15,8 +15,8 @@ from cnnlab import create_model
 from cnnlab.data import transforms
 from cnnlab.data.detect import DetectionDataset, read_coco
 from cnnlab.data.shapes import write_shapes
+from cnnlab.metrics import mean_average_precision
 from cnnlab.models.rcnn import SpatialPyramidPool
-from cnnlab.tasks.detect import mean_average_precision
 
 SMALL = {"representation_size": 64, "max_proposals": 200}
 

@@ -1,12 +1,16 @@
-"""Classification metrics: a thin layer over torchmetrics' functional API.
+"""Metrics, a thin layer over torchmetrics.
 
-Every function takes the logits (or scores) of a whole split, shape (N, K), and the true
-class indices, shape (N,), and returns plain numbers or CPU tensors.
+The classification functions take the logits (or scores) of a whole split, shape (N, K),
+and the true class indices, shape (N,), and return plain numbers or CPU tensors;
+``mean_average_precision`` scores a detector's boxes against a split's samples.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
+from torch import Tensor
 from torchmetrics.functional.classification import (
     multiclass_accuracy,
     multiclass_confusion_matrix,
@@ -14,6 +18,11 @@ from torchmetrics.functional.classification import (
     multiclass_precision,
     multiclass_recall,
 )
+
+from cnnlab.errors import CnnlabError
+
+if TYPE_CHECKING:  # classification imports this module; it needs no detection data
+    from cnnlab.data.detect import DetectionSample
 
 
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> float:
@@ -53,3 +62,68 @@ def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 10) ->
     pairs = [(int(counts[t, p]), t, p) for t, p in counts.nonzero().tolist()]
     pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
     return [{"true": classes[t], "pred": classes[p], "count": n} for n, t, p in pairs[:top]]
+
+
+def mean_average_precision(
+    predictions: list[dict[str, Tensor]],
+    samples: list[DetectionSample],
+    classes: list[str],
+    pr_curves: bool = False,
+) -> dict[str, Any]:
+    """COCO mAP@[.5:.95], mAP@0.5, mAP@0.75 and per-class AP@0.5 of ``predictions``
+    against the samples' boxes (torchmetrics, pycocotools backend, up to 100 per image):
+    ``{"map", "map50", "map75", "per_class_ap50": {name: ap or None}, "n_images"}``, None
+    for a class with no object in the set. With ``pr_curves``, also ``_pr``: per class
+    with objects, (recall, precision) at IoU 0.5 as COCO interpolates it (the precision
+    at each of 101 recall levels up to the recall reached)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    if not any(s.boxes for s in samples):
+        raise CnnlabError("no annotated objects in the evaluation images")
+    # One process scores the whole set; torchmetrics would otherwise wait for the other
+    # processes of a torchrun group to send their share at compute().
+    common = {
+        "box_format": "xyxy",
+        "iou_type": "bbox",
+        "backend": "pycocotools",
+        "sync_on_compute": False,
+    }
+    coco = MeanAveragePrecision(**common)
+    at50 = MeanAveragePrecision(
+        **common, iou_thresholds=[0.5], class_metrics=True, extended_summary=pr_curves
+    )
+    targets = [
+        {
+            "boxes": torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(s.labels, dtype=torch.int64),
+        }
+        for s in samples
+    ]
+    for metric in (coco, at50):
+        metric.update(predictions, targets)
+    result, result50 = coco.compute(), at50.compute()
+    per_class: dict[str, float | None] = dict.fromkeys(classes)
+    labels = result50["classes"].reshape(-1).tolist()
+    for label, ap in zip(labels, result50["map_per_class"].reshape(-1).tolist(), strict=True):
+        per_class[classes[label]] = ap if ap >= 0 else None  # -1: no object of this class
+    report = {
+        "map": result["map"].item(),
+        "map50": result["map_50"].item(),
+        "map75": result["map_75"].item(),
+        "per_class_ap50": per_class,
+        "n_images": len(samples),
+    }
+    if pr_curves:
+        # precision: (IoU thresholds, 101 recall levels, classes, areas, max detections);
+        # recall: the same without the levels. "all" areas, up to 100 detections.
+        levels = torch.linspace(0, 1, 101)
+        curves = {}
+        for k, label in enumerate(labels):
+            reached = float(result50["recall"][0, k, 0, -1])
+            if reached < 0:  # no object of this class
+                continue
+            keep = levels <= reached + 1e-9
+            precision = result50["precision"][0, :, k, 0, -1].float().clamp(min=0)
+            curves[classes[label]] = (levels[keep].tolist(), precision[keep].tolist())
+        report["_pr"] = curves
+    return report

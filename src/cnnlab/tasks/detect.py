@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,7 @@ from cnnlab.data.loaders import train_loader
 from cnnlab.data.splits import split_folder
 from cnnlab.data.transforms import default_stats, detect_eval, detect_train
 from cnnlab.errors import CnnlabError
+from cnnlab.metrics import mean_average_precision
 from cnnlab.registry import model_info
 from cnnlab.tasks.common import PREDICT_BATCH, RunFacts, chunks, measured_on, per_class_line
 
@@ -410,68 +411,3 @@ def proposal_source_of(model: nn.Module):
     from cnnlab.data.proposals import ProposalSource
 
     return ProposalSource(settings["mode"], settings["max_boxes"], settings["file"])
-
-
-def mean_average_precision(
-    predictions: list[dict[str, Tensor]],
-    samples: list[DetectionSample],
-    classes: list[str],
-    pr_curves: bool = False,
-) -> dict[str, Any]:
-    """COCO mAP@[.5:.95], mAP@0.5, mAP@0.75 and per-class AP@0.5 of ``predictions``
-    against the samples' boxes (torchmetrics, pycocotools backend, up to 100 per image):
-    ``{"map", "map50", "map75", "per_class_ap50": {name: ap or None}, "n_images"}``, None
-    for a class with no object in the set. With ``pr_curves``, also ``_pr``: per class
-    with objects, (recall, precision) at IoU 0.5 as COCO interpolates it (the precision
-    at each of 101 recall levels up to the recall reached)."""
-    from torchmetrics.detection import MeanAveragePrecision
-
-    if not any(s.boxes for s in samples):
-        raise CnnlabError("no annotated objects in the evaluation images")
-    # One process scores the whole set; torchmetrics would otherwise wait for the other
-    # processes of a torchrun group to send their share at compute().
-    common = {
-        "box_format": "xyxy",
-        "iou_type": "bbox",
-        "backend": "pycocotools",
-        "sync_on_compute": False,
-    }
-    coco = MeanAveragePrecision(**common)
-    at50 = MeanAveragePrecision(
-        **common, iou_thresholds=[0.5], class_metrics=True, extended_summary=pr_curves
-    )
-    targets = [
-        {
-            "boxes": torch.tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor(s.labels, dtype=torch.int64),
-        }
-        for s in samples
-    ]
-    for metric in (coco, at50):
-        metric.update(predictions, targets)
-    result, result50 = coco.compute(), at50.compute()
-    per_class: dict[str, float | None] = dict.fromkeys(classes)
-    labels = result50["classes"].reshape(-1).tolist()
-    for label, ap in zip(labels, result50["map_per_class"].reshape(-1).tolist(), strict=True):
-        per_class[classes[label]] = ap if ap >= 0 else None  # -1: no object of this class
-    report = {
-        "map": result["map"].item(),
-        "map50": result["map_50"].item(),
-        "map75": result["map_75"].item(),
-        "per_class_ap50": per_class,
-        "n_images": len(samples),
-    }
-    if pr_curves:
-        # precision: (IoU thresholds, 101 recall levels, classes, areas, max detections);
-        # recall: the same without the levels. "all" areas, up to 100 detections.
-        levels = torch.linspace(0, 1, 101)
-        curves = {}
-        for k, label in enumerate(labels):
-            reached = float(result50["recall"][0, k, 0, -1])
-            if reached < 0:  # no object of this class
-                continue
-            keep = levels <= reached + 1e-9
-            precision = result50["precision"][0, :, k, 0, -1].float().clamp(min=0)
-            curves[classes[label]] = (levels[keep].tolist(), precision[keep].tolist())
-        report["_pr"] = curves
-    return report
