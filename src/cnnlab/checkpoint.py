@@ -18,7 +18,8 @@ from torch import nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.files import atomic_write_bytes, read_json, write_json
-from cnnlab.registry import TASKS, classifier_modules
+from cnnlab.registry import classifier_modules
+from cnnlab.tasks import TASKS
 
 MODEL_JSON = "model.json"
 

@@ -4,8 +4,8 @@ The dataclass is the one description of a run's settings: ``train`` reads it, ea
 saves it (resolved) as ``RUN/config.yaml``, and the command line's training flags are
 generated from its fields (help and choices live in each field's metadata). Where the
 tasks differ only in defaults (a detector trains 30 epochs with a looser gradient clip),
-``TASK_DEFAULTS`` says so and ``make_config`` applies them; a value the user gives always
-wins.
+the task's entry in ``cnnlab.tasks.TASKS`` says so and ``make_config`` applies them; a
+value the user gives always wins.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from cnnlab.errors import CnnlabError
+from cnnlab.tasks import entry
 
 # trivial and randaugment: torchvision's TrivialAugmentWide and RandAugment policies after the
 # light crop (classification only; see cnnlab.data.transforms).
@@ -103,6 +104,14 @@ class TrainConfig:
         None, "DataLoader worker processes; none: 0 on a CPU with few free cores (cpu_plan)"
     )
     quiet: bool = _setting(False, "no progress bar and no per-epoch line")
+    resolved: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "filled in: the device, torch threads and loader workers the run started"
+            " with (cnnlab.engine.prepare.resolve)",
+            "cli": False,
+        },
+    )
 
     def __post_init__(self) -> None:
         for item in fields(self):
@@ -159,37 +168,10 @@ class TrainConfig:
         return cls(**data)
 
 
-# Defaults that differ from classification's. Segmentation: longer training in smaller
-# batches, no test split (the validation split reports). Detection: YOLOv1's weight decay,
-# a looser clip for the summed detection losses, 20% validation, colour inputs (grayscale
-# files are converted).
-TASK_DEFAULTS: dict[str, dict[str, Any]] = {
-    "classify": {},
-    "segment": {
-        "model": "fcn8s",
-        "model_args": {"backbone": "resnet18"},
-        "epochs": 30,
-        "batch_size": 16,
-        "test_split": 0.0,
-    },
-    "detect": {
-        "model": "yolov1",
-        "model_args": {"backbone": "resnet18"},
-        "epochs": 30,
-        "batch_size": 16,
-        "weight_decay": 5e-4,
-        "grad_clip": 10.0,
-        "val_split": 0.2,
-        "test_split": 0.0,
-        "in_channels": 3,
-    },
-}
-
-
 def make_config(task: str, **values: Any) -> TrainConfig:
     """A TrainConfig with ``task``'s defaults under ``values`` (model_args merge key by key;
     None means "not given", as an unset command-line flag)."""
-    defaults = TASK_DEFAULTS[task]
+    defaults = entry(task).defaults
     given = {key: value for key, value in values.items() if value is not None}
     model_args = {**defaults.get("model_args", {}), **given.pop("model_args", {})}
     return TrainConfig.from_dict({**defaults, **given, "model_args": model_args})
@@ -197,8 +179,9 @@ def make_config(task: str, **values: Any) -> TrainConfig:
 
 def default_of(task: str, name: str) -> Any:
     """What ``make_config(task)`` sets ``name`` to when it is not given."""
-    if name in TASK_DEFAULTS[task]:
-        return TASK_DEFAULTS[task][name]
+    defaults = entry(task).defaults
+    if name in defaults:
+        return defaults[name]
     item = next(f for f in fields(TrainConfig) if f.name == name)
     return item.default_factory() if callable(item.default_factory) else item.default
 

@@ -1,40 +1,45 @@
-"""The task protocol: what the training loop needs from a task, and nothing more.
+"""The training contract: what the training loop needs from a task, and nothing more.
 
 ``cnnlab.tasks`` has one implementation per task (classify, segment, detect); the loop in
-``cnnlab.engine.loop`` calls only what is listed here and knows no task by name. The
-model's registry entry says which task a run is (``ModelInfo.task``).
+``cnnlab.engine.loop`` calls only what is declared here and knows no task by name. Its
+caller resolves which task a run is (``cnnlab.tasks.task_of_model``) and hands the class
+in. What a finished run needs of a task is the other contract,
+``cnnlab.tasks.inference.InferenceTask``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from cnnlab.config import TrainConfig
+from cnnlab.tasks.spec import MetricSpec
 
 
-class Task(Protocol):
-    """One task's data, loss, metric and report for ``cnnlab.engine.loop.fit``."""
+@runtime_checkable
+class TrainingTask(Protocol):
+    """One task's data, loss, metric and pictures for ``cnnlab.engine.loop.fit``."""
 
     name: ClassVar[str]  # model.json's "task"
-    columns: ClassVar[tuple[str, ...]]  # metrics.csv, one row per epoch
-    curves: ClassVar[dict]  # curves.png: panel title -> metrics.csv columns
-    best_label: ClassVar[str]  # what picks the best checkpoint, for messages
-    score_label: ClassVar[str | None]  # the running training score on the progress bar
+    metrics: ClassVar[MetricSpec]  # metrics.csv, the epoch line, the best checkpoint, curves
     channels_last: ClassVar[bool]  # train in channels_last on CUDA
     classes: list[str]
+    in_channels: int
+    img_size: int
     mean: tuple[float, ...]  # normalisation the model is trained with
     std: tuple[float, ...]
     splits: Any  # which files train and validate: .root, .train, .val (.test where the task
     # has one), .to_json() (split.json)
 
     @classmethod
-    def setup(cls, cfg: TrainConfig, split_file: Path | None = None) -> tuple[TrainConfig, Task]:
+    def setup(
+        cls, cfg: TrainConfig, split_file: Path | None = None
+    ) -> tuple[TrainConfig, TrainingTask]:
         """The run's resolved settings (image size, channels) and the task with its splits:
         a new split of ``cfg.data``, or the one a resumed run saved in ``split_file``."""
         ...
@@ -66,18 +71,6 @@ class Task(Protocol):
         """The task's metrics on ``data`` (entries starting with ``_`` are for plots)."""
         ...
 
-    def rank(self, val: dict) -> tuple[float, ...]:
-        """Validation results as a tuple; the best checkpoint has the highest."""
-        ...
-
-    def epoch_row(self, train_score: float | None, val: dict) -> dict:
-        """The task's metrics.csv columns of one epoch."""
-        ...
-
-    def epoch_line(self, row: dict) -> str:
-        """The task's part of the one-line epoch summary."""
-        ...
-
     def after_training(
         self, model: nn.Module, device: torch.device, say: Callable[[str], None]
     ) -> str | None:
@@ -99,21 +92,6 @@ class Task(Protocol):
         plots into ``run_dir`` (the loop draws curves.png)."""
         ...
 
-    def headline(self, report: dict) -> str:
-        """The report in one line, as ``cnnlab train`` and ``eval`` print it."""
-        ...
-
     def batch_pictures(self, images: torch.Tensor, targets: Any) -> list[tuple[torch.Tensor, str]]:
         """(uint8 picture, caption) of each image of a training batch, for batch.png."""
-        ...
-
-    def details(self, report: dict) -> list[str]:
-        """Lines printed after the headline (the most frequent mistakes, the classes)."""
-        ...
-
-    #: The header of ``cnnlab predict --save-csv``; ``csv_rows`` gives one result's rows.
-    csv_columns: ClassVar[tuple[str, ...]]
-
-    def csv_rows(self, result: dict) -> list[tuple]:
-        """One prediction's rows under ``csv_columns`` (long format, one row per class or box)."""
         ...

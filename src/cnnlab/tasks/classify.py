@@ -32,35 +32,44 @@ from cnnlab.data.transforms import batch_mix, classify_eval, classify_train, def
 from cnnlab.errors import CnnlabError
 from cnnlab.files import read_yaml
 from cnnlab.registry import model_info
+from cnnlab.tasks import TASKS
 from cnnlab.tasks.common import RunFacts, chunks, measured_on
+from cnnlab.tasks.options import Option
+from cnnlab.tasks.spec import Figure, MetricSpec
 from cnnlab.tasks.tta import TTA
 
 TTA_ZOOM = 0.9  # the centre part TTA enlarges: inside every training crop's scale range
 AUX_LOSS_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2014, section 5)
 WORST_IMAGES = 16  # highest-loss test images kept for errors.png
 EVAL_BATCH = 64
-COLUMNS = ("epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds")
 
 
 @dataclass
 class ClassifyTask(RunFacts):
-    """Classification for the training loop (``cnnlab.engine.task.Task``) and for a run."""
+    """Classification for the training loop (``cnnlab.engine.task.TrainingTask``) and for a
+    finished run (``cnnlab.tasks.inference.InferenceTask``)."""
 
     label_smoothing: float = 0.0
     balance: str = "none"
     class_weights: torch.Tensor | None = None  # (K,) on the training device
     name: ClassVar[str] = "classify"
-    columns: ClassVar[tuple[str, ...]] = COLUMNS
-    curves: ClassVar[dict] = {
-        "loss": ("train_loss", "val_loss"),
-        "top-1 accuracy": ("train_top1", "val_top1"),
-    }
-    best_label: ClassVar[str] = "val top-1"
-    score_label: ClassVar[str | None] = "top1"
+    options: ClassVar[tuple[Option, ...]] = TASKS["classify"].options
+    metrics: ClassVar[MetricSpec] = MetricSpec(
+        val=(Figure("loss", "loss"), Figure("top1", "top1", True), Figure("top5", "top5", True)),
+        # Higher is better: val top-1, then (on a tie) the lower val loss.
+        best=("top1", "-loss"),
+        best_label="val top-1",
+        curves={
+            "loss": ("train_loss", "val_loss"),
+            "top-1 accuracy": ("train_top1", "val_top1"),
+        },
+        in_line=("loss", "top1"),
+        train=Figure("top1", "top1", True),
+    )
     channels_last: ClassVar[bool] = True
     drawings: ClassVar[tuple[str, ...]] = ("labelled",)  # what ``draw`` returns, in order
     csv_columns: ClassVar[tuple[str, ...]] = ("file", "rank", "class", "prob")  # --save-csv
-    eval_split: ClassVar[str] = "test"  # what `cnnlab eval RUN` reports on
+    eval_split: ClassVar[str] = TASKS["classify"].eval_split  # what `cnnlab eval RUN` reports on
 
     # -- training
 
@@ -179,27 +188,6 @@ class ClassifyTask(RunFacts):
         """See ``evaluate``."""
         return evaluate(model, data, device, self.classes, autocast_dtype, worst)
 
-    @staticmethod
-    def rank(val: dict) -> tuple[float, ...]:
-        """Higher is better: val top-1, then (on a tie) the lower val loss."""
-        return (val["top1"], -val["loss"])
-
-    @staticmethod
-    def epoch_row(train_score: float | None, val: dict) -> dict:
-        return {
-            "train_top1": train_score,
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-        }
-
-    @staticmethod
-    def epoch_line(row: dict) -> str:
-        return (
-            f"train loss {row['train_loss']:.3f} top1 {100 * row['train_top1']:.1f}%"
-            f"  val loss {row['val_loss']:.3f} top1 {100 * row['val_top1']:.1f}%"
-        )
-
     def finish(
         self,
         model: nn.Module,
@@ -271,8 +259,6 @@ class ClassifyTask(RunFacts):
     ) -> list[dict]:
         """``[{"top": [{"class", "prob"}, ...]}]`` per uint8 image (in_channels, H, W),
         preprocessed as evaluation was (resize, centre crop, normalisation)."""
-        if topk < 1:
-            raise CnnlabError(f"topk must be at least 1, got {topk}")
         k = min(topk, len(self.classes))
         results = []
         for chunk in chunks(images, EVAL_BATCH):

@@ -37,11 +37,13 @@ from cnnlab.data.transforms import default_stats, detect_eval, detect_train
 from cnnlab.errors import CnnlabError
 from cnnlab.metrics import mean_average_precision
 from cnnlab.registry import model_info
+from cnnlab.tasks import TASKS
 from cnnlab.tasks.common import PREDICT_BATCH, RunFacts, chunks, measured_on, per_class_line
+from cnnlab.tasks.options import Option
+from cnnlab.tasks.spec import Figure, MetricSpec
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("epoch", "lr", "train_loss", "val_map50", "val_map", "seconds")
 MAX_DETECTIONS = 100  # per image, as COCO's evaluation
 NMS_THRESHOLD = 0.5
 EVAL_SCORE_THRESHOLD = 0.001
@@ -56,22 +58,28 @@ SHAPES_YOLO_ARGS = {"head": "conv", "reduction": 16, "grid": 8, "rescore": False
 
 @dataclass
 class DetectTask(RunFacts):
-    """Detection for the training loop (``cnnlab.engine.task.Task``) and for a run."""
+    """Detection for the training loop (``cnnlab.engine.task.TrainingTask``) and for a
+    finished run (``cnnlab.tasks.inference.InferenceTask``)."""
 
     name: ClassVar[str] = "detect"
-    columns: ClassVar[tuple[str, ...]] = COLUMNS
-    curves: ClassVar[dict] = {
-        "training loss": {"train_loss": "train"},
-        "validation mAP": {"val_map50": "mAP@0.5", "val_map": "mAP@[.5:.95]"},
-    }
-    best_label: ClassVar[str] = "val mAP@0.5"
-    score_label: ClassVar[str | None] = None
+    options: ClassVar[tuple[Option, ...]] = TASKS["detect"].options
+    metrics: ClassVar[MetricSpec] = MetricSpec(
+        val=(Figure("map50", "mAP@0.5"), Figure("map", "mAP")),
+        # Higher is better: val mAP@0.5, then (on a tie) mAP@[.5:.95].
+        best=("map50", "map"),
+        best_label="val mAP@0.5",
+        curves={
+            "training loss": {"train_loss": "train"},
+            "validation mAP": {"val_map50": "mAP@0.5", "val_map": "mAP@[.5:.95]"},
+        },
+        in_line=("map50", "map"),
+    )
     channels_last: ClassVar[bool] = False
     drawings: ClassVar[tuple[str, ...]] = ("drawing",)  # what ``draw`` returns, in order
     csv_columns: ClassVar[tuple[str, ...]] = (  # --save-csv; boxes in the image's pixels
         "file", "class", "score", "x1", "y1", "x2", "y2"
     )  # fmt: skip
-    eval_split: ClassVar[str] = "val"
+    eval_split: ClassVar[str] = TASKS["detect"].eval_split  # what `cnnlab eval RUN` reports on
 
     # -- training
 
@@ -184,22 +192,6 @@ class DetectTask(RunFacts):
             given = None if proposals is None else [proposals[s.path] for s in chunk]
             found += self.detect(model, images, device, score_threshold, proposals=given)
         return mean_average_precision(found, data, self.classes, pr_curves)
-
-    @staticmethod
-    def rank(val: dict) -> tuple[float, ...]:
-        """Higher is better: val mAP@0.5, then (on a tie) mAP@[.5:.95]."""
-        return (val["map50"], val["map"])
-
-    @staticmethod
-    def epoch_row(train_score: float | None, val: dict) -> dict:
-        return {"val_map50": val["map50"], "val_map": val["map"]}
-
-    @staticmethod
-    def epoch_line(row: dict) -> str:
-        return (
-            f"train loss {row['train_loss']:.3f}"
-            f"  val mAP@0.5 {row['val_map50']:.3f}  mAP {row['val_map']:.3f}"
-        )
 
     def finish(
         self,

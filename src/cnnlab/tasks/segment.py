@@ -23,20 +23,13 @@ from cnnlab.data.splits import split_folder
 from cnnlab.data.transforms import default_stats, segment_eval, segment_train
 from cnnlab.errors import CnnlabError
 from cnnlab.registry import check_input_size
+from cnnlab.tasks import TASKS
 from cnnlab.tasks.common import RunFacts, measured_on, per_class_line
+from cnnlab.tasks.options import Option
+from cnnlab.tasks.spec import Figure, MetricSpec
 
 EVAL_BATCH = 8
 VAL_PICTURES = 6  # validation images drawn into the run folder
-COLUMNS = (
-    "epoch",
-    "lr",
-    "train_loss",
-    "train_pixel_acc",
-    "val_loss",
-    "val_pixel_acc",
-    "val_miou",
-    "seconds",
-)
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -71,21 +64,32 @@ def scores(confusion: torch.Tensor, classes: list[str]) -> dict:
 
 @dataclass
 class SegmentTask(RunFacts):
-    """Segmentation for the training loop (``cnnlab.engine.task.Task``) and for a run."""
+    """Segmentation for the training loop (``cnnlab.engine.task.TrainingTask``) and for a
+    finished run (``cnnlab.tasks.inference.InferenceTask``)."""
 
     name: ClassVar[str] = "segment"
-    columns: ClassVar[tuple[str, ...]] = COLUMNS
-    curves: ClassVar[dict] = {
-        "loss": ("train_loss", "val_loss"),
-        "pixel accuracy": ("train_pixel_acc", "val_pixel_acc"),
-        "validation mIoU": ("val_miou",),
-    }
-    best_label: ClassVar[str] = "val mIoU"
-    score_label: ClassVar[str | None] = "pixel acc"
+    options: ClassVar[tuple[Option, ...]] = TASKS["segment"].options
+    metrics: ClassVar[MetricSpec] = MetricSpec(
+        val=(
+            Figure("loss", "loss"),
+            Figure("pixel_acc", "pixel acc", True),
+            Figure("miou", "mIoU", True),
+        ),
+        # Higher is better: val mIoU, then (on a tie) the lower val loss.
+        best=("miou", "-loss"),
+        best_label="val mIoU",
+        curves={
+            "loss": ("train_loss", "val_loss"),
+            "pixel accuracy": ("train_pixel_acc", "val_pixel_acc"),
+            "validation mIoU": ("val_miou",),
+        },
+        in_line=("loss", "miou"),
+        train=Figure("pixel_acc", "pixel acc", True),
+    )
     channels_last: ClassVar[bool] = False
     drawings: ClassVar[tuple[str, ...]] = ("mask", "overlay")  # what ``draw`` returns, in order
     csv_columns: ClassVar[tuple[str, ...]] = ("file", "class", "fraction")  # --save-csv
-    eval_split: ClassVar[str] = "val"
+    eval_split: ClassVar[str] = TASKS["segment"].eval_split  # what `cnnlab eval RUN` reports on
 
     # -- training
 
@@ -181,27 +185,6 @@ class SegmentTask(RunFacts):
         report["n"] = n
         report["_confusion"] = confusion
         return report
-
-    @staticmethod
-    def rank(val: dict) -> tuple[float, ...]:
-        """Higher is better: val mIoU, then (on a tie) the lower val loss."""
-        return (val["miou"], -val["loss"])
-
-    @staticmethod
-    def epoch_row(train_score: float | None, val: dict) -> dict:
-        return {
-            "train_pixel_acc": train_score,
-            "val_loss": val["loss"],
-            "val_pixel_acc": val["pixel_acc"],
-            "val_miou": val["miou"],
-        }
-
-    @staticmethod
-    def epoch_line(row: dict) -> str:
-        return (
-            f"train loss {row['train_loss']:.3f} pixel acc {100 * row['train_pixel_acc']:.1f}%"
-            f"  val loss {row['val_loss']:.3f} mIoU {100 * row['val_miou']:.1f}%"
-        )
 
     def finish(
         self,
