@@ -13,11 +13,13 @@ from importlib import import_module
 from typing import Any
 
 from cnnlab.errors import CnnlabError, InputSizeError
+from cnnlab.version import __version__
 
 __all__ = [
     "CnnlabError",
     "InputSizeError",
     "TrainConfig",
+    "__version__",
     "convolutionalize",
     "create_model",
     "export_run",
@@ -29,7 +31,6 @@ __all__ = [
     "summarize",
     "train",
 ]
-__version__ = "0.1.0"
 
 # convolutionalize lives in cnnlab.dense_to_conv: a module of the function's own name would,
 # once imported, shadow the function as the package's attribute.
@@ -42,9 +43,9 @@ _LAZY = {
     "register_model": "cnnlab.registry",
     "export_run": "cnnlab.export",
     "load_run": "cnnlab.runs",
-    "resume": "cnnlab.engine.loop",
+    "resume": "cnnlab.training",
     "summarize": "cnnlab.inspect",
-    "train": "cnnlab.engine.loop",
+    "train": "cnnlab.training",
 }
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from cnnlab import checkpoint
 from cnnlab.config import make_config
-from cnnlab.engine import resume, train
 from cnnlab.runs import load_run
 from cnnlab.tasks.detect import SHAPES_YOLO_ARGS
+from cnnlab.training import resume, train
 
 RUNS = Path("runs")
 

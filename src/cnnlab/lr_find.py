@@ -23,24 +23,22 @@ is thrown away afterwards.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from cnnlab import transfer
-from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig
-from cnnlab.device import cpu_plan, pick_device, threads_for
-from cnnlab.engine.loop import build_model
-from cnnlab.engine.optim import amp_dtype, make_optimizer
+from cnnlab.config import TrainConfig
+from cnnlab.device import threads_for
+from cnnlab.engine.prepare import Resolved, prepare, resolve
 from cnnlab.engine.progress import Reporter
 from cnnlab.engine.state import seed_everything
 from cnnlab.engine.step import Step
+from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError
-from cnnlab.registry import model_info
-from cnnlab.tasks import task_class
+from cnnlab.tasks import task_of_model
 
 DIVERGE = 4.0  # stop when the smoothed loss exceeds this many times its best
 
@@ -73,39 +71,39 @@ def lr_find(
     beta = smoothing_for(steps) if beta is None else beta
     if not 0 <= beta < 1:
         raise CnnlabError(f"beta must be in [0, 1), got {beta}")
-    if cfg.weight_decay is None:
-        cfg = replace(cfg, weight_decay=DEFAULT_WEIGHT_DECAY[cfg.optimizer])
-    cfg, task = task_class(model_info(cfg.model).task).setup(cfg)
+    cfg, resolved = resolve(cfg)
+    cfg, task = task_of_model(cfg.model).setup(cfg)
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    plan = cpu_plan(cfg.threads, cfg.workers, device.type)
-    with threads_for(plan.threads):
-        return _range_test(
-            replace(cfg, workers=plan.workers), task, device, start_lr, end_lr, steps, beta
-        )
+    with threads_for(resolved.plan.threads):
+        return _range_test(cfg, task, resolved, start_lr, end_lr, steps, beta)
 
 
 def _range_test(
     cfg: TrainConfig,
-    task: Any,
-    device: torch.device,
+    task: TrainingTask,
+    resolved: Resolved,
     start_lr: float,
     end_lr: float,
     steps: int,
     beta: float,
 ) -> LRFindResult:
     generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = task.loaders(cfg, generator, device)[0]
-    model, _ = build_model(cfg, task, pretrained=True)
-    model.to(device).train()
+    ready = prepare(cfg, task, resolved, generator, pretrained=True)
+    model, optimizer = ready.model, ready.optimizer
     if cfg.freeze_backbone:
-        transfer.freeze_backbone(model)
         transfer.backbone_norms_eval(model)
-    optimizer = make_optimizer(model, cfg)
     scale = [group["lr"] / cfg.lr for group in optimizer.param_groups]  # backbone_lr_mult
-    dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    step = Step(model, task, optimizer, scaler, device, dtype, cfg.grad_clip)
+    step = Step(
+        model,
+        task,
+        optimizer,
+        ready.scaler,
+        resolved.device,
+        ready.autocast_dtype,
+        cfg.grad_clip,
+        ready.memory_format,
+    )
+    train_loader = ready.train_loader
 
     lrs, losses = [], []
     smooth, best = Smoothed(beta), math.inf

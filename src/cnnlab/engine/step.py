@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cnnlab.engine.progress import Reporter
+from cnnlab.engine.task import TrainingTask
 
 
 @dataclass
@@ -19,7 +20,7 @@ class Step:
     """One optimizer step on one batch, with everything it needs."""
 
     net: nn.Module  # the model, or its DistributedDataParallel wrapper
-    task: Any
+    task: TrainingTask
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
