@@ -37,6 +37,8 @@ from cnnlab.errors import CnnlabError
 from cnnlab.files import atomic_write_bytes
 from cnnlab.registry import create_model, model_info
 from cnnlab.tasks import task_class
+from cnnlab.tasks.inference import InferenceTask
+from cnnlab.tasks.options import resolve_options
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -52,7 +54,7 @@ class Run:
 
     path: Path
     meta: ModelMeta
-    task: Any  # the run's task object (cnnlab.tasks): preprocessing, metrics, drawing
+    task: InferenceTask  # preprocessing, prediction, metrics, drawing (cnnlab.tasks)
     model: nn.Module  # eval mode, best weights, on ``device``
     device: torch.device
 
@@ -70,9 +72,11 @@ class Run:
         Images are paths, PIL images or uint8 tensors (C, H, W) (a single one is taken as a
         list of one, a (B, C, H, W) tensor as B images); an unreadable file raises
         CnnlabError naming it (``predict_files`` collects such errors instead). ``options``
-        are the task's: ``topk`` (classify), ``score_threshold`` (detect). Entries whose
+        are the task's declared ``predict`` options (``cnnlab.tasks.TASKS``: ``topk`` for
+        classification, ``score_threshold`` for detection), checked here. Entries whose
         name starts with ``_`` (a segmentation's mask tensor) are not JSON.
         """
+        options = self.call_options("predict", options)
         items = _as_list(images)
         decoded = [self._decode(item) for item in items]
         files = [str(item) if isinstance(item, str | Path) else None for item in items]
@@ -87,6 +91,7 @@ class Run:
         Returns ``(results, errors)``: a path that cannot be read becomes an error line
         ``"path: reason"`` and the others are still predicted; nothing is raised for them.
         """
+        options = self.call_options("predict", options)
         files, errors = list_images(paths)
         results: list[dict] = []
         for start in range(0, len(files), FILE_BATCH):
@@ -112,7 +117,10 @@ class Run:
         """The task's metrics on the run's own ``split`` (default: classification's test
         split, the others' val) or, with ``data_dir``, on that folder (its ``split`` part
         when it has one). The report says what it measured: ``"split"`` (None for a whole
-        folder that has no such part) and, for a folder, ``"data"`` (the folder read)."""
+        folder that has no such part) and, for a folder, ``"data"`` (the folder read).
+        ``options`` are the task's declared ``eval`` options (detection's
+        ``score_threshold``)."""
+        options = self.call_options("eval", options)
         split = split or self.task.eval_split
         folder = Path(data_dir) if data_dir is not None else None
         data = self.task.eval_data(self.path / "split.json", folder, split)
@@ -122,6 +130,13 @@ class Run:
             read = split_folder(folder, split)
             where = {"split": split if read != folder else None, "data": str(read)}
         return {**where, **{k: v for k, v in report.items() if not k.startswith("_")}}
+
+    def call_options(self, command: str, given: dict[str, Any]) -> dict[str, Any]:
+        """``given`` checked against the task's ``command`` options (``predict`` or
+        ``eval``), each unset one at its declared default; the options that change the
+        loaded model (``tta``) are ``load_run``'s."""
+        per_call = [option for option in self.task.options if not option.at_load]
+        return resolve_options(per_call, command, given, self.task.name)
 
     def table(self, results: Sequence[dict]) -> str:
         """CSV text of predictions (from ``predict``/``predict_files``), long format: a

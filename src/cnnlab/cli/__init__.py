@@ -14,7 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from cnnlab.cli.parsing import build_parser, builder_args
+from cnnlab.cli.flags import builder_args
+from cnnlab.cli.parsing import build_parser
 from cnnlab.errors import CnnlabError
 
 __all__ = ["build_parser", "builder_args", "main"]

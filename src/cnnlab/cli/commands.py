@@ -10,10 +10,10 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from cnnlab.cli.flags import EXPLICIT_NONE
 from cnnlab.errors import CnnlabError, TrainingInterrupted
-
-TASK_COMMANDS = {"classify": "", "segment": "segment ", "detect": "detect "}  # "cnnlab {}train"
-EXPLICIT_NONE = object()  # `--grad-clip none`: an explicit None, not an unset flag
+from cnnlab.tasks import TASKS
+from cnnlab.tasks.options import options_for
 
 
 def print_json(document: object) -> None:
@@ -76,18 +76,32 @@ def _print_report(report: dict, form: str, task: Any) -> None:
 
 def _load(args: argparse.Namespace, task: str):
     """The run of an eval/predict command, refused (with the command to use) when it is
-    another task's."""
+    another task's; options that change the loaded model (``--tta``) are applied here."""
     from cnnlab.runs import load_run
 
-    run = load_run(
-        Path(args.run), device=args.device, backend=args.backend, tta=getattr(args, "tta", False)
-    )
+    at_load = {
+        option.name: getattr(args, option.name)
+        for option in options_for(TASKS[task].options, args.action)
+        if option.at_load and getattr(args, option.name)
+    }
+    run = load_run(Path(args.run), device=args.device, backend=args.backend, **at_load)
     if run.task.name != task:
-        right = TASK_COMMANDS[run.task.name]
+        right = TASKS[run.task.name].prefix()
         raise CnnlabError(
             f"{args.run} holds a {run.task.name} run; use `cnnlab {right}{args.action} {args.run}`"
         )
     return run
+
+
+def _task_options(args: argparse.Namespace) -> dict:
+    """The prediction options the user gave on an eval/predict command (the task's
+    declaration made the flags; unset ones take the declared defaults in ``Run``)."""
+    options = options_for(TASKS[args.task].options, args.action)
+    return {
+        option.name: getattr(args, option.name)
+        for option in options
+        if not option.at_load and getattr(args, option.name) is not None
+    }
 
 
 def cmd_models(args: argparse.Namespace, extra: dict) -> int:
@@ -184,9 +198,9 @@ def _train_config(args: argparse.Namespace, extra: dict, task: str):
 
 def cmd_train(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.checkpoint import read_model_json
-    from cnnlab.engine import resume, train
     from cnnlab.engine.loop import RESUME_OVERRIDES
     from cnnlab.tasks import task_class
+    from cnnlab.training import resume, train
 
     if args.resume and (extra or args.data or args.out):
         raise CnnlabError(
@@ -194,7 +208,7 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
         )
     if not args.resume and not (args.data and args.out):
         raise CnnlabError(
-            f"{TASK_COMMANDS[args.task]}train needs DIR and --out RUN (or --resume RUN)"
+            f"{TASKS[args.task].prefix()}train needs DIR and --out RUN (or --resume RUN)"
         )
     task = read_model_json(args.resume).task if args.resume else args.task
     try:
@@ -211,7 +225,7 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
             _print_report(stop.report, args.format, task_class(task))
         print(
             f"{stop}; the report above is of the best weights. Continue with:"
-            f" cnnlab {TASK_COMMANDS[task]}train --resume {stop.run_dir}",
+            f" cnnlab {TASKS[task].prefix()}train --resume {stop.run_dir}",
             file=sys.stderr,
         )
         return 130
@@ -237,10 +251,7 @@ def cmd_lr_find(args: argparse.Namespace, extra: dict) -> int:
 
 def cmd_eval(args: argparse.Namespace, extra: dict) -> int:
     run = _load(args, args.task)
-    options = {}
-    if getattr(args, "score_threshold", None) is not None:
-        options["score_threshold"] = args.score_threshold
-    report = run.evaluate(Path(args.dir) if args.dir else None, args.split, **options)
+    report = run.evaluate(Path(args.dir) if args.dir else None, args.split, **_task_options(args))
     _print_report(report, args.format, run.task)
     return 0
 
@@ -249,12 +260,9 @@ def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.files import atomic_write_text, check_targets, output_stems
 
     run = _load(args, args.task)
-    options = {}
-    for name in ("topk", "score_threshold"):
-        if getattr(args, name, None) is not None:
-            options[name] = getattr(args, name)
-    results, errors = run.predict_files([Path(p) for p in args.paths], **options)
-    out = args.out or (_new_folder("predictions") if args.task == "segment" else None)
+    results, errors = run.predict_files([Path(p) for p in args.paths], **_task_options(args))
+    folder = TASKS[args.task].predict_folder
+    out = args.out or (_new_folder(folder) if folder else None)
     inputs = [Path(r["file"]) for r in results]
     # Every name is checked before anything is written: no input is ever replaced, an
     # existing file only with --overwrite, and two inputs never share an output.

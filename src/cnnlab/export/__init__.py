@@ -29,7 +29,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cnnlab import __version__
 from cnnlab.errors import CnnlabError
 from cnnlab.export.parity import PARITY_IMAGES, check_parity
 from cnnlab.export.writers import failure, onnx_bytes, onnx_proto, pt2_bytes, trace
@@ -43,6 +42,7 @@ from cnnlab.tasks.detect import (
     NMS_THRESHOLD,
     proposal_source_of,
 )
+from cnnlab.version import __version__
 
 FORMATS = tuple(FILES)
 RECORD = "export.json"  # beside the exported file: one entry per file name

@@ -15,6 +15,7 @@ size checked, before its body is read.
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -31,6 +32,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from cnnlab.errors import CnnlabError
 from cnnlab.serve.pool import Gate, Job, Pool
 from cnnlab.serve.served import Served, Upload, load_served
+from cnnlab.tasks import TASKS
+from cnnlab.tasks.options import Option, options_for
 
 MAX_UPLOAD = 20 * 1000 * 1000  # bytes of one uploaded image
 FORM_OVERHEAD = 64 * 1024  # the multipart boundaries, headers and small fields around it
@@ -75,7 +78,7 @@ def create_app(
         yield
         pool.stop()
 
-    from cnnlab import __version__
+    from cnnlab.version import __version__
 
     app = FastAPI(
         title="cnnlab serve",
@@ -125,28 +128,9 @@ def create_app(
             raise HTTPException(404, f"run {run_id!r} has no figure {name!r}")
         return FileResponse(path, media_type="image/png")
 
-    @app.post(
-        PREDICT_PATH,
-        summary="predict one image with one run",
-        description=(
-            "The document `cnnlab predict|segment predict|detect predict --format json` prints"
-            " for one image (`file` is the uploaded name), plus `mask_png` (segmentation: the"
-            " class index of each pixel as a PNG data URL) and, with `heatmaps`, `heatmaps`"
-            " (classification: the probability map of each top class, `cnnlab heatmap`'s"
-            " document)."
-        ),
-    )
-    async def predict(
-        run: Annotated[str, Form(description="a run id from GET /api/runs")],
-        file: Annotated[UploadFile, File(description="the image (PNG, JPEG, BMP, GIF, ...)")],
-        topk: Annotated[int | None, Form(ge=1, description="classification: classes (5)")] = None,
-        score_threshold: Annotated[
-            float | None, Form(ge=0, le=1, description="detection: lowest score (0.25)")
-        ] = None,
-        heatmaps: Annotated[bool, Form(description="classification: heat maps too")] = False,
-    ) -> dict:
+    async def predict(run: str, file: UploadFile, **given: Any) -> dict:
         target = find(run)
-        options = _options(target, topk=topk, score_threshold=score_threshold, heatmaps=heatmaps)
+        options = _options(target, given)
         name = Path(file.filename or "upload").name or "upload"
         kind = (file.content_type or "").split(";")[0].strip().lower()
         if kind and not kind.startswith("image/") and kind != "application/octet-stream":
@@ -166,6 +150,20 @@ def create_app(
         except CnnlabError as error:  # the image, or the model's refusal of it
             raise HTTPException(400, str(error)) from None
 
+    # The form's fields: the run, the file, and every task's declared serve options.
+    predict.__signature__ = predict_signature()  # type: ignore[attr-defined]
+    app.post(
+        PREDICT_PATH,
+        summary="predict one image with one run",
+        description=(
+            "The document `cnnlab predict|segment predict|detect predict --format json` prints"
+            " for one image (`file` is the uploaded name), plus `mask_png` (segmentation: the"
+            " class index of each pixel as a PNG data URL) and, with `heatmaps`, `heatmaps`"
+            " (classification: the probability map of each top class, `cnnlab heatmap`'s"
+            " document)."
+        ),
+    )(predict)
+
     _error_handlers(app)
     return app
 
@@ -175,17 +173,56 @@ def _predict(served: dict[str, Served], key: tuple, uploads: Sequence[Upload]) -
     return served[run_id].predict(uploads, dict(options))
 
 
-def _options(target: Served, **given: Any) -> dict:
-    """The prediction options given for ``target``'s task; one for another task is a 400."""
-    task = target.run.task.name
-    takes = {"classify": {"topk", "heatmaps"}, "detect": {"score_threshold"}}.get(task, set())
-    # Unset is None (or False for the heatmaps switch); a threshold of 0.0 is set.
-    options = {
-        key: value for key, value in given.items() if value is not None and value is not False
-    }
+def serve_options() -> dict[str, tuple[Option, list[str]]]:
+    """Every task's ``serve`` options by name, with the tasks that declare each."""
+    found: dict[str, tuple[Option, list[str]]] = {}
+    for task in TASKS.values():
+        for option in options_for(task.options, "serve"):
+            found.setdefault(option.name, (option, []))[1].append(task.name)
+    return found
+
+
+def predict_signature() -> inspect.Signature:
+    """``POST /api/predict``'s form as FastAPI reads it from a signature: ``run`` and
+    ``file``, then one optional field per declared serve option, with its range (FastAPI
+    checks it and writes it into the OpenAPI schema) and its tasks in the description."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    fields = [
+        inspect.Parameter(
+            "run",
+            keyword,
+            annotation=Annotated[str, Form(description="a run id from GET /api/runs")],
+        ),
+        inspect.Parameter(
+            "file",
+            keyword,
+            annotation=Annotated[
+                UploadFile, File(description="the image (PNG, JPEG, BMP, GIF, ...)")
+            ],
+        ),
+    ]
+    for name, (option, tasks) in serve_options().items():
+        shown = "off" if option.type is bool else f"{option.default_in('serve'):g}"
+        form = Form(
+            ge=option.minimum,
+            le=option.maximum,
+            description=f"{', '.join(tasks)} runs: {option.help} (default: {shown})",
+        )
+        annotation = Annotated[option.type | None, form]
+        fields.append(inspect.Parameter(name, keyword, default=None, annotation=annotation))
+    return inspect.Signature(fields, return_annotation=dict)
+
+
+def _options(target: Served, given: dict[str, Any]) -> dict:
+    """The prediction options given for ``target``'s task (unset ones are None, an unset
+    switch False too); one of another task's is a 400."""
+    task = target.run.task
+    takes = {option.name for option in options_for(task.options, "serve")}
+    # A threshold of 0.0 is set: compare by identity, as 0.0 == False.
+    options = {k: v for k, v in given.items() if v is not None and v is not False}
     wrong = sorted(set(options) - takes)
     if wrong:
-        raise HTTPException(400, f"{wrong[0]} does not apply to {target.id!r}, a {task} run")
+        raise HTTPException(400, f"{wrong[0]} does not apply to {target.id!r}, a {task.name} run")
     return options
 
 

@@ -1,0 +1,257 @@
+"""The command line's flags, each kind made in one place: the training flags generated
+from ``TrainConfig``'s fields, a task's prediction options from its declaration
+(``cnnlab.tasks.TASKS``), and the options every non-training command shares (``--format``,
+``--device``, ``--backend``, ``--overwrite``); the model builder's pass-through arguments;
+and the parser that makes a usage error one line."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
+
+from cnnlab.errors import CnnlabError
+from cnnlab.tasks import TaskEntry
+from cnnlab.tasks.options import options_for
+
+EXPLICIT_NONE = object()  # `--grad-clip none`: an explicit None, not an unset flag
+
+
+def parse_value(text: str) -> object:
+    """A model argument from the command line: 32,64 -> (32, 64); 3 -> 3; 0.5 -> 0.5."""
+    lowered = text.lower()
+    if lowered in {"true", "false"}:
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if "," in text:
+        return tuple(parse_value(p) for p in text.split(",") if p)
+    return text
+
+
+def builder_args(extra: Sequence[str], model: str) -> dict:
+    """Turn unknown ``--key value`` pairs into keyword arguments the model's builder takes
+    (``ModelInfo.options``); an on/off setting (a bool default) also reads as ``--key`` or
+    ``--no-key``."""
+    from cnnlab.registry import model_info
+
+    options = model_info(model).options
+
+    def is_switch(name: str) -> bool:
+        return isinstance(options.get(name), bool)
+
+    args: dict = {}
+    tokens = list(extra)
+    while tokens:
+        token = tokens.pop(0)
+        if not token.startswith("--"):
+            raise CnnlabError(f"unexpected argument {token!r}")
+        flag, _, value = token[2:].partition("=")
+        key = flag.replace("-", "_")
+        if not value and (not tokens or tokens[0].startswith("--")):
+            if is_switch(key):
+                args[key] = True
+                continue
+            if key.startswith("no_") and is_switch(key[3:]):
+                args[key[3:]] = False
+                continue
+            raise CnnlabError(f"--{flag} needs a value")
+        args[key] = parse_value(value or tokens.pop(0))
+    for key in args:
+        if key not in options and key != "num_classes":  # the data decides; train checks
+            known = ", ".join(f"--{n.replace('_', '-')}" for n in options) or "none"
+            raise CnnlabError(
+                f"{model} does not take --{key.replace('_', '-')} (it takes: {known})"
+            )
+    return args
+
+
+def models_help(task: str) -> str:
+    """The epilog of a train command: the task's models and each one's own flags."""
+    from cnnlab.config import TrainConfig
+    from cnnlab.registry import list_models, model_info
+
+    config_flags = {f.name for f in fields(TrainConfig)}
+    wrap = functools.partial(_wrap, width=78)
+    lines = [*wrap(f"models (--model): {', '.join(list_models(task=task))}".split(" "), ""), ""]
+    lines.append("model flags:")
+    seen: dict[tuple[str, ...], list[str]] = {}  # the same flags (a family) are listed once
+    for name in list_models(task=task):
+        flags = tuple(
+            f"--{key.replace('_', '-')} {_shown(default)}"
+            for key, default in model_info(name).options.items()
+            if key not in config_flags  # --img-size is a training flag, listed above
+        )
+        seen.setdefault(flags or ("(none)",), []).append(name)
+    for flags, names in seen.items():
+        lines += wrap(f"{', '.join(names)}:".split(" "), "  ")
+        lines += wrap(list(flags), "      ")
+    return "\n".join(lines)
+
+
+def _wrap(units: list[str], indent: str, width: int) -> list[str]:
+    """``units`` joined by spaces into lines of at most ``width``, never splitting a unit
+    (a flag stays beside its value)."""
+    lines, line = [], indent
+    for unit in units:
+        if line.strip() and len(line) + 1 + len(unit) > width:
+            lines.append(line)
+            line = indent
+        line = f"{line} {unit}" if line.strip() else f"{line}{unit}"
+    return [*lines, line]
+
+
+def _shown(default: object) -> str:
+    if isinstance(default, tuple | list):
+        return ",".join(map(str, default))
+    return (
+        "none"
+        if default is None
+        else str(default).lower()
+        if isinstance(default, bool)
+        else str(default)
+    )
+
+
+def config_flags(sub: argparse.ArgumentParser, task: str, skip: Sequence[str] = ()) -> None:
+    """One flag per TrainConfig field, with its help, choices and ``task``'s default."""
+    from cnnlab.config import TrainConfig, default_of
+
+    hints = typing.get_type_hints(TrainConfig)
+    for item in fields(TrainConfig):
+        if not item.metadata.get("cli", True) or item.name in skip:
+            continue
+        flag = f"--{item.name.replace('_', '-')}"
+        default = default_of(task, item.name)
+        help_text = f"{item.metadata['help']} (default: {default})"
+        options = typing.get_args(hints[item.name]) or (hints[item.name],)
+        kind = next(t for t in options if t is not type(None))
+        if kind is bool:
+            sub.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            continue
+        choices = item.metadata.get("choices")
+        parse = _optional(kind) if type(None) in options else kind
+        sub.add_argument(flag, type=parse, choices=choices, help=help_text)
+
+
+def _optional(kind: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return EXPLICIT_NONE if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its errors
+    return parse
+
+
+def positive(text: str) -> int:
+    """A whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in its help (unless the help says it already, or there is
+    none); descriptions and epilogs keep their line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default in (None, False, argparse.SUPPRESS)
+        if "default" in text or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where --help is), each
+    flag's default shows in --help, and an epilog may be computed only when help is
+    asked for (``epilog_of``: listing the models imports every model file)."""
+
+    def __init__(self, *args: Any, epilog_of: Callable[[], str] | None = None, **kwargs: Any):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        # No abbreviations: a model's own flag (--backbone) would be read as a prefix of a
+        # training flag (--backbone-lr-mult) and its value refused.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.epilog_of = epilog_of
+
+    def format_help(self) -> str:
+        if self.epilog_of is not None:
+            self.epilog = self.epilog_of()
+        return super().format_help()
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+# ---------------------------------------------------------------------------- shared flags
+
+
+def add_format(sub: argparse.ArgumentParser, choices: tuple[str, ...] = ("text", "json")) -> None:
+    """``--format``: the human form first (the default), ``json`` one JSON document."""
+    sub.add_argument(
+        "--format", choices=choices, default=choices[0], help="json: one JSON document"
+    )
+
+
+def add_device(sub: argparse.ArgumentParser) -> None:
+    from cnnlab.config import TrainConfig
+
+    help_text = next(f for f in fields(TrainConfig) if f.name == "device").metadata["help"]
+    sub.add_argument("--device", default="auto", help=help_text)
+
+
+def add_backend(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="onnxruntime: run RUN/model.onnx (`cnnlab export RUN`) on the CPU",
+    )
+
+
+def add_overwrite(sub: argparse.ArgumentParser, what: str) -> None:
+    sub.add_argument("--overwrite", action="store_true", help=f"replace {what}")
+
+
+def add_task_options(sub: argparse.ArgumentParser, entry: TaskEntry, command: str) -> None:
+    """One flag per prediction option ``entry``'s task declares for ``command``: its type
+    and range checked by the declaration itself, its default in the help."""
+    for option in options_for(entry.options, command):
+        if option.type is bool:
+            sub.add_argument(option.flag, action="store_true", help=escape(option.help))
+            continue
+        limits = option.range_text()
+        sub.add_argument(
+            option.flag,
+            type=_argument_type(option.parse),
+            metavar=option.name.upper(),
+            help=f"{escape(option.help)}{f', {limits}' if limits else ''}"
+            f" (default: {option.default_in(command):g})",
+        )
+
+
+def escape(text: str) -> str:
+    """``text`` as argparse help, where % starts a format."""
+    return text.replace("%", "%%")
+
+
+def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` with its ValueError as argparse's own message (``argument --topk: topk
+    must be at least 1, got 0``)."""
+
+    def argument(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return argument
