@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnlab.engine import resume
 from cnnlab.runs import load_run
+from cnnlab.training import resume
 
 FIXTURES = Path(__file__).parent / "fixtures" / "legacy_runs"
 LEGACY_COMMIT = "ee1d98f"

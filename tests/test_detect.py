@@ -26,8 +26,10 @@ from cnnlab.data.shapes import write_shapes
 from cnnlab.demo import shapes_demo
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.metrics import mean_average_precision
-from cnnlab.tasks.detect import COLUMNS as METRICS_COLUMNS
 from cnnlab.tasks.detect import DetectTask
+
+# metrics.csv's header, a run-folder contract (runs written before keep it).
+METRICS_COLUMNS = ("epoch", "lr", "train_loss", "val_map50", "val_map", "seconds")
 
 
 def detect_train(data: Path, out: Path, model: str = "yolov1", **settings) -> dict:

@@ -28,11 +28,22 @@ from cnnlab.config import TrainConfig
 from cnnlab.data.classify import Splits
 from cnnlab.data.transforms import default_stats
 from cnnlab.device import pick_device
-from cnnlab.engine import resume, train
 from cnnlab.engine.optim import warmup_cosine
 from cnnlab.errors import CnnlabError, TrainingInterrupted
-from cnnlab.tasks.classify import COLUMNS as METRICS_COLUMNS
 from cnnlab.tasks.classify import ClassifyTask, evaluate
+from cnnlab.training import resume, train
+
+# metrics.csv's header, a run-folder contract (runs written before keep it).
+METRICS_COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "seconds",
+)
 
 CLASSES = ("blob", "left", "top")
 PER_CLASS = 100
@@ -138,7 +149,12 @@ def test_config_yaml_rebuilds_the_resolved_config(run: tuple[Path, dict], data_d
     cfg = TrainConfig.from_dict(saved)
     assert cfg.in_channels == 1  # detected from the grayscale PNGs
     assert cfg.weight_decay == 0.05  # adamw's default, written out
-    assert cfg == replace(_config(data_dir, out), in_channels=1, weight_decay=0.05)
+    # What the unset device, threads and workers became, recorded beside the user's None.
+    assert cfg.resolved["device"] == "cpu" and cfg.threads is None
+    assert cfg.resolved["threads"] >= 1 and cfg.resolved["workers"] >= 0
+    assert cfg == replace(
+        _config(data_dir, out), in_channels=1, weight_decay=0.05, resolved=cfg.resolved
+    )
 
 
 def test_split_json_and_metrics_csv(run: tuple[Path, dict], data_dir: Path) -> None:
@@ -243,10 +259,10 @@ def test_googlenet_trains_with_its_auxiliary_classifiers(data_dir: Path, tmp_pat
 
 
 def test_best_tie_rule() -> None:
-    best = ClassifyTask.rank({"top1": 0.9, "loss": 0.30})
+    best = ClassifyTask.metrics.rank({"top1": 0.9, "loss": 0.30})
 
     def better(val: dict) -> bool:  # the loop's rule: a strictly higher rank
-        return ClassifyTask.rank(val) > best
+        return ClassifyTask.metrics.rank(val) > best
 
     assert better({"top1": 0.91, "loss": 0.90})
     assert not better({"top1": 0.89, "loss": 0.01})
@@ -466,7 +482,7 @@ def test_sigkilled_run_resumes_to_identical_metrics(data_dir: Path, tmp_path: Pa
         f"""
         import torch
         from cnnlab.config import TrainConfig
-        from cnnlab.engine import train
+        from cnnlab.training import train
         torch.set_num_threads({torch.get_num_threads()})
         train(TrainConfig(**{asdict(cfg)!r}))
         """

@@ -9,7 +9,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.plots import line_label, plot_confusion, plot_curves, plot_errors, spike_indices
 from cnnlab.tasks.classify import ClassifyTask
 
-CLASSIFY_CURVES = ClassifyTask.curves
+CLASSIFY_CURVES = ClassifyTask.metrics.curves
 
 HEADER = "epoch,lr,train_loss,train_top1,val_loss,val_top1,val_top5,seconds\n"
 

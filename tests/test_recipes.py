@@ -26,11 +26,11 @@ from cnnlab.data.transforms import (
     classify_train,
     segment_train,
 )
-from cnnlab.engine import resume, train
 from cnnlab.engine.optim import ema_model
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.tasks.classify import ClassifyTask
 from cnnlab.tasks.tta import TTA
+from cnnlab.training import resume, train
 
 
 def tiny_config(data: Path, out: Path, **changes: object) -> TrainConfig:

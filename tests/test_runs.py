@@ -231,7 +231,7 @@ def test_device_auto(fox_run: Path) -> None:
 
 def test_trained_run_matches_its_report(tmp_path: Path, data: Path) -> None:
     from cnnlab.config import TrainConfig
-    from cnnlab.engine import train
+    from cnnlab.training import train
 
     out = tmp_path / "run"
     cfg = TrainConfig(

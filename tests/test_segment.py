@@ -14,8 +14,19 @@ from cnnlab.data import segment as segdata
 from cnnlab.data.shapes import write_shapes
 from cnnlab.data.transforms import segment_train
 from cnnlab.errors import CnnlabError
-from cnnlab.tasks.segment import COLUMNS as METRICS_COLUMNS
 from cnnlab.tasks.segment import confusion_matrix, scores
+
+# metrics.csv's header, a run-folder contract (runs written before keep it).
+METRICS_COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_pixel_acc",
+    "val_loss",
+    "val_pixel_acc",
+    "val_miou",
+    "seconds",
+)
 
 # ---------------------------------------------------------------------------- metrics
 

@@ -19,10 +19,10 @@ from torch import nn
 from cnnlab import checkpoint, create_model, files
 from cnnlab.cli import main
 from cnnlab.config import TrainConfig
-from cnnlab.engine import resume, train
 from cnnlab.engine.optim import make_optimizer
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.tasks.classify import ClassifyTask
+from cnnlab.training import resume, train
 from cnnlab.transfer import backbone_norms_eval, freeze_backbone, head_parameter_names
 from cnnlab.weights import load_pretrained, read_state_dict, torchvision_weight_files
 from conftest import save_torchvision_file
