@@ -558,7 +558,7 @@ def test_reader_fuzz_returns_an_image_or_the_projects_error() -> None:
     with and without the PNG CRCs repaired (so the decoder itself sees the damage): the
     reader returns an image or raises BadImageError, in a child process that must not die.
     Hypothesis drives the mutations; the count is the examples run."""
-    script = Path(__file__).with_name("fuzz_reader.py")
+    script = Path(__file__).parent / "data" / "fuzz_reader.py"
     done = subprocess.run(
         [sys.executable, str(script), "400"],
         capture_output=True,

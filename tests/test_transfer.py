@@ -25,7 +25,7 @@ from cnnlab.tasks.classify import ClassifyTask
 from cnnlab.training import resume, train
 from cnnlab.transfer import backbone_norms_eval, freeze_backbone, head_parameter_names
 from cnnlab.weights import load_pretrained, read_state_dict, torchvision_weight_files
-from conftest import save_torchvision_file
+from tests.conftest import save_torchvision_file
 
 SIZE = 32
 CLASSES = ("red", "green", "blue")

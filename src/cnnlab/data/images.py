@@ -146,7 +146,7 @@ def _sniff(data: bytes) -> str | None:
 
 def _decode_jpeg(data: bytes, path: Path) -> torch.Tensor:
     # libjpeg-turbo through torchvision: the fastest JPEG decoder here, and one that turns
-    # bad data into an error (fuzzed in tests/fuzz_reader.py).
+    # bad data into an error (fuzzed in tests/data/fuzz_reader.py).
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     try:
         with warnings.catch_warnings():

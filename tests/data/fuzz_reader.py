@@ -1,4 +1,4 @@
-"""Fuzz the image reader: ``python tests/fuzz_reader.py N`` runs N hypothesis examples for
+"""Fuzz the image reader: ``python tests/data/fuzz_reader.py N`` runs N hypothesis examples for
 each of four seed files (plus N for PNGs with their CRCs repaired after the damage) and
 prints a JSON line of counts. Any exception other than BadImageError fails the run; a
 crash of a decoder kills this process, which the calling test sees as a signal.
