@@ -84,7 +84,7 @@ def test_flags_come_from_the_fields_and_workers_0_survives_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import cnnlab.checkpoint
-    import cnnlab.engine
+    import cnnlab.training
 
     seen: dict = {}
 
@@ -96,7 +96,7 @@ def test_flags_come_from_the_fields_and_workers_0_survives_resume(
         raise CnnlabError("stopped here")
 
     monkeypatch.setattr(cnnlab.checkpoint, "read_model_json", lambda path: Meta())
-    monkeypatch.setattr(cnnlab.engine, "resume", fake_resume)
+    monkeypatch.setattr(cnnlab.training, "resume", fake_resume)
     status = main(["train", "--resume", str(tmp_path), "--workers", "0", "--threads", "1"])
     assert status == 2
     assert seen["workers"] == 0 and seen["threads"] == 1
@@ -105,6 +105,6 @@ def test_flags_come_from_the_fields_and_workers_0_survives_resume(
         seen["cfg"] = cfg
         raise CnnlabError("stopped here")
 
-    monkeypatch.setattr(cnnlab.engine, "train", fake_train)
+    monkeypatch.setattr(cnnlab.training, "train", fake_train)
     main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--workers", "0"])
     assert (seen["cfg"].workers, seen["cfg"].threads) == (0, None)

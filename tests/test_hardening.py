@@ -538,8 +538,14 @@ def test_binary_and_non_finite_annotation_files_are_one_line(tmp_path: Path) -> 
         (["train", "DATA", "--out", "RUN", "--weight-decay", "-1"], "weight_decay must be"),
         (["train", "DATA", "--out", "RUN", "--lr", "nan"], "lr must be a positive number"),
         (["train", "DATA", "--out", "RUN", "--epochs", "x"], "invalid int value"),
-        (["detect", "predict", "RUN", "IMG", "--score-threshold", "nan"], "invalid fraction"),
-        (["detect", "eval", "RUN", "--score-threshold", "1.5"], "invalid fraction"),
+        (
+            ["detect", "predict", "RUN", "IMG", "--score-threshold", "nan"],
+            "score_threshold must be a number, got nan",
+        ),
+        (
+            ["detect", "eval", "RUN", "--score-threshold", "1.5"],
+            "score_threshold must be between 0 and 1, got 1.5",
+        ),
     ],
 )
 def test_out_of_range_arguments_are_refused_where_they_are_parsed(
