@@ -18,7 +18,8 @@ from cnnlab.data.shapes import write_shapes
 from cnnlab.errors import CnnlabError
 from cnnlab.export import export_run
 from cnnlab.export.parity import check_parity
-from cnnlab.models.yolo import decode
+from cnnlab.models.detection import EVAL_LIMITS
+from cnnlab.models.detection.yolov1 import decode
 from cnnlab.runs import load_run
 from cnnlab.runtime import onnx_model, pt2_model, read_metadata
 
@@ -129,9 +130,10 @@ def test_the_file_carries_what_it_needs_to_be_used_alone(exported, task: str) ->
     program = torch.export.load(run / "model.pt2").module()
     assert torch.allclose(torch.from_numpy(out), program(x), atol=1e-5)
     if task == "detect":  # the documented decoding, applied by hand to the raw grid
+        limits = EVAL_LIMITS.with_score(0.01)
         assert props["decoding"].startswith("output (N, S, S, B*5 + C)")
-        mine = decode(torch.from_numpy(out), props["detect"]["boxes"], (size, size), 0.01)
-        theirs = load_run(run, "cpu").model.detect(x, 0.01)
+        mine = decode(torch.from_numpy(out), props["detect"]["boxes"], (size, size), limits)
+        theirs = load_run(run, "cpu").model.detect(x, limits)
         assert torch.allclose(mine[0]["scores"], theirs[0]["scores"], atol=1e-5)
 
 

@@ -61,6 +61,7 @@ class ClassifyTask(RunFacts):
     drawings: ClassVar[tuple[str, ...]] = ("labelled",)  # what ``draw`` returns, in order
     csv_columns: ClassVar[tuple[str, ...]] = ("file", "rank", "class", "prob")  # --save-csv
     eval_split: ClassVar[str] = "test"  # what `cnnlab eval RUN` reports on
+    exported_logits: ClassVar[str | None] = "images"  # export: (N, K), one row per image
 
     # -- training
 

@@ -86,6 +86,7 @@ class SegmentTask(RunFacts):
     drawings: ClassVar[tuple[str, ...]] = ("mask", "overlay")  # what ``draw`` returns, in order
     csv_columns: ClassVar[tuple[str, ...]] = ("file", "class", "fraction")  # --save-csv
     eval_split: ClassVar[str] = "val"
+    exported_logits: ClassVar[str | None] = "pixels"  # export: (N, K, H, W) at any H, W
 
     # -- training
 
