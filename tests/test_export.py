@@ -251,6 +251,7 @@ def test_what_an_exporter_cannot_handle_is_refused_in_one_line(data, tmp_path, c
     assert "one image per call" in capsys.readouterr().err
     # ONNX through the TorchScript exporter: boxes, scores and labels, parity proven.
     record = export_run(run, "onnx")
+    assert load_run(run, "cpu").model.onnx_exporter == "torchscript"  # declared, not tried
     assert record["exporter"] == "torchscript" and record["outputs"] == [
         "boxes",
         "scores",

@@ -126,8 +126,10 @@ def test_it_trains_fits_its_svms_and_the_shared_evaluator_scores_it(shapes, tmp_
     after = loaded.predict([image], score_threshold=0.0)[0]["detections"]
     assert before and after and after[0]["score"] < before[0]["score"]
     # An exported graph could not run selective search: refused, nothing written.
-    with pytest.raises(cnnlab.CnnlabError, match="classifies selective-search proposals"):
+    assert "classifies selective-search proposals" in loaded.model.export_refusal
+    with pytest.raises(cnnlab.CnnlabError) as refused:
         export_run(out)
+    assert str(refused.value) == f"rcnn {loaded.model.export_refusal}"  # the model's words
     assert not (out / "model.onnx").exists()
 
 

@@ -33,7 +33,11 @@ from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_sm
 
 from cnnlab.errors import CnnlabError
 from cnnlab.models.detection.contract import EVAL_LIMITS, Detections, DetectLimits, Detector
-from cnnlab.models.detection.roi_heads import PROPOSALS_REFUSAL, proposal_settings
+from cnnlab.models.detection.roi_heads import (
+    FORWARD_LIMITS,
+    PROPOSALS_REFUSAL,
+    proposal_settings,
+)
 from cnnlab.models.features import backbone as backbone_features
 from cnnlab.registry import register_model
 
@@ -152,7 +156,7 @@ class RCNN(Detector):
         self.box_ridge = box_ridge
         self.proposal_settings = proposal_settings
         self.min_input_size = 32
-        self.limits = EVAL_LIMITS.with_score(0.05)  # a bare forward pass's; detect sets its own
+        self.limits = FORWARD_LIMITS  # until detect sets the limits it is given
 
     @property
     def fitted(self) -> bool:

@@ -13,6 +13,9 @@ from torchvision.ops import box_iou, roi_pool
 from cnnlab.models.detection.contract import EVAL_LIMITS, Detections, DetectLimits, Detector
 from cnnlab.models.features import backbone as backbone_features
 
+# What a bare forward pass in eval mode keeps (torchvision's score threshold 0.05);
+# ``detect`` sets the limits it is given.
+FORWARD_LIMITS = EVAL_LIMITS.with_score(0.05)
 # Proposals computed outside the model cannot be computed inside an exported graph.
 PROPOSALS_REFUSAL = (
     "classifies selective-search proposals, which an exported graph cannot compute; export"
@@ -127,10 +130,9 @@ class ProposalRCNN(Detector):
             batch_size_per_image=rois_per_image,
             positive_fraction=foreground_fraction,
             bbox_reg_weights=None,  # (10, 10, 5, 5), as Fast R-CNN's normalised targets
-            # torchvision's test-time defaults, for a bare forward pass; detect sets its own
-            score_thresh=0.05,
-            nms_thresh=0.5,
-            detections_per_img=100,
+            score_thresh=FORWARD_LIMITS.score_threshold,
+            nms_thresh=FORWARD_LIMITS.nms_threshold,
+            detections_per_img=FORWARD_LIMITS.max_detections,
         )
         self.background_iou_low = background_iou_low
         self.proposal_settings = proposal_settings
