@@ -39,6 +39,7 @@ from torch import nn
 from _bench import add_load_flag, busy_loops, interleaved, load_title, machine_line, rate_row
 from cnnlab import create_model
 from cnnlab.inspect import summarize
+from cnnlab.models.detection import PREDICT_LIMITS
 
 # Stage -> (module paths whose time adds, nested module paths whose time is taken off).
 # Stages partition the hooked top-level modules, so total - their sum is the rest.
@@ -57,7 +58,6 @@ RCNN_STAGES = {
         ["roi_heads.box_roi_pool", "roi_heads.box_head", "roi_heads.box_predictor"],
     ),
 }
-SCORE_THRESHOLD = 0.25  # detect_predict's default
 
 
 def stages_of(model: nn.Module) -> dict[str, tuple[list[str], list[str]]]:
@@ -115,7 +115,7 @@ class StageClock:
     def __call__(self, batch: torch.Tensor) -> None:
         self._spent = {}
         started = time.perf_counter()
-        self.model.detect(batch, score_threshold=SCORE_THRESHOLD)
+        self.model.detect(batch, PREDICT_LIMITS)
         total = time.perf_counter() - started
         call = {
             stage: sum(self._spent[p] for p in add) - sum(self._spent[p] for p in sub)

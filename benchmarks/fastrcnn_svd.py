@@ -28,9 +28,10 @@ import torch
 
 from _bench import Row, interleaved, machine_line, rate_row, report
 from cnnlab.data.images import read_image
-from cnnlab.models.rcnn import FCHead
+from cnnlab.models.detection import EVAL_LIMITS
+from cnnlab.models.detection.roi_heads import FCHead
 from cnnlab.runs import load_run
-from cnnlab.tasks.detect import EVAL_SCORE_THRESHOLD, NMS_THRESHOLD, proposal_source_of
+from cnnlab.tasks.detect import proposal_source_of
 
 
 def main() -> None:
@@ -75,7 +76,7 @@ def main() -> None:
         return lambda: net.roi_heads.box_head(pooled)
 
     def detect(net):
-        return lambda: net.detect(batch, EVAL_SCORE_THRESHOLD, NMS_THRESHOLD, proposals=proposals)
+        return lambda: net.detect(batch, EVAL_LIMITS, proposals=proposals)
 
     # outside inference_mode, whose tensors FCHead's factor cache cannot key by version
     wide = FCHead(pooled[0].numel(), 1024).eval()

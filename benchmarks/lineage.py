@@ -54,7 +54,8 @@ from cnnlab.data.images import read_image
 from cnnlab.data.proposals import selective_search
 from cnnlab.data.shapes import write_shapes
 from cnnlab.data.transforms import default_stats, detect_eval
-from cnnlab.tasks.detect import NMS_THRESHOLD, PREDICT_SCORE_THRESHOLD, proposal_source_of
+from cnnlab.models.detection import PREDICT_LIMITS
+from cnnlab.tasks.detect import proposal_source_of
 from detect_shapes import IMAGES, ROWS_FILE, SIZE, VAL_SPLIT, recipe_at, run, save_rows
 
 MODELS = ("rcnn", "sppnet", "fastrcnn", "fasterrcnn", "yolov1")
@@ -146,7 +147,7 @@ def boxes_scored(name: str, model: nn.Module, inputs: list, proposals: list | No
     )
     with torch.inference_mode():
         for x in inputs:
-            model.detect(x, PREDICT_SCORE_THRESHOLD, NMS_THRESHOLD)
+            model.detect(x, PREDICT_LIMITS)
     hook.remove()
     return statistics.mean(counts)
 
@@ -158,7 +159,7 @@ def detector(model: nn.Module, inputs: list, proposals: list | None):
         with torch.inference_mode():
             for k, x in enumerate(inputs):
                 given = {} if proposals is None else {"proposals": [proposals[k]]}
-                model.detect(x, PREDICT_SCORE_THRESHOLD, NMS_THRESHOLD, **given)
+                model.detect(x, PREDICT_LIMITS, **given)
 
     return once
 

@@ -3,10 +3,10 @@ or a loaded ``.pt2`` program behind the calls a task makes of a model.
 
 ``ExportedModel`` is an ``nn.Module`` so that a task's ``predict`` and ``evaluate`` run it
 unchanged: ``model(x)`` returns what the exported graph returns for the batch (logits, a
-YOLOv1 grid), and a detector's ``model.detect(images, score_threshold, nms_threshold,
-max_detections)`` decodes it: a YOLOv1 grid with ``cnnlab.models.yolo.decode``, the model's
-own decoding; other detectors export their detections, filtered here by score. A graph
-exported for one image per call (no ``--dynamic-batch``) is called once per image.
+YOLOv1 grid), and a detector's ``model.detect(images, limits)`` decodes it as the detector
+class that exported it says (``Detector.decode_graph``: YOLOv1's grid decoding, or Faster
+R-CNN's detections filtered by score). A graph exported for one image per call (no
+``--dynamic-batch``) is called once per image.
 
 Every exported file carries ``METADATA`` (ONNX ``metadata_props``, one JSON document per
 key; inside a ``.pt2`` the same keys as ``cnnlab.json``), so it is usable without the run.
@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from cnnlab.errors import CnnlabError
+
+if TYPE_CHECKING:
+    from cnnlab.models.detection.contract import DetectLimits
 
 FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}  # in the run folder, by default
 PT2_METADATA = "cnnlab.json"  # the metadata's name among a .pt2 archive's extra files
@@ -36,7 +39,7 @@ METADATA = (
     "output",  # "logits", "yolov1_grid" or "detections" (see OUTPUTS)
     "dynamic",  # which input axes are dynamic: a subset of ["batch", "height", "width"]
     "decoding",  # for detectors: how to turn the outputs into boxes, in words
-    "detect",  # for detectors: the "boxes" per YOLOv1 cell, or the thresholds built in
+    "detect",  # for detectors: the "boxes" per YOLOv1 cell, or the limits built in
     "weights_sha256",  # of the run's best.safetensors the file was exported from
     "cnnlab_version",
 )
@@ -45,14 +48,6 @@ OUTPUTS = {
     "yolov1_grid": "YOLOv1's raw (N, S, S, B*5 + C) grid",
     "detections": "boxes (M, 4) xyxy in input pixels, scores (M,), labels (M,) 0-based",
 }
-YOLO_DECODING = (
-    "output (N, S, S, B*5 + C): per cell, B boxes (x, y, w, h, confidence) then C class "
-    "probabilities; x, y are the box centre inside its cell and w, h its size relative to "
-    "the input, all in 0..1. A box's score for class c is confidence * p(c); candidates "
-    "above a score threshold go through per-class NMS at IoU 0.5, at most 100 per image "
-    "(cnnlab.models.yolo.decode). Boxes are in the input's pixels; scale them back to the "
-    "original image by its width/W and height/H."
-)
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -77,11 +72,14 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 class ExportedModel(nn.Module):
-    """An exported graph behind ``model(x)`` and, for detectors, ``model.detect``.
+    """An exported graph behind ``model(x)`` and, for detectors, ``model.detect`` (the
+    inference half of ``cnnlab.models.detection.Detector``: it takes no proposals).
 
     ``run`` maps one float32 CPU batch (N, C, H, W) to the graph's output tensors; it is
     called with ``batch`` images at a time when the graph was exported for a fixed batch.
     """
+
+    proposal_settings = None  # an exported detector finds its own boxes
 
     def __init__(self, run: Callable[[Tensor], list[Tensor]], metadata: dict, name: str) -> None:
         super().__init__()
@@ -89,6 +87,11 @@ class ExportedModel(nn.Module):
         dynamic = metadata.get("dynamic", [])
         self.batch = None if "batch" in dynamic else 1
         self.size = None if "height" in dynamic else tuple(metadata["input_size"][1:])
+        self.decoder = None  # the detector class that decodes this graph's outputs
+        if metadata["output"] != "logits":  # (logits need none, nor the detectors' imports)
+            from cnnlab.models.detection.contract import graph_decoder
+
+            self.decoder = graph_decoder(metadata["output"])
 
     def outputs(self, x: Tensor) -> list[Tensor]:
         """The graph's outputs for a batch (N, C, H, W), one call per image when the graph
@@ -102,7 +105,7 @@ class ExportedModel(nn.Module):
         x = x.detach().to("cpu", torch.float32).contiguous()  # the graph's NCHW layout
         if self.batch is None or len(x) == self.batch:
             return self._run(x)
-        if self.metadata["output"] == "detections":  # per image; no concatenation
+        if self.decoder is not None and not self.decoder.graph_is_forward:  # no concatenation
             raise CnnlabError(f"{self.name} detects one image per call")
         parts = [self._run(chunk) for chunk in x.split(self.batch)]
         return [torch.cat(pieces) for pieces in zip(*parts, strict=True)]
@@ -115,40 +118,19 @@ class ExportedModel(nn.Module):
     def detect(
         self,
         images: Tensor,
-        score_threshold: float = 0.001,
-        nms_threshold: float = 0.5,
-        max_detections: int = 100,
+        limits: DetectLimits | None = None,
+        proposals: list[Tensor] | None = None,
     ) -> list[dict[str, Tensor]]:
-        """Detections per image in the input's pixels, labels 0-based, as a detector's."""
-        settings = self.metadata.get("detect") or {}
-        if self.metadata["output"] == "yolov1_grid":
-            from cnnlab.models.yolo import decode
-
-            grid = self(images)
-            size = tuple(images.shape[-2:])
-            return decode(
-                grid, settings["boxes"], size, score_threshold, nms_threshold, max_detections
-            )
-        if self.metadata["output"] != "detections":
+        """Detections per image in the input's pixels, labels 0-based, as a detector's
+        (``limits``: evaluation's unless given)."""
+        if self.decoder is None:
             raise CnnlabError(f"{self.name} is not a detector")
-        # Built in at export: NMS, its threshold and a low score threshold; a higher one
-        # and a smaller cap filter the sorted detections without changing the others (a box
-        # under the threshold only ever suppresses boxes scoring lower still).
-        if nms_threshold != settings["nms_threshold"]:
-            raise CnnlabError(
-                f"{self.name} has NMS at IoU {settings['nms_threshold']} built in, not"
-                f" {nms_threshold}"
-            )
-        if score_threshold < settings["score_threshold"]:
-            raise CnnlabError(
-                f"{self.name} keeps scores of {settings['score_threshold']} and above only"
-            )
-        found = []
-        for image in images:
-            boxes, scores, labels = self.outputs(image[None])
-            keep = (scores >= score_threshold).nonzero().flatten()[:max_detections]
-            found.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return found
+        if limits is None:
+            from cnnlab.models.detection.contract import EVAL_LIMITS
+
+            limits = EVAL_LIMITS
+        settings = self.metadata.get("detect") or {}
+        return self.decoder.decode_graph(self.outputs, images, limits, settings, self.name)
 
 
 def onnx_model(path: str | Path, threads: int | None = None) -> ExportedModel:

@@ -66,8 +66,7 @@ def test_model_arguments_pass_through_to_the_builder(capsys) -> None:
 
 
 def test_on_off_builder_settings_read_as_bare_flags() -> None:
-    import cnnlab.models.rcnn
-    import cnnlab.models.yolo  # noqa: F401  (register the detectors)
+    import cnnlab.models.detection  # noqa: F401  (registers the detectors)
 
     assert cli.builder_args(["--roi-pool"], "fasterrcnn") == {"roi_pool": True}
     assert cli.builder_args(["--roi-pool", "false"], "fasterrcnn") == {"roi_pool": False}

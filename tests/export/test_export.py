@@ -18,7 +18,8 @@ from cnnlab.data.shapes import write_shapes
 from cnnlab.errors import CnnlabError
 from cnnlab.export import export_run
 from cnnlab.export.parity import check_parity
-from cnnlab.models.yolo import decode
+from cnnlab.models.detection import EVAL_LIMITS
+from cnnlab.models.detection.yolov1 import decode
 from cnnlab.runs import load_run
 from cnnlab.runtime import onnx_model, pt2_model, read_metadata
 
@@ -129,9 +130,10 @@ def test_the_file_carries_what_it_needs_to_be_used_alone(exported, task: str) ->
     program = torch.export.load(run / "model.pt2").module()
     assert torch.allclose(torch.from_numpy(out), program(x), atol=1e-5)
     if task == "detect":  # the documented decoding, applied by hand to the raw grid
+        limits = EVAL_LIMITS.with_score(0.01)
         assert props["decoding"].startswith("output (N, S, S, B*5 + C)")
-        mine = decode(torch.from_numpy(out), props["detect"]["boxes"], (size, size), 0.01)
-        theirs = load_run(run, "cpu").model.detect(x, 0.01)
+        mine = decode(torch.from_numpy(out), props["detect"]["boxes"], (size, size), limits)
+        theirs = load_run(run, "cpu").model.detect(x, limits)
         assert torch.allclose(mine[0]["scores"], theirs[0]["scores"], atol=1e-5)
 
 
@@ -249,6 +251,7 @@ def test_what_an_exporter_cannot_handle_is_refused_in_one_line(data, tmp_path, c
     assert "one image per call" in capsys.readouterr().err
     # ONNX through the TorchScript exporter: boxes, scores and labels, parity proven.
     record = export_run(run, "onnx")
+    assert load_run(run, "cpu").model.onnx_exporter == "torchscript"  # declared, not tried
     assert record["exporter"] == "torchscript" and record["outputs"] == [
         "boxes",
         "scores",

@@ -162,6 +162,15 @@ def test_an_option_checks_type_and_range_in_one_place() -> None:
     assert threshold.check(0) == 0.0
 
 
+def test_the_detection_options_default_to_the_detectors_limits() -> None:
+    from cnnlab.models.detection import EVAL_LIMITS, PREDICT_LIMITS
+
+    (threshold,) = TASKS["detect"].options
+    assert threshold.default_in("predict") == PREDICT_LIMITS.score_threshold
+    assert threshold.default_in("serve") == PREDICT_LIMITS.score_threshold
+    assert threshold.default_in("eval") == EVAL_LIMITS.score_threshold
+
+
 def test_resolve_options_fills_defaults_and_refuses_another_tasks() -> None:
     options = TASKS["detect"].options
     assert resolve_options(options, "eval", {}, "detect") == {"score_threshold": 0.001}

@@ -26,6 +26,7 @@ from cnnlab.data.shapes import write_shapes
 from cnnlab.demo import shapes_demo
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.metrics import mean_average_precision
+from cnnlab.models.detection import EVAL_LIMITS
 from cnnlab.tasks.detect import DetectTask
 
 # metrics.csv's header, a run-folder contract (runs written before keep it).
@@ -224,7 +225,7 @@ def test_predict_maps_boxes_back_to_each_images_own_pixels(run, shapes, tmp_path
         image.resize((128, 96)).save(large)
     run = cnnlab.load_run(out, "cpu")
     transform = transforms.detect_eval(64, run.meta.mean, run.meta.std)
-    raw = run.model.detect(transform(read_image(large, 3))[None], score_threshold=0.01)[0]
+    raw = run.model.detect(transform(read_image(large, 3))[None], EVAL_LIMITS.with_score(0.01))[0]
     drawn = tmp_path / "drawn"
     drawn.mkdir()
     (result,) = run.predict([large], score_threshold=0.01)

@@ -8,8 +8,9 @@ filtering, or cannot write the opset asked for). What is exported, per task:
 
 * classification: logits (N, K) for (N, C, S, S) images at the run's size S;
 * segmentation: logits (N, K, H, W) at any H, W the model takes (else at S x S);
-* YOLOv1: its raw (N, S, S, B*5 + C) grid, the decoding written into the file
-  (``runtime.YOLO_DECODING``); other detectors: boxes, scores and labels of one image.
+* detectors: what the model declares (``cnnlab.models.detection.Detector``): YOLOv1's
+  raw (N, S, S, B*5 + C) grid, the decoding written into the file; Faster R-CNN's boxes,
+  scores and labels of one image under ``EVAL_LIMITS``; a refusal for the others.
 
 Inputs are normalised float32 images (``runtime.METADATA`` carries the mean, std, size and
 class names). The file is written under a temporary name, run on ``PARITY_IMAGES`` images
@@ -33,31 +34,13 @@ from cnnlab.errors import CnnlabError
 from cnnlab.export.parity import PARITY_IMAGES, check_parity
 from cnnlab.export.writers import failure, onnx_bytes, onnx_proto, pt2_bytes, trace
 from cnnlab.files import atomic_write_bytes, read_json, sha256_of, write_json
-from cnnlab.models.yolo import YOLOv1
+from cnnlab.models.detection import EVAL_LIMITS
 from cnnlab.runs import Run, load_run
-from cnnlab.runtime import FILES, YOLO_DECODING, onnx_model, pt2_model
-from cnnlab.tasks.detect import (
-    EVAL_SCORE_THRESHOLD,
-    MAX_DETECTIONS,
-    NMS_THRESHOLD,
-    proposal_source_of,
-)
+from cnnlab.runtime import FILES, onnx_model, pt2_model
 from cnnlab.version import __version__
 
 FORMATS = tuple(FILES)
 RECORD = "export.json"  # beside the exported file: one entry per file name
-
-
-class _Detections(nn.Module):
-    """A detector's ``detect`` on one image as three tensors, the thresholds built in."""
-
-    def __init__(self, detector: nn.Module) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        found = self.detector.detect(images, EVAL_SCORE_THRESHOLD, NMS_THRESHOLD, MAX_DETECTIONS)
-        return found[0]["boxes"], found[0]["scores"], found[0]["labels"]
 
 
 def export_run(
@@ -86,16 +69,18 @@ def export_run(
     records = _read_records(record_file)
     run = load_run(run_dir, device="cpu")
     run.model.to(memory_format=torch.contiguous_format)  # exported graphs take plain NCHW
-    module, output, names = _graph(run, dynamic_batch)
+    module, output, names, onnx_exporter = _graph(run, dynamic_batch)
     dynamic = _dynamic_axes(run, dynamic_batch)
     example = _example(run, dynamic)
     name = run.meta.architecture
     started = time.perf_counter()
-    try:
-        program, dynamic = trace(module, example, dynamic, getattr(run.model, "min_input_size", 1))
-        why_no_program = None
-    except Exception as error:  # the exporter's own error, whatever it is
-        program, why_no_program = None, error
+    program, why_no_program = None, None
+    if format == "pt2" or onnx_exporter == "dynamo":  # else torch.export is known to fail
+        try:
+            min_size = getattr(run.model, "min_input_size", 1)
+            program, dynamic = trace(module, example, dynamic, min_size)
+        except Exception as error:  # the exporter's own error, whatever it is
+            why_no_program = error
     metadata = _metadata(run, output, dynamic)
     if format == "pt2":
         if program is None:
@@ -206,32 +191,30 @@ def _read_records(path: Path) -> dict:
     return records
 
 
-def _graph(run: Run, dynamic_batch: bool) -> tuple[nn.Module, str, list[str]]:
-    """(module to trace, its output kind, [input name, output names...])."""
-    model = run.model
-    if run.task.name != "detect":
-        return model, "logits", ["images", "logits"]
-    if isinstance(model, YOLOv1):
-        return model, "yolov1_grid", ["images", "grid"]
-    if proposal_source_of(model) is not None:
+def _graph(run: Run, dynamic_batch: bool) -> tuple[nn.Module, str, list[str], str]:
+    """(module to trace, its output kind, [input name, output names...], the ONNX exporter
+    to use): a task's logits, or what a detector declares (``Detector``), its refusal too."""
+    if run.task.exported_logits is not None:
+        return run.model, "logits", ["images", "logits"], "dynamo"
+    detector, name = run.model, run.meta.architecture
+    if detector.export_refusal is not None:
+        raise CnnlabError(f"{name} {detector.export_refusal}")
+    if dynamic_batch and not detector.graph_is_forward:
         raise CnnlabError(
-            f"{run.meta.architecture} classifies selective-search proposals, which an exported"
-            " graph cannot compute; export a detector that finds its own boxes"
-            " (fasterrcnn, yolov1)"
+            f"{name} exports the detections of one image per call; drop --dynamic-batch"
         )
-    if dynamic_batch:
-        raise CnnlabError(
-            f"{run.meta.architecture} exports the detections of one image per call;"
-            " drop --dynamic-batch"
-        )
-    return _Detections(model).eval(), "detections", ["images", "boxes", "scores", "labels"]
+    names = ["images", *detector.graph_outputs]
+    return detector.graph(EVAL_LIMITS), detector.graph_output, names, detector.onnx_exporter
 
 
 def _dynamic_axes(run: Run, dynamic_batch: bool) -> list[str]:
-    """The input axes to export as dynamic: the batch on request; a segmentation model's
-    height and width unless it has a fixed input size."""
+    """The input axes to export as dynamic: the batch on request; per-pixel logits' height
+    and width unless the model has a fixed input size."""
     axes = ["batch"] if dynamic_batch else []
-    if run.task.name == "segment" and getattr(run.model, "fixed_input_size", None) is None:
+    if (
+        run.task.exported_logits == "pixels"
+        and getattr(run.model, "fixed_input_size", None) is None
+    ):
         axes += ["height", "width"]
     return axes
 
@@ -250,21 +233,8 @@ def _metadata(run: Run, output: str, dynamic: list[str]) -> dict[str, Any]:
         "weights_sha256": sha256_of(run.path / "best.safetensors"),
         "cnnlab_version": __version__,
     }
-    if output == "yolov1_grid":
-        metadata["decoding"] = YOLO_DECODING
-        metadata["detect"] = {"boxes": run.model.boxes, "grid": run.model.grid}
-    elif output == "detections":
-        metadata["decoding"] = (
-            "already decoded for one image: boxes (M, 4) x1, y1, x2, y2 in the input's"
-            " pixels, scores (M,) sorted descending, labels (M,) indexing classes; after"
-            f" per-class NMS at IoU {NMS_THRESHOLD}, scores >= {EVAL_SCORE_THRESHOLD},"
-            f" at most {MAX_DETECTIONS}"
-        )
-        metadata["detect"] = {
-            "score_threshold": EVAL_SCORE_THRESHOLD,
-            "nms_threshold": NMS_THRESHOLD,
-            "max_detections": MAX_DETECTIONS,
-        }
+    if run.task.exported_logits is None:  # a detector: its decoding, in words and figures
+        metadata |= run.model.graph_metadata(EVAL_LIMITS)
     return metadata
 
 

@@ -21,9 +21,9 @@ from torch import Tensor
 
 from cnnlab.data.images import read_image
 from cnnlab.errors import CnnlabError
+from cnnlab.models.detection import EVAL_LIMITS, DetectLimits
 from cnnlab.runs import Run
 from cnnlab.runtime import ExportedModel
-from cnnlab.tasks.detect import EVAL_SCORE_THRESHOLD, MAX_DETECTIONS, NMS_THRESHOLD
 
 PARITY_IMAGES = 8
 TOLERANCE = 1e-4  # relative to the largest |output|, at least 1
@@ -69,19 +69,19 @@ def check_parity(run: Run, exported: ExportedModel, count: int = PARITY_IMAGES) 
     metadata = exported.metadata
     any_size = "height" in metadata.get("dynamic", [])
     inputs, source = parity_inputs(run, count, any_size)
-    output = metadata["output"]
-    if run.task.name == "segment":
+    logits = run.task.exported_logits
+    if logits == "pixels":  # one image at a time: their sizes differ
         result = _dense([(run.model(x[None]), exported(x[None])) for x in inputs], "pixels")
-    elif output == "logits":
+    elif logits is not None:
         batch = torch.stack(inputs)
-        result = _dense([(run.model(batch), exported(batch))], "images")
-    else:
+        result = _dense([(run.model(batch), exported(batch))], logits)
+    else:  # a detector: its raw graph where that is its forward pass, then its detections
         batch = torch.stack(inputs)
         result = {}
-        if output == "yolov1_grid":
+        if run.model.graph_is_forward:
             result = _dense([(run.model(batch), exported(batch))], None)
-        options = (EVAL_SCORE_THRESHOLD, NMS_THRESHOLD, MAX_DETECTIONS)
-        matched = _detections(run.model.detect(batch, *options), exported.detect(batch, *options))
+        found = run.model.detect(batch, EVAL_LIMITS), exported.detect(batch, EVAL_LIMITS)
+        matched = _detections(*found, EVAL_LIMITS)
         result = {**result, **matched, "failure": result.get("failure") or matched["failure"]}
     return {"inputs": source, "images": len(inputs), **result, "passed": not result["failure"]}
 
@@ -122,7 +122,7 @@ def _changed_answers(ref: Tensor, got: Tensor, tolerance: float) -> tuple[int, i
     return real, int(differ.sum()) - real
 
 
-def _detections(refs: list[dict], gots: list[dict]) -> dict[str, Any]:
+def _detections(refs: list[dict], gots: list[dict], limits: DetectLimits) -> dict[str, Any]:
     from torchvision.ops import box_iou
 
     total = matched = missed = 0
@@ -142,9 +142,9 @@ def _detections(refs: list[dict], gots: list[dict]) -> dict[str, Any]:
                 matched += 1
                 worst_iou = min(worst_iou, iou[i, j].item())
                 worst_score = max(worst_score, gap[i, j].item())
-            elif not _borderline(ref["scores"][i], ref["scores"]):
+            elif not _borderline(ref["scores"][i], ref["scores"], limits):
                 missed += 1
-        missed += sum(not _borderline(s, got["scores"]) for s in got["scores"][~used])
+        missed += sum(not _borderline(s, got["scores"], limits) for s in got["scores"][~used])
     failure = f"{missed} of {total} detections unmatched" if missed else None
     return {
         "detections": total,
@@ -155,8 +155,9 @@ def _detections(refs: list[dict], gots: list[dict]) -> dict[str, Any]:
     }
 
 
-def _borderline(score: Tensor, scores: Tensor) -> bool:
+def _borderline(score: Tensor, scores: Tensor, limits: DetectLimits) -> bool:
     """A score that rounding may put on either side of the threshold or of the cap."""
-    near = abs(score.item() - EVAL_SCORE_THRESHOLD) <= SCORE_TOLERANCE
-    capped = len(scores) == MAX_DETECTIONS and score.item() <= scores.min().item() + SCORE_TOLERANCE
+    near = abs(score.item() - limits.score_threshold) <= SCORE_TOLERANCE
+    lowest = scores.min().item() + SCORE_TOLERANCE
+    capped = len(scores) == limits.max_detections and score.item() <= lowest
     return near or capped

@@ -79,9 +79,9 @@ def onnx_proto(
     why_no_program: BaseException | None = None,
 ) -> tuple[Any, str]:
     """(ONNX ModelProto, exporter): the dynamo exporter's translation of ``program``, or,
-    when there is none (torch.export failed with ``why_no_program``) or it fails, the
-    TorchScript exporter's trace of ``module``. ``names``: the input's, then the outputs'.
-    A CnnlabError giving both exporters' reasons when neither can."""
+    when there is none (torch.export failed with ``why_no_program``, or was not tried) or it
+    fails, the TorchScript exporter's trace of ``module``. ``names``: the input's, then the
+    outputs'. A CnnlabError giving both exporters' reasons when neither can."""
     import onnx
 
     reason = why_no_program
@@ -119,6 +119,8 @@ def onnx_proto(
                 dynamic_axes=dynamic_axes,
             )
     except Exception as error:
+        if reason is None:  # the model declares the TorchScript exporter: only it was tried
+            raise CnnlabError(f"the TorchScript exporter fails ({failure(error)})") from None
         raise CnnlabError(
             f"the dynamo exporter fails ({failure(reason)}) and so does the TorchScript"
             f" exporter ({failure(error)})"

@@ -4,11 +4,9 @@ from cnnlab.models import (  # noqa: F401
     alexnet,
     convnet,
     densenet,
+    detection,
     fcn,
     googlenet,
-    rcnn,
-    rcnn_crops,
     resnet,
     vgg,
-    yolo,
 )

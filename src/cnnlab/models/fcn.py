@@ -4,7 +4,7 @@ upsampled back to the input, with skips from the stride-16 (FCN-16s) and stride-
 stages refining the coarse map.
 
 The backbone is a zoo classifier cut after the modules its ``feature_info`` names at
-strides 32, 16 and 8 (``cnnlab.models._features``), its classifier head removed. Each
+strides 32, 16 and 8 (``cnnlab.models.features``), its classifier head removed. Each
 skip fuses by summing a 2x-upsampled score map with a 1x1 score of the finer stage; the
 final upsampling returns exactly the input's H x W, for any size (maps are cropped or
 edge-padded to fit after each upsampling).
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cnnlab.models._features import backbone as backbone_features
+from cnnlab.models.features import backbone as backbone_features
 from cnnlab.registry import register_model
 
 _STRIDES = (32, 16, 8)  # score map strides, coarse to fine

@@ -119,6 +119,8 @@ TASKS: dict[str, TaskEntry] = {
                     0.0,
                     1.0,
                     # mAP needs the low-scoring boxes too (COCO's evaluation keeps them).
+                    # The same as cnnlab.models.detection's PREDICT_LIMITS and EVAL_LIMITS,
+                    # which this light list cannot import (tests/tasks/test_contracts.py).
                     defaults={"eval": 0.001},
                 ),
             ),

@@ -70,6 +70,7 @@ class ClassifyTask(RunFacts):
     drawings: ClassVar[tuple[str, ...]] = ("labelled",)  # what ``draw`` returns, in order
     csv_columns: ClassVar[tuple[str, ...]] = ("file", "rank", "class", "prob")  # --save-csv
     eval_split: ClassVar[str] = TASKS["classify"].eval_split  # what `cnnlab eval RUN` reports on
+    exported_logits: ClassVar[str | None] = "images"  # export: (N, K), one row per image
 
     # -- training
 

@@ -1,12 +1,11 @@
 """Object detection: the detector's own losses, COCO mAP (pycocotools, through torchmetrics),
 best checkpoint by validation mAP@0.5; boxes and the validation report of a finished run.
 
-What is specific to a detector sits behind two calls every detection model answers:
-``model(images, targets) -> {"loss", ...}`` in train mode (a detector needs its targets
-inside the forward pass: Faster R-CNN samples anchors and RoIs from them) and
-``model.detect(images, score_threshold, nms_threshold, max_detections)`` in eval mode,
-both with boxes in the input's pixels and 0-based labels. Validation scores the whole set
-at once from the image files, as ``cnnlab detect eval`` does.
+What is specific to a detector sits behind its contract
+(``cnnlab.models.detection.Detector``): ``model(images, targets) -> {"loss", ...}`` in
+train mode and ``model.detect(images, limits)`` in eval mode, both with boxes in the input's
+pixels and 0-based labels. Validation scores the whole set at once from the image files, as
+``cnnlab detect eval`` does.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ from cnnlab.data.splits import split_folder
 from cnnlab.data.transforms import default_stats, detect_eval, detect_train
 from cnnlab.errors import CnnlabError
 from cnnlab.metrics import mean_average_precision
+from cnnlab.models.detection import EVAL_LIMITS, PREDICT_LIMITS, DetectLimits, Detector
 from cnnlab.registry import model_info
 from cnnlab.tasks import TASKS
 from cnnlab.tasks.common import PREDICT_BATCH, RunFacts, chunks, measured_on, per_class_line
@@ -44,15 +44,11 @@ from cnnlab.tasks.spec import Figure, MetricSpec
 
 log = logging.getLogger(__name__)
 
-MAX_DETECTIONS = 100  # per image, as COCO's evaluation
-NMS_THRESHOLD = 0.5
-EVAL_SCORE_THRESHOLD = 0.001
-PREDICT_SCORE_THRESHOLD = 0.25
 VAL_PICTURES = 6  # validation images drawn into the run folder
 _UNDERSTATED_ABOVE = 0.05  # evaluating with a higher score threshold drops real detections
 # YOLOv1 for a few hundred 128x128 images trained from scratch: the shared conv head learns
-# where the paper's FC head barely does (see cnnlab.models.yolo); 128 / 16 = an 8 x 8 grid,
-# and a confidence target of 1 rather than the IoU (darknet's rescore=0).
+# where the paper's FC head barely does (see cnnlab.models.detection.yolov1); 128 / 16 = an
+# 8 x 8 grid, and a confidence target of 1 rather than the IoU (darknet's rescore=0).
 SHAPES_YOLO_ARGS = {"head": "conv", "reduction": 16, "grid": 8, "rescore": False}
 
 
@@ -80,6 +76,7 @@ class DetectTask(RunFacts):
         "file", "class", "score", "x1", "y1", "x2", "y2"
     )  # fmt: skip
     eval_split: ClassVar[str] = TASKS["detect"].eval_split  # what `cnnlab eval RUN` reports on
+    exported_logits: ClassVar[str | None] = None  # export: what the detector declares
 
     # -- training
 
@@ -145,21 +142,21 @@ class DetectTask(RunFacts):
         return train, self.splits.val, None
 
     def after_training(
-        self, model: nn.Module, device: torch.device, say: Callable[[str], None]
+        self, model: Detector, device: torch.device, say: Callable[[str], None]
     ) -> str | None:
-        """A model with ``fit_after_training`` (R-CNN) fits its SVMs and box regressors on
+        """A model that fits after training (R-CNN: its SVMs and box regressors) fits on
         the training images as it sees them at test time, with their proposals, unless its
         ``fitted`` says these weights have them already (a finished run resumed)."""
-        fit = getattr(model, "fit_after_training", None)
-        if fit is None or getattr(model, "fitted", 0):
+        if model.fitted:
             return None
         say(f"fitting the SVMs and box regressors on {len(self.splits.train)} training images")
         paths = [sample.path for sample in self.splits.train]
-        proposals = proposal_source_of(model).boxes(paths, progress=False)
+        source = proposal_source_of(model)
+        proposals = None if source is None else source.boxes(paths, progress=False)
         transform = detect_eval(self.img_size, self.mean, self.std)
         data = DetectionDataset(self.splits.train, transform, self.in_channels, proposals)
         batches = DataLoader(data, batch_size=PREDICT_BATCH, collate_fn=collate_detection)
-        return fit(batches)
+        return model.fit_after_training(batches)
 
     @staticmethod
     def forward_loss(
@@ -173,7 +170,7 @@ class DetectTask(RunFacts):
         data: list[DetectionSample],
         device: torch.device,
         autocast_dtype: torch.dtype | None = None,
-        score_threshold: float = EVAL_SCORE_THRESHOLD,
+        score_threshold: float = EVAL_LIMITS.score_threshold,
         pr_curves: bool = False,
     ) -> dict:
         """``mean_average_precision`` of the model's detections on the samples' images."""
@@ -182,15 +179,15 @@ class DetectTask(RunFacts):
                 "score threshold %g drops low-scoring detections, so mAP will be understated;"
                 " evaluate with %g",
                 score_threshold,
-                EVAL_SCORE_THRESHOLD,
+                EVAL_LIMITS.score_threshold,
             )
         source = proposal_source_of(model)
         proposals = None if source is None else source.boxes([s.path for s in data])
-        found = []
+        found, limits = [], EVAL_LIMITS.with_score(score_threshold)
         for chunk in chunks(data, PREDICT_BATCH):
             images = [read_image(sample.path, self.in_channels) for sample in chunk]
             given = None if proposals is None else [proposals[s.path] for s in chunk]
-            found += self.detect(model, images, device, score_threshold, proposals=given)
+            found += self.detect(model, images, device, limits, proposals=given)
         return mean_average_precision(found, data, self.classes, pr_curves)
 
     def finish(
@@ -220,7 +217,7 @@ class DetectTask(RunFacts):
             ]
             pictures.append((draw_boxes(image, truth, self.classes), f"{sample.path.name}: labels"))
             boxes = found["detections"]
-            caption = f"found {len(boxes)} (score >= {PREDICT_SCORE_THRESHOLD})"
+            caption = f"found {len(boxes)} (score >= {PREDICT_LIMITS.score_threshold})"
             pictures.append((draw_boxes(image, boxes, self.classes), caption))
         plots.plot_pictures(pictures, run_dir / "val_predictions.png", "validation images")
         return "val", result
@@ -264,13 +261,12 @@ class DetectTask(RunFacts):
         model: nn.Module,
         images: list[Tensor],
         device: torch.device,
-        score_threshold: float = PREDICT_SCORE_THRESHOLD,
-        max_detections: int = MAX_DETECTIONS,
+        limits: DetectLimits = PREDICT_LIMITS,
         proposals: list | None = None,
     ) -> list[dict[str, Tensor]]:
-        """``model.detect`` on uint8 images (in_channels, H, W) of any size, each resized
-        to the square input the model was trained at, with the boxes mapped back to the
-        image's own pixels: ``[{"boxes" (N, 4), "scores" (N,), "labels" (N,)}]`` on the CPU.
+        """``model.detect`` under ``limits`` on uint8 images (in_channels, H, W) of any size,
+        each resized to the square input the model was trained at, with the boxes mapped back
+        to the image's own pixels: ``[{"boxes" (N, 4), "scores" (N,), "labels" (N,)}]`` on the CPU.
         A proposal-based model takes ``proposals`` (boxes (M, 4) in each image's pixels);
         without them selective search runs on each image."""
         model.eval()
@@ -294,7 +290,7 @@ class DetectTask(RunFacts):
                         chunk, proposals[start : start + len(chunk)], strict=True
                     )
                 ]
-            found = model.detect(batch, score_threshold, NMS_THRESHOLD, max_detections, **options)
+            found = model.detect(batch, limits, **options)
             for image, detections in zip(chunk, found, strict=True):
                 scale = _whwh(image, device) / side
                 results.append(
@@ -320,12 +316,13 @@ class DetectTask(RunFacts):
         model: nn.Module,
         images: list[Tensor],
         device: torch.device,
-        score_threshold: float = PREDICT_SCORE_THRESHOLD,
+        score_threshold: float = PREDICT_LIMITS.score_threshold,
     ) -> list[dict]:
         """``[{"detections": [{"class", "score", "box": [x1, y1, x2, y2]}]}]`` per image,
-        boxes in its own pixels, at most ``MAX_DETECTIONS``."""
+        boxes in its own pixels, at most ``PREDICT_LIMITS.max_detections``."""
         results = []
-        for found in self.detect(model, images, device, score_threshold):
+        limits = PREDICT_LIMITS.with_score(score_threshold)
+        for found in self.detect(model, images, device, limits):
             detections = [
                 {"class": self.classes[label], "score": score, "box": box}
                 for box, score, label in zip(
@@ -396,8 +393,9 @@ def proposal_source(model: str, model_args: dict, workers: int = 1):
 
 
 def proposal_source_of(model: nn.Module):
-    """The ``ProposalSource`` of a built model, None for a model that finds its own boxes."""
-    settings = getattr(getattr(model, "module", model), "proposal_settings", None)
+    """The ``ProposalSource`` of a detector (``Detector.proposal_settings``; an exported
+    one's is None), None for a model that finds its own boxes."""
+    settings = model.proposal_settings
     if settings is None:
         return None
     from cnnlab.data.proposals import ProposalSource

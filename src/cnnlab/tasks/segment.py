@@ -90,6 +90,7 @@ class SegmentTask(RunFacts):
     drawings: ClassVar[tuple[str, ...]] = ("mask", "overlay")  # what ``draw`` returns, in order
     csv_columns: ClassVar[tuple[str, ...]] = ("file", "class", "fraction")  # --save-csv
     eval_split: ClassVar[str] = TASKS["segment"].eval_split  # what `cnnlab eval RUN` reports on
+    exported_logits: ClassVar[str | None] = "pixels"  # export: (N, K, H, W) at any H, W
 
     # -- training
 

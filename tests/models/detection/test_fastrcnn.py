@@ -16,7 +16,7 @@ from cnnlab.data import transforms
 from cnnlab.data.detect import DetectionDataset, read_coco
 from cnnlab.data.shapes import write_shapes
 from cnnlab.metrics import mean_average_precision
-from cnnlab.models.rcnn import SpatialPyramidPool
+from cnnlab.models.detection.sppnet import SpatialPyramidPool
 
 SMALL = {"representation_size": 64, "max_proposals": 200}
 
@@ -148,6 +148,7 @@ def test_it_trains_and_the_shared_evaluator_scores_it(run, shapes):
     assert evaluated["map50"] == pytest.approx(report["map50"])
     data = loaded.task.eval_data(out / "split.json", None, "val")
     from cnnlab.data.images import read_image
+    from cnnlab.models.detection import EVAL_LIMITS
     from cnnlab.tasks.detect import proposal_source_of
 
     source = proposal_source_of(loaded.model)
@@ -156,7 +157,7 @@ def test_it_trains_and_the_shared_evaluator_scores_it(run, shapes):
         loaded.model,
         [read_image(s.path, 3) for s in data],
         loaded.device,
-        0.001,
+        EVAL_LIMITS,
         proposals=[boxes[s.path] for s in data],
     )
     again = mean_average_precision(found, data, loaded.task.classes)

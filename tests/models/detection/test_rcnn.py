@@ -6,11 +6,11 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign
 
-import cnnlab.models.rcnn  # noqa: F401  (registers fasterrcnn)
 from cnnlab import create_model
 from cnnlab.errors import CnnlabError
 from cnnlab.inspect import summarize
-from cnnlab.models._features import backbone
+from cnnlab.models.detection import EVAL_LIMITS, DetectLimits
+from cnnlab.models.features import backbone
 
 SMALL = {  # a cheap configuration for 64x64 inputs
     "anchor_sizes": (8, 16, 32),
@@ -59,7 +59,7 @@ def test_training_forward_returns_the_loss_dict(model):
 
 def test_eval_takes_a_batched_tensor_and_returns_0_based_labels(model):
     model.eval()
-    found = model.detect(torch.rand(2, 3, 64, 64), score_threshold=0.0, max_detections=50)
+    found = model.detect(torch.rand(2, 3, 64, 64), DetectLimits(0.0, max_detections=50))
     assert len(found) == 2
     for detections in found:
         assert set(detections) == {"boxes", "scores", "labels"}
@@ -82,7 +82,7 @@ def test_eval_on_list_input_matches_the_batched_tensor(model):
 def test_original_roi_pool_can_replace_roi_align():
     torch.manual_seed(0)
     model = create_model("fasterrcnn", num_classes=3, roi_pool=True, **SMALL).eval()
-    (found,) = model.detect(torch.rand(1, 3, 64, 64), score_threshold=0.0)
+    (found,) = model.detect(torch.rand(1, 3, 64, 64), EVAL_LIMITS.with_score(0.0))
     assert found["boxes"].shape[1] == 4 and len(found["boxes"]) > 0
     model.train()
     assert torch.isfinite(model(torch.rand(2, 3, 64, 64), TARGETS)["loss"])

@@ -13,7 +13,7 @@ import cnnlab
 from cnnlab import create_model
 from cnnlab.data.shapes import write_shapes
 from cnnlab.export import export_run
-from cnnlab.models.rcnn_crops import (
+from cnnlab.models.detection.rcnn import (
     hard_negatives,
     ridge_regression,
     train_linear_svm,
@@ -117,7 +117,7 @@ def test_it_trains_fits_its_svms_and_the_shared_evaluator_scores_it(shapes, tmp_
     assert saved["fitted"].item() == 1
     assert saved["svm_weight"].abs().sum() > 0 and saved["box_weight"].abs().sum() > 0
     loaded = cnnlab.load_run(out, "cpu")
-    assert loaded.model.fitted.item() == 1
+    assert loaded.model.fitted is True
     assert loaded.evaluate()["map50"] == pytest.approx(report["map50"])
     # The SVMs' scores, not the softmax's: changing the SVMs changes the detections.
     image = sorted((shapes / "images").iterdir())[0]
@@ -126,8 +126,10 @@ def test_it_trains_fits_its_svms_and_the_shared_evaluator_scores_it(shapes, tmp_
     after = loaded.predict([image], score_threshold=0.0)[0]["detections"]
     assert before and after and after[0]["score"] < before[0]["score"]
     # An exported graph could not run selective search: refused, nothing written.
-    with pytest.raises(cnnlab.CnnlabError, match="classifies selective-search proposals"):
+    assert "classifies selective-search proposals" in loaded.model.export_refusal
+    with pytest.raises(cnnlab.CnnlabError) as refused:
         export_run(out)
+    assert str(refused.value) == f"rcnn {loaded.model.export_refusal}"  # the model's words
     assert not (out / "model.onnx").exists()
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cnnlab.models.yolo  # noqa: F401  (registers yolov1)
 from cnnlab import create_model
 from cnnlab.errors import CnnlabError
 from cnnlab.inspect import summarize
-from cnnlab.models.yolo import YOLOLoss, decode, encode_targets
+from cnnlab.models.detection import EVAL_LIMITS, DetectLimits
+from cnnlab.models.detection.yolov1 import YOLOLoss, decode, encode_targets
 
 S, B, C = 2, 2, 2  # a 2x2 grid, two boxes per cell, two classes: small enough to reason about
 
@@ -97,7 +97,7 @@ def test_square_roots_weigh_the_same_width_error_more_on_small_boxes():
 def test_decode_scores_classes_and_applies_per_class_nms():
     box = [0.5, 0.5, 0.5, 0.5]  # centre of cell (0, 0), half the image wide and high
     pred = _prediction({(0, 0): [*box, 0.9, *box, 0.6, 0.2, 0.8]})
-    (found,) = decode(pred, B, image_size=(100, 200), score_threshold=0.15)
+    (found,) = decode(pred, B, (100, 200), EVAL_LIMITS.with_score(0.15))
     # scores = confidence x class probability; box 1 duplicates box 0 and is suppressed
     # per class, but class 0 survives next to class 1 on the same box
     torch.testing.assert_close(found["scores"], torch.tensor([0.72, 0.18]))
@@ -112,9 +112,9 @@ def test_decode_keeps_separate_objects_and_the_best_ones():
             (1, 1): [0.5, 0.5, 0.2, 0.2, 0.8, 0, 0, 0, 0, 0, 1.0, 0.0],
         }
     )
-    (both,) = decode(pred, B, image_size=(10, 10), score_threshold=0.5)
+    (both,) = decode(pred, B, (10, 10), EVAL_LIMITS.with_score(0.5))
     assert both["scores"].tolist() == pytest.approx([0.9, 0.8])
-    (best,) = decode(pred, B, image_size=(10, 10), score_threshold=0.5, max_detections=1)
+    (best,) = decode(pred, B, (10, 10), DetectLimits(0.5, max_detections=1))
     assert best["scores"].tolist() == pytest.approx([0.9])
     torch.testing.assert_close(best["boxes"], torch.tensor([[1.5, 1.5, 3.5, 3.5]]))
 
@@ -151,7 +151,7 @@ def test_a_few_steps_on_one_batch_lower_the_loss(model):
         optimizer.step()
     assert loss.item() < first
     model.eval()
-    found = model.detect(images, score_threshold=0.0)
+    found = model.detect(images, EVAL_LIMITS.with_score(0.0))
     assert len(found) == 2 and found[0]["boxes"].shape[1] == 4
     assert found[0]["labels"].max() < 3 and len(found[0]["scores"]) <= 100
 

@@ -31,17 +31,23 @@ Where this differs from the paper, and why:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from cnnlab.errors import CnnlabError
-from cnnlab.models._features import backbone as backbone_features
 from cnnlab.models.blocks import ConvBNAct, check_rate
+from cnnlab.models.detection.contract import (
+    EVAL_LIMITS,
+    Detections,
+    DetectLimits,
+    Detector,
+    GraphOutputs,
+)
+from cnnlab.models.features import backbone as backbone_features
 from cnnlab.registry import register_model
-
-Detections = list[dict[str, Tensor]]  # per image: boxes (N, 4) xyxy, scores (N,), labels (N,)
 
 
 def _leaky() -> nn.Module:
@@ -164,18 +170,13 @@ def _sqrt(x: Tensor) -> Tensor:
 
 
 def decode(
-    pred: Tensor,
-    boxes: int,
-    image_size: tuple[int, int],
-    score_threshold: float = 0.001,
-    nms_threshold: float = 0.5,
-    max_detections: int = 100,
+    pred: Tensor, boxes: int, image_size: tuple[int, int], limits: DetectLimits = EVAL_LIMITS
 ) -> Detections:
     """Model output (N, S, S, B*5 + C) -> detections per image in pixels of ``image_size``.
 
     Each box and class gets the paper's class-specific confidence, box confidence x
-    Pr(class | object); candidates above ``score_threshold`` go through per-class NMS and
-    the ``max_detections`` best are kept.
+    Pr(class | object); candidates above the limits' score threshold go through per-class
+    NMS and the ``max_detections`` best are kept.
     """
     n, grid = pred.shape[0], pred.shape[1]
     height, width = image_size
@@ -187,10 +188,10 @@ def decode(
     scores = (cells[..., 4:5] * probs).reshape(n, xyxy.shape[1], -1)  # (N, S*S*B, C)
     detections = []
     for image_boxes, image_scores in zip(xyxy, scores, strict=True):
-        box_index, labels = (image_scores > score_threshold).nonzero(as_tuple=True)
+        box_index, labels = (image_scores > limits.score_threshold).nonzero(as_tuple=True)
         kept_scores = image_scores[box_index, labels]
-        keep = batched_nms(image_boxes[box_index], kept_scores, labels, nms_threshold)
-        keep = keep[:max_detections]  # batched_nms sorts by decreasing score
+        keep = batched_nms(image_boxes[box_index], kept_scores, labels, limits.nms_threshold)
+        keep = keep[: limits.max_detections]  # batched_nms sorts by decreasing score
         detections.append(
             {
                 "boxes": image_boxes[box_index[keep]],
@@ -201,9 +202,27 @@ def decode(
     return detections
 
 
-class YOLOv1(nn.Module):
+def decoding(limits: DetectLimits) -> str:
+    """How to decode an exported YOLOv1 grid, in words (the file's "decoding")."""
+    return (
+        "output (N, S, S, B*5 + C): per cell, B boxes (x, y, w, h, confidence) then C class "
+        "probabilities; x, y are the box centre inside its cell and w, h its size relative to "
+        "the input, all in 0..1. A box's score for class c is confidence * p(c); candidates "
+        f"above a score threshold go through per-class NMS at IoU {limits.nms_threshold}, at"
+        f" most {limits.max_detections} per image (cnnlab.models.detection.yolov1.decode)."
+        " Boxes are in the input's pixels; scale them back to the original image by its"
+        " width/W and height/H."
+    )
+
+
+class YOLOv1(Detector):
     """Zoo backbone -> two 3x3 convs -> pool to S x S -> two FC layers (``head="fc"``, the
-    paper's) or one 1x1 conv shared by every cell (``head="conv"``)."""
+    paper's) or one 1x1 conv shared by every cell (``head="conv"``). Exported as its raw
+    grid, decoded outside the graph by ``decode``."""
+
+    graph_is_forward = True
+    graph_output = "yolov1_grid"
+    graph_outputs = ("grid",)
 
     def __init__(
         self,
@@ -265,15 +284,28 @@ class YOLOv1(nn.Module):
     def detect(
         self,
         images: Tensor,
-        score_threshold: float = 0.001,
-        nms_threshold: float = 0.5,
-        max_detections: int = 100,
+        limits: DetectLimits = EVAL_LIMITS,
+        proposals: list[Tensor] | None = None,
     ) -> Detections:
-        """Detections per image in the input's pixels, labels 0-based."""
-        pred = self(images)
-        return decode(
-            pred, self.boxes, images.shape[-2:], score_threshold, nms_threshold, max_detections
-        )
+        """Detections per image in the input's pixels, labels 0-based (it needs no
+        ``proposals``)."""
+        return decode(self(images), self.boxes, images.shape[-2:], limits)
+
+    def graph_metadata(self, limits: DetectLimits) -> dict[str, Any]:
+        return {"decoding": decoding(limits), "detect": {"boxes": self.boxes, "grid": self.grid}}
+
+    @classmethod
+    def decode_graph(
+        cls,
+        outputs: GraphOutputs,
+        images: Tensor,
+        limits: DetectLimits,
+        settings: dict[str, Any],
+        name: str,
+    ) -> Detections:
+        """The exported grid of ``images`` decoded as ``detect`` decodes the model's."""
+        grid = outputs(images)[0]
+        return decode(grid, settings["boxes"], tuple(images.shape[-2:]), limits)
 
 
 @register_model(min_size=32, input_size=(3, 448, 448), task="detect")

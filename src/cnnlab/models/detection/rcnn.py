@@ -32,8 +32,13 @@ from torchvision.models.detection._utils import BalancedPositiveNegativeSampler,
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
 
 from cnnlab.errors import CnnlabError
-from cnnlab.models._features import backbone as backbone_features
-from cnnlab.models.rcnn import Detections, proposal_settings
+from cnnlab.models.detection.contract import EVAL_LIMITS, Detections, DetectLimits, Detector
+from cnnlab.models.detection.roi_heads import (
+    FORWARD_LIMITS,
+    PROPOSALS_REFUSAL,
+    proposal_settings,
+)
+from cnnlab.models.features import backbone as backbone_features
 from cnnlab.registry import register_model
 
 FOREGROUND_IOU = 0.5  # fine-tuning: a proposal is an object's class at this IoU or above
@@ -104,13 +109,15 @@ def ridge_regression(features: Tensor, targets: Tensor, penalty: float) -> Tenso
     return torch.linalg.solve(x.T @ x + torch.diag(ridge), x.T @ targets)
 
 
-class RCNN(nn.Module):
+class RCNN(Detector):
     """R-CNN: proposals warped to crops, a backbone forward pass per crop, fc7, then a
     softmax (fine-tuning) or per-class linear SVMs and ridge box regressors (fitted after
     training by ``fit_after_training``). Proposals are given in the input's pixels:
     training reads each target's ``"proposals"``, ``detect`` takes them as an argument
     (without them the whole image is the one proposal). ``proposal_settings`` says where a
     task gets them (``cnnlab.data.proposals.ProposalSource``). Labels are 0-based."""
+
+    export_refusal = PROPOSALS_REFUSAL
 
     def __init__(
         self,
@@ -149,7 +156,16 @@ class RCNN(nn.Module):
         self.box_ridge = box_ridge
         self.proposal_settings = proposal_settings
         self.min_input_size = 32
-        self.score_threshold, self.nms_threshold, self.max_detections = 0.05, 0.5, 100
+        self.limits = FORWARD_LIMITS  # until detect sets the limits it is given
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the SVMs and box regressors are fitted: the ``fitted`` buffer, saved
+        with the weights (1 once they are)."""
+        flag = self._buffers.get("fitted")
+        if flag is None:  # __init__ registering it: register_buffer needs the name unset
+            raise AttributeError("fitted")
+        return bool(flag.item())
 
     # -- features
 
@@ -216,7 +232,7 @@ class RCNN(nn.Module):
     def _detect_one(self, image: Tensor, boxes: Tensor, size: tuple[int, int]) -> dict:
         features = self.features(image, [boxes])
         count = len(boxes)
-        if self.fitted.item():
+        if self.fitted:
             scaled = features * self.feature_scale
             scores = torch.sigmoid(SCORE_SLOPE * (scaled @ self.svm_weight.T + self.svm_bias))
             with_bias = torch.cat([scaled, torch.ones_like(scaled[:, :1])], dim=1)
@@ -228,25 +244,22 @@ class RCNN(nn.Module):
         refined = clip_boxes_to_image(refined.reshape(count, self.num_classes, 4), size)
         labels = torch.arange(self.num_classes, device=boxes.device).expand(count, -1)
         refined, scores, labels = refined.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-        keep = torch.where(scores > self.score_threshold)[0]
+        keep = torch.where(scores > self.limits.score_threshold)[0]
         keep = keep[remove_small_boxes(refined[keep], 1e-2)]
-        keep = keep[batched_nms(refined[keep], scores[keep], labels[keep], self.nms_threshold)]
-        keep = keep[: self.max_detections]
+        nms = self.limits.nms_threshold
+        keep = keep[batched_nms(refined[keep], scores[keep], labels[keep], nms)]
+        keep = keep[: self.limits.max_detections]
         return {"boxes": refined[keep], "scores": scores[keep], "labels": labels[keep]}
 
     @torch.no_grad()
     def detect(
         self,
         images: Tensor,
-        score_threshold: float = 0.001,
-        nms_threshold: float = 0.5,
-        max_detections: int = 100,
+        limits: DetectLimits = EVAL_LIMITS,
         proposals: list[Tensor] | None = None,
     ) -> Detections:
         """Detections per image in the input's pixels (model in eval mode)."""
-        self.score_threshold = score_threshold
-        self.nms_threshold = nms_threshold
-        self.max_detections = max_detections
+        self.limits = limits
         return self(images, proposals=proposals)
 
     # -- after training: the SVMs and the box regressors
@@ -280,7 +293,7 @@ class RCNN(nn.Module):
                     wanted.double(), targets.double(), self.box_ridge
                 )
         self.feature_scale.fill_(scale.item())
-        self.fitted.fill_(1.0)
+        self._buffers["fitted"].fill_(1.0)  # the buffer behind the ``fitted`` property
         return (
             f"fitted {self.num_classes} linear SVMs on {len(objects)} labelled boxes and"
             f" {mined} negatives (of {len(proposals)} proposals: a random share, then"
