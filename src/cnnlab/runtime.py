@@ -27,7 +27,8 @@ from cnnlab.errors import CnnlabError
 if TYPE_CHECKING:
     from cnnlab.models.detection.contract import DetectLimits
 
-FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}  # in the run folder, by default
+# Each format's default file name in the run folder; its loader is ``LOADERS`` below.
+FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}
 PT2_METADATA = "cnnlab.json"  # the metadata's name among a .pt2 archive's extra files
 METADATA = (
     "task",  # "classify", "segment" or "detect"
@@ -180,3 +181,7 @@ def pt2_model(path: str | Path) -> ExportedModel:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# How each exported format is loaded back (the parity check, the onnxruntime backend).
+LOADERS: dict[str, Callable[[str | Path], ExportedModel]] = {"onnx": onnx_model, "pt2": pt2_model}

@@ -32,14 +32,14 @@ from torch import Tensor, nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.export.parity import PARITY_IMAGES, check_parity
-from cnnlab.export.writers import failure, onnx_bytes, onnx_proto, pt2_bytes, trace
+from cnnlab.export.writers import WRITERS, Traced, trace
 from cnnlab.files import atomic_write_bytes, read_json, sha256_of, write_json
 from cnnlab.models.detection import EVAL_LIMITS
 from cnnlab.runs import Run, load_run
-from cnnlab.runtime import FILES, onnx_model, pt2_model
+from cnnlab.runtime import FILES, LOADERS
 from cnnlab.version import __version__
 
-FORMATS = tuple(FILES)
+FORMATS = tuple(WRITERS)
 RECORD = "export.json"  # beside the exported file: one entry per file name
 
 
@@ -63,8 +63,7 @@ def export_run(
     """
     run_dir = Path(run_dir)
     format, target = _target(run_dir, format, out, overwrite)
-    if opset is not None and format != "onnx":
-        raise CnnlabError("--opset is for ONNX files; a .pt2 has no opset")
+    writer = WRITERS[format]
     record_file = target.parent / RECORD
     records = _read_records(record_file)
     run = load_run(run_dir, device="cpu")
@@ -72,37 +71,30 @@ def export_run(
     module, output, names, onnx_exporter = _graph(run, dynamic_batch)
     dynamic = _dynamic_axes(run, dynamic_batch)
     example = _example(run, dynamic)
-    name = run.meta.architecture
     started = time.perf_counter()
     program, why_no_program = None, None
-    if format == "pt2" or onnx_exporter == "dynamo":  # else torch.export is known to fail
+    if writer.needs_program or onnx_exporter == "dynamo":  # else torch.export is known to fail
         try:
             min_size = getattr(run.model, "min_input_size", 1)
             program, dynamic = trace(module, example, dynamic, min_size)
         except Exception as error:  # the exporter's own error, whatever it is
             why_no_program = error
-    metadata = _metadata(run, output, dynamic)
-    if format == "pt2":
-        if program is None:
-            raise CnnlabError(
-                f"{name} cannot be exported to pt2: torch.export fails"
-                f" ({failure(why_no_program)}); try --format onnx, whose TorchScript"
-                " fallback traces what torch.export cannot"
-            )
-        data, exporter = pt2_bytes(program, metadata), "torch.export"
-    else:
-        try:
-            proto, exporter = onnx_proto(
-                program, module, example, dynamic, names, opset, why_no_program
-            )
-        except CnnlabError as error:
-            raise CnnlabError(f"{name} cannot be exported to ONNX: {error}") from None
-        data, opset = onnx_bytes(proto, metadata)
+    traced = Traced(
+        run.meta.architecture,
+        module,
+        example,
+        dynamic,
+        names,
+        program,
+        why_no_program,
+        _metadata(run, output, dynamic),
+    )
+    data, exporter, opset = writer.write(traced, opset)
     seconds = time.perf_counter() - started
     partial = target.with_name(f".{target.stem}.{secrets.token_hex(4)}.partial{target.suffix}")
     try:
         atomic_write_bytes(partial, data)
-        exported = pt2_model(partial) if format == "pt2" else onnx_model(partial)
+        exported = LOADERS[format](partial)
         parity = check_parity(run, exported, images)
         if not parity["passed"]:
             raise CnnlabError(f"{target}: parity check failed ({parity['failure']}); not written")
@@ -121,7 +113,7 @@ def export_run(
         "bytes": len(data),
         "export_seconds": round(seconds, 2),
         "parity": parity,
-        "metadata": metadata,
+        "metadata": traced.metadata,
         "versions": _versions(),
     }
     records[target.name] = record

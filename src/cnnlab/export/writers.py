@@ -15,7 +15,8 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -191,3 +192,62 @@ def failure(error: BaseException | None) -> str:
     if "data-dependent" in text:
         text = f"a tensor size depends on the data: {text}"
     return text
+
+
+# ---------------------------------------------------------------------------- the formats
+
+
+@dataclass
+class Traced:
+    """A run's model as every writer takes it."""
+
+    name: str  # the architecture, for messages
+    module: nn.Module  # what the graph computes
+    example: Tensor  # an input of the graph's shape
+    dynamic: list[str]  # the input axes (of ``AXES``) left free
+    names: list[str]  # the graph's input, then its outputs
+    program: torch.export.ExportedProgram | None  # torch.export's, when it was made
+    why_no_program: BaseException | None  # why there is none, when it was tried
+    metadata: dict[str, Any]  # stored in the file (classes, input, normalisation, ...)
+
+
+@dataclass(frozen=True)
+class Writer:
+    """One export format: ``write(traced, opset) -> (bytes, exporter, opset)``."""
+
+    write: Callable[[Traced, int | None], tuple[bytes, str, int | None]]
+    needs_program: bool  # torch.export's program is the file (else tried where it helps)
+
+
+def write_pt2(traced: Traced, opset: int | None) -> tuple[bytes, str, int | None]:
+    if opset is not None:
+        raise CnnlabError("--opset is for ONNX files; a .pt2 has no opset")
+    if traced.program is None:
+        raise CnnlabError(
+            f"{traced.name} cannot be exported to pt2: torch.export fails"
+            f" ({failure(traced.why_no_program)}); try --format onnx, whose TorchScript"
+            " fallback traces what torch.export cannot"
+        )
+    return pt2_bytes(traced.program, traced.metadata), "torch.export", None
+
+
+def write_onnx(traced: Traced, opset: int | None) -> tuple[bytes, str, int | None]:
+    try:
+        proto, exporter = onnx_proto(
+            traced.program,
+            traced.module,
+            traced.example,
+            traced.dynamic,
+            traced.names,
+            opset,
+            traced.why_no_program,
+        )
+    except CnnlabError as error:
+        raise CnnlabError(f"{traced.name} cannot be exported to ONNX: {error}") from None
+    data, opset = onnx_bytes(proto, traced.metadata)
+    return data, exporter, opset
+
+
+# Each format cnnlab exports, by the name `cnnlab export --format` takes; its default file
+# name and its loader are cnnlab.runtime's FILES and LOADERS.
+WRITERS = {"onnx": Writer(write_onnx, needs_program=False), "pt2": Writer(write_pt2, True)}
