@@ -39,7 +39,7 @@ from cnnlab.engine.progress import Reporter
 from cnnlab.engine.state import seed_everything
 from cnnlab.engine.step import Step
 from cnnlab.errors import CnnlabError
-from cnnlab.registry import model_info
+from cnnlab.models.factory import model_info
 from cnnlab.tasks import task_class
 
 DIVERGE = 4.0  # stop when the smoothed loss exceeds this many times its best

@@ -31,7 +31,8 @@ from cnnlab.engine.step import Step, train_epoch
 from cnnlab.engine.task import Task
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.files import read_yaml, sha256_of, write_json, write_yaml
-from cnnlab.registry import check_input_size, create_model, model_info
+from cnnlab.models.factory import create_model, model_info
+from cnnlab.registry import check_input_size
 from cnnlab.tasks import task_class
 
 _RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)

@@ -36,7 +36,7 @@ from cnnlab.data.splits import split_folder
 from cnnlab.data.transforms import default_stats, detect_eval, detect_train
 from cnnlab.errors import CnnlabError
 from cnnlab.metrics import mean_average_precision
-from cnnlab.registry import model_info
+from cnnlab.models.factory import model_info
 from cnnlab.tasks.common import PREDICT_BATCH, RunFacts, chunks, measured_on, per_class_line
 
 log = logging.getLogger(__name__)
