@@ -1,10 +1,15 @@
-"""Shared fixtures. Each helper adds its own below, with a name that says what it holds."""
+"""Shared fixtures and helpers: one way to run the CLI, read a run's metrics.csv, configure a
+tiny training and get a shapes data set. Test modules import the helpers as
+``from tests.conftest import run_cli`` (every tests folder is a package)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import queue
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -16,7 +21,65 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnnlab.config import TrainConfig
 from cnnlab.data.digits import write_digits
+from cnnlab.data.shapes import write_shapes
+
+
+def run_cli(
+    *args: object,
+    cwd: Path | None = None,
+    timeout: float = 300,
+    memory_limit: int | None = None,
+) -> subprocess.CompletedProcess:
+    """``cnnlab ARGS`` as a user types it, in a child process with one torch thread and this
+    process's environment (so PYTHONPATH and the tests' cnnlab cache carry over); stdout and
+    stderr captured as text. ``memory_limit`` caps the child's address space in bytes."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "cnnlab", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limit if memory_limit else None,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=False,
+    )
+
+
+def read_metrics(run: Path, *, timed: bool = True) -> list[dict[str, str]]:
+    """The rows of ``run``/metrics.csv as strings; ``timed=False`` leaves out each epoch's
+    seconds, the one column that differs between two runs of the same training."""
+    return metrics_rows((Path(run) / "metrics.csv").read_text(), timed=timed)
+
+
+def metrics_rows(text: str, *, timed: bool = True) -> list[dict[str, str]]:
+    """``read_metrics`` for the text of a metrics.csv kept elsewhere."""
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return rows if timed else [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def tiny_config(data: Path | str, out: Path | str, **changes: object) -> TrainConfig:
+    """A TrainConfig that trains a tiny convnet on the CPU in seconds, quietly; ``changes``
+    replace any of its settings."""
+    settings = {
+        "data": str(data),
+        "out": str(out),
+        "model": "convnet",
+        "model_args": {"cdims": [8, 16], "hdims": [32]},
+        "img_size": 16,
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "flip": False,
+        "device": "cpu",
+        "quiet": True,
+    }
+    return TrainConfig(**{**settings, **changes})
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,6 +112,23 @@ def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("digits") / "digits"
     write_digits(root, size=32)
     return root
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``shapes_dir(task, n, size, seed=0)``: a synthetic shapes set written once per session
+    for each distinct set of arguments. Treat it as read-only: other tests share it (what
+    cnnlab itself caches beside the data, such as proposals, may be added)."""
+    written: dict[tuple, Path] = {}
+
+    def folder(task: str = "detect", n: int = 12, size: int = 64, seed: int = 0) -> Path:
+        key = (task, n, size, seed)
+        if key not in written:
+            written[key] = tmp_path_factory.mktemp(f"shapes-{task}-{n}-{size}-{seed}")
+            write_shapes(written[key], task=task, n=n, size=size, seed=seed)
+        return written[key]
+
+    return folder
 
 
 def save_torchvision_file(
@@ -88,12 +168,13 @@ def torchvision_file(monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture(scope="session")
-def serve_runs(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> dict[str, Path]:
+def serve_runs(
+    tmp_path_factory: pytest.TempPathFactory, digits_dir: Path, shapes_dir: Callable[..., Path]
+) -> dict[str, Path]:
     """A tiny run of each task, by task, and ``{task}_data``, the folder it was trained on:
     a convnet on the digits (32x32, trained at 16x16), FCN-32s on a convnet backbone and
     YOLOv1 on VGG-11 cut at stride 2 on 6 synthetic shapes images each. A few seconds."""
     import cnnlab
-    from cnnlab.data.shapes import write_shapes
 
     root = tmp_path_factory.mktemp("serve_runs")
     runs = {"classify": root / "digits", "classify_data": digits_dir}
@@ -107,8 +188,7 @@ def serve_runs(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> di
         batch_size=64,
         quiet=True,
     )
-    write_shapes(root / "shapes_segment", task="segment", n=6, size=32, seed=0)
-    runs["segment"], runs["segment_data"] = root / "shapes-fcn", root / "shapes_segment"
+    runs["segment"], runs["segment_data"] = root / "shapes-fcn", shapes_dir("segment", 6, 32)
     cnnlab.train(
         runs["segment_data"],
         runs["segment"],
@@ -120,8 +200,7 @@ def serve_runs(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> di
         val_split=0.34,
         quiet=True,
     )
-    write_shapes(root / "shapes_detect", task="detect", n=6, size=64, seed=0)
-    runs["detect"], runs["detect_data"] = root / "shapes-yolo", root / "shapes_detect"
+    runs["detect"], runs["detect_data"] = root / "shapes-yolo", shapes_dir("detect", 6, 64)
     yolo = {"backbone": "vgg11", "reduction": 2, "head": "conv", "grid": 32, "head_channels": 8}
     cnnlab.train(
         runs["detect_data"],

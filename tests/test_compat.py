@@ -12,7 +12,6 @@ on another machine differ in their last bits, and with them every figure.)
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -28,6 +27,7 @@ import yaml
 
 from cnnlab.runs import load_run
 from cnnlab.training import resume
+from tests.conftest import metrics_rows, read_metrics, run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "legacy_runs"
 LEGACY_COMMIT = "ee1d98f"
@@ -117,14 +117,6 @@ def test_detect_eval_and_predict(legacy: Path, expected: dict) -> None:
     assert_close(found[0]["detections"][:10], expected["predict"][0]["detections"])
 
 
-def metric_rows(text: str) -> list[dict]:
-    """metrics.csv rows without the wall-clock column."""
-    return [
-        {k: v for k, v in row.items() if k != "seconds"}
-        for row in csv.DictReader(io.StringIO(text))
-    ]
-
-
 @pytest.mark.parametrize("task", ["classify", "segment", "detect"])
 def test_resume_finishes_like_the_uninterrupted_run(
     legacy: Path, expected: dict, tmp_path: Path, task: str
@@ -132,8 +124,8 @@ def test_resume_finishes_like_the_uninterrupted_run(
     run = tmp_path / task
     shutil.copytree(legacy / "runs" / task, run)
     resume(run, quiet=True)
-    got = metric_rows((run / "metrics.csv").read_text())
-    uninterrupted = metric_rows(expected[task]["resumed_metrics"])
+    got = read_metrics(run, timed=False)
+    uninterrupted = metrics_rows(expected[task]["resumed_metrics"], timed=False)
     assert len(got) == 3
     train = len(json.loads((run / "split.json").read_text())["train"])
     batch = yaml.safe_load((run / "config.yaml").read_text())["batch_size"]
@@ -170,11 +162,6 @@ def test_cli_eval_of_legacy_runs(
     legacy: Path, expected: dict, command: list[str], report: str, key: str
 ) -> None:
     task = {"eval": "classify"}.get(command[0], command[0])
-    done = subprocess.run(
-        [sys.executable, "-m", "cnnlab", *command, str(legacy / "runs" / task), "--format", "json"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = run_cli(*command, legacy / "runs" / task, "--format", "json")
     assert done.returncode == 0, done.stderr
     assert math.isclose(json.loads(done.stdout)[key], expected[task][report][key], rel_tol=1e-5)

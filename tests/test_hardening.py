@@ -8,11 +8,11 @@ memory), and every file that existed before must be byte-identical afterwards.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
-import resource
 import shutil
 import signal
 import struct
@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,29 +31,14 @@ from PIL import Image
 import cnnlab
 from cnnlab import checkpoint, files
 from cnnlab.data.shapes import write_shapes
+from tests.conftest import run_cli
 
 MEMORY_LIMIT = 6 << 30  # the children's address space: torch alone maps about 3 GiB
 TINY_CONVNET = {"cdims": [4], "hdims": [8]}
 
 
-def cli(
-    *args: object, cwd: Path | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess:
-    """``cnnlab ARGS`` in a child process with capped memory and one torch thread."""
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-    return subprocess.run(
-        [sys.executable, "-m", "cnnlab", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=limit,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=False,
-    )
+# Every command here runs with its address space capped: a runaway read fails the test.
+cli = functools.partial(run_cli, timeout=180, memory_limit=MEMORY_LIMIT)
 
 
 def assert_refused(done: subprocess.CompletedProcess, *names: str) -> str:
@@ -239,12 +225,13 @@ def test_training_skips_bad_files_and_refuses_nothing_else(
 
 
 @pytest.fixture(scope="module")
-def segment_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("segment")
-    write_shapes(root / "shapes", task="segment", n=6, size=32, seed=0)
+def segment_run(
+    tmp_path_factory: pytest.TempPathFactory, shapes_dir: Callable[..., Path]
+) -> tuple[Path, Path]:
+    root, shapes = tmp_path_factory.mktemp("segment"), shapes_dir("segment", 6, 32)
     backbone = {"backbone": "convnet", "backbone_args": {"cdims": [4] * 5, "img_size": 32}}
     cnnlab.train(
-        root / "shapes",
+        shapes,
         root / "run",
         task="segment",
         model="fcn32s",
@@ -254,7 +241,7 @@ def segment_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         val_split=0.34,
         quiet=True,
     )
-    return root / "run", root / "shapes"
+    return root / "run", shapes
 
 
 def test_segment_predict_never_writes_over_its_input(segment_run, tmp_path: Path) -> None:

@@ -7,13 +7,13 @@ import torch
 from PIL import Image
 
 import cnnlab
-from cnnlab import checkpoint, files
+from cnnlab import checkpoint, create_model, files, model_info
 from cnnlab.data.classify import make_splits
 from cnnlab.data.images import read_image
 from cnnlab.data.transforms import classify_eval, default_stats
 from cnnlab.errors import CnnlabError
-from cnnlab.registry import create_model, model_info
 from cnnlab.runs import load_run
+from tests.conftest import tiny_config
 
 ARCH = "convnet"
 CLASSES = ["cat", "dog", "fox"]
@@ -230,21 +230,16 @@ def test_device_auto(fox_run: Path) -> None:
 
 
 def test_trained_run_matches_its_report(tmp_path: Path, data: Path) -> None:
-    from cnnlab.config import TrainConfig
     from cnnlab.training import train
 
     out = tmp_path / "run"
-    cfg = TrainConfig(
-        data=str(data),
-        out=str(out),
-        model="convnet",
+    cfg = tiny_config(
+        data,
+        out,
         model_args={"cdims": [4], "hdims": [8]},
-        epochs=2,
         batch_size=8,
         val_split=0.25,
         test_split=0.25,
-        device="cpu",
-        quiet=True,
     )
     report = train(cfg)
     run = load_run(out)

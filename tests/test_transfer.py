@@ -25,7 +25,7 @@ from cnnlab.tasks.classify import ClassifyTask
 from cnnlab.training import resume, train
 from cnnlab.transfer import backbone_norms_eval, freeze_backbone, head_parameter_names
 from cnnlab.weights import load_pretrained, read_state_dict, torchvision_weight_files
-from tests.conftest import save_torchvision_file
+from tests.conftest import save_torchvision_file, tiny_config
 
 SIZE = 32
 CLASSES = ("red", "green", "blue")
@@ -64,20 +64,24 @@ def weight_file(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield path
 
 
+# What this file's runs change in the shared tiny configuration: a ResNet-18 started from
+# the stand-in torchvision file.
+SETTINGS = {
+    "model": "resnet18",
+    "model_args": {},
+    "weights": "torchvision",
+    "img_size": SIZE,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "warmup_epochs": 0,
+    "flip": True,
+    "val_split": 0.25,
+    "test_split": 0.25,
+}
+
+
 def _config(data_dir: Path, out: Path, **overrides) -> TrainConfig:
-    settings = {
-        "model": "resnet18",
-        "weights": "torchvision",
-        "img_size": SIZE,
-        "epochs": 2,
-        "batch_size": 8,
-        "lr": 1e-3,
-        "warmup_epochs": 0,
-        "val_split": 0.25,
-        "test_split": 0.25,
-        "quiet": True,
-    }
-    return TrainConfig(data=str(data_dir), out=str(out), **{**settings, **overrides})
+    return tiny_config(data_dir, out, **{**SETTINGS, **overrides})
 
 
 def _backbone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -206,7 +210,7 @@ def test_head_adds_what_the_loader_skipped_and_a_headless_model_is_refused(
     model.model_name = "tiny"
     with pytest.raises(CnnlabError, match="tiny: the registry names no classifier head"):
         head_parameter_names(model)
-    from cnnlab.registry import model_info
+    from cnnlab import model_info
 
     load_pretrained(model, model_info("resnet18"), file)  # only the shapes matter here
     assert head_parameter_names(model) == {"out.weight", "out.bias"}

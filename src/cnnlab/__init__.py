@@ -37,9 +37,9 @@ __all__ = [
 _LAZY = {
     "TrainConfig": "cnnlab.config",
     "convolutionalize": "cnnlab.dense_to_conv",
-    "create_model": "cnnlab.registry",
-    "list_models": "cnnlab.registry",
-    "model_info": "cnnlab.registry",
+    "create_model": "cnnlab.models.factory",
+    "list_models": "cnnlab.models.factory",
+    "model_info": "cnnlab.models.factory",
     "register_model": "cnnlab.registry",
     "export_run": "cnnlab.export",
     "load_run": "cnnlab.runs",

@@ -1,10 +1,9 @@
-"""The model registry: ``register_model`` / ``create_model`` / ``list_models``.
-
-Every model in cnnlab is built through ``create_model``; the CLI, the inspector and the
-tests go through it too, so a model registered here is available everywhere. What other
-code needs to know about a model is recorded here as data (``ModelInfo``), as timm's
-``pretrained_cfg`` does: its task, its minimum input size, which modules form its
-classifier head and how the head reads the features, and its first convolution.
+"""The model registry, a leaf every module may import: ``register_model`` records each
+builder with what other code needs to know about its model as data (``ModelInfo``, as
+timm's ``pretrained_cfg``): its task, minimum input size, classifier head and how the head
+reads the features, and its first convolution. ``lookup`` and ``registered`` see what is
+registered so far; ``cnnlab.models.factory`` (``create_model``, ``list_models``,
+``model_info``) has every family imported first, as timm's ``_registry`` / ``_factory``.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -130,24 +128,9 @@ def register_model(
     return decorator
 
 
-def _ensure_models_imported() -> None:
-    # Importing the package runs every @register_model decorator.
-    import cnnlab.models  # noqa: F401
-
-
-def list_models(pattern: str = "*", task: str | None = None) -> list[str]:
-    """Registered model names matching a shell-style pattern, sorted."""
-    _ensure_models_imported()
-    return sorted(
-        name
-        for name, info in _REGISTRY.items()
-        if fnmatch.fnmatch(name, pattern) and (task is None or info.task == task)
-    )
-
-
-def model_info(name: str) -> ModelInfo:
-    """The registry entry for ``name``; an unknown name suggests close ones."""
-    _ensure_models_imported()
+def lookup(name: str) -> ModelInfo:
+    """The entry registered as ``name``; an unknown name suggests close ones. Only what is
+    registered so far: ``cnnlab.models.factory.model_info`` has every family imported."""
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `cnnlab models`"
@@ -155,40 +138,19 @@ def model_info(name: str) -> ModelInfo:
     return _REGISTRY[name]
 
 
+def registered(pattern: str = "*", task: str | None = None) -> list[str]:
+    """The names registered so far that match a shell-style pattern (and ``task``), sorted."""
+    return sorted(
+        name
+        for name, info in _REGISTRY.items()
+        if fnmatch.fnmatch(name, pattern) and (task is None or info.task == task)
+    )
+
+
 def info_of(model: nn.Module) -> ModelInfo | None:
     """The registry entry a model was built from (None for a model built by hand)."""
     name = getattr(model, "model_name", None)
     return _REGISTRY.get(name) if isinstance(name, str) else None
-
-
-def create_model(
-    name: str,
-    num_classes: int | None = None,
-    in_channels: int | None = None,
-    weights: str | Path | None = None,
-    **kwargs: object,
-) -> nn.Module:
-    """Build a registered model, optionally loading weights (a file or ``"torchvision"``).
-
-    ``num_classes`` and ``in_channels`` default to the builder's own (1000 and 3 for the
-    ImageNet models). Keyword arguments that are ``None`` are dropped, so CLI defaults never
-    override a builder's defaults. The model records its name (``model.model_name``) and
-    its minimum input side (``model.min_input_size``: the builder's, or the registry's).
-    """
-    info = model_info(name)
-    kwargs = {"num_classes": num_classes, "in_channels": in_channels, **kwargs}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    try:
-        model = info.builder(**kwargs)
-    except TypeError as error:  # an argument the builder (or its model) does not take
-        raise CnnlabError(f"{name}: {error}") from None
-    model.model_name = name
-    model.min_input_size = getattr(model, "min_input_size", info.min_size)
-    if weights is not None:
-        from cnnlab.weights import load_pretrained
-
-        load_pretrained(model, info, weights)
-    return model
 
 
 def check_input_size(model: nn.Module, height: int, width: int, what: str = "inputs") -> None:

@@ -35,7 +35,7 @@ from cnnlab.data.splits import split_folder
 from cnnlab.device import pick_device
 from cnnlab.errors import CnnlabError
 from cnnlab.files import atomic_write_bytes
-from cnnlab.registry import create_model, model_info
+from cnnlab.models.factory import create_model, model_info
 from cnnlab.tasks import task_class
 from cnnlab.tasks.inference import InferenceTask
 from cnnlab.tasks.options import resolve_options

@@ -90,7 +90,8 @@ class ExportedModel(nn.Module):
         self.size = None if "height" in dynamic else tuple(metadata["input_size"][1:])
         self.decoder = None  # the detector class that decodes this graph's outputs
         if metadata["output"] != "logits":  # (logits need none, nor the detectors' imports)
-            from cnnlab.models.detection.contract import graph_decoder
+            # The package, not its contract module: importing it defines every detector.
+            from cnnlab.models.detection import graph_decoder
 
             self.decoder = graph_decoder(metadata["output"])
 

@@ -11,7 +11,7 @@ from typing import Any
 from cnnlab import checkpoint, engine
 from cnnlab.config import TrainConfig, default_of, make_config
 from cnnlab.errors import CnnlabError
-from cnnlab.registry import model_info
+from cnnlab.models.factory import model_info
 from cnnlab.tasks import task_class, task_of_model
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.registry import classifier_modules, model_info
+from cnnlab.models.factory import model_info
+from cnnlab.registry import classifier_modules
 
 
 def head_parameter_names(model: nn.Module) -> set[str]:

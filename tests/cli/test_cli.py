@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cnnlab import cli, demo
 from cnnlab.errors import CnnlabError
-
-
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cnnlab", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-        check=False,
-    )
+from tests.conftest import run_cli
 
 
 def json_out(capsys: pytest.CaptureFixture, *args: str) -> object:

@@ -18,14 +18,9 @@ from torch.utils.data import TensorDataset
 from cnnlab import cli
 from cnnlab.data.loaders import train_loader
 from cnnlab.tasks.segment import SegmentTask
+from tests.conftest import run_cli
 
 TINY = ["--model", "convnet", "--cdims", "4,8", "--hdims", "16", "--img-size", "16"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True, check=False
-    )
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 
 from cnnlab import checkpoint
 from cnnlab.data.digits import write_digits
+from tests.conftest import read_metrics
 
 EPOCHS = 4
 BATCH = 32  # over both processes: 16 each
@@ -42,11 +42,6 @@ def _finished(command: list[str], timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _children(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
@@ -67,7 +62,7 @@ def _stop_after_first_epoch(command: list[str], run: Path) -> None:
     )
     deadline = time.monotonic() + 60
     try:
-        while not (run / "metrics.csv").is_file() or len(_rows(run / "metrics.csv")) < 1:
+        while not (run / "metrics.csv").is_file() or len(read_metrics(run)) < 1:
             if process.poll() is not None:
                 pytest.fail(f"training ended early: {process.stderr.read().decode()}")
             assert time.monotonic() < deadline, "no epoch finished within 60 s"
@@ -108,7 +103,7 @@ def test_two_processes_train_resume_and_report_on_the_whole_data(
     for epoch in range(done + 1, EPOCHS + 1):
         assert resumed.stderr.count(f"epoch {epoch}/{EPOCHS} ") == 1
 
-    rows = _rows(run / "metrics.csv")
+    rows = read_metrics(run)
     assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
     # Training numbers are over both shards: with 1,437 training images, each process has
     # 719 (padded) in 44 full batches of 16, so 1,408 images per epoch in all. Accuracies
@@ -153,4 +148,4 @@ def test_segmentation_and_detection_train_under_torchrun(
     key, count = evaluated
     assert report[key] == count and json.loads((run / "report.json").read_text()) == report
     assert trained.stderr.count("epoch 1/1 ") == 1
-    assert len(_rows(run / "metrics.csv")) == 1
+    assert len(read_metrics(run)) == 1

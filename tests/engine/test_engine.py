@@ -3,7 +3,6 @@ and a SIGKILLed run that resumes to exactly the metrics of an uninterrupted one.
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import math
@@ -32,6 +31,7 @@ from cnnlab.engine.optim import warmup_cosine
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.tasks.classify import ClassifyTask, evaluate
 from cnnlab.training import resume, train
+from tests.conftest import read_metrics, tiny_config
 
 # metrics.csv's header, a run-folder contract (runs written before keep it).
 METRICS_COLUMNS = (
@@ -77,30 +77,21 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# What this file's runs change in the shared tiny configuration.
+SETTINGS = {
+    "model_args": {"cdims": [8, 16], "hdims": [64], "dropout": 0.1},
+    "img_size": SIZE,
+    "epochs": 3,
+    "batch_size": 16,
+    "warmup_epochs": 1,
+    "augment": "none",
+    "val_split": 0.2,
+    "test_split": 0.2,
+}
+
+
 def _config(data_dir: Path, out: Path, **changes: object) -> TrainConfig:
-    settings = {
-        "data": str(data_dir),
-        "out": str(out),
-        "model": "convnet",
-        "model_args": {"cdims": [8, 16], "hdims": [64], "dropout": 0.1},
-        "img_size": SIZE,
-        "epochs": 3,
-        "batch_size": 16,
-        "lr": 3e-3,
-        "warmup_epochs": 1,
-        "augment": "none",
-        "flip": False,
-        "val_split": 0.2,
-        "test_split": 0.2,
-        "device": "cpu",
-        "quiet": True,
-    }
-    return TrainConfig(**{**settings, **changes})
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as file:
-        return list(csv.DictReader(file))
+    return tiny_config(data_dir, out, **{**SETTINGS, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +153,7 @@ def test_split_json_and_metrics_csv(run: tuple[Path, dict], data_dir: Path) -> N
     splits = Splits.from_json(out / "split.json")
     assert splits.classes == list(CLASSES)
     assert len(splits.train) + len(splits.val) + len(splits.test) == 3 * PER_CLASS + 1
-    rows = _rows(out / "metrics.csv")
+    rows = read_metrics(out)
     assert (out / "metrics.csv").read_text().splitlines()[0] == ",".join(METRICS_COLUMNS)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     for row in rows:
@@ -188,7 +179,7 @@ def test_model_json_rebuilds_the_model_and_best_weights(run: tuple[Path, dict]) 
     model = create_model(meta.architecture, **meta.model_args)
     checkpoint.load_weights(out / "best.safetensors", model)
     # Best = highest val top-1, ties to the lower val loss; report.json names that epoch.
-    rows = _rows(out / "metrics.csv")
+    rows = read_metrics(out)
     best = max(rows, key=lambda r: (float(r["val_top1"]), -float(r["val_loss"])))
     assert report["best_epoch"] == int(best["epoch"])
     stored = checkpoint.read_weights_metadata(out / "best.safetensors")
@@ -390,7 +381,7 @@ def test_early_stopping_with_patience_and_ties(
     )
     # Epoch 3 ties epoch 2 on top-1 with a lower loss, so it is the best; 4 and 5 are not
     # better, so patience 2 stops the run before epoch 6.
-    rows = _rows(out / "metrics.csv")
+    rows = read_metrics(out)
     assert [r["epoch"] for r in rows] == ["1", "2", "3", "4", "5"]
     # An epoch-wise schedule: each row's lr is the one its whole epoch used.
     factors = [warmup_cosine(epoch, warmup=1, total=8) for epoch in range(5)]
@@ -427,12 +418,12 @@ def test_ctrl_c_reports_on_best_then_resume_finishes(
     assert (stopped.value.epoch, stopped.value.epochs, stopped.value.run_dir) == (1, 3, str(out))
     assert report["best_epoch"] == 1
     assert json.loads((out / "report.json").read_text()) == report
-    assert len(_rows(out / "metrics.csv")) == 1
+    assert len(read_metrics(out)) == 1
     assert (out / "curves.png").is_file()
 
     monkeypatch.undo()
     resumed = resume(out)
-    assert [r["epoch"] for r in _rows(out / "metrics.csv")] == ["1", "2", "3"]
+    assert [r["epoch"] for r in read_metrics(out)] == ["1", "2", "3"]
     assert resumed["top1"] >= 0.9
 
 
@@ -452,7 +443,7 @@ def test_ctrl_c_while_writing_an_epoch_keeps_its_files_consistent(
         train(_config(data_dir, out))
     # Held until the epoch's files were all written, then training stopped.
     assert checkpoint.load_state(out / "last.pt")["epoch"] == 2
-    assert [r["epoch"] for r in _rows(out / "metrics.csv")] == ["1", "2"]
+    assert [r["epoch"] for r in read_metrics(out)] == ["1", "2"]
     assert (out / "report.json").is_file()
 
 
@@ -468,10 +459,6 @@ def test_ctrl_c_in_the_first_epoch_says_how_to_go_on(
 
 
 # ---------------------------------------------------------------------------- SIGKILL
-
-
-def _without_seconds(path: Path) -> list[dict[str, str]]:
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in _rows(path)]
 
 
 def test_sigkilled_run_resumes_to_identical_metrics(data_dir: Path, tmp_path: Path) -> None:
@@ -491,12 +478,12 @@ def test_sigkilled_run_resumes_to_identical_metrics(data_dir: Path, tmp_path: Pa
     try:
         metrics = killed / "metrics.csv"
         deadline = time.monotonic() + 120
-        while not (metrics.is_file() and len(_rows(metrics)) >= 2):
+        while not (metrics.is_file() and len(read_metrics(killed)) >= 2):
             assert process.poll() is None, "training ended before it could be killed"
             assert time.monotonic() < deadline, "training too slow to reach epoch 3"
             time.sleep(0.01)
         # Kill a third of the way into epoch 3 (an epoch takes about as long as epoch 2).
-        time.sleep(float(_rows(metrics)[1]["seconds"]) / 3)
+        time.sleep(float(read_metrics(killed)[1]["seconds"]) / 3)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.kill()
@@ -507,8 +494,8 @@ def test_sigkilled_run_resumes_to_identical_metrics(data_dir: Path, tmp_path: Pa
 
     resume(killed)
     train(replace(cfg, out=str(straight)))
-    assert len(_rows(killed / "metrics.csv")) == epochs
-    assert _without_seconds(killed / "metrics.csv") == _without_seconds(straight / "metrics.csv")
+    assert len(read_metrics(killed)) == epochs
+    assert read_metrics(killed, timed=False) == read_metrics(straight, timed=False)
     assert json.loads((killed / "report.json").read_text()) == json.loads(
         (straight / "report.json").read_text()
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
@@ -14,7 +15,6 @@ import torch
 
 import cnnlab
 from cnnlab import checkpoint, cli
-from cnnlab.data.shapes import write_shapes
 from cnnlab.errors import CnnlabError
 from cnnlab.export import export_run
 from cnnlab.export.parity import check_parity
@@ -51,15 +51,16 @@ def train_tiny(task: str, data: Path, out: Path, **settings) -> Path:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> dict[str, Path]:
+def data(
+    tmp_path_factory: pytest.TempPathFactory, digits_dir: Path, shapes_dir: Callable[..., Path]
+) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
     for digit in ("0", "1", "2"):
         (root / "digits" / digit).mkdir(parents=True)
         for path in sorted((digits_dir / digit).iterdir())[:8]:
             shutil.copy(path, root / "digits" / digit / path.name)
-    write_shapes(root / "segment", task="segment", n=6, size=32, seed=0)
-    write_shapes(root / "detect", task="detect", n=6, size=64, seed=0)
-    return {"classify": root / "digits", "segment": root / "segment", "detect": root / "detect"}
+    segment, detect = shapes_dir("segment", 6, 32), shapes_dir("detect", 6, 64)
+    return {"classify": root / "digits", "segment": segment, "detect": detect}
 
 
 @pytest.fixture(scope="module")

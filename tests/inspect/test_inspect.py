@@ -15,11 +15,11 @@ from fvcore.nn import FlopCountAnalysis
 from rich.console import Console
 from torch import nn
 
+from cnnlab import create_model, list_models
 from cnnlab.errors import CnnlabError, InputSizeError
 from cnnlab.inspect import model_table_rows, render_summary, summarize
 from cnnlab.inspect.compare import compare
 from cnnlab.inspect.specs import build_model
-from cnnlab.registry import create_model, list_models
 
 TORCHVISION = {
     "alexnet": (torchvision.models.alexnet, (3, 224, 224)),

@@ -16,8 +16,6 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -34,6 +32,7 @@ from cnnlab.inspect.specs import summarize_spec
 from cnnlab.runs import load_run
 from cnnlab.serve.pool import Gate, Job, Pool
 from cnnlab.serve.served import Upload, load_served
+from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -275,17 +274,6 @@ def test_a_signal_stops_it_cleanly_with_status_0(serve_runs, launch_server, sig)
     assert "timeout graceful shutdown exceeded" not in log  # the upload did not hold it
 
 
-def cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "cnnlab", "serve", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=False,
-    )
-
-
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -295,20 +283,20 @@ def cli(*args: object) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_settings_are_one_line(tmp_path, flags: list[str], message: str) -> None:
-    done = cli(tmp_path, *flags)
+    done = run_cli("serve", tmp_path, *flags, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert message in done.stderr
 
 
 def test_a_folder_that_is_no_run_or_a_port_in_use_is_one_line(serve_runs, tmp_path) -> None:
-    done = cli(tmp_path)
+    done = run_cli("serve", tmp_path, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert str(tmp_path) in done.stderr and "not a cnnlab run folder" in done.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = cli(serve_runs["classify"], "--port", port)
+        done = run_cli("serve", serve_runs["classify"], "--port", port, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert f"127.0.0.1:{port}: cannot listen" in done.stderr
 

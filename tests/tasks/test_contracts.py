@@ -92,7 +92,7 @@ def test_the_engine_names_no_task() -> None:
 
 
 def test_every_registered_model_names_a_listed_task() -> None:
-    from cnnlab.registry import list_models, model_info
+    from cnnlab.models.factory import list_models, model_info
 
     assert {model_info(name).task for name in list_models()} == set(TASKS)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import logging
@@ -28,6 +27,7 @@ from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.metrics import mean_average_precision
 from cnnlab.models.detection import EVAL_LIMITS
 from cnnlab.tasks.detect import DetectTask
+from tests.conftest import read_metrics
 
 # metrics.csv's header, a run-folder contract (runs written before keep it).
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "val_map50", "val_map", "seconds")
@@ -58,10 +58,8 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shapes")
-    write_shapes(folder, task="detect", n=16, size=64, seed=0)
-    return folder
+def shapes(shapes_dir) -> Path:
+    return shapes_dir("detect", 16, 64)
 
 
 @pytest.fixture(scope="module", params=["yolov1", "fasterrcnn"])
@@ -91,8 +89,7 @@ def test_training_writes_the_run_folder(run):
     assert meta["classes"] == ["circle", "square", "triangle"]
     assert meta["input_size"] == [3, 64, 64]
     assert meta["model_args"]["num_classes"] == 3 and meta["model_args"]["backbone"] == "resnet18"
-    with (out / "metrics.csv").open() as file:
-        rows = list(csv.DictReader(file))
+    rows = read_metrics(out)
     assert tuple(rows[0]) == METRICS_COLUMNS and len(rows) == 1
     state = torch.load(out / "last.pt", weights_only=True)
     assert state["epoch"] == 1 and state["best"]["epoch"] == 1
@@ -296,18 +293,13 @@ def test_a_run_stopped_by_ctrl_c_resumes_to_the_same_metrics(shapes, tmp_path, m
     with pytest.raises(TrainingInterrupted) as interrupted:
         detect_train(shapes, stopped, "yolov1", **settings)
     report = interrupted.value.report
-    assert report["best_epoch"] == 1 and len(_metric_rows(stopped)) == 1
+    assert report["best_epoch"] == 1 and len(read_metrics(stopped, timed=False)) == 1
 
     monkeypatch.undo()
     cnnlab.resume(stopped, "detect", quiet=True)
     # Model, optimizer, schedule and random numbers all restored: the same epoch 2.
-    assert _metric_rows(stopped) == _metric_rows(straight)
-    assert len(_metric_rows(straight)) == 2
-
-
-def _metric_rows(run: Path) -> list[dict]:
-    with (run / "metrics.csv").open() as file:
-        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(file)]
+    assert read_metrics(stopped, timed=False) == read_metrics(straight, timed=False)
+    assert len(read_metrics(straight, timed=False)) == 2
 
 
 def test_high_score_threshold_warns_that_map_is_understated(run, caplog):

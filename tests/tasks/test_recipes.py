@@ -3,7 +3,6 @@ MixUp and CutMix, an EMA of the weights, and test-time augmentation."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from torch import nn
 from torchvision.transforms import v2
 
 from cnnlab import checkpoint, cli, load_run
-from cnnlab.config import TrainConfig
 from cnnlab.data.classify import MixingCollate
 from cnnlab.data.transforms import (
     GRAY_MEAN,
@@ -31,24 +29,7 @@ from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.tasks.classify import ClassifyTask
 from cnnlab.tasks.tta import TTA
 from cnnlab.training import resume, train
-
-
-def tiny_config(data: Path, out: Path, **changes: object) -> TrainConfig:
-    settings = {
-        "data": str(data),
-        "out": str(out),
-        "model": "convnet",
-        "model_args": {"cdims": [8, 16], "hdims": [32]},
-        "img_size": 16,
-        "epochs": 2,
-        "batch_size": 64,
-        "lr": 3e-3,
-        "flip": False,
-        "device": "cpu",
-        "quiet": True,
-    }
-    return TrainConfig(**{**settings, **changes})
-
+from tests.conftest import read_metrics, tiny_config
 
 # ---------------------------------------------------------------------------- augment
 
@@ -218,12 +199,8 @@ def test_ema_run_saves_the_average_and_resumes_to_the_same_metrics(
         train(tiny_config(digits_dir, tmp_path / "stopped", ema=0.9, epochs=3))
     monkeypatch.undo()
     resume(tmp_path / "stopped")
-
-    def rows(run: str) -> list[dict]:
-        with open(tmp_path / run / "metrics.csv") as file:
-            return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(file)]
-
-    assert rows("stopped") == rows("straight")
+    stopped = read_metrics(tmp_path / "stopped", timed=False)
+    assert stopped == read_metrics(tmp_path / "straight", timed=False)
 
 
 # ---------------------------------------------------------------------------- TTA

@@ -1,4 +1,3 @@
-import csv
 import json
 
 import numpy as np
@@ -15,6 +14,7 @@ from cnnlab.data.shapes import write_shapes
 from cnnlab.data.transforms import segment_train
 from cnnlab.errors import CnnlabError
 from cnnlab.tasks.segment import confusion_matrix, scores
+from tests.conftest import read_metrics
 
 # metrics.csv's header, a run-folder contract (runs written before keep it).
 METRICS_COLUMNS = (
@@ -159,11 +159,15 @@ def test_collate_pads_images_with_zero_and_masks_with_ignore():
 
 
 @pytest.fixture(scope="module")
-def shapes_run(tmp_path_factory):
+def shapes(shapes_dir):
+    return shapes_dir("segment", 24, 64)
+
+
+@pytest.fixture(scope="module")
+def shapes_run(tmp_path_factory, shapes):
     root = tmp_path_factory.mktemp("segment")
-    write_shapes(root / "shapes", task="segment", n=24, size=64, seed=0)
     report = cnnlab.train(
-        root / "shapes",
+        shapes,
         root / "run",
         task="segment",
         epochs=1,
@@ -196,8 +200,7 @@ def test_train_writes_a_segmentation_run(shapes_run):
     assert meta["task"] == "segment" and meta["architecture"] == "fcn8s"
     assert meta["classes"] == ["background", "circle", "square", "triangle"]
     assert meta["model_args"]["backbone"] == "resnet18" and meta["input_size"] == [3, 64, 64]
-    with open(run / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_metrics(run)
     assert tuple(rows[0]) == METRICS_COLUMNS and len(rows) == 1
     assert json.loads((run / "report.json").read_text())["miou"] == pytest.approx(report["miou"])
     assert set(report) >= {"miou", "pixel_acc", "per_class_iou", "loss", "n"}
@@ -205,20 +208,20 @@ def test_train_writes_a_segmentation_run(shapes_run):
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
 
 
-def test_eval_on_the_run_split_and_on_a_folder(shapes_run):
+def test_eval_on_the_run_split_and_on_a_folder(shapes_run, shapes):
     root, report = shapes_run
     run = cnnlab.load_run(root / "run")
     own = run.evaluate()
     assert own["miou"] == pytest.approx(report["miou"]) and own["n"] == 6
     assert list(own["per_class_iou"]) == ["background", "circle", "square", "triangle"]
-    folder = run.evaluate(root / "shapes")
+    folder = run.evaluate(shapes)
     assert folder["n"] == 24
     json.dumps(folder)  # plain JSON for --format json
 
 
-def test_predict_writes_index_masks_and_overlays(shapes_run, tmp_path, capsys):
+def test_predict_writes_index_masks_and_overlays(shapes_run, shapes, tmp_path, capsys):
     root, _ = shapes_run
-    images = sorted((root / "shapes" / "images").iterdir())[:2]
+    images = sorted((shapes / "images").iterdir())[:2]
     out = tmp_path / "pred"
     command = ["segment", "predict", str(root / "run"), *map(str, images), "--out", str(out)]
     assert cli.main([*command, "--format", "json"]) == 0
@@ -260,8 +263,7 @@ def test_resume_continues_to_more_epochs(shapes_run, tmp_path):
     config["epochs"] = 2
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     cnnlab.resume(run, task="segment", quiet=True)
-    with open(run / "metrics.csv") as f:
-        assert [row["epoch"] for row in csv.DictReader(f)] == ["1", "2"]
+    assert [row["epoch"] for row in read_metrics(run)] == ["1", "2"]
 
 
 def test_a_classification_run_or_other_classes_are_refused(shapes_run, tmp_path):
@@ -279,12 +281,12 @@ def test_a_classification_run_or_other_classes_are_refused(shapes_run, tmp_path)
         cnnlab.load_run(root / "run").evaluate(other)
 
 
-def test_commands_eval_predict_and_resume_a_finished_run(shapes_run, tmp_path, capsys):
+def test_commands_eval_predict_and_resume_a_finished_run(shapes_run, shapes, tmp_path, capsys):
     root, report = shapes_run
     run = str(root / "run")
     assert cli.main(["segment", "eval", run, "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["miou"] == pytest.approx(report["miou"])
-    image = sorted((root / "shapes" / "images").iterdir())[0]
+    image = sorted((shapes / "images").iterdir())[0]
     assert cli.main(["segment", "predict", run, str(image), "--out", str(tmp_path)]) == 0
     assert "overlay" in capsys.readouterr().out
     assert (tmp_path / image.name).is_file()

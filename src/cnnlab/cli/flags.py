@@ -41,7 +41,7 @@ def builder_args(extra: Sequence[str], model: str) -> dict:
     """Turn unknown ``--key value`` pairs into keyword arguments the model's builder takes
     (``ModelInfo.options``); an on/off setting (a bool default) also reads as ``--key`` or
     ``--no-key``."""
-    from cnnlab.registry import model_info
+    from cnnlab.models.factory import model_info
 
     options = model_info(model).options
 
@@ -77,7 +77,7 @@ def builder_args(extra: Sequence[str], model: str) -> dict:
 def models_help(task: str) -> str:
     """The epilog of a train command: the task's models and each one's own flags."""
     from cnnlab.config import TrainConfig
-    from cnnlab.registry import list_models, model_info
+    from cnnlab.models.factory import list_models, model_info
 
     config_flags = {f.name for f in fields(TrainConfig)}
     wrap = functools.partial(_wrap, width=78)

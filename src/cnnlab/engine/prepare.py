@@ -20,7 +20,8 @@ from cnnlab.config import DEFAULT_WEIGHT_DECAY, TrainConfig
 from cnnlab.device import CpuPlan, cpu_plan, pick_device
 from cnnlab.engine.optim import amp_dtype, make_optimizer
 from cnnlab.engine.task import TrainingTask
-from cnnlab.registry import check_input_size, create_model, model_info
+from cnnlab.models.factory import create_model, model_info
+from cnnlab.registry import check_input_size
 from cnnlab.version import __version__
 
 

@@ -95,7 +95,7 @@ def cached_model_table_rows(
 def matching_models(pattern: str | None = None) -> list[str]:
     """Registered names matching ``pattern``: a glob (``resnet*``), else a part of the name
     (``resnet``); every name without one."""
-    from cnnlab.registry import list_models
+    from cnnlab.models.factory import list_models
 
     names = list_models()
     if pattern is None:
@@ -118,7 +118,7 @@ def model_table_rows(pattern: str | None = None) -> list[dict[str, Any]]:
     meta device where they can be (``summarize_spec``).
     """
     from cnnlab.inspect.specs import summarize_spec
-    from cnnlab.registry import model_info
+    from cnnlab.models.factory import model_info
 
     rows = []
     for name in matching_models(pattern):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import textwrap
+from typing import TYPE_CHECKING
 
 from rich.console import Group
 from rich.text import Text
 
 from cnnlab.inspect.sizes import UNCHANGED
-from cnnlab.inspect.summary import Summary
+
+if TYPE_CHECKING:  # summary.py imports this module to print itself
+    from cnnlab.inspect.summary import Summary
 
 _COLUMNS = ("Layer (type)", "Output", "Params", "MACs", "RF", "Jump")
 _FORMULAS = ("Size", "Params formula")

@@ -28,7 +28,7 @@ from torch import nn
 
 from cnnlab.errors import CnnlabError
 from cnnlab.inspect.summary import Summary, summarize
-from cnnlab.registry import create_model, model_info
+from cnnlab.models.factory import create_model, model_info
 
 DEFAULT_INPUT = (3, 224, 224)
 

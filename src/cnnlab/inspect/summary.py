@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from cnnlab.errors import CnnlabError
 from cnnlab.inspect.receptive_field import Field, FieldTracker, tensors_in
 from cnnlab.inspect.sizes import merge_formula, size_formula
-from cnnlab.registry import check_input_size, create_model, model_info
+from cnnlab.models.factory import create_model, model_info
+from cnnlab.registry import check_input_size
 
 
 @dataclass

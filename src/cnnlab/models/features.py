@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.registry import create_model
+from cnnlab.models.builder import build_model
+from cnnlab.registry import lookup
 
 
 def backbone(
@@ -39,8 +40,8 @@ def backbone(
     The module has ``min_input_size`` (the classifier's) and ``out_channels`` (of map 0).
     """
     # One class: the head is cut off anyway, and VGG's would cost 100M parameters.
-    model = create_model(
-        name, num_classes=1, in_channels=in_channels, weights=weights, **(args or {})
+    model = build_model(
+        lookup(name), num_classes=1, in_channels=in_channels, weights=weights, **(args or {})
     )
     info = getattr(model, "feature_info", None)
     if not info:

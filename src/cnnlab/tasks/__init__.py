@@ -145,7 +145,7 @@ def task_class(name: str) -> Any:
 def task_of_model(model: str, wanted: str | None = None) -> Any:
     """The task class of a registered model (its ``ModelInfo.task``); with ``wanted``, a
     model of another task is refused, naming the command it belongs to."""
-    from cnnlab.registry import model_info
+    from cnnlab.models.factory import model_info
 
     task = model_info(model).task
     if wanted is not None and task != wanted:

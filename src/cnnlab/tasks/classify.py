@@ -31,7 +31,7 @@ from cnnlab.data.splits import SPLIT_NAMES, split_folder
 from cnnlab.data.transforms import batch_mix, classify_eval, classify_train, default_stats
 from cnnlab.errors import CnnlabError
 from cnnlab.files import read_yaml
-from cnnlab.registry import model_info
+from cnnlab.models.factory import model_info
 from cnnlab.tasks import TASKS
 from cnnlab.tasks.common import RunFacts, chunks, measured_on
 from cnnlab.tasks.options import Option

@@ -36,7 +36,7 @@ from cnnlab.data.transforms import default_stats, detect_eval, detect_train
 from cnnlab.errors import CnnlabError
 from cnnlab.metrics import mean_average_precision
 from cnnlab.models.detection import EVAL_LIMITS, PREDICT_LIMITS, DetectLimits, Detector
-from cnnlab.registry import model_info
+from cnnlab.models.factory import model_info
 from cnnlab.tasks import TASKS
 from cnnlab.tasks.common import PREDICT_BATCH, RunFacts, chunks, measured_on, per_class_line
 from cnnlab.tasks.options import Option

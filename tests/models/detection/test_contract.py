@@ -22,7 +22,7 @@ from cnnlab.models.detection import (
 )
 from cnnlab.models.detection.contract import DetectionsGraph
 from cnnlab.models.detection.yolov1 import YOLOv1, decode
-from cnnlab.registry import list_models, model_info
+from cnnlab.models.factory import list_models, model_info
 from cnnlab.runtime import ExportedModel
 from cnnlab.tasks.detect import DetectTask, proposal_source_of
 

@@ -14,7 +14,6 @@ import cnnlab
 from cnnlab import create_model
 from cnnlab.data import transforms
 from cnnlab.data.detect import DetectionDataset, read_coco
-from cnnlab.data.shapes import write_shapes
 from cnnlab.metrics import mean_average_precision
 from cnnlab.models.detection.sppnet import SpatialPyramidPool
 
@@ -22,10 +21,8 @@ SMALL = {"representation_size": 64, "max_proposals": 200}
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shapes")
-    write_shapes(folder, task="detect", n=12, size=64, seed=0)
-    return folder
+def shapes(shapes_dir) -> Path:
+    return shapes_dir("detect", 12, 64)
 
 
 def test_a_box_round_trips_through_the_regression_targets():

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 import cnnlab
 from cnnlab import create_model
-from cnnlab.data.shapes import write_shapes
 from cnnlab.export import export_run
 from cnnlab.models.detection.rcnn import (
     hard_negatives,
@@ -91,10 +90,8 @@ def test_a_box_round_trips_through_the_regression_targets_and_ridge_recovers_the
 
 
 @pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("shapes")
-    write_shapes(folder, task="detect", n=12, size=64, seed=0)
-    return folder
+def shapes(shapes_dir) -> Path:
+    return shapes_dir("detect", 12, 64)
 
 
 def test_it_trains_fits_its_svms_and_the_shared_evaluator_scores_it(shapes, tmp_path):

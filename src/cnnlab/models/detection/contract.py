@@ -161,7 +161,6 @@ class DetectionsGraph(nn.Module):
 
 def graph_decoder(output: str) -> type[Detector] | None:
     """The detector class that decodes an exported graph whose "output" is ``output``;
-    None for one that is no detector's (logits)."""
-    import cnnlab.models  # noqa: F401  (defines every detector class)
-
+    None for one that is no detector's (logits). Every detector class is defined once
+    ``cnnlab.models.detection`` is imported (its package imports every family)."""
     return _GRAPHS.get(output)
