@@ -38,7 +38,7 @@ from cnnlab.engine.state import seed_everything
 from cnnlab.engine.step import Step
 from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError
-from cnnlab.tasks import task_of_model
+from cnnlab.training import task_of_model
 
 DIVERGE = 4.0  # stop when the smoothed loss exceeds this many times its best
 

@@ -12,7 +12,7 @@ from cnnlab import checkpoint, engine
 from cnnlab.config import TrainConfig, default_of, make_config
 from cnnlab.errors import CnnlabError
 from cnnlab.models.factory import model_info
-from cnnlab.tasks import task_class, task_of_model
+from cnnlab.tasks import task_class
 
 
 def train(
@@ -49,3 +49,15 @@ def resume(run_dir: str | Path, task: str | None = None, **overrides: Any) -> di
     if task is not None and meta.task != task:
         raise CnnlabError(f"{run_dir} holds a {meta.task} run, not a {task} run")
     return engine.resume(run_dir, task_class(meta.task), **overrides)
+
+
+def task_of_model(model: str, wanted: str | None = None) -> Any:
+    """The task class of a registered model (its ``ModelInfo.task``); with ``wanted``, a
+    model of another task is refused, naming the command it belongs to."""
+    task = model_info(model).task
+    if wanted is not None and task != wanted:
+        raise CnnlabError(
+            f"{model} is a {task} model, not a {wanted} model (`cnnlab models` lists"
+            " each model's task)"
+        )
+    return task_class(task)

@@ -16,10 +16,11 @@ import cnnlab
 from cnnlab import cli
 from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError
-from cnnlab.tasks import TASKS, task_class, task_of_model
+from cnnlab.tasks import TASKS, task_class
 from cnnlab.tasks.inference import InferenceTask
 from cnnlab.tasks.options import Option, resolve_options
 from cnnlab.tasks.spec import Figure, MetricSpec
+from cnnlab.training import task_of_model
 
 SRC = Path(cnnlab.__file__).parent
 

@@ -2,7 +2,7 @@
 
 ``cnnlab.tasks`` has one implementation per task (classify, segment, detect); the loop in
 ``cnnlab.engine.loop`` calls only what is declared here and knows no task by name. Its
-caller resolves which task a run is (``cnnlab.tasks.task_of_model``) and hands the class
+caller resolves which task a run is (``cnnlab.training.task_of_model``) and hands the class
 in. What a finished run needs of a task is the other contract,
 ``cnnlab.tasks.inference.InferenceTask``.
 """

@@ -140,17 +140,3 @@ def entry(name: str) -> TaskEntry:
 def task_class(name: str) -> Any:
     """The class implementing task ``name`` (imported on first use)."""
     return importlib.import_module(entry(name).module).TASK
-
-
-def task_of_model(model: str, wanted: str | None = None) -> Any:
-    """The task class of a registered model (its ``ModelInfo.task``); with ``wanted``, a
-    model of another task is refused, naming the command it belongs to."""
-    from cnnlab.models.factory import model_info
-
-    task = model_info(model).task
-    if wanted is not None and task != wanted:
-        raise CnnlabError(
-            f"{model} is a {task} model, not a {wanted} model (`cnnlab models` lists"
-            " each model's task)"
-        )
-    return task_class(task)
