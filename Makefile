@@ -1,5 +1,6 @@
-# `make demo` and `make test` each create .venv on first use (about a minute: the torch
-# wheels come from this machine's local store).
+# `make demo` and `make test` each create .venv on first use: pip installs torch and
+# torchvision from a local wheel store where the machine has one (about a minute),
+# otherwise it downloads PyPI's CUDA build (about 6 GB, a few minutes).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
