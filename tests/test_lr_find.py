@@ -31,7 +31,7 @@ def test_sweep_json_and_plot(
         digits_dir, capsys, "--steps", str(steps), "--batch-size", "32", "--out", str(out),
         "--format", "json",
     )  # fmt: skip
-    assert set(found) == {"suggested_lr", "lrs", "losses"}
+    assert set(found) == {"suggested_lr", "lrs", "losses", "stopped"}
     lrs, losses = found["lrs"], found["losses"]
     assert len(lrs) == len(losses) <= steps
     # Exponential growth from 1e-7 to 10: a constant ratio between neighbours.
@@ -56,6 +56,9 @@ def test_stops_when_the_loss_explodes_and_defaults_to_the_current_folder(
     )  # fmt: skip
     losses = found["losses"]
     assert len(losses) < steps
+    # Why it stopped early is said, not left to guess.
+    assert found["stopped"].startswith(f"stopped after step {len(losses)} of {steps}: the ")
+    assert "diverged" in found["stopped"] or "the loss became nan" in found["stopped"]
     finite = [x for x in losses if math.isfinite(x)]
     assert not math.isfinite(losses[-1]) or losses[-1] > DIVERGE * min(finite)
     assert all(x <= DIVERGE * min(finite[: i + 1]) for i, x in enumerate(losses[:-1]))

@@ -50,9 +50,15 @@ class LRFindResult:
     lrs: list[float]  # learning rate of each step
     losses: list[float]  # smoothed (bias-corrected) loss after each step
     suggested_lr: float
+    stopped: str | None = None  # why the sweep ended before its last step, if it did
 
     def to_dict(self) -> dict:
-        return {"suggested_lr": self.suggested_lr, "lrs": self.lrs, "losses": self.losses}
+        return {
+            "suggested_lr": self.suggested_lr,
+            "lrs": self.lrs,
+            "losses": self.losses,
+            "stopped": self.stopped,
+        }
 
 
 def lr_find(
@@ -106,7 +112,7 @@ def _range_test(
     train_loader = ready.train_loader
 
     lrs, losses = [], []
-    smooth, best = Smoothed(beta), math.inf
+    smooth, best, stopped = Smoothed(beta), math.inf, None
     say = Reporter(cfg.quiet, None)
     say.start("lr-find", steps)
     try:
@@ -119,13 +125,21 @@ def _range_test(
             lrs.append(lr)
             losses.append(smoothed)
             say.advance(lambda now, lr=lr, smoothed=smoothed: f"lr {lr:.1e}  loss {smoothed:.3f}")
-            if not math.isfinite(smoothed) or smoothed > DIVERGE * best:
+            if not math.isfinite(smoothed):
+                stopped = f"the loss became {smoothed} at lr {lr:.1e}"
+            elif smoothed > DIVERGE * best:
+                stopped = (
+                    f"the smoothed loss {smoothed:.3g} passed {DIVERGE:g}x its best ({best:.3g})"
+                    f" at lr {lr:.1e}: it diverged"
+                )
+            if stopped is not None and len(lrs) < steps:
                 break
             best = min(best, smoothed)
     finally:
         say.stop()
+    early = f"stopped after step {len(lrs)} of {steps}: {stopped}" if len(lrs) < steps else None
     say.line(f"lr-find: {len(lrs)} steps, lr {lrs[0]:.1e} .. {lrs[-1]:.1e}")
-    return LRFindResult(lrs, losses, suggest_lr(lrs, losses))
+    return LRFindResult(lrs, losses, suggest_lr(lrs, losses), early)
 
 
 def smoothing_for(steps: int) -> float:

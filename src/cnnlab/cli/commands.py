@@ -245,6 +245,8 @@ def cmd_lr_find(args: argparse.Namespace, extra: dict) -> int:
     if args.format == "json":
         print_json(result.to_dict())
     else:
+        if result.stopped:
+            print(result.stopped)
         print(f"suggested lr {result.suggested_lr:.2e}  (plot: {out})")
     return 0
 

@@ -116,17 +116,27 @@ def _is_regular(path: Path) -> bool:
 def list_images(paths: Sequence[str | Path] | str | Path) -> tuple[list[Path], list[str]]:
     """Files named directly, plus the image files found under folders; and one error line
     ``"path: reason"`` for each path that gives nothing (missing, or a folder without
-    images). Nothing is raised: callers go on with what was found."""
+    images). A file reached twice (named, and inside a named folder) is listed once, where
+    it first appears. Nothing is raised: callers go on with what was found."""
     files: list[Path] = []
     errors: list[str] = []
+    seen: set[Path] = set()
+
+    def add(file: Path) -> None:
+        real = file.resolve()
+        if real not in seen:
+            seen.add(real)
+            files.append(file)
+
     for path in map(Path, [paths] if isinstance(paths, str | Path) else paths):
         if path.is_dir():
             found = walk_files(path)[0]
-            files += found
+            for file in found:
+                add(file)
             if not found:
                 errors.append(f"{path}: no image files in this folder")
         elif path.exists():
-            files.append(path)
+            add(path)
         else:
             errors.append(f"{path}: no such file or folder")
     return files, errors
