@@ -110,6 +110,13 @@ def require_new_folder(dst: str | Path) -> Path:
     return dst
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it, then set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def staged_folder(dst: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``dst`` that becomes ``dst`` when the block succeeds.
@@ -121,6 +128,9 @@ def staged_folder(dst: str | Path) -> Iterator[Path]:
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:
+        # mkdtemp makes it private (0700); the folder it becomes is an ordinary one, with
+        # the permissions mkdir gives under the user's umask.
+        staging.chmod(0o777 & ~current_umask())
         yield staging
         if dst.exists():
             dst.rmdir()  # empty, checked above

@@ -172,16 +172,17 @@ def cmd_data(args: argparse.Namespace, extra: dict) -> int:
         else:
             print(summarize_check(report))
     else:
-        from cnnlab.data.check import clean_folder
+        from cnnlab.data.check import clean_folder, clean_reasons
 
         report = clean_folder(Path(args.src), Path(args.dst), strip_prefix=args.strip_prefix)
         if args.format == "json":
             print_json(report)
         else:
-            print(
-                f"cleaned {args.src} into {args.dst}; {len(report['left_out'])} files left out "
-                f"(see {Path(args.dst) / 'clean_report.json'})"
-            )
+            print(f"cleaned {args.src} into {args.dst}: {len(report['copied'])} files copied")
+            reasons = clean_reasons(report)
+            if reasons:
+                print(f"{len(report['left_out'])} files left out: {reasons}")
+            print(f"details: {Path(args.dst) / 'clean_report.json'}")
     return 0
 
 

@@ -329,6 +329,22 @@ def clean_folder(src: Path, dst: Path, strip_prefix: str = DEFAULT_STRIP_PREFIX)
     return report
 
 
+def clean_reasons(report: dict) -> str:
+    """Why files were left out, counted: "2 unreadable, 3 duplicates, 1 duplicate across
+    classes" ("" when none was). Every other reason is the image reader's refusal."""
+    kinds: dict[str, int] = defaultdict(int)
+    for item in report["left_out"]:
+        reason = item["reason"]
+        if reason.startswith("duplicate across classes"):
+            kinds["duplicate across classes"] += 1
+        elif reason.startswith("duplicate of"):
+            kinds["duplicate"] += 1
+        else:
+            kinds["unreadable"] += 1
+    plural = {"duplicate": "duplicates"}
+    return ", ".join(f"{n} {plural.get(k, k) if n != 1 else k}" for k, n in kinds.items())
+
+
 def _copy_files(
     kept: list[_FileInfo], names: dict[tuple[str | None, str], str], staging: Path
 ) -> tuple[list[dict], dict[str, int]]:
