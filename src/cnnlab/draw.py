@@ -33,6 +33,7 @@ PALETTE = np.array(
 MAX_BOXES_DRAWN = 30  # more boxes than this hide the image; the highest scores are drawn
 BOX_AREA = 64 * 64  # and at most one box per this many pixels of the drawing
 LEGIBLE_SIDE = 256  # smaller images are enlarged (whole factors, nearest) to draw on them
+CAPTION_MIN_SIDE = 64  # smaller images are enlarged under their caption
 
 
 def box_colour(label: int) -> tuple[int, int, int]:
@@ -166,19 +167,56 @@ def draw_boxes(
     ranked = sorted(detections, key=lambda d: -d.get("score", 1.0))
     cap = max(1, min(max_boxes, height * width // BOX_AREA))
     shown, hidden = ranked[:cap], len(ranked) - cap
-    # Lowest scores first, so the best boxes and their tags end up on top.
-    for detection in reversed(shown):
+    # Tags are placed best first, each moved clear of those placed before it (two boxes on
+    # one object would otherwise print their labels over each other); boxes, then tags, are
+    # drawn lowest score first, so the best end up on top and no box crosses a label.
+    placed: list[tuple[float, float, float, float]] = []
+    tags = []
+    for detection in shown:
+        score = detection.get("score")
+        text = f"{detection['class']} {score:.2f}" if score is not None else detection["class"]
+        x0, y0 = (float(v) * factor for v in detection["box"][:2])
+        spot = tag_spot(draw, font, text, x0, y0, width, height, placed)
+        placed.append(spot)
+        tags.append((text, spot))
+    colours = [box_colour(classes.index(d["class"])) for d in shown]
+    for detection, colour in zip(reversed(shown), reversed(colours), strict=True):
         x0, y0, x1, y1 = (float(v) * factor for v in detection["box"])
-        colour = box_colour(classes.index(detection["class"]))
         draw.rectangle([x0 - line, y0 - line, x1 + line, y1 + line], outline="black", width=1)
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=line + 1)
-        score = detection.get("score")
-        _tag(draw, font, f"{detection['class']} {score:.2f}" if score is not None
-             else detection["class"], colour, x0, y0, width)  # fmt: skip
+    for (text, spot), colour in zip(reversed(tags), reversed(colours), strict=True):
+        _tag(draw, font, text, colour, spot[0], spot[1], width, placed_at=spot)  # over boxes
     if hidden > 0:
         _tag(draw, font, f"+{hidden} more below score {shown[-1]['score']:.2f}",
              (255, 255, 255), width, height, width, anchor_bottom=True)  # fmt: skip
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def tag_spot(
+    draw: ImageDraw.ImageDraw,
+    font: ImageFont.ImageFont,
+    text: str,
+    x: float,
+    y: float,
+    width: int,
+    height: int,
+    taken: list[tuple[float, float, float, float]],
+) -> tuple[float, float, float, float]:
+    """Where ``text``'s tag goes for a box whose top left is (x, y): above the box when it
+    fits, else inside its top edge; inside ``width``; moved down past any of the ``taken``
+    tags it would cover (x0, y0, x1, y1)."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    tag_w, tag_h = right - left + 4, bottom - top + 4
+    x = min(max(0.0, x), max(0.0, width - tag_w))
+    y = y - tag_h if y - tag_h >= 0 else y
+    moved = True
+    while moved:
+        moved = False
+        for x0, y0, x1, y1 in taken:
+            if x < x1 and x0 < x + tag_w and y < y1 and y0 < y + tag_h:
+                y, moved = y1, True
+    y = min(y, max(0.0, height - tag_h))
+    return (x, y, x + tag_w, y + tag_h)
 
 
 def _tag(
@@ -190,13 +228,18 @@ def _tag(
     y: float,
     width: int,
     anchor_bottom: bool = False,
+    placed_at: tuple[float, float, float, float] | None = None,
 ) -> None:
     """``text`` on a filled box of ``colour`` at (x, y): above y when it fits, else below it;
-    shifted left to stay inside ``width``; black or white text, whichever reads better."""
+    shifted left to stay inside ``width`` (or exactly at ``placed_at``, from
+    ``tag_spot``); black or white text, whichever reads better."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     tag_w, tag_h = right - left + 4, bottom - top + 4
-    x = min(max(0.0, x), max(0.0, width - tag_w))
-    y = y - tag_h if anchor_bottom or y - tag_h >= 0 else y
+    if placed_at is None:
+        x = min(max(0.0, x), max(0.0, width - tag_w))
+        y = y - tag_h if anchor_bottom or y - tag_h >= 0 else y
+    else:
+        x, y = placed_at[:2]
     draw.rectangle([x, y, x + tag_w, y + tag_h], fill=colour)
     luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
     draw.text((x + 2 - left, y + 2 - top), text, fill="black" if luminance > 140 else "white",
@@ -204,13 +247,22 @@ def _tag(
 
 
 def caption(image: torch.Tensor, text: str) -> torch.Tensor:
-    """uint8 (3, H + band, W): the image below a white band holding ``text``."""
+    """uint8 (3, H + band, W): the image below a white band holding ``text``. An image
+    under ``CAPTION_MIN_SIDE`` is enlarged (nearest neighbour, by a whole factor), and the
+    band is widened, the image centred under it, when the text is wider than the image: a
+    label is never cut."""
+    side = min(image.shape[-2:])
+    if side < CAPTION_MIN_SIDE:
+        factor = -(-CAPTION_MIN_SIDE // side)
+        image = image.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
     pixels = rgb(image).permute(1, 2, 0).numpy()
-    font = _font(11)
-    band = 16
-    canvas = Image.new("RGB", (pixels.shape[1], pixels.shape[0] + band), "white")
-    canvas.paste(Image.fromarray(pixels), (0, band))
-    ImageDraw.Draw(canvas).text((2, 1), text, fill="black", font=font)
+    font = _font(14)
+    band = 20
+    left, _, right, _ = font.getbbox(text)
+    width = max(pixels.shape[1], right - left + 6)
+    canvas = Image.new("RGB", (width, pixels.shape[0] + band), "white")
+    canvas.paste(Image.fromarray(pixels), ((width - pixels.shape[1]) // 2, band))
+    ImageDraw.Draw(canvas).text((3 - left, 2), text, fill="black", font=font)
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
 
