@@ -358,17 +358,38 @@ function drawBoxes(answer) {
   const unit = 1 / ctx.getTransform().a; // one screen pixel, in image pixels
   ctx.lineWidth = 2 * unit;
   ctx.font = `${12 * unit}px system-ui, sans-serif`;
-  for (const d of answer.detections.filter((x) => x.score >= overlay.threshold)) {
-    const [x0, y0, x1, y1] = d.box;
-    const colour = colourOf(d.class);
-    ctx.strokeStyle = colour;
-    ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+  const height = 16 * unit;
+  // Best first: each tag is moved down past the tags of better boxes it would cover (two
+  // boxes on one object), then boxes and tags are drawn lowest score first, so the best
+  // box and its label end up on top and no box crosses a label.
+  const shown = answer.detections.filter((x) => x.score >= overlay.threshold)
+    .sort((a, b) => b.score - a.score);
+  const placed = [];
+  for (const d of shown) {
     const label = `${d.class} ${d.score.toFixed(2)}`;
     const width = ctx.measureText(label).width + 6 * unit;
-    ctx.fillStyle = colour;
-    ctx.fillRect(x0, Math.max(0, y0 - 16 * unit), width, 16 * unit);
+    let x = d.box[0], y = Math.max(0, d.box[1] - height), moved = true;
+    while (moved) {
+      moved = false;
+      for (const p of placed) {
+        if (x < p.x + p.width && p.x < x + width && y < p.y + height && p.y < y + height) {
+          y = p.y + height;
+          moved = true;
+        }
+      }
+    }
+    placed.push({ x, y, width, label, colour: colourOf(d.class), box: d.box });
+  }
+  for (const p of [...placed].reverse()) {
+    const [x0, y0, x1, y1] = p.box;
+    ctx.strokeStyle = p.colour;
+    ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
+  }
+  for (const p of [...placed].reverse()) {
+    ctx.fillStyle = p.colour;
+    ctx.fillRect(p.x, p.y, p.width, height);
     ctx.fillStyle = "#000000";
-    ctx.fillText(label, x0 + 3 * unit, Math.max(0, y0 - 16 * unit) + 12 * unit);
+    ctx.fillText(p.label, p.x + 3 * unit, p.y + 12 * unit);
   }
 }
 
