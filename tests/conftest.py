@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,6 +132,18 @@ def shapes_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     return folder
 
 
+@pytest.fixture(scope="session")
+def few_digits(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
+    """Digits 0, 1 and 2 of ``digits_dir``, 40 of each (96 train / 12 val / 12 test at the
+    default splits): for a training that needs a few steps, not 1,797 images. Read-only."""
+    root = tmp_path_factory.mktemp("few_digits") / "digits"
+    for digit in ("0", "1", "2"):
+        (root / digit).mkdir(parents=True)
+        for path in sorted((digits_dir / digit).iterdir())[:40]:
+            shutil.copy(path, root / digit / path.name)
+    return root
+
+
 def save_torchvision_file(
     state: dict, folder: Path, torchvision_name: str, patch: pytest.MonkeyPatch
 ) -> Path:
@@ -172,14 +185,19 @@ def serve_runs(
     tmp_path_factory: pytest.TempPathFactory, digits_dir: Path, shapes_dir: Callable[..., Path]
 ) -> dict[str, Path]:
     """A tiny run of each task, by task, and ``{task}_data``, the folder it was trained on:
-    a convnet on the digits (32x32, trained at 16x16), FCN-32s on a convnet backbone and
-    YOLOv1 on VGG-11 cut at stride 2 on 6 synthetic shapes images each. A few seconds."""
+    a convnet on 20 of each digit (32x32, trained at 16x16; ten classes, as the page shows
+    a top 10), FCN-32s on a convnet backbone and YOLOv1 on VGG-11 cut at stride 2 on 6
+    synthetic shapes images each. A few seconds."""
     import cnnlab
 
     root = tmp_path_factory.mktemp("serve_runs")
-    runs = {"classify": root / "digits", "classify_data": digits_dir}
+    runs = {"classify": root / "digits", "classify_data": root / "digits_data"}
+    for digit in sorted(p.name for p in digits_dir.iterdir()):
+        (root / "digits_data" / digit).mkdir(parents=True)
+        for path in sorted((digits_dir / digit).iterdir())[:20]:
+            shutil.copy(path, root / "digits_data" / digit / path.name)
     cnnlab.train(
-        digits_dir,
+        runs["classify_data"],
         runs["classify"],
         model="convnet",
         model_args={"cdims": [4], "hdims": [8]},

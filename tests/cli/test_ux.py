@@ -24,13 +24,10 @@ TINY = ["--model", "convnet", "--cdims", "4,8", "--hdims", "16", "--img-size", "
 
 
 @pytest.fixture(scope="module")
-def three_digits(tmp_path_factory: pytest.TempPathFactory, digits_dir: Path) -> Path:
+def three_digits(tmp_path_factory: pytest.TempPathFactory, few_digits: Path) -> Path:
     """Digits 0, 1 and 2 (40 of each), and one image lying beside the class folders."""
     root = tmp_path_factory.mktemp("three") / "digits"
-    for digit in ("0", "1", "2"):
-        (root / digit).mkdir(parents=True)
-        for path in sorted((digits_dir / digit).iterdir())[:40]:
-            shutil.copy(path, root / digit / path.name)
+    shutil.copytree(few_digits, root)
     shutil.copy(root / "0" / sorted(p.name for p in (root / "0").iterdir())[0], root / "x.png")
     return root
 
@@ -61,17 +58,25 @@ def test_train_says_what_it_trains_and_prints_the_result_once(trained: dict) -> 
     assert f"report, weights and plots in {trained['run']}" in err
 
 
-def test_eval_says_which_split_or_folder_it_measured(trained: dict, three_digits: Path) -> None:
+def printed(capsys: pytest.CaptureFixture, *args: str) -> tuple[str, str]:
+    """``cnnlab ARGS`` run in this process (no child paying for ``import torch`` again):
+    stdout and stderr, once it succeeded."""
+    assert cli.main(list(args)) == 0, capsys.readouterr().err
+    done = capsys.readouterr()
+    return done.out, done.err
+
+
+def test_eval_says_which_split_or_folder_it_measured(
+    trained: dict, three_digits: Path, capsys
+) -> None:
     run = str(trained["run"])
-    val = run_cli("eval", run, "--split", "val")
-    assert val.returncode == 0 and val.stdout.startswith("val top-1 "), val.stderr
-    folder = run_cli("eval", run, str(three_digits), "--format", "json")
-    report = json.loads(folder.stdout)
+    assert printed(capsys, "eval", run, "--split", "val")[0].startswith("val top-1 ")
+    report = json.loads(printed(capsys, "eval", run, str(three_digits), "--format", "json")[0])
     assert report["split"] is None and report["data"] == str(three_digits)
     assert report["n"] == 120
-    text = run_cli("eval", run, str(three_digits))
-    assert text.stdout.startswith(f"{three_digits} top-1 ")
-    own = json.loads(run_cli("eval", run, "--format", "json").stdout)
+    text = printed(capsys, "eval", run, str(three_digits))[0]
+    assert text.startswith(f"{three_digits} top-1 ")
+    own = json.loads(printed(capsys, "eval", run, "--format", "json")[0])
     assert own["split"] == "test" and "data" not in own
 
 
@@ -90,18 +95,19 @@ def test_the_last_partial_batch_trains_unless_tiny(images: int, batch: int, step
     assert len(train_loader(dataset, batch, torch.Generator(), None)) == steps
 
 
-def test_a_batch_larger_than_the_training_split_is_said(three_digits: Path, tmp_path) -> None:
-    done = run_cli(
-        "train", str(three_digits), *TINY, "--epochs", "1", "--batch-size", "128", "--quiet",
-        "--out", str(tmp_path / "run"), "--format", "json",
+def test_a_batch_larger_than_the_training_split_is_said(
+    three_digits: Path, tmp_path, capsys
+) -> None:
+    quiet, _ = printed(
+        capsys, "train", str(three_digits), *TINY, "--epochs", "1", "--batch-size", "128",
+        "--quiet", "--out", str(tmp_path / "run"), "--format", "json",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["n"] == 12
-    loud = run_cli(
-        "train", str(three_digits), *TINY, "--epochs", "1", "--batch-size", "128",
+    assert json.loads(quiet)["n"] == 12
+    _, loud = printed(
+        capsys, "train", str(three_digits), *TINY, "--epochs", "1", "--batch-size", "128",
         "--out", str(tmp_path / "loud"),
     )  # fmt: skip
-    assert "(more than the 96 training images: one step per epoch)" in loud.stderr
+    assert "(more than the 96 training images: one step per epoch)" in loud
 
 
 def test_help_shows_defaults_the_models_and_their_own_flags(capsys) -> None:

@@ -1,5 +1,6 @@
-"""The model zoo against torchvision (same parameters, state_dict, logits and init), the
-declared input sizes and feature maps, and the notes' ConvNet against its hand formula."""
+"""The model zoo: every registered model runs at its smallest input; the classic ones against
+torchvision (same parameters, state_dict, logits and init), the declared input sizes and
+feature maps, and the notes' ConvNet against its hand formula."""
 
 from __future__ import annotations
 
@@ -68,6 +69,34 @@ def _assert_same_tensors(ours: nn.Module, theirs: nn.Module) -> None:
     assert list(actual) == list(expected)
     for key, tensor in expected.items():
         assert torch.equal(actual[key], tensor), key
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_runs_at_its_smallest_input(name: str) -> None:
+    """Nothing is left out: each task's promise at the model's smallest side (its fixed
+    size, if it has one) and the channels its registry entry declares: class scores, a
+    score map the input's size, or (in eval mode) one detection dict per image."""
+    info, classes, batch = model_info(name), 3, 2
+    model = _ours(name, num_classes=classes)
+    assert model.model_name == name
+    height, width = getattr(model, "fixed_input_size", None) or (model.min_input_size,) * 2
+    x = torch.randn(batch, info.input_size[0], height, width)
+    with torch.no_grad():
+        out = model.detect(x, score_threshold=0.0) if info.task == "detect" else model(x)
+    if info.task == "classify":
+        assert isinstance(out, Tensor) and out.shape == (batch, classes)
+    elif info.task == "segment":
+        assert isinstance(out, Tensor) and out.shape == (batch, classes, height, width)
+    else:
+        assert isinstance(out, list) and len(out) == batch
+        for found in out:
+            boxes, scores, labels = found["boxes"], found["scores"], found["labels"]
+            assert boxes.dtype.is_floating_point and boxes.shape == (len(scores), 4)
+            assert not labels.dtype.is_floating_point and labels.shape == scores.shape
+            assert ((labels >= 0) & (labels < classes)).all()
+            assert torch.isfinite(boxes).all() and torch.isfinite(scores).all()
+    if isinstance(out, Tensor):
+        assert torch.isfinite(out).all()
 
 
 def test_zoo_has_every_classic_model() -> None:

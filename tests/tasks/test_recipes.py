@@ -4,6 +4,7 @@ MixUp and CutMix, an EMA of the weights, and test-time augmentation."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -174,9 +175,9 @@ def test_ema_warms_up_as_timm_and_copies_counters():
 
 
 def test_ema_run_saves_the_average_and_resumes_to_the_same_metrics(
-    digits_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    few_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = tiny_config(digits_dir, tmp_path / "straight", ema=0.9, epochs=3)
+    cfg = tiny_config(few_digits, tmp_path / "straight", ema=0.9, epochs=3, batch_size=16)
     report = train(cfg)
     last = checkpoint.load_state(tmp_path / "straight" / "last.pt")
     best = load_file(tmp_path / "straight" / "best.safetensors")
@@ -190,13 +191,13 @@ def test_ema_run_saves_the_average_and_resumes_to_the_same_metrics(
 
     def ctrl_c_in_epoch_2(self, outputs, targets):
         steps.append(1)
-        if len(steps) > 30:  # one epoch is 23 steps of 64 digits
+        if len(steps) > 8:  # one epoch is 6 steps of 16 digits
             raise KeyboardInterrupt
         return real_loss(self, outputs, targets)
 
     monkeypatch.setattr(ClassifyTask, "loss", ctrl_c_in_epoch_2)
     with pytest.raises(TrainingInterrupted):
-        train(tiny_config(digits_dir, tmp_path / "stopped", ema=0.9, epochs=3))
+        train(replace(cfg, out=str(tmp_path / "stopped")))
     monkeypatch.undo()
     resume(tmp_path / "stopped")
     stopped = read_metrics(tmp_path / "stopped", timed=False)
