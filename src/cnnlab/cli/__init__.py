@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_name = None
         if unknown and not model_name:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        extra = builder_args(unknown, model_name) if model_name else {}
+        extra = builder_args(unknown, model_name) if model_name and unknown else {}
         return args.handler(args, extra)
     except CnnlabError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -198,11 +198,6 @@ def _train_config(args: argparse.Namespace, extra: dict, task: str):
 
 
 def cmd_train(args: argparse.Namespace, extra: dict) -> int:
-    from cnnlab.checkpoint import read_model_json
-    from cnnlab.engine.loop import RESUME_OVERRIDES
-    from cnnlab.tasks import task_class
-    from cnnlab.training import resume, train
-
     if args.resume and (extra or args.data or args.out):
         raise CnnlabError(
             "--resume RUN continues a run as it was; give no DIR, --out or model flags"
@@ -211,6 +206,14 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
         raise CnnlabError(
             f"{TASKS[args.task].prefix()}train needs DIR and --out RUN (or --resume RUN)"
         )
+    # Settings are checked before torch and the models are imported: a bad flag is
+    # refused at once.
+    cfg = None if args.resume else _train_config(args, extra, args.task)
+    from cnnlab.checkpoint import read_model_json
+    from cnnlab.engine.loop import RESUME_OVERRIDES
+    from cnnlab.tasks import task_class
+    from cnnlab.training import resume, train
+
     task = read_model_json(args.resume).task if args.resume else args.task
     try:
         if args.resume:
@@ -220,7 +223,7 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
             overrides = {k: v for k, v in overrides.items() if v is not EXPLICIT_NONE}
             report = resume(Path(args.resume), wanted, **overrides)
         else:
-            report = train(_train_config(args, extra, task), task=task)
+            report = train(cfg, task=task)
     except TrainingInterrupted as stop:
         if stop.report is not None:
             _print_report(stop.report, args.format, task_class(task))
