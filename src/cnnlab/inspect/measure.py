@@ -1,0 +1,129 @@
+"""The measured memory of real training steps on the CPU, to check ``memory.py`` against.
+
+``measure_training_step(spec, input_size, batch)`` starts a fresh Python process that
+warms torch up (a small network's forward, backward and AdamW step, so that code, thread
+pools and oneDNN are loaded), resets the kernel's high-water mark of its resident memory
+(``/proc/self/clear_refs``), reads its resident memory as the baseline, then builds the
+model and runs two real steps (the second with the optimiser's state, as every later step
+has it). The peak is ``VmHWM - baseline``: everything the process touched, whoever
+allocated it. Large blocks go straight to ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so
+memory freed is given back and the high-water mark is the true peak, not the allocator's
+reuse pattern.
+
+``python -m cnnlab.inspect.measure`` prints the table of estimated against measured that
+docs/flops_and_memory.md shows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from cnnlab.errors import CnnlabError
+
+CASES = (
+    ("convnet", (1, 28, 28)),
+    ("resnet18", (3, 64, 64)),
+    ("vgg11", (3, 64, 64)),
+    ("densenet121", (3, 64, 64)),
+)
+BATCHES = (1, 8, 32)
+
+
+def measure_training_step(
+    spec: str, input_size: tuple[int, int, int], batch: int, optimizer: str = "adamw"
+) -> int:
+    """Bytes: the peak resident memory of two real training steps above the baseline of a
+    fresh process (see the module doc)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    size = ",".join(map(str, input_size))
+    command = [sys.executable, "-m", "cnnlab.inspect.measure", spec, size, str(batch), optimizer]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise CnnlabError(f"measuring {spec} failed: {lines[-1] if lines else done.returncode}")
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak"])
+
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise CnnlabError(f"/proc/self/status has no {field}")
+
+
+def _child(spec: str, size: tuple[int, int, int], batch: int, optimizer: str) -> None:
+    import torch
+    from torch import nn
+
+    from cnnlab.inspect.memory import make_optimizer, training_loss
+    from cnnlab.inspect.specs import build_model
+
+    torch.set_num_threads(1)
+    warm = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )  # fmt: skip
+    warm_opt = make_optimizer(optimizer, list(warm.parameters()))
+    for _ in range(2):
+        training_loss(warm(torch.randn(2, 3, 16, 16))).backward()
+        warm_opt.step()
+        warm_opt.zero_grad()
+    del warm, warm_opt
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # the high-water mark starts again from what is resident now
+    baseline = _status("VmRSS:")
+    model, size = build_model(spec, None, size)
+    model.train()
+    x = torch.randn(batch, *size)
+    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
+    for _ in range(2):
+        training_loss(model(x)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    print(json.dumps({"peak": _status("VmHWM:") - baseline, "baseline": baseline}))
+
+
+def table() -> list[dict[str, object]]:
+    """Estimated and measured training-step memory (AdamW) of ``CASES`` at ``BATCHES``."""
+    import torch
+
+    from cnnlab.inspect.memory import estimate_memory
+    from cnnlab.inspect.specs import build_model
+
+    rows = []
+    for spec, size in CASES:
+        with torch.device("meta"):
+            model, _ = build_model(spec, None, size)
+        for batch in BATCHES:
+            estimate = estimate_memory(model, size, batch).training_step
+            measured = measure_training_step(spec, size, batch)
+            rows.append(
+                {
+                    "model": spec,
+                    "input": list(size),
+                    "batch": batch,
+                    "estimated": estimate,
+                    "measured": measured,
+                    "error": estimate / measured - 1,
+                }
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5:
+        spec, size, batch, optimizer = sys.argv[1:]
+        _child(spec, tuple(map(int, size.split(","))), int(batch), optimizer)
+    else:
+        print("| model | input | batch | estimated MB | measured MB | error |")
+        print("|---|---|---:|---:|---:|---:|")
+        for row in table():
+            print(
+                f"| {row['model']} | {'x'.join(map(str, row['input']))} | {row['batch']} |"
+                f" {row['estimated'] / 1e6:,.1f} | {row['measured'] / 1e6:,.1f} |"
+                f" {row['error']:+.1%} |"
+            )
