@@ -1,14 +1,16 @@
 """The measured memory of real training steps on the CPU, to check ``memory.py`` against.
 
-``measure_training_step(spec, input_size, batch)`` starts a fresh Python process that
+``measure_training_steps(spec, input_size, batches)`` starts a fresh Python process that
 warms torch up (a small network's forward, backward and AdamW step, so that code, thread
-pools and oneDNN are loaded), resets the kernel's high-water mark of its resident memory
-(``/proc/self/clear_refs``), reads its resident memory as the baseline, then builds the
-model and runs two real steps (the second with the optimiser's state, as every later step
-has it). The peak is ``VmHWM - baseline``: everything the process touched, whoever
-allocated it. Large blocks go straight to ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so
-memory freed is given back and the high-water mark is the true peak, not the allocator's
-reuse pattern.
+pools and oneDNN are loaded) and reads its resident memory as the baseline; it builds the
+model (what that adds is the weights), then for each batch size resets the kernel's
+high-water mark of resident memory (``/proc/self/clear_refs``) and runs two real steps
+with a new optimiser (the second with the optimiser's state, as every later step has it).
+A step's peak is the weights plus ``VmHWM`` above the resident memory before it:
+everything the process touched, whoever allocated it (torch's allocator, oneDNN, the
+kernels' own buffers). Large blocks go straight to ``mmap`` (``MALLOC_MMAP_THRESHOLD_``),
+so memory freed is given back at once and the high-water mark is the true peak, not the
+allocator's reuse pattern.
 
 ``python -m cnnlab.inspect.measure`` prints the table of estimated against measured that
 docs/flops_and_memory.md shows.
@@ -23,28 +25,35 @@ import sys
 
 from cnnlab.errors import CnnlabError
 
+# Small inputs keep the check fast: convnet at its natural 1x28x28, VGG-11 at its minimum
+# (its weights, gradients and AdamW state, 2.1 GB, are those of 224x224), ResNet-18 and
+# DenseNet-121 at 64x64, where their activations still outweigh or match the weights.
 CASES = (
     ("convnet", (1, 28, 28)),
     ("resnet18", (3, 64, 64)),
-    ("vgg11", (3, 64, 64)),
+    ("vgg11", (3, 32, 32)),
     ("densenet121", (3, 64, 64)),
 )
 BATCHES = (1, 8, 32)
 
 
-def measure_training_step(
-    spec: str, input_size: tuple[int, int, int], batch: int, optimizer: str = "adamw"
-) -> int:
-    """Bytes: the peak resident memory of two real training steps above the baseline of a
-    fresh process (see the module doc)."""
+def measure_training_steps(
+    spec: str,
+    input_size: tuple[int, int, int],
+    batches: tuple[int, ...] = BATCHES,
+    optimizer: str = "adamw",
+) -> list[int]:
+    """Bytes per batch size: the peak resident memory of two real training steps (weights
+    included) above the baseline of a fresh process (see the module doc)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     size = ",".join(map(str, input_size))
-    command = [sys.executable, "-m", "cnnlab.inspect.measure", spec, size, str(batch), optimizer]
+    listed = ",".join(map(str, batches))
+    command = [sys.executable, "-m", "cnnlab.inspect.measure", spec, size, listed, optimizer]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
         raise CnnlabError(f"measuring {spec} failed: {lines[-1] if lines else done.returncode}")
-    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak"])
+    return [int(peak) for peak in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 def _status(field: str) -> int:
@@ -55,7 +64,9 @@ def _status(field: str) -> int:
     raise CnnlabError(f"/proc/self/status has no {field}")
 
 
-def _child(spec: str, size: tuple[int, int, int], batch: int, optimizer: str) -> None:
+def _child(spec: str, size: tuple[int, int, int], batches: list[int], optimizer: str) -> None:
+    import gc
+
     import torch
     from torch import nn
 
@@ -73,18 +84,26 @@ def _child(spec: str, size: tuple[int, int, int], batch: int, optimizer: str) ->
         warm_opt.step()
         warm_opt.zero_grad()
     del warm, warm_opt
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # the high-water mark starts again from what is resident now
+    gc.collect()
     baseline = _status("VmRSS:")
     model, size = build_model(spec, None, size)
     model.train()
-    x = torch.randn(batch, *size)
-    opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
-    for _ in range(2):
-        training_loss(model(x)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    print(json.dumps({"peak": _status("VmHWM:") - baseline, "baseline": baseline}))
+    weights = _status("VmRSS:") - baseline
+    peaks = []
+    for batch in batches:
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # the high-water mark starts again from what is resident now
+        before = _status("VmRSS:")
+        x = torch.randn(batch, *size)
+        opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
+        for _ in range(2):
+            training_loss(model(x)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        peaks.append(weights + _status("VmHWM:") - before)
+        del x, opt
+    print(json.dumps(peaks))
 
 
 def table() -> list[dict[str, object]]:
@@ -98,9 +117,9 @@ def table() -> list[dict[str, object]]:
     for spec, size in CASES:
         with torch.device("meta"):
             model, _ = build_model(spec, None, size)
-        for batch in BATCHES:
+        measured_peaks = measure_training_steps(spec, size, BATCHES)
+        for batch, measured in zip(BATCHES, measured_peaks, strict=True):
             estimate = estimate_memory(model, size, batch).training_step
-            measured = measure_training_step(spec, size, batch)
             rows.append(
                 {
                     "model": spec,
@@ -116,8 +135,10 @@ def table() -> list[dict[str, object]]:
 
 if __name__ == "__main__":
     if len(sys.argv) == 5:
-        spec, size, batch, optimizer = sys.argv[1:]
-        _child(spec, tuple(map(int, size.split(","))), int(batch), optimizer)
+        spec, size, batches, optimizer = sys.argv[1:]
+        _child(
+            spec, tuple(map(int, size.split(","))), list(map(int, batches.split(","))), optimizer
+        )
     else:
         print("| model | input | batch | estimated MB | measured MB | error |")
         print("|---|---|---:|---:|---:|---:|")

@@ -93,17 +93,24 @@ class StorageTracker(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.held: set[int] = set()
         self.current = self.peak = 0
         self.sizes: dict[int, int] = {}  # every storage seen since ``reset_peak``
         self._ops = 0
 
-    def add(self, tensor: Tensor) -> None:
+    def add(self, tensor: Tensor, held: bool = False) -> None:
+        """Count ``tensor``'s storage while it lives; ``held``: for the whole step (weights,
+        optimiser state), never looked at again."""
         storage = tensor.untyped_storage()
         key = storage._cdata
-        if key not in self.live:
+        if key in self.live or key in self.held:
+            return
+        if held:
+            self.held.add(key)
+        else:
             self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-            self.current += storage.nbytes()
             self.sizes[key] = storage.nbytes()
+        self.current += storage.nbytes()
 
     def reset_peak(self, forget_sizes: bool = True) -> None:
         """Start a new peak from what is alive now (and a new list of sizes)."""
@@ -175,14 +182,15 @@ def estimate_memory(
     x = torch.zeros(batch_size, *input_size, device="meta", dtype=dtype)
     opt = make_optimizer(optimizer, params)
     tracker = StorageTracker()
-    for tensor in (*meta.parameters(), *meta.buffers(), x):
-        tracker.add(tensor)
     meta.train()
     try:
-        with tracker:
-            _step(meta, x, opt)  # the first step creates the optimiser's state
-            tracker.reset_peak()
-            saved = _SavedTensors(meta)
+        _step(meta, x, opt)  # the first step creates the optimiser's state; not watched
+        state = [t for s in opt.state.values() for t in s.values() if isinstance(t, Tensor)]
+        for tensor in (*meta.parameters(), *meta.buffers(), *state, x):
+            tracker.add(tensor, held=True)
+        tracker.reset_peak()
+        saved = _SavedTensors(meta)
+        with tracker:  # the second, steady step: every operation watched
             _step(meta, x, opt, saved, tracker)
     except CnnlabError:
         raise

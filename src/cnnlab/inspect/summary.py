@@ -320,7 +320,9 @@ class _Recorder:
                 # A container's own parameters (e.g. a class token) or its own functional
                 # MACs get a row, so rows add up to the totals.
                 params, formula = _count(module, recurse=False)
-                if not params and not frame.own_macs and not frame.own_flops:
+                # (Its own FLOPs alone make no row: a functional ReLU or pool in a forward
+                # stays in the totals, as torchinfo's rows have it.)
+                if not params and not frame.own_macs:
                     return
                 row = LayerRow(
                     name, type(module).__name__, [], "", params, formula, 0, None, None, None
