@@ -1,9 +1,10 @@
 """The memory of a training step, estimated by running it where it allocates nothing.
 
 ``estimate_memory(model, input_size, batch)`` copies the model to the meta device and runs
-two training steps there (forward, loss, backward, optimiser step; the second is the
-steady state, where the optimiser's state already exists). ``StorageTracker`` sees every
-aten operation and keeps the bytes of the distinct storages alive after it, so the peak is
+a training step there (forward, loss, backward, optimiser step) in the steady state of
+every step after the first, where the optimiser's state already exists. ``StorageTracker``
+sees every aten operation and keeps the bytes of the distinct storages alive after it, so
+the peak is
 the largest sum of live storages: weights, gradients, optimiser state, what autograd saved
 for backward, and the transient buffers (the gradient flowing back through each layer,
 the optimiser's temporaries). ``torch.autograd.graph.saved_tensors_hooks`` says which
@@ -39,8 +40,8 @@ RUNTIME_OVERHEAD = 2_000_000
 OVERHEAD_PER_CONV = 100_000
 MEMORY_LEGEND = (
     "memory: activations = distinct storages autograd keeps for backward; training step ="
-    " peak of live weights + gradients + optimiser state + activations + transients, two"
-    " steps simulated on the meta device, plus measured runtime overhead"
+    " peak of live weights + gradients + optimiser state + activations + transients, a"
+    " steady step simulated on the meta device, plus measured runtime overhead"
 )
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -172,7 +173,7 @@ def estimate_memory(
     optimizer: str = "adamw",
     dtype: torch.dtype | None = None,
 ) -> MemoryEstimate:
-    """Run two training steps of ``model`` on meta copies and measure their live bytes (see
+    """Run a steady training step of ``model`` on a meta copy and measure their live bytes (see
     the module doc). The model itself is left as it was."""
     if batch_size < 1:
         raise CnnlabError(f"--batch {batch_size}: expected a batch size of at least 1")
@@ -184,8 +185,7 @@ def estimate_memory(
     tracker = StorageTracker()
     meta.train()
     try:
-        _step(meta, x, opt)  # the first step creates the optimiser's state; not watched
-        state = [t for s in opt.state.values() for t in s.values() if isinstance(t, Tensor)]
+        state = _steady_state(opt)
         for tensor in (*meta.parameters(), *meta.buffers(), *state, x):
             tracker.add(tensor, held=True)
         tracker.reset_peak()
@@ -280,6 +280,24 @@ def activations_per_row(names: list[str], memory: MemoryEstimate) -> list[int]:
         parent = any(other.startswith(f"{name}.") for other in names)
         found.append(own if parent else total)
     return found
+
+
+def _steady_state(opt: torch.optim.Optimizer) -> list[Tensor]:
+    """The state the optimiser has from its second step on, made as its first step makes
+    it (torch.optim's ``_init_group``): Adam(W) a step count and two moments per
+    parameter, SGD with momentum one buffer. Simulating that first step would double the
+    time of an estimate."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if isinstance(opt, torch.optim.SGD):
+                opt.state[p] = {"momentum_buffer": torch.zeros_like(p)}
+            else:
+                opt.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
+    return [t for s in opt.state.values() for t in s.values()]
 
 
 def _step(
