@@ -4,10 +4,9 @@
 a training step there (forward, loss, backward, optimiser step) in the steady state of
 every step after the first, where the optimiser's state already exists. ``StorageTracker``
 sees every aten operation and keeps the bytes of the distinct storages alive after it, so
-the peak is
-the largest sum of live storages: weights, gradients, optimiser state, what autograd saved
-for backward, and the transient buffers (the gradient flowing back through each layer,
-the optimiser's temporaries). ``torch.autograd.graph.saved_tensors_hooks`` says which
+the peak is the largest sum of live storages: weights, gradients, optimiser state, what
+autograd saved for backward, and the transient buffers (the gradient flowing back through
+each layer, the optimiser's temporaries). ``torch.autograd.graph.saved_tensors_hooks`` says which
 storages autograd keeps for backward and in which layer they were saved.
 
 What runs inside one kernel allocates where no operation sees it (oneDNN's primitives and
