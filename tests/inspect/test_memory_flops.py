@@ -24,14 +24,21 @@ from tests.inspect.test_inspect import zeroed
 # ---------------------------------------------------------------------------- memory
 
 
+@pytest.fixture(scope="module")
+def measured() -> dict[str, list[int]]:
+    """The peaks of real AdamW steps of every case at every batch, in one fresh process."""
+    return measure_training_steps(CASES, BATCHES)
+
+
 @pytest.mark.parametrize(("name", "size"), CASES)
-def test_training_step_estimate_within_15_percent_of_the_measured_peak(name, size) -> None:
+def test_training_step_estimate_within_15_percent_of_the_measured_peak(
+    name, size, measured
+) -> None:
     """At the small inputs of ``CASES`` (their weights, gradients and AdamW state are those
-    of 224x224; the activations fewer), to keep CI fast; one fresh process per model."""
+    of 224x224; the activations fewer), to keep CI fast."""
     with torch.device("meta"):
         model, _ = build_model(name, None, size)
-    measured = measure_training_steps(name, size, BATCHES)
-    for batch, peak in zip(BATCHES, measured, strict=True):
+    for batch, peak in zip(BATCHES, measured[name], strict=True):
         estimated = estimate_memory(model, size, batch).training_step
         assert estimated == pytest.approx(peak, rel=0.15), (name, batch, estimated, peak)
 

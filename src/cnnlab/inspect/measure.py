@@ -1,9 +1,9 @@
 """The measured memory of real training steps on the CPU, to check ``memory.py`` against.
 
-``measure_training_steps(spec, input_size, batches)`` starts a fresh Python process that
-warms torch up (a small network's forward, backward and AdamW step, so that code, thread
-pools and oneDNN are loaded) and reads its resident memory as the baseline; it builds the
-model (what that adds is the weights), then for each batch size resets the kernel's
+``measure_training_steps(cases, batches)`` starts a fresh Python process that warms torch
+up (a small network's forward, backward and AdamW step, so that code, thread pools and
+oneDNN are loaded); for each model it reads its resident memory as the baseline, builds
+the model (what that adds is the weights), then for each batch size resets the kernel's
 high-water mark of resident memory (``/proc/self/clear_refs``) and runs two real steps
 with a new optimiser (the second with the optimiser's state, as every later step has it).
 A step's peak is the weights plus ``VmHWM`` above the resident memory before it:
@@ -35,25 +35,26 @@ CASES = (
     ("densenet121", (3, 64, 64)),
 )
 BATCHES = (1, 8, 32)
+_CHILD = "CNNLAB_MEASURING"  # set in the measuring process
 
 
 def measure_training_steps(
-    spec: str,
-    input_size: tuple[int, int, int],
+    cases: tuple[tuple[str, tuple[int, int, int]], ...] = CASES,
     batches: tuple[int, ...] = BATCHES,
     optimizer: str = "adamw",
-) -> list[int]:
-    """Bytes per batch size: the peak resident memory of two real training steps (weights
-    included) above the baseline of a fresh process (see the module doc)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    size = ",".join(map(str, input_size))
-    listed = ",".join(map(str, batches))
-    command = [sys.executable, "-m", "cnnlab.inspect.measure", spec, size, listed, optimizer]
+) -> dict[str, list[int]]:
+    """Bytes per model and batch size: the peak resident memory of two real training steps
+    (weights included) above the baseline of one fresh process (see the module doc)."""
+    if os.environ.get(_CHILD):
+        raise CnnlabError("a measuring process does not start another")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", _CHILD: "1"}
+    job = json.dumps({"cases": cases, "batches": batches, "optimizer": optimizer})
+    command = [sys.executable, "-m", "cnnlab.inspect.measure", "--child", job]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
-        raise CnnlabError(f"measuring {spec} failed: {lines[-1] if lines else done.returncode}")
-    return [int(peak) for peak in json.loads(done.stdout.strip().splitlines()[-1])]
+        raise CnnlabError(f"measuring failed: {lines[-1] if lines else done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _status(field: str) -> int:
@@ -64,7 +65,7 @@ def _status(field: str) -> int:
     raise CnnlabError(f"/proc/self/status has no {field}")
 
 
-def _child(spec: str, size: tuple[int, int, int], batches: list[int], optimizer: str) -> None:
+def _child(job: dict) -> None:
     import gc
 
     import torch
@@ -74,6 +75,7 @@ def _child(spec: str, size: tuple[int, int, int], batches: list[int], optimizer:
     from cnnlab.inspect.specs import build_model
 
     torch.set_num_threads(1)
+    optimizer = job["optimizer"]
     warm = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
         nn.AvgPool2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
@@ -84,26 +86,29 @@ def _child(spec: str, size: tuple[int, int, int], batches: list[int], optimizer:
         warm_opt.step()
         warm_opt.zero_grad()
     del warm, warm_opt
-    gc.collect()
-    baseline = _status("VmRSS:")
-    model, size = build_model(spec, None, size)
-    model.train()
-    weights = _status("VmRSS:") - baseline
-    peaks = []
-    for batch in batches:
+    found = {}
+    for spec, size in job["cases"]:
         gc.collect()
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # the high-water mark starts again from what is resident now
-        before = _status("VmRSS:")
-        x = torch.randn(batch, *size)
-        opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
-        for _ in range(2):
-            training_loss(model(x)).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        peaks.append(weights + _status("VmHWM:") - before)
-        del x, opt
-    print(json.dumps(peaks))
+        baseline = _status("VmRSS:")
+        model, size = build_model(spec, None, tuple(size))
+        model.train()
+        weights = _status("VmRSS:") - baseline
+        peaks = found[spec] = []
+        for batch in job["batches"]:
+            gc.collect()
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")  # the high-water mark starts again from what is resident now
+            before = _status("VmRSS:")
+            x = torch.randn(batch, *size)
+            opt = make_optimizer(optimizer, [p for p in model.parameters() if p.requires_grad])
+            for _ in range(2):
+                training_loss(model(x)).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            peaks.append(weights + _status("VmHWM:") - before)
+            del x, opt
+        del model
+    print(json.dumps(found))
 
 
 def table() -> list[dict[str, object]]:
@@ -114,11 +119,11 @@ def table() -> list[dict[str, object]]:
     from cnnlab.inspect.specs import build_model
 
     rows = []
+    measured_peaks = measure_training_steps(CASES, BATCHES)
     for spec, size in CASES:
         with torch.device("meta"):
             model, _ = build_model(spec, None, size)
-        measured_peaks = measure_training_steps(spec, size, BATCHES)
-        for batch, measured in zip(BATCHES, measured_peaks, strict=True):
+        for batch, measured in zip(BATCHES, measured_peaks[spec], strict=True):
             estimate = estimate_memory(model, size, batch).training_step
             rows.append(
                 {
@@ -134,11 +139,10 @@ def table() -> list[dict[str, object]]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5:
-        spec, size, batches, optimizer = sys.argv[1:]
-        _child(
-            spec, tuple(map(int, size.split(","))), list(map(int, batches.split(","))), optimizer
-        )
+    if sys.argv[1:2] == ["--child"]:  # the measuring process itself: never starts another
+        _child(json.loads(sys.argv[2]))
+    elif os.environ.get(_CHILD) or len(sys.argv) > 1:
+        sys.exit("usage: python -m cnnlab.inspect.measure (prints the table)")
     else:
         print("| model | input | batch | estimated MB | measured MB | error |")
         print("|---|---|---:|---:|---:|---:|")
