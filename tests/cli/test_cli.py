@@ -30,7 +30,7 @@ def test_summary_json_has_the_documented_schema_and_resnet50_totals(capsys) -> N
     first = document["layers"][0]
     assert set(first) == {
         "name", "type", "output_shape", "params", "formula", "size_formula", "macs", "rf",
-        "rf_min", "jump",
+        "rf_min", "jump", "flops", "activation_bytes",
     }  # fmt: skip
     assert first["formula"] == "7*7*3*64 = 9,408"
     assert first["size_formula"] == "floor((224 - 7 + 2*3)/2) + 1 = 112"

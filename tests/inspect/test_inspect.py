@@ -226,6 +226,9 @@ def test_to_dict_schema_is_exact_and_json_serialisable():
         "depth",
         "output_stride",
         "weight_mb",
+        "total_flops",
+        "flops_by_kind",
+        "not_counted",
     }
     assert (document["model"], document["input"]) == ("tiny", [3, 9, 9])
     assert document["layers"][0] == {
@@ -239,6 +242,8 @@ def test_to_dict_schema_is_exact_and_json_serialisable():
         "rf": 3,
         "rf_min": 3,
         "jump": 2,
+        "flops": 2 * 8 * 4 * 4 * 3 * 3 * 3 + 8 * 4 * 4,  # 2 per multiply-add, 1 per bias
+        "activation_bytes": None,  # only with a batch (``with_memory``)
     }
     assert (document["depth"], document["output_stride"]) == (2, 2)
     assert document["layers"][2]["rf"] is None

@@ -121,24 +121,64 @@ def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.inspect.specs import summarize_spec
 
     size = parse_input(args.input) if args.input else None
+    limit = _memory_limit(args.max_memory)
     kwargs = {**_kwargs(args.kwargs), **extra}
     if args.num_classes is not None:
         kwargs["num_classes"] = args.num_classes
-    _, summary, size = summarize_spec(args.model, kwargs, size, depth=args.depth)
+    model, summary, size = summarize_spec(args.model, kwargs, size, depth=args.depth)
+    if args.strict and summary.not_counted:
+        named = ", ".join(f"{op} ({n}x)" for op, n in summary.not_counted.items())
+        raise CnnlabError(f"{args.model}: FLOPs not counted for {named} (--strict)")
+    fit = None
+    if args.batch is not None or args.max_memory is not None:
+        from cnnlab.inspect.memory import estimate_memory, max_batch_size
+        from cnnlab.inspect.summary import with_memory
+
+        def estimate_at(batch: int):
+            return estimate_memory(model, size, batch, args.optimizer)
+
+        if limit is not None:
+            fit = max_batch_size(estimate_at, limit)
+        batch = args.batch or (fit[0] if fit and fit[0] else 1)
+        with_memory(summary, estimate_at(batch), train=args.train or limit is not None)
+    document = summary.to_dict(args.model)
+    if fit is not None:
+        document["max_memory"] = {"limit_bytes": limit, "max_batch": fit[0]}
+        if fit[1] is not None:
+            document["max_memory"]["training_step"] = fit[1].training_step
     if args.format == "json":
-        print_json(summary.to_dict(args.model))
+        print_json(document)
         return 0
     console = _console()
     title = f"{args.model} at {'x'.join(map(str, size))}"
     console.print(render_summary(summary, title, _width(console), wide=args.wide or None))
+    if fit is not None:
+        print(_fit_line(args.max_memory, args.optimizer, document["max_memory"]))
     return 0
+
+
+def _memory_limit(text: str | None) -> int | None:
+    if text is None:
+        return None
+    from cnnlab.inspect.memory import parse_bytes
+
+    return parse_bytes(text)
+
+
+def _fit_line(text: str, optimizer: str, fit: dict) -> str:
+    if not fit["max_batch"]:
+        return f"Max batch in {text}:     none: one sample's training step does not fit"
+    return (
+        f"Max batch in {text}:     {fit['max_batch']:,} (training step"
+        f" {fit['training_step'] / 1e6:,.2f} MB with {optimizer})"
+    )
 
 
 def cmd_compare(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.inspect.compare import compare, compare_table
 
     size = parse_input(args.input) if args.input else None
-    rows = compare(args.models, size, _kwargs(args.kwargs))
+    rows = compare(args.models, size, _kwargs(args.kwargs), batch=args.batch)
     if args.plot:
         from cnnlab.plots import plot_compare
 

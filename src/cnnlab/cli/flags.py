@@ -218,6 +218,11 @@ def add_backend(sub: argparse.ArgumentParser) -> None:
     )
 
 
+def add_batch(sub: argparse.ArgumentParser, default: int | None, what: str) -> None:
+    """``--batch N``: the batch size ``what`` is estimated at (a whole number, at least 1)."""
+    sub.add_argument("--batch", type=positive, default=default, metavar="N", help=what)
+
+
 def add_overwrite(sub: argparse.ArgumentParser, what: str) -> None:
     sub.add_argument("--overwrite", action="store_true", help=f"replace {what}")
 

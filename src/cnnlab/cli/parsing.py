@@ -13,6 +13,7 @@ import cnnlab.cli.commands as c
 from cnnlab.cli.flags import (
     Parser,
     add_backend,
+    add_batch,
     add_device,
     add_format,
     add_overwrite,
@@ -74,8 +75,8 @@ def _inspector_commands(commands: Group) -> None:
         commands,
         "summary",
         c.cmd_summary,
-        "per-layer output size (with its formula), parameters (with theirs), MACs and"
-        " receptive field",
+        "per-layer output size (with its formula), parameters (with theirs), MACs, FLOPs,"
+        " receptive field and, with --batch, the memory of a training step",
         model_args_from="model",
     )
     sub.add_argument(
@@ -90,18 +91,39 @@ def _inspector_commands(commands: Group) -> None:
     sub.add_argument(
         "--wide", action="store_true", help="one line per layer, formulas included, at any width"
     )
+    add_batch(sub, None, "estimate the activation memory autograd keeps at this batch size")
+    sub.add_argument(
+        "--train",
+        action="store_true",
+        help="and the whole training step: weights, gradients, optimiser state, activations",
+    )
+    sub.add_argument(
+        "--optimizer",
+        choices=("adamw", "adam", "sgd"),
+        default="adamw",
+        help="whose state --train counts",
+    )
+    sub.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="the largest batch whose training step fits in SIZE (8GB, 512MB, 16GiB)",
+    )
+    sub.add_argument(
+        "--strict", action="store_true", help="exit 2 if any operation's FLOPs were not counted"
+    )
     add_format(sub, ("table", "json"))
     sub = _add(
         commands,
         "compare",
         c.cmd_compare,
-        "models side by side: depth, parameters (and the share in dense layers), MACs,"
-        " receptive field, output stride",
+        "models side by side: depth, parameters (and the share in dense layers), MACs, FLOPs,"
+        " receptive field, output stride, training-step memory",
     )
     sub.add_argument("models", nargs="+", metavar="MODEL", help="as for `cnnlab summary`")
     sub.add_argument("--input", help="C,H,W for every model (default: each model's own)")
     sub.add_argument("--kwargs", help="keyword arguments for every model, as a JSON object")
     sub.add_argument("--plot", metavar="FILE", help="draw parameters against MACs into this PNG")
+    add_batch(sub, 1, "the batch size of the training step whose memory is estimated (AdamW)")
     add_format(sub, ("table", "json"))
 
 

@@ -111,7 +111,7 @@ def matching_models(pattern: str | None = None) -> list[str]:
 
 def model_table_rows(pattern: str | None = None) -> list[dict[str, Any]]:
     """One row per registered model (matching ``pattern``, see ``matching_models``): name,
-    family, task, params, MACs, sizes.
+    family, task, params, MACs, FLOPs (``flops.FLOPS_LEGEND``), sizes.
 
     Parameters are counted at the default settings (with as many input channels as the
     natural input has) and MACs at the model's natural input size. Models are built on the
@@ -131,6 +131,7 @@ def model_table_rows(pattern: str | None = None) -> list[dict[str, Any]]:
                 "task": info.task,
                 "params": summary.total_params,
                 "macs": summary.total_macs,
+                "flops": summary.total_flops,
                 "input_size": list(info.input_size),
                 "min_size": info.min_size,
             }
@@ -141,8 +142,10 @@ def model_table_rows(pattern: str | None = None) -> list[dict[str, Any]]:
 def models_table(rows: list[dict[str, Any]]) -> Table:
     """``model_table_rows`` as a rich table."""
     table = Table(title="cnnlab models")
-    for column in ("name", "family", "task", "params", "MACs", "input", "min input"):
-        table.add_column(column, justify="right" if column in {"params", "MACs"} else "left")
+    for column in ("name", "family", "task", "params", "MACs", "FLOPs", "input", "min input"):
+        table.add_column(
+            column, justify="right" if column in {"params", "MACs", "FLOPs"} else "left"
+        )
     for row in rows:
         table.add_row(
             row["name"],
@@ -150,6 +153,7 @@ def models_table(rows: list[dict[str, Any]]) -> Table:
             row["task"],
             f"{row['params']:,}",
             f"{row['macs'] / 1e9:.2f} G",
+            f"{row['flops'] / 1e9:.2f} G" if "flops" in row else "-",
             "x".join(str(d) for d in row["input_size"]),
             str(row["min_size"]),
         )

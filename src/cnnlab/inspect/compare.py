@@ -2,9 +2,10 @@
 
 ``compare(specs)`` summarises each model (``cnnlab.inspect.specs`` names them) and gives
 one row per model: the depth in layers with weights along the longest path, the parameters
-and the share of them in fully connected layers, the MACs, the receptive field and output
-stride of the last feature map (the last output with more than one position, before any
-global pool), and parameters and MACs relative to the first model. The ILSVRC story reads
+and the share of them in fully connected layers, the MACs and FLOPs, the receptive field and
+output stride of the last feature map (the last output with more than one position, before
+any global pool), the estimated memory of an AdamW training step at ``batch``
+(``memory.py``), and parameters and MACs relative to the first model. The ILSVRC story reads
 straight off it: each winner deeper than the last, and after AlexNet and VGG (whose dense
 layers hold most of their weights) far fewer parameters.
 """
@@ -17,6 +18,7 @@ from typing import Any
 from rich.table import Table
 from torch import nn
 
+from cnnlab.inspect.memory import estimate_memory
 from cnnlab.inspect.specs import summarize_spec
 from cnnlab.inspect.summary import plain
 
@@ -25,6 +27,7 @@ def compare(
     specs: list[str],
     input_size: tuple[int, int, int] | None = None,
     kwargs: dict[str, Any] | None = None,
+    batch: int = 1,
 ) -> list[dict[str, Any]]:
     """One row per model, in the order given (see the module doc for the columns)."""
     rows = []
@@ -46,8 +49,11 @@ def compare(
                 "params": summary.total_params,
                 "fc_share": dense / summary.total_params if summary.total_params else 0.0,
                 "macs": summary.total_macs,
+                "flops": summary.total_flops,
                 "receptive_field": plain(last.rf) if last else None,
                 "output_stride": plain(last.jump) if last else None,
+                "batch": batch,
+                "training_step_bytes": estimate_memory(model, size, batch).training_step,
             }
         )
     first = rows[0] if rows else None
@@ -60,8 +66,9 @@ def compare(
 def compare_table(rows: list[dict[str, Any]]) -> Table:
     """``compare``'s rows as a rich table."""
     table = Table(title="models side by side")
-    headers = ("model", "input", "depth", "params", "in FC", "MACs", "RF", "stride")
-    for header in (*headers, "params x", "MACs x"):
+    headers = ("model", "input", "depth", "params", "in FC", "MACs", "FLOPs", "RF", "stride")
+    batch = rows[0]["batch"] if rows else 1
+    for header in (*headers, f"train MB @{batch}", "params x", "MACs x"):
         left = header == "model"
         table.add_column(
             header,
@@ -77,8 +84,10 @@ def compare_table(rows: list[dict[str, Any]]) -> Table:
             f"{row['params']:,}",
             f"{row['fc_share']:.0%}",
             f"{row['macs'] / 1e9:.3g} G",
+            f"{row['flops'] / 1e9:.3g} G",
             _number(row["receptive_field"]),
             _number(row["output_stride"]),
+            f"{row['training_step_bytes'] / 1e6:,.0f}",
             _ratio(row["params_vs_first"]),
             _ratio(row["macs_vs_first"]),
         )

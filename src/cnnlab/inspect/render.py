@@ -8,12 +8,15 @@ from typing import TYPE_CHECKING
 from rich.console import Group
 from rich.text import Text
 
+from cnnlab.inspect.flops import FLOPS_LEGEND
+from cnnlab.inspect.memory import MEMORY_LEGEND
 from cnnlab.inspect.sizes import UNCHANGED
 
 if TYPE_CHECKING:  # summary.py imports this module to print itself
     from cnnlab.inspect.summary import Summary
 
-_COLUMNS = ("Layer (type)", "Output", "Params", "MACs", "RF", "Jump")
+_COLUMNS = ("Layer (type)", "Output", "Params", "MACs", "FLOPs", "RF", "Jump")
+_SAVED = "Saved MB"  # the column of activation memory, when the summary has it
 _FORMULAS = ("Size", "Params formula")
 _GAP = 2
 
@@ -28,8 +31,9 @@ def render_summary(
     When that does not fit (``wide=None`` decides) each layer takes a second, dimmed line
     holding its formulas, wrapped to the width, so that no number is ever cut.
     """
-    cells = [_cells(row) for row in summary.layers]
-    widths = [max(len(c) for c in column) for column in zip(_COLUMNS, *cells, strict=True)]
+    columns = (*_COLUMNS, _SAVED) if summary.memory is not None else _COLUMNS
+    cells = [_cells(row, len(columns)) for row in summary.layers]
+    widths = [max(len(c) for c in column) for column in zip(columns, *cells, strict=True)]
     formulas = [(row.size_formula, row.formula) for row in summary.layers]
     formula_widths = [
         max(len(f) for f in column) for column in zip(_FORMULAS, *formulas, strict=True)
@@ -40,7 +44,7 @@ def render_summary(
     if not wide and width is not None:  # the name column gives way; numbers never do
         others = sum(widths[1:]) + _GAP * (len(widths) - 1)
         widths[0] = max(min(widths[0], width - others), len(_COLUMNS[0]))
-    header = _line(_COLUMNS, widths)
+    header = _line(columns, widths)
     if wide:
         header += " " * _GAP + _line(_FORMULAS, formula_widths, right=())
     lines = [Text(title, style="bold"), Text(header, style="bold"), Text("-" * len(header))]
@@ -80,10 +84,13 @@ def render_html(summary: Summary) -> str:
     """The per-layer table and the totals as HTML (a notebook's rich display)."""
     from html import escape
 
-    heads = ("Layer", "Type", "Output", "Size", "Params", "Params formula", "MACs", "RF", "Jump")
+    heads = (
+        "Layer", "Type", "Output", "Size", "Params", "Params formula", "MACs", "FLOPs", "RF",
+        "Jump",
+    )  # fmt: skip
     body = []
     for row in summary.layers:
-        rf = _cells(row)[4]
+        rf = _cells(row, len(_COLUMNS))[5]
         values = (
             row.name,
             row.type,
@@ -92,6 +99,7 @@ def render_html(summary: Summary) -> str:
             f"{row.params:,}",
             row.formula,
             f"{row.macs:,}",
+            f"{row.flops:,}",
             rf,
             _pretty(row.jump),
         )
@@ -101,21 +109,24 @@ def render_html(summary: Summary) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table><p>{totals}</p>"
 
 
-def _cells(row) -> tuple[str, ...]:
+def _cells(row, count: int) -> tuple[str, ...]:
     rf = _pretty(row.rf)
     if row.rf is not None and row.rf_min is not None and row.rf_min != row.rf:
         rf = f"{_pretty(row.rf_min)}-{rf}"
-    return (
+    cells = (
         f"{row.name} ({row.type})",
         "x".join(map(str, row.output_shape)) or "-",
         f"{row.params:,}" if row.params else "-",
         f"{row.macs:,}" if row.macs else "-",
+        f"{row.flops:,}" if row.flops else "-",
         rf,
         _pretty(row.jump),
+        f"{row.activation_bytes / 1e6:,.2f}" if row.activation_bytes else "-",
     )
+    return cells[:count]
 
 
-def _line(values, widths, right=(2, 3, 4, 5)) -> str:
+def _line(values, widths, right=(2, 3, 4, 5, 6, 7)) -> str:
     return (
         (" " * _GAP)
         .join(
@@ -133,13 +144,54 @@ def _totals(summary: Summary) -> Text:
         low = summary.receptive_field_min
         if low is not None and low != summary.receptive_field:
             rf = f"{_pretty(low)} to {rf} (it depends on the output position)"
-    return Text(
-        f"Parameters:           {summary.total_params:,}\n"
-        f"Trainable parameters: {summary.trainable_params:,}\n"
-        f"MACs:                 {summary.total_macs:,} ({summary.total_macs / 1e9:.2f} G)\n"
-        f"Weight memory:        {summary.weight_mb:,.2f} MB (parameters + buffers)\n"
-        f"Receptive field:      {rf}"
+    flops = summary.total_flops
+    lines = [
+        f"Parameters:           {summary.total_params:,}",
+        f"Trainable parameters: {summary.trainable_params:,}",
+        f"MACs:                 {summary.total_macs:,} ({summary.total_macs / 1e9:.2f} G)",
+        f"FLOPs:                {flops:,} ({flops / 1e9:.2f} G)",
+        f"Weight memory:        {summary.weight_mb:,.2f} MB (parameters + buffers)",
+        f"Receptive field:      {rf}",
+        *_memory_lines(summary),
+        f"Not counted:          {_not_counted(summary.not_counted)}",
+        f"Legend: {FLOPS_LEGEND}.",
+    ]
+    if summary.memory is not None:
+        lines.append(f"Legend: {MEMORY_LEGEND}.")
+    return Text("\n".join(lines))
+
+
+def _not_counted(ops: dict[str, int]) -> str:
+    """``aten.round (1x), aten.upsample_bilinear2d (2x)``; ``none`` when all were."""
+    return ", ".join(f"{name} ({times}x)" for name, times in ops.items()) or "none"
+
+
+def _memory_lines(summary: Summary) -> list[str]:
+    memory = summary.memory
+    if memory is None:
+        return []
+    dtypes = ", ".join(
+        f"{name} {size / 1e6:,.2f}" for name, size in memory.activation_by_dtype.items()
     )
+    lines = [
+        f"Activations saved:    {memory.activations / 1e6:,.2f} MB at batch {memory.batch_size}"
+        f" ({dtypes or 'none'}) — column {_SAVED}",
+    ]
+    if summary.train:
+        parts = (
+            ("weights", memory.weights),
+            ("gradients", memory.gradients),
+            (f"{memory.optimizer} state", memory.optimizer_state),
+            ("activations", memory.activations),
+            ("largest transient", memory.largest_transient),
+            ("runtime overhead", memory.overhead),
+        )
+        lines += [
+            f"Training step:        {memory.training_step / 1e6:,.2f} MB at batch"
+            f" {memory.batch_size} (peak; {memory.optimizer})",
+            "  of which at most:   " + ", ".join(f"{n} {b / 1e6:,.2f}" for n, b in parts) + " MB",
+        ]
+    return lines
 
 
 def _pretty(value: float | None) -> str:

@@ -1,11 +1,12 @@
 """Per-layer summary of any ``nn.Module``: output shape, parameters and their formula, MACs,
-receptive field and jump.
+FLOPs, receptive field and jump (and, with ``with_memory``, the memory of a training step).
 
 Two mechanisms cooperate during one forward pass: module hooks record one row per layer
 call, in execution order, and ``FieldTracker`` (``receptive_field.py``) sees every torch
 function the forward pass calls, counting MACs and following the receptive field of every
 tensor, so branches and functional code inside ``forward`` are handled without knowing the
-architecture.
+architecture. ``FlopCounter`` (``flops.py``) sees the aten operations below them, counts
+their FLOPs and lists those it cannot count.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.errors import CnnlabError
+from cnnlab.inspect.flops import FlopCounter
+from cnnlab.inspect.memory import MemoryEstimate, activations_per_row, memory_document
 from cnnlab.inspect.receptive_field import Field, FieldTracker, tensors_in
 from cnnlab.inspect.sizes import merge_formula, size_formula
 from cnnlab.models.factory import create_model, model_info
@@ -38,6 +41,8 @@ class LayerRow:
     rf: float | None  # receptive field at the output, in input pixels; None if not spatial
     rf_min: float | None  # the smallest, where it depends on the position (upsampling)
     jump: float | None  # input pixels between neighbouring outputs (effective stride)
+    flops: int = 0  # for the whole batch, by the convention of ``flops.FLOPS_LEGEND``
+    activation_bytes: int | None = None  # saved for backward at ``with_memory``'s batch
 
 
 @dataclass
@@ -55,6 +60,11 @@ class Summary:
     receptive_field_min: float | None  # and its smallest, where it depends on the position
     depth: int  # layers with weights (conv, linear) on the longest path through the model
     output_stride: float | None  # input pixels between neighbours of the last spatial map
+    total_flops: int = 0
+    flops_by_kind: dict[str, int] = field(default_factory=dict)  # multiply_add, bias, ...
+    not_counted: dict[str, int] = field(default_factory=dict)  # aten op -> times it ran
+    memory: MemoryEstimate | None = None  # set by ``with_memory``
+    train: bool = False  # whether the training step's figures are shown (``--train``)
 
     def __str__(self) -> str:
         """The table as ``cnnlab summary`` prints it, 100 columns wide."""
@@ -88,6 +98,10 @@ class Summary:
             "depth": self.depth,
             "output_stride": plain(self.output_stride),
             "weight_mb": round(self.weight_mb, 3),
+            "total_flops": self.total_flops,
+            "flops_by_kind": dict(self.flops_by_kind),
+            "not_counted": dict(self.not_counted),
+            **({} if self.memory is None else memory_document(self.memory, self.train)),
         }
 
 
@@ -146,13 +160,14 @@ def summarize(
         check_input_size(model, *input_size[1:])
     recorder = _Recorder(depth)
     tracker = FieldTracker(recorder.add_macs, recorder.add_merge)
+    counter = FlopCounter(recorder.add_flops)
     recorder.field_of = tracker.field
     handles = recorder.attach(model)
     training = {module: module.training for module in model.modules()}
     model.eval()
     try:
         x = torch.zeros(batch_size, *input_size, device=device, dtype=_float_dtype(model))
-        with torch.no_grad(), tracker:
+        with torch.no_grad(), tracker, counter:
             tracker.start(x)
             output = model(x)
         depth = max((tracker.depth(t) for t in tensors_in(output)), default=0)
@@ -168,6 +183,19 @@ def summarize(
     recorder.add_uncalled(model)
     summary = _totals(model, tuple(input_size), batch_size, recorder.rows, tracker.total_macs)
     summary.depth = depth
+    summary.total_flops = counter.total
+    summary.flops_by_kind = dict(counter.by_kind)
+    summary.not_counted = dict(sorted(counter.not_counted.items()))
+    return summary
+
+
+def with_memory(summary: Summary, memory: MemoryEstimate, train: bool = False) -> Summary:
+    """``summary`` with ``memory`` (``memory.estimate_memory``): each row's activation bytes,
+    and with ``train`` the whole training step in its JSON and footer."""
+    names = [row.name for row in summary.layers]
+    for row, saved in zip(summary.layers, activations_per_row(names, memory), strict=True):
+        row.activation_bytes = saved
+    summary.memory, summary.train = memory, train
     return summary
 
 
@@ -184,6 +212,7 @@ class _Frame:
     row: LayerRow | None  # None: a container expanded further
     input_shape: list[int] | None
     own_macs: int = 0  # MACs of functions a container calls itself, outside its children
+    own_flops: int = 0
     merge: str | None = None  # the last add/concatenation its own forward made
 
 
@@ -224,6 +253,15 @@ class _Recorder:
             frame.own_macs += macs
         else:
             frame.row.macs += macs
+
+    def add_flops(self, flops: int) -> None:
+        if not self._stack:
+            return
+        frame = self._stack[-1]
+        if frame.row is None:
+            frame.own_flops += flops
+        else:
+            frame.row.flops += flops
 
     def add_merge(self, name: str, inputs: list[Tensor], output: Tensor) -> None:
         if self._stack and output.dim() >= 3:
@@ -282,12 +320,14 @@ class _Recorder:
                 # A container's own parameters (e.g. a class token) or its own functional
                 # MACs get a row, so rows add up to the totals.
                 params, formula = _count(module, recurse=False)
+                # (Its own FLOPs alone make no row: a functional ReLU or pool in a forward
+                # stays in the totals, as torchinfo's rows have it.)
                 if not params and not frame.own_macs:
                     return
                 row = LayerRow(
                     name, type(module).__name__, [], "", params, formula, 0, None, None, None
                 )
-                row.macs = frame.own_macs
+                row.macs, row.flops = frame.own_macs, frame.own_flops
                 self.rows.append(row)
             tensor = next(tensors_in(output), None)
             if tensor is None:
