@@ -15,6 +15,7 @@ from torchvision import models as tvm
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from cnnlab import CnnlabError, InputSizeError, create_model, list_models, model_info
+from cnnlab.models.detection import DetectLimits
 from cnnlab.registry import check_input_size
 
 Extractor = Callable[[nn.Module, list[str], Tensor], dict[str, Tensor]]
@@ -82,7 +83,15 @@ def test_every_registered_model_runs_at_its_smallest_input(name: str) -> None:
     height, width = getattr(model, "fixed_input_size", None) or (model.min_input_size,) * 2
     x = torch.randn(batch, info.input_size[0], height, width)
     with torch.no_grad():
-        out = model.detect(x, score_threshold=0.0) if info.task == "detect" else model(x)
+        if info.task == "detect":
+            # Every candidate kept; the R-CNN family before Faster R-CNN is given proposals.
+            proposals = None
+            if model.proposal_settings is not None:
+                boxes = [[0.0, 0.0, width / 2, height / 2], [0.0, 0.0, width, height]]
+                proposals = [torch.tensor(boxes)] * batch
+            out = model.detect(x, DetectLimits(score_threshold=0.0), proposals)
+        else:
+            out = model(x)
     if info.task == "classify":
         assert isinstance(out, Tensor) and out.shape == (batch, classes)
     elif info.task == "segment":
