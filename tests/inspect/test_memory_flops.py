@@ -136,7 +136,8 @@ def test_multiply_add_flops_are_twice_fvcores_macs(name) -> None:
             assert row.flops == 2 * row.macs + bias, row.name
 
 
-def test_models_and_compare_show_flops_and_training_memory(capsys) -> None:
+def test_models_and_compare_show_flops_and_training_memory(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: every column shown whole
     (row,) = model_table_rows("resnet18")
     assert row["flops"] == pytest.approx(2 * row["macs"], rel=0.01)
     rows = compare(["convnet", "resnet18"], batch=4)
