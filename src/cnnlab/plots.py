@@ -332,7 +332,7 @@ def plot_compare(rows: Sequence[dict], out: Path) -> None:
         )
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("multiply-adds per image (G)")
+    ax.set_xlabel("multiply-adds per image (G MACs; FLOPs: about twice, see the table)")
     ax.set_ylabel("parameters (M)")
     ax.set_title("parameters against cost (point size: depth)")
     ax.grid(alpha=0.3, which="both")

@@ -99,6 +99,7 @@ def test_health_and_the_run_list(client, serve_runs) -> None:
         assert run["id"] == run["name"] == path.name  # an id, never a path
         assert run["model"] == meta["architecture"] and run["classes"] == meta["classes"]
         assert (run["parameters"], run["macs"]) == (summary.total_params, summary.total_macs)
+        assert run["flops"] == summary.total_flops >= 2 * summary.total_macs
         assert run["metrics"] == json.loads((path / "report.json").read_text())
         curves = client.get(run["figures"]["curves"])
         assert curves.headers["content-type"] == "image/png"

@@ -164,6 +164,7 @@ def describe(run_id: str, run: Run) -> dict:
         "input_size": list(meta.input_size),
         "parameters": summary.total_params,
         "macs": summary.total_macs,
+        "flops": summary.total_flops,  # cnnlab.inspect.flops's convention: 2 per multiply-add
         "metrics": read_json(report) if report.is_file() else None,
         "figures": {
             name: f"/api/runs/{run_id}/figures/{name}.png"

@@ -93,7 +93,7 @@ function renderDetails(run) {
       el("span", {}, el("span", { class: `badge ${run.task}` }, run.task), run.model)),
     el("div", { class: "facts" },
       el("span", {}, el("b", {}, count(run.parameters)), " parameters"),
-      el("span", {}, el("b", {}, count(run.macs)), ` MACs at ${c}×${h}×${w}`),
+      el("span", {}, el("b", {}, count(run.macs)), ` MACs (`, el("b", {}, count(run.flops)), ` FLOPs) at ${c}×${h}×${w}`),
       el("span", {}, el("b", {}, run.classes.length), " classes")),
     el("ul", { class: "chips", "aria-label": "classes" }, run.classes.map((name, i) => el("li", {},
       colours[i] ? el("span", { class: "swatch", style: `background:${colours[i]}` }) : null, name))),
