@@ -24,7 +24,7 @@ import cnnlab.engine.distributed as distributed
 import cnnlab.engine.state as state
 from cnnlab import checkpoint, plots, transfer
 from cnnlab.config import TrainConfig
-from cnnlab.device import CpuPlan, cpu_plan, threads_for
+from cnnlab.device import CpuPlan, threads_for
 from cnnlab.engine.optim import ema_model, warmup_cosine
 from cnnlab.engine.prepare import Prepared, Resolved, model_meta, prepare, resolve
 from cnnlab.engine.progress import Reporter, short_float
@@ -377,9 +377,10 @@ def setup_line(
     model: nn.Module,
     device: torch.device,
     processes: int,
-    plan: CpuPlan | None = None,
+    plan: CpuPlan,
 ) -> str:
-    """What is about to train, before the first epoch: the split, the model, the device."""
+    """What is about to train, before the first epoch: the split, the model, the device
+    and the resolved CPU plan (``cnnlab.engine.prepare.resolve``)."""
     splits = task.splits
     sizes = [f"{len(splits.train):,} train", f"{len(splits.val):,} val"]
     if getattr(splits, "test", None):
@@ -389,7 +390,6 @@ def setup_line(
     counted = f"{params:,} parameters" + (
         f" ({trainable:,} trainable)" if trainable != params else ""
     )
-    plan = plan or cpu_plan(cfg.threads, cfg.workers, device.type)
     where = f"{device.type if device.type == 'cpu' else device} ({plan.describe()})"
     if processes > 1:
         where = f"{processes} processes on {device.type}"
