@@ -1,5 +1,8 @@
 """Drawing predictions onto images: boxes, masks and labels, uint8 (C, H, W) in and out.
 
+A mask is drawn as class-coloured outlines on the image beside a class map in solid
+colours, never tinted over the image, whose own colours would mix with the classes'.
+
 These are the pictures a prediction is saved as, and the tiles of a run's batch and
 validation grids; the figures of a run folder (curves, confusion matrix, heat maps) are
 matplotlib's, in ``cnnlab.plots``. One palette (matplotlib's tab10) colours a class's boxes,
@@ -34,6 +37,7 @@ MAX_BOXES_DRAWN = 30  # more boxes than this hide the image; the highest scores 
 BOX_AREA = 64 * 64  # and at most one box per this many pixels of the drawing
 LEGIBLE_SIDE = 256  # smaller images are enlarged (whole factors, nearest) to draw on them
 CAPTION_MIN_SIDE = 64  # smaller images are enlarged under their caption
+SIDE_BY_SIDE_GAP = 6  # white pixels between an image and its class map
 
 
 def box_colour(label: int) -> tuple[int, int, int]:
@@ -96,54 +100,106 @@ def legible(image: torch.Tensor) -> tuple[torch.Tensor, int]:
     return image.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1), factor
 
 
-def overlay_mask(
-    image: torch.Tensor,
-    mask: torch.Tensor,
-    classes: Sequence[str] | None = None,
-    alpha: float = 0.5,
-) -> torch.Tensor:
-    """uint8 (3, H, W): the image with every non-background class (mask > 0) tinted in its
-    colour; ``mask`` is (H, W) class indices. With ``classes``, a legend band below names
-    the colours of the classes present (the image grows by its height), and an image under
-    256 pixels is first enlarged (``legible``)."""
-    if classes is not None:
-        image, factor = legible(image)
-        mask = mask.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
-    pixels = rgb(image).permute(1, 2, 0).numpy().astype(np.float32)  # (H, W, 3)
+def class_map(mask: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W): every pixel of a (H, W) mask of class indices in its class's solid
+    colour (``mask_colour``: the background black), never mixed with the image."""
     labels = mask.numpy().astype(np.int64)
-    colours = np.array([mask_colour(k) for k in range(labels.max() + 1)], dtype=np.float32)
-    tinted = (1 - alpha) * pixels + alpha * colours[labels]
-    out = np.where(labels[..., None] > 0, tinted, pixels).round().astype(np.uint8)
-    drawn = torch.from_numpy(out).permute(2, 0, 1).contiguous()
+    colours = np.array([mask_colour(k) for k in range(labels.max() + 1)], dtype=np.uint8)
+    return torch.from_numpy(colours[labels]).permute(2, 0, 1).contiguous()
+
+
+def outline_classes(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """uint8 (3, H, W): the image untouched but for each class's region (mask > 0) outlined
+    in its colour, the line edged in black on both sides so it shows on any pixel. A tint
+    would mix the class colour with the image's own (blue over a green circle reads as a
+    third colour); an outline keeps both true."""
+    labels = mask.long()
+    side = min(labels.shape)
+    width = max(1, round(side / 128))  # 2 pixels on the 256-pixel drawings ``legible`` makes
+    pixels = rgb(image).permute(1, 2, 0).numpy().copy()
+    edges = np.zeros(labels.shape, dtype=bool)
+    rings: list[tuple[np.ndarray, tuple[int, int, int]]] = []
+    for label in sorted(set(labels.unique().tolist()) - {0}):
+        region = (labels == label).float()[None, None]
+        inner = _erode(region, width)
+        ring = (region - inner)[0, 0].numpy() > 0
+        outside = (_dilate(region, 1) - region)[0, 0].numpy() > 0
+        inside = (inner - _erode(region, width + 1))[0, 0].numpy() > 0
+        edges |= outside | inside
+        rings.append((ring, mask_colour(label)))
+    pixels[edges] = 0
+    for ring, colour in rings:  # over every edge, so a line between two classes stays whole
+        pixels[ring] = colour
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+
+def _dilate(region: torch.Tensor, radius: int) -> torch.Tensor:
+    return torch.nn.functional.max_pool2d(region, 2 * radius + 1, stride=1, padding=radius)
+
+
+def _erode(region: torch.Tensor, radius: int) -> torch.Tensor:
+    return 1 - _dilate(1 - region, radius)
+
+
+def draw_mask(
+    image: torch.Tensor, mask: torch.Tensor, classes: Sequence[str] | None = None
+) -> torch.Tensor:
+    """uint8 (3, H', W'): the image with each class outlined in its colour beside the class
+    map in solid colours (``outline_classes`` | ``class_map``), an image under 256 pixels
+    first enlarged (``legible``); with ``classes``, a legend band below names the colours
+    of the classes present."""
+    image, factor = legible(image)
+    mask = mask.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+    left, right = outline_classes(image, mask), class_map(mask)
+    height, width = left.shape[-2:]
+    pair = torch.full((3, height, 2 * width + SIDE_BY_SIDE_GAP), 255, dtype=torch.uint8)
+    pair[:, :, :width] = left
+    pair[:, :, width + SIDE_BY_SIDE_GAP :] = right
     if classes is None:
-        return drawn
-    present = sorted(set(np.unique(labels).tolist()) - {0})
-    return legend_below(drawn, [(classes[k], mask_colour(k)) for k in present])
+        return pair
+    present = sorted(set(mask.unique().tolist()) - {0})
+    return legend_below(pair, [(classes[k], mask_colour(k)) for k in present])
+
+
+def legend_font_size(height: int) -> int:
+    """The pixel size of a legend's text under a picture ``height`` pixels high."""
+    return max(12, min(48, round(height / 30)))
 
 
 def legend_below(image: torch.Tensor, entries: list[tuple[str, tuple[int, int, int]]]):
     """uint8 (3, H + band, W): ``image`` above a white band of colour swatches and names,
-    wrapped over as many lines as the width needs."""
+    wrapped over as many lines as the width needs (W grows only for a name wider than the
+    image)."""
     width = image.shape[-1]
-    font = _font(12)
-    line_height, swatch = 16, 10
+    # The text grows with the picture (12 pixels up to 360 rows, at most 48), so a legend
+    # under a large photo is not a line of specks once the picture is shown whole.
+    size = legend_font_size(image.shape[-2])
+    font = _font(size)
+    line_height, swatch = round(size * 4 / 3), round(size * 5 / 6)
     lines: list[list[tuple[str, tuple[int, int, int], int]]] = [[]]
-    x = 4
+    x = widest = 4
     for name, colour in entries or [("background only", (255, 255, 255))]:
-        needed = swatch + 4 + int(font.getlength(name)) + 10
+        needed = swatch + size // 3 + int(font.getlength(name)) + size
         if x + needed > width and lines[-1]:
             lines.append([])
             x = 4
         lines[-1].append((name, colour, x))
         x += needed
-    canvas = Image.new("RGB", (width, image.shape[-2] + line_height * len(lines) + 4), "white")
+        widest = max(widest, x)
+    # a name wider than the picture widens the band (the picture stays at the left): a
+    # label is never cut
+    canvas_width = max(width, widest)
+    canvas = Image.new(
+        "RGB", (canvas_width, image.shape[-2] + line_height * len(lines) + 4), "white"
+    )
     canvas.paste(Image.fromarray(rgb(image).permute(1, 2, 0).numpy()), (0, 0))
     draw = ImageDraw.Draw(canvas)
     for row, line in enumerate(lines):
         y = image.shape[-2] + 4 + row * line_height
         for name, colour, x in line:
-            draw.rectangle([x, y + 2, x + swatch, y + 2 + swatch], fill=colour, outline="black")
-            draw.text((x + swatch + 4, y), name, fill="black", font=font)
+            top = y + (line_height - swatch) // 2
+            draw.rectangle([x, top, x + swatch, top + swatch], fill=colour, outline="black")
+            draw.text((x + swatch + size // 3, y), name, fill="black", font=font)
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
 
@@ -162,7 +218,7 @@ def draw_boxes(
     canvas = Image.fromarray(rgb(image).permute(1, 2, 0).numpy().copy())
     height, width = canvas.height, canvas.width
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(10, min(18, round(min(height, width) / 22))))
+    font = _font(tag_font_size(height, width))
     line = max(1, round(min(height, width) / 160))
     ranked = sorted(detections, key=lambda d: -d.get("score", 1.0))
     cap = max(1, min(max_boxes, height * width // BOX_AREA))
@@ -190,6 +246,12 @@ def draw_boxes(
         _tag(draw, font, f"+{hidden} more below score {shown[-1]['score']:.2f}",
              (255, 255, 255), width, height, width, anchor_bottom=True)  # fmt: skip
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
+
+
+def tag_font_size(height: int, width: int) -> int:
+    """The pixel size of a box's tag on a drawing of ``height`` x ``width`` (after
+    ``legible``): 10 at least, 18 at most."""
+    return max(10, min(18, round(min(height, width) / 22)))
 
 
 def tag_spot(

@@ -214,7 +214,10 @@ def plot_pictures(
     shown = list(pictures)[:_MAX_ERROR_IMAGES]
     cols = max(1, min(columns, len(shown)))
     rows = max(1, math.ceil(len(shown) / cols))
-    fig = _new_figure((3 * cols, 3.2 * rows + 0.4))
+    # A wide picture (an image beside its class map) gets a wider column, not a smaller
+    # scale: the text drawn into it stays at its own size.
+    aspect = max([p.shape[-1] / p.shape[-2] for p, _ in shown] + [1.0])
+    fig = _new_figure((3 * min(aspect, 3.0) * cols, 3.2 * rows + 0.4))
     fig.suptitle(title, fontsize=10)
     if not shown:
         fig.text(0.5, 0.5, "nothing to show", ha="center", va="center")

@@ -29,7 +29,7 @@ from cnnlab.tasks.options import Option
 from cnnlab.tasks.spec import Figure, MetricSpec
 
 EVAL_BATCH = 8
-VAL_PICTURES = 6  # validation images drawn into the run folder
+VAL_PICTURES = 5  # validation images drawn into the run folder, three tiles each
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -196,10 +196,11 @@ class SegmentTask(RunFacts):
         autocast_dtype: torch.dtype | None,
         run_dir: Path,
     ) -> tuple[str, dict]:
-        """The val report and val_predictions.png: the first val images with their labelled
-        mask beside the predicted one."""
+        """The val report and val_predictions.png: for each of the first val images, the
+        image with the predicted classes outlined, the labelled class map and the predicted
+        one (solid class colours, never blended with the image)."""
         from cnnlab import plots
-        from cnnlab.draw import mask_colour, overlay_mask
+        from cnnlab.draw import class_map, legible, mask_colour, outline_classes
 
         result = self.evaluate(model, val, device, autocast_dtype)
         shown = self.splits.val[:VAL_PICTURES]
@@ -210,16 +211,20 @@ class SegmentTask(RunFacts):
         ):
             truth = segdata.read_mask(mask_path, len(self.classes))
             labelled = truth != IGNORE_INDEX
-            truth = torch.where(labelled, truth, 0)  # unlabelled pixels shown untinted
+            truth = torch.where(labelled, truth, 0)  # unlabelled pixels shown as background
             predicted = found["_mask"].long()
             accuracy = (predicted == truth)[labelled].float().mean().item()
-            pictures.append((overlay_mask(image, truth), f"{path.name}: labels"))
-            pictures.append(
-                (overlay_mask(image, predicted), f"predicted ({accuracy:.0%} of pixels)")
+            enlarged, factor = legible(image)  # whole factors: the tiles stay pixel-exact
+            truth, predicted = (
+                m.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+                for m in (truth, predicted)
             )
+            pictures.append((outline_classes(enlarged, predicted), f"{path.name}, predicted"))
+            pictures.append((class_map(truth), "labels"))
+            pictures.append((class_map(predicted), f"predicted ({accuracy:.0%} of pixels)"))
         legend = [(name, mask_colour(k)) for k, name in enumerate(self.classes) if k > 0]
         plots.plot_pictures(pictures, run_dir / "val_predictions.png", "validation images",
-                            legend=legend)  # fmt: skip
+                            columns=3, legend=legend)  # fmt: skip
         return "val", result
 
     @staticmethod
@@ -232,16 +237,17 @@ class SegmentTask(RunFacts):
     def batch_pictures(
         self, images: torch.Tensor, targets: torch.Tensor
     ) -> list[tuple[torch.Tensor, str]]:
-        """(uint8 image with its mask tinted, the classes in it) for each image of a training
-        batch, as batch.png shows them (padding, labelled 255, is left untinted)."""
-        from cnnlab.draw import overlay_mask, unnormalise
+        """(uint8 image with its classes outlined beside its class map, the classes in it)
+        for each image of a training batch, as batch.png shows them (padding, labelled 255,
+        is shown as background)."""
+        from cnnlab.draw import draw_mask, unnormalise
 
         pictures = []
         for image, mask in zip(images, targets, strict=False):
             shown = torch.where(mask == IGNORE_INDEX, 0, mask)
             present = sorted(set(shown.unique().tolist()) - {0})
             names = ", ".join(self.classes[k] for k in present) or "background only"
-            pictures.append((overlay_mask(unnormalise(image, self.mean, self.std), shown), names))
+            pictures.append((draw_mask(unnormalise(image, self.mean, self.std), shown), names))
         return pictures
 
     @staticmethod
@@ -320,14 +326,14 @@ class SegmentTask(RunFacts):
 
     def draw(self, image: torch.Tensor, result: dict) -> dict[str, bytes]:
         """PNGs to save, by name: the mask (each pixel's value its class index, shown in the
-        class colours) and the image with the classes tinted above a legend
-        (``cnnlab.draw``)."""
-        from cnnlab.draw import encode_png, mask_png, overlay_mask
+        class colours) and the "overlay": the image with each class outlined beside the
+        class map, above a legend (``cnnlab.draw.draw_mask``)."""
+        from cnnlab.draw import draw_mask, encode_png, mask_png
 
         mask = result["_mask"]
         return {
             "mask": mask_png(mask),
-            "overlay": encode_png(overlay_mask(image, mask, self.classes)),
+            "overlay": encode_png(draw_mask(image, mask, self.classes)),
         }
 
 
