@@ -188,3 +188,87 @@ def test_a_bad_file_is_one_line_and_the_next_good_one_works(page, serve_runs, tm
     page.set_input_files("#file", image_of(serve_runs["classify_data"]))
     page.wait_for_selector("#top1")
     assert page.is_hidden("#error")
+
+
+FITS = "() => document.documentElement.scrollWidth <= window.innerWidth"
+# every image the user can see has loaded (a broken one has naturalWidth 0); the figures
+# inside a closed <details> are not seen
+NO_BROKEN_IMAGE = """() => [...document.images].every((img) =>
+    !img.checkVisibility({ checkOpacity: true, checkVisibilityCSS: true })
+    || (img.complete && img.naturalWidth > 0))"""
+CLASS_MAP_COLOURS = """() => { const c = document.getElementById('classmap');
+    if (c.hidden || !c.width) return null;
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    const seen = new Set();
+    for (let i = 0; i < d.length; i += 4) seen.add(`${d[i]},${d[i + 1]},${d[i + 2]}`);
+    return [...seen]; }"""
+
+
+def hex_rgb(colour: str) -> str:
+    return ",".join(str(int(colour[i : i + 2], 16)) for i in (1, 3, 5))
+
+
+@pytest.mark.parametrize("width", [1280, 400])
+def test_the_page_fits_the_screen_and_never_shows_a_broken_image(
+    browser, server, serve_runs, tmp_path, width: int
+) -> None:
+    """Before any upload, with a segmentation drawn (the class map beside the image in pure
+    class colours), and after a bad file (the error's text, no empty box)."""
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    try:
+        page.goto(server.url)
+        page.wait_for_selector("#run-list button")
+        assert page.evaluate(FITS) and page.evaluate(NO_BROKEN_IMAGE)
+        assert page.is_hidden("#result") and page.is_hidden("#photo")
+        page.screenshot(path=tmp_path / f"empty-{width}.png", full_page=True)
+
+        choose(page, "segment")
+        page.set_input_files("#file", image_of(serve_runs["segment_data"]))
+        page.wait_for_selector("#fractions li")
+        # (the tiny run may call every pixel one class: then no outline, only the map)
+        wait_until(page, f"() => ({CLASS_MAP_COLOURS})() !== null")
+        colours = page.evaluate("() => state.run.colours")
+        palette = {"0,0,0"} | {hex_rgb(c) for c in colours if c}
+        assert set(page.evaluate(CLASS_MAP_COLOURS)) <= palette  # solid colours, no blend
+        assert page.evaluate(FITS) and page.evaluate(NO_BROKEN_IMAGE)
+        stage = page.locator("#stage").bounding_box()
+        assert stage["x"] + stage["width"] <= width
+        page.screenshot(path=tmp_path / f"segment-{width}.png", full_page=True)
+
+        page.set_input_files(
+            "#file", files=[{"name": "bad.png", "mimeType": "image/png", "buffer": b"no png"}]
+        )
+        page.wait_for_selector("#error:not([hidden])")
+        assert page.is_hidden("#result") and page.is_hidden("#stage")
+        assert page.evaluate(FITS) and page.evaluate(NO_BROKEN_IMAGE)
+        page.screenshot(path=tmp_path / f"error-{width}.png", full_page=True)
+    finally:
+        context.close()
+
+
+def test_one_served_run_needs_no_run_field_and_its_first_use_says_the_model_loads(
+    browser, launch_server, serve_runs, tmp_path
+) -> None:
+    served = launch_server(serve_runs["segment"])
+    assert [run["warm"] for run in httpx.get(served.url + "api/runs").json()["runs"]] == [False]
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    held = []  # the page's request, answered once the status has been read
+    page.route("**/api/predict", lambda route: held.append(route))
+    try:
+        page.goto(served.url)
+        page.wait_for_selector("#run-list button")
+        page.set_input_files("#file", image_of(serve_runs["segment_data"]))
+        wait_until(page, "() => document.getElementById('status').textContent.includes('loading')")
+        assert "loading the model" in page.inner_text("#status")
+        page.screenshot(path=tmp_path / "first-use.png", full_page=True)
+        wait_until(page, "() => true")
+        held[0].continue_()
+        page.wait_for_selector("#fractions li")
+    finally:
+        context.close()
+    assert httpx.get(served.url + "api/runs").json()["runs"][0]["warm"]
+    with image_of(serve_runs["segment_data"]).open("rb") as handle:  # no run field
+        answer = httpx.post(served.url + "api/predict", files={"file": ("s.png", handle)})
+    assert answer.status_code == 200 and "class_fractions" in answer.json()

@@ -128,8 +128,10 @@ def create_app(
             raise HTTPException(404, f"run {run_id!r} has no figure {name!r}")
         return FileResponse(path, media_type="image/png")
 
-    async def predict(run: str, file: UploadFile, **given: Any) -> dict:
-        target = find(run)
+    async def predict(run: str | None, file: UploadFile, **given: Any) -> dict:
+        if run is None and len(served) != 1:  # with one run served, it is the one meant
+            raise HTTPException(422, f"run is required: {len(served)} runs are served")
+        target = find(next(iter(served)) if run is None else run)
         options = _options(target, given)
         name = Path(file.filename or "upload").name or "upload"
         kind = (file.content_type or "").split(";")[0].strip().lower()
@@ -140,7 +142,7 @@ def create_app(
             raise HTTPException(
                 413, f"{name}: larger than the upload limit of {max_upload:,} bytes"
             )
-        job = Job((run, tuple(sorted(options.items()))), Upload(name, data))
+        job = Job((target.id, tuple(sorted(options.items()))), Upload(name, data))
         try:
             future = pool.submit(job)
         except RuntimeError:  # the pool is stopping
@@ -191,7 +193,11 @@ def predict_signature() -> inspect.Signature:
         inspect.Parameter(
             "run",
             keyword,
-            annotation=Annotated[str, Form(description="a run id from GET /api/runs")],
+            default=None,
+            annotation=Annotated[
+                str | None,
+                Form(description="a run id from GET /api/runs (optional when one run is served)"),
+            ],
         ),
         inspect.Parameter(
             "file",

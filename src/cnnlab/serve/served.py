@@ -45,9 +45,20 @@ class Served:
 
     id: str
     run: Run
-    info: dict  # its GET /api/runs entry
+    described: dict  # what it is (``describe``)
     _maps_model: FullyConvolutional | None = field(default=None, repr=False)
     _maps_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _answered: bool = field(default=False, repr=False)
+
+    @property
+    def info(self) -> dict:
+        """Its GET /api/runs entry: ``described`` and ``warm``, false until the run has
+        answered once (and, for a classifier, built its heat-map network): the first
+        prediction also warms the kernels up and takes seconds longer, which the page
+        says."""
+        needs_maps = self.run.task.name == "classify"
+        warm = self._answered and (not needs_maps or self._maps_model is not None)
+        return {**self.described, "warm": warm}
 
     def figure(self, name: str) -> Path | None:
         """RUN/NAME.png when NAME is one of ``FIGURES`` and the file is there."""
@@ -79,6 +90,7 @@ class Served:
             if heatmaps:
                 answer.update(self._heatmaps(images[i], [t["class"] for t in result["top"]]))
             answers[i] = answer
+        self._answered = self._answered or bool(results)
         return answers
 
     def _results(self, images: list[torch.Tensor], options: dict) -> list[dict | Exception]:

@@ -1,10 +1,12 @@
 // cnnlab serve: the page. Its only backend is the JSON API (GET /api/runs, POST /api/predict);
-// every drawing (heat map, mask, boxes) is made here on a canvas over the uploaded image.
+// every drawing (heat map, mask outlines, boxes) is made here on a canvas over the uploaded
+// image; a segmentation's class map goes on a second canvas beside it.
 "use strict";
 
 const state = { runs: [], run: null, file: null, answer: null, maxUpload: 20e6, heatClass: null };
 const $ = (id) => document.getElementById(id);
-const STAGE_SIDE = 440; // CSS pixels the longer side of the shown image gets
+const STAGE_SIDE = 440; // CSS pixels the longer side of the shown image gets, room permitting
+const PANEL_GAP = 8; // CSS pixels between the image and a segmentation's class map
 const DETECT_REQUEST_THRESHOLD = 0.05; // asked of the server; the slider filters above it
 const DETECTIONS_LISTED = 15; // rows in the list; every box above the threshold is drawn
 
@@ -127,7 +129,10 @@ async function predict(file) {
   }
   if (run.task === "detect") form.append("score_threshold", String(DETECT_REQUEST_THRESHOLD));
   showImage(file);
-  $("status").textContent = "predicting…";
+  // The server says whether the run has answered before: its first prediction also
+  // prepares the model (the heat-map network, the kernels) and takes seconds longer.
+  $("status").textContent = run.warm ? "predicting…"
+    : `first use of ${run.name}: loading the model, then predicting (this can take several seconds)…`;
   const started = performance.now();
   let response, body;
   try {
@@ -141,13 +146,16 @@ async function predict(file) {
   if (state.run !== run || state.file !== file) return; // a newer request took over
   const took = Math.round(performance.now() - started);
   if (!response.ok) {
+    // the error's text alone: no empty stage, no image the answer is not about
     $("status").textContent = "";
     $("panel").replaceChildren();
     $("result").hidden = true;
+    $("raw").hidden = true;
     clearOverlay();
     showError(`${response.status}: ${body.detail}`);
     return;
   }
+  run.warm = true;
   state.answer = body;
   state.heatClass = body.heatmaps ? body.heatmaps.maps[0].class : null;
   $("status").textContent = `${run.name} answered in ${took} ms`;
@@ -157,12 +165,16 @@ async function predict(file) {
   $("curl").textContent = `curl -F run=${run.id} -F file=@${file.name} ${location.origin}/api/predict`;
 }
 
+// The stage stays hidden until the image has loaded: never a broken-image icon, never an
+// empty box. An image the browser cannot decode (TIFF) leaves the stage hidden and says so.
 function showImage(file) {
   const photo = $("photo");
   if (photo.dataset.url) URL.revokeObjectURL(photo.dataset.url);
   photo.dataset.url = URL.createObjectURL(file);
-  photo.onload = () => { fitStage(); if (state.answer) drawOverlay(); };
-  photo.onerror = () => { $("status").textContent = "this browser cannot show the image; the results are below"; };
+  $("stage").hidden = true;
+  $("classmap").hidden = true;
+  photo.onload = () => { $("stage").hidden = false; fitStage(); if (state.answer) drawOverlay(); };
+  photo.onerror = () => { $("status").textContent = "this browser cannot show the image; the results are beside it"; };
   state.answer = null;
   photo.src = photo.dataset.url;
   $("result").hidden = false;
@@ -170,17 +182,28 @@ function showImage(file) {
 
 // The image at STAGE_SIDE on its longer side (small ones enlarged, their pixels kept sharp);
 // the canvas over it at the screen's resolution.
+// Never wider than the result card: on a narrow screen the image shrinks, and a
+// segmentation's image and class map share the width.
 function fitStage() {
-  const photo = $("photo"), canvas = $("overlay");
+  const photo = $("photo"), canvas = $("overlay"), classmap = $("classmap");
   const w = photo.naturalWidth, h = photo.naturalHeight;
   if (!w || !h) return;
-  const scale = STAGE_SIDE / Math.max(w, h);
+  const card = $("result"), style = getComputedStyle(card);
+  const room = card.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+  const pair = state.run && state.run.task === "segment";
+  const side = Math.max(64, Math.min(STAGE_SIDE, pair ? (room - PANEL_GAP) / 2 : room));
+  const scale = side / Math.max(w, h);
   const cssW = Math.round(w * scale), cssH = Math.round(h * scale);
-  photo.style.width = canvas.style.width = `${cssW}px`;
-  photo.style.height = canvas.style.height = `${cssH}px`;
+  for (const node of [photo, canvas, classmap]) {
+    node.style.width = `${cssW}px`;
+    node.style.height = `${cssH}px`;
+  }
   photo.classList.toggle("pixelated", scale > 2);
-  canvas.width = Math.round(cssW * devicePixelRatio);
-  canvas.height = Math.round(cssH * devicePixelRatio);
+  for (const node of [canvas, classmap]) {
+    node.width = Math.round(cssW * devicePixelRatio);
+    node.height = Math.round(cssH * devicePixelRatio);
+  }
+  classmap.hidden = !pair || !state.answer;
 }
 
 function clearOverlay() {
@@ -200,6 +223,7 @@ function imageContext() {
 
 function renderAnswer() {
   const task = state.run.task;
+  fitStage(); // the class map beside the image, for a segmentation
   const panel = $("panel");
   if (task === "classify") panel.replaceChildren(...classifyPanel(state.answer));
   else if (task === "segment") panel.replaceChildren(...segmentPanel(state.answer));
@@ -253,7 +277,7 @@ function segmentPanel(answer) {
         el("span", { class: "prob" }, el("span", { style: `width:${(100 * share).toFixed(1)}%;background:${colour || "#98a2b3"}` })),
         el("span", { class: "num" }, pct(share))));
     })),
-    opacitySlider("mask opacity", overlay.alpha, (v) => { overlay.alpha = v; drawOverlay(); }),
+    el("p", { class: "muted" }, "Left, the image with each class outlined in its colour; right, the class of every pixel."),
   ];
 }
 
@@ -329,28 +353,65 @@ function drawHeatmap(answer) {
   if (peak) peak.textContent = `P(${found.class}) peaks at ${pct(found.prob)} in the window outlined (cell ${found.peak.join(", ")} of ${rows}×${cols}).`;
 }
 
+// Outlines, not a tint: a class colour blended over a colourful image reads as a third
+// colour. Each class's region is outlined in its colour at the screen's resolution (the
+// line edged in black on both sides), and the class map is drawn in solid colours beside.
 function drawMask(answer) {
-  const ctx = imageContext();
+  imageContext(); // cleared
   const mask = new Image();
   mask.onload = () => {
     if (state.answer !== answer) return;
+    const mw = mask.naturalWidth, mh = mask.naturalHeight;
     const cells = document.createElement("canvas");
-    cells.width = mask.naturalWidth;
-    cells.height = mask.naturalHeight;
+    cells.width = mw;
+    cells.height = mh;
     const cctx = cells.getContext("2d");
     cctx.drawImage(mask, 0, 0);
-    const data = cctx.getImageData(0, 0, cells.width, cells.height);
-    const rgb = state.run.colours.map((c) => (c ? [1, 3, 5].map((i) => parseInt(c.slice(i, i + 2), 16)) : null));
-    for (let i = 0; i < data.data.length; i += 4) {
-      const colour = rgb[data.data[i]]; // the class index, in every channel of the grey PNG
-      if (colour) data.data.set([...colour, Math.round(255 * overlay.alpha)], i);
-      else data.data[i + 3] = 0;
-    }
-    cctx.putImageData(data, 0, 0);
-    ctx.imageSmoothingEnabled = false;
-    ctx.drawImage(cells, 0, 0, $("photo").naturalWidth, $("photo").naturalHeight);
+    const grey = cctx.getImageData(0, 0, mw, mh).data; // the class index, in every channel
+    const rgb = state.run.colours.map((c) => (c ? [1, 3, 5].map((i) => parseInt(c.slice(i, i + 2), 16)) : [0, 0, 0]));
+    // the class map: one solid colour per class, the background black
+    const solid = cctx.createImageData(mw, mh);
+    for (let i = 0; i < mw * mh; i++) solid.data.set([...rgb[grey[4 * i]], 255], 4 * i);
+    cctx.putImageData(solid, 0, 0);
+    const map = $("classmap"), mctx = map.getContext("2d");
+    mctx.imageSmoothingEnabled = false;
+    mctx.drawImage(cells, 0, 0, map.width, map.height);
+    map.hidden = false;
+    drawOutlines(grey, mw, mh, rgb);
   };
   mask.src = answer.mask_png;
+}
+
+function drawOutlines(grey, mw, mh, rgb) {
+  const canvas = $("overlay"), W = canvas.width, H = canvas.height;
+  const labels = new Uint8Array(W * H);
+  for (let y = 0; y < H; y++) {
+    const row = Math.min(mh - 1, Math.floor((y * mh) / H)) * mw;
+    for (let x = 0; x < W; x++) labels[y * W + x] = grey[4 * (row + Math.min(mw - 1, Math.floor((x * mw) / W)))];
+  }
+  const line = Math.max(2, Math.round(2 * devicePixelRatio));
+  const ring = new Uint8Array(W * H); // 1: on a class's outline
+  for (let y = 0; y < H; y++) {
+    for (let x = 0; x < W; x++) {
+      const k = labels[y * W + x];
+      if (!k) continue;
+      for (let d = 1; d <= line && !ring[y * W + x]; d++) {
+        if ((x >= d && labels[y * W + x - d] !== k) || (x + d < W && labels[y * W + x + d] !== k)
+          || (y >= d && labels[(y - d) * W + x] !== k) || (y + d < H && labels[(y + d) * W + x] !== k)) ring[y * W + x] = 1;
+      }
+    }
+  }
+  const out = new ImageData(W, H);
+  for (let y = 0; y < H; y++) {
+    for (let x = 0; x < W; x++) {
+      const i = y * W + x;
+      if (ring[i]) out.data.set([...rgb[labels[i]], 255], 4 * i);
+      else if ((x > 0 && ring[i - 1]) || (x + 1 < W && ring[i + 1]) || (y > 0 && ring[i - W]) || (y + 1 < H && ring[i + W])) {
+        out.data.set([0, 0, 0, 255], 4 * i);
+      }
+    }
+  }
+  canvas.getContext("2d").putImageData(out, 0, 0);
 }
 
 function drawBoxes(answer) {
