@@ -1,4 +1,6 @@
-"""Every Python snippet in README.md runs, from a folder holding what `make demo` leaves."""
+"""Every Python snippet in README.md and the docs/ pages runs, from a folder holding what
+`make demo` leaves; the README names only files that are in the repository or that its own
+commands write, and links only to pages of the repository."""
 
 from __future__ import annotations
 
@@ -12,8 +14,17 @@ import pytest
 
 import cnnlab
 
-README = Path(__file__).parents[1] / "README.md"
-SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+SNIPPETS = [
+    (page, snippet)
+    for page in PAGES
+    for snippet in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+]
+# What the README's commands write (make demo, the demos, the commands' --out): the files
+# it names below these are made by the tour itself.
+WRITTEN = ("runs/", "masks/", "drawn/", "heat5.png", ".venv/")
 
 
 @pytest.fixture(scope="module")
@@ -37,20 +48,41 @@ def demo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_the_readme_has_python_snippets() -> None:
-    assert len(SNIPPETS) >= 2
+def test_the_readme_and_the_docs_have_python_snippets() -> None:
+    assert sum(page == README for page, _ in SNIPPETS) >= 2
+    assert any(page != README for page, _ in SNIPPETS)
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_readme_snippet_runs(demo_folder: Path, tmp_path: Path, index: int) -> None:
+@pytest.mark.parametrize(
+    "index", range(len(SNIPPETS)), ids=[f"{p.name}-{i}" for i, (p, _) in enumerate(SNIPPETS)]
+)
+def test_snippet_runs(demo_folder: Path, tmp_path: Path, index: int) -> None:
     work = tmp_path / "cwd"
     shutil.copytree(demo_folder, work)
     done = subprocess.run(
-        [sys.executable, "-c", SNIPPETS[index]],
+        [sys.executable, "-c", SNIPPETS[index][1]],
         cwd=work,
         capture_output=True,
         text=True,
         check=False,
     )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip(), "a README snippet should show its result"
+    assert done.returncode == 0, f"{SNIPPETS[index][0].name}: {done.stderr}"
+    assert done.stdout.strip(), "a snippet should show its result"
+
+
+def test_the_readme_names_only_files_that_exist_or_that_its_commands_write() -> None:
+    text = README.read_text()
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert links, "the tour links its pictures and pages"
+    for link in links:
+        assert "://" not in link, f"README links outside the repository: {link}"
+        assert (ROOT / link).exists(), f"README links to a missing file: {link}"
+    commands = "\n".join(re.findall(r"```sh\n(.*?)```", text, flags=re.S))
+    named = re.findall(r"(?<![\w/.-])((?:[\w.-]+/)+[\w.-]*|[\w.-]+\.(?:png|jpg|md|py))", commands)
+    for name in named:
+        if name.startswith(WRITTEN) or "://" in name or name.startswith("127.0.0.1"):
+            continue
+        assert (ROOT / name).exists(), f"a README command uses {name}, which is not there"
+    for page in PAGES[1:]:
+        for link in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
+            assert "://" not in link and (page.parent / link).exists(), f"{page.name}: {link}"

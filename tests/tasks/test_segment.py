@@ -12,6 +12,7 @@ from cnnlab import cli
 from cnnlab.data import segment as segdata
 from cnnlab.data.shapes import write_shapes
 from cnnlab.data.transforms import segment_train
+from cnnlab.draw import SIDE_BY_SIDE_GAP
 from cnnlab.errors import CnnlabError
 from cnnlab.tasks.segment import confusion_matrix, scores
 from tests.conftest import read_metrics
@@ -243,11 +244,17 @@ def test_predict_writes_index_masks_and_overlays(shapes_run, shapes, tmp_path, c
         for k, name in enumerate(classes):
             assert shares[k] == pytest.approx(result["class_fractions"].get(name, 0.0), abs=1e-6)
         overlay = Image.open(result["overlay"])
-        # 64x64 is enlarged by a whole factor to be legible, a legend band below it.
+        # 64x64 is enlarged by a whole factor to be legible: the image with its classes
+        # outlined beside the class map, a legend band below them.
         width, height = mask.size
-        factor = overlay.width // width
-        assert overlay.mode == "RGB" and factor >= 2 and overlay.width == width * factor
+        factor = (overlay.width - SIDE_BY_SIDE_GAP) // (2 * width)
+        assert overlay.mode == "RGB" and factor >= 2
+        assert overlay.width == 2 * width * factor + SIDE_BY_SIDE_GAP
         assert overlay.height > height * factor
+        # the class map is the mask in pure palette colours, never blended with the image
+        shown = np.asarray(overlay)[: height * factor, width * factor + SIDE_BY_SIDE_GAP :]
+        expected = np.asarray(mask.convert("RGB")).repeat(factor, 0).repeat(factor, 1)
+        assert np.array_equal(shown, expected)
         assert result["overlay"].endswith(f"{image.stem}_overlay.png")
         assert sum(result["class_fractions"].values()) == pytest.approx(1.0)
     json.dumps(results)

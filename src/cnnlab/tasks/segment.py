@@ -247,7 +247,8 @@ class SegmentTask(RunFacts):
             shown = torch.where(mask == IGNORE_INDEX, 0, mask)
             present = sorted(set(shown.unique().tolist()) - {0})
             names = ", ".join(self.classes[k] for k in present) or "background only"
-            pictures.append((draw_mask(unnormalise(image, self.mean, self.std), shown), names))
+            shown_image = unnormalise(image, self.mean, self.std)
+            pictures.append((draw_mask(shown_image, shown, self.classes), names))
         return pictures
 
     @staticmethod
