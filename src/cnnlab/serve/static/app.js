@@ -89,7 +89,7 @@ function renderDetails(run) {
   const [c, h, w] = run.input_size;
   const scalars = Object.entries(run.metrics || {}).filter(([, v]) => typeof v === "number");
   const colours = run.colours;
-  box.replaceChildren(
+  box.replaceChildren(...[
     el("div", { class: "details-head" },
       el("h2", {}, run.name),
       el("span", {}, el("span", { class: `badge ${run.task}` }, run.task), run.model)),
@@ -108,7 +108,7 @@ function renderDetails(run) {
       Object.entries(run.figures).map(([name, url]) => el("img", {
         class: "figure", src: url, alt: `${name} of ${run.name}`, loading: "lazy",
       }))) : null,
-  );
+  ].filter(Boolean)); // replaceChildren would print a null as the text "null"
   box.hidden = false;
 }
 
