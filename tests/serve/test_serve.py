@@ -353,3 +353,19 @@ def test_in_a_batch_each_bad_image_fails_only_its_own_request(serve_runs) -> Non
     assert isinstance(tiny, CnnlabError) and "at least 32x32, got 4x4" in str(tiny)
     assert isinstance(junk, CnnlabError) and str(junk).startswith("junk.png: ")
     assert answer["file"] == "good.png" and answer["mask_png"].startswith("data:image/png")
+
+
+def test_with_one_run_served_the_run_field_may_be_left_out(serve_runs) -> None:
+    """And GET /api/runs says whether the run has answered yet (``warm``: its first answer
+    takes longer, which the page says)."""
+    from fastapi.testclient import TestClient
+
+    from cnnlab.serve.app import create_app
+
+    app = create_app([serve_runs["segment"]], device="cpu")
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert [run["warm"] for run in client.get("/api/runs").json()["runs"]] == [False]
+        good = first_image(serve_runs["segment_data"]).read_bytes()
+        answer = client.post("/api/predict", files={"file": ("s.png", good, "image/png")})
+        assert answer.status_code == 200 and "class_fractions" in answer.json()
+        assert client.get("/api/runs").json()["runs"][0]["warm"]
