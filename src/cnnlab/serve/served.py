@@ -187,8 +187,9 @@ def describe(run_id: str, run: Run) -> dict:
 
 
 def colours(task: str, count: int) -> list[str | None]:
-    """The CSS colour ``cnnlab.draw`` gives each class: its box colour (detection), its mask
-    tint (segmentation; the background, class 0, is not tinted), none for classification."""
+    """The CSS colour ``cnnlab.draw`` gives each class: its box colour (detection), its outline
+    and class-map colour (segmentation; the background, class 0, has none), none for
+    classification."""
     if task == "detect":
         return [hex_colour(box_colour(i)) for i in range(count)]
     if task == "segment":
