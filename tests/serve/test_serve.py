@@ -3,8 +3,9 @@
 Its answers are the ones ``cnnlab predict`` gives for the same image (``Run.predict_files``
 is what that command prints), its run list is what ``cnnlab.inspect`` and the run folder
 say, and no bad request (empty, truncated, a decompression bomb, 25 MB, not an image, not
-multipart, a full queue) gets anything but a one-line 4xx or 503 JSON error, after which
-the next good request is still answered.
+multipart, a full queue, a stalled upload, an image too large to predict, a foreign
+``Host``) gets anything but a one-line 4xx or 503 JSON error, after which the next good
+request is still answered.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -24,22 +26,30 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from cnnlab.errors import CnnlabError
 from cnnlab.heatmap import heatmap
 from cnnlab.inspect.specs import summarize_spec
 from cnnlab.runs import load_run
+from cnnlab.serve import create_app
+from cnnlab.serve.app import AllowedHosts
 from cnnlab.serve.pool import Gate, Job, Pool
 from cnnlab.serve.served import Upload, load_served
 from tests.conftest import run_cli
 
+UPLOAD_TIMEOUT = 4  # the module's server: seconds for an upload to arrive
+
 
 @pytest.fixture(scope="module")
 def server(serve_runs, launch_server):
-    """One server with the three runs; at most two predictions inside at once."""
+    """One server with the three runs; at most two predictions inside at once (and eight
+    uploads arriving), answering the host name lab.example too."""
     runs = [serve_runs[task] for task in ("classify", "segment", "detect")]
-    return launch_server(*runs, "--queue-size", "2")
+    timeout = str(UPLOAD_TIMEOUT)
+    flags = ("--queue-size", "2", "--upload-timeout", timeout, "--allow-host", "lab.example")
+    return launch_server(*runs, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -211,17 +221,21 @@ def test_a_body_longer_than_the_limit_is_cut_off_as_it_arrives(client, serve_run
     assert post(client, run_id, good).status_code == 200
 
 
-def test_a_full_queue_is_503_with_retry_after_until_a_place_frees(client, server, serve_runs):
-    """Two uploads that never finish hold the server's two places."""
+def stall(server) -> socket.socket:
+    """A connection that sends the start of an upload and nothing more."""
     address = httpx.URL(server.url)
-    held = []
-    for _ in range(2):
-        stalled = socket.create_connection((address.host, address.port))
-        stalled.sendall(
-            b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 9999\r\n"
-            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
-        )
-        held.append(stalled)
+    stalled = socket.create_connection((address.host, address.port))
+    stalled.sendall(
+        b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9999\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+    )
+    return stalled
+
+
+def test_a_full_queue_is_503_with_retry_after_until_a_place_frees(client, server, serve_runs):
+    """Eight uploads that never finish hold the eight places of uploads arriving (four per
+    place in the queue of two)."""
+    held = [stall(server) for _ in range(8)]
     run_id = ids(client)["classify"]
     good = first_image(serve_runs["classify_data"]).read_bytes()
     deadline = time.monotonic() + 10
@@ -237,6 +251,89 @@ def test_a_full_queue_is_503_with_retry_after_until_a_place_frees(client, server
         assert time.monotonic() < deadline + 10
         time.sleep(0.05)
     assert again.status_code == 200
+
+
+def test_stalled_uploads_time_out_and_never_hold_up_the_predictions_of_others(
+    client, server, serve_runs
+) -> None:
+    """Three stalled uploads, more than the queue's two places: a prediction from another
+    client is answered at once all the same (a place in the queue is taken once a body has
+    arrived), and each stalled one is answered 408 once its time is up."""
+    run_id = ids(client)["classify"]
+    good = first_image(serve_runs["classify_data"]).read_bytes()
+    held = [stall(server) for _ in range(3)]
+    started = time.monotonic()
+    assert post(client, run_id, good).status_code == 200
+    assert time.monotonic() - started < UPLOAD_TIMEOUT  # before any of them timed out
+    for stalled in held:
+        stalled.settimeout(UPLOAD_TIMEOUT + 30)
+        answer = stalled.recv(4096)
+        stalled.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        detail = json.loads(answer.split(b"\r\n\r\n", 1)[1])["detail"]
+        assert "did not arrive within 4 s" in detail and "\n" not in detail
+    assert time.monotonic() - started >= UPLOAD_TIMEOUT - 0.5
+    assert post(client, run_id, good).status_code == 200
+
+
+def test_an_image_too_large_to_segment_is_a_413_with_the_memory_it_needs(client) -> None:
+    """81 megapixels to a segmentation run: refused by the memory its prediction would need
+    (the default limit is at most 4 GiB), not a 500."""
+    run_id = ids(client)["segment"]
+    response = post(client, run_id, bomb_png(9000), name="huge.png")
+    assert_refused(response, 413, "huge.png: this 9000x9000 image needs ~", "GiB to segment")
+    assert "limit is" in response.json()["detail"] and "--max-memory" in response.json()["detail"]
+    max_memory = client.get("/api/runs").json()["max_memory"]
+    assert 0 < max_memory <= 4 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1", 200),
+        ("localhost:8000", 200),
+        ("[::1]:8000", 200),
+        ("lab.example:8000", 200),  # --allow-host lab.example
+        ("LAB.example.", 200),
+        ("evil.example", 403),  # a name that now points at 127.0.0.1: DNS rebinding
+        ("10.1.2.3", 403),  # listening on 127.0.0.1 only
+    ],
+)
+def test_only_the_servers_own_host_names_are_answered(client, host: str, status: int) -> None:
+    for path in ("/healthz", "/api/runs", "/"):
+        response = client.get(path, headers={"host": host})
+        assert response.status_code == status, (host, path, response.text)
+    if status == 403:
+        assert_refused(response, 403, "--allow-host", host)
+
+
+def test_host_names_admitted_by_the_address_listened_on() -> None:
+    everywhere = AllowedHosts("0.0.0.0")  # any address of the machine; names still refused
+    assert everywhere.admits("192.168.1.5:8000") and everywhere.admits("localhost")
+    assert not everywhere.admits("evil.example")
+    assert AllowedHosts("::1").admits("[0:0::1]:8000")
+    assert AllowedHosts("lab.local").admits("LAB.local:1")
+    assert not AllowedHosts("lab.local").admits("10.0.0.1")
+    assert AllowedHosts("127.0.0.1", ["*"]).admits("anything.example")
+    assert AllowedHosts("127.0.0.1").admits(None)  # no Host at all: not a browser
+
+
+def test_a_figure_symlinked_out_of_the_run_folder_is_not_served(serve_runs, tmp_path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(serve_runs["classify"], run)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the web")
+    (run / "curves.png").unlink()
+    (run / "curves.png").symlink_to(secret)
+    (run / "kept").mkdir()
+    (run / "confusion.png").rename(run / "kept" / "confusion.png")
+    (run / "confusion.png").symlink_to(run / "kept" / "confusion.png")  # inside: served
+    client = TestClient(create_app([run], device="cpu"), base_url="http://127.0.0.1")
+    figures = client.get("/api/runs/run").json()["figures"]
+    assert "curves" not in figures and "confusion" in figures
+    assert_refused(client.get("/api/runs/run/figures/curves.png"), 404, "no figure 'curves'")
+    inside = client.get(figures["confusion"])
+    assert inside.content == (run / "kept" / "confusion.png").read_bytes()
 
 
 def test_the_page_is_served_with_nothing_from_elsewhere(client) -> None:
@@ -261,7 +358,7 @@ def test_a_signal_stops_it_cleanly_with_status_0(serve_runs, launch_server, sig)
     address = httpx.URL(server.url)
     with socket.create_connection((address.host, address.port)) as stalled:
         stalled.sendall(
-            b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 9999\r\n"
+            b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9999\r\n"
             b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
         )
         time.sleep(0.2)

@@ -36,6 +36,10 @@ class Gate:
             self.inside += 1
             return True
 
+    def full(self) -> bool:
+        with self._lock:
+            return self.inside >= self.capacity
+
     def leave(self) -> None:
         with self._lock:
             self.inside -= 1
