@@ -422,6 +422,9 @@ def test_the_pool_batches_the_queued_jobs_of_a_key_oldest_first() -> None:
     assert batches == [("a", ["x"]), ("a", ["p", "bad", "r"]), ("b", ["q"]), ("a", ["s"])]
     with pytest.raises(RuntimeError, match="stopping"):
         pool.submit(Job("a", "late"))
+    pool.start()  # an app's lifespan run again (two test clients in turn) serves again
+    assert pool.submit(Job("a", "again")).result(10) == "AGAIN"
+    pool.stop()
 
 
 def test_the_gate_lets_in_its_capacity() -> None:

@@ -35,6 +35,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -64,6 +65,17 @@ SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
+
+
+class Problem(BaseModel):
+    """Every error's body (documented in the OpenAPI document for each status)."""
+
+    detail: str
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, and the 403 (Host) and 500 of all."""
+    return {status: {"model": Problem} for status in sorted({403, 500, *statuses})}
 
 
 def create_app(
@@ -108,6 +120,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stopping.clear()  # a lifespan run again (two test clients in turn) serves again
         pool.start()
         yield
         pool.stop()
@@ -150,11 +163,15 @@ def create_app(
             raise HTTPException(404, f"no static file {name!r}")
         return Response(page[name], media_type=STATIC[name], headers=SECURITY_HEADERS)
 
-    @app.get("/healthz", summary="liveness: ok, and how many runs it holds")
+    @app.get("/healthz", summary="liveness: ok, and how many runs it holds", responses=problems())
     def healthz() -> dict:
         return {"status": "ok", "runs": len(served)}
 
-    @app.get("/api/runs", summary="every run: task, model, classes, cost, test metrics")
+    @app.get(
+        "/api/runs",
+        summary="every run: task, model, classes, cost, test metrics",
+        responses=problems(),
+    )
     def list_runs() -> dict:
         return {
             "runs": [s.info for s in served.values()],
@@ -162,11 +179,16 @@ def create_app(
             "max_memory": max_memory,
         }
 
-    @app.get("/api/runs/{run_id}", summary="one run")
+    @app.get("/api/runs/{run_id}", summary="one run", responses=problems(404, 422))
     def get_run(run_id: str) -> dict:
         return find(run_id).info
 
-    @app.get("/api/runs/{run_id}/figures/{name}.png", summary="a figure of the run folder")
+    @app.get(
+        "/api/runs/{run_id}/figures/{name}.png",
+        summary="a figure of the run folder",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}, **problems(404, 422)},
+    )
     def figure(run_id: str, name: str) -> FileResponse:
         path = find(run_id).figure(name)
         if path is None:
@@ -207,6 +229,7 @@ def create_app(
     app.post(
         PREDICT_PATH,
         summary="predict one image with one run",
+        responses=problems(400, 404, 408, 413, 415, 422, 503),
         description=(
             "The document `cnnlab predict|segment predict|detect predict --format json` prints"
             " for one image (`file` is the uploaded name), plus `mask_png` (segmentation: the"
@@ -243,7 +266,9 @@ def predict_signature() -> inspect.Signature:
         inspect.Parameter(
             "run",
             keyword,
-            annotation=Annotated[str, Form(description="a run id from GET /api/runs")],
+            annotation=Annotated[
+                str, Form(min_length=1, description="a run id from GET /api/runs")
+            ],
         ),
         inspect.Parameter(
             "file",
@@ -260,7 +285,8 @@ def predict_signature() -> inspect.Signature:
             le=option.maximum,
             description=f"{', '.join(tasks)} runs: {option.help} (default: {shown})",
         )
-        annotation = Annotated[option.type | None, form]
+        # Not ``| None``: unset is left out of the form, and "null" is no value a form has.
+        annotation = Annotated[option.type, form]
         fields.append(inspect.Parameter(name, keyword, default=None, annotation=annotation))
     return inspect.Signature(fields, return_annotation=dict)
 

@@ -71,6 +71,9 @@ class Pool:
         self._stopping = False
 
     def start(self) -> None:
+        """Start the workers (again, after ``stop``: an app's lifespan may run twice)."""
+        with self._ready:
+            self._stopping = False
         # Daemon threads: a worker inside a long forward pass never keeps the process alive.
         self._threads = [
             threading.Thread(target=self._serve, name=f"cnnlab-infer-{i}", daemon=True)
