@@ -32,6 +32,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -219,6 +220,10 @@ def create_app(
             return await asyncio.wrap_future(future)
         except TooLargeToPredict as error:
             raise HTTPException(413, str(error)) from None
+        except (MemoryError, torch.OutOfMemoryError):  # the estimate fell short, or others ran
+            raise HTTPException(
+                503, f"{name}: out of memory while predicting; try again", {"Retry-After": "5"}
+            ) from None
         except CnnlabError as error:  # the image, or the model's refusal of it
             raise HTTPException(400, str(error)) from None
         finally:
