@@ -26,7 +26,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
 from cnnlab.errors import CnnlabError
@@ -319,6 +318,8 @@ def test_host_names_admitted_by_the_address_listened_on() -> None:
 
 
 def test_a_figure_symlinked_out_of_the_run_folder_is_not_served(serve_runs, tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
     run = tmp_path / "run"
     shutil.copytree(serve_runs["classify"], run)
     secret = tmp_path / "secret.png"

@@ -15,6 +15,7 @@ once at load (``PredictionMemory``), from forward passes on PyTorch's meta devic
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import re
 import threading
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlab.data.images import BadImageError, decode_bytes, to_channels
+from cnnlab.data.images import BadImageError, decode_bytes, encoded_size, to_channels
 from cnnlab.dense_to_conv import FullyConvolutional
 from cnnlab.draw import box_colour, hex_colour, mask_colour
 from cnnlab.errors import CnnlabError
@@ -137,6 +138,9 @@ class Served:
         images: dict[int, torch.Tensor] = {}  # by upload, the readable ones
         for i, upload in enumerate(uploads):
             try:
+                with contextlib.suppress(BadImageError):  # decode_bytes says what is wrong
+                    width, height = encoded_size(upload.data, upload.name)
+                    self.check_memory(upload.name, height, width)  # before it is decoded
                 image = decode_bytes(upload.data, upload.name)[0]
                 self.check_memory(upload.name, *image.shape[-2:])
                 images[i] = to_channels(image, self.run.task.in_channels)
