@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnnlab.data.images import BadImageError, encoded_size
 from cnnlab.errors import CnnlabError
 from cnnlab.heatmap import heatmap
 from cnnlab.inspect.specs import summarize_spec
@@ -449,3 +450,22 @@ def test_in_a_batch_each_bad_image_fails_only_its_own_request(serve_runs) -> Non
     assert isinstance(tiny, CnnlabError) and "at least 32x32, got 4x4" in str(tiny)
     assert isinstance(junk, CnnlabError) and str(junk).startswith("junk.png: ")
     assert answer["file"] == "good.png" and answer["mask_png"].startswith("data:image/png")
+
+
+def test_the_size_is_read_from_the_header_alone() -> None:
+    assert encoded_size(png_bytes(np.zeros((20, 30), np.uint8))) == (30, 20)
+    assert encoded_size(bomb_png(3000)) == (3000, 3000)
+    with pytest.raises(BadImageError, match=r"x\.png: not a readable image"):
+        encoded_size(b"junk", "x.png")
+
+
+def test_a_predictions_memory_grows_with_the_pixels_the_model_sees(serve_runs) -> None:
+    """A segmentation model runs on the image at its own size, so its activations grow
+    with the pixels; a classifier's input is resized, so only the image's copies do."""
+    classify, segment = load_served([serve_runs["classify"], serve_runs["segment"]], "cpu").values()
+    assert segment.memory.whole and not classify.memory.whole
+    image_only = classify.memory.need(1000, 1000) - classify.memory.need(10, 10)
+    assert image_only == pytest.approx(1_000_000 * 10 * classify.run.task.in_channels, rel=1e-3)
+    assert classify.memory.fixed > 0  # the model's activations at its training size
+    # the FCN's activations per pixel: several feature maps of 4 channels, and the logits
+    assert segment.memory.per_pixel > 4 * 4 * 2 + 10 * 3
