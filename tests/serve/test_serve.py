@@ -380,12 +380,20 @@ def test_a_signal_stops_it_cleanly_with_status_0(serve_runs, launch_server, sig)
         (["--port", "70000"], "--port 70000: expected 0 to 65535"),
         (["--max-upload-mb", "0"], "--max-upload-mb 0.0: expected a positive size"),
         (["--queue-size", "0"], "--queue-size: invalid positive value: '0'"),
+        (["--max-memory", "0"], "--max-memory '0': expected a size such as 8GB"),
     ],
 )
 def test_bad_settings_are_one_line(tmp_path, flags: list[str], message: str) -> None:
     done = run_cli("serve", tmp_path, *flags, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert message in done.stderr
+
+
+def test_bad_limits_are_refused_before_any_run_is_loaded(tmp_path) -> None:
+    with pytest.raises(CnnlabError, match="--upload-timeout 0: expected a positive time"):
+        create_app([tmp_path], upload_timeout=0)
+    with pytest.raises(CnnlabError, match="--max-memory -1: expected a positive number"):
+        create_app([tmp_path], max_memory=-1)
 
 
 def test_a_folder_that_is_no_run_or_a_port_in_use_is_one_line(serve_runs, tmp_path) -> None:
