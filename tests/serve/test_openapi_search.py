@@ -17,7 +17,6 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
@@ -41,6 +40,8 @@ def test_every_answer_is_what_the_document_says(api_schema, serve_runs, mode) ->
     assert {op.path for op in operations} >= {"/api/predict", "/api/runs/{run_id}"}
     sent: list[str] = []
     for operation in operations:
+        if mode == GenerationMode.NEGATIVE and not (len(operation.body) or len(operation.query)):
+            continue  # any path text is a string: no request breaks the document
 
         @given(case=operation.as_strategy(mode))
         @settings(
@@ -55,10 +56,7 @@ def test_every_answer_is_what_the_document_says(api_schema, serve_runs, mode) ->
                 sent.append(case.operation.label)
                 assert_documented(case, case.call())
 
-        try:
-            search()
-        except Unsatisfiable:  # no request breaks the document: any path text is a string
-            assert mode == GenerationMode.NEGATIVE and not len(operation.body), operation.label
+        search()
     assert sent.count("POST /api/predict") >= 4 * EXAMPLES // 2  # a search, not a few requests
     print(f"{mode}: {len(sent)} requests", {label: sent.count(label) for label in set(sent)})
 
