@@ -37,6 +37,22 @@ def pick_device(name: str = "auto") -> torch.device:
     raise CnnlabError(f"device {name!r}: choose {DEVICES}")
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes that ``device`` can still allocate: a GPU's free memory, or the memory Linux
+    says is available (``MemAvailable``: free plus what the page cache gives back; the
+    free pages where /proc/meminfo is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 # ---------------------------------------------------------------------------- the CPU rule
 
 MAX_WORKERS = 4  # more loader processes than this feed no model we train faster

@@ -3,8 +3,9 @@
 Its answers are the ones ``cnnlab predict`` gives for the same image (``Run.predict_files``
 is what that command prints), its run list is what ``cnnlab.inspect`` and the run folder
 say, and no bad request (empty, truncated, a decompression bomb, 25 MB, not an image, not
-multipart, a full queue) gets anything but a one-line 4xx or 503 JSON error, after which
-the next good request is still answered.
+multipart, a full queue, a stalled upload, an image too large to predict, a foreign
+``Host``) gets anything but a one-line 4xx or 503 JSON error, after which the next good
+request is still answered.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import base64
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import struct
@@ -26,20 +29,28 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnnlab.data.images import BadImageError, encoded_size
 from cnnlab.errors import CnnlabError
 from cnnlab.heatmap import heatmap
 from cnnlab.inspect.specs import summarize_spec
 from cnnlab.runs import load_run
+from cnnlab.serve import create_app
+from cnnlab.serve.app import AllowedHosts
 from cnnlab.serve.pool import Gate, Job, Pool
 from cnnlab.serve.served import Upload, load_served
 from tests.conftest import run_cli
 
+UPLOAD_TIMEOUT = 5  # the module's server: seconds for an upload to arrive
+
 
 @pytest.fixture(scope="module")
 def server(serve_runs, launch_server):
-    """One server with the three runs; at most two predictions inside at once."""
+    """One server with the three runs; at most two predictions inside at once (and eight
+    uploads arriving), answering the host name lab.example too."""
     runs = [serve_runs[task] for task in ("classify", "segment", "detect")]
-    return launch_server(*runs, "--queue-size", "2")
+    timeout = str(UPLOAD_TIMEOUT)
+    flags = ("--queue-size", "2", "--upload-timeout", timeout, "--allow-host", "lab.example")
+    return launch_server(*runs, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -216,17 +227,34 @@ def test_a_body_longer_than_the_limit_is_cut_off_as_it_arrives(client, serve_run
     assert post(client, run_id, good).status_code == 200
 
 
-def test_a_full_queue_is_503_with_retry_after_until_a_place_frees(client, server, serve_runs):
-    """Two uploads that never finish hold the server's two places."""
+def stall(server) -> socket.socket:
+    """A connection that sends the start of an upload and nothing more."""
     address = httpx.URL(server.url)
-    held = []
-    for _ in range(2):
-        stalled = socket.create_connection((address.host, address.port))
-        stalled.sendall(
-            b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 9999\r\n"
-            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
-        )
-        held.append(stalled)
+    stalled = socket.create_connection((address.host, address.port))
+    stalled.sendall(
+        b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9999\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+    )
+    return stalled
+
+
+def read_answer(connection: socket.socket) -> tuple[bytes, bytes]:
+    """An HTTP answer's head and its body (of its Content-Length), however it is split."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(4096) or b"\r\n\r\n"
+    head, body = data.split(b"\r\n\r\n", 1)
+    found = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    while found and len(body) < int(found.group(1)) and (more := connection.recv(4096)):
+        body += more
+    connection.close()
+    return head, body
+
+
+def test_a_full_queue_is_503_with_retry_after_until_a_place_frees(client, server, serve_runs):
+    """Eight uploads that never finish hold the eight places of uploads arriving (four per
+    place in the queue of two)."""
+    held = [stall(server) for _ in range(8)]
     run_id = ids(client)["classify"]
     good = first_image(serve_runs["classify_data"]).read_bytes()
     deadline = time.monotonic() + 10
@@ -242,6 +270,90 @@ def test_a_full_queue_is_503_with_retry_after_until_a_place_frees(client, server
         assert time.monotonic() < deadline + 10
         time.sleep(0.05)
     assert again.status_code == 200
+
+
+def test_stalled_uploads_time_out_and_never_hold_up_the_predictions_of_others(
+    client, server, serve_runs
+) -> None:
+    """Three stalled uploads, more than the queue's two places: a prediction from another
+    client is answered at once all the same (a place in the queue is taken once a body has
+    arrived), and each stalled one is answered 408 once its time is up."""
+    run_id = ids(client)["classify"]
+    good = first_image(serve_runs["classify_data"]).read_bytes()
+    held = [stall(server) for _ in range(3)]
+    started = time.monotonic()
+    assert post(client, run_id, good).status_code == 200
+    assert time.monotonic() - started < UPLOAD_TIMEOUT  # before any of them timed out
+    for stalled in held:
+        stalled.settimeout(UPLOAD_TIMEOUT + 30)
+        head, body = read_answer(stalled)
+        assert head.startswith(b"HTTP/1.1 408 "), head
+        detail = json.loads(body)["detail"]
+        assert "did not arrive within 5 s" in detail and "\n" not in detail
+    assert time.monotonic() - started >= UPLOAD_TIMEOUT - 0.5
+    assert post(client, run_id, good).status_code == 200
+
+
+def test_an_image_too_large_to_segment_is_a_413_with_the_memory_it_needs(client) -> None:
+    """81 megapixels to a segmentation run: refused by the memory its prediction would need
+    (the default limit is at most 4 GiB), not a 500."""
+    run_id = ids(client)["segment"]
+    response = post(client, run_id, bomb_png(9000), name="huge.png")
+    assert_refused(response, 413, "huge.png: this 9000x9000 image needs ~", "GiB to segment")
+    assert "limit is" in response.json()["detail"] and "--max-memory" in response.json()["detail"]
+    max_memory = client.get("/api/runs").json()["max_memory"]
+    assert 0 < max_memory <= 4 * 2**30
+
+
+@pytest.mark.parametrize(
+    ("host", "status"),
+    [
+        ("127.0.0.1", 200),
+        ("localhost:8000", 200),
+        ("[::1]:8000", 200),
+        ("lab.example:8000", 200),  # --allow-host lab.example
+        ("LAB.example.", 200),
+        ("evil.example", 403),  # a name that now points at 127.0.0.1: DNS rebinding
+        ("10.1.2.3", 403),  # listening on 127.0.0.1 only
+    ],
+)
+def test_only_the_servers_own_host_names_are_answered(client, host: str, status: int) -> None:
+    for path in ("/healthz", "/api/runs", "/"):
+        response = client.get(path, headers={"host": host})
+        assert response.status_code == status, (host, path, response.text)
+    if status == 403:
+        assert_refused(response, 403, "--allow-host", host)
+
+
+def test_host_names_admitted_by_the_address_listened_on() -> None:
+    everywhere = AllowedHosts("0.0.0.0")  # any address of the machine; names still refused
+    assert everywhere.admits("192.168.1.5:8000") and everywhere.admits("localhost")
+    assert not everywhere.admits("evil.example")
+    assert AllowedHosts("::1").admits("[0:0::1]:8000")
+    assert AllowedHosts("lab.local").admits("LAB.local:1")
+    assert not AllowedHosts("lab.local").admits("10.0.0.1")
+    assert AllowedHosts("127.0.0.1", ["*"]).admits("anything.example")
+    assert AllowedHosts("127.0.0.1").admits(None)  # no Host at all: not a browser
+
+
+def test_a_figure_symlinked_out_of_the_run_folder_is_not_served(serve_runs, tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    run = tmp_path / "run"
+    shutil.copytree(serve_runs["classify"], run)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not for the web")
+    (run / "curves.png").unlink()
+    (run / "curves.png").symlink_to(secret)
+    (run / "kept").mkdir()
+    (run / "confusion.png").rename(run / "kept" / "confusion.png")
+    (run / "confusion.png").symlink_to(run / "kept" / "confusion.png")  # inside: served
+    client = TestClient(create_app([run], device="cpu"), base_url="http://127.0.0.1")
+    figures = client.get("/api/runs/run").json()["figures"]
+    assert "curves" not in figures and "confusion" in figures
+    assert_refused(client.get("/api/runs/run/figures/curves.png"), 404, "no figure 'curves'")
+    inside = client.get(figures["confusion"])
+    assert inside.content == (run / "kept" / "confusion.png").read_bytes()
 
 
 def test_the_page_is_served_with_nothing_from_elsewhere(client) -> None:
@@ -266,7 +378,7 @@ def test_a_signal_stops_it_cleanly_with_status_0(serve_runs, launch_server, sig)
     address = httpx.URL(server.url)
     with socket.create_connection((address.host, address.port)) as stalled:
         stalled.sendall(
-            b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Length: 9999\r\n"
+            b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 9999\r\n"
             b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
         )
         time.sleep(0.2)
@@ -286,12 +398,20 @@ def test_a_signal_stops_it_cleanly_with_status_0(serve_runs, launch_server, sig)
         (["--port", "70000"], "--port 70000: expected 0 to 65535"),
         (["--max-upload-mb", "0"], "--max-upload-mb 0.0: expected a positive size"),
         (["--queue-size", "0"], "--queue-size: invalid positive value: '0'"),
+        (["--max-memory", "0"], "--max-memory '0': expected a size such as 8GB"),
     ],
 )
 def test_bad_settings_are_one_line(tmp_path, flags: list[str], message: str) -> None:
     done = run_cli("serve", tmp_path, *flags, timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert message in done.stderr
+
+
+def test_bad_limits_are_refused_before_any_run_is_loaded(tmp_path) -> None:
+    with pytest.raises(CnnlabError, match="--upload-timeout 0: expected a positive time"):
+        create_app([tmp_path], upload_timeout=0)
+    with pytest.raises(CnnlabError, match="--max-memory -1: expected a positive number"):
+        create_app([tmp_path], max_memory=-1)
 
 
 def test_a_folder_that_is_no_run_or_a_port_in_use_is_one_line(serve_runs, tmp_path) -> None:
@@ -330,6 +450,9 @@ def test_the_pool_batches_the_queued_jobs_of_a_key_oldest_first() -> None:
     assert batches == [("a", ["x"]), ("a", ["p", "bad", "r"]), ("b", ["q"]), ("a", ["s"])]
     with pytest.raises(RuntimeError, match="stopping"):
         pool.submit(Job("a", "late"))
+    pool.start()  # an app's lifespan run again (two test clients in turn) serves again
+    assert pool.submit(Job("a", "again")).result(10) == "AGAIN"
+    pool.stop()
 
 
 def test_the_gate_lets_in_its_capacity() -> None:
@@ -369,3 +492,22 @@ def test_with_one_run_served_the_run_field_may_be_left_out(serve_runs) -> None:
         answer = client.post("/api/predict", files={"file": ("s.png", good, "image/png")})
         assert answer.status_code == 200 and "class_fractions" in answer.json()
         assert client.get("/api/runs").json()["runs"][0]["warm"]
+
+
+def test_the_size_is_read_from_the_header_alone() -> None:
+    assert encoded_size(png_bytes(np.zeros((20, 30), np.uint8))) == (30, 20)
+    assert encoded_size(bomb_png(3000)) == (3000, 3000)
+    with pytest.raises(BadImageError, match=r"x\.png: not a readable image"):
+        encoded_size(b"junk", "x.png")
+
+
+def test_a_predictions_memory_grows_with_the_pixels_the_model_sees(serve_runs) -> None:
+    """A segmentation model runs on the image at its own size, so its activations grow
+    with the pixels; a classifier's input is resized, so only the image's copies do."""
+    classify, segment = load_served([serve_runs["classify"], serve_runs["segment"]], "cpu").values()
+    assert segment.memory.whole and not classify.memory.whole
+    image_only = classify.memory.need(1000, 1000) - classify.memory.need(10, 10)
+    assert image_only == pytest.approx(1_000_000 * 10 * classify.run.task.in_channels, rel=1e-3)
+    assert classify.memory.fixed > 0  # the model's activations at its training size
+    # the FCN's activations per pixel: several feature maps of 4 channels, and the logits
+    assert segment.memory.per_pixel > 4 * 4 * 2 + 10 * 3

@@ -232,7 +232,7 @@ def test_the_openapi_form_carries_every_declared_serve_option(serve_runs) -> Non
 
     from cnnlab.serve.app import create_app
 
-    with TestClient(create_app([serve_runs["classify"]])) as client:
+    with TestClient(create_app([serve_runs["classify"]]), base_url="http://127.0.0.1") as client:
         schema = client.get("/openapi.json").json()
         form = next(
             value

@@ -430,4 +430,7 @@ def cmd_serve(args: argparse.Namespace, extra: dict) -> int:
         upload,
         args.workers,
         args.threads,
+        args.allow_host,
+        args.upload_timeout,
+        _memory_limit(args.max_memory),
     )

@@ -308,3 +308,24 @@ def _tool_commands(commands: Group) -> None:
     sub.add_argument(
         "--threads", type=positive, help="torch threads per worker (default: free cores - 1)"
     )
+    sub.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests for this host name (repeatable; * any): the name you open"
+        " the page by, beside --host, localhost and loopback addresses",
+    )
+    sub.add_argument(
+        "--upload-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="time for an upload to arrive, from its headers (default 30)",
+    )
+    sub.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="most memory one prediction may need, e.g. 2GB (default: half the memory free"
+        " at start over the workers, at most 4 GiB)",
+    )

@@ -367,6 +367,22 @@ def image_size(path: Path | str) -> tuple[int, int]:
         raise BadImageError(path, f"not a readable image ({error})") from None
 
 
+def encoded_size(data: bytes, path: Path | str = "<bytes>") -> tuple[int, int]:
+    """(width, height) from an encoded image's header, without decoding the pixels (a
+    BadImageError when there is no header to read; ``decode_bytes`` says more)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as error:
+        raise BadImageError(path, f"not a readable image ({error})") from None
+    except Image.DecompressionBombError as error:
+        raise BadImageError(path, f"{error} (set {MAX_PIXELS_ENV} to allow it)") from None
+
+
 def to_channels(image: torch.Tensor, in_channels: int) -> torch.Tensor:
     """uint8 (..., C, H, W), C in {1, 3, 4} -> (..., in_channels, H, W): alpha dropped, grey
     repeated to RGB or RGB averaged to grey."""

@@ -22,9 +22,9 @@ import uvicorn
 
 from cnnlab.device import choose_threads, free_cores, use_threads
 from cnnlab.errors import CnnlabError
-from cnnlab.serve.app import MAX_UPLOAD, create_app
+from cnnlab.serve.app import MAX_UPLOAD, UPLOAD_TIMEOUT, create_app
 
-__all__ = ["MAX_UPLOAD", "create_app", "serve"]
+__all__ = ["MAX_UPLOAD", "UPLOAD_TIMEOUT", "create_app", "serve"]
 
 GRACE_SECONDS = 5  # how long a stopping server waits for requests in flight
 
@@ -38,6 +38,9 @@ def serve(
     max_upload: int = MAX_UPLOAD,
     workers: int = 1,
     threads: int | None = None,
+    allow_hosts: Sequence[str] = (),
+    upload_timeout: float = UPLOAD_TIMEOUT,
+    max_memory: int | None = None,
 ) -> int:
     """Serve ``runs`` at http://HOST:PORT/ (``port`` 0: a free one) until stopped.
 
@@ -50,7 +53,17 @@ def serve(
     threads = threads or default_threads(workers)
     if threads is not None:
         use_threads(threads)
-    app = create_app(runs, queue_size, max_upload, workers, device=device)
+    app = create_app(
+        runs,
+        queue_size,
+        max_upload,
+        workers,
+        device=device,
+        host=host,
+        allow_hosts=allow_hosts,
+        upload_timeout=upload_timeout,
+        max_memory=max_memory,
+    )
     listener = bind(host, port)
     url = page_url(host, listener.getsockname()[1])
     n = len(app.state.served)

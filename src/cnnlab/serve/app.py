@@ -5,39 +5,57 @@ elsewhere), ``GET /api/runs``, ``GET /api/runs/{id}``, ``GET /api/runs/{id}/figu
 ``POST /api/predict`` (multipart: ``run`` and ``file``), ``GET /healthz``. Clients name runs
 by id; no path on disk is ever taken from a request.
 
-Every error is JSON ``{"detail": "one line"}`` with a 4xx status for a bad request (413 too
-large, 415 not multipart or not an image type, 400 an image the guarded reader refuses,
-404 unknown run, 422 a missing or malformed field) and 503 with ``Retry-After`` when
-``queue_size`` predictions are already in the server. A prediction is admitted, and its
-size checked, before its body is read.
+Every error is JSON ``{"detail": "one line"}``, never a traceback: a 4xx status for a bad
+request (413 too large, or an image whose prediction needs more than ``max_memory``; 415
+not multipart or not an image type; 400 an image the guarded reader refuses; 403 a
+``Host`` this server does not answer to; 404 unknown run; 408 an upload that did not
+arrive within ``upload_timeout``; 422 a missing or malformed field), 503 with
+``Retry-After`` when ``queue_size`` predictions are already in the server (or four times
+as many uploads are arriving), 500 for a fault of the server itself.
+
+The doors: only the ``Host`` names of ``AllowedHosts`` are answered (a web page the user
+visits cannot reach this server by DNS rebinding, as Jupyter checks); a prediction's
+size is checked before its body is read, and its body must arrive within
+``upload_timeout`` seconds, so stalled clients give their place back; a prediction takes
+its place in the queue only once its body has arrived, so clients still uploading never
+keep the others' predictions waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import ipaddress
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cnnlab.device import free_memory
 from cnnlab.errors import CnnlabError
 from cnnlab.serve.pool import Gate, Job, Pool
-from cnnlab.serve.served import Served, Upload, load_served
+from cnnlab.serve.served import Served, TooLargeToPredict, Upload, load_served
 from cnnlab.tasks import TASKS
 from cnnlab.tasks.options import Option, options_for
 
 MAX_UPLOAD = 20 * 1000 * 1000  # bytes of one uploaded image
 FORM_OVERHEAD = 64 * 1024  # the multipart boundaries, headers and small fields around it
 PREDICT_PATH = "/api/predict"
+UPLOAD_TIMEOUT = 30.0  # seconds for a prediction's body to arrive, once its headers have
+ARRIVING_PER_PLACE = 4  # uploads that may be arriving at once, per place in the queue
+# One prediction may need at most this, or half the memory free at start over the workers.
+MAX_MEMORY = 4 * 2**30
+WILDCARDS = ("", "0.0.0.0", "::")  # addresses that listen on every interface
 STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
 # The page may load only what this server sends: no CDN, font or script from elsewhere.
 SECURITY_HEADERS = {
@@ -50,6 +68,17 @@ SECURITY_HEADERS = {
 }
 
 
+class Problem(BaseModel):
+    """Every error's body (documented in the OpenAPI document for each status)."""
+
+    detail: str
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for these error statuses, and the 403 (Host) and 500 of all."""
+    return {status: {"model": Problem} for status in sorted({403, 500, *statuses})}
+
+
 def create_app(
     runs: Sequence[str | Path],
     queue_size: int = 32,
@@ -57,23 +86,42 @@ def create_app(
     workers: int = 1,
     max_batch: int = 8,
     device: str = "auto",
+    host: str = "127.0.0.1",
+    allow_hosts: Sequence[str] = (),
+    upload_timeout: float = UPLOAD_TIMEOUT,
+    max_memory: int | None = None,
 ) -> FastAPI:
     """The app serving the run folders ``runs``, loaded here (``load_served``).
 
     ``queue_size`` predictions are in the server at once at most (waiting or running; more
-    get 503); ``max_upload`` bytes per image; ``workers`` inference threads, each taking up
-    to ``max_batch`` queued requests for one run into one forward pass.
+    get 503); ``max_upload`` bytes per image, arriving within ``upload_timeout`` seconds;
+    ``workers`` inference threads, each taking up to ``max_batch`` queued requests for one
+    run into one forward pass; ``max_memory`` bytes for one prediction (default: half the
+    memory free now over the workers, at most ``MAX_MEMORY``). Requests are answered when
+    their ``Host`` is ``host`` (the address the server listens on), a loopback name or
+    address, or one of ``allow_hosts`` (``AllowedHosts``).
     """
+    if max_upload < 1:
+        raise CnnlabError(f"the upload limit must be a positive number of bytes, got {max_upload}")
+    if not upload_timeout > 0:  # also refuses nan
+        raise CnnlabError(f"--upload-timeout {upload_timeout}: expected a positive time")
+    if max_memory is not None and max_memory < 1:
+        raise CnnlabError(f"--max-memory {max_memory}: expected a positive number of bytes")
+    allowed = AllowedHosts(host, allow_hosts)
     served = load_served(runs, device)
     if not served:
         raise CnnlabError("no runs to serve")
-    if max_upload < 1:
-        raise CnnlabError(f"the upload limit must be a positive number of bytes, got {max_upload}")
+    if max_memory is None:
+        free = free_memory(next(iter(served.values())).run.device)
+        max_memory = min(MAX_MEMORY, free // (2 * workers))
+    for run in served.values():
+        run.max_memory = max_memory
     pool = Pool(lambda key, uploads: _predict(served, key, uploads), workers, max_batch)
     page = {name: _static(name) for name in ("index.html", *STATIC)}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stopping.clear()  # a lifespan run again (two test clients in turn) serves again
         pool.start()
         yield
         pool.stop()
@@ -89,10 +137,17 @@ def create_app(
     # Set when the server begins to stop (cnnlab.serve.Server): an upload still arriving
     # then gets a 503 at once, rather than holding the shutdown until it is cancelled.
     stopping = asyncio.Event()
+    queue = Gate(queue_size)
     app.add_middleware(
-        PredictLimits, gate=Gate(queue_size), max_upload=max_upload, stopping=stopping
+        PredictLimits,
+        queue=queue,
+        arriving=Gate(ARRIVING_PER_PLACE * queue_size),
+        max_upload=max_upload,
+        upload_timeout=upload_timeout,
+        stopping=stopping,
     )
-    app.state.served, app.state.stopping = served, stopping
+    app.add_middleware(HostCheck, allowed=allowed)  # the outermost: before anything else
+    app.state.served, app.state.stopping, app.state.max_memory = served, stopping, max_memory
 
     def find(run_id: str) -> Served:
         if run_id not in served:
@@ -109,19 +164,32 @@ def create_app(
             raise HTTPException(404, f"no static file {name!r}")
         return Response(page[name], media_type=STATIC[name], headers=SECURITY_HEADERS)
 
-    @app.get("/healthz", summary="liveness: ok, and how many runs it holds")
+    @app.get("/healthz", summary="liveness: ok, and how many runs it holds", responses=problems())
     def healthz() -> dict:
         return {"status": "ok", "runs": len(served)}
 
-    @app.get("/api/runs", summary="every run: task, model, classes, cost, test metrics")
+    @app.get(
+        "/api/runs",
+        summary="every run: task, model, classes, cost, test metrics",
+        responses=problems(),
+    )
     def list_runs() -> dict:
-        return {"runs": [s.info for s in served.values()], "max_upload": max_upload}
+        return {
+            "runs": [s.info for s in served.values()],
+            "max_upload": max_upload,
+            "max_memory": max_memory,
+        }
 
-    @app.get("/api/runs/{run_id}", summary="one run")
+    @app.get("/api/runs/{run_id}", summary="one run", responses=problems(404, 422))
     def get_run(run_id: str) -> dict:
         return find(run_id).info
 
-    @app.get("/api/runs/{run_id}/figures/{name}.png", summary="a figure of the run folder")
+    @app.get(
+        "/api/runs/{run_id}/figures/{name}.png",
+        summary="a figure of the run folder",
+        response_class=FileResponse,
+        responses={200: {"content": {"image/png": {}}}, **problems(404, 422)},
+    )
     def figure(run_id: str, name: str) -> FileResponse:
         path = find(run_id).figure(name)
         if path is None:
@@ -143,20 +211,32 @@ def create_app(
                 413, f"{name}: larger than the upload limit of {max_upload:,} bytes"
             )
         job = Job((target.id, tuple(sorted(options.items()))), Upload(name, data))
+        # The body has arrived: now the prediction takes a place in the queue.
+        if not queue.enter():
+            raise HTTPException(503, "busy: too many predictions queued", {"Retry-After": "1"})
         try:
-            future = pool.submit(job)
-        except RuntimeError:  # the pool is stopping
-            raise HTTPException(503, "the server is stopping", {"Retry-After": "1"}) from None
-        try:
+            try:
+                future = pool.submit(job)
+            except RuntimeError:  # the pool is stopping
+                raise HTTPException(503, "the server is stopping", {"Retry-After": "1"}) from None
             return await asyncio.wrap_future(future)
+        except TooLargeToPredict as error:
+            raise HTTPException(413, str(error)) from None
+        except (MemoryError, torch.OutOfMemoryError):  # the estimate fell short, or others ran
+            raise HTTPException(
+                503, f"{name}: out of memory while predicting; try again", {"Retry-After": "5"}
+            ) from None
         except CnnlabError as error:  # the image, or the model's refusal of it
             raise HTTPException(400, str(error)) from None
+        finally:
+            queue.leave()
 
     # The form's fields: the run, the file, and every task's declared serve options.
     predict.__signature__ = predict_signature()  # type: ignore[attr-defined]
     app.post(
         PREDICT_PATH,
         summary="predict one image with one run",
+        responses=problems(400, 404, 408, 413, 415, 422, 503),
         description=(
             "The document `cnnlab predict|segment predict|detect predict --format json` prints"
             " for one image (`file` is the uploaded name), plus `mask_png` (segmentation: the"
@@ -194,9 +274,13 @@ def predict_signature() -> inspect.Signature:
             "run",
             keyword,
             default=None,
+            # Not ``| None``, as the options below: unset is left out of the form.
             annotation=Annotated[
-                str | None,
-                Form(description="a run id from GET /api/runs (optional when one run is served)"),
+                str,
+                Form(
+                    min_length=1,
+                    description="a run id from GET /api/runs (optional when one run is served)",
+                ),
             ],
         ),
         inspect.Parameter(
@@ -214,7 +298,8 @@ def predict_signature() -> inspect.Signature:
             le=option.maximum,
             description=f"{', '.join(tasks)} runs: {option.help} (default: {shown})",
         )
-        annotation = Annotated[option.type | None, form]
+        # Not ``| None``: unset is left out of the form, and "null" is no value a form has.
+        annotation = Annotated[option.type, form]
         fields.append(inspect.Parameter(name, keyword, default=None, annotation=annotation))
     return inspect.Signature(fields, return_annotation=dict)
 
@@ -237,14 +322,26 @@ def _static(name: str) -> bytes:
 
 
 class PredictLimits:
-    """ASGI middleware for ``POST /api/predict``: 415 unless multipart, 413 past
-    ``max_upload`` and the form around it (the Content-Length, then the bytes as they
-    arrive), 503 when ``gate`` is full; all before the body is read. Once ``stopping`` is
-    set, a body still being read is cut short with a 503."""
+    """ASGI middleware for ``POST /api/predict``, all before the body is read: 415 unless
+    multipart, 413 past ``max_upload`` and the form around it (the Content-Length, then
+    the bytes as they arrive), 503 when the ``queue`` is full or ``arriving`` holds as many
+    uploads as it takes. While the body arrives: 408 once ``upload_timeout`` seconds have
+    passed since its headers (a stalled or trickling client gives its place back), 503
+    once ``stopping`` is set. The place in ``arriving`` is given back as soon as the body
+    has arrived; the route then takes one in ``queue``."""
 
-    def __init__(self, app: ASGIApp, gate: Gate, max_upload: int, stopping: asyncio.Event) -> None:
-        self.app, self.gate, self.stopping = app, gate, stopping
+    def __init__(
+        self,
+        app: ASGIApp,
+        queue: Gate,
+        arriving: Gate,
+        max_upload: int,
+        upload_timeout: float,
+        stopping: asyncio.Event,
+    ) -> None:
+        self.app, self.queue, self.arriving, self.stopping = app, queue, arriving, stopping
         self.max_body = max_upload + FORM_OVERHEAD
+        self.upload_timeout = upload_timeout
         self.too_large = f"the upload is larger than the limit of {max_upload:,} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -261,35 +358,121 @@ class PredictLimits:
             refusal = _error(400, f"malformed Content-Length {length!r}")
         elif int(length) > self.max_body:
             refusal = _error(413, self.too_large)
-        elif not self.gate.enter():
+        elif self.queue.full():
             refusal = _error(503, "busy: too many predictions queued", {"Retry-After": "1"})
+        elif not self.arriving.enter():
+            refusal = _error(503, "busy: too many uploads arriving", {"Retry-After": "1"})
         if refusal is not None:
             await refusal(scope, receive, send)
             return
-        received = 0
+        deadline = asyncio.get_running_loop().time() + self.upload_timeout
+        received, arrived = 0, False
+
+        def give_back() -> None:
+            nonlocal arrived
+            if not arrived:
+                arrived = True
+                self.arriving.leave()
 
         async def counted() -> Message:
             nonlocal received
-            message = await self._unless_stopping(receive)
+            if arrived:  # the body is in: no deadline on what the app waits for next
+                return await receive()
+            message = await self._next(receive, deadline)
             received += len(message.get("body", b""))
             if received > self.max_body:  # a body longer than its Content-Length, or chunked
                 raise HTTPException(413, self.too_large)
+            if not message.get("more_body", False):
+                give_back()
             return message
 
         try:
             await self.app(scope, counted, send)
         finally:
-            self.gate.leave()
+            give_back()
 
-    async def _unless_stopping(self, receive: Receive) -> Message:
+    async def _next(self, receive: Receive, deadline: float) -> Message:
+        """The next message, or a 408 once ``deadline`` passes, a 503 once stopping."""
         arrived = asyncio.ensure_future(receive())
         stop = asyncio.ensure_future(self.stopping.wait())
-        await asyncio.wait((arrived, stop), return_when=asyncio.FIRST_COMPLETED)
+        left = deadline - asyncio.get_running_loop().time()
+        await asyncio.wait((arrived, stop), timeout=max(left, 0), return_when="FIRST_COMPLETED")
         stop.cancel()
-        if not arrived.done():
-            arrived.cancel()
+        if arrived.done():
+            return arrived.result()
+        arrived.cancel()
+        if self.stopping.is_set():
             raise HTTPException(503, "the server is stopping", {"Retry-After": "1"})
-        return arrived.result()
+        raise HTTPException(
+            408, f"the upload did not arrive within {self.upload_timeout:g} s (--upload-timeout)"
+        )
+
+
+class AllowedHosts:
+    """The ``Host`` names a server answers to: the address it listens on, ``localhost``
+    and loopback addresses, and ``extra`` (``--allow-host``; ``*`` admits any). Listening
+    on every interface (0.0.0.0 or ::), any IP address is admitted too: a name is what a
+    DNS-rebinding page sends, an address never is. Ports are not compared."""
+
+    def __init__(self, bound: str, extra: Sequence[str] = ()) -> None:
+        self.any_host = "*" in extra
+        self.any_address = bound in WILDCARDS
+        self.names = {"localhost", *(host_name(name) for name in extra)}
+        if not self.any_address:
+            self.names.add(host_name(bound))
+
+    def admits(self, header: str | None) -> bool:
+        if header is None or self.any_host:  # no Host: not a browser (it always sends one)
+            return True
+        name = host_name(header)
+        if name in self.names:
+            return True
+        address = _address(name)
+        if address is None:
+            return False
+        bound = {_address(known) for known in self.names} - {None}
+        return address.is_loopback or self.any_address or address in bound
+
+
+def host_name(header: str) -> str:
+    """The host of a ``Host`` header, lower case, without its port or final dot."""
+    text = header.strip().lower()
+    if text.startswith("["):  # [IPv6]:port
+        return text[1:].split("]")[0]
+    if text.count(":") == 1:
+        text = text.rsplit(":", 1)[0]
+    return text.rstrip(".")
+
+
+def _address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+class HostCheck:
+    """ASGI middleware answering 403 to a request whose ``Host`` is not ``allowed``."""
+
+    def __init__(self, app: ASGIApp, allowed: AllowedHosts) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = Headers(scope=scope).get("host")
+            if not self.allowed.admits(header):
+                name = _one_line(host_name(header or ""))[:100]
+                detail = (
+                    f"Host {name!r} is not an address of this server (a page elsewhere"
+                    f" reaching it?); if you opened it by that name, start it with"
+                    f" --allow-host {name}"
+                )
+                if scope["type"] == "http":
+                    await _error(403, detail)(scope, receive, send)
+                else:
+                    await send({"type": "websocket.close", "code": 1008})
+                return
+        await self.app(scope, receive, send)
 
 
 def _error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:

@@ -36,6 +36,10 @@ class Gate:
             self.inside += 1
             return True
 
+    def full(self) -> bool:
+        with self._lock:
+            return self.inside >= self.capacity
+
     def leave(self) -> None:
         with self._lock:
             self.inside -= 1
@@ -67,6 +71,9 @@ class Pool:
         self._stopping = False
 
     def start(self) -> None:
+        """Start the workers (again, after ``stop``: an app's lifespan may run twice)."""
+        with self._ready:
+            self._stopping = False
         # Daemon threads: a worker inside a long forward pass never keeps the process alive.
         self._threads = [
             threading.Thread(target=self._serve, name=f"cnnlab-infer-{i}", daemon=True)

@@ -5,11 +5,18 @@ A prediction is the document ``cnnlab predict --format json`` prints for one ima
 ``file`` the uploaded file's name), plus what a page needs to draw it: a segmentation's
 class-index mask as a PNG data URL, a classification's heat maps (``cnnlab.heatmap``) of
 its top classes when asked for.
+
+Nothing outside a run folder is served: a figure is the folder's own file once symlinks
+are resolved. An image whose prediction would need more memory than the server's limit
+is refused (``TooLargeToPredict``) before the model sees it: each run's need is estimated
+once at load (``PredictionMemory``), from forward passes on PyTorch's meta device.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
+import copy
 import re
 import threading
 from collections.abc import Sequence
@@ -18,17 +25,85 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from cnnlab.data.images import BadImageError, decode_bytes, to_channels
+from cnnlab.data.images import BadImageError, decode_bytes, encoded_size, to_channels
 from cnnlab.dense_to_conv import FullyConvolutional
 from cnnlab.draw import box_colour, hex_colour, mask_colour
 from cnnlab.errors import CnnlabError
 from cnnlab.files import read_json
+from cnnlab.inspect.memory import StorageTracker
 from cnnlab.runs import Run, load_run
 
 FIGURES = ("curves", "confusion", "errors")  # RUN/NAME.png a client may fetch by run id
 # Heat maps are computed on at most (HEATMAP_SIDE x the training size) squared pixels.
 HEATMAP_SIDE = 8
+# Bytes per pixel and channel around the model: the decoded image and its copy in the
+# run's channels (uint8), the float input and its normalised copy.
+IMAGE_BYTES = 1 + 1 + 4 + 4
+# Bytes per pixel of a per-pixel answer (segmentation): argmax's int64 index, its uint8
+# mask, the int64 copy that counts the classes, the PNG sent back.
+PER_PIXEL_ANSWER = 8 + 1 + 8 + 1
+
+
+class TooLargeToPredict(CnnlabError):
+    """An image whose prediction would need more memory than the server allows."""
+
+
+@dataclass(frozen=True)
+class PredictionMemory:
+    """The bytes one prediction of a run needs: ``fixed`` plus ``per_pixel`` for each pixel
+    of the image; ``whole`` when the model runs on the image at its own size (segmentation)
+    rather than resized to the training size."""
+
+    fixed: int
+    per_pixel: float
+    whole: bool
+
+    def need(self, height: int, width: int) -> int:
+        return int(self.fixed + self.per_pixel * height * width)
+
+
+def prediction_memory(run: Run) -> PredictionMemory:
+    """How a prediction's memory grows with the image: the model's forward peak (its
+    activations, not its weights) on the meta device at the training size and at twice
+    it, a straight line between them (a fully convolutional model's activations grow with
+    the pixels), and the image's own copies. A model the meta device cannot run is counted
+    by its image copies alone."""
+    task = run.task
+    channels, side = task.in_channels, task.img_size
+    probe = torch.zeros(channels, side + 5, side + 3, dtype=torch.uint8)
+    preprocess = getattr(task, "preprocess", None)
+    whole = preprocess is not None and preprocess(probe).shape[-2:] == probe.shape[-2:]
+    image = channels * IMAGE_BYTES + (PER_PIXEL_ANSWER if whole else 0)
+    try:
+        meta = copy.deepcopy(run.model).to("meta").eval()
+        small = forward_peak(meta, channels, side)
+        if not whole:
+            return PredictionMemory(small, image, whole)
+        large = forward_peak(meta, channels, 2 * side)
+    except Exception:  # an operation with no meta kernel: the image copies are still known
+        return PredictionMemory(0, image, whole)
+    slope = max(0.0, (large - small) / (3 * side * side))
+    return PredictionMemory(max(0, int(small - slope * side * side)), slope + image, whole)
+
+
+def forward_peak(meta_model: nn.Module, channels: int, side: int) -> int:
+    """The peak bytes of the tensors a forward pass of ``meta_model`` (on the meta device:
+    nothing is allocated) keeps alive at once on one side x side image, its input included."""
+    dtype = next((p.dtype for p in meta_model.parameters()), torch.get_default_dtype())
+    x = torch.zeros(1, channels, side, side, device="meta", dtype=dtype)
+    tracker = StorageTracker()
+    tracker.add(x)
+    tracker.reset_peak(forget_sizes=False)
+    with torch.no_grad(), tracker:
+        meta_model(x)
+    return tracker.peak
+
+
+def size_text(count: float) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 @dataclass(frozen=True)
@@ -46,6 +121,8 @@ class Served:
     id: str
     run: Run
     described: dict  # what it is (``describe``)
+    memory: PredictionMemory
+    max_memory: int | None = None  # bytes one prediction may need (None: no limit)
     _maps_model: FullyConvolutional | None = field(default=None, repr=False)
     _maps_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _answered: bool = field(default=False, repr=False)
@@ -61,9 +138,8 @@ class Served:
         return {**self.described, "warm": warm}
 
     def figure(self, name: str) -> Path | None:
-        """RUN/NAME.png when NAME is one of ``FIGURES`` and the file is there."""
-        path = self.run.path / f"{name}.png"
-        return path if name in FIGURES and path.is_file() else None
+        """RUN/NAME.png when NAME is one of ``FIGURES`` (``run_figure``)."""
+        return run_figure(self.run.path, name)
 
     def predict(self, uploads: Sequence[Upload], options: dict) -> list[dict | Exception]:
         """One response document, or the exception to answer with, per upload. Images are
@@ -73,9 +149,13 @@ class Served:
         images: dict[int, torch.Tensor] = {}  # by upload, the readable ones
         for i, upload in enumerate(uploads):
             try:
+                with contextlib.suppress(BadImageError):  # decode_bytes says what is wrong
+                    width, height = encoded_size(upload.data, upload.name)
+                    self.check_memory(upload.name, height, width)  # before it is decoded
                 image = decode_bytes(upload.data, upload.name)[0]
+                self.check_memory(upload.name, *image.shape[-2:])
                 images[i] = to_channels(image, self.run.task.in_channels)
-            except BadImageError as error:
+            except (BadImageError, TooLargeToPredict) as error:
                 answers[i] = error
         options = dict(options)
         heatmaps = options.pop("heatmaps", False)
@@ -92,6 +172,18 @@ class Served:
             answers[i] = answer
         self._answered = self._answered or bool(results)
         return answers
+
+    def check_memory(self, name: str, height: int, width: int) -> None:
+        """TooLargeToPredict when a ``height`` x ``width`` image needs more than
+        ``max_memory``."""
+        need = self.memory.need(height, width)
+        if self.max_memory is None or need <= self.max_memory:
+            return
+        what = f"{self.run.task.name} at full size" if self.memory.whole else "predict"
+        raise TooLargeToPredict(
+            f"{name}: this {width}x{height} image needs ~{size_text(need)} to {what};"
+            f" the server's limit is {size_text(self.max_memory)} (cnnlab serve --max-memory)"
+        )
 
     def _results(self, images: list[torch.Tensor], options: dict) -> list[dict | Exception]:
         if not images:
@@ -126,9 +218,12 @@ class Served:
         }
 
 
-def load_served(paths: Sequence[str | Path], device: str = "auto") -> dict[str, Served]:
+def load_served(
+    paths: Sequence[str | Path], device: str = "auto", max_memory: int | None = None
+) -> dict[str, Served]:
     """Every run folder of ``paths`` loaded, by id (the folder's name, made URL-safe and
-    unique: runs/a/demo and runs/b/demo become ``demo`` and ``demo-2``)."""
+    unique: runs/a/demo and runs/b/demo become ``demo`` and ``demo-2``); a prediction may
+    need ``max_memory`` bytes at most (None: no limit)."""
     served: dict[str, Served] = {}
     seen: dict[Path, str] = {}
     for path in map(Path, paths):
@@ -138,8 +233,22 @@ def load_served(paths: Sequence[str | Path], device: str = "auto") -> dict[str, 
         run = load_run(path, device)
         run_id = unique_id(slug(where.name), served)
         seen[where] = str(path)
-        served[run_id] = Served(run_id, run, describe(run_id, run))
+        info = describe(run_id, run)
+        served[run_id] = Served(run_id, run, info, prediction_memory(run), max_memory)
     return served
+
+
+def run_figure(folder: Path, name: str) -> Path | None:
+    """FOLDER/NAME.png, resolved, when NAME is one of ``FIGURES`` and it is a file inside
+    the folder: a symlink leading out of the run folder is no figure of it."""
+    if name not in FIGURES:
+        return None
+    root = folder.resolve()
+    try:
+        path = (folder / f"{name}.png").resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, or a symlink loop
+        return None
+    return path if path.is_relative_to(root) and path.is_file() else None
 
 
 def slug(name: str) -> str:
@@ -181,7 +290,7 @@ def describe(run_id: str, run: Run) -> dict:
         "figures": {
             name: f"/api/runs/{run_id}/figures/{name}.png"
             for name in FIGURES
-            if (run.path / f"{name}.png").is_file()
+            if run_figure(run.path, name) is not None
         },
     }
 
