@@ -117,18 +117,20 @@ class Machines:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
             shutil.rmtree(Path("/etc/netns") / namespace, ignore_errors=True)
 
-    def start(self, node: int, command: list[str]) -> subprocess.Popen:
-        """``command`` on host{node}: in its network namespace, under its host name. Each
-        program execs the next, so the process is torchrun itself."""
+    def start(self, node: int, command: list[str], logs: Path) -> subprocess.Popen:
+        """``command`` on host{node}: in its network namespace, under its host name, its
+        output in ``logs``/host{node}.out and .err (files: a pipe nobody reads while it runs
+        could fill and stall it). Each program execs the next, so the process is torchrun."""
         named = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', f"host{node}"]
-        return subprocess.Popen(
-            ["ip", "netns", "exec", self.namespaces[node], *named, *command],
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"host{node}.out", "w") as out, open(logs / f"host{node}.err", "w") as err:
+            return subprocess.Popen(
+                ["ip", "netns", "exec", self.namespaces[node], *named, *command],
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                cwd=ROOT,
+                stdout=out,
+                stderr=err,
+            )
 
 
 @pytest.fixture(scope="module")
@@ -160,20 +162,24 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _finish(processes: list[subprocess.Popen], timeout: float = 240) -> list[tuple[str, str]]:
-    """Each process's (stdout, stderr) once all have ended, each checked to succeed."""
-    outputs = []
+def _finish(nodes: list[subprocess.Popen], logs: Path, timeout: float = 240) -> list[str]:
+    """Each node's stderr once all have ended, each checked to have succeeded."""
     try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=timeout))
+        for node in nodes:
+            node.wait(timeout=timeout)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    for process, (_, err) in zip(processes, outputs, strict=True):
-        assert process.returncode == 0, err[-3000:]
-    return outputs
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait()
+    said = [(logs / f"host{n}.err").read_text() for n in range(len(nodes))]
+    for node, err in zip(nodes, said, strict=True):
+        assert node.returncode == 0, err[-3000:]
+    return said
+
+
+def _printed(logs: Path, node: int) -> str:
+    return (logs / f"host{node}.out").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +187,13 @@ def one_node_two_processes(
     machines: Machines, digits: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """The uninterrupted run that the others must equal, trained on host0 alone."""
-    run = tmp_path_factory.mktemp("one-node") / "run"
+    folder = tmp_path_factory.mktemp("one-node")
+    run, logs = folder / "run", folder / "logs"
     single = _ours(
         _the_command("--nproc_per_node 4 -m cnnlab train data/dogs"), digits, run, nproc=2
     )
-    _finish([machines.start(0, single)])
+    said = _finish([machines.start(0, single, logs)], logs)
+    assert "2 processes on cpu" in said[0]
     return run
 
 
@@ -198,14 +206,17 @@ def _same_training(run: Path, reference: Path) -> None:
 def test_two_machines_train_as_one_machine_with_two_processes(
     machines: Machines, digits: Path, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
-    run = tmp_path / "run"
+    run, logs = tmp_path / "run", tmp_path / "logs"
     shown = _the_command("--master_addr")
-    outputs = _finish(
-        [machines.start(n, _ours(shown, digits, run, 1, node_rank=n)) for n in (0, 1)]
+    said = _finish(
+        [machines.start(n, _ours(shown, digits, run, 1, node_rank=n), logs) for n in (0, 1)],
+        logs,
     )
     _same_training(run, one_node_two_processes)
-    assert "2 processes on cpu" in outputs[0][1]
-    assert outputs[1][0] == "" and "epoch 1/" not in outputs[1][1]  # only rank 0 reports
+    assert "2 processes on cpu" in said[0]
+    # Rank 0 (--node_rank 0) alone reports.
+    assert "test top-1" in _printed(logs, 0) and _printed(logs, 1) == ""
+    assert "epoch 1/" not in said[1]
     print(f"\n2 nodes x 1 process = 1 node x 2 processes: {read_metrics(run, timed=False)}")
 
 
@@ -219,9 +230,9 @@ def _workers(torchrun: subprocess.Popen) -> list[int]:
 def test_a_worker_killed_mid_epoch_restarts_and_resumes_to_the_same_metrics(
     machines: Machines, digits: Path, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
-    run = tmp_path / "run"
+    run, logs = tmp_path / "run", tmp_path / "logs"
     shown = _the_command("--max-restarts 1")
-    nodes = [machines.start(n, _ours(shown, digits, run, 1)) for n in (0, 1)]
+    nodes = [machines.start(n, _ours(shown, digits, run, 1), logs) for n in (0, 1)]
     try:
         deadline = time.monotonic() + 180
         while not ((run / "metrics.csv").is_file() and read_metrics(run)):
@@ -236,10 +247,10 @@ def test_a_worker_killed_mid_epoch_restarts_and_resumes_to_the_same_metrics(
     except BaseException:
         for node in nodes:
             node.kill()
-            node.communicate()
+            node.wait()
         raise
-    outputs = _finish(nodes)
-    said = "".join(err for _, err in outputs)
+    said = "".join(_finish(nodes, logs))
+    assert sum("test top-1" in _printed(logs, n) for n in (0, 1)) == 1  # one report
     # The group's new rank 0 (on either node) took up the run where last.pt left it.
     assert said.count(f"resuming {run} after epoch 1 of {EPOCHS}") == 1, said[-3000:]
     # Nothing lost, nothing twice: every epoch once, then the uninterrupted run's metrics.
