@@ -50,7 +50,7 @@ def _shown_commands(text: str) -> list[str]:
     for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
             line = re.sub(r"\s+", " ", line.split("#")[0]).strip()
-            if line.startswith("torchrun "):
+            if re.match(r"([A-Z_]+=\S* )*torchrun ", line):
                 commands.append(line)
     return commands
 
@@ -73,6 +73,8 @@ def _ours(shown: list[str], data: Path, out: Path, nproc: int, node_rank: int = 
         elif token == "torchrun":
             command += [sys.executable, "-m", "torch.distributed.run"]
             continue
+        elif not command and "=" in token:  # NAME=value before the command: its environment
+            command.append("env")
         elif token == DATA:
             token = str(data)
         elif token.startswith("runs/"):
@@ -163,10 +165,14 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _finish(nodes: list[subprocess.Popen], logs: Path, timeout: float = 240) -> list[str]:
-    """Each node's stderr once all have ended, each checked to have succeeded."""
+    """Each node's stderr once all have ended, each checked to have succeeded; a node that
+    fails ends the others at once (they would wait for it until torchrun's timeouts)."""
+    deadline = time.monotonic() + timeout
     try:
-        for node in nodes:
-            node.wait(timeout=timeout)
+        while any(node.poll() is None for node in nodes):
+            if any(node.poll() for node in nodes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     finally:
         for node in nodes:
             if node.poll() is None:
