@@ -23,6 +23,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from cnnlab import checkpoint
 from cnnlab.data.digits import write_digits
@@ -204,7 +206,11 @@ def one_node_two_processes(
 
 
 def _same_training(run: Path, reference: Path) -> None:
+    """The same metrics, report and best weights, to the last bit."""
     assert read_metrics(run, timed=False) == read_metrics(reference, timed=False)
+    weights, expected = (load_file(r / "best.safetensors") for r in (run, reference))
+    assert weights.keys() == expected.keys()
+    assert all(torch.equal(weights[name], expected[name]) for name in weights)
     report = json.loads((run / "report.json").read_text())
     assert report == json.loads((reference / "report.json").read_text())
 
