@@ -176,14 +176,25 @@ def _finish(nodes: list[subprocess.Popen], logs: Path, timeout: float = 240) -> 
                 break
             time.sleep(0.1)
     finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-                node.wait()
+        _stop(nodes)
     said = [(logs / f"host{n}.err").read_text() for n in range(len(nodes))]
     for node, err in zip(nodes, said, strict=True):
         assert node.returncode == 0, err[-3000:]
     return said
+
+
+def _stop(nodes: list[subprocess.Popen]) -> None:
+    """End the nodes still running: SIGTERM first, which torchrun passes on to its workers
+    (they run in sessions of their own, so a SIGKILLed torchrun would leave them behind)."""
+    running = [node for node in nodes if node.poll() is None]
+    for node in running:
+        node.terminate()
+    for node in running:
+        try:
+            node.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
 
 
 def _printed(logs: Path, node: int) -> str:
@@ -257,9 +268,7 @@ def test_a_worker_killed_mid_epoch_restarts_and_resumes_to_the_same_metrics(
         os.kill(killed, signal.SIGKILL)
         assert checkpoint.load_state(run / "last.pt")["epoch"] == 1
     except BaseException:
-        for node in nodes:
-            node.kill()
-            node.wait()
+        _stop(nodes)
         raise
     said = "".join(_finish(nodes, logs))
     assert sum("test top-1" in _printed(logs, n) for n in (0, 1)) == 1  # one report
