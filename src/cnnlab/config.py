@@ -108,7 +108,7 @@ class TrainConfig:
         default_factory=dict,
         metadata={
             "help": "filled in: the device, torch threads and loader workers the run started"
-            " with (cnnlab.engine.prepare.resolve)",
+            " with (cnnlab.engine.prepare.resolve), and under torchrun its job id",
             "cli": False,
         },
     )

@@ -6,6 +6,10 @@ joins them into a process group (gloo on CPU, nccl on CUDA). Each process trains
 shard of every epoch (a DistributedSampler), gradients are averaged by DDP, and the main
 process (rank 0) alone evaluates, writes the run folder and prints. A plain ``cnnlab train``
 is a group of one, and every function here is then a no-op.
+
+``torchrun --max-restarts N`` (elastic) starts the worker group again after a worker dies;
+``torchrun_job`` and ``restarts`` tell ``cnnlab.engine.loop.train`` that the run folder it
+finds is the one this job was writing, so the group resumes it (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -53,6 +57,21 @@ def context() -> Context:
 def launched() -> bool:
     """Whether torchrun started this process as one of several."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def torchrun_job() -> str | None:
+    """The id of the torchrun job that started this process as one of several (its
+    rendezvous id: ``--rdzv-id``, a fresh one per ``--standalone`` launch, ``none`` for the
+    static rendezvous of ``--master-addr``), kept by every restart of its worker group;
+    None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") if launched() else None
+
+
+def restarts() -> int:
+    """How many times this machine's torchrun agent restarted its workers after one failed.
+    Only the failed machine counts it: a machine whose workers were stopped because another
+    one's failed starts them again with its count unchanged."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def is_main_process() -> bool:

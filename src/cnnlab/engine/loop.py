@@ -9,6 +9,7 @@ and ``resume`` continues exactly where the last completed epoch left off.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import nullcontext
@@ -51,7 +52,8 @@ def train(cfg: TrainConfig, task: type[TrainingTask]) -> dict:
     none), curves.png and the task's own plots. Ctrl-C stops training and still reports
     on the best weights when an epoch has completed. Launched by torchrun as several
     processes, they train together (see ``cnnlab.engine.distributed``) and every one of
-    them returns the report.
+    them returns the report; a worker group that torchrun restarted after a failure
+    (``--max-restarts``) finds the run its job started in ``cfg.out`` and resumes it.
     """
     run_dir = Path(cfg.out)
     if run_dir.exists() and not run_dir.is_dir():
@@ -59,6 +61,9 @@ def train(cfg: TrainConfig, task: type[TrainingTask]) -> dict:
     data = Path(cfg.data).absolute()
     if run_dir.absolute().resolve().is_relative_to(data.resolve()):
         raise CnnlabError(f"{run_dir}: --out lies inside the data folder {data}; choose another")
+    if _restarted_job(cfg, run_dir, data):
+        # torchrun started its worker group again after a worker died: go on from last.pt.
+        return resume(run_dir, task, **{key: getattr(cfg, key) for key in RESUME_OVERRIDES})
     created = not run_dir.exists()
     try:
         return _train_new(cfg, run_dir, data, task)
@@ -68,6 +73,43 @@ def train(cfg: TrainConfig, task: type[TrainingTask]) -> dict:
         if main and created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()
         raise
+
+
+def _restarted_job(cfg: TrainConfig, run_dir: Path, data: Path) -> bool:
+    """Whether ``run_dir`` holds the run that this very torchrun job started, with these
+    settings, before its worker group was restarted (``torchrun --max-restarts``).
+
+    Every process must answer alike, before any of them joins the new group: the job id
+    the run recorded (config.yaml's ``resolved``) is the same on every machine, where the
+    restart count is only raised on the machine whose worker failed. Without a job id
+    (``none``: torchrun's static rendezvous, one agent per machine) a restart is what
+    tells. Settings are compared as given (an unset one was settled by the run); a run of
+    other settings is refused as before, as is any run outside torchrun."""
+    job = distributed.torchrun_job()
+    if job is None or not checkpoint.is_run_dir(run_dir):
+        return False
+    try:
+        saved = read_yaml(run_dir / "config.yaml")
+    except CnnlabError:
+        return False
+    if not isinstance(saved, dict) or not isinstance(saved.get("resolved"), dict):
+        return False
+    if saved["resolved"].get("torchrun_job") != job:
+        return False
+    if job == "none" and not distributed.restarts():
+        return False
+    given = asdict(replace(cfg, data=str(data)))
+    ignored = {"out", "resolved", *RESUME_OVERRIDES}
+    return all(
+        value is None or _plain(value) == _plain(saved.get(name))
+        for name, value in given.items()
+        if name not in ignored
+    )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as config.yaml gives it back (tuples as lists)."""
+    return json.loads(json.dumps(value))
 
 
 def _train_new(cfg: TrainConfig, run_dir: Path, data: Path, kind: type[TrainingTask]) -> dict:
@@ -95,7 +137,10 @@ def _train_new(cfg: TrainConfig, run_dir: Path, data: Path, kind: type[TrainingT
         # Joining the group waits for every process, so all have checked --out before the
         # main one writes into it.
         with distributed.session(resolved.device.type):
-            return fit(replace(cfg, resolved=resolved.record()), run_dir, job, None, resolved)
+            recorded = resolved.record()
+            if distributed.torchrun_job() is not None:  # what a restarted group checks
+                recorded["torchrun_job"] = distributed.torchrun_job()
+            return fit(replace(cfg, resolved=recorded), run_dir, job, None, resolved)
 
 
 def resume(run_dir: str | Path, task: type[TrainingTask], **overrides: Any) -> dict:
