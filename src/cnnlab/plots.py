@@ -284,6 +284,89 @@ def plot_heatmap(
     _save(fig, Path(out))
 
 
+def plot_attribution(
+    image: torch.Tensor,
+    heat: np.ndarray,
+    box: tuple[float, float, float, float],
+    peak: tuple[float, float],
+    title: str,
+    out: Path,
+) -> None:
+    """An attribution map (H', W') in [0, 1] over the image (uint8 (C, H, W)), spread over
+    ``box`` (x0, y0, x1, y1: the model's view of the image, outlined when it is not the
+    whole image), its peak marked, with a colour bar."""
+    from matplotlib.patches import Rectangle
+
+    pixels = image.permute(1, 2, 0).numpy()
+    fig = _new_figure((6, 5))
+    ax = fig.subplots()
+    ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3], cmap="gray")
+    x0, y0, x1, y1 = box
+    shown = ax.imshow(
+        heat,
+        cmap="jet",
+        alpha=0.5,
+        vmin=0.0,
+        vmax=1.0,
+        extent=(x0, x1, y1, y0),
+        interpolation="bilinear",
+    )
+    if (x0, y0, x1, y1) != (0, 0, pixels.shape[1], pixels.shape[0]):
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="white", lw=1))
+    ax.plot([peak[0]], [peak[1]], marker="+", color="white", markersize=14, mew=2)
+    ax.set_xlim(0, pixels.shape[1])
+    ax.set_ylim(pixels.shape[0], 0)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(shown, ax=ax, label="attribution (1 = the map's peak)")
+    _save(fig, Path(out))
+
+
+def plot_feature_maps(
+    maps: Sequence[np.ndarray],
+    channels: Sequence[tuple[int, float]],
+    title: str,
+    out: Path,
+) -> None:
+    """A grid of activation maps, each titled with its channel and mean activation, each on
+    its own colour scale (viridis)."""
+    cols = max(1, min(4, math.ceil(math.sqrt(len(maps)))))
+    rows = max(1, math.ceil(len(maps) / cols))
+    fig = _new_figure((2.4 * cols, 2.5 * rows + 0.4))
+    fig.suptitle(title, fontsize=10)
+    for slot, (grid, (channel, mean)) in enumerate(zip(maps, channels, strict=True)):
+        ax = fig.add_subplot(rows, cols, slot + 1)
+        ax.imshow(grid, cmap="viridis")
+        ax.set_title(f"channel {channel}, mean {mean:.3g}", fontsize=8)
+        ax.axis("off")
+    _save(fig, Path(out))
+
+
+def plot_filters(panels: Sequence[tuple[str, torch.Tensor]], title: str, out: Path) -> None:
+    """Convolution kernels (O, I, k, k) as image tiles, one panel per (label, kernels): each
+    kernel scaled to [0, 1] on its own, RGB when it has 3 input channels, else its first
+    input channel in grey."""
+    count = panels[0][1].shape[0]
+    cols = max(1, min(16, math.ceil(math.sqrt(count))))
+    rows = math.ceil(count / cols)
+    fig = _new_figure((1.0 * cols * len(panels) + 0.5, 1.0 * rows + 0.8))
+    fig.suptitle(title, fontsize=10)
+    figures = fig.subfigures(1, len(panels), squeeze=False)[0]
+    for sub, (label, kernels) in zip(figures, panels, strict=True):
+        sub.suptitle(label, fontsize=9)
+        for k in range(count):
+            ax = sub.add_subplot(rows, cols, k + 1)
+            kernel = kernels[k]
+            low, high = kernel.min(), kernel.max()
+            tile = ((kernel - low) / (high - low + 1e-12)).numpy()
+            if tile.shape[0] == 3:
+                ax.imshow(tile.transpose(1, 2, 0), interpolation="nearest")
+            else:
+                ax.imshow(tile[0], cmap="gray", interpolation="nearest")
+            ax.axis("off")
+    _save(fig, Path(out))
+
+
 def plot_lr_find(
     lrs: Sequence[float], losses: Sequence[float], suggested: float, out: Path
 ) -> None:

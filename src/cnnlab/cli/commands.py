@@ -415,6 +415,62 @@ def cmd_heatmap(args: argparse.Namespace, extra: dict) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.attribution import METHODS
+    from cnnlab.explain import audit_run, audit_table, explain_files
+
+    if args.audit:
+        methods = (args.method,) if args.method else METHODS
+        report = audit_run(args.run, args.paths, args.images, methods, args.layer, args.device)
+        if args.format == "json":
+            print_json(report)
+        else:
+            print(audit_table(report))
+        return 0
+    if not args.paths:
+        raise CnnlabError("explain needs at least one IMAGE (or --audit)")
+    documents = explain_files(
+        args.run,
+        args.paths,
+        args.method or "gradcam",
+        args.class_name,
+        args.layer,
+        args.out,
+        args.device,
+    )
+    if args.format == "json":
+        print_json(documents)
+        return 0
+    for document in documents:
+        x, y = document["peak_xy"]
+        drawn = f"; drawn to {document['drawing']}" if "drawing" in document else ""
+        print(
+            f"{document['file']}: {document['method']} at {document['layer']} for"
+            f" {document['class']} (p={document['probability']:.2f}): peak at pixel"
+            f" ({x:g}, {y:g}), {document['top10_share']:.0%} of the map in its top 10%"
+            f" of pixels, {document['seconds'] * 1000:.0f} ms{drawn}"
+        )
+    return 0
+
+
+def cmd_features(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.features import feature_maps_file, filters_file
+
+    if args.filters:
+        document = filters_file(args.run, args.out or "filters.png", args.device)
+    else:
+        if args.image is None:
+            raise CnnlabError("features needs an IMAGE (or --filters)")
+        document = feature_maps_file(
+            args.run, args.image, args.layer, args.top, args.out or "features.png", args.device
+        )
+    if args.format == "json":
+        print_json(document)
+    else:
+        print(document["description"])
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.serve import serve
 
