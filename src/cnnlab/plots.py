@@ -367,6 +367,48 @@ def plot_filters(panels: Sequence[tuple[str, torch.Tensor]], title: str, out: Pa
     _save(fig, Path(out))
 
 
+def plot_erf(fields: Sequence, title: str, out: Path) -> None:
+    """One heat map per stage of ``inspect.erf.StageField``: the centre unit's input
+    gradient, the theoretical receptive field (dashed) and the measured ERF square (solid)
+    outlined around its centre."""
+    from matplotlib.patches import Rectangle
+
+    count = max(1, len(fields))
+    cols = min(4, count)
+    rows = math.ceil(count / cols)
+    fig = _new_figure((3.2 * cols, 3.3 * rows + 0.5))
+    fig.suptitle(title, fontsize=10)
+    for slot, field in enumerate(fields):
+        ax = fig.add_subplot(rows, cols, slot + 1)
+        import numpy as np
+
+        gradient = field.gradient.numpy()
+        ax.imshow(gradient / max(float(gradient.max()), 1e-12), cmap="inferno")
+        height, width = gradient.shape
+        total = gradient.sum() or 1.0
+        cy = float((gradient.sum(axis=1) * np.arange(height)).sum() / total)
+        cx = float((gradient.sum(axis=0) * np.arange(width)).sum() / total)
+        half = field.theoretical / 2
+        ax.add_patch(
+            Rectangle(
+                (cx - half, cy - half), 2 * half, 2 * half, fill=False, color="cyan", ls="--", lw=1
+            )
+        )
+        r = field.radius + 0.5
+        ax.add_patch(
+            Rectangle((round(cx) - r, round(cy) - r), 2 * r, 2 * r, fill=False, color="white", lw=1)
+        )
+        ax.set_xlim(-0.5, width - 0.5)
+        ax.set_ylim(height - 0.5, -0.5)
+        ax.set_title(
+            f"{field.name} (stride {field.stride:g})\n"
+            f"RF {field.theoretical:g}, ERF {field.effective}",
+            fontsize=8,
+        )
+        ax.axis("off")
+    _save(fig, Path(out))
+
+
 def plot_lr_find(
     lrs: Sequence[float], losses: Sequence[float], suggested: float, out: Path
 ) -> None:

@@ -120,6 +120,8 @@ def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.inspect import render_summary
     from cnnlab.inspect.specs import summarize_spec
 
+    if args.erf:
+        return _summary_erf(args, extra)
     size = parse_input(args.input) if args.input else None
     limit = _memory_limit(args.max_memory)
     kwargs = {**_kwargs(args.kwargs), **extra}
@@ -154,6 +156,44 @@ def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
     console.print(render_summary(summary, title, _width(console), wide=args.wide or None))
     if fit is not None:
         print(_fit_line(args.max_memory, args.optimizer, document["max_memory"]))
+    return 0
+
+
+def _summary_erf(args: argparse.Namespace, extra: dict) -> int:
+    """``summary MODEL --erf`` (fresh weights) or ``summary RUN --erf`` (trained ones)."""
+    from cnnlab.inspect.erf import effective_fields, erf_table
+    from cnnlab.plots import plot_erf
+
+    size = parse_input(args.input) if args.input else None
+    if (Path(args.model) / "model.json").is_file():
+        from cnnlab.runs import load_run
+
+        run = load_run(args.model, "cpu", fast=False)
+        model, what = run.model, f"{args.model} (trained weights)"
+        size = size or (run.task.in_channels, run.task.img_size, run.task.img_size)
+    else:
+        from cnnlab.inspect.specs import build_model
+
+        kwargs = {**_kwargs(args.kwargs), **extra}
+        if args.num_classes is not None:
+            kwargs["num_classes"] = args.num_classes
+        model, size = build_model(args.model, kwargs, size)  # real weights: gradients flow
+        what = f"{args.model} (fresh weights)"
+    fields = effective_fields(model, size)
+    plot_erf(fields, f"{what} at {'x'.join(map(str, size))}", Path(args.erf_out))
+    if args.format == "json":
+        print_json(
+            {
+                "model": args.model,
+                "input": list(size),
+                "stages": [f.to_dict() for f in fields],
+                "drawing": args.erf_out,
+            }
+        )
+    else:
+        print(f"{what} at {'x'.join(map(str, size))}")
+        print(erf_table(fields))
+        print(f"drawn to {args.erf_out}")
     return 0
 
 

@@ -112,6 +112,13 @@ def _inspector_commands(commands: Group) -> None:
     sub.add_argument(
         "--strict", action="store_true", help="exit 2 if any operation's FLOPs were not counted"
     )
+    sub.add_argument(
+        "--erf",
+        action="store_true",
+        help="measure each stage's effective receptive field (MODEL: fresh weights; a run"
+        " folder: its trained weights) and draw erf.png",
+    )
+    sub.add_argument("--erf-out", default="erf.png", help="where --erf draws its heat maps")
     add_format(sub, ("table", "json"))
     sub = _add(
         commands,
