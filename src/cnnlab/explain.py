@@ -286,7 +286,13 @@ def cascade(model: nn.Module, layer: str) -> list[tuple[str, list[str]]]:
         cut = len(below) - round(share * len(below))
         steps.append((label, after + top + below[cut:]))
     steps.append(("all", weighted))
-    return steps
+    # A step that randomises nothing new (a model with little below its top block) is
+    # left out; the first two always stay, the second being the one the check reads.
+    kept = steps[:2]
+    for step in steps[2:]:
+        if len(step[1]) > len(kept[-1][1]):
+            kept.append(step)
+    return kept
 
 
 def _roots(names: Sequence[str]) -> list[str]:

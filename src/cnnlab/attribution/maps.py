@@ -75,9 +75,9 @@ def layer_module(model: nn.Module, layer: str) -> nn.Module:
 
 def layer_output(model: nn.Module, layer: str, x: Tensor) -> Tensor:
     """The output of ``layer`` for input ``x`` (no gradient)."""
-    captured: list[Tensor] = []
+    captured: list = []
     handle = layer_module(model, layer).register_forward_hook(
-        lambda _m, _i, out: captured.append(out if isinstance(out, Tensor) else out[0])
+        lambda _m, _i, out: captured.append(out)
     )
     try:
         with torch.no_grad():
@@ -90,10 +90,11 @@ def layer_output(model: nn.Module, layer: str, x: Tensor) -> Tensor:
 def check_spatial(model: nn.Module, layer: str, x: Tensor) -> None:
     """CnnlabError unless ``layer`` outputs a map (N, C, H, W) for ``x``."""
     out = layer_output(model, layer, x[:1])
-    if out.dim() != 4:
+    if not isinstance(out, Tensor) or out.dim() != 4:
+        shape = f"(its output is {tuple(out.shape[1:])})" if isinstance(out, Tensor) else ""
         raise CnnlabError(
-            f"layer {layer!r} has no spatial output (its output is {tuple(out.shape[1:])});"
-            " name a convolutional layer or stage"
+            f"layer {layer!r} has no spatial output {shape}; name a layer whose output is a"
+            " map (C, H, W), as `cnnlab summary` shows"
         )
 
 
