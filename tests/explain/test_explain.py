@@ -3,6 +3,7 @@ session's tiny runs (``serve_runs``)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_a_segmenter_is_explained_over_its_class_region(serve_runs) -> None:
 def test_bad_input_is_one_line(serve_runs, tmp_path) -> None:
     run = load_run(serve_runs["classify"], "cpu", fast=False)
     image = read_image(first_image(serve_runs["classify_data"]), 1)
-    with pytest.raises(CnnlabError, match="features.conv2d_00, "):
+    with pytest.raises(CnnlabError, match=r"features\.conv2d_00, "):
         explain(run, [image], layer="nope")  # lists the valid names
     with pytest.raises(CnnlabError, match="no spatial output"):
         explain(run, [image], layer="classifier.linear_09")
@@ -85,7 +86,7 @@ def test_the_audit_randomises_from_the_top_and_compares_with_a_random_map(serve_
     images = [read_image(file, 1) for file in files]
     steps = cascade(run.model, "features")
     assert steps[0][1] == ["classifier.linear_06", "classifier.linear_09"]  # the head first
-    assert all(set(a[1]) < set(b[1]) for a, b in zip(steps, steps[1:], strict=False))
+    assert all(set(a[1]) < set(b[1]) for a, b in itertools.pairwise(steps))
     report = audit(run, images, ("gradcam", "saliency"))
     assert [row["method"] for row in report["methods"]] == ["gradcam", "saliency"]
     for row in report["methods"]:
