@@ -452,6 +452,9 @@ def cmd_heatmap(args: argparse.Namespace, extra: dict) -> int:
             f" (x0, y0, x1, y1; cell {result['peak'][0]}, {result['peak'][1]})"
             + (f"; drawn to {args.out}" if args.out else "")
         )
+        print(f"each cell: {result['cells']}")
+        if result["warning"]:
+            print(f"warning: {result['warning']}", file=sys.stderr)
     return 0
 
 
