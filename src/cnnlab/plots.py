@@ -165,6 +165,7 @@ def plot_errors(
     out: Path,
     mean: Sequence[float],
     std: Sequence[float],
+    heats: Sequence[torch.Tensor] | None = None,
 ) -> None:
     """A grid of the images to look at first, as fastai's ``plot_top_losses``: each titled
     "true / pred" and "(p=0.83, loss 1.54)", the predicted class's probability and the
@@ -172,7 +173,9 @@ def plot_errors(
     given (misclassified first, then by loss).
 
     ``images`` are normalised (C, H, W) tensors as the model saw them; ``mean`` and ``std``
-    undo that normalisation for display. At most 16 images are shown.
+    undo that normalisation for display. At most 16 images are shown. ``heats`` (a map
+    (H, W) in [0, 1] per image: Grad-CAM of the predicted class) are drawn over a copy of
+    each image, beside it.
     """
     if not len(images) == len(true) == len(pred) == len(probs) == len(losses):
         raise ValueError("images, true, pred, probs and losses must have the same length")
@@ -180,7 +183,7 @@ def plot_errors(
     wrong = sum(t != p for t, p in zip(true, pred, strict=True))
     cols = max(1, min(4, math.ceil(math.sqrt(shown))))
     rows = max(1, math.ceil(shown / cols))
-    fig = _new_figure((3 * cols, 3.3 * rows + 0.4))
+    fig = _new_figure(((5.5 if heats is not None else 3) * cols, 3.3 * rows + 0.4))
     if not shown:
         fig.text(0.5, 0.5, "no images to show", ha="center", va="center")
     order = "misclassified first (red), then" if wrong else "none misclassified;"
@@ -192,6 +195,8 @@ def plot_errors(
     for slot in range(shown):
         ax = fig.add_subplot(rows, cols, slot + 1)
         pixels = _denormalise(images[slot], mean, std)  # (H, W) or (H, W, 3) in [0, 1]
+        if heats is not None:
+            pixels = _beside_heat(pixels, heats[slot].numpy())
         ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0.0, vmax=1.0)
         names = textwrap.shorten(f"{true[slot]} / {pred[slot]}", 34, placeholder="...")
         colour = "tab:green" if true[slot] == pred[slot] else "tab:red"
@@ -199,6 +204,18 @@ def plot_errors(
         ax.set_title(f"{names}\n{figures}", fontsize=8, color=colour)
         ax.axis("off")
     _save(fig, Path(out))
+
+
+def _beside_heat(pixels: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """(H, 2W + 2, 3): the image, a white gap, and the image half-covered by ``heat`` in the
+    jet colour map."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    rgb = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)
+    overlay = 0.5 * rgb + 0.5 * colormaps["jet"](heat)[..., :3]
+    gap = np.ones((rgb.shape[0], 2, 3))
+    return np.concatenate([rgb, gap, overlay], axis=1)
 
 
 def plot_pictures(
