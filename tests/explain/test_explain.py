@@ -111,3 +111,17 @@ def test_features_and_filters_draw(serve_runs, tmp_path) -> None:
     document = filters_file(serve_runs["classify"], tmp_path / "k.png")
     assert document["layer"] == "features.conv2d_00" and document["initial"]
     assert (tmp_path / "k.png").is_file()
+
+
+def test_the_web_api_returns_where_it_looks_when_asked(serve_runs) -> None:
+    from cnnlab.serve.served import Upload, load_served
+
+    (served,) = load_served([serve_runs["classify"]], "cpu").values()
+    file = first_image(serve_runs["classify_data"])
+    upload = Upload(file.name, file.read_bytes())
+    (plain,) = served.predict([upload], {})
+    assert "explain" not in plain
+    (answer,) = served.predict([upload], {"explain": True})
+    assert answer["explain"]["method"] == "gradcam"
+    assert answer["explain"]["class"] == answer["top"][0]["class"]
+    assert answer["explain"]["map_png"].startswith("data:image/png;base64,")
