@@ -449,11 +449,11 @@ def audit_table(report: dict) -> str:
     for i, step in enumerate(steps, 1):
         lines.append(f"  r{i}: {step}")
     header = f"{'method':<10}" + "".join(f"{f'r{i}':>7}" for i in range(1, len(steps) + 1))
-    header += f"{'del':>7}{'(rand)':>7}{'ins':>7}{'(rand)':>7}  {'random.':<8}{'faithful':<9}ms"
+    header += f"{'del':>8}{'rand':>7}{'ins':>7}{'rand':>7}  {'random.':<8}{'faithful':<9}ms"
     lines.append(header)
     for row in report["methods"]:
         line = f"{row['method']:<10}" + "".join(f"{c:>7.2f}" for c in row["spearman"])
-        line += f"{row['deletion']:>7.3f}{row['random_deletion']:>7.3f}"
+        line += f"{row['deletion']:>8.3f}{row['random_deletion']:>7.3f}"
         line += f"{row['insertion']:>7.3f}{row['random_insertion']:>7.3f}  "
         line += f"{'pass' if row['randomisation_passed'] else 'FAIL':<8}"
         line += f"{'pass' if row['faithfulness_passed'] else 'FAIL':<9}{row['ms_per_image']:.0f}"
