@@ -36,6 +36,26 @@ def save_weights(
     atomic_write_bytes(path, save(state, metadata=metadata))
 
 
+INITIAL_WEIGHTS = "initial.safetensors"  # the first convolution before training
+
+
+def save_initial_filters(run_dir: Path, model: nn.Module) -> None:
+    """Keep the first convolution's weights as training starts (``INITIAL_WEIGHTS``), so
+    that ``cnnlab features --filters`` can draw the trained kernels beside them; a model
+    whose registry entry names no first convolution keeps nothing."""
+    from cnnlab.registry import info_of
+
+    info = info_of(model)
+    if info is None or info.first_conv is None:
+        return
+    try:
+        weight = model.get_submodule(info.first_conv).weight
+    except AttributeError:
+        return
+    state = {f"{info.first_conv}.weight": weight.detach().to("cpu").contiguous()}
+    atomic_write_bytes(Path(run_dir) / INITIAL_WEIGHTS, save(state))
+
+
 def load_weights(path: str | Path, model: nn.Module) -> None:
     """Load a safetensors state_dict into ``model`` strictly.
 

@@ -91,6 +91,8 @@ class ClassMaps:
         box = [x0 * sx, y0 * sy, x1 * sx, y1 * sy]
         return {
             "class": self.classes[index],
+            "cells": self.boxes.describe(),
+            "warning": self.boxes.warning(),
             "map": [[round(float(p), 6) for p in line] for line in grid.tolist()],
             "shape": list(grid.shape),
             "peak": [row, col],
@@ -141,6 +143,29 @@ class CellBoxes:
             return spacing / 2, spacing, spacing
         spacing = (extent - self.window) / (cells - 1) if cells > 1 else float(self.window)
         return self.window / 2, spacing, float(self.window)
+
+    def describe(self) -> str:
+        """What one cell of the map scores, in words."""
+        (_, dy, height), (_, dx, _) = self._axis(0), self._axis(1)
+        if self.window is None:
+            return (
+                f"one feature cell of the model's last map (a {height:g}-pixel tile of the"
+                " image, every cell seeing the whole image through the global pool's field)"
+            )
+        return f"a {self.window}-pixel window (the training size) every {max(dy, dx):g} pixels"
+
+    def warning(self) -> str | None:
+        """Why the map may mislead, where it may: a globally pooled model never saw a single
+        cell's features alone in training, so a cell's probability is not what the model
+        says about that part of the image (``cnnlab explain`` maps that)."""
+        if self.window is not None:
+            return None
+        return (
+            "this model pools globally: each cell is one feature cell scored alone, not a"
+            " window the model was trained on, so its probabilities are not the model's view"
+            " of that region; `cnnlab explain RUN IMAGE` (Grad-CAM) shows where the"
+            " prediction's evidence lies"
+        )
 
     def box(self, row: int, col: int) -> list[float]:
         """[x0, y0, x1, y1] in image pixels."""

@@ -45,6 +45,9 @@ class ModelInfo:
     # learning, trained alone by freeze_backbone, removed when the model becomes a backbone.
     classifier: tuple[str, ...] = ()
     first_conv: str | None = None  # adapted to the number of input channels on weight loading
+    # The last convolutional stage, as ``cnnlab summary`` names it: where ``cnnlab explain``
+    # reads class activation maps by default (the map just before the head reads it).
+    explain_layer: str | None = None
     parameters: frozenset[str] = field(default=frozenset(), repr=False)  # the builder's
 
     @property
@@ -100,6 +103,7 @@ def register_model(
     pool: str | None = None,
     classifier: tuple[str, ...] = (),
     first_conv: str | None = None,
+    explain_layer: str | None = None,
 ) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Register a builder under its function name; refuses duplicate names."""
     if pool not in (None, *POOLS):
@@ -121,6 +125,7 @@ def register_model(
             pool=pool,
             classifier=classifier,
             first_conv=first_conv,
+            explain_layer=explain_layer,
             parameters=frozenset(inspect.signature(builder).parameters),
         )
         return builder

@@ -120,6 +120,8 @@ def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.inspect import render_summary
     from cnnlab.inspect.specs import summarize_spec
 
+    if args.erf:
+        return _summary_erf(args, extra)
     size = parse_input(args.input) if args.input else None
     limit = _memory_limit(args.max_memory)
     kwargs = {**_kwargs(args.kwargs), **extra}
@@ -154,6 +156,44 @@ def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
     console.print(render_summary(summary, title, _width(console), wide=args.wide or None))
     if fit is not None:
         print(_fit_line(args.max_memory, args.optimizer, document["max_memory"]))
+    return 0
+
+
+def _summary_erf(args: argparse.Namespace, extra: dict) -> int:
+    """``summary MODEL --erf`` (fresh weights) or ``summary RUN --erf`` (trained ones)."""
+    from cnnlab.inspect.erf import effective_fields, erf_table
+    from cnnlab.plots import plot_erf
+
+    size = parse_input(args.input) if args.input else None
+    if (Path(args.model) / "model.json").is_file():
+        from cnnlab.runs import load_run
+
+        run = load_run(args.model, "cpu", fast=False)
+        model, what = run.model, f"{args.model} (trained weights)"
+        size = size or (run.task.in_channels, run.task.img_size, run.task.img_size)
+    else:
+        from cnnlab.inspect.specs import build_model
+
+        kwargs = {**_kwargs(args.kwargs), **extra}
+        if args.num_classes is not None:
+            kwargs["num_classes"] = args.num_classes
+        model, size = build_model(args.model, kwargs, size)  # real weights: gradients flow
+        what = f"{args.model} (fresh weights)"
+    fields = effective_fields(model, size)
+    plot_erf(fields, f"{what} at {'x'.join(map(str, size))}", Path(args.erf_out))
+    if args.format == "json":
+        print_json(
+            {
+                "model": args.model,
+                "input": list(size),
+                "stages": [f.to_dict() for f in fields],
+                "drawing": args.erf_out,
+            }
+        )
+    else:
+        print(f"{what} at {'x'.join(map(str, size))}")
+        print(erf_table(fields))
+        print(f"drawn to {args.erf_out}")
     return 0
 
 
@@ -412,6 +452,65 @@ def cmd_heatmap(args: argparse.Namespace, extra: dict) -> int:
             f" (x0, y0, x1, y1; cell {result['peak'][0]}, {result['peak'][1]})"
             + (f"; drawn to {args.out}" if args.out else "")
         )
+        print(f"each cell: {result['cells']}")
+        if result["warning"]:
+            print(f"warning: {result['warning']}", file=sys.stderr)
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.attribution import METHODS
+    from cnnlab.explain import audit_run, audit_table, explain_files
+
+    if args.audit:
+        methods = (args.method,) if args.method else METHODS
+        report = audit_run(args.run, args.paths, args.images, methods, args.layer, args.device)
+        if args.format == "json":
+            print_json(report)
+        else:
+            print(audit_table(report))
+        return 0
+    if not args.paths:
+        raise CnnlabError("explain needs at least one IMAGE (or --audit)")
+    documents = explain_files(
+        args.run,
+        args.paths,
+        args.method or "gradcam",
+        args.class_name,
+        args.layer,
+        args.out,
+        args.device,
+    )
+    if args.format == "json":
+        print_json(documents)
+        return 0
+    for document in documents:
+        x, y = document["peak_xy"]
+        drawn = f"; drawn to {document['drawing']}" if "drawing" in document else ""
+        print(
+            f"{document['file']}: {document['method']} at {document['layer']} for"
+            f" {document['class']} (p={document['probability']:.2f}): peak at pixel"
+            f" ({x:g}, {y:g}), {document['top10_share']:.0%} of the map in its top 10%"
+            f" of pixels, {document['seconds'] * 1000:.0f} ms{drawn}"
+        )
+    return 0
+
+
+def cmd_features(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.features import feature_maps_file, filters_file
+
+    if args.filters:
+        document = filters_file(args.run, args.out or "filters.png", args.device)
+    else:
+        if args.image is None:
+            raise CnnlabError("features needs an IMAGE (or --filters)")
+        document = feature_maps_file(
+            args.run, args.image, args.layer, args.top, args.out or "features.png", args.device
+        )
+    if args.format == "json":
+        print_json(document)
+    else:
+        print(document["description"])
     return 0
 
 

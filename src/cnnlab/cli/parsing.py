@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import cnnlab.cli.commands as c
+from cnnlab.attribution import METHODS
 from cnnlab.cli.flags import (
     Parser,
     add_backend,
@@ -111,6 +112,13 @@ def _inspector_commands(commands: Group) -> None:
     sub.add_argument(
         "--strict", action="store_true", help="exit 2 if any operation's FLOPs were not counted"
     )
+    sub.add_argument(
+        "--erf",
+        action="store_true",
+        help="measure each stage's effective receptive field (MODEL: fresh weights; a run"
+        " folder: its trained weights) and draw erf.png",
+    )
+    sub.add_argument("--erf-out", default="erf.png", help="where --erf draws its heat maps")
     add_format(sub, ("table", "json"))
     sub = _add(
         commands,
@@ -290,6 +298,51 @@ def _tool_commands(commands: Group) -> None:
     sub.add_argument("image", help="an image, best larger than the training size")
     sub.add_argument("--class", dest="class_name", help="class to map (default: highest peak)")
     sub.add_argument("--out", help="write the map over the image to this PNG")
+    add_device(sub)
+    add_format(sub)
+
+    sub = _add(
+        commands,
+        "explain",
+        c.cmd_explain,
+        "where a run's evidence lies in each image (Grad-CAM and other maps), and --audit:"
+        " the sanity checks of those maps",
+    )
+    sub.add_argument("run", help="a classification or segmentation run folder")
+    sub.add_argument("paths", nargs="*", metavar="IMAGE", help="image files")
+    sub.add_argument(
+        "--method",
+        choices=METHODS,
+        help="the map (default: gradcam; --audit: every method)",
+    )
+    sub.add_argument("--class", dest="class_name", help="class to explain (default: predicted)")
+    sub.add_argument(
+        "--layer", help="layer as `cnnlab summary` names it (default: the last conv stage)"
+    )
+    sub.add_argument("--out", metavar="DIR", help="draw each map to DIR/IMAGE_METHOD.png")
+    sub.add_argument(
+        "--audit", action="store_true", help="randomisation and deletion/insertion checks"
+    )
+    sub.add_argument(
+        "--images", type=positive, default=8, help="--audit without IMAGE: the run's first N"
+    )
+    add_device(sub)
+    add_format(sub)
+
+    sub = _add(
+        commands,
+        "features",
+        c.cmd_features,
+        "a layer's activation maps for an image, or (--filters) the first convolution's kernels",
+    )
+    sub.add_argument("run", help="a run folder")
+    sub.add_argument("image", nargs="?", help="an image (not needed with --filters)")
+    sub.add_argument(
+        "--layer", help="layer as `cnnlab summary` names it (default: the last conv stage)"
+    )
+    sub.add_argument("--top", type=positive, default=16, help="the K most active channels")
+    sub.add_argument("--filters", action="store_true", help="draw the first conv's kernels")
+    sub.add_argument("--out", metavar="FILE", help="the PNG (default: features.png/filters.png)")
     add_device(sub)
     add_format(sub)
 

@@ -227,6 +227,7 @@ def _fit(
             write_yaml(run_dir / "config.yaml", asdict(cfg))
             write_json(run_dir / "split.json", task.splits.to_json())
             checkpoint.save_model_json(run_dir, model_meta(cfg, task, ready.model_args))
+            checkpoint.save_initial_filters(run_dir, model)
     else:
         state.restore(saved, run_dir / "last.pt", model, optimizer, scheduler, scaler, ema=ema)
         start_epoch, best = saved["epoch"], saved["best"]

@@ -75,6 +75,7 @@ class AlexNet(nn.Module):
     pool="flatten",
     classifier=("classifier",),
     first_conv="features.0",
+    explain_layer="features",
 )
 def alexnet(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> AlexNet:
     """AlexNet: 5 convs and 3 linear layers, 61.1M parameters at 1000 classes."""
@@ -147,6 +148,7 @@ class AlexNetPaper(nn.Module):
     pool="flatten",
     classifier=("classifier",),
     first_conv="features.0",
+    explain_layer="features",
 )
 def alexnet_paper(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> AlexNetPaper:
     """AlexNet as the 2012 paper built it on two GPUs (grouped convs, LRN), 61.0M

@@ -151,6 +151,7 @@ def _build(
     pool="flatten",
     classifier=("classifier",),
     first_conv="features.conv2d_00",
+    explain_layer="features",
 )
 def convnet(
     num_classes: int | None = None,  # default 10

@@ -26,6 +26,7 @@ _FACTS = {
     "pool": "avg",
     "classifier": ("classifier",),
     "first_conv": "features.conv0",
+    "explain_layer": "features",
 }
 
 

@@ -117,7 +117,7 @@ def _fcn(
     return model
 
 
-@register_model(min_size=32, task="segment")
+@register_model(min_size=32, task="segment", explain_layer="score32")
 def fcn32s(
     num_classes: int = 21,
     in_channels: int = 3,
@@ -129,7 +129,7 @@ def fcn32s(
     return _fcn(0, num_classes, in_channels, backbone, backbone_weights, backbone_args)
 
 
-@register_model(min_size=32, task="segment")
+@register_model(min_size=32, task="segment", explain_layer="score32")
 def fcn16s(
     num_classes: int = 21,
     in_channels: int = 3,
@@ -141,7 +141,7 @@ def fcn16s(
     return _fcn(1, num_classes, in_channels, backbone, backbone_weights, backbone_args)
 
 
-@register_model(min_size=32, task="segment")
+@register_model(min_size=32, task="segment", explain_layer="score32")
 def fcn8s(
     num_classes: int = 21,
     in_channels: int = 3,

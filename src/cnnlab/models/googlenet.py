@@ -165,6 +165,7 @@ class GoogLeNet(nn.Module):
     pool="avg",
     classifier=("fc", "aux1", "aux2"),
     first_conv="conv1.conv",
+    explain_layer="inception5b",
 )
 def googlenet(num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> GoogLeNet:
     """GoogLeNet: nine Inception modules, 6.6M parameters at 1000 classes.

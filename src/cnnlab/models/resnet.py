@@ -21,6 +21,7 @@ _FACTS = {
     "pool": "avg",
     "classifier": ("fc",),
     "first_conv": "conv1",
+    "explain_layer": "layer4",
 }
 
 

@@ -24,6 +24,7 @@ _FACTS = {
     "pool": "flatten",
     "classifier": ("classifier",),
     "first_conv": "features.0",
+    "explain_layer": "features",
 }
 _STAGE_DEPTHS = {11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
 

@@ -242,7 +242,8 @@ def create_app(
             " for one image (`file` is the uploaded name), plus `mask_png` (segmentation: the"
             " class index of each pixel as a PNG data URL) and, with `heatmaps`, `heatmaps`"
             " (classification: the probability map of each top class, `cnnlab heatmap`'s"
-            " document)."
+            " document) and, with `explain`, `explain` (classification: where the top"
+            " class's evidence lies, `cnnlab explain`'s Grad-CAM document with `map_png`)."
         ),
     )(predict)
 

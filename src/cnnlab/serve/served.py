@@ -159,6 +159,7 @@ class Served:
                 answers[i] = error
         options = dict(options)
         heatmaps = options.pop("heatmaps", False)
+        where_it_looks = options.pop("explain", False)
         results = self._results(list(images.values()), options)
         for i, result in zip(images, results, strict=True):
             if isinstance(result, Exception):
@@ -169,6 +170,8 @@ class Served:
                 answer["mask_png"] = png_data_url(result["_mask"][None])
             if heatmaps:
                 answer.update(self._heatmaps(images[i], [t["class"] for t in result["top"]]))
+            if where_it_looks:
+                answer["explain"] = self._explain(images[i], result["top"][0]["class"])
             answers[i] = answer
         self._answered = self._answered or bool(results)
         return answers
@@ -194,6 +197,18 @@ class Served:
             if len(images) == 1:
                 return [error]
         return [self._results([image], options)[0] for image in images]
+
+    def _explain(self, image: torch.Tensor, class_name: str) -> dict:
+        """The top class's Grad-CAM (``cnnlab explain``'s document) with ``map_png``, the
+        map as a grey PNG data URL over ``view_box`` of the image, or ``{"error": why}``."""
+        from cnnlab.explain import explain
+
+        try:
+            (found,) = explain(self.run, [image], "gradcam", class_name)
+        except CnnlabError as error:  # a model with no layer to map, an image too small
+            return {"error": str(error)}
+        grey = (found.map * 255).round().to(torch.uint8)[None]
+        return {**found.to_dict(), "map_png": png_data_url(grey)}
 
     def _heatmaps(self, image: torch.Tensor, classes: list[str]) -> dict:
         """``{"heatmaps": {"size": [H, W] of the image as mapped, "extent": [left, right,

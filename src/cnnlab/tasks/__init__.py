@@ -70,6 +70,13 @@ TASKS: dict[str, TaskEntry] = {
                     "the probability map of each top class (`cnnlab heatmap`'s windows)",
                     ("serve",),
                 ),
+                Option(
+                    "explain",
+                    bool,
+                    False,
+                    "where the top class's evidence lies: its Grad-CAM (`cnnlab explain`)",
+                    ("serve",),
+                ),
             ),
         ),
         TaskEntry(

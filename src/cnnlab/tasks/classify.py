@@ -212,6 +212,7 @@ class ClassifyTask(RunFacts):
             run_dir / "errors.png",
             self.mean,
             self.std,
+            heats=_gradcam(model, worst["images"], worst["preds"], device),
         )
         return split, result
 
@@ -413,6 +414,22 @@ def evaluate(
         names = ("images", "targets", "preds", "probs", "losses")
         report["_worst"] = {name: t.cpu() for name, t in zip(names, kept, strict=True)}
     return report
+
+
+def _gradcam(
+    model: nn.Module, images: torch.Tensor, preds: torch.Tensor, device: torch.device
+) -> list[torch.Tensor] | None:
+    """Grad-CAM of each image's predicted class at the registry's explain layer, for
+    errors.png (None for a model the registry names no such layer of, or no images)."""
+    from cnnlab.attribution.maps import attribute, class_scores
+    from cnnlab.registry import info_of
+
+    info = info_of(model)
+    if info is None or info.explain_layer is None or not len(images):
+        return None
+    model.eval()
+    x = images.clone().to(device)  # evaluation kept inference tensors, which take no grad
+    return list(attribute(model, x, class_scores(preds), "gradcam", info.explain_layer).cpu())
 
 
 def _keep_worst(

@@ -8,7 +8,7 @@ from cnnlab.models.detection.roi_heads import ProposalRCNN, RoIPool, build_propo
 from cnnlab.registry import register_model
 
 
-@register_model(min_size=32, input_size=(3, 448, 448), task="detect")
+@register_model(min_size=32, input_size=(3, 448, 448), task="detect", explain_layer="backbone")
 def fastrcnn(
     num_classes: int = 20,
     in_channels: int = 3,

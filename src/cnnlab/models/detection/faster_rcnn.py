@@ -114,7 +114,7 @@ def _fasterrcnn(
     return model
 
 
-@register_model(min_size=32, input_size=(3, 448, 448), task="detect")
+@register_model(min_size=32, input_size=(3, 448, 448), task="detect", explain_layer="backbone")
 def fasterrcnn(
     num_classes: int = 20,
     in_channels: int = 3,

@@ -374,7 +374,7 @@ class RCNN(Detector):
         return weight, bias, int(active.sum())
 
 
-@register_model(min_size=32, input_size=(3, 448, 448), task="detect")
+@register_model(min_size=32, input_size=(3, 448, 448), task="detect", explain_layer="backbone")
 def rcnn(
     num_classes: int = 20,
     in_channels: int = 3,

@@ -38,7 +38,7 @@ class SpatialPyramidPool(nn.Module):
         return torch.cat(pooled, dim=1)
 
 
-@register_model(min_size=32, input_size=(3, 448, 448), task="detect")
+@register_model(min_size=32, input_size=(3, 448, 448), task="detect", explain_layer="backbone")
 def sppnet(
     num_classes: int = 20,
     in_channels: int = 3,

@@ -308,7 +308,7 @@ class YOLOv1(Detector):
         return decode(grid, settings["boxes"], tuple(images.shape[-2:]), limits)
 
 
-@register_model(min_size=32, input_size=(3, 448, 448), task="detect")
+@register_model(min_size=32, input_size=(3, 448, 448), task="detect", explain_layer="backbone")
 def yolov1(
     num_classes: int = 20,
     in_channels: int = 3,

@@ -126,6 +126,7 @@ async function predict(file) {
   if (run.task === "classify") {
     form.append("topk", String(Math.min(10, run.classes.length)));
     form.append("heatmaps", "true");
+    form.append("explain", "true");
   }
   if (run.task === "detect") form.append("score_threshold", String(DETECT_REQUEST_THRESHOLD));
   showImage(file);
@@ -260,6 +261,14 @@ function classifyPanel(answer) {
     parts.push(el("p", { class: "muted", id: "peak" }));
   } else if (answer.heatmaps_error) {
     parts.push(el("p", { class: "muted" }, `No heat map: ${answer.heatmaps_error}`));
+  }
+  if (answer.explain && answer.explain.map_png) {
+    // where it looks: the top class's Grad-CAM over the model's view (white: the evidence)
+    const found = answer.explain;
+    parts.push(el("figure", { class: "where-it-looks" },
+      el("img", { src: found.map_png, alt: `Grad-CAM of ${found.class}`, width: "128", height: "128" }),
+      el("figcaption", { class: "muted" },
+        `where it looks: Grad-CAM of ${found.class} at ${found.layer}, peak at (${found.peak_xy.join(", ")})`)));
   }
   return parts;
 }

@@ -1,0 +1,485 @@
+"""Explain a run's predictions (``cnnlab explain``), and check that the explanations mean
+something (``--audit``).
+
+``explain(run, images)`` maps where the evidence for one output lies in each image
+(``cnnlab.attribution`` computes the maps): a classifier's class (the predicted one by
+default), a segmenter's class over the region its mask gives that class. The map covers
+the model's view of the image (a classifier's centre crop, a segmenter's whole image) and
+its peak is given in the image's own pixels.
+
+``audit(run, images)`` runs the two sanity checks the literature asks of a saliency map:
+
+- cascading model-parameter randomisation (Adebayo et al., "Sanity Checks for Saliency
+  Maps", NeurIPS 2018): the weights are re-initialised from the head down, block by block,
+  and each map compared with the trained model's by Spearman rank correlation. A map that
+  explains the model must change when the model does: a method passes when the
+  correlation is below ``RANDOMISED_PASS`` once the head and the top block are random.
+- deletion and insertion (Petsiuk et al., "RISE", BMVC 2018): the pixels are removed
+  (replaced by the mean colour) or inserted (into a blurred copy) in the map's order, and
+  the class probability's area under the curve compared with a random map's. A faithful
+  map deletes evidence faster (lower AUC) and inserts it faster (higher AUC).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cnnlab.attribution import maps as attribution
+from cnnlab.data.images import read_image
+from cnnlab.errors import CnnlabError
+from cnnlab.models.factory import model_info
+from cnnlab.registry import check_input_size
+from cnnlab.runs import Run, load_run
+
+RANDOMISED_PASS = 0.5  # Spearman correlation a map must fall below once the top is random
+AUC_STEPS = 16  # fractions of the pixels deleted or inserted: 0, 1/16, ..., 1
+TASKS = ("classify", "segment")
+
+
+def default_layer(run: Run) -> str:
+    """The registry's last convolutional stage of the run's model (``ModelInfo``)."""
+    layer = model_info(run.meta.architecture).explain_layer
+    if layer is None:
+        raise CnnlabError(
+            f"{run.meta.architecture} names no layer to explain by default; pass --layer"
+        )
+    return layer
+
+
+@dataclass
+class View:
+    """Where the model's input lies in the image: (x0, y0, x1, y1) in the image's pixels."""
+
+    box: tuple[float, float, float, float]
+
+    @classmethod
+    def of(cls, run: Run, height: int, width: int) -> View:
+        if run.task.name != "classify":  # whole image (segment: own size; detect: resized)
+            return cls((0.0, 0.0, float(width), float(height)))
+        size = run.task.img_size  # shorter side resized to size, then a centred square crop
+        short, long = sorted((height, width))
+        resized_long = int(size * long / short)
+        rh, rw = (size, resized_long) if height <= width else (resized_long, size)
+        top, left = round((rh - size) / 2), round((rw - size) / 2)
+        sy, sx = height / rh, width / rw
+        return cls((left * sx, top * sy, (left + size) * sx, (top + size) * sy))
+
+    def pixel(self, row: int, col: int, shape: Sequence[int]) -> tuple[float, float]:
+        """The image (x, y) of the centre of a map cell (row, col) of a (H, W) map."""
+        x0, y0, x1, y1 = self.box
+        return (
+            x0 + (col + 0.5) * (x1 - x0) / shape[1],
+            y0 + (row + 0.5) * (y1 - y0) / shape[0],
+        )
+
+
+@dataclass
+class Explanation:
+    """One image's map and what it says."""
+
+    file: str | None
+    method: str
+    layer: str
+    class_name: str
+    probability: float  # the class's probability (a segmenter's: mean over its region)
+    map: Tensor  # (H, W) in [0, 1] over the model's input
+    image: Tensor  # uint8 (C, H, W) as read
+    view: View
+    seconds: float
+
+    def to_dict(self) -> dict:
+        row, col = attribution.peak_of(self.map)
+        x, y = self.view.pixel(row, col, self.map.shape)
+        return {
+            "file": self.file,
+            "method": self.method,
+            "layer": self.layer,
+            "class": self.class_name,
+            "probability": round(self.probability, 6),
+            "peak_xy": [round(x, 2), round(y, 2)],
+            "top10_share": round(attribution.top_share(self.map), 4),
+            "map_shape": list(self.map.shape),
+            "view_box": [round(v, 2) for v in self.view.box],
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def check_run(run: Run) -> None:
+    if run.task.name not in TASKS:
+        raise CnnlabError(
+            f"{run.path}: explain maps {' and '.join(TASKS)} runs, not {run.task.name}"
+        )
+
+
+def resolve_layer(run: Run, layer: str | None, x: Tensor) -> str:
+    """``layer`` (default: the registry's) checked to exist and to output a map."""
+    name = layer or default_layer(run)
+    attribution.layer_module(run.model, name)
+    attribution.check_spatial(run.model, name, x)
+    return name
+
+
+def class_index(run: Run, class_name: str | None) -> int | None:
+    if class_name is None:
+        return None
+    if class_name not in run.classes:
+        raise CnnlabError(f"unknown class {class_name!r}; the run knows {', '.join(run.classes)}")
+    return run.classes.index(class_name)
+
+
+def model_input(run: Run, image: Tensor) -> Tensor:
+    """(1, C, H, W) on the run's device; an image below the model's minimum size is
+    refused (a classifier would enlarge it, inventing the detail it explains)."""
+    height, width = image.shape[-2:]
+    minimum = getattr(run.model, "min_input_size", 1)
+    if min(height, width) < minimum:
+        raise CnnlabError(
+            f"a {width}x{height} image is below {run.meta.architecture}'s minimum size of"
+            f" {minimum}x{minimum}"
+        )
+    x = run.task.preprocess(image)[None].to(run.device)
+    check_input_size(run.model, *x.shape[-2:], "images")
+    return x
+
+
+def target_for(run: Run, x: Tensor, index: int | None) -> tuple[attribution.Target, int, float]:
+    """(the scalar to explain, its class, the class's probability) for one input."""
+    with torch.no_grad():
+        logits = run.model(x).float()
+    if run.task.name == "classify":
+        probs = logits.softmax(dim=1)[0]
+        index = int(probs.argmax()) if index is None else index
+        return attribution.class_score(index), index, float(probs[index])
+    # A segmenter: the class's logits summed over the region the mask gives it (its largest
+    # class other than the first, background, when none is named).
+    predicted = logits.argmax(dim=1)[0]  # (H, W)
+    if index is None:
+        counts = torch.bincount(predicted.flatten(), minlength=logits.shape[1])
+        counts[0] = 0 if counts[1:].sum() > 0 else counts[0]
+        index = int(counts.argmax())
+    region = (predicted == index).float()
+    if region.sum() == 0:
+        region = torch.ones_like(region)  # no pixel of the class: the whole image
+    probs = logits.softmax(dim=1)[0, index]
+    probability = float((probs * region).sum() / region.sum())
+    chosen = index
+
+    def region_score(output: Tensor) -> Tensor:
+        return (output[:, chosen] * region.to(output.device)).sum(dim=(1, 2)) / region.sum()
+
+    return region_score, index, probability
+
+
+def explain(
+    run: Run,
+    images: Sequence[Tensor],
+    method: str = "gradcam",
+    class_name: str | None = None,
+    layer: str | None = None,
+    files: Sequence[str | None] | None = None,
+) -> list[Explanation]:
+    """The ``method`` map of each uint8 image (in_channels, H, W) for ``class_name``
+    (default: the predicted class) at ``layer`` (default: ``default_layer``)."""
+    check_run(run)
+    if method not in attribution.METHODS:
+        raise CnnlabError(
+            f"unknown method {method!r}; choose one of {', '.join(attribution.METHODS)}"
+        )
+    wanted = class_index(run, class_name)
+    found = []
+    name = None
+    for i, image in enumerate(images):
+        x = model_input(run, image)
+        name = name or resolve_layer(run, layer, x)
+        start = time.perf_counter()
+        target, index, probability = target_for(run, x, wanted)
+        heat = attribution.attribute(run.model, x, target, method, name)[0].cpu()
+        seconds = time.perf_counter() - start
+        view = View.of(run, *image.shape[-2:])
+        file = files[i] if files is not None else None
+        found.append(
+            Explanation(
+                file, method, name, run.classes[index], probability, heat, image, view, seconds
+            )
+        )
+    return found
+
+
+def explain_files(
+    run_dir: str | Path,
+    paths: Sequence[str | Path],
+    method: str = "gradcam",
+    class_name: str | None = None,
+    layer: str | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+) -> list[dict]:
+    """``cnnlab explain``: each image file's map (``explain``), drawn to ``OUT/STEM_METHOD.png``
+    when ``out`` is given; one document per image (``Explanation.to_dict``, with
+    ``"drawing"``)."""
+    run = load_run(run_dir, device, fast=False)
+    check_run(run)
+    images = [read_image(Path(path), run.task.in_channels) for path in paths]
+    results = explain(run, images, method, class_name, layer, [str(p) for p in paths])
+    documents = []
+    for result in results:
+        document = result.to_dict()
+        if out is not None:
+            target = Path(out) / f"{Path(str(result.file)).stem}_{method}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            draw(result, target)
+            document["drawing"] = str(target)
+        documents.append(document)
+    return documents
+
+
+def draw(result: Explanation, out: Path) -> None:
+    """The map over the image (its view box), with a colour bar and the peak marked."""
+    from cnnlab.plots import plot_attribution
+
+    row, col = attribution.peak_of(result.map)
+    title = f"{result.method} at {result.layer}: {result.class_name} (p={result.probability:.2f})"
+    plot_attribution(
+        result.image,
+        result.map.numpy(),
+        result.view.box,
+        result.view.pixel(row, col, result.map.shape),
+        title,
+        out,
+    )
+
+
+# ---- the audit ---------------------------------------------------------------------------
+
+
+def cascade(model: nn.Module, layer: str) -> list[tuple[str, list[str]]]:
+    """The steps of cascading randomisation, each (what is random, the modules with weights
+    random at that step), top first: the head (everything after ``layer``), then the top
+    block (the last child of ``layer`` that has a convolution, and what follows it), then
+    a third, two thirds and all of the rest."""
+    weighted = [name for name, m in model.named_modules() if list(m.parameters(recurse=False))]
+    inside = [name for name in weighted if name == layer or name.startswith(f"{layer}.")]
+    if not inside:
+        raise CnnlabError(f"layer {layer!r} has no weights to randomise")
+    after = weighted[weighted.index(inside[-1]) + 1 :]
+    module = model.get_submodule(layer)
+    children = [
+        (name, child)
+        for name, child in module.named_children()
+        if any(isinstance(m, nn.Conv2d) for m in child.modules())
+    ]
+    top_name = f"{layer}.{children[-1][0]}" if children else layer
+    first = next(i for i, name in enumerate(inside) if name.startswith(top_name))
+    top = inside[first:]
+    below = weighted[: weighted.index(top[0])]
+    steps = [(f"head ({', '.join(_roots(after)) or 'none'})", after)]
+    steps.append((f"+ top block ({top_name})", after + top))
+    for share, label in ((1 / 3, "+ a third below"), (2 / 3, "+ two thirds below")):
+        cut = len(below) - round(share * len(below))
+        steps.append((label, after + top + below[cut:]))
+    steps.append(("all", weighted))
+    # A step that randomises nothing new (a model with little below its top block) is
+    # left out; the first two always stay, the second being the one the check reads.
+    kept = steps[:2]
+    for step in steps[2:]:
+        if len(step[1]) > len(kept[-1][1]):
+            kept.append(step)
+    return kept
+
+
+def _roots(names: Sequence[str]) -> list[str]:
+    roots: list[str] = []
+    for name in names:
+        root = name.split(".")[0]
+        if root not in roots:
+            roots.append(root)
+    return roots
+
+
+def randomised(model: nn.Module, names: Sequence[str], seed: int = 0) -> nn.Module:
+    """A copy of ``model`` whose modules ``names`` are re-initialised (their own
+    ``reset_parameters``, as at construction; a BatchNorm also forgets its statistics)."""
+    copied = copy.deepcopy(model)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for name in names:
+            module = copied.get_submodule(name)
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            else:
+                for parameter in module.parameters(recurse=False):
+                    nn.init.normal_(parameter, std=0.01)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return copied.eval()
+
+
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation of two maps (ties ranked by position)."""
+    ra = a.flatten().argsort().argsort().float()
+    rb = b.flatten().argsort().argsort().float()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / denominator if denominator else 0.0
+
+
+def deletion_insertion(
+    model: nn.Module, x: Tensor, index: int, heat: Tensor, steps: int = AUC_STEPS
+) -> tuple[float, float]:
+    """(deletion AUC, insertion AUC) of class ``index``'s probability as the pixels of
+    ``x`` (1, C, H, W) are removed (set to 0, the mean colour) or inserted into a blurred
+    copy in ``heat``'s order, highest first."""
+    height, width = x.shape[-2:]
+    order = heat.flatten().argsort(descending=True)
+    blurred = _blur(x)
+    deleted, inserted = [], []
+    for step in range(steps + 1):
+        count = round(step / steps * order.numel())
+        mask = torch.zeros(order.numel(), device=x.device)
+        mask[order[:count].to(x.device)] = 1.0
+        mask = mask.view(1, 1, height, width)
+        deleted.append(x * (1 - mask))
+        inserted.append(blurred * (1 - mask) + x * mask)
+    with torch.no_grad():
+        p_del = model(torch.cat(deleted)).float().softmax(dim=1)[:, index]
+        p_ins = model(torch.cat(inserted)).float().softmax(dim=1)[:, index]
+    return float(torch.trapezoid(p_del, dx=1 / steps)), float(torch.trapezoid(p_ins, dx=1 / steps))
+
+
+def _blur(x: Tensor) -> Tensor:
+    side = min(x.shape[-2:])
+    kernel = max(3, (side // 8) | 1)
+    sigma = kernel / 3
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    return gaussian_blur(x, [kernel, kernel], [sigma, sigma])
+
+
+def audit(
+    run: Run,
+    images: Sequence[Tensor],
+    methods: Sequence[str] = attribution.METHODS,
+    layer: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Both sanity checks for each method on ``images`` (uint8, the run's channels), for
+    each image's predicted class. A classification run's only (deletion and insertion
+    read class probabilities)."""
+    if run.task.name != "classify":
+        raise CnnlabError(f"{run.path}: the audit checks classification runs, not {run.task.name}")
+    if not images:
+        raise CnnlabError("the audit needs at least one image")
+    for method in methods:
+        if method not in attribution.METHODS:
+            raise CnnlabError(
+                f"unknown method {method!r}; choose one of {', '.join(attribution.METHODS)}"
+            )
+    x = torch.stack([run.task.preprocess(image) for image in images]).to(run.device)
+    name = resolve_layer(run, layer, x)
+    with torch.no_grad():
+        indices = run.model(x).argmax(dim=1)
+    steps = cascade(run.model, name)
+    models = [(label, randomised(run.model, names, seed)) for label, names in steps]
+    target = attribution.class_scores(indices)
+    generator = torch.Generator().manual_seed(seed)
+    report: dict = {"layer": name, "images": len(images), "steps": [s[0] for s in steps]}
+    rows = []
+    for method in methods:
+        start = time.perf_counter()
+        trained = attribution.attribute(run.model, x, target, method, name)
+        seconds = (time.perf_counter() - start) / len(images)
+        correlations = []
+        for _, model in models:
+            maps = attribution.attribute(model, x, target, method, name)
+            correlations.append(
+                sum(spearman(a, b) for a, b in zip(trained, maps, strict=True)) / len(images)
+            )
+        coarse = _native_shape(run.model, name, x, method)
+        aucs = {"deletion": 0.0, "insertion": 0.0, "random_deletion": 0.0, "random_insertion": 0.0}
+        for i in range(len(images)):
+            noise = torch.rand((1, 1, *coarse), generator=generator)
+            noise = F.interpolate(noise, x.shape[-2:], mode="bilinear")[0, 0]
+            d, n = deletion_insertion(run.model, x[i : i + 1], int(indices[i]), trained[i])
+            rd, rn = deletion_insertion(run.model, x[i : i + 1], int(indices[i]), noise)
+            for key, value in zip(aucs, (d, n, rd, rn), strict=True):
+                aucs[key] += value / len(images)
+        top = correlations[1]
+        rows.append(
+            {
+                "method": method,
+                "spearman": [round(c, 4) for c in correlations],
+                "randomisation_passed": top < RANDOMISED_PASS,
+                **{key: round(value, 4) for key, value in aucs.items()},
+                "faithfulness_passed": aucs["deletion"] < aucs["random_deletion"]
+                and aucs["insertion"] > aucs["random_insertion"],
+                "ms_per_image": round(seconds * 1000, 2),
+            }
+        )
+    report["methods"] = rows
+    report["passed"] = [
+        r["method"] for r in rows if r["randomisation_passed"] and r["faithfulness_passed"]
+    ]
+    return report
+
+
+def _native_shape(model: nn.Module, layer: str, x: Tensor, method: str) -> tuple[int, int]:
+    """The resolution a method's map is made at: the layer's for the CAMs, else the input's."""
+    if method in attribution.CAM_METHODS:
+        return tuple(attribution.layer_output(model, layer, x[:1]).shape[-2:])
+    return tuple(x.shape[-2:])
+
+
+def audit_table(report: dict) -> str:
+    """The audit as text: per method, the correlations down the cascade, the AUCs against
+    the random map's, and which checks it passed."""
+    steps = report["steps"]
+    lines = [
+        f"Sanity checks on {report['images']} image(s), layer {report['layer']}",
+        "Spearman correlation with the trained model's map as the weights are randomised:",
+    ]
+    for i, step in enumerate(steps, 1):
+        lines.append(f"  r{i}: {step}")
+    header = f"{'method':<10}" + "".join(f"{f'r{i}':>7}" for i in range(1, len(steps) + 1))
+    header += f"{'del':>8}{'rand':>7}{'ins':>7}{'rand':>7}  {'random.':<8}{'faithful':<9}ms"
+    lines.append(header)
+    for row in report["methods"]:
+        line = f"{row['method']:<10}" + "".join(f"{c:>7.2f}" for c in row["spearman"])
+        line += f"{row['deletion']:>8.3f}{row['random_deletion']:>7.3f}"
+        line += f"{row['insertion']:>7.3f}{row['random_insertion']:>7.3f}  "
+        line += f"{'pass' if row['randomisation_passed'] else 'FAIL':<8}"
+        line += f"{'pass' if row['faithfulness_passed'] else 'FAIL':<9}{row['ms_per_image']:.0f}"
+        lines.append(line)
+    passed = ", ".join(report["passed"]) or "none"
+    lines.append(
+        f"Passed both (r2 < {RANDOMISED_PASS} once the top block is random; deletion AUC"
+        f" below and insertion AUC above a random map's): {passed}"
+    )
+    return "\n".join(lines)
+
+
+def audit_run(
+    run_dir: str | Path,
+    paths: Sequence[str | Path] = (),
+    count: int = 8,
+    methods: Sequence[str] = attribution.METHODS,
+    layer: str | None = None,
+    device: str = "auto",
+) -> dict:
+    """``cnnlab explain RUN --audit``: ``audit`` on the given images, or on the first
+    ``count`` images of the run's own evaluation split."""
+    run = load_run(run_dir, device, fast=False)
+    check_run(run)
+    files = [Path(p) for p in paths]
+    if not files:
+        files = run.task.split_images(run.path / "split.json", run.task.eval_split)[:count]
+    images = [read_image(file, run.task.in_channels) for file in files]
+    return audit(run, images, methods, layer)
