@@ -130,8 +130,9 @@ def read_yaml(path: str | Path) -> Any:
     """Read a YAML file; a missing or malformed file, one nesting too deep, or one whose
     aliases expand past ``MAX_YAML_VALUES`` values is a CnnlabError naming it."""
     text = read_text(path)
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # (refuses control characters already)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -143,7 +144,8 @@ def read_yaml(path: str | Path) -> Any:
     except RecursionError:
         raise CnnlabError(f"{path}: not valid YAML (nested too deeply)") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _count_yaml_values(root: yaml.Node, path: str | Path) -> None:

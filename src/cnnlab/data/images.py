@@ -27,6 +27,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ _SKIP_NAMES = frozenset({"__MACOSX"})
 # Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS): about a quarter gigabyte of RGB.
 DEFAULT_MAX_PIXELS = 89_478_485
 MAX_PIXELS_ENV = "CNNLAB_MAX_PIXELS"  # the setting: width x height above this is refused
+# Pillow's modes of 16-bit grey pixels: native, little- and big-endian (a TIFF's byte order).
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _SOURCE_PATH = re.compile(r"^.*\.cpp:\d+, ")  # torchvision prefixes C++ errors with its source
 
 
@@ -186,9 +189,14 @@ def _decode_pil(data: bytes, path: Path) -> tuple[torch.Tensor, str]:
             check_pixels(pil.size, path)
             pil.load()
             pil = ImageOps.exif_transpose(pil)
-            if pil.mode not in ("L", "RGB", "I;16"):
-                pil = pil.convert("L" if pil.mode in ("1", "LA", "I", "F") else "RGB")
-            array = torch.from_numpy(np.array(pil))
+            if pil.mode in _SIXTEEN_BIT:
+                # Either byte order as native uint16, scaled to 8 bits below alike
+                # (Pillow's convert would clip big-endian pixels to white).
+                array = torch.from_numpy(np.asarray(pil).astype(np.uint16))
+            else:
+                if pil.mode not in ("L", "RGB"):
+                    pil = pil.convert("L" if pil.mode in ("1", "LA", "I", "F") else "RGB")
+                array = torch.from_numpy(np.array(pil))
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image (content is not a known image format)") from None
     except Image.DecompressionBombError as err:
@@ -355,16 +363,35 @@ def read_image(path: Path | str, in_channels: int | None = None) -> torch.Tensor
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
+    """(width, height) of the image ``read_image`` returns, from the file's header without
+    decoding the pixels: turned a quarter when its EXIF orientation turns it (as the
+    reader does), so labels and masks are placed on the pixels as they are read."""
     from PIL import Image, UnidentifiedImageError
 
     if not _is_regular(Path(path)):
         raise BadImageError(path, "not a regular file (a folder, pipe or device)")
     try:
         with Image.open(path) as image:
-            return image.size
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+            width, height = image.size
+            turned = exif_orientation(image) in _QUARTER_TURNS
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as error:
         raise BadImageError(path, f"not a readable image ({error})") from None
+    return (height, width) if turned else (width, height)
+
+
+# EXIF orientations (tag 0x0112) that turn the image a quarter: its width becomes height.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(image: Any) -> int | None:
+    """The EXIF orientation of an opened PIL image, or None without one (or when its EXIF
+    cannot be parsed, which the decoders then ignore as well)."""
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG)
+    except Exception:  # Pillow raises many types for a damaged EXIF block
+        return None
+    return value if isinstance(value, int) else None
 
 
 def to_channels(image: torch.Tensor, in_channels: int) -> torch.Tensor:
