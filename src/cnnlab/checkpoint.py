@@ -187,7 +187,7 @@ class ModelMeta:
         missing = [key for key in required if key not in data]
         if missing:
             raise CnnlabError(f"{source}: missing {', '.join(missing)}")
-        if data["task"] not in TASKS:
+        if not isinstance(data["task"], str) or data["task"] not in TASKS:
             raise CnnlabError(f"{source}: unknown task {data['task']!r} ({', '.join(TASKS)})")
         if not isinstance(data["architecture"], str):
             raise CnnlabError(f"{source}: architecture must be a model name")
