@@ -354,7 +354,8 @@ def test_16_bit_tiffs_scale_alike_in_both_byte_orders() -> None:
 
 def rotated_file(path: Path, fmt: str, width: int = 20, height: int = 10) -> Path:
     """An image stored ``width`` x ``height`` whose EXIF orientation (6) turns it upright."""
-    image = Image.fromarray(np.full((height, width, 3), 90, np.uint8))
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
     exif = image.getexif()
     exif[0x0112] = 6
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -456,3 +457,12 @@ def test_every_reader_parses_or_refuses_in_one_line_under_fuzzing() -> None:
                           "proposals"}  # fmt: skip
     for reader, tally in tried.items():
         assert tally["examples"] >= 100 and tally["parsed"] > 0 and tally["refused"] > 0, reader
+
+
+def test_a_pil_image_is_predicted_as_its_file_would_be(trained: Path, tmp_path: Path) -> None:
+    """The Python API's PIL input is turned upright by its EXIF orientation, as the file."""
+    path = rotated_file(tmp_path / "turned.jpg", "JPEG", width=24, height=12)
+    run = cnnlab.load_run(trained, device="cpu")
+    with Image.open(path) as image:
+        from_pil, from_file = run.predict([image, path])
+    assert from_pil["top"] == from_file["top"]

@@ -28,7 +28,14 @@ from torch import nn
 
 from cnnlab import checkpoint
 from cnnlab.checkpoint import ModelMeta
-from cnnlab.data.images import BadImageError, list_images, read_image, to_channels
+from cnnlab.data.images import (
+    BadImageError,
+    from_pil,
+    list_images,
+    read_image,
+    to_channels,
+    to_uint8,
+)
 from cnnlab.data.splits import split_folder
 from cnnlab.device import pick_device
 from cnnlab.errors import CnnlabError
@@ -185,11 +192,8 @@ class Run:
                     f"{tuple(image.shape)}"
                 )
             return to_channels(image, channels)
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
-        if image.mode not in ("L", "RGB"):
-            image = image.convert("RGB")
-        return to_channels(pil_to_tensor(image), channels)
+        # As a file of it would be read: upright by its EXIF orientation, 16 bits scaled.
+        return to_channels(to_uint8(from_pil(image)), channels)
 
 
 def load_run(

@@ -289,7 +289,7 @@ def main(examples: int, only: list[str]) -> None:
         if wanted("config"):
             config()
 
-        (run / "config.yaml").unlink()
+        (run / "config.yaml").unlink(missing_ok=True)
 
         @common
         @given(document_texts(seeds["meta"]))
