@@ -225,12 +225,12 @@ def load_run(
 
 def _load_model(run_dir: Path, meta: ModelMeta, device: str, fast: bool, backend: str) -> Run:
     # config.yaml, model.json and best.safetensors must agree before anything is built.
-    weights = run_dir / "best.safetensors"
-    if not weights.is_file():
-        raise CnnlabError(f"{weights}: weight file not found")
     config_file = run_dir / "config.yaml"
     config = read_yaml(config_file) if config_file.is_file() else None
     checkpoint.check_run_files(run_dir, meta, config if isinstance(config, dict) else None)
+    weights = run_dir / "best.safetensors"
+    if not weights.is_file():  # (checked against model.json above when it exists)
+        raise CnnlabError(f"{weights}: weight file not found")
     if backend == "onnxruntime":
         if device not in ("auto", "cpu"):
             raise CnnlabError(f"the onnxruntime backend runs on the CPU, not {device}")
