@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 from cnnlab.errors import CnnlabError
@@ -162,10 +162,17 @@ class TrainConfig:
         if unknown:
             known = ", ".join(f.name for f in fields(cls))
             raise CnnlabError(f"unknown config key {unknown[0]!r} (known: {known})")
+        missing = [f.name for f in fields(cls) if f.name not in data and _required(f)]
+        if missing:
+            raise CnnlabError(f"missing config key {missing[0]!r}")
         for key, value in data.items():
             if not has_type(value, hints[key]):
                 raise CnnlabError(f"config key {key!r}: {value!r} is not a {hints[key]}")
         return cls(**data)
+
+
+def _required(item: Field) -> bool:
+    return item.default is MISSING and item.default_factory is MISSING
 
 
 def make_config(task: str, **values: Any) -> TrainConfig:

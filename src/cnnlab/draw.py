@@ -243,8 +243,10 @@ def draw_boxes(
     for (text, spot), colour in zip(reversed(tags), reversed(colours), strict=True):
         _tag(draw, font, text, colour, spot[0], spot[1], width, placed_at=spot)  # over boxes
     if hidden > 0:
-        _tag(draw, font, f"+{hidden} more below score {shown[-1]['score']:.2f}",
-             (255, 255, 255), width, height, width, anchor_bottom=True)  # fmt: skip
+        # Labelled boxes (the ground truth) have no score to rank by: only their count.
+        lowest = shown[-1].get("score")
+        note = f"+{hidden} more" + (f" below score {lowest:.2f}" if lowest is not None else "")
+        _tag(draw, font, note, (255, 255, 255), width, height, width, anchor_bottom=True)
     return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()
 
 

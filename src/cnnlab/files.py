@@ -8,13 +8,16 @@ that is filled in several steps is built beside its destination and renamed into
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
+import math
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,8 +51,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """Write ``obj`` as indented JSON, atomically (a NaN or infinity as null: see
+    ``json_text``)."""
+    atomic_write_text(path, json_text(obj)[0] + "\n")
+
+
+def json_text(document: Any, indent: int | None = 2) -> tuple[str, int]:
+    """``document`` as JSON text, and how many of its numbers were NaN or infinite.
+
+    JSON has no NaN or Infinity (Python's ``json`` writes them as bare words, which other
+    readers, and ``read_json``, refuse), so each becomes null; the count lets the caller
+    warn that a value was lost.
+    """
+    replaced = [0]
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            replaced[0] += 1
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, list | tuple):
+            return [finite(item) for item in value]
+        return value
+
+    text = json.dumps(finite(document), indent=indent, allow_nan=False)
+    return text, replaced[0]
 
 
 def write_yaml(path: str | Path, obj: Any) -> None:
@@ -92,14 +119,63 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+# The most values (mapping keys and values, list items, scalars) a YAML file may stand for
+# once its aliases are expanded. Aliases refer to a value instead of copying it, so a 1 KB
+# file nesting them ("billion laughs") stands for 10^9 values; cnnlab's own files never
+# use one, and a config.yaml holds about a hundred values.
+MAX_YAML_VALUES = 100_000
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file; a missing or malformed file is a CnnlabError naming it."""
+    """Read a YAML file; a missing or malformed file, one nesting too deep, or one whose
+    aliases expand past ``MAX_YAML_VALUES`` values is a CnnlabError naming it."""
     text = read_text(path)
+    loader = None
     try:
-        return yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)  # (refuses control characters already)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _count_yaml_values(node, path)
+        return loader.construct_document(node)
     except yaml.YAMLError as error:
         reason = " ".join(str(error).split())
         raise CnnlabError(f"{path}: not valid YAML ({reason})") from None
+    except RecursionError:
+        raise CnnlabError(f"{path}: not valid YAML (nested too deeply)") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _count_yaml_values(root: yaml.Node, path: str | Path) -> None:
+    """CnnlabError when the node tree, with every alias expanded, holds more than
+    ``MAX_YAML_VALUES`` values or refers back into itself. Each distinct node is counted
+    once and its total reused, so the check takes time linear in the file."""
+    totals: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def count(node: yaml.Node) -> int:
+        key = id(node)
+        if key in totals:
+            return totals[key]
+        if key in open_nodes:
+            raise CnnlabError(f"{path}: a YAML alias refers to the value that holds it")
+        open_nodes.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(count(k) + count(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(count(item) for item in node.value)
+        open_nodes.discard(key)
+        if total > MAX_YAML_VALUES:
+            raise CnnlabError(
+                f"{path}: its YAML aliases expand to more than {MAX_YAML_VALUES:,} values"
+            )
+        totals[key] = total
+        return total
+
+    count(root)
 
 
 def require_new_folder(dst: str | Path) -> Path:
@@ -176,6 +252,40 @@ def check_targets(
             raise CnnlabError(
                 f"{target}: already exists; choose another {flag} or pass --overwrite"
             )
+
+
+# A cell a spreadsheet would run as a formula starts with one of these (OWASP's CSV
+# injection advice); such a cell is written after a single quote, which shows it as text.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def display_name(text: str) -> str:
+    """``text`` with each byte of a file name that is not UTF-8 (Python reads one as a lone
+    surrogate, ``\\udcff``) written as ``\\xff``: text that prints and saves as UTF-8."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def spreadsheet_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as it is: text that would start a formula is
+    prefixed with a single quote (numbers are left alone: -1.5 is a number, not a formula),
+    and bytes that are not UTF-8 are written as ``\\xNN``."""
+    if not isinstance(value, str):
+        return value
+    value = display_name(value)
+    return f"'{value}" if value.startswith(_FORMULA_STARTS) else value
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """CSV text of ``header`` and ``rows``, each text cell made safe by ``spreadsheet_cell``."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([spreadsheet_cell(cell) for cell in header])
+    writer.writerows([spreadsheet_cell(cell) for cell in row] for row in rows)
+    return buffer.getvalue()
 
 
 _HASH_CHUNK = 1 << 20  # bytes read at a time

@@ -17,8 +17,6 @@ never wins back. ``backend="onnxruntime"`` swaps the model for the run's exporte
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,12 +28,19 @@ from torch import nn
 
 from cnnlab import checkpoint
 from cnnlab.checkpoint import ModelMeta
-from cnnlab.data.images import BadImageError, list_images, read_image, to_channels
+from cnnlab.data.images import (
+    BadImageError,
+    from_pil,
+    list_images,
+    read_image,
+    to_channels,
+    to_uint8,
+)
 from cnnlab.data.splits import split_folder
 from cnnlab.device import pick_device
 from cnnlab.errors import CnnlabError
-from cnnlab.files import atomic_write_bytes
-from cnnlab.models.factory import create_model, model_info
+from cnnlab.files import atomic_write_bytes, csv_text, read_yaml
+from cnnlab.models.factory import create_model
 from cnnlab.tasks import task_class
 from cnnlab.tasks.inference import InferenceTask
 from cnnlab.tasks.options import resolve_options
@@ -142,16 +147,15 @@ class Run:
         """CSV text of predictions (from ``predict``/``predict_files``), long format: a
         header of the task's ``csv_columns`` (classify: file, rank, class, prob; detect:
         file, class, score, x1, y1, x2, y2 in the image's pixels; segment: file, class,
-        fraction), then the task's rows for each result in turn."""
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(self.task.csv_columns)
-        for result in results:
-            writer.writerows(
-                [round(v, 6) if isinstance(v, float) else v for v in row]
-                for row in self.task.csv_rows(result)
-            )
-        return buffer.getvalue()
+        fraction), then the task's rows for each result in turn. Names that a spreadsheet
+        would run as a formula (``=cmd.png``) are written after a single quote
+        (``files.spreadsheet_cell``)."""
+        rows = (
+            [round(v, 6) if isinstance(v, float) else v for v in row]
+            for result in results
+            for row in self.task.csv_rows(result)
+        )
+        return csv_text(self.task.csv_columns, rows)
 
     def output_files(self, stem: Path) -> dict[str, Path]:
         """The PNGs ``save`` writes for one prediction, by drawing name: ``STEM.png`` for
@@ -188,11 +192,8 @@ class Run:
                     f"{tuple(image.shape)}"
                 )
             return to_channels(image, channels)
-        from torchvision.transforms.v2.functional import pil_to_tensor
-
-        if image.mode not in ("L", "RGB"):
-            image = image.convert("RGB")
-        return to_channels(pil_to_tensor(image), channels)
+        # As a file of it would be read: upright by its EXIF orientation, 16 bits scaled.
+        return to_channels(to_uint8(from_pil(image)), channels)
 
 
 def load_run(
@@ -223,22 +224,20 @@ def load_run(
 
 
 def _load_model(run_dir: Path, meta: ModelMeta, device: str, fast: bool, backend: str) -> Run:
+    # config.yaml, model.json and best.safetensors must agree before anything is built.
+    config_file = run_dir / "config.yaml"
+    config = read_yaml(config_file) if config_file.is_file() else None
+    checkpoint.check_run_files(run_dir, meta, config if isinstance(config, dict) else None)
+    weights = run_dir / "best.safetensors"
+    if not weights.is_file():  # (checked against model.json above when it exists)
+        raise CnnlabError(f"{weights}: weight file not found")
     if backend == "onnxruntime":
         if device not in ("auto", "cpu"):
             raise CnnlabError(f"the onnxruntime backend runs on the CPU, not {device}")
         task = task_class(meta.task).from_meta(meta)
         return Run(run_dir, meta, task, _onnx_model(run_dir, meta), torch.device("cpu"))
-    model_json = run_dir / checkpoint.MODEL_JSON
-    try:
-        info = model_info(meta.architecture)
-        if info.task != meta.task:
-            raise CnnlabError(
-                f"{meta.architecture} is a {info.task} model but the file says {meta.task}"
-            )
-        model = create_model(meta.architecture, **meta.model_args)
-    except CnnlabError as error:  # an unknown model or arguments it does not take
-        raise CnnlabError(f"{model_json}: {error}") from None
-    checkpoint.load_weights(run_dir / "best.safetensors", model)  # mismatch: CnnlabError
+    model = create_model(meta.architecture, **meta.model_args)
+    checkpoint.load_weights(weights, model)
     task = task_class(meta.task).from_meta(meta)
     target = pick_device(device)
     model.to(target).eval()
@@ -262,8 +261,6 @@ def _onnx_model(run_dir: Path, meta: ModelMeta) -> nn.Module:
     model = onnx_model(file)
     exported = model.metadata
     weights = run_dir / "best.safetensors"
-    if not weights.is_file():
-        raise CnnlabError(f"{weights}: weight file not found")
     if exported.get("weights_sha256") != sha256_of(weights):
         raise CnnlabError(f"{file}: exported from other weights than {weights}; {again}")
     if exported.get("classes") != meta.classes or exported.get("task") != meta.task:

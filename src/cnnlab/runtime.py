@@ -69,7 +69,80 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CnnlabError(f"{path}: not an exported cnnlab model ({_first_line(error)})") from None
     if "task" not in found:
         raise CnnlabError(f"{path}: has no cnnlab metadata; export it with `cnnlab export`")
+    _check_metadata(found, path)
     return found
+
+
+# The output tensors each kind of graph returns, and the rank of the first one: a
+# classifier's (N, K) or a segmenter's (N, K, H, W) logits, YOLOv1's grid, or boxes.
+_OUTPUT_COUNTS = {"logits": 1, "yolov1_grid": 1, "detections": 3}
+_LOGIT_RANKS = {"classify": 2, "segment": 4, "detect": 4}
+
+
+def _check_metadata(metadata: dict[str, Any], path: Path) -> None:
+    """CnnlabError naming ``path`` unless the metadata's fields that decide how the graph
+    is called hold what cnnlab writes."""
+    size = metadata.get("input_size")
+    sized = isinstance(size, list) and len(size) == 3
+    if not sized or not all(isinstance(v, int) and not isinstance(v, bool) for v in size):
+        raise CnnlabError(f"{path}: metadata input_size must be [C, H, W], got {size!r}")
+    if size[0] not in (1, 3) or min(size) < 1:
+        raise CnnlabError(f"{path}: metadata input_size must be [C, H, W], got {size!r}")
+    if metadata.get("output") not in OUTPUTS:
+        raise CnnlabError(
+            f"{path}: metadata output must be one of {', '.join(OUTPUTS)},"
+            f" got {metadata.get('output')!r}"
+        )
+    dynamic = metadata.get("dynamic", [])
+    if not isinstance(dynamic, list) or not set(dynamic) <= {"batch", "height", "width"}:
+        raise CnnlabError(f"{path}: metadata dynamic must list batch, height or width")
+    classes = metadata.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise CnnlabError(f"{path}: metadata classes must be a non-empty list of names")
+
+
+def _check_graph(session: Any, metadata: dict[str, Any], path: Path) -> None:
+    """CnnlabError naming ``path`` unless the ONNX graph takes one float (N, C, H, W) input
+    of the metadata's channels (and size, where fixed) and returns the outputs its
+    metadata's ``output`` says, so that a file carrying a run's metadata over another graph
+    is refused when it is loaded rather than failing inside ONNX Runtime."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    channels, height, width = metadata["input_size"]
+    if len(inputs) != 1:
+        raise CnnlabError(f"{path}: the graph takes {len(inputs)} inputs; cnnlab gives it one")
+    (graph_input,) = inputs
+    shape = graph_input.shape
+    if graph_input.type != "tensor(float)" or len(shape) != 4:
+        raise CnnlabError(
+            f"{path}: the graph's input is {graph_input.type} {shape};"
+            f" cnnlab gives it float (N, {channels}, H, W)"
+        )
+    for axis, (got, expected) in enumerate(zip(shape[1:], (channels, height, width), strict=True)):
+        dynamic = axis > 0 and ("height" if axis == 1 else "width") in metadata["dynamic"]
+        if isinstance(got, int) and got != expected and not dynamic:
+            raise CnnlabError(
+                f"{path}: the graph's input is {shape} but its metadata says input_size"
+                f" {metadata['input_size']}"
+            )
+    wanted = _OUTPUT_COUNTS[metadata["output"]]
+    if len(outputs) != wanted:
+        raise CnnlabError(
+            f"{path}: the graph returns {len(outputs)} outputs; {metadata['output']} is {wanted}"
+        )
+    first = outputs[0]
+    rank = _LOGIT_RANKS.get(metadata["task"], 4) if metadata["output"] == "logits" else None
+    rank = 4 if metadata["output"] == "yolov1_grid" else 2 if rank is None else rank
+    if first.type != "tensor(float)" or len(first.shape) != rank:
+        raise CnnlabError(
+            f"{path}: the graph's output is {first.type} {first.shape}; {metadata['output']}"
+            f" is {OUTPUTS[metadata['output']]}"
+        )
+    classes = first.shape[1] if metadata["output"] == "logits" else None
+    if isinstance(classes, int) and classes != len(metadata["classes"]):
+        raise CnnlabError(
+            f"{path}: the graph scores {classes} classes but its metadata lists"
+            f" {len(metadata['classes'])}"
+        )
 
 
 class ExportedModel(nn.Module):
@@ -145,6 +218,9 @@ def onnx_model(path: str | Path, threads: int | None = None) -> ExportedModel:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # ONNX Runtime's own log would print its errors as well, over several lines; they
+    # reach the user as one CnnlabError line instead.
+    options.log_severity_level = 4
     # Idle threads that spin for work steal the cores that torch's preprocessing (and,
     # on a shared machine, everyone else) needs between calls.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -152,10 +228,15 @@ def onnx_model(path: str | Path, threads: int | None = None) -> ExportedModel:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as error:
         raise CnnlabError(f"{path}: ONNX Runtime cannot load it ({_first_line(error)})") from None
+    _check_graph(session, metadata, path)
     (graph_input,) = session.get_inputs()
 
     def run(x: Tensor) -> list[Tensor]:
-        return [torch.from_numpy(out) for out in session.run(None, {graph_input.name: x.numpy()})]
+        try:
+            found = session.run(None, {graph_input.name: x.numpy()})
+        except Exception as error:  # a graph that breaks on inputs of its declared shape
+            raise CnnlabError(f"{path}: ONNX Runtime failed ({_first_line(error)})") from None
+        return [torch.from_numpy(out) for out in found]
 
     return ExportedModel(run, metadata, str(path))
 

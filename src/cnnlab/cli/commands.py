@@ -17,8 +17,17 @@ from cnnlab.tasks.options import options_for
 
 
 def print_json(document: object) -> None:
-    json.dump(document, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    """``document`` as one JSON document on stdout; a NaN or infinity (NaN weights, a
+    diverged loss) is printed as null, with a warning on stderr, since JSON has neither."""
+    from cnnlab.files import json_text
+
+    text, replaced = json_text(document)
+    sys.stdout.write(text + "\n")
+    if replaced:
+        print(
+            f"warning: {replaced} value(s) were NaN or infinite and are printed as null",
+            file=sys.stderr,
+        )
 
 
 def _console():  # rich is imported lazily so `cnnlab --help` starts fast

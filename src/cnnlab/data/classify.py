@@ -42,6 +42,7 @@ from cnnlab.data.splits import (
     split_items,
 )
 from cnnlab.errors import CnnlabError
+from cnnlab.files import display_name
 
 log = logging.getLogger("cnnlab")
 
@@ -88,9 +89,23 @@ def scan_class_folders(root: Path) -> tuple[list[str], list[Sample]]:
         if not images:
             exts = " ".join(sorted(IMAGE_EXTENSIONS))
             raise CnnlabError(f"{folder}: class folder has no image files ({exts})")
-        classes.append(folder.name)
+        classes.append(_class_name(folder))
         samples.extend((path, label) for path in images)
     return classes, samples
+
+
+def _class_name(folder: Path) -> str:
+    """The class a folder names; CnnlabError when its name holds bytes that are not UTF-8
+    (Python reads each as a lone surrogate): class names are written to model.json, reports
+    and exported files, which hold text."""
+    try:
+        folder.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CnnlabError(
+            f"{display_name(str(folder))}: the class folder's name is not UTF-8 text;"
+            " rename it (class names are saved in model.json and reports)"
+        ) from None
+    return folder.name
 
 
 # --- splits --------------------------------------------------------------------------------

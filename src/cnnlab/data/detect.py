@@ -128,15 +128,20 @@ def read_coco(folder: Path) -> tuple[list[str], list[DetectionSample]]:
         isinstance(data.get(k), list) for k in ("images", "annotations", "categories")
     ):
         raise CnnlabError(f"{path}: needs the lists 'images', 'annotations' and 'categories'")
-    try:
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        label_of = {c["id"]: i for i, c in enumerate(categories)}
-        classes = [str(c["name"]) for c in categories]
-        images = {
-            im["id"]: (im["file_name"], im.get("width"), im.get("height")) for im in data["images"]
-        }
-    except (KeyError, TypeError) as error:
-        raise CnnlabError(f"{path}: an image or category lacks {error}") from None
+    categories = _coco_entries(path, data["categories"], "category", ("id", "name"))
+    for category in categories:
+        if not isinstance(category["name"], str) or not category["name"]:
+            raise CnnlabError(
+                f"{path}: category {_shown(category['id'])} has name"
+                f" {_shown(category['name'])}, not a non-empty string"
+            )
+    categories.sort(key=lambda c: c["id"])
+    label_of = {c["id"]: i for i, c in enumerate(categories)}
+    classes = [c["name"] for c in categories]
+    images = {
+        im["id"]: (im["file_name"], im.get("width"), im.get("height"))
+        for im in _coco_entries(path, data["images"], "image", ("id", "file_name"))
+    }
     for image_id, (file_name, width, height) in images.items():
         if not isinstance(file_name, str) or not file_name:
             raise CnnlabError(f"{path}: image {image_id!r} has no file_name string")
@@ -145,7 +150,7 @@ def read_coco(folder: Path) -> tuple[list[str], list[DetectionSample]]:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise CnnlabError(
-                    f"{path}: image {image_id!r} has {name} {value!r}, not a positive int"
+                    f"{path}: image {image_id!r} has {name} {_shown(value)}, not a positive int"
                 )
     objects: dict[object, list[tuple[list[float], int]]] = {key: [] for key in images}
     for index, ann in enumerate(data["annotations"]):
@@ -170,6 +175,41 @@ def read_coco(folder: Path) -> tuple[list[str], list[DetectionSample]]:
     return classes, samples
 
 
+def _coco_entries(path: Path, entries: list, kind: str, keys: tuple[str, ...]) -> list[dict]:
+    """``entries`` (COCO's images or categories) after checking that each is an object with
+    ``keys`` and an ``id`` that is an integer or a string, unique, one type for all (so
+    they sort and look up as COCO tools expect); errors name the entry."""
+    types = set()
+    seen = set()
+    for index, entry in enumerate(entries):
+        where = f"{path}: {kind} {index}"
+        if not isinstance(entry, dict):
+            raise CnnlabError(f"{where} is not an object")
+        missing = [key for key in keys if key not in entry]
+        if missing:
+            raise CnnlabError(f"{where} lacks '{missing[0]}'")
+        entry_id = entry["id"]
+        if isinstance(entry_id, bool) or not isinstance(entry_id, int | str):
+            raise CnnlabError(f"{where}: id must be an integer or a string, got {_shown(entry_id)}")
+        if entry_id in seen:
+            raise CnnlabError(f"{where}: id {_shown(entry_id)} is used twice")
+        seen.add(entry_id)
+        types.add(type(entry_id))
+    if len(types) > 1:
+        raise CnnlabError(f"{path}: {kind} ids mix integers and strings; use one kind")
+    return list(entries)
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for one-line messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _hashable_id(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | str)
+
+
 def _check_annotation(path: Path, index: int, ann: object, images: dict, label_of: dict):
     """The annotation's image id, after checking its fields; errors name the annotation."""
     where = f"{path}: annotation {index}"
@@ -181,16 +221,18 @@ def _check_annotation(path: Path, index: int, ann: object, images: dict, label_o
     )
     if not (numbers and len(bbox) == 4):
         raise CnnlabError(f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r}")
-    if ann.get("image_id") not in images:
-        raise CnnlabError(f"{where}: unknown image_id {ann.get('image_id')!r}")
-    if ann.get("category_id") not in label_of:
-        raise CnnlabError(f"{where}: unknown category_id {ann.get('category_id')!r}")
+    for key, known in (("image_id", images), ("category_id", label_of)):
+        value = ann.get(key)
+        if not _hashable_id(value) or value not in known:
+            raise CnnlabError(f"{where}: unknown {key} {_shown(value)}")
     return ann["image_id"]
 
 
 def _coco_image_path(folder: Path, file_name: str, source: Path) -> Path:
     """The image a COCO ``file_name`` names: relative to ``folder/images`` (some tools write
     "images/x.jpg", relative to ``folder``), and never outside ``folder``."""
+    if "\x00" in file_name:
+        raise CnnlabError(f"{source}: file_name {_shown(file_name)} holds a NUL byte")
     relative = Path(file_name)
     if relative.is_absolute() or ".." in relative.parts:
         raise CnnlabError(

@@ -27,6 +27,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,6 +43,8 @@ _SKIP_NAMES = frozenset({"__MACOSX"})
 # Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS): about a quarter gigabyte of RGB.
 DEFAULT_MAX_PIXELS = 89_478_485
 MAX_PIXELS_ENV = "CNNLAB_MAX_PIXELS"  # the setting: width x height above this is refused
+# Pillow's modes of 16-bit grey pixels: native, little- and big-endian (a TIFF's byte order).
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _SOURCE_PATH = re.compile(r"^.*\.cpp:\d+, ")  # torchvision prefixes C++ errors with its source
 
 
@@ -174,7 +177,7 @@ def _decode_pil(data: bytes, path: Path) -> tuple[torch.Tensor, str]:
     # can crash the process (a CRC-valid PNG with a broken zlib stream segfaults it); it
     # is at most 1.7x slower on tiny PNGs (35 us), as fast on large ones, and a run
     # decodes a small set once into memory.
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
@@ -185,18 +188,37 @@ def _decode_pil(data: bytes, path: Path) -> tuple[torch.Tensor, str]:
             fmt = pil.format or "unknown"
             check_pixels(pil.size, path)
             pil.load()
-            pil = ImageOps.exif_transpose(pil)
-            if pil.mode not in ("L", "RGB", "I;16"):
-                pil = pil.convert("L" if pil.mode in ("1", "LA", "I", "F") else "RGB")
-            array = torch.from_numpy(np.array(pil))
+            image = from_pil(pil)
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image (content is not a known image format)") from None
     except Image.DecompressionBombError as err:
         raise BadImageError(path, f"{err} (set {MAX_PIXELS_ENV} to allow it)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise BadImageError(path, f"corrupt or truncated image: {err}") from None
-    image = array[None] if array.ndim == 2 else array.permute(2, 0, 1)
     return image, fmt
+
+
+def from_pil(pil: Any) -> torch.Tensor:
+    """A loaded PIL image as (C, H, W), C in {1, 3}: turned upright by its EXIF
+    orientation, grey or RGB, 16-bit grey as uint16 in either byte order (``decode_bytes``
+    scales it to 8 bits) and everything else uint8."""
+    from PIL import ImageOps
+
+    pil = ImageOps.exif_transpose(pil)
+    if pil.mode in _SIXTEEN_BIT:
+        # Either byte order as native uint16, scaled to 8 bits alike (Pillow's convert
+        # would clip big-endian pixels to white).
+        array = torch.from_numpy(np.asarray(pil).astype(np.uint16))
+    else:
+        if pil.mode not in ("L", "RGB"):
+            pil = pil.convert("L" if pil.mode in ("1", "LA", "I", "F") else "RGB")
+        array = torch.from_numpy(np.array(pil))
+    return array[None] if array.ndim == 2 else array.permute(2, 0, 1)
+
+
+def to_uint8(image: torch.Tensor) -> torch.Tensor:
+    """uint8 of a decoded image: 16-bit values scaled to 8 bits, uint8 as it is."""
+    return image if image.dtype == torch.uint8 else to_dtype(image, torch.uint8, scale=True)
 
 
 def stored_mode(data: bytes) -> str:
@@ -326,8 +348,7 @@ def decode_bytes(data: bytes, path: Path | str = "<bytes>") -> tuple[torch.Tenso
         if fmt == "png":
             check_pixels(_png_size(data, path), path)
         image, fmt = _decode_pil(data, path)
-    if image.dtype != torch.uint8:
-        image = to_dtype(image, torch.uint8, scale=True)  # 16-bit PNG/TIFF
+    image = to_uint8(image)  # 16-bit PNG/TIFF
     channels = image.shape[0]
     if channels in (2, 4):
         image = image[: channels - 1]  # drop alpha
@@ -355,16 +376,35 @@ def read_image(path: Path | str, in_channels: int | None = None) -> torch.Tensor
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
-    """(width, height) from the file's header, without decoding the pixels."""
+    """(width, height) of the image ``read_image`` returns, from the file's header without
+    decoding the pixels: turned a quarter when its EXIF orientation turns it (as the
+    reader does), so labels and masks are placed on the pixels as they are read."""
     from PIL import Image, UnidentifiedImageError
 
     if not _is_regular(Path(path)):
         raise BadImageError(path, "not a regular file (a folder, pipe or device)")
     try:
         with Image.open(path) as image:
-            return image.size
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+            width, height = image.size
+            turned = exif_orientation(image) in _QUARTER_TURNS
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, EOFError) as error:
         raise BadImageError(path, f"not a readable image ({error})") from None
+    return (height, width) if turned else (width, height)
+
+
+# EXIF orientations (tag 0x0112) that turn the image a quarter: its width becomes height.
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+_ORIENTATION_TAG = 0x0112
+
+
+def exif_orientation(image: Any) -> int | None:
+    """The EXIF orientation of an opened PIL image, or None without one (or when its EXIF
+    cannot be parsed, which the decoders then ignore as well)."""
+    try:
+        value = image.getexif().get(_ORIENTATION_TAG)
+    except Exception:  # Pillow raises many types for a damaged EXIF block
+        return None
+    return value if isinstance(value, int) else None
 
 
 def encoded_size(data: bytes, path: Path | str = "<bytes>") -> tuple[int, int]:

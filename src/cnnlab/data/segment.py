@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import tv_tensors
 
 from cnnlab.data.images import check_pixels, image_size, read_image, require_folder, walk_files
@@ -144,7 +144,8 @@ def read_mask(path: Path, num_classes: int) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             mode = image.mode
-            values = np.array(image)
+            # Turned by its EXIF orientation, as its image is (``read_image``).
+            values = np.array(ImageOps.exif_transpose(image))
     except Exception as error:  # PIL raises many types for broken files
         raise CnnlabError(f"{path}: not a readable mask PNG ({error})") from None
     if mode in ("RGB", "RGBA"):

@@ -160,6 +160,8 @@ def resume(run_dir: str | Path, task: type[TrainingTask], **overrides: Any) -> d
     saved = read_yaml(config)
     if not isinstance(saved, dict):
         raise CnnlabError(f"{config}: not a mapping of settings")
+    # config.yaml, model.json and best.safetensors must agree before the model is built.
+    checkpoint.check_run_files(run_dir, checkpoint.read_model_json(run_dir), saved)
     try:
         cfg = TrainConfig.from_dict({**saved, **overrides, "out": str(run_dir)})
     except CnnlabError as error:
