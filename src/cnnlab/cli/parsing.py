@@ -256,7 +256,11 @@ def _tool_commands(commands: Group) -> None:
     sub.add_argument("--start-lr", type=float, default=1e-7, help="the first step's lr")
     sub.add_argument("--end-lr", type=float, default=10.0, help="the last step's lr")
     sub.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    config_flags(sub, "classify", skip=("lr", "epochs", "warmup_epochs", "lr_interval", "patience"))
+    config_flags(
+        sub,
+        "classify",
+        skip=("lr", "epochs", "warmup_epochs", "lr_interval", "patience", "min_delta"),
+    )
     add_format(sub)
 
     sub = _add(
