@@ -94,6 +94,16 @@ class TrainConfig:
         "with patience: the gain in the first ranked validation figure (top-1, mIoU, mAP)"
         " that counts as better; smaller gains still update the best weights",
     )
+    images: str | None = _setting(
+        None,
+        "with a CSV file as DIR (columns file,label): the folder its file names are relative"
+        " to (default: the CSV's folder)",
+    )
+    split_file: str | None = _setting(
+        None,
+        "train on the split of this split.json (a run's, or a fold of `cnnlab cv`) instead"
+        " of splitting the data",
+    )
     val_split: float = _setting(0.1, "fraction held out for validation (unless DIR/val exists)")
     test_split: float = _setting(0.1, "fraction held out for testing (unless DIR/test exists)")
     balance: str = _setting(

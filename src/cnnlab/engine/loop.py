@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler
 
 import cnnlab.engine.distributed as distributed
 import cnnlab.engine.state as state
@@ -82,7 +81,7 @@ def _train_new(cfg: TrainConfig, run_dir: Path, data: Path, kind: type[TrainingT
             )
         # An absolute data path keeps config.yaml and split.json valid from any directory.
         cfg, resolved = resolve(replace(cfg, data=str(data)))
-        cfg, job = kind.setup(cfg)
+        cfg, job = kind.setup(cfg, Path(cfg.split_file) if cfg.split_file else None)
         given = cfg.model_args.get("num_classes", len(job.classes))
         if given != len(job.classes):
             raise CnnlabError(
@@ -300,8 +299,8 @@ def _train_pass(
     # Each process augments its shard with its own random numbers.
     state.seed_everything(cfg.seed * 1000 + epoch + _RANK_SEED_STRIDE * rank)
     generator.manual_seed(cfg.seed * 1000 + epoch)
-    if isinstance(train_loader.sampler, DistributedSampler):
-        train_loader.sampler.set_epoch(epoch)  # a new shuffle, the same on every rank
+    if hasattr(train_loader.sampler, "set_epoch"):
+        train_loader.sampler.set_epoch(epoch)  # distributed: a new shuffle, the same on every rank
     model.train()
     if cfg.freeze_backbone:
         transfer.backbone_norms_eval(model)
