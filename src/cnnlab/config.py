@@ -97,7 +97,7 @@ class TrainConfig:
     images: str | None = _setting(
         None,
         "with a CSV file as DIR (columns file,label): the folder its file names are relative"
-        " to (default: the CSV's folder)",
+        " to; none: the CSV's folder",
     )
     split_file: str | None = _setting(
         None,

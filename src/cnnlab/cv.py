@@ -80,7 +80,7 @@ def _run_folds(out: Path, say: Callable[[str], None]) -> dict:
     rows, confusion, classes, scored_on = [], None, [], "test"
     for i in range(1, folds + 1):
         run = out / f"fold-{i}"
-        if (run / "report.json").is_file():
+        if _finished(run, cfg.epochs):
             say(f"fold {i}/{folds}: done before, kept ({run})")
         elif checkpoint.is_run_dir(run):
             say(f"fold {i}/{folds}: resuming {run}")
@@ -105,6 +105,21 @@ def _run_folds(out: Path, say: Callable[[str], None]) -> dict:
     write_json(out / "cv.json", summary)
     plots.plot_confusion(confusion, classes, out / "confusion.png")
     return summary
+
+
+def _finished(run: Path, epochs: int) -> bool:
+    """Whether a fold's run trained to its end: all its epochs, or stopped early. (Ctrl-C
+    also leaves a report.json, on the best weights so far.)"""
+    if not (run / "report.json").is_file():
+        return False
+    if "early_stop" in read_json(run / "report.json"):
+        return True
+    rows = (
+        (run / "metrics.csv").read_text().splitlines()[1:]
+        if (run / "metrics.csv").is_file()
+        else []
+    )
+    return len([row for row in rows if row.strip()]) >= epochs
 
 
 def _score_fold(run: Path, device: str) -> tuple[dict, torch.Tensor, list[str], str]:

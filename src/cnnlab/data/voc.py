@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from xml.etree.ElementTree import Element, ParseError, SubElement, tostring
+from xml.etree.ElementTree import Element, ParseError, SubElement, indent, tostring
 
 import defusedxml
 from defusedxml.ElementTree import parse
@@ -133,4 +133,5 @@ def voc_xml(
         corners = (round(x1) + 1, round(y1) + 1, round(x2), round(y2))
         for key, value in zip(("xmin", "ymin", "xmax", "ymax"), corners, strict=True):
             SubElement(box, key).text = str(value)
+    indent(root)  # one element a line, as VOC's own files
     return tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
