@@ -138,14 +138,14 @@ def test_resume_finishes_like_the_uninterrupted_run(
         assert all(math.isfinite(float(value)) for value in got[2].values())
         return
     if task == "classify":
-        # Since 8b07ecf the light preset jitters colour on the float image; the legacy code
-        # rounded to uint8 after each jitter, so the resumed epoch's augmented pixels differ
-        # in their last bits and its losses by well under 1%. Epochs 1-2 prove the restore
-        # of the legacy files; test_engine's SIGKILL test proves the resumed epoch exact.
+        # Since each training sample is augmented under a generator seeded for it alone
+        # (cnnlab.data.loaders.SeededSampler: the same weights with any worker count), the
+        # resumed epoch draws other crops than the legacy code did. Epochs 1-2 prove the
+        # restore of the legacy files; test_engine's SIGKILL test proves the resumed epoch
+        # exact.
         assert got[:2] == uninterrupted[:2]
         assert got[2].keys() == uninterrupted[2].keys()
-        for key, value in uninterrupted[2].items():
-            assert math.isclose(float(got[2][key]), float(value), rel_tol=1e-2), key
+        assert all(math.isfinite(float(value)) for value in got[2].values())
         return
     assert got == uninterrupted
 

@@ -86,7 +86,24 @@ class TrainConfig:
         "decay of a moving average of the weights (timm: 0.9998), warmed up as timm's; the"
         " average is what is evaluated and saved",
     )
-    patience: int | None = _setting(None, "stop after this many epochs without a better best")
+    patience: int | None = _setting(
+        None, "stop after this many epochs without a better best (early stopping)"
+    )
+    min_delta: float = _setting(
+        0.0,
+        "with patience: the gain in the first ranked validation figure (top-1, mIoU, mAP)"
+        " that counts as better; smaller gains still update the best weights",
+    )
+    images: str | None = _setting(
+        None,
+        "with a CSV file as DIR (columns file,label): the folder its file names are relative"
+        " to; none: the CSV's folder",
+    )
+    split_file: str | None = _setting(
+        None,
+        "train on the split of this split.json (a run's, or a fold of `cnnlab cv`) instead"
+        " of splitting the data",
+    )
     val_split: float = _setting(0.1, "fraction held out for validation (unless DIR/val exists)")
     test_split: float = _setting(0.1, "fraction held out for testing (unless DIR/test exists)")
     balance: str = _setting(
@@ -136,6 +153,7 @@ class TrainConfig:
             _require(0 <= value < math.inf, f"{name} must be 0 (off) or a positive alpha")
         _require(self.ema is None or 0 < self.ema < 1, "ema must be a decay between 0 and 1")
         _require(self.patience is None or self.patience >= 1, "patience must be at least 1")
+        _require(0 <= self.min_delta < math.inf, "min_delta must be 0 or more")
         _require(0 <= self.val_split < 1, "val_split must be in [0, 1)")
         _require(0 <= self.test_split < 1, "test_split must be in [0, 1)")
         _require(self.val_split + self.test_split < 1, "val_split + test_split must be below 1")

@@ -391,6 +391,26 @@ def test_early_stopping_with_patience_and_ties(
     state = checkpoint.load_state(out / "last.pt")
     assert state["epochs_without_improvement"] == 2
     assert state["best"] == {"rank": [0.6, -0.8], "epoch": 3}
+    # Why and when it stopped is kept with the figures.
+    assert report["early_stop"]["epoch"] == 5
+    assert "for 2 epochs (patience 2; best weights: epoch 3)" in report["early_stop"]["reason"]
+    assert json.loads((out / "report.json").read_text())["early_stop"] == report["early_stop"]
+
+
+def test_min_delta_counts_only_larger_gains_yet_keeps_the_best_weights(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Epochs 2 and 3 beat the best by less than 0.05: patience runs out, yet epoch 3's
+    # weights are the best kept.
+    _scripted_val(monkeypatch, [(0.5, 1.0), (0.52, 0.9), (0.54, 0.8), (0.9, 0.1)])
+    out = tmp_path / "run"
+    report = train(_config(data_dir, out, epochs=4, patience=2, min_delta=0.05))
+    assert [r["epoch"] for r in read_metrics(out)] == ["1", "2", "3"]
+    assert report["best_epoch"] == 3
+    assert report["early_stop"]["min_delta"] == 0.05
+    assert "did not improve by more than 0.05 for 2 epochs" in report["early_stop"]["reason"]
+    saved = files.read_yaml(out / "config.yaml")
+    assert (saved["patience"], saved["min_delta"]) == (2, 0.05)
 
 
 def test_ctrl_c_reports_on_best_then_resume_finishes(

@@ -252,10 +252,22 @@ def cmd_data(args: argparse.Namespace, extra: dict) -> int:
 
         write_shapes(Path(args.dst), task=args.task, n=args.n, size=args.size, seed=args.seed)
         print(f"wrote {args.n} {args.size}x{args.size} shape images for {args.task} to {args.dst}")
+    elif args.data_command == "convert":
+        from cnnlab.data.convert import convert_detection
+
+        report = convert_detection(Path(args.src), Path(args.dst), args.to)
+        if args.format == "json":
+            print_json(report)
+        else:
+            print(
+                f"wrote {args.src} ({report['from']}) to {args.dst} as {report['to']}:"
+                f" {report['images']} images, {report['boxes']} boxes,"
+                f" {len(report['classes'])} classes"
+            )
     elif args.data_command == "check":
         from cnnlab.data.check import check_folder, summarize_check
 
-        report = check_folder(Path(args.dir))
+        report = check_folder(Path(args.dir), _images(args))
         if args.format == "json":
             print_json(report)
         else:
@@ -263,7 +275,9 @@ def cmd_data(args: argparse.Namespace, extra: dict) -> int:
     else:
         from cnnlab.data.check import clean_folder, clean_reasons
 
-        report = clean_folder(Path(args.src), Path(args.dst), strip_prefix=args.strip_prefix)
+        report = clean_folder(
+            Path(args.src), Path(args.dst), strip_prefix=args.strip_prefix, images=_images(args)
+        )
         if args.format == "json":
             print_json(report)
         else:
@@ -273,6 +287,10 @@ def cmd_data(args: argparse.Namespace, extra: dict) -> int:
                 print(f"{len(report['left_out'])} files left out: {reasons}")
             print(f"details: {Path(args.dst) / 'clean_report.json'}")
     return 0
+
+
+def _images(args: argparse.Namespace) -> Path | None:
+    return Path(args.images) if args.images else None
 
 
 def _train_config(args: argparse.Namespace, extra: dict, task: str):
@@ -323,6 +341,34 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
         )
         return 130
     _print_report(report, args.format, task_class(task))
+    return 0
+
+
+def cmd_cv(args: argparse.Namespace, extra: dict) -> int:
+    if args.resume and (extra or args.data or args.out):
+        raise CnnlabError("cv --resume OUT continues as it was; give no DIR, --out or model flags")
+    if not args.resume and not (args.data and args.out):
+        raise CnnlabError("cv needs DIR and --out OUT (or --resume OUT)")
+    cfg = None if args.resume else _train_config(args, extra, "classify")
+    from cnnlab.cv import cross_validate, cv_table, resume_cv
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    try:
+        summary = (
+            resume_cv(args.resume, say) if args.resume else cross_validate(cfg, args.folds, say)
+        )
+    except TrainingInterrupted as stop:
+        out = args.resume or args.out
+        print(f"{stop}; continue the folds with: cnnlab cv --resume {out}", file=sys.stderr)
+        return 130
+    if args.format == "json":
+        print_json(summary)
+    else:
+        print(cv_table(summary))
+        out = Path(args.resume or args.out)
+        print(f"details: {out / 'cv.json'}, {out / 'confusion.png'}")
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 import cnnlab.cli.commands as c
@@ -142,7 +143,10 @@ def _data_commands(commands: Group) -> None:
     sub.add_argument("dst", help="the folder to create, one subfolder per digit")
     sub.add_argument("--size", type=positive, default=32, help="image side in pixels")
     sub = _add(actions, "check", c.cmd_data, "counts, sizes, unreadable files and duplicates")
-    sub.add_argument("dir", help="class folders, or train/ val/ test/ of them")
+    sub.add_argument(
+        "dir", help="class folders, train/ val/ test/ of them, or a CSV of file,label rows"
+    )
+    _images_flag(sub)
     add_format(sub)
     sub = _add(actions, "shapes", c.cmd_data, "synthetic shapes for segmentation or detection")
     sub.add_argument("dst", help="the folder to create")
@@ -151,7 +155,8 @@ def _data_commands(commands: Group) -> None:
     sub.add_argument("--size", type=positive, default=128, help="image side")
     sub.add_argument("--seed", type=int, default=0, help="what the images show")
     sub = _add(actions, "clean", c.cmd_data, "copy a class-folder tree into a clean new folder")
-    sub.add_argument("src", help="class folders (left as they are)")
+    sub.add_argument("src", help="class folders or a CSV of file,label rows (left as they are)")
+    _images_flag(sub)
     sub.add_argument("dst", help="the new folder")
     sub.add_argument(
         "--strip-prefix",
@@ -159,6 +164,27 @@ def _data_commands(commands: Group) -> None:
         help="regex removed from class folder names (WordNet ids like n02085620-)",
     )
     add_format(sub)
+    _convert_command(actions)
+
+
+def _convert_command(actions: Group) -> None:
+    sub = _add(
+        actions,
+        "convert",
+        c.cmd_data,
+        "write a detection folder (COCO, YOLO txt or Pascal VOC) in another of the three",
+    )
+    sub.add_argument("src", help="a detection folder (left as it is)")
+    sub.add_argument("dst", help="the new folder")
+    sub.add_argument("--to", choices=("coco", "voc", "yolo"), required=True, help="DST's format")
+    add_format(sub)
+
+
+def _images_flag(sub: argparse.ArgumentParser) -> None:
+    from cnnlab.config import TrainConfig
+
+    help_text = next(f for f in fields(TrainConfig) if f.name == "images").metadata["help"]
+    sub.add_argument("--images", metavar="DIR", help=help_text)
 
 
 def _task_commands(group: Group, entry: TaskEntry) -> None:
@@ -253,6 +279,23 @@ TASK_TOOLS: dict[str, Callable[[Group], None]] = {"proposals": _proposals_comman
 def _tool_commands(commands: Group) -> None:
     sub = _add(
         commands,
+        "cv",
+        c.cmd_cv,
+        "stratified K-fold cross-validation of a classifier: a run per fold, mean ± std",
+        epilog_of=functools.partial(models_help, "classify"),
+        task="classify",
+        action="train",
+        model_args_from="model",
+    )
+    sub.add_argument("data", nargs="?", metavar="DIR", help="the data folder")
+    sub.add_argument("--out", help="the folder to create: OUT/fold-I/, OUT/cv.json")
+    sub.add_argument("--folds", type=positive, default=5, help="K, the number of folds")
+    sub.add_argument("--resume", metavar="OUT", help="continue an interrupted cross-validation")
+    config_flags(sub, "classify", skip=("split_file",))
+    add_format(sub)
+
+    sub = _add(
+        commands,
         "lr-find",
         c.cmd_lr_find,
         "learning-rate range test: loss while the lr grows exponentially, and a suggested lr",
@@ -264,7 +307,19 @@ def _tool_commands(commands: Group) -> None:
     sub.add_argument("--start-lr", type=float, default=1e-7, help="the first step's lr")
     sub.add_argument("--end-lr", type=float, default=10.0, help="the last step's lr")
     sub.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    config_flags(sub, "classify", skip=("lr", "epochs", "warmup_epochs", "lr_interval", "patience"))
+    config_flags(
+        sub,
+        "classify",
+        skip=(
+            "lr",
+            "epochs",
+            "warmup_epochs",
+            "lr_interval",
+            "patience",
+            "min_delta",
+            "split_file",
+        ),
+    )
     add_format(sub)
 
     sub = _add(

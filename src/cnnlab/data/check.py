@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnlab.data.classify import class_dirs, is_presplit
+from cnnlab.data.classify import class_dirs, is_label_csv, is_presplit, read_label_csv
 from cnnlab.data.images import (
     BadImageError,
     decode_bytes,
@@ -78,9 +78,23 @@ def _parts(root: Path) -> list[tuple[str | None, Path]]:
     return [(None, root)]
 
 
-def _inspect(root: Path) -> tuple[list[_FileInfo], list[str], list[tuple[str | None, str]]]:
+def _source(root: Path, images: Path | None) -> tuple[Path, Path]:
+    """(what the user named, the folder file paths are relative to): a class-folder tree
+    is both; a label CSV lists files of its ``images`` folder."""
+    if is_label_csv(root):
+        return Path(root), read_label_csv(Path(root), images)[0]
+    return require_folder(Path(root)), require_folder(Path(root))
+
+
+def _inspect(
+    root: Path, images: Path | None = None
+) -> tuple[list[_FileInfo], list[str], list[tuple[str | None, str]]]:
     """Decode and hash every image file: (file infos, ignored files, empty class folders).
-    Images lying beside the class folders belong to no class: they are ignored files."""
+    Images lying beside the class folders belong to no class: they are ignored files. A
+    label CSV (``read_label_csv``) lists its files and classes itself."""
+    if is_label_csv(root):
+        folder, classes, samples = read_label_csv(Path(root), images)
+        return [_inspect_file(folder, None, classes[k], p) for p, k in samples], [], []
     infos, ignored, empty = [], [], []
     for split, part in _parts(root):
         ignored += [
@@ -126,7 +140,7 @@ def _stats(values: list[int]) -> dict[str, float]:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def check_folder(root: Path) -> dict:
+def check_folder(root: Path, images: Path | None = None) -> dict:
     """Decode every image under ``root`` and report what would trouble training.
 
     Keys: ``classes`` {name: readable images}, ``bad_files`` [{path, reason}], ``duplicates``
@@ -136,10 +150,12 @@ def check_folder(root: Path) -> dict:
     a side under 32 pixels), ``too_small`` (classes with fewer than 3 readable images: too
     few for train/val/test), ``empty_classes``, ``ignored_files`` (no image extension, or
     an image beside the class folders, in no class) and, for a pre-split tree, ``splits``
-    {split: {class: count}}. Paths are relative to ``root``.
+    {split: {class: count}}. Paths are relative to ``root``. A label CSV as ``root``
+    (``cnnlab.data.classify.read_label_csv``; its paths relative to ``images``) is
+    checked the same way, its rows read first (an error names the line).
     """
-    root = require_folder(Path(root))
-    infos, ignored, empty = _inspect(root)
+    root, _ = _source(root, images)
+    infos, ignored, empty = _inspect(root, images)
     good = [i for i in infos if i.reason is None]
     classes: dict[str, int] = {}
     splits: dict[str, dict[str, int]] = defaultdict(dict)
@@ -155,7 +171,11 @@ def check_folder(root: Path) -> dict:
         modes[info.mode] += 1
     report = {
         "root": str(root),
-        "layout": "presplit" if is_presplit(root) else "class_folders",
+        "layout": "csv"
+        if is_label_csv(root)
+        else "presplit"
+        if is_presplit(root)
+        else "class_folders",
         "num_images": len(good),
         "classes": dict(sorted(classes.items())),
         "bad_files": [{"path": i.rel, "reason": i.reason} for i in infos if i.reason],
@@ -230,22 +250,29 @@ def summarize_check(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _clean_names(root: Path, pattern: re.Pattern) -> dict[tuple[str | None, str], str]:
+def _clean_names(
+    root: Path, pattern: re.Pattern, infos: list[_FileInfo]
+) -> dict[tuple[str | None, str], str]:
     names: dict[tuple[str | None, str], str] = {}
-    for split, part in _parts(root):
+    if is_label_csv(root):  # the CSV's labels are its classes
+        parts = [(None, root, sorted({info.cls for info in infos}))]
+    else:
+        parts = [(split, part, [f.name for f in class_dirs(part)]) for split, part in _parts(root)]
+    for split, part, classes in parts:
         taken: dict[str, str] = {}
-        for folder in class_dirs(part):
-            new = pattern.sub("", folder.name, count=1).strip()
+        for name in classes:
+            folder = part / name
+            new = pattern.sub("", name, count=1).strip()
             if not new:
                 raise CnnlabError(f"{folder}: class name is empty once the prefix is removed")
             # Case-insensitive: "Dog" and "dog" would merge on macOS and Windows.
             if new.lower() in taken:
                 raise CnnlabError(
-                    f"{part}: class folders {taken[new.lower()]!r} and {folder.name!r} both "
+                    f"{part}: classes {taken[new.lower()]!r} and {name!r} both "
                     f"clean to {new!r}; rename one or change --strip-prefix"
                 )
-            taken[new.lower()] = folder.name
-            names[(split, folder.name)] = new
+            taken[new.lower()] = name
+            names[(split, name)] = new
     return names
 
 
@@ -288,7 +315,9 @@ def _extension(info: _FileInfo) -> str:
     return ext or info.path.suffix.lower().replace(".jpeg", ".jpg")
 
 
-def clean_folder(src: Path, dst: Path, strip_prefix: str = DEFAULT_STRIP_PREFIX) -> dict:
+def clean_folder(
+    src: Path, dst: Path, strip_prefix: str = DEFAULT_STRIP_PREFIX, images: Path | None = None
+) -> dict:
     """Copy ``src`` into a new ``dst`` with clean class names and no bad or duplicate files.
 
     Class folders lose the ``strip_prefix`` regex (WordNet ids by default); files become
@@ -296,18 +325,19 @@ def clean_folder(src: Path, dst: Path, strip_prefix: str = DEFAULT_STRIP_PREFIX)
     first of each duplicate group, and every copy of a duplicate spanning classes are left
     out. The returned report is also written to ``dst/clean_report.json``. ``src`` is only
     read; ``dst`` is built in a temporary folder beside it and renamed into place at the
-    end, so a failure never leaves a half-written ``dst``.
+    end, so a failure never leaves a half-written ``dst``. A label CSV as ``src`` (its
+    files in ``images``) becomes a class-folder tree the same way.
     """
     try:
         pattern = re.compile(strip_prefix)
     except re.error as err:
         raise CnnlabError(f"--strip-prefix {strip_prefix!r} is not a valid regex: {err}") from None
-    src = require_folder(Path(src))
+    src, folder = _source(src, images)
     dst = require_new_folder(dst)
-    if dst.resolve().is_relative_to(src.resolve()):
-        raise CnnlabError(f"{dst}: destination is inside the source folder {src}")
-    names = _clean_names(src, pattern)
-    infos, ignored, empty = _inspect(src)
+    if dst.resolve().is_relative_to(folder.resolve()):
+        raise CnnlabError(f"{dst}: destination is inside the source folder {folder}")
+    infos, ignored, empty = _inspect(src, images)
+    names = _clean_names(src, pattern, infos)
     kept, left_out = _choose_files(infos, names)
     with staged_folder(dst) as staging:
         copied, counts = _copy_files(kept, names, staging)

@@ -15,6 +15,7 @@ worker; cached datasets decode (and warn) once, up front.
 
 from __future__ import annotations
 
+import csv
 import logging
 import statistics
 from collections import defaultdict
@@ -37,6 +38,7 @@ from cnnlab.data.images import (
 from cnnlab.data.splits import (
     SPLIT_NAMES,
     check_fractions,
+    fold_items,
     inside,
     read_split_file,
     split_items,
@@ -106,6 +108,70 @@ def _class_name(folder: Path) -> str:
             " rename it (class names are saved in model.json and reports)"
         ) from None
     return folder.name
+
+
+LABEL_COLUMNS = ("file", "label")  # a label CSV's header
+
+
+def is_label_csv(path: Path | str) -> bool:
+    """Whether the data argument names a CSV of labels rather than a folder."""
+    return Path(path).suffix.lower() == ".csv"
+
+
+def read_label_csv(path: Path, images: Path | None = None) -> tuple[Path, list[str], list[Sample]]:
+    """(the images folder, sorted class names, samples) of a CSV of ``file,label`` rows
+    (fastai's ``from_df``), its files relative to ``images`` (default: the CSV's folder).
+
+    Any error names the CSV and its line: an unknown or missing column, an empty label, a
+    file that is missing, outside the images folder, not an image or listed twice.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CnnlabError(f"{path}: no such CSV file")
+    root = require_folder(Path(images) if images is not None else path.parent).absolute()
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
+    except (OSError, UnicodeDecodeError) as error:
+        raise CnnlabError(f"{path}: not a readable UTF-8 CSV file ({error})") from None
+    rows = csv.reader(text.splitlines())
+    header = [name.strip() for name in next(rows, [])]
+    where = f"{path} line 1"
+    for name in header:
+        if name not in LABEL_COLUMNS:
+            raise CnnlabError(f"{where}: unknown column {name!r}; the columns are file,label")
+    for name in LABEL_COLUMNS:
+        if name not in header:
+            raise CnnlabError(f"{where}: no {name!r} column; the columns are file,label")
+    file_at, label_at = header.index("file"), header.index("label")
+    labelled: list[tuple[Path, str]] = []
+    seen: dict[Path, int] = {}
+    for row in rows:
+        where = f"{path} line {rows.line_num}"
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line
+        if len(row) != len(header):
+            raise CnnlabError(f"{where}: {len(row)} fields, the header has {len(header)}")
+        name, label = row[file_at].strip(), row[label_at].strip()
+        if not label:
+            raise CnnlabError(f"{where}: empty label for {name!r}")
+        if "/" in label or "\\" in label:
+            raise CnnlabError(f"{where}: label {label!r} holds a path separator")
+        if not name:
+            raise CnnlabError(f"{where}: empty file name")
+        file = inside(root, name, where)
+        if not file.is_file():
+            raise CnnlabError(f"{where}: no file {name!r} in {root}")
+        if not is_image_name(file):
+            raise CnnlabError(f"{where}: {name!r} is not an image file")
+        if file in seen:
+            raise CnnlabError(f"{where}: {name!r} is listed again (first on line {seen[file]})")
+        seen[file] = rows.line_num
+        labelled.append((file, label))
+    classes = sorted({label for _, label in labelled})
+    if not classes:
+        raise CnnlabError(f"{path}: no rows of file,label")
+    index = {name: i for i, name in enumerate(classes)}
+    return root, classes, sorted((file, index[label]) for file, label in labelled)
 
 
 # --- splits --------------------------------------------------------------------------------
@@ -207,19 +273,28 @@ def _scan_part(folder: Path, classes: list[str]) -> list[Sample]:
 
 
 def make_splits(
-    root: Path, val_split: float = 0.1, test_split: float = 0.1, seed: int = 0
+    root: Path,
+    val_split: float = 0.1,
+    test_split: float = 0.1,
+    seed: int = 0,
+    images: Path | None = None,
 ) -> Splits:
-    """Train/val/test samples of ``root``: its train/val/test folders, or a stratified split.
+    """Train/val/test samples of ``root``: its train/val/test folders, or a stratified split
+    (of its class folders, or of a label CSV's rows with ``images``, ``read_label_csv``).
 
     Stratified per class (``cnnlab.data.splits.split_items`` with a seed per class), so the
     same seed and files give the same split whatever order the filesystem lists them in.
     Every class gets at least one image in each requested split; a class too small for
     that is a CnnlabError naming it and its count.
     """
-    root = require_folder(root)
     check_fractions(val_split, test_split)
-    presplit = is_presplit(root)
-    classes, samples = scan_class_folders(root / "train" if presplit else root)
+    if is_label_csv(root):
+        root, classes, samples = read_label_csv(Path(root), images)
+        presplit = False
+    else:
+        root = require_folder(root)
+        presplit = is_presplit(root)
+        classes, samples = scan_class_folders(root / "train" if presplit else root)
     if len(classes) < 2:
         raise CnnlabError(f"{root}: found only class {classes[0]!r}; classifying needs >= 2")
     given = {}
@@ -239,6 +314,46 @@ def make_splits(
         test_split=test_split,
         presplit=presplit,
     )
+
+
+def make_folds(splits: Splits, folds: int) -> list[Splits]:
+    """Stratified K-fold splits of ``splits``' train and val images together: fold i
+    validates on the i-th part of every class and trains on the rest; the test images stay
+    held out, the same in every fold. A class with fewer images than folds is refused (a
+    fold would validate without it)."""
+    if folds < 2:
+        raise CnnlabError(f"cross-validation needs at least 2 folds, got {folds}")
+    by_class: dict[int, list[Path]] = defaultdict(list)
+    for path, label in splits.train + splits.val:
+        by_class[label].append(path)
+    parts: list[list[Sample]] = [[] for _ in range(folds)]
+    dealt = 0
+    for label, name in enumerate(splits.classes):
+        paths = by_class[label]
+        if len(paths) < folds:
+            raise CnnlabError(
+                f"class {name!r} has {len(paths)} image(s) outside the test split; {folds}"
+                " folds need at least one per fold (lower --folds or add images)"
+            )
+        # Seeded per class, as the split is: adding a class leaves the others' folds.
+        dealt_class = fold_items(paths, folds, f"{splits.seed}/{name}/folds", None, dealt)
+        for part, paths_in_fold in zip(parts, dealt_class, strict=True):
+            part += [(path, label) for path in paths_in_fold]
+        dealt += len(paths)
+    return [
+        Splits(
+            root=splits.root,
+            classes=splits.classes,
+            train=sorted(s for j, part in enumerate(parts) if j != i for s in part),
+            val=sorted(parts[i]),
+            test=splits.test,
+            seed=splits.seed,
+            val_split=splits.val_split,
+            test_split=splits.test_split,
+            presplit=splits.presplit,
+        )
+        for i in range(folds)
+    ]
 
 
 # --- datasets ------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ Two on-disk layouts are read, both with the images under ``DIR/images/``:
 * YOLO txt: ``DIR/labels/STEM.txt`` per image, one ``class cx cy w h`` line per object
   (normalised to 0..1), and ``DIR/classes.txt`` with one class name per line; an image
   without a label file has no objects.
+* Pascal VOC (``cnnlab.data.voc``): ``DIR/Annotations/*.xml`` beside ``DIR/JPEGImages/``;
+  ``ImageSets/Main/train.txt`` and ``val.txt`` give a fixed split.
+
+``cnnlab data convert`` (``cnnlab.data.convert``) writes any of the three as another.
 
 Everywhere in cnnlab a box is ``[x1, y1, x2, y2]`` in pixels of its image and a label is
 the 0-based index of its class (no background class). ``DIR/train`` and ``DIR/val`` in
@@ -29,6 +33,7 @@ from torchvision import tv_tensors
 
 from cnnlab.data.images import image_size, read_image, walk_files
 from cnnlab.data.splits import read_split_file, split_items
+from cnnlab.data.voc import is_voc_folder, read_voc, voc_image_sets
 from cnnlab.errors import CnnlabError
 from cnnlab.files import read_json, read_text
 
@@ -100,6 +105,17 @@ def make_detection_splits(root: Path, val_split: float = 0.2, seed: int = 0) -> 
             raise CnnlabError(f"{root}: train and val have different classes")
         return DetectionSplits(root, fmt, classes, train, val, seed, val_split, True)
     fmt, classes, samples = read_detection_folder(root)
+    sets = voc_image_sets(root) if fmt == "voc" else None
+    if sets is not None:  # VOC's own split, by file stem
+        by_stem = {s.path.stem: s for s in samples}
+        for name, stems in sets.items():
+            missing = [stem for stem in stems if stem not in by_stem]
+            if missing:
+                raise CnnlabError(
+                    f"{root}: ImageSets/Main/{name}.txt lists {missing[0]!r}, not annotated"
+                )
+        train, val = ([by_stem[stem] for stem in sets[name]] for name in ("train", "val"))
+        return DetectionSplits(root, fmt, classes, train, val, seed, val_split, True)
     train, val, _ = split_items(
         samples, val_split, 0.0, seed, key=lambda s: str(s.path), name=str(root / "images")
     )
@@ -115,9 +131,28 @@ def read_detection_folder(folder: Path) -> tuple[str, list[str], list[DetectionS
         return ("coco", *read_coco(folder))
     if (folder / "labels").is_dir() and (folder / "classes.txt").is_file():
         return ("yolo", *read_yolo(folder))
+    if is_voc_folder(folder):
+        return ("voc", *read_voc_folder(folder))
     raise CnnlabError(
-        f"{folder}: no annotations.json (COCO) or labels/ and classes.txt (YOLO txt) found"
+        f"{folder}: no annotations.json (COCO), labels/ and classes.txt (YOLO txt) or"
+        " Annotations/ and JPEGImages/ (Pascal VOC) found"
     )
+
+
+def read_voc_folder(folder: Path) -> tuple[list[str], list[DetectionSample]]:
+    """Classes and samples of a Pascal VOC folder (``cnnlab.data.voc.read_voc``)."""
+    classes, images = read_voc(folder)
+    index = {name: i for i, name in enumerate(classes)}
+    samples = []
+    for path, width, height, objects in images:
+        boxes, labels = [], []
+        for box, name in objects:
+            clipped = _clip_box(path, box, width, height)
+            if clipped is not None:
+                boxes.append(clipped)
+                labels.append(index[name])
+        samples.append(DetectionSample(path, width, height, tuple(boxes), tuple(labels)))
+    return classes, samples
 
 
 def read_coco(folder: Path) -> tuple[list[str], list[DetectionSample]]:

@@ -7,10 +7,11 @@ optimizer step; only the main process evaluates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from cnnlab.errors import CnnlabError
 
@@ -53,17 +54,79 @@ def train_loader(
     shard = len(sampler) if sampler is not None else len(dataset)
     rest = shard % per_process
     drop_last = shard > per_process and (rest == 1 or rest < SMALL_LAST_BATCH * shard)
+    if sampler is None:
+        sampler = RandomSampler(dataset, generator=generator)
     return DataLoader(
-        dataset,
+        SeededDataset(dataset),
         batch_size=per_process,
-        shuffle=sampler is None,
-        sampler=sampler,
+        sampler=SeededSampler(sampler, generator, rank),
         generator=generator,
         drop_last=drop_last,
         num_workers=workers,
         pin_memory=pin_memory,
-        collate_fn=collate_fn,
+        collate_fn=SeededCollate(collate_fn),
     )
+
+
+# Repeatable augmentation. Each training sample draws its random numbers from a generator
+# seeded for it alone (the seed drawn in the main process from the epoch's generator, with
+# the shuffle), and each batch's collate (MixUp, CutMix) from the seed of its first sample.
+# Which worker process loads a sample, and how many there are, then changes no number:
+# --workers 0 and --workers 2 train to the same weights, and the main process's generator
+# (dropout, initialisation) never sees the augmentation's draws.
+
+
+class SeededSampler(Sampler):
+    """``(index, seed)`` for each index ``sampler`` yields, the seeds drawn from
+    ``generator`` once the epoch's order is drawn (``rank`` keeps processes' seeds apart)."""
+
+    def __init__(self, sampler: Sampler, generator: torch.Generator, rank: int = 0) -> None:
+        self.sampler, self.generator, self.rank = sampler, generator, rank
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        """A distributed sampler's shuffle of ``epoch`` (the same on every rank)."""
+        if isinstance(self.sampler, DistributedSampler):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(self.sampler)
+        seeds = torch.randint(0, 2**62, (len(indices),), generator=self.generator).tolist()
+        for index, seed in zip(indices, seeds, strict=True):
+            yield index, seed + self.rank
+
+
+class SeededDataset(Dataset):
+    """``dataset[index]`` made under torch's generator seeded with ``seed``, as
+    ``(seed, item)``; the caller's generator state is left as it was."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, Any]:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return seed, self.dataset[index]
+
+
+class SeededCollate:
+    """``collate_fn`` of a batch of ``SeededDataset`` items, under torch's generator seeded
+    with its first item's seed. A class, not a closure, so worker processes can unpickle
+    it."""
+
+    def __init__(self, collate_fn: Callable) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, batch: list[tuple[int, Any]]) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch[0][0] if batch else 0)
+            return self.collate_fn([item for _, item in batch])
 
 
 def eval_loader(

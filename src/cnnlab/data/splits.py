@@ -75,6 +75,25 @@ def split_items(
     return sorted(train, key=key), sorted(val, key=key), sorted(test, key=key)
 
 
+def fold_items(
+    items: Sequence[T],
+    folds: int,
+    seed: int | str,
+    key: Callable[[T], Any] | None = None,
+    start: int = 0,
+) -> list[list[T]]:
+    """``items`` dealt into ``folds`` disjoint parts for K-fold cross-validation: sorted
+    (by ``key``), shuffled by ``random.Random(seed)``, the j-th to part ``(start + j) %
+    folds``; each part sorted. A caller dealing several groups (classes) passes the count
+    dealt so far as ``start``, so the parts' sizes never differ by more than one."""
+    ordered = sorted(items, key=key)
+    random.Random(seed).shuffle(ordered)
+    parts: list[list[T]] = [[] for _ in range(folds)]
+    for j, item in enumerate(ordered):
+        parts[(start + j) % folds].append(item)
+    return [sorted(part, key=key) for part in parts]
+
+
 def read_split_file(path: Path) -> tuple[dict, Path]:
     """A run's split.json and the data folder it records; a CnnlabError naming the file
     unless that folder still exists."""

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DistributedSampler
 
 import cnnlab.engine.distributed as distributed
 import cnnlab.engine.state as state
@@ -124,7 +123,7 @@ def _train_new(cfg: TrainConfig, run_dir: Path, data: Path, kind: type[TrainingT
             )
         # An absolute data path keeps config.yaml and split.json valid from any directory.
         cfg, resolved = resolve(replace(cfg, data=str(data)))
-        cfg, job = kind.setup(cfg)
+        cfg, job = kind.setup(cfg, Path(cfg.split_file) if cfg.split_file else None)
         given = cfg.model_args.get("num_classes", len(job.classes))
         if given != len(job.classes):
             raise CnnlabError(
@@ -224,6 +223,9 @@ def _fit(
 
     # Where we start: a fresh run writes its description, a resumed one restores its state.
     start_epoch, best, stale, history = 0, None, 0, []
+    # Early stopping's reference: the first ranked figure when it last grew by more than
+    # min_delta (Keras's rule); the best weights still follow every gain, however small.
+    mark: float | None = None
     if saved is None:
         if main:
             write_yaml(run_dir / "config.yaml", asdict(cfg))
@@ -234,6 +236,7 @@ def _fit(
         state.restore(saved, run_dir / "last.pt", model, optimizer, scheduler, scaler, ema=ema)
         start_epoch, best = saved["epoch"], saved["best"]
         stale, history = saved["epochs_without_improvement"], saved["history"]
+        mark = saved.get("stop_mark", best["rank"][0] if best else None)
         if main:
             state.sync_epoch_files(run_dir, history, best, evaluated, spec.columns)
     # Trains through the wrapper (which averages gradients over processes); saves, loads and
@@ -255,10 +258,12 @@ def _fit(
     say.line(setup_line(cfg, task, model, device, ctx.world_size, resolved.plan))
     if start_epoch:
         say.line(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
+    stopped = None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             if cfg.patience is not None and stale >= cfg.patience:
-                say.line(f"early stop: no better {spec.best_label} for {stale} epochs")
+                stopped = early_stop(cfg, spec.best_label, epoch, stale, best["epoch"])
+                say.line(f"early stop after epoch {epoch} of {cfg.epochs}: {stopped['reason']}")
                 break
             seen, train_loss, train_score, lr, train_seconds = _train_pass(
                 epoch, cfg, model, step, train_loader, generator, scheduler, say
@@ -267,10 +272,16 @@ def _fit(
             validated = time.perf_counter()
             val = public(task.evaluate(evaluated, val_data, device, dtype)) if main else None
             val = distributed.from_main(val)
-            improved = best is None or spec.rank(val) > tuple(best["rank"])
+            rank = spec.rank(val)
+            improved = best is None or rank > tuple(best["rank"])
             if improved:
-                best = {"rank": list(spec.rank(val)), "epoch": epoch + 1}
-            stale = 0 if improved else stale + 1
+                best = {"rank": list(rank), "epoch": epoch + 1}
+            if cfg.min_delta == 0:
+                stale = 0 if improved else stale + 1
+            elif mark is None or rank[0] > mark + cfg.min_delta:
+                mark, stale = rank[0], 0
+            else:
+                stale += 1
             history.append(
                 {
                     "epoch": epoch + 1,
@@ -281,7 +292,13 @@ def _fit(
                 }
             )
             if main:
-                latest = {"epoch": epoch + 1, "best": best, "stale": stale, "history": history}
+                latest = {
+                    "epoch": epoch + 1,
+                    "best": best,
+                    "stale": stale,
+                    "mark": mark,
+                    "history": history,
+                }
                 _save_epoch(run_dir, latest, model, step, scheduler, evaluated, spec.columns)
             row = history[-1]
             say.line(
@@ -303,7 +320,10 @@ def _fit(
         say.stop()  # never leave a live progress display behind an error
 
     # Final report on the best weights, read back from the file a user will load.
-    report = _report_best(run_dir, task, model, ready, device, best["epoch"], say) if main else None
+    if main:
+        report = _report_best(run_dir, task, model, ready, device, best["epoch"], say, stopped)
+    else:
+        report = None
     report = distributed.from_main(report)
     if interrupted:
         raise TrainingInterrupted(str(run_dir), history[-1]["epoch"], cfg.epochs, report)
@@ -327,8 +347,8 @@ def _train_pass(
     # Each process augments its shard with its own random numbers.
     state.seed_everything(cfg.seed * 1000 + epoch + _RANK_SEED_STRIDE * rank)
     generator.manual_seed(cfg.seed * 1000 + epoch)
-    if isinstance(train_loader.sampler, DistributedSampler):
-        train_loader.sampler.set_epoch(epoch)  # a new shuffle, the same on every rank
+    if hasattr(train_loader.sampler, "set_epoch"):
+        train_loader.sampler.set_epoch(epoch)  # distributed: a new shuffle, the same on every rank
     model.train()
     if cfg.freeze_backbone:
         transfer.backbone_norms_eval(model)
@@ -380,6 +400,7 @@ def _save_epoch(
                 "scaler": step.scaler.state_dict(),
                 "best": latest["best"],
                 "epochs_without_improvement": latest["stale"],
+                "stop_mark": latest["mark"],
                 "history": latest["history"],
                 "rng": state.rng_state(),
                 **({"ema": step.ema.state_dict()} if step.ema is not None else {}),
@@ -396,9 +417,11 @@ def _report_best(
     device: torch.device,
     best_epoch: int,
     say: Reporter,
+    stopped: dict | None = None,
 ) -> dict:
     """The best weights read back from best.safetensors, what is fitted after training
-    (saved with them), the task's report and pictures, report.json and curves.png."""
+    (saved with them), the task's report and pictures, report.json (with ``stopped``, how
+    early stopping ended the run, when it did) and curves.png."""
     checkpoint.load_weights(run_dir / "best.safetensors", model)
     fitted = task.after_training(model, device, say.line)
     if fitted is not None:
@@ -410,6 +433,8 @@ def _report_best(
         model, ready.val_data, ready.test_data, device, ready.autocast_dtype, run_dir
     )
     report = {"split": split, "best_epoch": best_epoch, **public(result)}
+    if stopped is not None:
+        report["early_stop"] = stopped
     write_json(run_dir / "report.json", report)
     plots.plot_curves(
         run_dir / "metrics.csv", run_dir / "curves.png", task.metrics.curves, best_epoch
@@ -417,6 +442,19 @@ def _report_best(
     # The figures themselves are the caller's to print (the CLI: on stdout).
     say.line(f"best weights: epoch {best_epoch}; report, weights and plots in {run_dir}")
     return report
+
+
+def early_stop(cfg: TrainConfig, best_label: str, epoch: int, stale: int, best: int) -> dict:
+    """How early stopping ended a run after ``epoch`` epochs: report.json's ``early_stop``."""
+    gain = f" by more than {cfg.min_delta:g}" if cfg.min_delta else ""
+    return {
+        "epoch": epoch,
+        "of": cfg.epochs,
+        "patience": cfg.patience,
+        "min_delta": cfg.min_delta,
+        "reason": f"{best_label} did not improve{gain} for {stale} epochs (patience"
+        f" {cfg.patience}; best weights: epoch {best})",
+    }
 
 
 def setup_line(

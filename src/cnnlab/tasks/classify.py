@@ -22,7 +22,9 @@ from cnnlab.data.classify import (
     balanced_sampler,
     class_weights,
     collate_skip_bad,
+    is_label_csv,
     make_splits,
+    read_label_csv,
     scan_class_folders,
 )
 from cnnlab.data.images import detect_in_channels
@@ -89,7 +91,9 @@ class ClassifyTask(RunFacts):
                 f" img_size is {img_size}"
             )
         if split_file is None:
-            splits = make_splits(Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed)
+            images = Path(cfg.images).absolute() if cfg.images else None
+            cfg = replace(cfg, images=str(images) if images else None)
+            splits = make_splits(Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed, images)
         else:
             splits = Splits.from_json(split_file)
         in_channels = cfg.in_channels or detect_in_channels([p for p, _ in splits.train])
@@ -305,6 +309,9 @@ class ClassifyTask(RunFacts):
         tree; its classes may be a subset of the run's, matched by name."""
         if data_dir is None:
             samples = self._own_split(split_file, split)
+        elif is_label_csv(data_dir):
+            _, classes, samples = read_label_csv(Path(data_dir))
+            samples = self._remap(classes, samples, Path(data_dir))
         else:
             root = split_folder(Path(data_dir), split)
             classes, samples = scan_class_folders(root)
