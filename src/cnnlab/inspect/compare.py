@@ -12,11 +12,9 @@ layers hold most of their weights) far fewer parameters.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from rich.table import Table
-from torch import nn
 
 from cnnlab.inspect.memory import estimate_memory
 from cnnlab.inspect.specs import summarize_spec
@@ -33,25 +31,18 @@ def compare(
     rows = []
     for spec in specs:
         model, summary, size = summarize_spec(spec, kwargs, input_size)
-        dense = sum(
-            p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()
-        )
-        # The last map with more than one position: the features, before a global pool.
-        spatial = [
-            r for r in summary.layers if r.rf is not None and math.prod(r.output_shape[1:]) > 1
-        ]
-        last = spatial[-1] if spatial else None
         rows.append(
             {
                 "model": spec,
                 "input": list(size),
                 "depth": summary.depth,
                 "params": summary.total_params,
-                "fc_share": dense / summary.total_params if summary.total_params else 0.0,
+                "fc_share": summary.dense_params / summary.total_params if summary.total_params else 0.0,
                 "macs": summary.total_macs,
                 "flops": summary.total_flops,
-                "receptive_field": plain(last.rf) if last else None,
-                "output_stride": plain(last.jump) if last else None,
+                # One definition with ``summary`` (``receptive_field.feature_field``).
+                "receptive_field": plain(summary.receptive_field),
+                "output_stride": plain(summary.output_stride),
                 "batch": batch,
                 "training_step_bytes": estimate_memory(model, size, batch).training_step,
             }
