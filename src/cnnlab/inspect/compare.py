@@ -37,7 +37,7 @@ def compare(
                 "input": list(size),
                 "depth": summary.depth,
                 "params": summary.total_params,
-                "fc_share": summary.dense_params / summary.total_params if summary.total_params else 0.0,
+                "fc_share": summary.dense_params / max(summary.total_params, 1),
                 "macs": summary.total_macs,
                 "flops": summary.total_flops,
                 # One definition with ``summary`` (``receptive_field.feature_field``).
