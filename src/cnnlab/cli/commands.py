@@ -21,20 +21,26 @@ def print_json(document: object) -> None:
     sys.stdout.write("\n")
 
 
-def _console():  # rich is imported lazily so `cnnlab --help` starts fast
-    """The terminal, at its width; piped output takes $COLUMNS when set, else no limit."""
-    import os
-
+def _console(wide: bool = False):  # rich is imported lazily so `cnnlab --help` starts fast
+    """The terminal, at its width; piped output at $COLUMNS, else 80 (rich's rule).
+    ``wide`` (``--wide``): no limit, every column shown, lines as long as they need."""
     from rich.console import Console
 
-    console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=10_000)  # a file or a pager: never squeeze or cut a line
-    return console
+    return Console(width=_UNLIMITED) if wide else Console()
+
+
+_UNLIMITED = 10_000
 
 
 def _width(console) -> int | None:
-    return None if console.width >= 10_000 else console.width
+    return None if console.width >= _UNLIMITED else console.width
+
+
+def _print_table(fitted, console) -> None:
+    """A ``tables.FittedTable``, and under it the line naming the columns it left out."""
+    console.print(fitted.table)
+    if fitted.hidden:
+        console.print(fitted.hidden_line(), style="dim")
 
 
 def _kwargs(text: str | None) -> dict:
@@ -112,7 +118,8 @@ def cmd_models(args: argparse.Namespace, extra: dict) -> int:
     if args.format == "json":
         print_json(rows)
     else:
-        _console().print(models_table(rows))
+        console = _console(args.wide)
+        _print_table(models_table(rows, _width(console)), console)
     return 0
 
 
@@ -149,7 +156,7 @@ def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
     if args.format == "json":
         print_json(document)
         return 0
-    console = _console()
+    console = _console(args.wide)
     title = f"{args.model} at {'x'.join(map(str, size))}"
     console.print(render_summary(summary, title, _width(console), wide=args.wide or None))
     if fit is not None:
@@ -186,7 +193,8 @@ def cmd_compare(args: argparse.Namespace, extra: dict) -> int:
     if args.format == "json":
         print_json(rows)
     else:
-        _console().print(compare_table(rows))
+        console = _console(args.wide)
+        _print_table(compare_table(rows, _width(console)), console)
         if args.plot:
             print(f"plot: {args.plot}")
     return 0

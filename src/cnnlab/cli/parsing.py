@@ -70,6 +70,7 @@ def _inspector_commands(commands: Group) -> None:
     sub.add_argument(
         "pattern", nargs="?", help="only names matching: a glob (resnet*) or a part (resnet)"
     )
+    _add_wide(sub, "every column, at any width (narrow terminals leave some out)")
     add_format(sub, ("table", "json"))
     sub = _add(
         commands,
@@ -88,9 +89,7 @@ def _inspector_commands(commands: Group) -> None:
     sub.add_argument("--num-classes", type=int, help="(default: the model's own)")
     sub.add_argument("--kwargs", help="keyword arguments for the model, as a JSON object")
     sub.add_argument("--depth", type=int, help="expand containers this deep (default: all)")
-    sub.add_argument(
-        "--wide", action="store_true", help="one line per layer, formulas included, at any width"
-    )
+    _add_wide(sub, "one line per layer, formulas included, at any width")
     add_batch(sub, None, "estimate the activation memory autograd keeps at this batch size")
     sub.add_argument(
         "--train",
@@ -124,7 +123,12 @@ def _inspector_commands(commands: Group) -> None:
     sub.add_argument("--kwargs", help="keyword arguments for every model, as a JSON object")
     sub.add_argument("--plot", metavar="FILE", help="draw parameters against MACs into this PNG")
     add_batch(sub, 1, "the batch size of the training step whose memory is estimated (AdamW)")
+    _add_wide(sub, "every column, at any width (narrow terminals leave some out)")
     add_format(sub, ("table", "json"))
+
+
+def _add_wide(sub: argparse.ArgumentParser, help_text: str) -> None:
+    sub.add_argument("--wide", action="store_true", help=help_text)
 
 
 def _data_commands(commands: Group) -> None:

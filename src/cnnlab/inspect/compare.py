@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from rich.table import Table
-
 from cnnlab.inspect.memory import estimate_memory
 from cnnlab.inspect.specs import summarize_spec
 from cnnlab.inspect.summary import plain
+from cnnlab.tables import Column, FittedTable, fit_table
 
 
 def compare(
@@ -54,21 +53,29 @@ def compare(
     return rows
 
 
-def compare_table(rows: list[dict[str, Any]]) -> Table:
-    """``compare``'s rows as a rich table."""
-    table = Table(title="models side by side")
-    headers = ("model", "input", "depth", "params", "in FC", "MACs", "FLOPs", "RF", "stride")
+# The columns of ``compare_table``, and the order in which they give way at narrow widths.
+def _columns(batch: int) -> list[Column]:
+    return [
+        Column("model", "left"),
+        Column("input", drop=5),
+        Column("depth"),
+        Column("params"),
+        Column("in FC", drop=2),
+        Column("MACs"),
+        Column("FLOPs", drop=6),
+        Column("RF"),
+        Column("stride", drop=3),
+        Column(f"train MB @{batch}", drop=4),
+        Column("params x", drop=8),
+        Column("MACs x", drop=7),
+    ]
+
+
+def compare_table(rows: list[dict[str, Any]], width: int | None = None) -> FittedTable:
+    """``compare``'s rows as a rich table within ``width`` columns (``tables.fit_table``)."""
     batch = rows[0]["batch"] if rows else 1
-    for header in (*headers, f"train MB @{batch}", "params x", "MACs x"):
-        left = header == "model"
-        table.add_column(
-            header,
-            justify="left" if left else "right",
-            overflow="fold" if left else "ellipsis",
-            no_wrap=not left,
-        )
-    for row in rows:
-        table.add_row(
+    cells = [
+        (
             row["model"],
             "x".join(map(str, row["input"])),
             str(row["depth"]),
@@ -82,7 +89,9 @@ def compare_table(rows: list[dict[str, Any]]) -> Table:
             _ratio(row["params_vs_first"]),
             _ratio(row["macs_vs_first"]),
         )
-    return table
+        for row in rows
+    ]
+    return fit_table("models side by side", _columns(batch), cells, width)
 
 
 def _number(value: float | None) -> str:

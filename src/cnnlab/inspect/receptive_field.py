@@ -443,9 +443,9 @@ class FeatureField:
     mixed_after: bool
 
     def note(self) -> str:
-        """One sentence for a footer: why the field stops growing at ``layer``."""
+        """For a footer: why the field stops growing at ``layer`` ('' at the last layer)."""
         if not self.mixed_after:
-            return f"at {self.layer}, the last layer"
+            return ""
         return (
             f"at {self.layer}, the last map of more than one position; the global pool or"
             " dense layers after it mix them all: every output sees the whole input"

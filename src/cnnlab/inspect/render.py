@@ -149,7 +149,7 @@ def _totals(summary: Summary, width: int | None = None) -> Text:
         if low is not None and low != summary.receptive_field:
             rf = f"{_pretty(low)} to {rf} (it depends on the output position)"
         rf += f", output stride {_pretty(summary.output_stride)}"
-        if summary.features is not None:
+        if summary.features is not None and summary.features.note():
             rf += f", {summary.features.note()}"
     flops = summary.total_flops
     share = summary.dense_params / summary.total_params if summary.total_params else 0.0
