@@ -251,8 +251,17 @@ class ClassifyTask(RunFacts):
         lines = per_class_lines(report.get("per_class") or {})
         mistakes = report.get("most_confused") or []
         if mistakes:
+            import textwrap
+
+            from cnnlab.tables import terminal_width
+
             shown = ", ".join(f"{m['true']} as {m['pred']} ({m['count']})" for m in mistakes[:5])
-            lines.append(f"most confused (true as predicted): {shown}")
+            lines += textwrap.wrap(
+                f"most confused (true as predicted): {shown}",
+                terminal_width(),
+                subsequent_indent="  ",
+                break_long_words=False,
+            )
         return lines
 
     # -- a finished run
