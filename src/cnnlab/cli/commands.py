@@ -374,25 +374,29 @@ def _new_folder(stem: str) -> Path:
 
 
 def cmd_export(args: argparse.Namespace, extra: dict) -> int:
-    from cnnlab.export import describe, export_run
+    from cnnlab.export import FORMATS, describe, export_run
 
-    if args.format == "json":
-        raise CnnlabError(
-            "export --format names the exported file's format (onnx or pt2); add --json"
-            " for the record as JSON"
-        )
+    to, form = args.to, args.format
+    if form in FORMATS:  # the flag before --to: still read, with a line saying so
+        print(f"note: --format {form} is now --to {form} (--format: text or json)", file=sys.stderr)
+        to, form = to or form, "text"
+    elif form not in ("text", "json"):
+        raise CnnlabError(f"--format {form}: expected text or json (the file's format: --to)")
+    if args.json:
+        print("note: --json is now --format json", file=sys.stderr)
+        form = "json"
     if args.images < 1:
         raise CnnlabError(f"--images must be at least 1, got {args.images}")
     record = export_run(
         Path(args.run),
-        args.format,
+        to,
         args.out,
         args.opset,
         args.dynamic_batch,
         args.images,
         args.overwrite,
     )
-    if args.json:
+    if form == "json":
         print_json(record)
     else:
         print(describe(record))
@@ -412,15 +416,23 @@ def cmd_heatmap(args: argparse.Namespace, extra: dict) -> int:
     if args.format == "json":
         print_json(result)
     else:
-        rows, cols = result["shape"]
-        (x, y), box = result["peak_xy"], ", ".join(f"{v:g}" for v in result["peak_box"])
-        print(
-            f"{result['class']}: {rows}x{cols} probability map; P({result['class']}) peaks at"
-            f" {result['prob']:.2%} around pixel ({x:g}, {y:g}), the window [{box}]"
-            f" (x0, y0, x1, y1; cell {result['peak'][0]}, {result['peak'][1]})"
-            + (f"; drawn to {args.out}" if args.out else "")
-        )
+        print(heatmap_line(result, args.out))
     return 0
+
+
+def heatmap_line(result: dict, out: str | None) -> str:
+    """The heat map's text in one convention, stated: (x, y) with x the column from the
+    left and y the row from the top, in pixels of the image and in cells of the map."""
+    rows, cols = result["shape"]
+    (x, y), box = result["peak_xy"], result["peak_box"]
+    row, col = result["peak"]
+    return (
+        f"{result['class']}: a {cols}x{rows} probability map (width x height); P({result['class']})"
+        f" peaks at {result['prob']:.2%} at cell (x {col}, y {row}), around pixel"
+        f" (x {x:g}, y {y:g}) of the image: the window x {box[0]:g} to {box[2]:g},"
+        f" y {box[1]:g} to {box[3]:g} (x: from the left, y: from the top)"
+        + (f"; drawn to {out}" if out else "")
+    )
 
 
 def cmd_serve(args: argparse.Namespace, extra: dict) -> int:

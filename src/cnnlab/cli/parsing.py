@@ -271,7 +271,7 @@ def _tool_commands(commands: Group) -> None:
     )
     sub.add_argument("run", help="a run folder")
     sub.add_argument(
-        "--format", metavar="{onnx,pt2}", help="the file's format (default: --out's suffix, onnx)"
+        "--to", metavar="{onnx,pt2}", help="the file's format (default: --out's suffix, onnx)"
     )
     sub.add_argument("--out", metavar="FILE", help="(default: RUN/model.onnx or RUN/model.pt2)")
     sub.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
@@ -280,7 +280,12 @@ def _tool_commands(commands: Group) -> None:
     )
     sub.add_argument("--images", type=int, default=8, help="validation images for the parity check")
     add_overwrite(sub, "an existing FILE")
-    sub.add_argument("--json", action="store_true", help="print the record as one JSON document")
+    # --format names the printed record's form, as everywhere; `--format onnx|pt2` and
+    # `--json` (before --to) still work, with a line saying what to write instead.
+    sub.add_argument(
+        "--format", metavar="{text,json}", default="text", help="json: one JSON document"
+    )
+    sub.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
 
     sub = _add(
         commands, "demo", c.cmd_demo, "the built-in job: train the notes' ConvNet on the digits"
