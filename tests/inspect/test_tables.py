@@ -142,3 +142,26 @@ def test_a_pattern_filters_the_cached_whole_table(tmp_path, monkeypatch) -> None
     monkeypatch.setattr(cache, "model_table_rows", never)
     assert [r["name"] for r in cache.cached_model_table_rows("vgg")] == ["vgg11", "vgg11_bn"]
     assert [r["name"] for r in cache.cached_model_table_rows("*18")] == ["resnet18"]
+
+
+def test_a_failing_user_model_names_its_layer_and_the_layers_that_ran() -> None:
+    from torch import nn
+
+    from cnnlab.errors import CnnlabError
+    from cnnlab.inspect.summary import summarize
+
+    net = nn.Sequential(nn.Conv2d(1, 8, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(100, 10))
+    with pytest.raises(CnnlabError) as caught:
+        summarize(net, (1, 16, 16))
+    message = str(caught.value)
+    assert "in 3 (Linear), whose input is 392: mat1 and mat2 shapes cannot be multiplied" in message
+    assert message.endswith("layers that ran: 0 (Conv2d) -> 8x14x14, 1 (MaxPool2d) -> 8x7x7,"
+                            " 2 (Flatten) -> 392")  # fmt: skip
+    assert "\n" not in message
+
+
+def test_summary_help_lists_the_builder_flags(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["summary", "--help"])
+    text = capsys.readouterr().out
+    assert "--cdims 32,64 --hdims 1024,128" in text and "--zero-init-residual false" in text

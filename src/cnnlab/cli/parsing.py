@@ -78,6 +78,7 @@ def _inspector_commands(commands: Group) -> None:
         c.cmd_summary,
         "per-layer output size (with its formula), parameters (with theirs), MACs, FLOPs,"
         " receptive field and, with --batch, the memory of a training step",
+        epilog_of=functools.partial(models_help, None),
         model_args_from="model",
     )
     sub.add_argument(

@@ -24,6 +24,7 @@ import cnnlab.engine.distributed as distributed
 import cnnlab.engine.state as state
 from cnnlab import checkpoint, plots, transfer
 from cnnlab.config import TrainConfig
+from cnnlab.data.transforms import stats_line
 from cnnlab.device import CpuPlan, threads_for
 from cnnlab.engine.optim import ema_model, warmup_cosine
 from cnnlab.engine.prepare import Prepared, Resolved, model_meta, prepare, resolve
@@ -206,6 +207,8 @@ def _fit(
         )
     say = Reporter(cfg.quiet or not main, spec.score_label)
     say.line(setup_line(cfg, task, model, device, ctx.world_size, resolved.plan))
+    if saved is None:  # a new run: say how its images are normalised, and why
+        say.line(stats_line(task.in_channels, pretrained=cfg.weights is not None))
     if start_epoch:
         say.line(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
     try:

@@ -187,7 +187,7 @@ def summarize(
     except CnnlabError:
         raise
     except Exception as error:
-        raise CnnlabError(_failure_line(model, input_size, error)) from error
+        raise CnnlabError(_failure_line(model, input_size, error, recorder)) from error
     finally:
         for handle in handles:
             handle.remove()
@@ -227,6 +227,7 @@ class _Frame:
     own_macs: int = 0  # MACs of functions a container calls itself, outside its children
     own_flops: int = 0
     merge: str | None = None  # the last add/concatenation its own forward made
+    where: str = ""  # "layer1.0.conv1 (Conv2d)": named when the forward pass fails in it
 
 
 @dataclass
@@ -321,7 +322,7 @@ class _Recorder:
                 self.rows.append(row)
             tensor = next(tensors_in(args), None)
             shape = list(tensor.shape[1:]) if tensor is not None else None
-            self._stack.append(_Frame(row, shape))
+            self._stack.append(_Frame(row, shape, where=f"{label} ({type(module).__name__})"))
 
         return hook
 
@@ -443,11 +444,40 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return next(floating, torch.get_default_dtype())
 
 
-def _failure_line(model: nn.Module, input_size: tuple[int, ...], error: Exception) -> str:
+FAILURE_LAYERS_SHOWN = 3  # the layers that ran last, named when a forward pass fails
+
+
+def _failure_line(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    error: Exception,
+    recorder: _Recorder | None = None,
+) -> str:
+    """One line: the model, the layer it failed in (module path, type, input shape, as
+    torchinfo's list of the layers that ran shows) and the last layers that ran."""
     name = getattr(model, "model_name", type(model).__name__)
     lines = str(error).strip().splitlines()
     reason = lines[0] if lines else type(error).__name__
-    return f"{name} failed on input {','.join(map(str, input_size))}: {reason}"
+    line = f"{name} failed on input {','.join(map(str, input_size))}"
+    frames = recorder._stack if recorder is not None else []
+    if frames and frames[-1].where:
+        frame = frames[-1]
+        shape = "x".join(map(str, frame.input_shape)) if frame.input_shape else "?"
+        line += f" in {frame.where}, whose input is {shape}"
+    line += f": {reason}"
+    ran = [row for row in (recorder.rows if recorder else []) if row.output_shape]
+    if ran:
+        shown = ", ".join(
+            f"{row.name} ({row.type}) -> {'x'.join(map(str, row.output_shape))}"
+            for row in ran[-FAILURE_LAYERS_SHOWN:]
+        )
+        more = (
+            f" (the last {FAILURE_LAYERS_SHOWN} of {len(ran)})"
+            if len(ran) > FAILURE_LAYERS_SHOWN
+            else ""
+        )
+        line += f"; layers that ran{more}: {shown}"
+    return line
 
 
 def plain(value: float | None) -> int | float | None:

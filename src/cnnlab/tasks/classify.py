@@ -94,7 +94,7 @@ class ClassifyTask(RunFacts):
             splits = Splits.from_json(split_file)
         in_channels = cfg.in_channels or detect_in_channels([p for p, _ in splits.train])
         cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
-        mean, std = default_stats(in_channels)
+        mean, std = default_stats(in_channels, pretrained=cfg.weights is not None)
         task = cls(
             splits.classes,
             in_channels,
