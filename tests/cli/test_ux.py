@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 
 from cnnlab import cli
 from cnnlab.data.loaders import train_loader
+from cnnlab.engine.progress import unwrapped
 from cnnlab.tasks.segment import SegmentTask
 from tests.conftest import run_cli
 
@@ -41,7 +42,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, three_digits: Path) -> dic
         "--no-flip", "--out", str(run),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    return {"run": run, "out": done.stdout, "err": done.stderr}
+    # Piped: messages wrapped at words to 80 columns; read here as the lines they were.
+    return {"run": run, "out": done.stdout, "err": unwrapped(done.stderr)}
 
 
 def test_train_says_what_it_trains_and_prints_the_result_once(trained: dict) -> None:
@@ -107,7 +109,7 @@ def test_a_batch_larger_than_the_training_split_is_said(
         capsys, "train", str(three_digits), *TINY, "--epochs", "1", "--batch-size", "128",
         "--out", str(tmp_path / "loud"),
     )  # fmt: skip
-    assert "(more than the 96 training images: one step per epoch)" in loud
+    assert "(more than the 96 training images: one step per epoch)" in unwrapped(loud)
 
 
 def test_help_shows_defaults_the_models_and_their_own_flags(capsys) -> None:

@@ -502,7 +502,7 @@ def test_sigkilled_run_resumes_to_identical_metrics(data_dir: Path, tmp_path: Pa
 
 
 def test_epoch_rows_fit_80_columns_and_messages_wrap_at_words(capsys, monkeypatch) -> None:
-    from cnnlab.engine.progress import Reporter, wrapped
+    from cnnlab.engine.progress import Reporter, unwrapped, wrapped
     from cnnlab.tasks.classify import ClassifyTask
     from cnnlab.tasks.segment import SegmentTask
 
@@ -515,11 +515,12 @@ def test_epoch_rows_fit_80_columns_and_messages_wrap_at_words(capsys, monkeypatc
                        ("img/s", "12345")])  # fmt: skip
         lines = capsys.readouterr().err.splitlines()
         assert len(lines) == 3 and lines[0].split()[:3] == ["epoch", "train", "loss"]
-        assert max(map(len, lines)) <= 80 and "100/100" in lines[2]
+        assert max(map(len, lines)) <= 80 and lines[2].startswith("100/100 ")
     text = "a_long_word " * 20 + "/a/very/long/run/folder/path/that/must/stay/whole/at/any/width"
     out = wrapped(text, 40)
     assert all(len(line) <= 40 or "/" in line for line in out.splitlines())
     assert "/a/very/long/run/folder/path/that/must/stay/whole/at/any/width" in out
+    assert unwrapped(out) == text
 
 
 def test_a_hint_when_validation_stays_far_below_training(tmp_path) -> None:

@@ -13,6 +13,11 @@ from collections.abc import Callable
 import torch
 
 
+def unwrapped(text: str) -> str:
+    """``text`` with the lines ``wrapped`` split joined again."""
+    return text.replace("\n  ", " ")
+
+
 class Reporter:
     """Per-epoch progress bar and summary lines (both on stderr; none when ``quiet``)."""
 
@@ -100,7 +105,12 @@ EPOCH_CELL = 7  # the widest value an epoch column takes: "100/100", "2.5e-4", "
 
 
 def _row(values: list[str], widths: list[int]) -> str:
-    return "  ".join(v.rjust(w) for v, w in zip(values, widths, strict=True))
+    # The epoch on the left, numbers to the right: no row starts with a space, as the
+    # continuation of a wrapped message does.
+    return "  ".join(
+        v.ljust(w) if i == 0 else v.rjust(w)
+        for i, (v, w) in enumerate(zip(values, widths, strict=True))
+    )
 
 
 def terminal_columns() -> int:
@@ -115,7 +125,7 @@ def terminal_columns() -> int:
 
 def wrapped(text: str, width: int | None = None) -> str:
     """``text`` wrapped at word boundaries (never mid-word) to ``width``, continuation
-    lines indented by two spaces."""
+    lines indented by two spaces (``unwrapped`` joins them again)."""
     import textwrap
 
     return "\n".join(
