@@ -337,7 +337,8 @@ def test_meta_device_gives_the_same_counts_as_cpu():
 
 
 def test_forward_failure_is_one_line_cnnlab_error():
-    with pytest.raises(CnnlabError, match=r"^ResNet failed on input 4,32,32: .*channels") as info:
+    named = r"^ResNet failed on input 4,32,32 in conv1 \(Conv2d\), whose input is 4x32x32: "
+    with pytest.raises(CnnlabError, match=named + ".*channels") as info:
         summarize(tv_model("resnet18"), (4, 32, 32))
     assert "\n" not in str(info.value)
 
