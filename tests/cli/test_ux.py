@@ -204,12 +204,22 @@ def test_eval_lists_the_most_confused_pairs(trained: dict, three_digits: Path) -
     assert counts == sorted(counts, reverse=True)
     assert all(m["true"] != m["pred"] for m in report["most_confused"])
     text = run_cli("eval", run, str(three_digits)).stdout.splitlines()
+    # Under the headline, each class's precision, recall, F1 and support (issue 25).
+    header = next(line for line in text if "precision" in line)
+    cells = [cell.strip() for cell in header.strip("┃ ").split("┃")]
+    assert cells == ["class", "precision", "recall", "F1", "support"]
+    for name, figures in report["per_class"].items():
+        row = next(line for line in text if line.startswith(f"│ {name} "))
+        assert f"{figures['recall']:.3f}" in row and f"{figures['support']:,}" in row
+    confused = [line for line in text if line.startswith("most confused")]
     if wrong:
         first = report["most_confused"][0]
-        assert text[1].startswith("most confused (true as predicted): ")
-        assert f"{first['true']} as {first['pred']} ({first['count']})" in text[1]
+        assert confused[0].startswith("most confused (true as predicted): ")
+        assert f"{first['true']} as {first['pred']} ({first['count']})" in unwrapped(
+            "\n".join(text[text.index(confused[0]) :])
+        )
     else:
-        assert len(text) == 1
+        assert not confused
 
 
 def test_most_confused_counts_off_diagonal_cells() -> None:
