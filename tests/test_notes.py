@@ -28,7 +28,7 @@ def test_every_figure_in_the_notes_is_what_cnnlab_prints(
     command: str, expected: str, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(ROOT)  # the commands name docs/examples.py
-    monkeypatch.delenv("COLUMNS", raising=False)  # piped output: every table at full width
+    monkeypatch.delenv("COLUMNS", raising=False)  # piped: 80 columns; the notes ask --wide
     assert cli.main(shlex.split(command)[1:]) == 0
     printed = {normalised(line) for line in capsys.readouterr().out.splitlines()}
     for line in expected.strip().splitlines():

@@ -71,15 +71,26 @@ def test_confusion_shape_must_match_classes(tmp_path: Path) -> None:
         plot_confusion(torch.zeros(2, 2), ["a", "b", "c"], tmp_path / "c.png")
 
 
-def test_confusion_is_row_normalised(tmp_path: Path) -> None:
-    def draw(matrix: list[list[int]]) -> np.ndarray:
-        out = tmp_path / "confusion.png"
-        plot_confusion(torch.tensor(matrix), ["a", "b"], out)
-        return read_png(out)
+def test_confusion_is_row_normalised_and_cells_give_counts(tmp_path: Path) -> None:
+    import matplotlib.axes
 
-    # Same total, rows scaled differently: identical once each row sums to 1.
-    assert np.array_equal(draw([[50, 0], [0, 5]]), draw([[5, 0], [0, 50]]))
-    assert not np.array_equal(draw([[50, 0], [0, 5]]), draw([[45, 5], [0, 5]]))
+    texts: list[str] = []
+    original = matplotlib.axes.Axes.text
+
+    def text(ax, x, y, s, *args, **kwargs):
+        texts.append(s)
+        return original(ax, x, y, s, *args, **kwargs)
+
+    def draw(matrix: list[list[int]]) -> list[str]:
+        texts.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(matplotlib.axes.Axes, "text", text)
+            plot_confusion(torch.tensor(matrix), ["a", "b"], tmp_path / "confusion.png")
+        return sorted(texts)
+
+    # The colour is the row's fraction; each non-empty cell reads "count" over "fraction".
+    assert draw([[50, 0], [0, 5]]) == ["5\n1.00", "50\n1.00"]
+    assert draw([[45, 5], [0, 1200]]) == ["1,200\n1.00", "45\n0.90", "5\n0.10"]
 
 
 def normalise(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
@@ -163,6 +174,9 @@ def test_a_spike_is_found_and_the_best_epoch_drawn(tmp_path: Path) -> None:
     assert spike_indices(losses) == {3}
     assert spike_indices([2.0, 1.2, 0.8, 0.6, 0.5]) == set()  # a falling start is no spike
     assert spike_indices([0.5, 0.4, 3.0]) == {2}  # the last epoch can be one
+    # An overfitting model's val loss climbs and stays up (issue 25): every epoch far above
+    # where it started is clipped, so the train loss is not flattened under it.
+    assert spike_indices([1.6, 3.0, 10.0, 24.6, 18.0]) == {2, 3, 4}
     metrics = tmp_path / "metrics.csv"
     metrics.write_text(
         "epoch,train_loss,val_loss\n" + "".join(f"{i + 1},{v},{v}\n" for i, v in enumerate(losses))

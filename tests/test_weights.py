@@ -128,9 +128,17 @@ def test_other_classes_keep_everything_but_a_new_head(
 
 
 def test_grayscale_first_conv_sums_the_rgb_filters(
-    pth_file: Path, torchvision_resnet18: nn.Module
+    pth_file: Path, torchvision_resnet18: nn.Module, caplog: pytest.LogCaptureFixture
 ) -> None:
-    model = create_model("resnet18", in_channels=1, weights=pth_file)
+    from cnnlab.data.transforms import default_stats, stats_line
+
+    with caplog.at_level(logging.INFO, logger="cnnlab.weights"):
+        model = create_model("resnet18", in_channels=1, weights=pth_file)
+    # Said, not silent: the adaptation, and the normalisation a gray fine-tune uses.
+    assert "conv1.weight: the file's 3-channel filters summed to 1 channel" in caplog.text
+    assert default_stats(1, pretrained=True) == ((0.449,), (0.226,))
+    assert default_stats(1) == ((0.5,), (0.5,))
+    assert "ImageNet's averaged over its 3 channels" in stats_line(1, pretrained=True)
     assert model.pretrained_report.adapted == ["conv1.weight"]
     assert model.pretrained_report.skipped == []
     # A gray image through the summed filters is the RGB model on that image in all three

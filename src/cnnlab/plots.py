@@ -38,10 +38,11 @@ def plot_curves(
     """One panel per entry of ``panels`` (title -> metrics.csv columns, one line each), from
     a run's ``metrics.csv``. A line is named by its label when the columns come as
     {column: label}, else "train"/"val" when the panel compares one metric on both splits,
-    else by its column. ``best_epoch`` (the weights kept) is marked in every panel. A spike
-    (one epoch's value more than three times its neighbours' and the line's median) would
-    flatten every other epoch: the axis stops short of it and a marker at the top edge
-    gives its value."""
+    else by its column. ``best_epoch`` (the weights kept) is marked in every panel. Outliers
+    (``spike_indices``: one epoch's value far above its neighbours', or a line that climbs
+    far above where it started, as an overfitting model's val loss does) would flatten
+    every other epoch: the axis stops short of them and a marker at the top edge gives each
+    value. Every task's curves follow this one rule."""
     from matplotlib.ticker import MaxNLocator
 
     rows = _read_metrics(Path(metrics_csv))
@@ -92,22 +93,23 @@ def plot_curves(
 
 
 def spike_indices(values: list[float]) -> set[int]:
-    """Indices whose value is more than 3x each neighbour's and 3x the line's median."""
+    """Indices of outliers: a value more than 3x each neighbour's and 3x the line's median
+    (one spike), or, after the first epoch, more than 4x the line's first value (a line
+    that climbs far above where it started: an overfitting model's val loss)."""
     finite = [v for v in values if math.isfinite(v)]
     if len(finite) < 3:
         return set()
     median = sorted(finite)[len(finite) // 2]
+    start = finite[0]
     found = set()
     for i, value in enumerate(values):
+        if not math.isfinite(value) or value <= 0:
+            continue
         neighbours = [values[j] for j in (i - 1, i + 1) if 0 <= j < len(values)]
         neighbours = [v for v in neighbours if math.isfinite(v)]
-        if (
-            math.isfinite(value)
-            and neighbours
-            and value > 3 * max(neighbours)
-            and value > 3 * median
-            and value > 0
-        ):
+        spike = bool(neighbours) and value > 3 * max(neighbours) and value > 3 * median
+        climbed = i > 0 and start > 0 and value > 4 * start
+        if spike or climbed:
             found.add(i)
     return found
 
@@ -124,7 +126,9 @@ def line_label(column: str, columns: Sequence[str] | dict[str, str]) -> str:
 
 
 def plot_confusion(matrix: torch.Tensor, classes: list[str], out: Path) -> None:
-    """Row-normalised confusion matrix (rows: true class, columns: predicted class)."""
+    """Row-normalised confusion matrix (rows: true class, columns: predicted class); each
+    non-empty cell gives its count of images over its fraction of the row (up to
+    ``_CELL_TEXT_MAX_CLASSES`` classes; past that the colours alone)."""
     counts = torch.as_tensor(matrix, dtype=torch.float64).cpu()
     k = len(classes)
     if counts.shape != (k, k):
@@ -144,14 +148,20 @@ def plot_confusion(matrix: torch.Tensor, classes: list[str], out: Path) -> None:
     label_size = max(10.0, side / 2)  # stays readable when a large figure is scaled down
     ax.set_xlabel("predicted", fontsize=label_size)
     ax.set_ylabel("true", fontsize=label_size)
-    title = f"confusion matrix ({int(counts.sum())} images, rows normalised)"
+    title = f"confusion matrix ({int(counts.sum())} images; colour: fraction of the true class)"
     ax.set_title(title, fontsize=label_size)
     if k <= _CELL_TEXT_MAX_CLASSES:
+        # Two lines per cell: the font shrinks with the cell, within legible bounds.
+        cell_font = min(max(fontsize * 0.9, 4.0), 9.0)
         for (row, col), value in _cells(normalised):
+            count = int(counts[row, col])
+            if count == 0:
+                continue  # an empty cell stays blank: the mistakes stand out
             colour = "white" if value > 0.5 else "black"
             ax.text(
-                col, row, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=fontsize
-            )
+                col, row, f"{count:,}\n{value:.2f}", ha="center", va="center", color=colour,
+                fontsize=cell_font, linespacing=1.0,
+            )  # fmt: skip
     fig.colorbar(image, ax=ax, fraction=0.3 / side)  # a bar ~0.3 inch wide at any size
     _save(fig, Path(out))
 

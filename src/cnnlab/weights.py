@@ -170,6 +170,16 @@ def load_pretrained(model: nn.Module, info: ModelInfo, weights: str | Path) -> L
         # torchvision's GoogLeNet weights were trained on inputs it re-normalises itself;
         # torchvision switches this on whenever it loads them, and so must we.
         model.transform_input = True
+    for key in report.adapted:
+        have, want = source[key].shape[1], target[key].shape[1]
+        how = "summed" if want == 1 else "repeated and rescaled"
+        log.info(
+            "%s: %s: the file's %d-channel filters %s to %d channel%s (timm's rule: a gray"
+            " image then gives the response the RGB filters give to R = G = B)"
+            if want == 1
+            else "%s: %s: the file's %d-channel filters %s to %d channel%s",
+            path.name, key, have, how, want, "" if want == 1 else "s",
+        )  # fmt: skip
     if report.skipped or missing:
         log.warning(
             "%s: loaded %d tensors; new (not in the file or of another shape): %s",

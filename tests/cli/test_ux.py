@@ -17,6 +17,7 @@ from torch.utils.data import TensorDataset
 
 from cnnlab import cli
 from cnnlab.data.loaders import train_loader
+from cnnlab.engine.progress import unwrapped
 from cnnlab.tasks.segment import SegmentTask
 from tests.conftest import run_cli
 
@@ -41,7 +42,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, three_digits: Path) -> dic
         "--no-flip", "--out", str(run),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    return {"run": run, "out": done.stdout, "err": done.stderr}
+    # Piped: messages wrapped at words to 80 columns; read here as the lines they were.
+    return {"run": run, "out": done.stdout, "err": unwrapped(done.stderr)}
 
 
 def test_train_says_what_it_trains_and_prints_the_result_once(trained: dict) -> None:
@@ -107,7 +109,7 @@ def test_a_batch_larger_than_the_training_split_is_said(
         capsys, "train", str(three_digits), *TINY, "--epochs", "1", "--batch-size", "128",
         "--out", str(tmp_path / "loud"),
     )  # fmt: skip
-    assert "(more than the 96 training images: one step per epoch)" in loud
+    assert "(more than the 96 training images: one step per epoch)" in unwrapped(loud)
 
 
 def test_help_shows_defaults_the_models_and_their_own_flags(capsys) -> None:
@@ -202,12 +204,22 @@ def test_eval_lists_the_most_confused_pairs(trained: dict, three_digits: Path) -
     assert counts == sorted(counts, reverse=True)
     assert all(m["true"] != m["pred"] for m in report["most_confused"])
     text = run_cli("eval", run, str(three_digits)).stdout.splitlines()
+    # Under the headline, each class's precision, recall, F1 and support (issue 25).
+    header = next(line for line in text if "precision" in line)
+    cells = [cell.strip() for cell in header.strip("┃ ").split("┃")]
+    assert cells == ["class", "precision", "recall", "F1", "support"]
+    for name, figures in report["per_class"].items():
+        row = next(line for line in text if line.startswith(f"│ {name} "))
+        assert f"{figures['recall']:.3f}" in row and f"{figures['support']:,}" in row
+    confused = [line for line in text if line.startswith("most confused")]
     if wrong:
         first = report["most_confused"][0]
-        assert text[1].startswith("most confused (true as predicted): ")
-        assert f"{first['true']} as {first['pred']} ({first['count']})" in text[1]
+        assert confused[0].startswith("most confused (true as predicted): ")
+        assert f"{first['true']} as {first['pred']} ({first['count']})" in unwrapped(
+            "\n".join(text[text.index(confused[0]) :])
+        )
     else:
-        assert len(text) == 1
+        assert not confused
 
 
 def test_most_confused_counts_off_diagonal_cells() -> None:

@@ -519,3 +519,38 @@ def test_sigkilled_run_resumes_to_identical_metrics(data_dir: Path, tmp_path: Pa
     assert json.loads((killed / "report.json").read_text()) == json.loads(
         (straight / "report.json").read_text()
     )
+
+
+def test_epoch_rows_fit_80_columns_and_messages_wrap_at_words(capsys, monkeypatch) -> None:
+    from cnnlab.engine.progress import Reporter, unwrapped, wrapped
+    from cnnlab.tasks.classify import ClassifyTask
+    from cnnlab.tasks.segment import SegmentTask
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    for spec in (ClassifyTask.metrics, SegmentTask.metrics):
+        say = Reporter(quiet=False, score_label=None)
+        row = {"train_loss": 24.6, **{c: 1.0 for c in spec.columns if c != "train_loss"}}
+        for epoch in (1, 100):
+            say.epoch([("epoch", f"{epoch}/100"), *spec.epoch_cells(row), ("lr", "2.5e-4"),
+                       ("img/s", "12345")])  # fmt: skip
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 3 and lines[0].split()[:3] == ["epoch", "train", "loss"]
+        assert max(map(len, lines)) <= 80 and lines[2].startswith("100/100 ")
+    text = "a_long_word " * 20 + "/a/very/long/run/folder/path/that/must/stay/whole/at/any/width"
+    out = wrapped(text, 40)
+    assert all(len(line) <= 40 or "/" in line for line in out.splitlines())
+    assert "/a/very/long/run/folder/path/that/must/stay/whole/at/any/width" in out
+    assert unwrapped(out) == text
+
+
+def test_a_hint_when_validation_stays_far_below_training(tmp_path) -> None:
+    from cnnlab.engine.loop import overfitting_hint
+    from cnnlab.tasks.classify import ClassifyTask
+
+    spec = ClassifyTask.metrics
+    cfg = tiny_config(tmp_path, tmp_path / "run", batch_size=64, epochs=5)
+    apart = [{"train_top1": 0.99, "val_top1": 0.23}]
+    hint = overfitting_hint(spec, apart, cfg, 389)
+    assert "val top1 23.0% is far below train top1 99.0%" in hint
+    assert "7 steps an epoch" in hint and "--weights torchvision" in hint and "--lr" in hint
+    assert overfitting_hint(spec, [{"train_top1": 0.9, "val_top1": 0.8}], cfg, 389) == ""

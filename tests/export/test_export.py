@@ -174,7 +174,7 @@ def test_cli_export_then_predict_with_onnxruntime(runs, data, tmp_path, capsys) 
     files = [str(p) for p in images_of(data["classify"])]
     assert cli.main(["predict", str(run), *files, "--backend", "onnxruntime"]) == 2
     assert f"run `cnnlab export {run}` first" in capsys.readouterr().err
-    assert cli.main(["export", str(run), "--dynamic-batch", "--json"]) == 0
+    assert cli.main(["export", str(run), "--dynamic-batch", "--format", "json"]) == 0
     record = json.loads(capsys.readouterr().out)  # stdout holds the JSON and nothing else
     assert record["input"]["shape"] == ["batch", 1, 16, 16] and record["parity"]["passed"]
     batch = torch.randn(5, 1, 16, 16)  # any batch size now
@@ -185,13 +185,17 @@ def test_cli_export_then_predict_with_onnxruntime(runs, data, tmp_path, capsys) 
         assert cli.main(args) == 0
         answers[backend] = [r["top"][0]["class"] for r in json.loads(capsys.readouterr().out)]
     assert answers["onnxruntime"] == answers["torch"]
-    # A second export is refused unless asked for; --format means the file's format.
+    # A second export is refused unless asked for; --to names the file's format (the old
+    # --format pt2 still works, with a note).
     assert cli.main(["export", str(run)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert cli.main(["export", str(run), "--format", "json"]) == 2
-    assert "add --json" in capsys.readouterr().err
-    assert cli.main(["export", str(run), "--out", str(tmp_path / "m.onnx"), "--format", "pt2"]) == 2
+    assert cli.main(["export", str(run), "--format", "xml"]) == 2
+    assert "expected text or json" in capsys.readouterr().err
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "m.onnx"), "--to", "pt2"]) == 2
     assert "must end in .pt2" in capsys.readouterr().err
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "m.onnx"), "--format", "pt2"]) == 2
+    err = capsys.readouterr().err
+    assert "--format pt2 is now --to pt2" in err and "must end in .pt2" in err
     # The opset asked for is the one written (dynamo down to 17; older: TorchScript).
     assert export_run(run, out=tmp_path / "opset17.onnx", opset=17)["opset"] == 17
     old = export_run(run, out=tmp_path / "opset11.onnx", opset=11)
@@ -243,10 +247,10 @@ def test_what_an_exporter_cannot_handle_is_refused_in_one_line(data, tmp_path, c
         "detect", data["detect"], tmp_path / "rcnn", model="fasterrcnn", model_args=args
     )
     before = sorted(p.name for p in run.iterdir())
-    assert cli.main(["export", str(run), "--format", "pt2"]) == 2
+    assert cli.main(["export", str(run), "--to", "pt2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: fasterrcnn cannot be exported to pt2: torch.export fails")
-    assert "depends on the data" in err and "--format onnx" in err and err.count("\n") == 1
+    assert "depends on the data" in err and "--to onnx" in err and err.count("\n") == 1
     assert sorted(p.name for p in run.iterdir()) == before
     assert cli.main(["export", str(run), "--dynamic-batch"]) == 2
     assert "one image per call" in capsys.readouterr().err

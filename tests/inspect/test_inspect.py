@@ -107,7 +107,11 @@ def test_hand_computed_receptive_fields_and_shapes():
     assert fields == expected
     shapes = [row.output_shape for row in summary.layers]
     assert shapes == [[4, 16, 16], [4, 8, 8], [4, 8, 8], [8, 4, 4], [8, 4, 4], [8, 1, 1], [8], [2]]
-    assert summary.receptive_field == 36
+    # The model's field is that of the last map of more than one position; the global
+    # pool's 36 px overhangs the 16 px input (every output sees all of it).
+    assert (summary.receptive_field, summary.output_stride) == (24, 4)
+    assert summary.features is not None and summary.features.mixed_after
+    assert "every output sees the whole input" in " ".join(str(summary).split())
 
 
 class TwoBranch(nn.Module):
@@ -220,11 +224,14 @@ def test_to_dict_schema_is_exact_and_json_serialisable():
         "layers",
         "total_params",
         "trainable_params",
+        "dense_params",
         "total_macs",
         "receptive_field",
         "receptive_field_min",
         "depth",
         "output_stride",
+        "receptive_field_at",
+        "whole_input_after",
         "weight_mb",
         "total_flops",
         "flops_by_kind",
@@ -249,6 +256,7 @@ def test_to_dict_schema_is_exact_and_json_serialisable():
     assert document["layers"][2]["rf"] is None
     assert document["total_macs"] == 8 * 4 * 4 * 27 + 128 * 4
     assert document["receptive_field"] == 3
+    assert (document["receptive_field_at"], document["whole_input_after"]) == ("0", True)
 
 
 def test_training_mode_and_running_stats_are_restored():
@@ -329,7 +337,8 @@ def test_meta_device_gives_the_same_counts_as_cpu():
 
 
 def test_forward_failure_is_one_line_cnnlab_error():
-    with pytest.raises(CnnlabError, match=r"^ResNet failed on input 4,32,32: .*channels") as info:
+    named = r"^ResNet failed on input 4,32,32 in conv1 \(Conv2d\), whose input is 4x32x32: "
+    with pytest.raises(CnnlabError, match=named + ".*channels") as info:
         summarize(tv_model("resnet18"), (4, 32, 32))
     assert "\n" not in str(info.value)
 

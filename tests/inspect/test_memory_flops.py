@@ -137,15 +137,20 @@ def test_multiply_add_flops_are_twice_fvcores_macs(name) -> None:
 
 
 def test_models_and_compare_show_flops_and_training_memory(capsys, monkeypatch) -> None:
-    monkeypatch.setenv("COLUMNS", "200")  # a wide terminal: every column shown whole
+    monkeypatch.setenv("COLUMNS", "80")  # a narrow terminal: columns give way, whole
     (row,) = model_table_rows("resnet18")
     assert row["flops"] == pytest.approx(2 * row["macs"], rel=0.01)
     rows = compare(["convnet", "resnet18"], batch=4)
     assert all(r["flops"] > 2 * r["macs"] * 0.99 and r["batch"] == 4 for r in rows)
     assert rows[1]["training_step_bytes"] > 4 * 46e6  # weights, gradients, two moments
-    assert cli.main(["compare", "convnet", "resnet18", "--input", "3,64,64", "--batch", "2"]) == 0
-    text = capsys.readouterr().out
-    assert "train MB @2" in text and "FLOPs" in text
+    command = ["compare", "convnet", "resnet18", "--input", "3,64,64", "--batch", "2"]
+    assert cli.main(command) == 0
+    narrow = capsys.readouterr().out
+    assert "hidden at 80 columns: " in narrow and "FLOPs" in narrow.split("hidden at")[1]
+    assert all(len(line) <= 80 for line in narrow.splitlines())
+    assert cli.main([*command, "--wide"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "┃ model" in line)
+    assert "train MB @2" in header and "FLOPs" in header and "MACs x" in header
 
 
 # ---------------------------------------------------------------------------- coverage

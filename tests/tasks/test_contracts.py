@@ -124,9 +124,12 @@ def test_metric_spec_derives_columns_rows_line_and_rank() -> None:
     val = {"loss": 0.5, "acc": 0.75, "iou": 0.25}
     row = SPEC.row(0.8, val)
     assert row == {"train_acc": 0.8, "val_loss": 0.5, "val_acc": 0.75, "val_iou": 0.25}
-    assert SPEC.line({"train_loss": 1.0, **row}) == (
-        "train loss 1.000 acc 80.0%  val loss 0.500 IoU 25.0%"
-    )
+    assert SPEC.epoch_cells({"train_loss": 1.0, **row}) == [
+        ("train loss", "1.000"),
+        ("train acc", "80.0%"),
+        ("val loss", "0.500"),
+        ("val IoU", "25.0%"),
+    ]
     # The first key decides, the loss (lower is better) breaks ties.
     assert SPEC.rank(val) == (0.25, -0.5)
     assert SPEC.rank({**val, "loss": 0.4}) > SPEC.rank(val)

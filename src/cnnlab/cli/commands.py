@@ -30,20 +30,26 @@ def print_json(document: object) -> None:
         )
 
 
-def _console():  # rich is imported lazily so `cnnlab --help` starts fast
-    """The terminal, at its width; piped output takes $COLUMNS when set, else no limit."""
-    import os
-
+def _console(wide: bool = False):  # rich is imported lazily so `cnnlab --help` starts fast
+    """The terminal, at its width; piped output at $COLUMNS, else 80 (rich's rule).
+    ``wide`` (``--wide``): no limit, every column shown, lines as long as they need."""
     from rich.console import Console
 
-    console = Console()
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        console = Console(width=10_000)  # a file or a pager: never squeeze or cut a line
-    return console
+    return Console(width=_UNLIMITED) if wide else Console()
+
+
+_UNLIMITED = 10_000
 
 
 def _width(console) -> int | None:
-    return None if console.width >= 10_000 else console.width
+    return None if console.width >= _UNLIMITED else console.width
+
+
+def _print_table(fitted, console) -> None:
+    """A ``tables.FittedTable``, and under it the line naming the columns it left out."""
+    console.print(fitted.table)
+    if fitted.hidden:
+        console.print(fitted.hidden_line(), style="dim")
 
 
 def _kwargs(text: str | None) -> dict:
@@ -121,7 +127,8 @@ def cmd_models(args: argparse.Namespace, extra: dict) -> int:
     if args.format == "json":
         print_json(rows)
     else:
-        _console().print(models_table(rows))
+        console = _console(args.wide)
+        _print_table(models_table(rows, _width(console)), console)
     return 0
 
 
@@ -160,7 +167,7 @@ def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
     if args.format == "json":
         print_json(document)
         return 0
-    console = _console()
+    console = _console(args.wide)
     title = f"{args.model} at {'x'.join(map(str, size))}"
     console.print(render_summary(summary, title, _width(console), wide=args.wide or None))
     if fit is not None:
@@ -235,7 +242,8 @@ def cmd_compare(args: argparse.Namespace, extra: dict) -> int:
     if args.format == "json":
         print_json(rows)
     else:
-        _console().print(compare_table(rows))
+        console = _console(args.wide)
+        _print_table(compare_table(rows, _width(console)), console)
         if args.plot:
             print(f"plot: {args.plot}")
     return 0
@@ -461,25 +469,29 @@ def _new_folder(stem: str) -> Path:
 
 
 def cmd_export(args: argparse.Namespace, extra: dict) -> int:
-    from cnnlab.export import describe, export_run
+    from cnnlab.export import FORMATS, describe, export_run
 
-    if args.format == "json":
-        raise CnnlabError(
-            "export --format names the exported file's format (onnx or pt2); add --json"
-            " for the record as JSON"
-        )
+    to, form = args.to, args.format
+    if form in FORMATS:  # the flag before --to: still read, with a line saying so
+        print(f"note: --format {form} is now --to {form} (--format: text or json)", file=sys.stderr)
+        to, form = to or form, "text"
+    elif form not in ("text", "json"):
+        raise CnnlabError(f"--format {form}: expected text or json (the file's format: --to)")
+    if args.json:
+        print("note: --json is now --format json", file=sys.stderr)
+        form = "json"
     if args.images < 1:
         raise CnnlabError(f"--images must be at least 1, got {args.images}")
     record = export_run(
         Path(args.run),
-        args.format,
+        to,
         args.out,
         args.opset,
         args.dynamic_batch,
         args.images,
         args.overwrite,
     )
-    if args.json:
+    if form == "json":
         print_json(record)
     else:
         print(describe(record))
@@ -499,14 +511,7 @@ def cmd_heatmap(args: argparse.Namespace, extra: dict) -> int:
     if args.format == "json":
         print_json(result)
     else:
-        rows, cols = result["shape"]
-        (x, y), box = result["peak_xy"], ", ".join(f"{v:g}" for v in result["peak_box"])
-        print(
-            f"{result['class']}: {rows}x{cols} probability map; P({result['class']}) peaks at"
-            f" {result['prob']:.2%} around pixel ({x:g}, {y:g}), the window [{box}]"
-            f" (x0, y0, x1, y1; cell {result['peak'][0]}, {result['peak'][1]})"
-            + (f"; drawn to {args.out}" if args.out else "")
-        )
+        print(heatmap_line(result, args.out))
         print(f"each cell: {result['cells']}")
         if result["warning"]:
             print(f"warning: {result['warning']}", file=sys.stderr)
@@ -567,6 +572,21 @@ def cmd_features(args: argparse.Namespace, extra: dict) -> int:
     else:
         print(document["description"])
     return 0
+
+
+def heatmap_line(result: dict, out: str | None) -> str:
+    """The heat map's text in one convention, stated: (x, y) with x the column from the
+    left and y the row from the top, in pixels of the image and in cells of the map."""
+    rows, cols = result["shape"]
+    (x, y), box = result["peak_xy"], result["peak_box"]
+    row, col = result["peak"]
+    return (
+        f"{result['class']}: a {cols}x{rows} probability map (width x height); P({result['class']})"
+        f" peaks at {result['prob']:.2%} at cell (x {col}, y {row}), around pixel"
+        f" (x {x:g}, y {y:g}) of the image: the window x {box[0]:g} to {box[2]:g},"
+        f" y {box[1]:g} to {box[3]:g} (x: from the left, y: from the top)"
+        + (f"; drawn to {out}" if out else "")
+    )
 
 
 def cmd_serve(args: argparse.Namespace, extra: dict) -> int:

@@ -74,15 +74,18 @@ def builder_args(extra: Sequence[str], model: str) -> dict:
     return args
 
 
-def models_help(task: str) -> str:
-    """The epilog of a train command: the task's models and each one's own flags."""
+def models_help(task: str | None) -> str:
+    """The epilog of a train command (the task's models and each one's own flags, from the
+    builders' signatures in the model registry), or with ``task`` None of ``summary``:
+    every model, and every builder flag (``--img-size`` included)."""
     from cnnlab.config import TrainConfig
     from cnnlab.models.factory import list_models, model_info
 
-    config_flags = {f.name for f in fields(TrainConfig)}
+    config_flags = {f.name for f in fields(TrainConfig)} if task is not None else set()
     wrap = functools.partial(_wrap, width=78)
-    lines = [*wrap(f"models (--model): {', '.join(list_models(task=task))}".split(" "), ""), ""]
-    lines.append("model flags:")
+    named = "--model" if task is not None else "MODEL"
+    lines = [*wrap(f"models ({named}): {', '.join(list_models(task=task))}".split(" "), ""), ""]
+    lines.append("model flags (after MODEL, e.g. convnet --cdims 32,64 --hdims 1024,128):")
     seen: dict[tuple[str, ...], list[str]] = {}  # the same flags (a family) are listed once
     for name in list_models(task=task):
         flags = tuple(

@@ -72,6 +72,7 @@ def _inspector_commands(commands: Group) -> None:
     sub.add_argument(
         "pattern", nargs="?", help="only names matching: a glob (resnet*) or a part (resnet)"
     )
+    _add_wide(sub, "every column, at any width (narrow terminals leave some out)")
     add_format(sub, ("table", "json"))
     sub = _add(
         commands,
@@ -79,6 +80,7 @@ def _inspector_commands(commands: Group) -> None:
         c.cmd_summary,
         "per-layer output size (with its formula), parameters (with theirs), MACs, FLOPs,"
         " receptive field and, with --batch, the memory of a training step",
+        epilog_of=functools.partial(models_help, None),
         model_args_from="model",
     )
     sub.add_argument(
@@ -90,9 +92,7 @@ def _inspector_commands(commands: Group) -> None:
     sub.add_argument("--num-classes", type=int, help="(default: the model's own)")
     sub.add_argument("--kwargs", help="keyword arguments for the model, as a JSON object")
     sub.add_argument("--depth", type=int, help="expand containers this deep (default: all)")
-    sub.add_argument(
-        "--wide", action="store_true", help="one line per layer, formulas included, at any width"
-    )
+    _add_wide(sub, "one line per layer, formulas included, at any width")
     add_batch(sub, None, "estimate the activation memory autograd keeps at this batch size")
     sub.add_argument(
         "--train",
@@ -133,7 +133,12 @@ def _inspector_commands(commands: Group) -> None:
     sub.add_argument("--kwargs", help="keyword arguments for every model, as a JSON object")
     sub.add_argument("--plot", metavar="FILE", help="draw parameters against MACs into this PNG")
     add_batch(sub, 1, "the batch size of the training step whose memory is estimated (AdamW)")
+    _add_wide(sub, "every column, at any width (narrow terminals leave some out)")
     add_format(sub, ("table", "json"))
+
+
+def _add_wide(sub: argparse.ArgumentParser, help_text: str) -> None:
+    sub.add_argument("--wide", action="store_true", help=help_text)
 
 
 def _data_commands(commands: Group) -> None:
@@ -330,7 +335,7 @@ def _tool_commands(commands: Group) -> None:
     )
     sub.add_argument("run", help="a run folder")
     sub.add_argument(
-        "--format", metavar="{onnx,pt2}", help="the file's format (default: --out's suffix, onnx)"
+        "--to", metavar="{onnx,pt2}", help="the file's format (default: --out's suffix, onnx)"
     )
     sub.add_argument("--out", metavar="FILE", help="(default: RUN/model.onnx or RUN/model.pt2)")
     sub.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
@@ -339,7 +344,12 @@ def _tool_commands(commands: Group) -> None:
     )
     sub.add_argument("--images", type=int, default=8, help="validation images for the parity check")
     add_overwrite(sub, "an existing FILE")
-    sub.add_argument("--json", action="store_true", help="print the record as one JSON document")
+    # --format names the printed record's form, as everywhere; `--format onnx|pt2` and
+    # `--json` (before --to) still work, with a line saying what to write instead.
+    sub.add_argument(
+        "--format", metavar="{text,json}", default="text", help="json: one JSON document"
+    )
+    sub.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
 
     sub = _add(
         commands, "demo", c.cmd_demo, "the built-in job: train the notes' ConvNet on the digits"

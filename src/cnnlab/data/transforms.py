@@ -52,13 +52,38 @@ GRAY_STD = (0.5,)
 _DETECT_FILL = 114  # grey for pixels that scale jitter uncovers (Ultralytics' choice)
 
 
-def default_stats(in_channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std): ImageNet's for 3 channels, (0.5,)/(0.5,) for 1."""
+# A gray image fine-tuned from RGB weights: ImageNet's statistics averaged over the three
+# channels (timm's rule for in_chans=1). The first convolution's filters are summed over
+# the channels (``weights.py``), which answers a gray image exactly as the RGB filters
+# answer R = G = B; normalising it as ImageNet's average channel keeps the inputs on the
+# scale those filters learnt.
+IMAGENET_GRAY_MEAN = (round(sum(IMAGENET_MEAN) / 3, 3),)  # 0.449
+IMAGENET_GRAY_STD = (round(sum(IMAGENET_STD) / 3, 3),)  # 0.226
+
+
+def default_stats(
+    in_channels: int, pretrained: bool = False
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std): ImageNet's for 3 channels; for 1, ImageNet's averaged over channels
+    when starting from (RGB) weights, else (0.5,)/(0.5,)."""
     if in_channels == 3:
         return IMAGENET_MEAN, IMAGENET_STD
     if in_channels == 1:
-        return GRAY_MEAN, GRAY_STD
+        return (IMAGENET_GRAY_MEAN, IMAGENET_GRAY_STD) if pretrained else (GRAY_MEAN, GRAY_STD)
     raise CnnlabError(f"in_channels must be 1 or 3, got {in_channels}")
+
+
+def stats_line(in_channels: int, pretrained: bool) -> str:
+    """The normalisation ``default_stats`` chose, and why, in one line."""
+    mean, std = default_stats(in_channels, pretrained)
+    shown = f"mean {', '.join(f'{m:g}' for m in mean)}, std {', '.join(f'{s:g}' for s in std)}"
+    if in_channels == 3:
+        why = "ImageNet's, as pretrained weights expect" if pretrained else "ImageNet's"
+    elif pretrained:
+        why = "ImageNet's averaged over its 3 channels, as the RGB weights expect of gray"
+    else:
+        why = "gray images from scratch: [0, 1] mapped to [-1, 1]"
+    return f"normalisation: {shown} ({why})"
 
 
 def _check(img_size: int | None, augment: str, allowed: Sequence[str] = AUGMENTS) -> None:

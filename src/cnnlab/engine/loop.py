@@ -24,6 +24,7 @@ import cnnlab.engine.distributed as distributed
 import cnnlab.engine.state as state
 from cnnlab import checkpoint, plots, transfer
 from cnnlab.config import TrainConfig
+from cnnlab.data.transforms import stats_line
 from cnnlab.device import CpuPlan, threads_for
 from cnnlab.engine.optim import ema_model, warmup_cosine
 from cnnlab.engine.prepare import Prepared, Resolved, model_meta, prepare, resolve
@@ -32,6 +33,7 @@ from cnnlab.engine.step import Step, train_epoch
 from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.files import read_yaml, sha256_of, write_json, write_yaml
+from cnnlab.tasks.spec import MetricSpec
 
 _RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
 RESUME_OVERRIDES = ("device", "threads", "workers", "quiet")  # what a resumed run may change
@@ -256,6 +258,8 @@ def _fit(
         )
     say = Reporter(cfg.quiet or not main, spec.score_label)
     say.line(setup_line(cfg, task, model, device, ctx.world_size, resolved.plan))
+    if saved is None:  # a new run: say how its images are normalised, and why
+        say.line(stats_line(task.in_channels, pretrained=cfg.weights is not None))
     if start_epoch:
         say.line(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
     stopped = None
@@ -301,9 +305,13 @@ def _fit(
                 }
                 _save_epoch(run_dir, latest, model, step, scheduler, evaluated, spec.columns)
             row = history[-1]
-            say.line(
-                f"epoch {row['epoch']}/{cfg.epochs}  {spec.line(row)}"
-                f"  lr {short_float(row['lr'])}  {seen / train_seconds:.0f} img/s"
+            say.epoch(
+                [
+                    ("epoch", f"{row['epoch']}/{cfg.epochs}"),
+                    *spec.epoch_cells(row),
+                    ("lr", short_float(row["lr"])),
+                    ("img/s", f"{seen / train_seconds:.0f}"),
+                ]
             )
     except KeyboardInterrupt:
         if not history:
@@ -319,6 +327,10 @@ def _fit(
     finally:
         say.stop()  # never leave a live progress display behind an error
 
+    if main and history:
+        hint = overfitting_hint(spec, history, cfg, len(task.splits.train))
+        if hint:
+            say.line(hint)
     # Final report on the best weights, read back from the file a user will load.
     if main:
         report = _report_best(run_dir, task, model, ready, device, best["epoch"], say, stopped)
@@ -490,6 +502,43 @@ def setup_line(
     if cfg.ema is not None:
         recipe.append(f"the weights' moving average (decay {cfg.ema:g}) evaluated")
     return line + "".join(f"; {part}" for part in recipe)
+
+
+GAP_HINTED = 0.25  # train score this far (25 points) above validation's: a hint
+
+
+def overfitting_hint(
+    spec: MetricSpec, history: list[dict], cfg: TrainConfig, train_images: int
+) -> str:
+    """A hint when validation stays far below training (as fastai and Ultralytics give):
+    the model learnt the training images, not the task; '' when it did not happen or the
+    task has no training score to compare."""
+    if spec.train is None or not any(f.key == spec.train.key for f in spec.val):
+        return ""
+    last = history[-1]
+    key = spec.train.key
+    train, val = last.get(f"train_{key}"), last.get(f"val_{key}")
+    if train is None or val is None or train - val < GAP_HINTED:
+        return ""
+    steps = -(-train_images // cfg.batch_size)
+    advice = []
+    if cfg.weights is None:
+        advice.append("start from pretrained weights (--weights torchvision)")
+    advice += [
+        "a smaller model",
+        f"more epochs (--epochs {2 * cfg.epochs})",
+        f"a lower --lr ({short_float(cfg.lr / 10)})",
+    ]
+    if cfg.augment in ("none", "light"):
+        advice.append("stronger augmentation (--augment strong)")
+    label = spec.train.label
+    return (
+        f"hint: val {label} {spec.train.shown(val)} is far below train {label}"
+        f" {spec.train.shown(train)}: the model learnt the {train_images:,} training images"
+        f" ({steps} steps an epoch), not what tells the classes apart. Try "
+        + ", ".join(advice)
+        + "; curves.png shows when the two parted."
+    )
 
 
 def batch_recipe(cfg: TrainConfig) -> list[str]:

@@ -13,6 +13,11 @@ from collections.abc import Callable
 import torch
 
 
+def unwrapped(text: str) -> str:
+    """``text`` with the lines ``wrapped`` split joined again."""
+    return text.replace("\n  ", " ")
+
+
 class Reporter:
     """Per-epoch progress bar and summary lines (both on stderr; none when ``quiet``)."""
 
@@ -23,6 +28,7 @@ class Reporter:
         self.score_label = score_label
         self.show_bar = not quiet and sys.stderr.isatty()
         self.progress = None
+        self._widths: list[int] | None = None  # the epoch table's, once its header is out
 
     def start(self, description: str, total: int) -> None:
         if not self.show_bar:
@@ -80,8 +86,58 @@ class Reporter:
             self.progress = None
 
     def line(self, text: str) -> None:
+        """A message, wrapped at words to the terminal's width (80 when piped)."""
         if not self.quiet:
-            print(text, file=sys.stderr, flush=True)
+            print(wrapped(text), file=sys.stderr, flush=True)
+
+    def epoch(self, cells: list[tuple[str, str]]) -> None:
+        """One row of the epoch table, under its header (printed before the first row):
+        fixed columns, as fastai's table, so that a row never exceeds 80 columns."""
+        if self.quiet:
+            return
+        if self._widths is None:
+            self._widths = [max(len(header), EPOCH_CELL) for header, _ in cells]
+            print(_row([h for h, _ in cells], self._widths), file=sys.stderr, flush=True)
+        print(_row([v for _, v in cells], self._widths), file=sys.stderr, flush=True)
+
+
+EPOCH_CELL = 7  # the widest value an epoch column takes: "100/100", "2.5e-4", "100.0%"
+
+
+def _row(values: list[str], widths: list[int]) -> str:
+    # The epoch on the left, numbers to the right: no row starts with a space, as the
+    # continuation of a wrapped message does.
+    return "  ".join(
+        v.ljust(w) if i == 0 else v.rjust(w)
+        for i, (v, w) in enumerate(zip(values, widths, strict=True))
+    )
+
+
+def terminal_columns() -> int:
+    """The width to write to: the terminal's; $COLUMNS, else 80, when piped."""
+    import os
+    import shutil
+
+    if sys.stderr.isatty():
+        return shutil.get_terminal_size().columns
+    return int(os.environ.get("COLUMNS", "80")) if os.environ.get("COLUMNS", "").isdigit() else 80
+
+
+def wrapped(text: str, width: int | None = None) -> str:
+    """``text`` wrapped at word boundaries (never mid-word) to ``width``, continuation
+    lines indented by two spaces (``unwrapped`` joins them again)."""
+    import textwrap
+
+    return "\n".join(
+        textwrap.fill(
+            line,
+            width or terminal_columns(),
+            subsequent_indent="  ",
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
+        for line in text.splitlines() or [""]
+    )
 
 
 def short_float(value: float) -> str:

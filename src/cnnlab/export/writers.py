@@ -225,7 +225,7 @@ def write_pt2(traced: Traced, opset: int | None) -> tuple[bytes, str, int | None
     if traced.program is None:
         raise CnnlabError(
             f"{traced.name} cannot be exported to pt2: torch.export fails"
-            f" ({failure(traced.why_no_program)}); try --format onnx, whose TorchScript"
+            f" ({failure(traced.why_no_program)}); try --to onnx, whose TorchScript"
             " fallback traces what torch.export cannot"
         )
     return pt2_bytes(traced.program, traced.metadata), "torch.export", None

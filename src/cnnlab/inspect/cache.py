@@ -17,10 +17,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TextIO
 
-from rich.table import Table
-
 from cnnlab.errors import CnnlabError
 from cnnlab.files import atomic_write_text
+from cnnlab.tables import Column, FittedTable, fit_table
 
 CACHE_FILE = "models-table.json"
 KEEP = 8  # keys kept in the file: a few versions or patterns, never an ever-growing file
@@ -62,8 +61,9 @@ def table_key(pattern: str | None = None) -> str:
 def cached_model_table_rows(
     pattern: str | None = None, progress: TextIO | None = None
 ) -> list[dict[str, Any]]:
-    """``model_table_rows(pattern)``, read from the cache when the key matches; otherwise
-    computed (with a line on ``progress``, default stderr) and stored for the next call."""
+    """``model_table_rows(pattern)``, read from the cache when the key matches (or filtered
+    from the whole table when that is kept); otherwise computed (with a line on
+    ``progress``, default stderr) and stored for the next call."""
     key = table_key(pattern)
     path = cache_dir() / CACHE_FILE
     try:
@@ -74,6 +74,10 @@ def cached_model_table_rows(
         stored = {}
     if isinstance(stored.get(key), list):
         return stored[key]
+    whole = stored.get(table_key(None)) if pattern is not None else None
+    if isinstance(whole, list):
+        names = set(names_matching([row["name"] for row in whole], pattern))
+        return [row for row in whole if row["name"] in names]
     names = matching_models(pattern)
     print(
         f"counting parameters and MACs of {len(names)} models (once: kept in {path})",
@@ -97,7 +101,11 @@ def matching_models(pattern: str | None = None) -> list[str]:
     (``resnet``); every name without one."""
     from cnnlab.models.factory import list_models
 
-    names = list_models()
+    return names_matching(list_models(), pattern)
+
+
+def names_matching(names: list[str], pattern: str | None) -> list[str]:
+    """``names`` matching ``pattern`` as ``matching_models`` reads it."""
     if pattern is None:
         return names
     if any(c in pattern for c in "*?["):
@@ -139,15 +147,23 @@ def model_table_rows(pattern: str | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def models_table(rows: list[dict[str, Any]]) -> Table:
-    """``model_table_rows`` as a rich table."""
-    table = Table(title="cnnlab models")
-    for column in ("name", "family", "task", "params", "MACs", "FLOPs", "input", "min input"):
-        table.add_column(
-            column, justify="right" if column in {"params", "MACs", "FLOPs"} else "left"
-        )
-    for row in rows:
-        table.add_row(
+# The columns of ``models_table``, and the order in which they give way at narrow widths.
+_MODEL_COLUMNS = (
+    Column("name", "left"),
+    Column("family", "left", drop=4),
+    Column("task", "left", drop=2),
+    Column("params"),
+    Column("MACs"),
+    Column("FLOPs", drop=3),
+    Column("input", "left", drop=1),
+    Column("min input"),
+)
+
+
+def models_table(rows: list[dict[str, Any]], width: int | None = None) -> FittedTable:
+    """``model_table_rows`` as a rich table within ``width`` columns (``tables.fit_table``)."""
+    cells = [
+        (
             row["name"],
             row["family"],
             row["task"],
@@ -157,4 +173,6 @@ def models_table(rows: list[dict[str, Any]]) -> Table:
             "x".join(str(d) for d in row["input_size"]),
             str(row["min_size"]),
         )
-    return table
+        for row in rows
+    ]
+    return fit_table("cnnlab models", _MODEL_COLUMNS, cells, width)

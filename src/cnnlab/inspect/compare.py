@@ -12,15 +12,12 @@ layers hold most of their weights) far fewer parameters.
 
 from __future__ import annotations
 
-import math
 from typing import Any
-
-from rich.table import Table
-from torch import nn
 
 from cnnlab.inspect.memory import estimate_memory
 from cnnlab.inspect.specs import summarize_spec
 from cnnlab.inspect.summary import plain
+from cnnlab.tables import Column, FittedTable, fit_table
 
 
 def compare(
@@ -33,25 +30,18 @@ def compare(
     rows = []
     for spec in specs:
         model, summary, size = summarize_spec(spec, kwargs, input_size)
-        dense = sum(
-            p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()
-        )
-        # The last map with more than one position: the features, before a global pool.
-        spatial = [
-            r for r in summary.layers if r.rf is not None and math.prod(r.output_shape[1:]) > 1
-        ]
-        last = spatial[-1] if spatial else None
         rows.append(
             {
                 "model": spec,
                 "input": list(size),
                 "depth": summary.depth,
                 "params": summary.total_params,
-                "fc_share": dense / summary.total_params if summary.total_params else 0.0,
+                "fc_share": summary.dense_params / max(summary.total_params, 1),
                 "macs": summary.total_macs,
                 "flops": summary.total_flops,
-                "receptive_field": plain(last.rf) if last else None,
-                "output_stride": plain(last.jump) if last else None,
+                # One definition with ``summary`` (``receptive_field.feature_field``).
+                "receptive_field": plain(summary.receptive_field),
+                "output_stride": plain(summary.output_stride),
                 "batch": batch,
                 "training_step_bytes": estimate_memory(model, size, batch).training_step,
             }
@@ -63,21 +53,29 @@ def compare(
     return rows
 
 
-def compare_table(rows: list[dict[str, Any]]) -> Table:
-    """``compare``'s rows as a rich table."""
-    table = Table(title="models side by side")
-    headers = ("model", "input", "depth", "params", "in FC", "MACs", "FLOPs", "RF", "stride")
+# The columns of ``compare_table``, and the order in which they give way at narrow widths.
+def _columns(batch: int) -> list[Column]:
+    return [
+        Column("model", "left"),
+        Column("input", drop=5),
+        Column("depth"),
+        Column("params"),
+        Column("in FC", drop=2),
+        Column("MACs"),
+        Column("FLOPs", drop=6),
+        Column("RF"),
+        Column("stride", drop=3),
+        Column(f"train MB @{batch}", drop=4),
+        Column("params x", drop=8),
+        Column("MACs x", drop=7),
+    ]
+
+
+def compare_table(rows: list[dict[str, Any]], width: int | None = None) -> FittedTable:
+    """``compare``'s rows as a rich table within ``width`` columns (``tables.fit_table``)."""
     batch = rows[0]["batch"] if rows else 1
-    for header in (*headers, f"train MB @{batch}", "params x", "MACs x"):
-        left = header == "model"
-        table.add_column(
-            header,
-            justify="left" if left else "right",
-            overflow="fold" if left else "ellipsis",
-            no_wrap=not left,
-        )
-    for row in rows:
-        table.add_row(
+    cells = [
+        (
             row["model"],
             "x".join(map(str, row["input"])),
             str(row["depth"]),
@@ -91,7 +89,9 @@ def compare_table(rows: list[dict[str, Any]]) -> Table:
             _ratio(row["params_vs_first"]),
             _ratio(row["macs_vs_first"]),
         )
-    return table
+        for row in rows
+    ]
+    return fit_table("models side by side", _columns(batch), cells, width)
 
 
 def _number(value: float | None) -> str:

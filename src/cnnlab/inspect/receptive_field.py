@@ -21,7 +21,7 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -418,3 +418,67 @@ def tensors_in(value: Any) -> Iterator[Tensor]:
     elif isinstance(value, dict):
         for item in value.values():
             yield from tensors_in(item)
+
+
+class _FieldRow(Protocol):
+    name: str
+    output_shape: list[int]
+    rf: float | None
+    rf_min: float | None
+    jump: float | None
+
+
+@dataclass(frozen=True)
+class FeatureField:
+    """A model's receptive field, as ``summary`` and ``compare`` both report it: that of the
+    last output with more than one position (the features, before any global pool or
+    dense layer), with its output stride. ``mixed_after`` says whether later layers (a
+    global pool, a flatten and dense layers) mix every position, so that the model's final
+    outputs each see the whole input, whatever the arithmetic of their windows says."""
+
+    layer: str
+    largest: float
+    smallest: float
+    stride: float
+    mixed_after: bool
+
+    def note(self) -> str:
+        """For a footer: why the field stops growing at ``layer`` ('' at the last layer)."""
+        if not self.mixed_after:
+            return ""
+        return (
+            f"at {self.layer}, the last map of more than one position; the global pool or"
+            " dense layers after it mix them all: every output sees the whole input"
+        )
+
+
+def positions(shape: Sequence[int]) -> int:
+    """Spatial positions of an output shape without its batch axis (C, H, W, ...)."""
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def sees_whole_input(row: _FieldRow, input_size: Sequence[int]) -> bool:
+    """Whether ``row`` is a one-position output whose window covers the whole input (a
+    global pool: its arithmetic field, e.g. 619 px for ResNet-50 at 224, overhangs)."""
+    if row.rf is None or not row.output_shape or positions(row.output_shape) != 1:
+        return False
+    return row.rf >= max(input_size[1:], default=1)
+
+
+def feature_field(rows: Sequence[_FieldRow]) -> FeatureField | None:
+    """The ``FeatureField`` of a summary's rows (None when no row is spatial)."""
+    spatial = [i for i, r in enumerate(rows) if r.rf is not None and positions(r.output_shape) > 1]
+    if not spatial:
+        fields_ = [i for i, r in enumerate(rows) if r.rf is not None]
+        if not fields_:
+            return None
+        spatial = fields_[-1:]
+    index = spatial[-1]
+    row = rows[index]
+    return FeatureField(
+        layer=row.name,
+        largest=row.rf,  # type: ignore[arg-type]
+        smallest=row.rf_min if row.rf_min is not None else row.rf,  # type: ignore[arg-type]
+        stride=row.jump if row.jump is not None else 1.0,
+        mixed_after=any(r.output_shape for r in rows[index + 1 :]),  # [] never ran
+    )

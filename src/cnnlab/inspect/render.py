@@ -10,6 +10,7 @@ from rich.text import Text
 
 from cnnlab.inspect.flops import FLOPS_LEGEND
 from cnnlab.inspect.memory import MEMORY_LEGEND
+from cnnlab.inspect.receptive_field import sees_whole_input
 from cnnlab.inspect.sizes import UNCHANGED
 
 if TYPE_CHECKING:  # summary.py imports this module to print itself
@@ -32,7 +33,7 @@ def render_summary(
     holding its formulas, wrapped to the width, so that no number is ever cut.
     """
     columns = (*_COLUMNS, _SAVED) if summary.memory is not None else _COLUMNS
-    cells = [_cells(row, len(columns)) for row in summary.layers]
+    cells = [_cells(row, len(columns), summary.input_size) for row in summary.layers]
     widths = [max(len(c) for c in column) for column in zip(columns, *cells, strict=True)]
     formulas = [(row.size_formula, row.formula) for row in summary.layers]
     formula_widths = [
@@ -65,7 +66,7 @@ def render_summary(
         )
         for part in textwrap.wrap(detail, max((width or 100) - 4, 20)):
             lines.append(Text("    " + part, style="dim"))
-    return Group(*lines, Text(""), _totals(summary))
+    return Group(*lines, Text(""), _totals(summary, width))
 
 
 def render_text(summary: Summary, width: int = 100, title: str = "") -> str:
@@ -90,7 +91,7 @@ def render_html(summary: Summary) -> str:
     )  # fmt: skip
     body = []
     for row in summary.layers:
-        rf = _cells(row, len(_COLUMNS))[5]
+        rf = _cells(row, len(_COLUMNS), summary.input_size)[5]
         values = (
             row.name,
             row.type,
@@ -109,10 +110,12 @@ def render_html(summary: Summary) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table><p>{totals}</p>"
 
 
-def _cells(row, count: int) -> tuple[str, ...]:
-    rf = _pretty(row.rf)
+def _cells(row, count: int, input_size: tuple[int, ...]) -> tuple[str, ...]:
+    rf, jump = _pretty(row.rf), _pretty(row.jump)
     if row.rf is not None and row.rf_min is not None and row.rf_min != row.rf:
         rf = f"{_pretty(row.rf_min)}-{rf}"
+    if sees_whole_input(row, input_size):  # a global pool: its window overhangs the input
+        rf, jump = "all", "-"
     cells = (
         f"{row.name} ({row.type})",
         "x".join(map(str, row.output_shape)) or "-",
@@ -120,7 +123,7 @@ def _cells(row, count: int) -> tuple[str, ...]:
         f"{row.macs:,}" if row.macs else "-",
         f"{row.flops:,}" if row.flops else "-",
         rf,
-        _pretty(row.jump),
+        jump,
         f"{row.activation_bytes / 1e6:,.2f}" if row.activation_bytes else "-",
     )
     return cells[:count]
@@ -137,17 +140,23 @@ def _line(values, widths, right=(2, 3, 4, 5, 6, 7)) -> str:
     )
 
 
-def _totals(summary: Summary) -> Text:
+def _totals(summary: Summary, width: int | None = None) -> Text:
+    """The footer, each entry wrapped at words to ``width`` under its value."""
     rf = "-"
     if summary.receptive_field is not None:
         rf = f"{_pretty(summary.receptive_field)} px"
         low = summary.receptive_field_min
         if low is not None and low != summary.receptive_field:
             rf = f"{_pretty(low)} to {rf} (it depends on the output position)"
+        rf += f", output stride {_pretty(summary.output_stride)}"
+        if summary.features is not None and summary.features.note():
+            rf += f", {summary.features.note()}"
     flops = summary.total_flops
+    share = summary.dense_params / summary.total_params if summary.total_params else 0.0
     lines = [
         f"Parameters:           {summary.total_params:,}",
         f"Trainable parameters: {summary.trainable_params:,}",
+        f"In dense layers:      {summary.dense_params:,} ({share:.0%} of the parameters)",
         f"MACs:                 {summary.total_macs:,} ({summary.total_macs / 1e9:.2f} G)",
         f"FLOPs:                {flops:,} ({flops / 1e9:.2f} G)",
         f"Weight memory:        {summary.weight_mb:,.2f} MB (parameters + buffers)",
@@ -158,6 +167,14 @@ def _totals(summary: Summary) -> Text:
     ]
     if summary.memory is not None:
         lines.append(f"Legend: {MEMORY_LEGEND}.")
+    if width is not None:
+        lines = [
+            wrapped
+            for line in lines
+            for wrapped in textwrap.wrap(
+                line, width, subsequent_indent=" " * (8 if line.startswith("Legend") else 22)
+            )
+        ]
     return Text("\n".join(lines))
 
 

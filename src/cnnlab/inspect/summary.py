@@ -21,7 +21,13 @@ from torch import Tensor, nn
 from cnnlab.errors import CnnlabError
 from cnnlab.inspect.flops import FlopCounter
 from cnnlab.inspect.memory import MemoryEstimate, activations_per_row, memory_document
-from cnnlab.inspect.receptive_field import Field, FieldTracker, tensors_in
+from cnnlab.inspect.receptive_field import (
+    FeatureField,
+    Field,
+    FieldTracker,
+    feature_field,
+    tensors_in,
+)
 from cnnlab.inspect.sizes import merge_formula, size_formula
 from cnnlab.models.factory import create_model, model_info
 from cnnlab.registry import check_input_size
@@ -56,10 +62,14 @@ class Summary:
     trainable_params: int
     total_macs: int
     weight_mb: float  # bytes of parameters + buffers (running stats), / 1e6
-    receptive_field: float | None  # of the last layer with a spatial output (the largest)
+    # The receptive field and output stride as ``receptive_field.feature_field`` defines
+    # them: of the last output with more than one position (before any global pool).
+    receptive_field: float | None  # the largest
     receptive_field_min: float | None  # and its smallest, where it depends on the position
     depth: int  # layers with weights (conv, linear) on the longest path through the model
-    output_stride: float | None  # input pixels between neighbours of the last spatial map
+    output_stride: float | None  # input pixels between neighbours of that map
+    dense_params: int = 0  # in fully connected (nn.Linear) layers: AlexNet's 96%
+    features: FeatureField | None = None  # the layer it is read at, and what comes after it
     total_flops: int = 0
     flops_by_kind: dict[str, int] = field(default_factory=dict)  # multiply_add, bias, ...
     not_counted: dict[str, int] = field(default_factory=dict)  # aten op -> times it ran
@@ -92,11 +102,14 @@ class Summary:
             "layers": layers,
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
+            "dense_params": self.dense_params,
             "total_macs": self.total_macs,
             "receptive_field": plain(self.receptive_field),
             "receptive_field_min": plain(self.receptive_field_min),
             "depth": self.depth,
             "output_stride": plain(self.output_stride),
+            "receptive_field_at": self.features.layer if self.features else None,
+            "whole_input_after": self.features.mixed_after if self.features else False,
             "weight_mb": round(self.weight_mb, 3),
             "total_flops": self.total_flops,
             "flops_by_kind": dict(self.flops_by_kind),
@@ -174,7 +187,7 @@ def summarize(
     except CnnlabError:
         raise
     except Exception as error:
-        raise CnnlabError(_failure_line(model, input_size, error)) from error
+        raise CnnlabError(_failure_line(model, input_size, error, recorder)) from error
     finally:
         for handle in handles:
             handle.remove()
@@ -214,6 +227,7 @@ class _Frame:
     own_macs: int = 0  # MACs of functions a container calls itself, outside its children
     own_flops: int = 0
     merge: str | None = None  # the last add/concatenation its own forward made
+    where: str = ""  # "layer1.0.conv1 (Conv2d)": named when the forward pass fails in it
 
 
 @dataclass
@@ -308,7 +322,7 @@ class _Recorder:
                 self.rows.append(row)
             tensor = next(tensors_in(args), None)
             shape = list(tensor.shape[1:]) if tensor is not None else None
-            self._stack.append(_Frame(row, shape))
+            self._stack.append(_Frame(row, shape, where=f"{label} ({type(module).__name__})"))
 
         return hook
 
@@ -405,19 +419,23 @@ def _totals(
 ) -> Summary:
     params = list(model.parameters())  # shared parameters appear once
     tensors = [*params, *model.buffers()]
-    last = next((row for row in reversed(rows) if row.rf is not None), None)
+    found = feature_field(rows)
     return Summary(
         input_size=input_size,
         batch_size=batch_size,
         layers=rows,
         total_params=sum(p.numel() for p in params),
+        dense_params=sum(
+            p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters()
+        ),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_macs=total_macs,
         weight_mb=sum(t.numel() * t.element_size() for t in tensors) / 1e6,
-        receptive_field=last.rf if last else None,
-        receptive_field_min=last.rf_min if last else None,
+        receptive_field=found.largest if found else None,
+        receptive_field_min=found.smallest if found else None,
         depth=0,
-        output_stride=last.jump if last else None,
+        output_stride=found.stride if found else None,
+        features=found,
     )
 
 
@@ -426,11 +444,40 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return next(floating, torch.get_default_dtype())
 
 
-def _failure_line(model: nn.Module, input_size: tuple[int, ...], error: Exception) -> str:
+FAILURE_LAYERS_SHOWN = 3  # the layers that ran last, named when a forward pass fails
+
+
+def _failure_line(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    error: Exception,
+    recorder: _Recorder | None = None,
+) -> str:
+    """One line: the model, the layer it failed in (module path, type, input shape, as
+    torchinfo's list of the layers that ran shows) and the last layers that ran."""
     name = getattr(model, "model_name", type(model).__name__)
     lines = str(error).strip().splitlines()
     reason = lines[0] if lines else type(error).__name__
-    return f"{name} failed on input {','.join(map(str, input_size))}: {reason}"
+    line = f"{name} failed on input {','.join(map(str, input_size))}"
+    frames = recorder._stack if recorder is not None else []
+    if frames and frames[-1].where:
+        frame = frames[-1]
+        shape = "x".join(map(str, frame.input_shape)) if frame.input_shape else "?"
+        line += f" in {frame.where}, whose input is {shape}"
+    line += f": {reason}"
+    ran = [row for row in (recorder.rows if recorder else []) if row.output_shape]
+    if ran:
+        shown = ", ".join(
+            f"{row.name} ({row.type}) -> {'x'.join(map(str, row.output_shape))}"
+            for row in ran[-FAILURE_LAYERS_SHOWN:]
+        )
+        more = (
+            f" (the last {FAILURE_LAYERS_SHOWN} of {len(ran)})"
+            if len(ran) > FAILURE_LAYERS_SHOWN
+            else ""
+        )
+        line += f"; layers that ran{more}: {shown}"
+    return line
 
 
 def plain(value: float | None) -> int | float | None:

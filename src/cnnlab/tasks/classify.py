@@ -98,7 +98,7 @@ class ClassifyTask(RunFacts):
             splits = Splits.from_json(split_file)
         in_channels = cfg.in_channels or detect_in_channels([p for p, _ in splits.train])
         cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
-        mean, std = default_stats(in_channels)
+        mean, std = default_stats(in_channels, pretrained=cfg.weights is not None)
         task = cls(
             splits.classes,
             in_channels,
@@ -250,12 +250,24 @@ class ClassifyTask(RunFacts):
 
     @staticmethod
     def details(report: dict) -> list[str]:
-        """What follows the headline: the most frequent mistakes."""
+        """What follows the headline: precision, recall, F1 and support of each class (the
+        ``PER_CLASS_SHOWN`` lowest F1 when there are more classes) and the most frequent
+        mistakes."""
+        lines = per_class_lines(report.get("per_class") or {})
         mistakes = report.get("most_confused") or []
-        if not mistakes:
-            return []
-        shown = ", ".join(f"{m['true']} as {m['pred']} ({m['count']})" for m in mistakes[:5])
-        return [f"most confused (true as predicted): {shown}"]
+        if mistakes:
+            import textwrap
+
+            from cnnlab.tables import terminal_width
+
+            shown = ", ".join(f"{m['true']} as {m['pred']} ({m['count']})" for m in mistakes[:5])
+            lines += textwrap.wrap(
+                f"most confused (true as predicted): {shown}",
+                terminal_width(),
+                subsequent_indent="  ",
+                break_long_words=False,
+            )
+        return lines
 
     # -- a finished run
 
@@ -450,3 +462,38 @@ def _keep_worst(
     wrong = (preds != targets).to(losses.dtype)
     order = (losses + wrong * (losses.max() + 1)).topk(min(count, len(losses))).indices
     return tuple(t[order] for t in pool)
+
+
+PER_CLASS_SHOWN = 15  # more classes: the lowest F1 first, the rest in --format json
+
+
+def per_class_lines(per_class: dict[str, dict], width: int | None = None) -> list[str]:
+    """The per-class table as text lines within ``width`` (default: the terminal's, 80 when
+    piped): every class in its folder order, or the ``PER_CLASS_SHOWN`` with the lowest F1
+    (the ones to look at) and a line saying so."""
+    from cnnlab.tables import Column, fit_table, render_plain, terminal_width
+
+    if not per_class:
+        return []
+    names = list(per_class)
+    note = ""
+    if len(names) > PER_CLASS_SHOWN:
+        names = sorted(names, key=lambda n: (per_class[n]["f1"], n))[:PER_CLASS_SHOWN]
+        note = (
+            f"the {PER_CLASS_SHOWN} classes of {len(per_class)} with the lowest F1;"
+            " every class in --format json"
+        )
+    columns = (Column("class", "left"), Column("precision"), Column("recall"), Column("F1"),
+               Column("support"))  # fmt: skip
+    rows = [
+        (
+            name,
+            f"{per_class[name]['precision']:.3f}",
+            f"{per_class[name]['recall']:.3f}",
+            f"{per_class[name]['f1']:.3f}",
+            f"{int(per_class[name]['support']):,}",
+        )
+        for name in names
+    ]
+    table = fit_table("per class", columns, rows, width or terminal_width())
+    return [*render_plain(table).splitlines(), *([note] if note else [])]

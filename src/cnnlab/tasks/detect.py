@@ -106,7 +106,7 @@ class DetectTask(RunFacts):
         img_size = cfg.img_size or model_info(cfg.model).input_size[1]
         in_channels = cfg.in_channels or 3
         cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
-        mean, std = default_stats(in_channels)
+        mean, std = default_stats(in_channels, pretrained=cfg.weights is not None)
         return cfg, cls(splits.classes, in_channels, img_size, mean, std, splits)
 
     def loaders(

@@ -112,7 +112,7 @@ class SegmentTask(RunFacts):
         img_size = cfg.img_size or min(image_size(splits.train[0][0]))
         in_channels = cfg.in_channels or detect_in_channels([image for image, _ in splits.train])
         cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
-        mean, std = default_stats(in_channels)
+        mean, std = default_stats(in_channels, pretrained=cfg.weights is not None)
         return cfg, cls(splits.classes, in_channels, img_size, mean, std, splits)
 
     def loaders(

@@ -1,5 +1,5 @@
 """What a task reports per epoch, declared as data (``MetricSpec``): the training loop
-derives metrics.csv's columns, the epoch line, the progress bar's running score, the
+derives metrics.csv's columns, the epoch table's columns, the progress bar's running score, the
 checkpoint ranking and curves.png's panels from it, so no task writes those out by hand."""
 
 from __future__ import annotations
@@ -54,12 +54,14 @@ class MetricSpec:
         train = {f"train_{self.train.key}": train_score} if self.train else {}
         return {**train, **{f"val_{figure.key}": val[figure.key] for figure in self.val}}
 
-    def line(self, row: dict) -> str:
-        """The task's part of the one-line epoch summary, from a metrics.csv row."""
-        text = f"train loss {row['train_loss']:.3f}"
+    def epoch_cells(self, row: dict) -> list[tuple[str, str]]:
+        """The task's columns of the epoch table (header, value), from a metrics.csv row:
+        the training loss and score, then the validation keys of ``in_line``. Headers are
+        short enough that the whole row, with the epoch, lr and speed, fits 80 columns."""
+        cells = [("train loss", f"{row['train_loss']:.3f}")]
         if self.train is not None:
-            text += f" {self.train.label} {self.train.shown(row[f'train_{self.train.key}'])}"
+            value = self.train.shown(row[f"train_{self.train.key}"])
+            cells.append((f"train {self.train.label}", value))
         shown = [f for key in self.in_line for f in self.val if f.key == key]
-        return f"{text}  val " + " ".join(
-            f"{f.label} {f.shown(row[f'val_{f.key}'])}" for f in shown
-        )
+        cells += [(f"val {f.label}", f.shown(row[f"val_{f.key}"])) for f in shown]
+        return cells
