@@ -303,9 +303,7 @@ def clean_folder(src: Path, dst: Path, strip_prefix: str = DEFAULT_STRIP_PREFIX)
     except re.error as err:
         raise CnnlabError(f"--strip-prefix {strip_prefix!r} is not a valid regex: {err}") from None
     src = require_folder(Path(src))
-    dst = require_new_folder(dst)
-    if dst.resolve().is_relative_to(src.resolve()):
-        raise CnnlabError(f"{dst}: destination is inside the source folder {src}")
+    dst = require_new_folder(dst, "DST", [src])
     names = _clean_names(src, pattern)
     infos, ignored, empty = _inspect(src)
     kept, left_out = _choose_files(infos, names)

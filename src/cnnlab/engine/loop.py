@@ -10,6 +10,7 @@ and ``resume`` continues exactly where the last completed epoch left off.
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -31,7 +32,7 @@ from cnnlab.engine.progress import Reporter, short_float
 from cnnlab.engine.step import Step, train_epoch
 from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError, TrainingInterrupted
-from cnnlab.files import read_yaml, sha256_of, write_json, write_yaml
+from cnnlab.files import check_destination, read_yaml, sha256_of, write_json, write_yaml
 
 _RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
 RESUME_OVERRIDES = ("device", "threads", "workers", "quiet")  # what a resumed run may change
@@ -54,19 +55,23 @@ def train(cfg: TrainConfig, task: type[TrainingTask]) -> dict:
     them returns the report.
     """
     run_dir = Path(cfg.out)
+    data = Path(cfg.data).absolute()
+    check_destination(run_dir, "--out", [data])
     if run_dir.exists() and not run_dir.is_dir():
         raise CnnlabError(f"{run_dir} is a file; --out needs a folder")
-    data = Path(cfg.data).absolute()
-    if run_dir.absolute().resolve().is_relative_to(data.resolve()):
-        raise CnnlabError(f"{run_dir}: --out lies inside the data folder {data}; choose another")
     created = not run_dir.exists()
     try:
         return _train_new(cfg, run_dir, data, task)
-    except BaseException:
-        # A run refused before it wrote anything leaves no empty folder behind.
+    except BaseException as error:
         main = distributed.is_main_process()
-        if main and created and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+        if main and created and run_dir.is_dir():
+            if not any(run_dir.iterdir()):
+                # A run refused before it wrote anything leaves no empty folder behind.
+                run_dir.rmdir()
+            elif isinstance(error, OSError) and not (run_dir / "last.pt").exists():
+                # A full or read-only disk before the first epoch was saved: the folder
+                # (made by this run, so all of it ours) holds no weights; it goes too.
+                shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from cnnlab import checkpoint
 from cnnlab.errors import CnnlabError
-from cnnlab.files import atomic_write_text
+from cnnlab.files import atomic_write_text, discard, naming
 
 LOCK_NAME = ".lock"
 STATE_KEYS = {
@@ -67,13 +67,14 @@ def run_lock(run_dir: Path) -> Iterator[None]:
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        with naming(lock):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
         for leftover in run_dir.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        discard(lock)  # the folder may be gone (moved away mid-run) or read-only by now
         os.close(fd)  # closing releases the flock
 
 
@@ -131,16 +132,21 @@ def metrics_csv(history: list[dict], columns: Sequence[str]) -> str:
 
 @contextlib.contextmanager
 def hold_ctrl_c() -> Iterator[None]:
-    """Delay Ctrl-C until the block ends, so an epoch's files are written all or none."""
+    """Delay Ctrl-C and SIGTERM until the block ends, so an epoch's files are written all
+    or none."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in stops
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if caught:
             raise KeyboardInterrupt
 
