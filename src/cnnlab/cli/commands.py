@@ -323,24 +323,26 @@ def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
     data += [root] if (root := run.data_folder()) is not None else []
     if args.save_csv is not None:
         check_targets([Path(args.save_csv)], inputs, args.overwrite, "--save-csv", data)
-    if out is not None and results:
+    drawn = out is not None and bool(results)
+    if drawn:
         check_destination(Path(out), "--out", data)
         stems = output_stems(inputs, Path(out))
         targets = [f for path in inputs for f in run.output_files(stems[path]).values()]
         check_targets(targets, inputs, args.overwrite, "--out", data)
-        created = not Path(out).exists()
-        try:
+    created = drawn and not Path(out).exists()
+    try:
+        if drawn:
             for result, path in zip(results, inputs, strict=True):
                 result.update(run.save(result, stems[path]))
-        except BaseException:
-            # A full disk or Ctrl-C/SIGTERM half-way: a folder this command made (so all
-            # of it is its own) goes, rather than staying half-drawn.
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-    if args.save_csv is not None:
-        Path(args.save_csv).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.save_csv, run.table(results))
+        if args.save_csv is not None:
+            Path(args.save_csv).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.save_csv, run.table(results))
+    except BaseException:
+        # A full disk or Ctrl-C/SIGTERM half-way: a folder this command made (so all of
+        # it is its own) goes, rather than staying half-drawn.
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     results = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
