@@ -31,8 +31,8 @@ from PIL import Image
 
 import cnnlab
 from cnnlab.cli import main
-from cnnlab.engine.state import run_lock
 from cnnlab.errors import CnnlabError
+from cnnlab.files import run_lock
 
 TINY = ["--model", "convnet", "--cdims", "4", "--hdims", "8", "--img-size", "16"]
 

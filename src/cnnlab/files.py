@@ -15,11 +15,13 @@ failed write names the file the user asked for (``os_error_line``), never a temp
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -153,14 +155,57 @@ def folder_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``folder`` itself for the block (nothing is created
     in it), waiting for other holders: processes that read, change and rewrite a file
     they share there (export.json) take turns, and none loses the others' entries."""
-    import fcntl  # POSIX only, as the run lock
-
     fd = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing releases the flock
+
+
+LOCK_NAME = ".lock"  # in a run folder while a process owns it (run_lock)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Own ``run_dir`` for the block, or a CnnlabError naming the process that does.
+
+    RUN/.lock holds the owner's pid and host under an exclusive ``flock``: the kernel
+    releases it when the owner exits, however it dies (SIGKILL included), so a lock left
+    by a dead process is free again and needs no guessing. Leftover temporary files of a
+    write that was killed half-way are removed once the lock is held.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_NAME
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise CnnlabError(f"{run_dir} is in use by {holder}; wait for it to finish") from None
+        # The owner before us removes the file as it leaves: make sure ours is still it.
+        if _same_file(fd, lock):
+            break
+        os.close(fd)
+    try:
+        with naming(lock):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        for leftover in run_dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        discard(lock)  # the folder may be gone (moved away mid-run) or read-only by now
+        os.close(fd)  # closing releases the flock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def current_umask() -> int:

@@ -32,7 +32,15 @@ from cnnlab.engine.progress import Reporter, short_float
 from cnnlab.engine.step import Step, train_epoch
 from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError, TrainingInterrupted
-from cnnlab.files import check_destination, read_yaml, sha256_of, write_json, write_yaml
+from cnnlab.files import (
+    LOCK_NAME,
+    check_destination,
+    read_yaml,
+    run_lock,
+    sha256_of,
+    write_json,
+    write_yaml,
+)
 
 _RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
 RESUME_OVERRIDES = ("device", "threads", "workers", "quiet")  # what a resumed run may change
@@ -78,10 +86,10 @@ def train(cfg: TrainConfig, task: type[TrainingTask]) -> dict:
 def _train_new(cfg: TrainConfig, run_dir: Path, data: Path, kind: type[TrainingTask]) -> dict:
     # One process owns the folder from here on (under torchrun, the main one): two runs
     # started together on one --out cannot both pass the checks below.
-    with state.run_lock(run_dir) if distributed.is_main_process() else nullcontext():
+    with run_lock(run_dir) if distributed.is_main_process() else nullcontext():
         if checkpoint.is_run_dir(run_dir):
             raise CnnlabError(f"{run_dir} already holds a run; use --resume or another --out")
-        if run_dir.is_dir() and any(p.name != state.LOCK_NAME for p in run_dir.iterdir()):
+        if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
             raise CnnlabError(
                 f"{run_dir} is not empty and holds no run; --out takes a new or empty folder"
             )
@@ -124,7 +132,7 @@ def resume(run_dir: str | Path, task: type[TrainingTask], **overrides: Any) -> d
         cfg = TrainConfig.from_dict({**saved, **overrides, "out": str(run_dir)})
     except CnnlabError as error:
         raise CnnlabError(f"{config}: {error}") from None
-    with state.run_lock(run_dir) if distributed.is_main_process() else nullcontext():
+    with run_lock(run_dir) if distributed.is_main_process() else nullcontext():
         cfg, resolved = resolve(cfg)
         cfg, job = task.setup(cfg, run_dir / "split.json")
         last = run_dir / "last.pt"

@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab import checkpoint
-from cnnlab.engine.state import run_lock
 from cnnlab.errors import CnnlabError
 from cnnlab.export.parity import PARITY_IMAGES, check_parity
 from cnnlab.export.writers import WRITERS, Traced, trace
@@ -43,6 +42,7 @@ from cnnlab.files import (
     discard,
     folder_lock,
     read_json,
+    run_lock,
     sha256_of,
     write_json,
 )
