@@ -4,11 +4,19 @@ Every write goes to a temporary file in the same folder and is then renamed over
 target (``os.replace`` is atomic on POSIX and Windows), so a crash, a full disk or a
 SIGKILL mid-write leaves either the old file or the new one, never half of one. A folder
 that is filled in several steps is built beside its destination and renamed into place.
+
+The output rule every command that writes follows (docs/safety.md): a folder it creates
+must be new or empty (``require_new_folder``), a file must not exist unless the user
+passed ``--overwrite`` and is never one of the inputs (``check_targets``), and neither
+may lie inside the data folders read or be a symbolic link (``check_destination``). A
+failed write names the file the user asked for (``os_error_line``), never a temporary one.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -16,9 +24,10 @@ import math
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +40,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open (not mkstemp, which makes 0600 files) so the umask sets the permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        # os.open (not mkstemp, which makes 0600 files) so the umask sets the permissions.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
             # Without fsync a power cut after the rename could still leave an empty file.
             os.fsync(file.fileno())
         os.replace(tmp, path)
+    except OSError as error:
+        discard(tmp)
+        # The message names the file the user asked for, not the temporary one.
+        raise OSError(error.errno, error.strerror, str(path)) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        discard(tmp)
         raise
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary file of ours if it is there; a file system that refuses even
+    that (read-only: unlink fails before it looks) leaves nothing to remove anyway."""
+    with suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -178,12 +198,90 @@ def _count_yaml_values(root: yaml.Node, path: str | Path) -> None:
     count(root)
 
 
-def require_new_folder(dst: str | Path) -> Path:
-    """CnnlabError unless ``dst`` is missing or an empty folder: user data is never overwritten."""
-    dst = Path(dst).absolute()
+def check_destination(path: str | Path, flag: str, data: Iterable[Path] = ()) -> Path:
+    """``path`` made absolute, or a CnnlabError when it is a symbolic link (a dangling
+    one included: the write would land wherever it points) or lies inside one of the
+    ``data`` folders (what the command reads, or what a later training would take as
+    images); ``flag`` names the option that gave it, for the message."""
+    path = Path(path).absolute()
+    if path.is_symlink():
+        raise CnnlabError(
+            f"{path}: is a symbolic link (to {os.readlink(path)}); give {flag} a real path"
+        )
+    for folder in data:
+        folder = Path(folder).absolute()
+        if path.resolve().is_relative_to(folder.resolve()):
+            raise CnnlabError(
+                f"{path}: lies inside the data folder {folder}; choose another {flag}"
+            )
+    return path
+
+
+def require_new_folder(dst: str | Path, flag: str = "DST", data: Iterable[Path] = ()) -> Path:
+    """CnnlabError unless ``dst`` is missing or an empty folder, outside ``data`` and not
+    a symbolic link (``check_destination``): user data is never overwritten."""
+    dst = check_destination(dst, flag, data)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CnnlabError(f"{dst}: already exists and is not empty; choose a new folder")
     return dst
+
+
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder`` itself for the block (nothing is created
+    in it), waiting for other holders: processes that read, change and rewrite a file
+    they share there (export.json) take turns, and none loses the others' entries."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+LOCK_NAME = ".lock"  # in a run folder while a process owns it (run_lock)
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Own ``run_dir`` for the block, or a CnnlabError naming the process that does.
+
+    RUN/.lock holds the owner's pid and host under an exclusive ``flock``: the kernel
+    releases it when the owner exits, however it dies (SIGKILL included), so a lock left
+    by a dead process is free again and needs no guessing. Leftover temporary files of a
+    write that was killed half-way are removed once the lock is held.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / LOCK_NAME
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise CnnlabError(f"{run_dir} is in use by {holder}; wait for it to finish") from None
+        # The owner before us removes the file as it leaves: make sure ours is still it.
+        if _same_file(fd, lock):
+            break
+        os.close(fd)
+    try:
+        with naming(lock):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        for leftover in run_dir.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        discard(lock)  # the folder may be gone (moved away mid-run) or read-only by now
+        os.close(fd)  # closing releases the flock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def current_umask() -> int:
@@ -201,8 +299,11 @@ def staged_folder(dst: str | Path) -> Iterator[Path]:
     so an interrupted write never leaves a half-filled ``dst``.
     """
     dst = require_new_folder(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(dst)) from None
     try:
         # mkdtemp makes it private (0700); the folder it becomes is an ordinary one, with
         # the permissions mkdir gives under the user's umask.
@@ -211,9 +312,57 @@ def staged_folder(dst: str | Path) -> Iterator[Path]:
         if dst.exists():
             dst.rmdir()  # empty, checked above
         os.replace(staging, dst)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OSError(error.errno, error.strerror, _renamed(error, staging, dst)) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _renamed(error: OSError, staging: Path, dst: Path) -> str:
+    """The file an error inside ``staged_folder`` is about, as the user will know it: the
+    one written (a copy's destination, not its source), with the staging folder shown as
+    the folder it would become; ``dst`` itself when the error names no file."""
+    for name in (error.filename2, error.filename):
+        if name is not None and Path(os.fsdecode(name)).is_relative_to(staging):
+            return str(dst / Path(os.fsdecode(name)).relative_to(staging))
+    return str(error.filename) if error.filename is not None else str(dst)
+
+
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Give an OSError raised in the block without a file name (``os.write`` on a
+    descriptor) ``path``'s, so the one line the user sees says where."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None
+
+
+# What the user can do about a failed write, by errno (os_error_line).
+_ADVICE = {
+    errno.ENOSPC: "the disk is full; free some space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up; free some space or write elsewhere",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.EACCES: "permission denied; write to a folder you own",
+    errno.EPERM: "operation not permitted; write to a folder you own",
+    errno.ENOENT: "no such file or folder (moved or deleted while cnnlab ran?)",
+    errno.ENOTDIR: "a part of the path is not a folder",
+    errno.EISDIR: "is a folder; name a file",
+    errno.ENAMETOOLONG: "the name is too long",
+    errno.EIO: "input/output error; the disk may be failing",
+}
+
+
+def os_error_line(error: OSError) -> str:
+    """One line for a file-system error: the path (both, for a rename), then what went
+    wrong and what to do (``_ADVICE``), else the system's own words."""
+    names = [os.fsdecode(n) for n in (error.filename, error.filename2) if n is not None]
+    reason = _ADVICE.get(error.errno or 0) or error.strerror or str(error)
+    return f"{' -> '.join(names)}: {reason}" if names else reason
 
 
 def output_stems(inputs: list[Path], out_dir: Path) -> dict[Path, Path]:
@@ -237,17 +386,26 @@ def output_stems(inputs: list[Path], out_dir: Path) -> dict[Path, Path]:
 
 
 def check_targets(
-    targets: list[Path], inputs: list[Path], overwrite: bool, flag: str = "--out"
+    targets: list[Path],
+    inputs: list[Path],
+    overwrite: bool,
+    flag: str = "--out",
+    data: Iterable[Path] = (),
 ) -> None:
     """CnnlabError before anything is written when a target is one of the inputs (always
-    refused) or an existing file (refused unless ``overwrite``); ``flag`` is the option
+    refused), a symbolic link or inside one of the ``data`` folders (``check_destination``),
+    a folder, or an existing file (refused unless ``overwrite``); ``flag`` is the option
     that named the target, for the message."""
     sources = {path.resolve() for path in inputs}
+    data = list(data)
     for target in targets:
         if target.resolve() in sources:
             raise CnnlabError(
                 f"{target}: an output would replace this input; choose another {flag}"
             )
+        check_destination(target, flag, data)
+        if target.is_dir():
+            raise CnnlabError(f"{target}: is a folder; {flag} takes a file name")
         if target.exists() and not overwrite:
             raise CnnlabError(
                 f"{target}: already exists; choose another {flag} or pass --overwrite"

@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 from cnnlab.data.images import read_image
 from cnnlab.dense_to_conv import FullyConvolutional, convolutionalize
 from cnnlab.errors import CnnlabError
+from cnnlab.files import check_targets
 from cnnlab.runs import Run, load_run
 
 
@@ -29,9 +30,11 @@ def heatmap(
     class_name: str | None = None,
     out: str | Path | None = None,
     device: str = "auto",
+    overwrite: bool = False,
 ) -> dict:
     """The probability map of one class over ``image`` (default: the class whose map peaks
-    highest), optionally drawn over the image into the PNG ``out``.
+    highest), optionally drawn over the image into the PNG ``out`` (never ``image``
+    itself; an existing file only with ``overwrite``).
 
     Returns ``{"class", "map": [[p, ...], ...], "shape": [H', W'], "peak": [row, col],
     "prob": p at the peak, "peak_box": [x0, y0, x1, y1], "peak_xy": [x, y]}`` where
@@ -39,6 +42,8 @@ def heatmap(
     image's own pixels. An image smaller than the training size is first enlarged to it
     (shorter side) and the map computed on that, but the box is given in the image as read.
     """
+    if out is not None:
+        check_targets([Path(out)], [Path(image)], overwrite)
     loaded = load_run(run, device)
     maps = class_maps(loaded, read_image(Path(image), loaded.task.in_channels))
     index = maps.index(class_name)

@@ -23,6 +23,7 @@ is thrown away afterwards.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from cnnlab.engine.state import seed_everything
 from cnnlab.engine.step import Step
 from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError
+from cnnlab.files import check_targets
 from cnnlab.training import task_of_model
 
 DIVERGE = 4.0  # stop when the smoothed loss exceeds this many times its best
@@ -196,13 +198,15 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
     return float(finite[steepest + width // 2][0])
 
 
-def png_path(out: str | Path | None) -> Path:
-    """``--out`` as a PNG path: a .png name as is, anything else a folder for lr_find.png."""
+def png_path(out: str | Path | None, overwrite: bool = False, data: Sequence[Path] = ()) -> Path:
+    """``--out`` as a PNG path: a .png name as is, anything else a folder for lr_find.png;
+    checked by the output rule (``check_targets``: an existing file only with
+    ``overwrite``, never inside the ``data`` folders) before its folder is made."""
     path = Path(out) if out is not None else Path.cwd()
-    if path.suffix.lower() == ".png":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-    if path.exists() and not path.is_dir():
-        raise CnnlabError(f"{path} is a file; --out needs a folder or a .png name")
-    path.mkdir(parents=True, exist_ok=True)
-    return path / "lr_find.png"
+    if path.suffix.lower() != ".png":
+        if path.exists() and not path.is_dir():
+            raise CnnlabError(f"{path} is a file; --out needs a folder or a .png name")
+        path = path / "lr_find.png"
+    check_targets([path], [], overwrite, "--out", data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path

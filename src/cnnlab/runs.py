@@ -39,7 +39,7 @@ from cnnlab.data.images import (
 from cnnlab.data.splits import split_folder
 from cnnlab.device import pick_device
 from cnnlab.errors import CnnlabError
-from cnnlab.files import atomic_write_bytes, csv_text, read_yaml
+from cnnlab.files import atomic_write_bytes, csv_text, read_json, read_yaml
 from cnnlab.models.factory import create_model
 from cnnlab.tasks import task_class
 from cnnlab.tasks.inference import InferenceTask
@@ -135,6 +135,16 @@ class Run:
             read = split_folder(folder, split)
             where = {"split": split if read != folder else None, "data": str(read)}
         return {**where, **{k: v for k, v in report.items() if not k.startswith("_")}}
+
+    def data_folder(self) -> Path | None:
+        """The data folder the run was trained on (split.json's root) when it recorded
+        one: no output goes inside it, where the next training would read it as data."""
+        try:
+            recorded = read_json(self.path / "split.json")
+        except CnnlabError:
+            return None
+        root = recorded.get("root") if isinstance(recorded, dict) else None
+        return Path(root) if isinstance(root, str) else None
 
     def call_options(self, command: str, given: dict[str, Any]) -> dict[str, Any]:
         """``given`` checked against the task's ``command`` options (``predict`` or

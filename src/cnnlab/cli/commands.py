@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -234,6 +235,10 @@ def cmd_compare(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.inspect.compare import compare, compare_table
 
     size = parse_input(args.input) if args.input else None
+    if args.plot:
+        from cnnlab.files import check_targets
+
+        check_targets([Path(args.plot)], [], args.overwrite, "--plot")
     rows = compare(args.models, size, _kwargs(args.kwargs), batch=args.batch)
     if args.plot:
         from cnnlab.plots import plot_compare
@@ -384,7 +389,7 @@ def cmd_lr_find(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.lr_find import lr_find, png_path
     from cnnlab.plots import plot_lr_find
 
-    out = png_path(args.out)
+    out = png_path(args.out, args.overwrite, [Path(args.data)])
     args.out = "."  # the run folder TrainConfig asks for; lr-find writes none
     cfg = _train_config(args, extra, "classify")
     result = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
@@ -406,7 +411,7 @@ def cmd_eval(args: argparse.Namespace, extra: dict) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
-    from cnnlab.files import atomic_write_text, check_targets, output_stems
+    from cnnlab.files import atomic_write_text, check_destination, check_targets, output_stems
 
     run = _load(args, args.task)
     results, errors = run.predict_files([Path(p) for p in args.paths], **_task_options(args))
@@ -414,20 +419,33 @@ def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
     out = args.out or (_new_folder(folder) if folder else None)
     inputs = [Path(r["file"]) for r in results]
     # Every name is checked before anything is written: no input is ever replaced, an
-    # existing file only with --overwrite, and two inputs never share an output.
+    # existing file only with --overwrite, two inputs never share an output, and nothing
+    # lands in a folder of images read or in the run's data (the next training would
+    # take the drawings as images).
+    data = [Path(p) for p in args.paths if Path(p).is_dir()]
+    data += [root] if (root := run.data_folder()) is not None else []
     if args.save_csv is not None:
-        if Path(args.save_csv).is_dir():
-            raise CnnlabError(f"{args.save_csv}: is a folder; --save-csv takes a file name")
-        check_targets([Path(args.save_csv)], inputs, args.overwrite, "--save-csv")
-    if out is not None and results:
+        check_targets([Path(args.save_csv)], inputs, args.overwrite, "--save-csv", data)
+    drawn = out is not None and bool(results)
+    if drawn:
+        check_destination(Path(out), "--out", data)
         stems = output_stems(inputs, Path(out))
         targets = [f for path in inputs for f in run.output_files(stems[path]).values()]
-        check_targets(targets, inputs, args.overwrite)
-        for result, path in zip(results, inputs, strict=True):
-            result.update(run.save(result, stems[path]))
-    if args.save_csv is not None:
-        Path(args.save_csv).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.save_csv, run.table(results))
+        check_targets(targets, inputs, args.overwrite, "--out", data)
+    created = drawn and not Path(out).exists()
+    try:
+        if drawn:
+            for result, path in zip(results, inputs, strict=True):
+                result.update(run.save(result, stems[path]))
+        if args.save_csv is not None:
+            Path(args.save_csv).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.save_csv, run.table(results))
+    except BaseException:
+        # A full disk or Ctrl-C/SIGTERM half-way: a folder this command made (so all of
+        # it is its own) goes, rather than staying half-drawn.
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     results = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
@@ -507,7 +525,9 @@ def cmd_demo(args: argparse.Namespace, extra: dict) -> int:
 def cmd_heatmap(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.heatmap import heatmap
 
-    result = heatmap(Path(args.run), Path(args.image), args.class_name, args.out, args.device)
+    result = heatmap(
+        Path(args.run), Path(args.image), args.class_name, args.out, args.device, args.overwrite
+    )
     if args.format == "json":
         print_json(result)
     else:

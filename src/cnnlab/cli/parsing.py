@@ -132,6 +132,7 @@ def _inspector_commands(commands: Group) -> None:
     sub.add_argument("--input", help="C,H,W for every model (default: each model's own)")
     sub.add_argument("--kwargs", help="keyword arguments for every model, as a JSON object")
     sub.add_argument("--plot", metavar="FILE", help="draw parameters against MACs into this PNG")
+    add_overwrite(sub, "an existing --plot FILE")
     add_batch(sub, 1, "the batch size of the training step whose memory is estimated (AdamW)")
     _add_wide(sub, "every column, at any width (narrow terminals leave some out)")
     add_format(sub, ("table", "json"))
@@ -312,6 +313,7 @@ def _tool_commands(commands: Group) -> None:
     sub.add_argument("--start-lr", type=float, default=1e-7, help="the first step's lr")
     sub.add_argument("--end-lr", type=float, default=10.0, help="the last step's lr")
     sub.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    add_overwrite(sub, "an existing lr_find.png (or --out .png file)")
     config_flags(
         sub,
         "classify",
@@ -363,6 +365,7 @@ def _tool_commands(commands: Group) -> None:
     sub.add_argument("image", help="an image, best larger than the training size")
     sub.add_argument("--class", dest="class_name", help="class to map (default: highest peak)")
     sub.add_argument("--out", help="write the map over the image to this PNG")
+    add_overwrite(sub, "an existing --out PNG")
     add_device(sub)
     add_format(sub)
 

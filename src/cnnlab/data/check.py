@@ -333,9 +333,7 @@ def clean_folder(
     except re.error as err:
         raise CnnlabError(f"--strip-prefix {strip_prefix!r} is not a valid regex: {err}") from None
     src, folder = _source(src, images)
-    dst = require_new_folder(dst)
-    if dst.resolve().is_relative_to(folder.resolve()):
-        raise CnnlabError(f"{dst}: destination is inside the source folder {folder}")
+    dst = require_new_folder(dst, "DST", [folder])
     infos, ignored, empty = _inspect(src, images)
     names = _clean_names(src, pattern, infos)
     kept, left_out = _choose_files(infos, names)

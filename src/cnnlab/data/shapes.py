@@ -6,7 +6,7 @@ layout ``cnnlab.data.segmentation`` reads. ``task="detect"`` writes ``images/`` 
 ``annotations.json`` whose boxes are the tight box of each whole shape.
 
 Image ``i`` depends only on ``(seed, i)``, so the same seed gives the same files and a larger
-``n`` only appends images.
+``n`` only adds images. The folder written must be new or empty (``staged_folder``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from cnnlab.errors import CnnlabError
+from cnnlab.files import staged_folder
 
 SHAPE_CLASSES = ("circle", "square", "triangle")  # class index = position + 1; 0 is background
 TASKS = ("segment", "detect")
@@ -49,9 +50,18 @@ def write_shapes(
     if size < 32:
         raise CnnlabError(f"--size must be at least 32, got {size}")
     dst = Path(dst)
-    (dst / "images").mkdir(parents=True, exist_ok=True)
+    # A new or empty folder only, filled beside it and renamed into place: a user's own
+    # images/, masks/ or annotations are never replaced, and an interrupted write leaves
+    # nothing behind.
+    with staged_folder(dst) as staging:
+        counts = _write_scenes(staging, task, n, size, seed)
+    return {"dir": str(dst), "task": task, "n": n, "size": size, "seed": seed, "objects": counts}
+
+
+def _write_scenes(dst: Path, task: str, n: int, size: int, seed: int) -> dict[str, int]:
+    (dst / "images").mkdir()
     if task == "segment":
-        (dst / "masks").mkdir(exist_ok=True)
+        (dst / "masks").mkdir()
     width = len(str(n - 1))
     coco: dict[str, list] = {"images": [], "annotations": [], "categories": []}
     counts = dict.fromkeys(SHAPE_CLASSES, 0)
@@ -74,7 +84,7 @@ def write_shapes(
             for i, name in enumerate(SHAPE_CLASSES)
         ]
         (dst / "annotations.json").write_text(json.dumps(coco))
-    return {"dir": str(dst), "task": task, "n": n, "size": size, "seed": seed, "objects": counts}
+    return counts
 
 
 def draw_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[Shape], np.ndarray]:

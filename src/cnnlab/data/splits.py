@@ -107,11 +107,19 @@ def read_split_file(path: Path) -> tuple[dict, Path]:
 
 
 def inside(root: Path, relative: object, source: Path | str) -> Path:
-    """``root / relative`` for a recorded relative path that stays inside ``root``."""
+    """``root / relative`` for a recorded relative path that stays inside ``root`` and is
+    still there: a resume or an evaluation of the run's own split stops before any work,
+    naming the file, rather than after an epoch of training."""
     if (
         not isinstance(relative, str)
         or Path(relative).is_absolute()
         or ".." in Path(relative).parts
     ):
         raise CnnlabError(f"{source}: {relative!r} is not a path inside the data folder")
-    return root / relative
+    path = root / relative
+    if not path.is_file():
+        raise CnnlabError(
+            f"{path}: missing, but the run's split ({source}) lists it; put it back,"
+            " or evaluate on a data folder"
+        )
+    return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -32,7 +33,15 @@ from cnnlab.engine.progress import Reporter, short_float
 from cnnlab.engine.step import Step, train_epoch
 from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError, TrainingInterrupted
-from cnnlab.files import read_yaml, sha256_of, write_json, write_yaml
+from cnnlab.files import (
+    LOCK_NAME,
+    check_destination,
+    read_yaml,
+    run_lock,
+    sha256_of,
+    write_json,
+    write_yaml,
+)
 from cnnlab.tasks.spec import MetricSpec
 
 _RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
@@ -57,22 +66,26 @@ def train(cfg: TrainConfig, task: type[TrainingTask]) -> dict:
     (``--max-restarts``) finds the run its job started in ``cfg.out`` and resumes it.
     """
     run_dir = Path(cfg.out)
+    data = Path(cfg.data).absolute()
+    check_destination(run_dir, "--out", [data])
     if run_dir.exists() and not run_dir.is_dir():
         raise CnnlabError(f"{run_dir} is a file; --out needs a folder")
-    data = Path(cfg.data).absolute()
-    if run_dir.absolute().resolve().is_relative_to(data.resolve()):
-        raise CnnlabError(f"{run_dir}: --out lies inside the data folder {data}; choose another")
     if _restarted_job(cfg, run_dir, data):
         # torchrun started its worker group again after a worker died: go on from last.pt.
         return resume(run_dir, task, **{key: getattr(cfg, key) for key in RESUME_OVERRIDES})
     created = not run_dir.exists()
     try:
         return _train_new(cfg, run_dir, data, task)
-    except BaseException:
-        # A run refused before it wrote anything leaves no empty folder behind.
+    except BaseException as error:
         main = distributed.is_main_process()
-        if main and created and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
+        if main and created and run_dir.is_dir():
+            if not any(run_dir.iterdir()):
+                # A run refused before it wrote anything leaves no empty folder behind.
+                run_dir.rmdir()
+            elif isinstance(error, OSError) and not (run_dir / "last.pt").exists():
+                # A full or read-only disk before the first epoch was saved: the folder
+                # (made by this run, so all of it ours) holds no weights; it goes too.
+                shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
 
@@ -116,10 +129,10 @@ def _plain(value: Any) -> Any:
 def _train_new(cfg: TrainConfig, run_dir: Path, data: Path, kind: type[TrainingTask]) -> dict:
     # One process owns the folder from here on (under torchrun, the main one): two runs
     # started together on one --out cannot both pass the checks below.
-    with state.run_lock(run_dir) if distributed.is_main_process() else nullcontext():
+    with run_lock(run_dir) if distributed.is_main_process() else nullcontext():
         if checkpoint.is_run_dir(run_dir):
             raise CnnlabError(f"{run_dir} already holds a run; use --resume or another --out")
-        if run_dir.is_dir() and any(p.name != state.LOCK_NAME for p in run_dir.iterdir()):
+        if run_dir.is_dir() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
             raise CnnlabError(
                 f"{run_dir} is not empty and holds no run; --out takes a new or empty folder"
             )
@@ -167,7 +180,7 @@ def resume(run_dir: str | Path, task: type[TrainingTask], **overrides: Any) -> d
         cfg = TrainConfig.from_dict({**saved, **overrides, "out": str(run_dir)})
     except CnnlabError as error:
         raise CnnlabError(f"{config}: {error}") from None
-    with state.run_lock(run_dir) if distributed.is_main_process() else nullcontext():
+    with run_lock(run_dir) if distributed.is_main_process() else nullcontext():
         cfg, resolved = resolve(cfg)
         cfg, job = task.setup(cfg, run_dir / "split.json")
         last = run_dir / "last.pt"

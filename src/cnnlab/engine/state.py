@@ -4,19 +4,16 @@ it, the RNGs.
 ``last.pt`` is written first after every epoch: it is the truth a resume starts from, and
 metrics.csv and best.safetensors are rebuilt from it if the process dies before writing
 them. The three are written under ``hold_ctrl_c`` so that an epoch's files are written
-all or none. One process at a time owns a run folder (``run_lock``).
+all or none. One process at a time owns a run folder (``cnnlab.files.run_lock``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import fcntl
 import io
-import os
 import random
 import signal
-import socket
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -29,7 +26,6 @@ from cnnlab import checkpoint
 from cnnlab.errors import CnnlabError
 from cnnlab.files import atomic_write_text
 
-LOCK_NAME = ".lock"
 STATE_KEYS = {
     "epoch": int,
     "model": dict,
@@ -41,47 +37,6 @@ STATE_KEYS = {
     "history": list,
     "rng": dict,
 }
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """Own ``run_dir`` for the block, or a CnnlabError naming the process that does.
-
-    RUN/.lock holds the owner's pid and host under an exclusive ``flock``: the kernel
-    releases it when the owner exits, however it dies (SIGKILL included), so a lock left
-    by a dead process is free again and needs no guessing. Leftover temporary files of a
-    write that was killed half-way are removed once the lock is held.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = run_dir / LOCK_NAME
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise CnnlabError(f"{run_dir} is in use by {holder}; wait for it to finish") from None
-        # The owner before us removes the file as it leaves: make sure ours is still it.
-        if _same_file(fd, lock):
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
-        for leftover in run_dir.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)  # closing releases the flock
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.stat(path).st_ino == os.fstat(fd).st_ino
-    except FileNotFoundError:
-        return False
 
 
 def restore(saved: dict, source: Path, *parts: object, ema: nn.Module | None = None) -> None:
@@ -131,16 +86,21 @@ def metrics_csv(history: list[dict], columns: Sequence[str]) -> str:
 
 @contextlib.contextmanager
 def hold_ctrl_c() -> Iterator[None]:
-    """Delay Ctrl-C until the block ends, so an epoch's files are written all or none."""
+    """Delay Ctrl-C and SIGTERM until the block ends, so an epoch's files are written all
+    or none."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {
+        sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in stops
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if caught:
             raise KeyboardInterrupt
 

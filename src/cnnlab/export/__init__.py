@@ -24,16 +24,28 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from cnnlab import checkpoint
 from cnnlab.errors import CnnlabError
 from cnnlab.export.parity import PARITY_IMAGES, check_parity
 from cnnlab.export.writers import WRITERS, Traced, trace
-from cnnlab.files import atomic_write_bytes, read_json, sha256_of, write_json
+from cnnlab.files import (
+    atomic_write_bytes,
+    check_destination,
+    check_targets,
+    discard,
+    folder_lock,
+    read_json,
+    run_lock,
+    sha256_of,
+    write_json,
+)
 from cnnlab.models.detection import EVAL_LIMITS
 from cnnlab.runs import Run, load_run
 from cnnlab.runtime import FILES, LOADERS
@@ -41,6 +53,7 @@ from cnnlab.version import __version__
 
 FORMATS = tuple(WRITERS)
 RECORD = "export.json"  # beside the exported file: one entry per file name
+RECORD_KEYS = {"file", "run", "format", "parity"}  # what every entry of ours has
 
 
 def export_run(
@@ -61,11 +74,35 @@ def export_run(
     A model an exporter cannot handle, or an export whose outputs differ from the run's
     on ``images`` images, is a CnnlabError, and no file is left behind.
     """
-    run_dir = Path(run_dir)
+    run_dir = checkpoint.require_run_dir(run_dir)
     format, target = _target(run_dir, format, out, overwrite)
-    writer = WRITERS[format]
     record_file = target.parent / RECORD
-    records = _read_records(record_file)
+    _read_records(record_file)  # a file that is not ours is refused before any work
+    # Writing into the run folder takes it as training does: the run cannot change under
+    # the export (a resumed training), nor two exports into it run at once (the second
+    # is refused, naming the first). A run only read (--out elsewhere) may be read-only.
+    into_run = target.parent.resolve().is_relative_to(run_dir.resolve())
+    with run_lock(run_dir) if into_run else nullcontext():
+        record = _export(run_dir, format, target, opset, dynamic_batch, images)
+        # Other runs exported into the same folder write the same record: one at a time,
+        # each re-reading it, so no entry is lost.
+        with folder_lock(record_file.parent):
+            records = _read_records(record_file)
+            records[target.name] = record
+            write_json(record_file, records)
+    return record
+
+
+def _export(
+    run_dir: Path,
+    format: str,
+    target: Path,
+    opset: int | None,
+    dynamic_batch: bool,
+    images: int,
+) -> dict[str, Any]:
+    """Write ``target`` (after its parity check) and return its record."""
+    writer = WRITERS[format]
     run = load_run(run_dir, device="cpu")
     run.model.to(memory_format=torch.contiguous_format)  # exported graphs take plain NCHW
     module, output, names, onnx_exporter = _graph(run, dynamic_batch)
@@ -99,8 +136,10 @@ def export_run(
         if not parity["passed"]:
             raise CnnlabError(f"{target}: parity check failed ({parity['failure']}); not written")
         os.replace(partial, target)
+    except OSError as error:  # named by the file asked for, not the temporary one
+        raise OSError(error.errno, error.strerror, str(target)) from None
     finally:
-        partial.unlink(missing_ok=True)
+        discard(partial)
     record = {
         "file": str(target),
         "run": str(run_dir),
@@ -116,8 +155,6 @@ def export_run(
         "metadata": traced.metadata,
         "versions": _versions(),
     }
-    records[target.name] = record
-    write_json(record_file, records)
     return record
 
 
@@ -166,20 +203,27 @@ def _target(
     target = Path(out) if out is not None else run_dir / FILES[format]
     if target.suffix != f".{format}":
         raise CnnlabError(f"{target}: a {format} file must end in .{format}")
-    if target.is_dir() or (target.exists() and not overwrite):
-        raise CnnlabError(f"{target}: already exists; choose another --out or pass --overwrite")
+    check_targets([target], [], overwrite, "--out")
     if not target.parent.is_dir():
         raise CnnlabError(f"{target.parent}: no such folder")
+    if not os.access(target.parent, os.W_OK):  # known now, not after a long trace
+        raise CnnlabError(f"{target.parent}: not writable (read-only); choose another --out")
     return format, target
 
 
 def _read_records(path: Path) -> dict:
-    """export.json's entries, checked before anything is exported (it is rewritten)."""
+    """export.json's entries, checked before anything is exported (it is rewritten): a
+    file of the same name that is not cnnlab's record (the user's own) is never replaced."""
+    check_destination(path, "--out")
     if not path.exists():
         return {}
     records = read_json(path)
-    if not isinstance(records, dict):
-        raise CnnlabError(f"{path}: not a cnnlab export record; move it away first")
+    if not isinstance(records, dict) or not all(
+        isinstance(entry, dict) and entry.keys() >= RECORD_KEYS for entry in records.values()
+    ):
+        raise CnnlabError(
+            f"{path}: not a cnnlab export record; export into another folder or move it away"
+        )
     return records
 
 
