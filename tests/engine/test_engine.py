@@ -121,6 +121,7 @@ def test_run_folder_contents(run: tuple[Path, dict]) -> None:
         "split.json",
         "metrics.csv",
         "best.safetensors",
+        "initial.safetensors",  # the first conv's starting weights (cnnlab features --filters)
         "model.json",
         "last.pt",
         "report.json",

@@ -200,7 +200,7 @@ def test_bad_uploads_are_one_line_4xx_and_the_server_goes_on(client, serve_runs)
         "unknown run": (lambda: post(client, "runs/../x", good), 404, "no run"),
         "no run of several": (
             lambda: client.post("/api/predict", files={"file": ("a.png", good, "image/png")}),
-            422,
+            400,
             "run is required",
         ),
         "bad topk": (lambda: post(client, run_id, good, topk=0), 422, "topk"),

@@ -42,6 +42,7 @@ from cnnlab.data.splits import (
     inside,
     read_split_file,
     split_items,
+    split_member,
 )
 from cnnlab.errors import CnnlabError
 from cnnlab.files import display_name
@@ -224,7 +225,7 @@ class Splits:
                         raise ValueError(f"{rel!r} has label {label!r}")
                     if not 0 <= label < len(classes):
                         raise ValueError(f"{rel!r} has label {label} outside the classes")
-                    out.append((inside(root.absolute(), rel, path), label))
+                    out.append((split_member(root.absolute(), rel, path), label))
                 return out
 
             return cls(

@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import re
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -43,6 +44,9 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _libc = None
 
 
+_C_RAND_LOCK = threading.Lock()
+
+
 def _seed_c_rand() -> None:
     """OpenCV's selective search draws from C ``rand()``: seed it for the same boxes on
     every run."""
@@ -60,17 +64,21 @@ def selective_search(image: torch.Tensor, mode: str = "fast", max_boxes: int = D
     if mode not in MODES:
         raise CnnlabError(f"unknown proposal mode {mode!r}; choose one of {', '.join(MODES)}")
     cv2.setNumThreads(1)
-    _seed_c_rand()
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     bgr = np.ascontiguousarray(image[:3].flip(0).permute(1, 2, 0).numpy())
-    search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
-    search.setBaseImage(bgr)
-    if mode == "fast":
-        search.switchToSelectiveSearchFast()
-    else:
-        search.switchToSelectiveSearchQuality()
-    rects = np.asarray(search.process(), dtype=np.float32).reshape(-1, 4)[:max_boxes]
+    # C rand() is one sequence for the whole process: two searches at once in two threads
+    # (the web server's workers) would draw from each other's and give other boxes.
+    with _C_RAND_LOCK:
+        _seed_c_rand()
+        search = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
+        search.setBaseImage(bgr)
+        if mode == "fast":
+            search.switchToSelectiveSearchFast()
+        else:
+            search.switchToSelectiveSearchQuality()
+        found = search.process()
+    rects = np.asarray(found, dtype=np.float32).reshape(-1, 4)[:max_boxes]
     rects[:, 2:] += rects[:, :2]  # x, y, w, h -> x1, y1, x2, y2
     return rects
 

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from torchvision import tv_tensors
 
 from cnnlab.data.images import check_pixels, image_size, read_image, require_folder, walk_files
-from cnnlab.data.splits import inside, read_split_file, split_items
+from cnnlab.data.splits import read_split_file, split_items, split_member
 from cnnlab.errors import CnnlabError
 from cnnlab.files import read_text
 
@@ -72,7 +72,8 @@ class SegSplits:
 
             def absolute(pairs: list[list[str]]) -> list[SegSample]:
                 return [
-                    (inside(root, image, path), inside(root, mask, path)) for image, mask in pairs
+                    (split_member(root, image, path), split_member(root, mask, path))
+                    for image, mask in pairs
                 ]
 
             return cls(

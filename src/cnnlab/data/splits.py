@@ -107,16 +107,21 @@ def read_split_file(path: Path) -> tuple[dict, Path]:
 
 
 def inside(root: Path, relative: object, source: Path | str) -> Path:
-    """``root / relative`` for a recorded relative path that stays inside ``root`` and is
-    still there: a resume or an evaluation of the run's own split stops before any work,
-    naming the file, rather than after an epoch of training."""
+    """``root / relative`` for a recorded relative path that stays inside ``root``."""
     if (
         not isinstance(relative, str)
         or Path(relative).is_absolute()
         or ".." in Path(relative).parts
     ):
         raise CnnlabError(f"{source}: {relative!r} is not a path inside the data folder")
-    path = root / relative
+    return root / relative
+
+
+def split_member(root: Path, relative: object, source: Path | str) -> Path:
+    """``inside``, for a file a run's split lists, which must still be there: a resume or
+    an evaluation of the run's own split stops before any work, naming the file, rather
+    than after an epoch of training."""
+    path = inside(root, relative, source)
     if not path.is_file():
         raise CnnlabError(
             f"{path}: missing, but the run's split ({source}) lists it; put it back,"

@@ -2,14 +2,16 @@
 
 Routes (OpenAPI at /docs): ``GET /`` the page (``static/``: no script, style or font from
 elsewhere), ``GET /api/runs``, ``GET /api/runs/{id}``, ``GET /api/runs/{id}/figures/NAME.png``,
-``POST /api/predict`` (multipart: ``run`` and ``file``), ``GET /healthz``. Clients name runs
+``POST /api/predict`` (multipart: ``file``, and ``run`` unless one run is served), ``GET
+/healthz``. Clients name runs
 by id; no path on disk is ever taken from a request.
 
 Every error is JSON ``{"detail": "one line"}``, never a traceback: a 4xx status for a bad
 request (413 too large, or an image whose prediction needs more than ``max_memory``; 415
-not multipart or not an image type; 400 an image the guarded reader refuses; 403 a
-``Host`` this server does not answer to; 404 unknown run; 408 an upload that did not
-arrive within ``upload_timeout``; 422 a missing or malformed field), 503 with
+not multipart or not an image type; 400 an image the guarded reader refuses, or no
+``run`` when several are served; 403 a ``Host`` this server does not answer to; 404
+unknown run; 408 an upload that did not arrive within ``upload_timeout``; 422 a missing
+or malformed field), 503 with
 ``Retry-After`` when ``queue_size`` predictions are already in the server (or four times
 as many uploads are arriving), 500 for a fault of the server itself.
 
@@ -198,7 +200,7 @@ def create_app(
 
     async def predict(run: str | None, file: UploadFile, **given: Any) -> dict:
         if run is None and len(served) != 1:  # with one run served, it is the one meant
-            raise HTTPException(422, f"run is required: {len(served)} runs are served")
+            raise HTTPException(400, f"run is required: {len(served)} runs are served")
         target = find(next(iter(served)) if run is None else run)
         options = _options(target, given)
         name = Path(file.filename or "upload").name or "upload"
