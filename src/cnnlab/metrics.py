@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import (
+    binary_average_precision,
     multiclass_accuracy,
     multiclass_confusion_matrix,
     multiclass_f1_score,
     multiclass_precision,
     multiclass_recall,
-    multilabel_average_precision,
 )
 
 from cnnlab.errors import CnnlabError
@@ -110,16 +110,14 @@ def multilabel_report(
     truth = targets.bool()
     predicted = scores > torch.tensor(thresholds, dtype=scores.dtype)
     support = truth.sum(0)
-    # AP only where a label has positives (torchmetrics warns on the others, and their AP
-    # is undefined).
-    present = (support > 0).nonzero().flatten()
-    ap: list[float | None] = [None] * num
-    if len(present):
-        values = multilabel_average_precision(
-            scores[:, present], targets[:, present].long(), num_labels=len(present), average="none"
-        ).reshape(-1)
-        for k, value in zip(present.tolist(), values.tolist(), strict=True):
-            ap[k] = value
+    # AP (torchmetrics' binary AP, label by label) only where a label has positives: it
+    # is undefined for the others.
+    ap = [
+        binary_average_precision(scores[:, k], targets[:, k].long()).item()
+        if support[k] > 0
+        else None
+        for k in range(num)
+    ]
     true_pos = (predicted & truth).sum(0).double()
     precision = true_pos / predicted.sum(0).clamp(min=1)
     recall = true_pos / support.clamp(min=1)
