@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from sklearn.metrics import average_precision_score, f1_score
 
-from cnnlab import metrics
+from cnnlab import load_run, metrics
+from cnnlab.data.classify import make_splits, read_label_csv
+from cnnlab.training import train
+from tests.conftest import tiny_config
 
 
 def _scores_and_targets(n: int = 40, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,3 +67,62 @@ def test_a_label_without_positives_keeps_half_and_no_ap() -> None:
     report = metrics.multilabel_report(scores, targets, ["x", "y"])
     assert report["per_class"]["y"]["ap"] is None
     assert report["map"] == pytest.approx(1.0)
+
+
+PARITY = {"0": "even", "1": "odd", "2": "even"}
+NAMES = {"0": "zero", "1": "one", "2": "two"}
+
+
+@pytest.fixture(scope="module")
+def tagged(tmp_path_factory: pytest.TempPathFactory, few_digits: Path) -> Path:
+    """A multi-label labels.csv beside its images: each digit tagged with its name and its
+    parity ("zero;even"), every fifth image with its name only."""
+    root = tmp_path_factory.mktemp("multilabel")
+    rows = ["file,label"]
+    for digit, name in NAMES.items():
+        for j, path in enumerate(sorted((few_digits / digit).iterdir())):
+            shutil.copy(path, root / f"{digit}_{path.name}")
+            label = name if j % 5 == 0 else f"{name};{PARITY[digit]}"
+            rows.append(f"{digit}_{path.name},{label}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root / "labels.csv"
+
+
+def test_a_csv_cell_with_several_labels_reads_multi_label(tagged: Path) -> None:
+    _, classes, samples = read_label_csv(tagged)
+    assert classes == ["even", "odd", "one", "two", "zero"]
+    assert all(isinstance(label, tuple) for _, label in samples)
+    assert sum(len(label) == 2 for _, label in samples) == 96
+    splits = make_splits(tagged, 0.1, 0.1, seed=0)
+    assert splits.multi_label
+    # Stratified on each image's rarest label: every label reaches val and test.
+    for part in (splits.val, splits.test):
+        assert {one for _, label in part for one in label} == set(range(5))
+    assert sorted(splits.train + splits.val + splits.test) == samples
+
+
+def test_multi_label_training_eval_predict(tagged: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = tiny_config(tagged, out, epochs=2, model_args={"cdims": [8], "hdims": [16]})
+    report = train(cfg)
+    assert report["split"] == "test" and report["n"] == 12
+    assert set(report) >= {"map", "f1", "exact_match", "loss", "per_class"}
+    assert 0 <= report["map"] <= 1 and (out / "per_class.png").is_file()
+    assert not (out / "confusion.png").exists()
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert "val_map" in header and "train_exact_match" in header
+    thresholds = json.loads((out / "model.json").read_text())["thresholds"]
+    assert len(thresholds) == 5 and thresholds != [0.5] * 5
+    run = load_run(out)
+    assert run.task.thresholds == thresholds
+    # The same figures from the finished run, at the saved thresholds.
+    again = run.evaluate()
+    assert again["map"] == pytest.approx(report["map"], abs=1e-6)
+    assert again["exact_match"] == pytest.approx(report["exact_match"])
+    image = sorted(tagged.parent.glob("*.png"))[0]
+    result = run.predict([image])[0]
+    listed = [(label["class"], label["prob"] > label["threshold"]) for label in result["labels"]]
+    assert all(above for _, above in listed)
+    scores = {top["class"]: top["prob"] for top in result["top"]}
+    above = {n for n, t in zip(run.task.classes, thresholds, strict=True) if scores[n] > t}
+    assert {name for name, _ in listed} == above
