@@ -12,6 +12,8 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from cnnlab import load_run, metrics
 from cnnlab.data.classify import make_splits, read_label_csv
+from cnnlab.export import export_run
+from cnnlab.runtime import read_metadata
 from cnnlab.training import train
 from tests.conftest import tiny_config
 
@@ -101,10 +103,16 @@ def test_a_csv_cell_with_several_labels_reads_multi_label(tagged: Path) -> None:
     assert sorted(splits.train + splits.val + splits.test) == samples
 
 
-def test_multi_label_training_eval_predict(tagged: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, tagged: Path) -> tuple[Path, dict]:
+    """(run folder, its report) of a tiny convnet trained on ``tagged`` for two epochs."""
+    out = tmp_path_factory.mktemp("multilabel-run") / "run"
     cfg = tiny_config(tagged, out, epochs=2, model_args={"cdims": [8], "hdims": [16]})
-    report = train(cfg)
+    return out, train(cfg)
+
+
+def test_multi_label_training_eval_predict(tagged: Path, trained: tuple[Path, dict]) -> None:
+    out, report = trained
     assert report["split"] == "test" and report["n"] == 12
     assert set(report) >= {"map", "f1", "exact_match", "loss", "per_class"}
     assert 0 <= report["map"] <= 1 and (out / "per_class.png").is_file()
@@ -126,3 +134,13 @@ def test_multi_label_training_eval_predict(tagged: Path, tmp_path: Path) -> None
     scores = {top["class"]: top["prob"] for top in result["top"]}
     above = {n for n, t in zip(run.task.classes, thresholds, strict=True) if scores[n] > t}
     assert {name for name, _ in listed} == above
+
+
+def test_export_checks_each_labels_decision(trained: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = trained
+    record = export_run(out, "onnx", out=tmp_path / "model.onnx")
+    parity = record["parity"]
+    assert parity["passed"] and parity["labels_total"] == parity["images"] * 5
+    assert parity["labels_same"] + parity["labels_ties"] == parity["labels_total"]
+    thresholds = json.loads((out / "model.json").read_text())["thresholds"]
+    assert read_metadata(tmp_path / "model.onnx")["thresholds"] == thresholds

@@ -528,6 +528,8 @@ class MultiLabelClassifyTask(ClassifyTask):
         train=Figure("exact_match", "exact", True),
     )
     csv_columns: ClassVar[tuple[str, ...]] = ("file", "rank", "class", "prob", "threshold")
+    # export: (N, K) logits whose sigmoid each label's threshold decides (model.json's)
+    exported_logits: ClassVar[str | None] = "labels"
 
     def encode(self, samples: list[Sample]) -> list[Sample]:
         k = len(self.classes)
