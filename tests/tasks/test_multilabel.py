@@ -144,3 +144,25 @@ def test_export_checks_each_labels_decision(trained: tuple[Path, dict], tmp_path
     assert parity["labels_same"] + parity["labels_ties"] == parity["labels_total"]
     thresholds = json.loads((out / "model.json").read_text())["thresholds"]
     assert read_metadata(tmp_path / "model.onnx")["thresholds"] == thresholds
+
+
+def test_serve_answers_with_the_labels_above_their_thresholds(
+    trained: tuple[Path, dict], tagged: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from cnnlab.serve.app import create_app
+
+    out, _ = trained
+    image = sorted(tagged.parent.glob("*.png"))[3]
+    expected = load_run(out).predict([image])[0]
+    with TestClient(create_app([out], device="cpu"), base_url="http://127.0.0.1") as client:
+        run = client.get("/api/runs").json()["runs"][0]
+        assert "per_class" in client.get(f"/api/runs/{run['id']}").json()["figures"]
+        files = {"file": ("x.png", image.read_bytes(), "image/png")}
+        answer = client.post("/api/predict", files=files)
+    assert answer.status_code == 200, answer.text
+    served = answer.json()
+    assert [label["class"] for label in served["labels"]] == [
+        label["class"] for label in expected["labels"]
+    ]
