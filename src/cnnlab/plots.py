@@ -178,7 +178,7 @@ def plot_per_class_pr(per_class: dict[str, dict], out: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("at each label's threshold t")
     ax.set_title("per-label precision and recall")
-    ax.legend(loc="lower right")
+    fig.legend(loc="outside lower center", ncols=2)  # below the axes: never over a bar
     _save(fig, Path(out))
 
 

@@ -258,7 +258,11 @@ class ClassifyTask(RunFacts):
 
     @staticmethod
     def headline(report: dict) -> str:
-        """With five classes or fewer, top-5 is always 100% and is left out."""
+        """With five classes or fewer, top-5 is always 100% and is left out. (The CLI
+        calls it on the task class of model.json's "task": a multi-label report, which has
+        an exact-match ratio, is the multi-label variant's.)"""
+        if "exact_match" in report:
+            return MultiLabelClassifyTask.headline(report)
         top5 = f"  top-5 {report['top5']:.2%}" if len(report["per_class"]) > 5 else ""
         return (
             f"{measured_on(report)} top-1 {report['top1']:.2%}{top5}  loss {report['loss']:.4f}"
@@ -287,6 +291,8 @@ class ClassifyTask(RunFacts):
     @staticmethod
     def details(report: dict) -> list[str]:
         """What follows the headline: the most frequent mistakes."""
+        if "exact_match" in report:
+            return MultiLabelClassifyTask.details(report)
         mistakes = report.get("most_confused") or []
         if not mistakes:
             return []
