@@ -12,6 +12,7 @@ from sklearn.metrics import average_precision_score, f1_score
 
 from cnnlab import load_run, metrics
 from cnnlab.data.classify import make_splits, read_label_csv
+from cnnlab.errors import CnnlabError
 from cnnlab.export import export_run
 from cnnlab.runtime import read_metadata
 from cnnlab.training import train
@@ -166,3 +167,13 @@ def test_serve_answers_with_the_labels_above_their_thresholds(
     assert [label["class"] for label in served["labels"]] == [
         label["class"] for label in expected["labels"]
     ]
+
+
+def test_check_and_cv_say_they_take_one_label_per_image(tagged: Path, tmp_path: Path) -> None:
+    from cnnlab.cv import cross_validate
+    from cnnlab.data.check import check_folder
+
+    with pytest.raises(CnnlabError, match="multi-label CSV"):
+        check_folder(tagged)
+    with pytest.raises(CnnlabError, match="single-label classification only"):
+        cross_validate(tiny_config(tagged, tmp_path / "cv"), 2)
