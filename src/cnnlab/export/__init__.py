@@ -227,7 +227,7 @@ def _metadata(run: Run, output: str, dynamic: list[str]) -> dict[str, Any]:
         "cnnlab_version": __version__,
     }
     if run.task.exported_logits == "labels":  # multi-label: sigmoid scores, a threshold each
-        metadata["thresholds"] = list(run.task.thresholds or [0.5] * len(meta.classes))
+        metadata["thresholds"] = list(run.meta.thresholds or [0.5] * len(meta.classes))
     if run.task.exported_logits is None:  # a detector: its decoding, in words and figures
         metadata |= run.model.graph_metadata(EVAL_LIMITS)
     return metadata

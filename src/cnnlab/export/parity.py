@@ -80,7 +80,7 @@ def check_parity(run: Run, exported: ExportedModel, count: int = PARITY_IMAGES) 
         ref, got = run.model(batch), exported(batch)
         result = _dense([(ref, got)], None)
         if "max_abs_diff" in result:
-            thresholds = run.task.thresholds or [0.5] * ref.shape[1]
+            thresholds = run.meta.thresholds or [0.5] * ref.shape[1]
             decisions = _label_decisions(ref, got, thresholds, result["tolerance"])
             result = {**result, **decisions, "failure": result["failure"] or decisions["failure"]}
     elif logits is not None:
