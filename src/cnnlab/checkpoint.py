@@ -196,6 +196,9 @@ class ModelMeta:
     mean: list[float]
     std: list[float]
     cnnlab_version: str = "unknown"
+    # Multi-label classification: each label's decision threshold on its sigmoid score
+    # (fitted on the validation split); None for single-label (softmax) classification.
+    thresholds: list[float] | None = None
 
     @classmethod
     def from_json(cls, data: object, source: Path | str) -> ModelMeta:
@@ -230,11 +233,21 @@ class ModelMeta:
             raise CnnlabError(
                 f"{source}: num_classes is {num_classes} but {len(classes)} classes are listed"
             )
-        known = {key: data[key] for key in (*required, "task", "cnnlab_version") if key in data}
+        thresholds = data.get("thresholds")
+        if thresholds is not None and not (
+            _numbers(thresholds) and len(thresholds) == len(classes)
+        ):
+            raise CnnlabError(f"{source}: thresholds must be {len(classes)} number(s)")
+        extra = ("task", "cnnlab_version", "thresholds")
+        known = {key: data[key] for key in (*required, *extra) if key in data}
         return cls(**known)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """model.json's document; ``thresholds`` only in a multi-label run's."""
+        data = asdict(self)
+        if data["thresholds"] is None:
+            del data["thresholds"]
+        return data
 
 
 def _ints(values: object) -> bool:

@@ -99,6 +99,11 @@ class TrainConfig:
         "with a CSV file as DIR (columns file,label): the folder its file names are relative"
         " to; none: the CSV's folder",
     )
+    multi_label: bool = _setting(
+        False,
+        "classification: several labels per image (sigmoid outputs, binary cross-entropy,"
+        " per-label thresholds); on by itself when a CSV label cell holds labels split by ';'",
+    )
     split_file: str | None = _setting(
         None,
         "train on the split of this split.json (a run's, or a fold of `cnnlab cv`) instead"

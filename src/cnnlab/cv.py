@@ -45,6 +45,9 @@ def cross_validate(cfg: TrainConfig, folds: int, say: Callable[[str], None] = pr
         raise CnnlabError(f"{cfg.model} is not a classifier; cv cross-validates classifiers")
     data = Path(cfg.data).absolute()
     splits = make_splits(data, cfg.val_split, cfg.test_split, cfg.seed)
+    if cfg.multi_label or splits.multi_label:
+        # Its folds are scored by top-1 and summed into a confusion matrix: one class each.
+        raise CnnlabError(f"{data}: cnnlab cv scores single-label classification only")
     parts = make_folds(splits, folds)  # refused before anything is written
     (out / "splits").mkdir(parents=True, exist_ok=True)
     for i, fold in enumerate(parts, start=1):

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import (
+    binary_average_precision,
     multiclass_accuracy,
     multiclass_confusion_matrix,
     multiclass_f1_score,
@@ -62,6 +63,83 @@ def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 10) ->
     pairs = [(int(counts[t, p]), t, p) for t, p in counts.nonzero().tolist()]
     pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
     return [{"true": classes[t], "pred": classes[p], "count": n} for n, t, p in pairs[:top]]
+
+
+def fit_thresholds(scores: torch.Tensor, targets: torch.Tensor) -> list[float]:
+    """Per-label decision thresholds for multi-label scores (N, K) in [0, 1] against 0/1
+    ``targets`` (N, K): for each label, the threshold among its scores that maximises its
+    F1 (a tie keeps the higher threshold: fewer false alarms), placed midway to the next
+    lower score so that a slightly lower score elsewhere is not cut off; 0.5 for a label
+    with no positive example (nothing to fit it on)."""
+    thresholds = []
+    for k in range(scores.shape[1]):
+        column, truth = scores[:, k].double(), targets[:, k].bool()
+        positives = int(truth.sum())
+        if positives == 0:
+            thresholds.append(0.5)
+            continue
+        order = column.argsort(descending=True)
+        ranked, hits = column[order], truth[order].double().cumsum(0)
+        predicted = torch.arange(1, len(ranked) + 1, dtype=torch.float64)
+        f1 = 2 * hits / (predicted + positives)  # predict the top i+1 as positive
+        # Only a cut between two different scores is a threshold; the last of equal scores.
+        distinct = torch.ones(len(ranked), dtype=torch.bool)
+        distinct[:-1] = ranked[:-1] != ranked[1:]
+        f1[~distinct] = -1.0
+        best = int(f1.argmax())  # the first maximum: the highest threshold of the ties
+        below = float(ranked[best + 1]) if best + 1 < len(ranked) else 0.0
+        thresholds.append((float(ranked[best]) + below) / 2)
+    return thresholds
+
+
+def multilabel_report(
+    scores: torch.Tensor,
+    targets: torch.Tensor,
+    classes: list[str],
+    thresholds: list[float] | None = None,
+) -> dict[str, Any]:
+    """Multi-label metrics of sigmoid ``scores`` (N, K) against 0/1 ``targets`` (N, K):
+    ``{"map", "f1", "exact_match", "per_class": {name: {"ap", "precision", "recall",
+    "f1", "support", "threshold"}}}``. ``map`` is the macro average precision over the
+    labels with a positive example (scikit-learn's ``average_precision_score`` on the same
+    scores); ``f1`` the macro F1 and ``exact_match`` the fraction of images whose predicted
+    label set (scores above each label's threshold, 0.5 when none is given) is exactly
+    the true one. A label without positives has AP None and is left out of ``map``."""
+    num = len(classes)
+    thresholds = thresholds if thresholds is not None else [0.5] * num
+    truth = targets.bool()
+    predicted = scores > torch.tensor(thresholds, dtype=scores.dtype)
+    support = truth.sum(0)
+    # AP (torchmetrics' binary AP, label by label) only where a label has positives: it
+    # is undefined for the others.
+    ap = [
+        binary_average_precision(scores[:, k], targets[:, k].long()).item()
+        if support[k] > 0
+        else None
+        for k in range(num)
+    ]
+    true_pos = (predicted & truth).sum(0).double()
+    precision = true_pos / predicted.sum(0).clamp(min=1)
+    recall = true_pos / support.clamp(min=1)
+    f1 = 2 * true_pos / (predicted.sum(0) + support).clamp(min=1)
+    per_class = {
+        name: {
+            "ap": ap[k],
+            "precision": precision[k].item(),
+            "recall": recall[k].item(),
+            "f1": f1[k].item(),
+            "support": int(support[k]),
+            "threshold": thresholds[k],
+        }
+        for k, name in enumerate(classes)
+    }
+    known = [v["ap"] for v in per_class.values() if v["ap"] is not None]
+    return {
+        "map": sum(known) / len(known) if known else 0.0,
+        "f1": f1.mean().item(),
+        "exact_match": (predicted == truth).all(dim=1).double().mean().item(),
+        "per_class": per_class,
+    }
 
 
 def mean_average_precision(

@@ -166,6 +166,32 @@ def plot_confusion(matrix: torch.Tensor, classes: list[str], out: Path) -> None:
     _save(fig, Path(out))
 
 
+def plot_per_class_pr(per_class: dict[str, dict], out: Path) -> None:
+    """Multi-label classification's picture in place of a confusion matrix: each label's
+    precision and recall at its threshold, as paired horizontal bars (``per_class`` as
+    ``metrics.multilabel_report`` gives it)."""
+    names = list(per_class)
+    k = len(names)
+    height = min(max(1.5 + 0.35 * k, 3.0), 40.0)  # inches: ~0.35 in per label, bounded
+    fig = _new_figure((7.0, height))
+    ax = fig.subplots()
+    rows = list(range(k))
+    precision = [per_class[n]["precision"] for n in names]
+    recall = [per_class[n]["recall"] for n in names]
+    ax.barh([r - 0.2 for r in rows], precision, height=0.4, label="precision", color="tab:blue")
+    ax.barh([r + 0.2 for r in rows], recall, height=0.4, label="recall", color="tab:orange")
+    labels = [
+        f"{n} (t={per_class[n]['threshold']:.2f}, n={per_class[n]['support']})" for n in names
+    ]
+    ax.set_yticks(rows, labels=labels)
+    ax.invert_yaxis()  # the first label on top
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("at each label's threshold t")
+    ax.set_title("per-label precision and recall")
+    fig.legend(loc="outside lower center", ncols=2)  # below the axes: never over a bar
+    _save(fig, Path(out))
+
+
 def plot_errors(
     images: Sequence[torch.Tensor],
     true: Sequence[str],

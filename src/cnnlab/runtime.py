@@ -41,6 +41,7 @@ METADATA = (
     "dynamic",  # which input axes are dynamic: a subset of ["batch", "height", "width"]
     "decoding",  # for detectors: how to turn the outputs into boxes, in words
     "detect",  # for detectors: the "boxes" per YOLOv1 cell, or the limits built in
+    "thresholds",  # multi-label classifiers: a label is on when sigmoid(logit) > its threshold
     "weights_sha256",  # of the run's best.safetensors the file was exported from
     "cnnlab_version",
 )

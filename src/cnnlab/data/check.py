@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnlab.data.classify import class_dirs, is_label_csv, is_presplit, read_label_csv
+from cnnlab.data.classify import class_dirs, is_label_csv, is_multi, is_presplit, read_label_csv
 from cnnlab.data.images import (
     BadImageError,
     decode_bytes,
@@ -94,6 +94,12 @@ def _inspect(
     label CSV (``read_label_csv``) lists its files and classes itself."""
     if is_label_csv(root):
         folder, classes, samples = read_label_csv(Path(root), images)
+        if any(is_multi(k) for _, k in samples):
+            # Its counts and the class-folder tree `clean` writes hold one class per image.
+            raise CnnlabError(
+                f"{root}: a multi-label CSV (labels split by ';'); data check and clean take"
+                " one label per image"
+            )
         return [_inspect_file(folder, None, classes[k], p) for p, k in samples], [], []
     infos, ignored, empty = [], [], []
     for split, part in _parts(root):

@@ -20,8 +20,9 @@ import logging
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
@@ -49,7 +50,8 @@ from cnnlab.files import display_name
 
 log = logging.getLogger("cnnlab")
 
-Sample = tuple[Path, int]  # (absolute path, class index)
+# (absolute path, class index); in a multi-label set, the sorted tuple of its class indices
+Sample = tuple[Path, Any]
 CACHE_LIMIT_BYTES = 1 << 30  # decode once into memory when the set is estimated below this
 _PROBE_IMAGES = 8  # images decoded to estimate the decoded size of the whole set
 
@@ -112,6 +114,7 @@ def _class_name(folder: Path) -> str:
 
 
 LABEL_COLUMNS = ("file", "label")  # a label CSV's header
+LABEL_SEPARATOR = ";"  # between the labels of a multi-label cell: "cat;dog"
 
 
 def is_label_csv(path: Path | str) -> bool:
@@ -119,9 +122,15 @@ def is_label_csv(path: Path | str) -> bool:
     return Path(path).suffix.lower() == ".csv"
 
 
-def read_label_csv(path: Path, images: Path | None = None) -> tuple[Path, list[str], list[Sample]]:
+def read_label_csv(
+    path: Path, images: Path | None = None, multi_label: bool = False
+) -> tuple[Path, list[str], list[Sample]]:
     """(the images folder, sorted class names, samples) of a CSV of ``file,label`` rows
     (fastai's ``from_df``), its files relative to ``images`` (default: the CSV's folder).
+
+    A label cell may hold several labels separated by ``;`` (``LABEL_SEPARATOR``); when one
+    does, or with ``multi_label``, every sample's label is the sorted tuple of its class
+    indices (multi-label classification), else one class index.
 
     Any error names the CSV and its line: an unknown or missing column, an empty label, a
     file that is missing, outside the images folder, not an image or listed twice.
@@ -144,7 +153,7 @@ def read_label_csv(path: Path, images: Path | None = None) -> tuple[Path, list[s
         if name not in header:
             raise CnnlabError(f"{where}: no {name!r} column; the columns are file,label")
     file_at, label_at = header.index("file"), header.index("label")
-    labelled: list[tuple[Path, str]] = []
+    labelled: list[tuple[Path, tuple[str, ...]]] = []
     seen: dict[Path, int] = {}
     for row in rows:
         where = f"{path} line {rows.line_num}"
@@ -157,6 +166,9 @@ def read_label_csv(path: Path, images: Path | None = None) -> tuple[Path, list[s
             raise CnnlabError(f"{where}: empty label for {name!r}")
         if "/" in label or "\\" in label:
             raise CnnlabError(f"{where}: label {label!r} holds a path separator")
+        names = tuple(sorted({part.strip() for part in label.split(LABEL_SEPARATOR)}))
+        if "" in names:
+            raise CnnlabError(f"{where}: label {label!r} holds an empty label between ';'")
         if not name:
             raise CnnlabError(f"{where}: empty file name")
         file = inside(root, name, where)
@@ -167,12 +179,14 @@ def read_label_csv(path: Path, images: Path | None = None) -> tuple[Path, list[s
         if file in seen:
             raise CnnlabError(f"{where}: {name!r} is listed again (first on line {seen[file]})")
         seen[file] = rows.line_num
-        labelled.append((file, label))
-    classes = sorted({label for _, label in labelled})
+        labelled.append((file, names))
+    classes = sorted({name for _, names in labelled for name in names})
     if not classes:
         raise CnnlabError(f"{path}: no rows of file,label")
     index = {name: i for i, name in enumerate(classes)}
-    return root, classes, sorted((file, index[label]) for file, label in labelled)
+    if multi_label or any(len(names) > 1 for _, names in labelled):
+        return root, classes, sorted((f, tuple(index[n] for n in names)) for f, names in labelled)
+    return root, classes, sorted((file, index[names[0]]) for file, names in labelled)
 
 
 # --- splits --------------------------------------------------------------------------------
@@ -192,11 +206,19 @@ class Splits:
     test_split: float
     presplit: bool  # root/train (and val/test) were given; fractions carve only what is missing
 
+    @property
+    def multi_label(self) -> bool:
+        """Whether the samples carry several labels each (a tuple of class indices)."""
+        return any(is_multi(label) for _, label in self.train)
+
     def to_json(self) -> dict:
         """A JSON-ready dict; paths are relative to ``root`` (POSIX style)."""
 
         def rel(samples: list[Sample]) -> list[list]:
-            return [[path.relative_to(self.root).as_posix(), label] for path, label in samples]
+            return [
+                [path.relative_to(self.root).as_posix(), list(label) if is_multi(label) else label]
+                for path, label in samples
+            ]
 
         return {
             "root": str(self.root),
@@ -221,11 +243,14 @@ class Splits:
             def samples(name: str) -> list[Sample]:
                 out = []
                 for rel, label in data[name]:
-                    if isinstance(label, bool) or not isinstance(label, int):
-                        raise ValueError(f"{rel!r} has label {label!r}")
-                    if not 0 <= label < len(classes):
-                        raise ValueError(f"{rel!r} has label {label} outside the classes")
-                    out.append((split_member(root.absolute(), rel, path), label))
+                    labels = label if isinstance(label, list) else [label]
+                    for one in labels:
+                        if isinstance(one, bool) or not isinstance(one, int):
+                            raise ValueError(f"{rel!r} has label {label!r}")
+                        if not 0 <= one < len(classes):
+                            raise ValueError(f"{rel!r} has label {one} outside the classes")
+                    kept = tuple(label) if isinstance(label, list) else label
+                    out.append((split_member(root.absolute(), rel, path), kept))
                 return out
 
             return cls(
@@ -243,21 +268,69 @@ class Splits:
             raise CnnlabError(f"{path}: not a cnnlab split file ({error})") from None
 
 
+def is_multi(label: Any) -> bool:
+    """Whether a sample's label is a multi-label one (a tuple of class indices)."""
+    return isinstance(label, tuple | list)
+
+
+def strata(samples: Sequence[Sample], num_classes: int) -> dict[int, list[Sample]]:
+    """The samples grouped by the class they are stratified on: their class, or in a
+    multi-label set their rarest label (the fewest samples; the first of equals), so that
+    every label, rare ones first, reaches each split. An image with no label is grouped
+    with the rarest class of all."""
+    counts = [0] * num_classes
+    for _, label in samples:
+        for one in label if is_multi(label) else (label,):
+            counts[one] += 1
+    rarest_overall = min(range(num_classes), key=lambda k: (counts[k] or len(samples) + 1, k))
+    groups: dict[int, list[Sample]] = defaultdict(list)
+    for path, label in samples:
+        if not is_multi(label):
+            groups[label].append((path, label))
+        else:
+            rarest = min(label, key=lambda k: (counts[k], k)) if label else rarest_overall
+            groups[rarest].append((path, label))
+    return groups
+
+
+def as_multi_label_samples(samples: Sequence[Sample]) -> list[Sample]:
+    """The samples with multi-label labels: a single class index becomes a 1-tuple."""
+    return [(path, label if is_multi(label) else (label,)) for path, label in samples]
+
+
+def as_multi_label(splits: Splits) -> Splits:
+    """``splits`` with every label a tuple of class indices (``--multi-label`` on a
+    class-folder tree or a CSV of one label per image)."""
+    return replace(
+        splits,
+        train=as_multi_label_samples(splits.train),
+        val=as_multi_label_samples(splits.val),
+        test=as_multi_label_samples(splits.test),
+    )
+
+
+def multi_hot(label: Sequence[int], num_classes: int) -> torch.Tensor:
+    """(num_classes,) float32 with 1 at each of ``label``'s class indices."""
+    vector = torch.zeros(num_classes)
+    vector[list(label)] = 1.0
+    return vector
+
+
 def _stratified(
     samples: list[Sample], classes: list[str], val_split: float, test_split: float, seed: int
 ) -> tuple[list[Sample], list[Sample], list[Sample]]:
-    by_class: dict[int, list[Path]] = defaultdict(list)
-    for path, label in samples:
-        by_class[label].append(path)
+    by_class = strata(samples, len(classes))
     train, val, test = [], [], []
     for label, name in enumerate(classes):
+        if label not in by_class and is_multi(samples[0][1]):
+            continue  # a label never the rarest of any image: its images split elsewhere
         # A per-class generator seeded by (seed, class name): adding or removing one class
         # leaves every other class's split unchanged.
         parts = split_items(
             by_class[label], val_split, test_split, f"{seed}/{name}", None, f"class {name!r}"
         )
-        for split, paths in zip((train, val, test), parts, strict=True):
-            split += [(path, label) for path in paths]
+        for split, chosen in zip((train, val, test), parts, strict=True):
+            split += chosen
     return sorted(train), sorted(val), sorted(test)
 
 
@@ -279,6 +352,7 @@ def make_splits(
     test_split: float = 0.1,
     seed: int = 0,
     images: Path | None = None,
+    multi_label: bool = False,
 ) -> Splits:
     """Train/val/test samples of ``root``: its train/val/test folders, or a stratified split
     (of its class folders, or of a label CSV's rows with ``images``, ``read_label_csv``).
@@ -290,7 +364,7 @@ def make_splits(
     """
     check_fractions(val_split, test_split)
     if is_label_csv(root):
-        root, classes, samples = read_label_csv(Path(root), images)
+        root, classes, samples = read_label_csv(Path(root), images, multi_label)
         presplit = False
     else:
         root = require_folder(root)
@@ -324,13 +398,13 @@ def make_folds(splits: Splits, folds: int) -> list[Splits]:
     fold would validate without it)."""
     if folds < 2:
         raise CnnlabError(f"cross-validation needs at least 2 folds, got {folds}")
-    by_class: dict[int, list[Path]] = defaultdict(list)
-    for path, label in splits.train + splits.val:
-        by_class[label].append(path)
+    by_class = strata(splits.train + splits.val, len(splits.classes))
     parts: list[list[Sample]] = [[] for _ in range(folds)]
     dealt = 0
     for label, name in enumerate(splits.classes):
         paths = by_class[label]
+        if not paths and splits.multi_label:
+            continue  # a label never the rarest of any image: its images are dealt elsewhere
         if len(paths) < folds:
             raise CnnlabError(
                 f"class {name!r} has {len(paths)} image(s) outside the test split; {folds}"
@@ -338,8 +412,8 @@ def make_folds(splits: Splits, folds: int) -> list[Splits]:
             )
         # Seeded per class, as the split is: adding a class leaves the others' folds.
         dealt_class = fold_items(paths, folds, f"{splits.seed}/{name}/folds", None, dealt)
-        for part, paths_in_fold in zip(parts, dealt_class, strict=True):
-            part += [(path, label) for path in paths_in_fold]
+        for part, in_fold in zip(parts, dealt_class, strict=True):
+            part += in_fold
         dealt += len(paths)
     return [
         Splits(

@@ -144,4 +144,6 @@ def model_meta(cfg: TrainConfig, task: TrainingTask, model_args: dict) -> checkp
         mean=list(task.mean),
         std=list(task.std),
         cnnlab_version=__version__,
+        # 0.5 until the run fits each label's own after training (a multi-label task).
+        thresholds=[0.5] * len(task.classes) if getattr(task, "multi_label", False) else None,
     )

@@ -178,7 +178,8 @@ def _parity_figures(parity: dict[str, Any]) -> str:
         figures.append(
             f"max |difference| {parity['max_abs_diff']:.2g} (tolerance {parity['tolerance']:.2g})"
         )
-    for key, what in (("top1", "top-1"), ("mask_pixels", "mask pixels")):
+    named = (("top1", "top-1"), ("mask_pixels", "mask pixels"), ("labels", "label decisions"))
+    for key, what in named:
         if f"{key}_same" in parity:
             same, ties = parity[f"{key}_same"], parity[f"{key}_ties"]
             tied = f" (+{ties} ties within rounding)" if ties else ""
@@ -269,6 +270,8 @@ def _metadata(run: Run, output: str, dynamic: list[str]) -> dict[str, Any]:
         "weights_sha256": sha256_of(run.path / "best.safetensors"),
         "cnnlab_version": __version__,
     }
+    if run.task.exported_logits == "labels":  # multi-label: sigmoid scores, a threshold each
+        metadata["thresholds"] = list(run.meta.thresholds or [0.5] * len(meta.classes))
     if run.task.exported_logits is None:  # a detector: its decoding, in words and figures
         metadata |= run.model.graph_metadata(EVAL_LIMITS)
     return metadata

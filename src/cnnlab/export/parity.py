@@ -6,7 +6,10 @@ segmentation model exported for any size also gets an image of an odd size. Comp
 the largest |difference| of the outputs (logits, or YOLOv1's grid) against ``TOLERANCE``
 times the largest |output| (at least 1); the same top-1 class per image or per pixel,
 where a different answer counts only when the run's own scores of the two classes differ
-by more than that tolerance (a tie within float rounding has no right answer); and for
+by more than that tolerance (a tie within float rounding has no right answer); for a
+multi-label classifier, each label's yes or no (its sigmoid score above its threshold),
+where a different answer counts only when the run's score lies further than the tolerance
+from the threshold; and for
 detectors, every detection matched by one of the same class with IoU >= ``MATCH_IOU`` and
 a score within ``SCORE_TOLERANCE``, except those within that tolerance of the score
 threshold or of the last one kept, which float rounding may put on either side.
@@ -72,6 +75,14 @@ def check_parity(run: Run, exported: ExportedModel, count: int = PARITY_IMAGES) 
     logits = run.task.exported_logits
     if logits == "pixels":  # one image at a time: their sizes differ
         result = _dense([(run.model(x[None]), exported(x[None])) for x in inputs], "pixels")
+    elif logits == "labels":  # multi-label: each label's decision at its threshold
+        batch = torch.stack(inputs)
+        ref, got = run.model(batch), exported(batch)
+        result = _dense([(ref, got)], None)
+        if "max_abs_diff" in result:
+            thresholds = run.meta.thresholds or [0.5] * ref.shape[1]
+            decisions = _label_decisions(ref, got, thresholds, result["tolerance"])
+            result = {**result, **decisions, "failure": result["failure"] or decisions["failure"]}
     elif logits is not None:
         batch = torch.stack(inputs)
         result = _dense([(run.model(batch), exported(batch))], logits)
@@ -111,6 +122,27 @@ def _dense(pairs: list[tuple[Tensor, Tensor]], unit: str | None) -> dict[str, An
             failure = f"the top class differs on {changed} of {total} {unit}"
     result["failure"] = failure
     return result
+
+
+def _label_decisions(
+    ref: Tensor, got: Tensor, thresholds: list[float], tolerance: float
+) -> dict[str, Any]:
+    """Multi-label answers (sigmoid score above the label's threshold) of logits (N, K):
+    ``labels_same``, ``labels_ties`` (differing within ``tolerance`` of the threshold),
+    ``labels_total`` and ``failure``."""
+    limit = torch.tensor(thresholds, dtype=torch.float32)
+    mine, theirs = ref.float().sigmoid(), got.float().sigmoid()
+    differ = (mine > limit) != (theirs > limit)
+    near = (mine - limit).abs() <= tolerance
+    real, ties = int((differ & ~near).sum()), int((differ & near).sum())
+    total = differ.numel()
+    failure = f"the label decisions differ on {real} of {total}" if real else None
+    return {
+        "labels_same": total - real - ties,
+        "labels_ties": ties,
+        "labels_total": total,
+        "failure": failure,
+    }
 
 
 def _changed_answers(ref: Tensor, got: Tensor, tolerance: float) -> tuple[int, int]:

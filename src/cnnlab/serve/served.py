@@ -35,7 +35,8 @@ from cnnlab.files import read_json
 from cnnlab.inspect.memory import StorageTracker
 from cnnlab.runs import Run, load_run
 
-FIGURES = ("curves", "confusion", "errors")  # RUN/NAME.png a client may fetch by run id
+# RUN/NAME.png a client may fetch by run id (per_class: a multi-label run's, for confusion)
+FIGURES = ("curves", "confusion", "per_class", "errors")
 # Heat maps are computed on at most (HEATMAP_SIDE x the training size) squared pixels.
 HEATMAP_SIDE = 8
 # Bytes per pixel and channel around the model: the decoded image and its copy in the

@@ -13,17 +13,21 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cnnlab import metrics, plots
+from cnnlab.checkpoint import ModelMeta, read_model_json, save_model_json
 from cnnlab.config import TrainConfig
 from cnnlab.data.classify import (
     ImageDataset,
     MixingCollate,
     Sample,
     Splits,
+    as_multi_label,
+    as_multi_label_samples,
     balanced_sampler,
     class_weights,
     collate_skip_bad,
     is_label_csv,
     make_splits,
+    multi_hot,
     read_label_csv,
     scan_class_folders,
 )
@@ -35,7 +39,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.files import read_yaml
 from cnnlab.models.factory import model_info
 from cnnlab.tasks import TASKS
-from cnnlab.tasks.common import RunFacts, chunks, measured_on
+from cnnlab.tasks.common import RunFacts, chunks, measured_on, per_class_line
 from cnnlab.tasks.options import Option
 from cnnlab.tasks.spec import Figure, MetricSpec
 from cnnlab.tasks.tta import TTA
@@ -73,6 +77,17 @@ class ClassifyTask(RunFacts):
     csv_columns: ClassVar[tuple[str, ...]] = ("file", "rank", "class", "prob")  # --save-csv
     eval_split: ClassVar[str] = TASKS["classify"].eval_split  # what `cnnlab eval RUN` reports on
     exported_logits: ClassVar[str | None] = "images"  # export: (N, K), one row per image
+    multi_label: ClassVar[bool] = False  # MultiLabelClassifyTask: sigmoid outputs, BCE
+
+    @classmethod
+    def from_meta(cls, meta: ModelMeta) -> ClassifyTask:
+        """The task of a finished run: the multi-label variant, with its fitted thresholds,
+        when model.json records thresholds."""
+        channels, size, _ = meta.input_size
+        facts = (list(meta.classes), channels, size, tuple(meta.mean), tuple(meta.std))
+        if meta.thresholds is None:
+            return cls(*facts)
+        return MultiLabelClassifyTask(*facts, thresholds=list(meta.thresholds))
 
     # -- training
 
@@ -93,13 +108,34 @@ class ClassifyTask(RunFacts):
         if split_file is None:
             images = Path(cfg.images).absolute() if cfg.images else None
             cfg = replace(cfg, images=str(images) if images else None)
-            splits = make_splits(Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed, images)
+            splits = make_splits(
+                Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed, images, cfg.multi_label
+            )
         else:
             splits = Splits.from_json(split_file)
+        variant = cls
+        if cfg.multi_label or splits.multi_label:
+            variant = MultiLabelClassifyTask
+            splits = as_multi_label(splits)
+            refused = [
+                f"--{name.replace('_', '-')}"
+                for name, on in (
+                    ("balance", cfg.balance != "none"),
+                    ("mixup", cfg.mixup > 0),
+                    ("cutmix", cfg.cutmix > 0),
+                    ("label_smoothing", cfg.label_smoothing > 0),
+                )
+                if on
+            ]
+            if refused:
+                raise CnnlabError(
+                    f"multi-label classification takes no {', '.join(refused)}"
+                    " (they assume one class per image)"
+                )
         in_channels = cfg.in_channels or detect_in_channels([p for p, _ in splits.train])
         cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
         mean, std = default_stats(in_channels, pretrained=cfg.weights is not None)
-        task = cls(
+        task = variant(
             splits.classes,
             in_channels,
             img_size,
@@ -134,7 +170,7 @@ class ClassifyTask(RunFacts):
             self.class_weights = class_weights(splits.train, k).to(device)
         mix = batch_mix(cfg.mixup, cfg.cutmix, k)
         train = train_loader(
-            ImageDataset(splits.train, train_tf, self.in_channels),
+            ImageDataset(self.encode(splits.train), train_tf, self.in_channels),
             cfg.batch_size,
             generator,
             collate_skip_bad if mix is None else MixingCollate(mix),
@@ -149,7 +185,7 @@ class ClassifyTask(RunFacts):
         common = {"workers": cfg.workers, "pin_memory": pin}
 
         def evaluation(samples: list[Sample], persistent: bool) -> DataLoader:
-            dataset = ImageDataset(samples, eval_tf, self.in_channels, cache)
+            dataset = ImageDataset(self.encode(samples), eval_tf, self.in_channels, cache)
             return eval_loader(
                 dataset, train.batch_size, collate_skip_bad, persistent=persistent, **common
             )
@@ -222,7 +258,11 @@ class ClassifyTask(RunFacts):
 
     @staticmethod
     def headline(report: dict) -> str:
-        """With five classes or fewer, top-5 is always 100% and is left out."""
+        """With five classes or fewer, top-5 is always 100% and is left out. (The CLI
+        calls it on the task class of model.json's "task": a multi-label report, which has
+        an exact-match ratio, is the multi-label variant's.)"""
+        if "exact_match" in report:
+            return MultiLabelClassifyTask.headline(report)
         top5 = f"  top-5 {report['top5']:.2%}" if len(report["per_class"]) > 5 else ""
         return (
             f"{measured_on(report)} top-1 {report['top1']:.2%}{top5}  loss {report['loss']:.4f}"
@@ -253,6 +293,8 @@ class ClassifyTask(RunFacts):
         """What follows the headline: precision, recall, F1 and support of each class (the
         ``PER_CLASS_SHOWN`` lowest F1 when there are more classes) and the most frequent
         mistakes."""
+        if "exact_match" in report:
+            return MultiLabelClassifyTask.details(report)
         lines = per_class_lines(report.get("per_class") or {})
         mistakes = report.get("most_confused") or []
         if mistakes:
@@ -322,16 +364,23 @@ class ClassifyTask(RunFacts):
         if data_dir is None:
             samples = self._own_split(split_file, split)
         elif is_label_csv(data_dir):
-            _, classes, samples = read_label_csv(Path(data_dir))
+            _, classes, samples = read_label_csv(Path(data_dir), multi_label=self.multi_label)
             samples = self._remap(classes, samples, Path(data_dir))
         else:
             root = split_folder(Path(data_dir), split)
             classes, samples = scan_class_folders(root)
             samples = self._remap(classes, samples, root)
         dataset = ImageDataset(
-            samples, classify_eval(self.img_size, self.mean, self.std), self.in_channels
+            self.encode(samples),
+            classify_eval(self.img_size, self.mean, self.std),
+            self.in_channels,
         )
         return eval_loader(dataset, EVAL_BATCH, collate_skip_bad)
+
+    def encode(self, samples: list[Sample]) -> list[Sample]:
+        """The samples as the dataset gives them to the model: class indices as they are
+        (multi-label: a multi-hot vector)."""
+        return samples
 
     def _own_split(self, split_file: Path, split: str) -> list[Sample]:
         if split not in SPLIT_NAMES:
@@ -353,6 +402,11 @@ class ClassifyTask(RunFacts):
                 f"{source}: class folder {unknown[0]!r} is not one of the run's"
                 f" {len(self.classes)} classes"
             )
+        if self.multi_label:
+            return [
+                (path, tuple(sorted(index[classes[one]] for one in labels)))
+                for path, labels in as_multi_label_samples(samples)
+            ]
         return [(path, index[classes[label]]) for path, label in samples]
 
     @staticmethod
@@ -497,3 +551,197 @@ def per_class_lines(per_class: dict[str, dict], width: int | None = None) -> lis
     ]
     table = fit_table("per class", columns, rows, width or terminal_width())
     return [*render_plain(table).splitlines(), *([note] if note else [])]
+
+
+@dataclass
+class MultiLabelClassifyTask(ClassifyTask):
+    """Multi-label classification, a mode of ``ClassifyTask`` (``--multi-label``, or a label
+    CSV whose cells hold several labels): one sigmoid score per label, binary cross-entropy,
+    the best checkpoint by val mAP; after training each label's threshold is fitted on the
+    validation split (``metrics.fit_thresholds``) and saved in model.json."""
+
+    thresholds: list[float] | None = None  # per label; None: 0.5 each (not yet fitted)
+    multi_label: ClassVar[bool] = True
+    metrics: ClassVar[MetricSpec] = MetricSpec(
+        val=(
+            Figure("loss", "loss"),
+            Figure("map", "mAP"),
+            Figure("f1", "F1"),
+            Figure("exact_match", "exact", True),
+        ),
+        # Higher is better: val mAP, then (on a tie) the lower val loss.
+        best=("map", "-loss"),
+        best_label="val mAP",
+        curves={
+            "loss": ("train_loss", "val_loss"),
+            "mAP / F1": {"val_map": "val mAP", "val_f1": "val F1"},
+            "exact match": ("train_exact_match", "val_exact_match"),
+        },
+        in_line=("loss", "map", "exact_match"),
+        train=Figure("exact_match", "exact", True),
+    )
+    csv_columns: ClassVar[tuple[str, ...]] = ("file", "rank", "class", "prob", "threshold")
+    # export: (N, K) logits whose sigmoid each label's threshold decides (model.json's)
+    exported_logits: ClassVar[str | None] = "labels"
+
+    def encode(self, samples: list[Sample]) -> list[Sample]:
+        k = len(self.classes)
+        return [(path, multi_hot(labels, k)) for path, labels in as_multi_label_samples(samples)]
+
+    def forward_loss(
+        self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:
+        """Binary cross-entropy of the logits (B, K) against multi-hot targets (B, K)
+        (auxiliary classifiers add 0.3 x theirs), and the batch's exact matches at 0.5."""
+        outputs = net(images)
+        if isinstance(outputs, tuple):
+            outputs, *auxiliary = outputs
+            loss = self.loss(outputs, targets)
+            loss = loss + AUX_LOSS_WEIGHT * sum(self.loss(aux, targets) for aux in auxiliary)
+        else:
+            loss = self.loss(outputs, targets)
+        exact = ((outputs > 0) == (targets > 0.5)).all(dim=1)
+        return loss, (exact.sum(), len(targets))
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        data: DataLoader,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None = None,
+        worst: int = 0,
+    ) -> dict:
+        """``metrics.multilabel_report`` at the task's thresholds, with ``loss`` (mean
+        binary cross-entropy), ``n`` and, for fitting, ``_scores`` and ``_targets``."""
+        model.eval()
+        memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+        all_logits, all_targets = [], []
+        with torch.inference_mode():
+            for images, targets in data:  # (B, C, S, S), (B, K)
+                if len(targets) == 0:
+                    continue
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
+                enabled = autocast_dtype is not None
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=enabled):
+                    all_logits.append(model(images).float().cpu())
+                all_targets.append(targets.float().cpu())
+        if not all_logits:
+            raise CnnlabError("no readable images to evaluate")
+        logits, targets = torch.cat(all_logits), torch.cat(all_targets)  # (N, K) each
+        scores = logits.sigmoid()
+        report = metrics.multilabel_report(scores, targets, self.classes, self.thresholds)
+        report["loss"] = F.binary_cross_entropy_with_logits(logits, targets).item()
+        report["n"] = len(targets)
+        report["_scores"], report["_targets"] = scores, targets
+        return report
+
+    def finish(
+        self,
+        model: nn.Module,
+        val: DataLoader,
+        test: DataLoader | None,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+        run_dir: Path,
+    ) -> tuple[str, dict]:
+        """Each label's threshold fitted on val and saved in model.json, then the test
+        split (val when there is none) at those thresholds, and per_class.png (precision
+        and recall per label) in place of the confusion matrix."""
+        fitted = self.evaluate(model, val, device, autocast_dtype)
+        self.thresholds = metrics.fit_thresholds(fitted["_scores"], fitted["_targets"])
+        meta = read_model_json(run_dir)
+        save_model_json(run_dir, replace(meta, thresholds=self.thresholds))
+        split, loader = ("test", test) if test is not None else ("val", val)
+        result = self.evaluate(model, loader, device, autocast_dtype)
+        plots.plot_per_class_pr(result["per_class"], run_dir / "per_class.png")
+        return split, result
+
+    @staticmethod
+    def headline(report: dict) -> str:
+        return (
+            f"{measured_on(report)} mAP {report['map']:.3f}  F1 {report['f1']:.3f}"
+            f"  exact match {report['exact_match']:.2%}  loss {report['loss']:.4f}"
+            f"  ({report['n']} images)"
+        )
+
+    @staticmethod
+    def details(report: dict) -> list[str]:
+        """Each label's AP and F1, lowest first."""
+        per_class = report.get("per_class") or {}
+        return [
+            per_class_line("AP per label", {n: v["ap"] for n, v in per_class.items()}, ".3f"),
+            per_class_line("F1 per label", {n: v["f1"] for n, v in per_class.items()}, ".3f"),
+        ]
+
+    def batch_pictures(
+        self, images: torch.Tensor, targets: torch.Tensor
+    ) -> list[tuple[torch.Tensor, str]]:
+        """(uint8 image, its labels joined by ';') for each image of a training batch."""
+        from cnnlab.draw import unnormalise
+
+        def caption(label: torch.Tensor) -> str:
+            return ";".join(self.classes[i] for i in label.nonzero().flatten().tolist())
+
+        return [
+            (unnormalise(image, self.mean, self.std), caption(label))
+            for image, label in zip(images, targets, strict=False)
+        ]
+
+    @torch.inference_mode()
+    def predict(
+        self, model: nn.Module, images: list[torch.Tensor], device: torch.device, topk: int = 5
+    ) -> list[dict]:
+        """``[{"labels": [{"class", "prob", "threshold"}, ...], "top": [...]}]`` per uint8
+        image: ``labels`` every label whose sigmoid score is above its threshold, highest
+        first; ``top`` the ``topk`` highest scores whatever their thresholds."""
+        thresholds = self.thresholds or [0.5] * len(self.classes)
+        k = min(topk, len(self.classes))
+        results = []
+        for chunk in chunks(images, EVAL_BATCH):
+            batch = torch.stack([self.preprocess(image) for image in chunk]).to(device)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            scores = model(batch).float().sigmoid().cpu()  # (B, K)
+            for row in scores.tolist():
+                ranked = sorted(range(len(row)), key=lambda i: -row[i])
+                entry = [
+                    {"class": self.classes[i], "prob": row[i], "threshold": thresholds[i]}
+                    for i in ranked
+                ]
+                results.append(
+                    {
+                        "labels": [e for e in entry if e["prob"] > e["threshold"]],
+                        "top": entry[:k],
+                    }
+                )
+        return results
+
+    def test_time_augmented(self, model: nn.Module, config_file: Path) -> nn.Module:
+        raise CnnlabError(
+            "--tta averages softmax probabilities: not for a multi-label run, whose"
+            " thresholds were fitted on single views"
+        )
+
+    @staticmethod
+    def describe(result: dict) -> str:
+        if not result["labels"]:
+            return "no label above its threshold"
+        return ", ".join(f"{t['class']} {t['prob']:.1%}" for t in result["labels"])
+
+    @staticmethod
+    def csv_rows(result: dict) -> list[tuple]:
+        """One row per label above its threshold (rank 1 the highest score)."""
+        return [
+            (result["file"], rank, label["class"], label["prob"], label["threshold"])
+            for rank, label in enumerate(result["labels"], start=1)
+        ]
+
+    @staticmethod
+    def draw(image: torch.Tensor, result: dict) -> dict[str, bytes]:
+        """The image with every label above its threshold written above it."""
+        from cnnlab.draw import caption, encode_png
+
+        text = ", ".join(f"{t['class']} {t['prob']:.0%}" for t in result["labels"]) or "-"
+        return {"labelled": encode_png(caption(image, text))}

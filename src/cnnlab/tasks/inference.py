@@ -25,8 +25,9 @@ class InferenceTask(Protocol):
     eval_split: ClassVar[str]  # what `cnnlab eval RUN` reports on by default
     drawings: ClassVar[tuple[str, ...]]  # the PNGs ``draw`` returns, by name, in order
     csv_columns: ClassVar[tuple[str, ...]]  # the header of `predict --save-csv`
-    # What an exported graph's logits are: "images" (N, K), "pixels" (N, K, H, W at any
-    # size), or None where the model declares its own graph (a detector's contract).
+    # What an exported graph's logits are: "images" (N, K), "labels" (N, K) of a
+    # multi-label classifier (a sigmoid and a threshold per label), "pixels" (N, K, H, W at
+    # any size), or None where the model declares its own graph (a detector's contract).
     exported_logits: ClassVar[str | None]
     classes: list[str]
     in_channels: int

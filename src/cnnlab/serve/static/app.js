@@ -242,9 +242,14 @@ const overlay = { alpha: 0.5, threshold: 0.25 };
 
 function classifyPanel(answer) {
   const best = answer.top[0];
-  const parts = [el("p", { class: "top1", id: "top1" }, `${best.class} · ${pct(best.prob)}`)];
+  // A multi-label run lists every label above its threshold; a single-label one its top class.
+  const headline = answer.labels
+    ? answer.labels.map((t) => `${t.class} · ${pct(t.prob)}`).join(", ") || "no label above its threshold"
+    : `${best.class} · ${pct(best.prob)}`;
+  const parts = [el("p", { class: "top1", id: "top1" }, headline)];
   const mapped = new Set(answer.heatmaps ? answer.heatmaps.maps.map((m) => m.class) : []);
-  parts.push(el("h3", {}, mapped.size ? "Top classes (pick one to see its heat map)" : "Top classes"));
+  const listed = answer.labels ? "Label scores" : "Top classes";
+  parts.push(el("h3", {}, mapped.size ? `${listed} (pick one to see its heat map)` : listed));
   parts.push(el("ul", { class: "rows", id: "top" }, answer.top.map((t) => el("li", {},
     el("label", { class: "choice" },
       el("input", {
