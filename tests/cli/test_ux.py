@@ -133,11 +133,11 @@ def test_version() -> None:
 
 
 def test_a_closed_pipe_ends_quietly() -> None:
-    # `cnnlab summary densenet201 --format json | head -c 100`: the reader leaves early.
+    # `cnnlab summary resnet18 --format json | head -c 100`: the reader leaves early.
     # The reading end is closed before the child writes, so every write meets a closed
     # pipe (with `| head` the outcome would depend on how much the pipe buffers first).
     child = subprocess.Popen(
-        [sys.executable, "-m", "cnnlab", "summary", "densenet201", "--format", "json"],
+        [sys.executable, "-m", "cnnlab", "summary", "resnet18", "--format", "json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
