@@ -3,6 +3,7 @@ prediction and the test report of a finished run."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -208,8 +209,14 @@ class ClassifyTask(RunFacts):
             loss = loss + AUX_LOSS_WEIGHT * sum(self.loss(aux, targets) for aux in auxiliary)
         else:
             loss = self.loss(outputs, targets)
+        return loss, (self.right_answers(outputs, targets), len(targets))
+
+    @staticmethod
+    def right_answers(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """How many of the batch's logits (B, K) name the target's class (for a soft target,
+        the class with the larger share)."""
         labels = targets.argmax(dim=1) if targets.ndim == 2 else targets
-        return loss, ((outputs.argmax(dim=1) == labels).sum(), len(targets))
+        return (logits.argmax(dim=1) == labels).sum()
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Training objective; logits (B, K), targets (B,) class indices or (B, K) class
@@ -434,6 +441,28 @@ class ClassifyTask(RunFacts):
 TASK = ClassifyTask
 
 
+def logits_batches(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, targets, float logits (B, K)) of each non-empty batch of ``loader`` on
+    ``device`` (model put in eval mode), under ``autocast_dtype`` when given: the one
+    evaluation loop of single- and multi-label classification. Call it under
+    ``torch.inference_mode()``."""
+    model.eval()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    for images, targets in loader:  # (B, C, S, S), (B,) or (B, K)
+        if len(targets) == 0:
+            continue
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(images).float()
+        yield images, targets, logits  # outside autocast: the caller's losses in float
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -453,17 +482,9 @@ def evaluate(
     "targets", "preds", "probs", "losses"}`` CPU tensors (``probs``: of the predicted
     class).
     """
-    model.eval()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
     all_logits, all_targets = [], []
     kept: tuple[torch.Tensor, ...] | None = None  # (images, targets, preds, losses)
-    for images, targets in loader:  # (B, C, S, S), (B,)
-        if len(targets) == 0:
-            continue
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(images).float()  # (B, K)
+    for images, targets, logits in logits_batches(model, loader, device, autocast_dtype):
         all_logits.append(logits)
         all_targets.append(targets)
         if worst:
@@ -588,20 +609,11 @@ class MultiLabelClassifyTask(ClassifyTask):
         k = len(self.classes)
         return [(path, multi_hot(labels, k)) for path, labels in as_multi_label_samples(samples)]
 
-    def forward_loss(
-        self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:
-        """Binary cross-entropy of the logits (B, K) against multi-hot targets (B, K)
-        (auxiliary classifiers add 0.3 x theirs), and the batch's exact matches at 0.5."""
-        outputs = net(images)
-        if isinstance(outputs, tuple):
-            outputs, *auxiliary = outputs
-            loss = self.loss(outputs, targets)
-            loss = loss + AUX_LOSS_WEIGHT * sum(self.loss(aux, targets) for aux in auxiliary)
-        else:
-            loss = self.loss(outputs, targets)
-        exact = ((outputs > 0) == (targets > 0.5)).all(dim=1)
-        return loss, (exact.sum(), len(targets))
+    @staticmethod
+    def right_answers(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """How many of the batch's images have every label right at 0.5 (exact matches):
+        ``forward_loss`` is the parent's, with binary cross-entropy as ``loss``."""
+        return ((logits > 0) == (targets > 0.5)).all(dim=1).sum()
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
@@ -616,17 +628,10 @@ class MultiLabelClassifyTask(ClassifyTask):
     ) -> dict:
         """``metrics.multilabel_report`` at the task's thresholds, with ``loss`` (mean
         binary cross-entropy), ``n`` and, for fitting, ``_scores`` and ``_targets``."""
-        model.eval()
-        memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
         all_logits, all_targets = [], []
         with torch.inference_mode():
-            for images, targets in data:  # (B, C, S, S), (B, K)
-                if len(targets) == 0:
-                    continue
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                enabled = autocast_dtype is not None
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=enabled):
-                    all_logits.append(model(images).float().cpu())
+            for _, targets, logits in logits_batches(model, data, device, autocast_dtype):
+                all_logits.append(logits.cpu())
                 all_targets.append(targets.float().cpu())
         if not all_logits:
             raise CnnlabError("no readable images to evaluate")
