@@ -83,6 +83,26 @@ def tiny_config(data: Path | str, out: Path | str, **changes: object) -> TrainCo
     return TrainConfig(**{**settings, **changes})
 
 
+def train_tiny_classifier(data: Path, out: Path) -> Path:
+    """``out``: a classification run of a tiny convnet trained one epoch on ``data`` (split
+    60/20/20), for tests that need any trained run rather than a good one."""
+    import cnnlab
+
+    cnnlab.train(
+        data,
+        out,
+        model="convnet",
+        model_args={"cdims": [4], "hdims": [8]},
+        img_size=16,
+        epochs=1,
+        batch_size=4,
+        val_split=0.2,
+        test_split=0.2,
+        quiet=True,
+    )
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread() -> Iterator[None]:
     """The tests' layers are tiny and two pytest workers share two cores: with more than one

@@ -31,10 +31,9 @@ from PIL import Image
 import cnnlab
 from cnnlab import checkpoint, files
 from cnnlab.data.shapes import write_shapes
-from tests.conftest import run_cli
+from tests.conftest import run_cli, train_tiny_classifier
 
 MEMORY_LIMIT = 6 << 30  # the children's address space: torch alone maps about 3 GiB
-TINY_CONVNET = {"cdims": [4], "hdims": [8]}
 
 
 # Every command here runs with its address space capped: a runaway read fails the test.
@@ -141,19 +140,7 @@ def classes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def classify_run(tmp_path_factory: pytest.TempPathFactory, classes_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("runs") / "classify"
-    cnnlab.train(
-        classes_dir,
-        out,
-        model="convnet",
-        model_args=TINY_CONVNET,
-        img_size=16,
-        epochs=1,
-        batch_size=4,
-        val_split=0.2,
-        test_split=0.2,
-        quiet=True,
-    )
-    return out
+    return train_tiny_classifier(classes_dir, out)
 
 
 @pytest.mark.parametrize("name", sorted(bad_images()))

@@ -29,8 +29,7 @@ import cnnlab
 from cnnlab import checkpoint, files
 from cnnlab.cli import main
 from cnnlab.errors import CnnlabError
-
-TINY_CONVNET = {"cdims": [4], "hdims": [8]}
+from tests.conftest import train_tiny_classifier
 
 
 def one_line(error: pytest.ExceptionInfo) -> str:
@@ -58,19 +57,7 @@ def classes_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, classes_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("runs") / "classify"
-    cnnlab.train(
-        classes_dir,
-        out,
-        model="convnet",
-        model_args=TINY_CONVNET,
-        img_size=16,
-        epochs=1,
-        batch_size=4,
-        val_split=0.2,
-        test_split=0.2,
-        quiet=True,
-    )
-    return out
+    return train_tiny_classifier(classes_dir, out)
 
 
 @pytest.fixture

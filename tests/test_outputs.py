@@ -33,6 +33,7 @@ import cnnlab
 from cnnlab.cli import main
 from cnnlab.errors import CnnlabError
 from cnnlab.files import run_lock
+from tests.conftest import train_tiny_classifier
 
 TINY = ["--model", "convnet", "--cdims", "4", "--hdims", "8", "--img-size", "16"]
 
@@ -88,26 +89,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def train_tiny(data: Path, out: Path) -> Path:
-    cnnlab.train(
-        data,
-        out,
-        model="convnet",
-        model_args={"cdims": [4], "hdims": [8]},
-        img_size=16,
-        epochs=1,
-        batch_size=4,
-        val_split=0.2,
-        test_split=0.2,
-        quiet=True,
-    )
-    return out
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, data: Path) -> Path:
     """A one-epoch run on ``data``. Read-only: other tests share it."""
-    return train_tiny(data, tmp_path_factory.mktemp("outputs-run") / "run")
+    return train_tiny_classifier(data, tmp_path_factory.mktemp("outputs-run") / "run")
 
 
 # ---------------------------------------------------------------------------- faults
@@ -392,7 +377,7 @@ def test_resume_and_eval_name_a_deleted_split_image_before_any_work(
     data: Path, tmp_path: Path
 ) -> None:
     own = Path(shutil.copytree(data, tmp_path / "data"))
-    run_dir = train_tiny(own, tmp_path / "run")
+    run_dir = train_tiny_classifier(own, tmp_path / "run")
     recorded = json.loads((run_dir / "split.json").read_text())
     last = (run_dir / "last.pt").stat().st_mtime_ns
     for split in ("test", "val"):
