@@ -27,10 +27,18 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 5e-4}
 
 
-def _setting(default: Any, help: str, choices: tuple | None = None, cli: bool = True) -> Any:
+def _setting(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    cli: bool = True,
+    tasks: tuple[str, ...] | None = None,
+) -> Any:
     """A field with the command line's help text (and choices); ``cli=False`` keeps it off
-    the command line (filled in by the run, or given another way)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "cli": cli})
+    the command line (filled in by the run, or given another way); ``tasks`` names the only
+    tasks whose train command takes it as a flag (None: every task's)."""
+    metadata = {"help": help, "choices": choices, "cli": cli, "tasks": tasks}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -98,11 +106,13 @@ class TrainConfig:
         None,
         "with a CSV file as DIR (columns file,label): the folder its file names are relative"
         " to; none: the CSV's folder",
+        tasks=("classify",),
     )
     multi_label: bool = _setting(
         False,
         "classification: several labels per image (sigmoid outputs, binary cross-entropy,"
         " per-label thresholds); on by itself when a CSV label cell holds labels split by ';'",
+        tasks=("classify",),
     )
     split_file: str | None = _setting(
         None,

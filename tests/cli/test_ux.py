@@ -309,6 +309,18 @@ def test_a_models_own_flag_is_not_taken_for_a_longer_training_flag(tmp_path: Pat
     assert args.backbone_lr_mult is None  # not given
 
 
+@pytest.mark.parametrize("task", ["segment", "detect"])
+def test_train_flags_of_classification_data_appear_only_where_they_apply(task: str) -> None:
+    """A label CSV's --images and --multi-label are classification's (config.py's
+    ``tasks``); --split-file is every task's (each reads its own split.json)."""
+    parser = cli.build_parser()
+    args = parser.parse_known_args([task, "train", "DIR"])[0]
+    assert not hasattr(args, "images") and not hasattr(args, "multi_label")
+    assert hasattr(args, "split_file")
+    args = parser.parse_known_args(["train", "DIR"])[0]
+    assert hasattr(args, "images") and hasattr(args, "multi_label")
+
+
 def first_image(folder: Path) -> Path:
     return sorted(p for p in folder.rglob("*.png") if p.parent.name != "proposals")[0]
 

@@ -125,12 +125,15 @@ def _shown(default: object) -> str:
 
 
 def config_flags(sub: argparse.ArgumentParser, task: str, skip: Sequence[str] = ()) -> None:
-    """One flag per TrainConfig field, with its help, choices and ``task``'s default."""
+    """One flag per TrainConfig field that ``task`` takes, with its help, choices and
+    ``task``'s default."""
     from cnnlab.config import TrainConfig, default_of
 
     hints = typing.get_type_hints(TrainConfig)
     for item in fields(TrainConfig):
         if not item.metadata.get("cli", True) or item.name in skip:
+            continue
+        if task not in (item.metadata.get("tasks") or (task,)):
             continue
         flag = f"--{item.name.replace('_', '-')}"
         default = default_of(task, item.name)
