@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from cnnlab.errors import CnnlabError
-from cnnlab.plots import line_label, plot_confusion, plot_curves, plot_errors, spike_indices
+from cnnlab.evaluation_plots import plot_confusion, plot_errors
+from cnnlab.plots import line_label, plot_curves, spike_indices
 from cnnlab.tasks.classify import ClassifyTask
 
 CLASSIFY_CURVES = ClassifyTask.metrics.curves

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cnnlab import checkpoint, plots, training
+from cnnlab import checkpoint, evaluation_plots, training
 from cnnlab.config import TrainConfig
 from cnnlab.data.classify import make_folds, make_splits
 from cnnlab.errors import CnnlabError
@@ -106,7 +106,7 @@ def _run_folds(out: Path, say: Callable[[str], None]) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(out / "cv.json", summary)
-    plots.plot_confusion(confusion, classes, out / "confusion.png")
+    evaluation_plots.plot_confusion(confusion, classes, out / "confusion.png")
     return summary
 
 

@@ -243,7 +243,7 @@ def explain_files(
 
 def draw(result: Explanation, out: Path) -> None:
     """The map over the image (its view box), with a colour bar and the peak marked."""
-    from cnnlab.plots import plot_attribution
+    from cnnlab.explain_plots import plot_attribution
 
     row, col = attribution.peak_of(result.map)
     title = f"{result.method} at {result.layer}: {result.class_name} (p={result.probability:.2f})"

@@ -39,7 +39,7 @@ def feature_maps_file(
     means = maps.mean(dim=(1, 2))
     order = means.argsort(descending=True)[: min(top, maps.shape[0])]
     channels = [(int(c), float(means[c])) for c in order]
-    from cnnlab.plots import plot_feature_maps
+    from cnnlab.explain_plots import plot_feature_maps
 
     title = f"{name} of {Path(image).name}: the {len(channels)} most active of {maps.shape[0]}"
     plot_feature_maps([maps[c].numpy() for c, _ in channels], channels, title, Path(out))
@@ -72,7 +72,7 @@ def filters_file(
     name, conv = first_conv(run.model, run.meta.architecture)
     trained = conv.weight.detach().float().cpu()
     initial = initial_kernels(Path(run_dir), name)
-    from cnnlab.plots import plot_filters
+    from cnnlab.explain_plots import plot_filters
 
     panels = [("trained", trained)]
     if initial is not None:

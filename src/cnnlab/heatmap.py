@@ -48,7 +48,7 @@ def heatmap(
     maps = class_maps(loaded, read_image(Path(image), loaded.task.in_channels))
     index = maps.index(class_name)
     if out is not None:
-        from cnnlab.plots import plot_heatmap
+        from cnnlab.explain_plots import plot_heatmap
 
         grid = maps.probs[index].numpy()
         plot_heatmap(maps.pixels, grid, maps.boxes.extent(), maps.classes[index], Path(out))

@@ -11,7 +11,8 @@ import pytest
 
 from cnnlab import load_run
 from cnnlab.data.check import check_folder, clean_folder
-from cnnlab.data.classify import make_splits, read_label_csv
+from cnnlab.data.classify import make_splits
+from cnnlab.data.labels import read_label_csv
 from cnnlab.errors import CnnlabError
 from cnnlab.training import train
 from tests.conftest import run_cli, tiny_config

@@ -36,15 +36,30 @@ def members(protocol: type) -> set[str]:
     return names
 
 
+def missing_members(cls: type, protocol: type) -> list[str]:
+    """What ``protocol`` declares that the dataclass ``cls`` lacks."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return sorted(m for m in members(protocol) if not hasattr(cls, m) and m not in fields)
+
+
 @pytest.mark.parametrize("name", list(TASKS))
 @pytest.mark.parametrize("protocol", [TrainingTask, InferenceTask])
 def test_every_task_implements_both_contracts(name: str, protocol: type) -> None:
     cls = task_class(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    missing = sorted(m for m in members(protocol) if not hasattr(cls, m) and m not in fields)
+    missing = missing_members(cls, protocol)
     assert not missing, f"{cls.__name__} lacks {missing} of {protocol.__name__}"
     assert cls.name == name
     assert cls.options == TASKS[name].options and cls.eval_split == TASKS[name].eval_split
+
+
+@pytest.mark.parametrize("protocol", [TrainingTask, InferenceTask])
+def test_the_multi_label_mode_implements_both_contracts(protocol: type) -> None:
+    """``ClassifyTask`` hands a multi-label run to its own class, which the loop, load_run
+    and export then call as they call any task."""
+    from cnnlab.tasks.multilabel import MultiLabelClassifyTask
+
+    assert not missing_members(MultiLabelClassifyTask, protocol)
+    assert MultiLabelClassifyTask.name == "classify"
 
 
 def attributes_of(path: Path, holders: set[str]) -> set[str]:

@@ -11,7 +11,8 @@ import torch
 from sklearn.metrics import average_precision_score, f1_score
 
 from cnnlab import load_run, metrics
-from cnnlab.data.classify import make_splits, read_label_csv
+from cnnlab.data.classify import make_splits
+from cnnlab.data.labels import read_label_csv
 from cnnlab.errors import CnnlabError
 from cnnlab.export import export_run
 from cnnlab.runtime import read_metadata

@@ -178,8 +178,8 @@ def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
 
 def _summary_erf(args: argparse.Namespace, extra: dict) -> int:
     """``summary MODEL --erf`` (fresh weights) or ``summary RUN --erf`` (trained ones)."""
+    from cnnlab.explain_plots import plot_erf
     from cnnlab.inspect.erf import effective_fields, erf_table
-    from cnnlab.plots import plot_erf
 
     size = parse_input(args.input) if args.input else None
     if (Path(args.model) / "model.json").is_file():

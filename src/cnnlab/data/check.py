@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnlab.data.classify import class_dirs, is_label_csv, is_multi, is_presplit, read_label_csv
+from cnnlab.data.classify import class_dirs, is_presplit
 from cnnlab.data.images import (
     BadImageError,
     decode_bytes,
@@ -27,6 +27,7 @@ from cnnlab.data.images import (
     visible,
     walk_files,
 )
+from cnnlab.data.labels import is_label_csv, is_multi, read_label_csv
 from cnnlab.data.splits import SPLIT_NAMES
 from cnnlab.errors import CnnlabError
 from cnnlab.files import require_new_folder, staged_folder, write_json
@@ -157,7 +158,7 @@ def check_folder(root: Path, images: Path | None = None) -> dict:
     few for train/val/test), ``empty_classes``, ``ignored_files`` (no image extension, or
     an image beside the class folders, in no class) and, for a pre-split tree, ``splits``
     {split: {class: count}}. Paths are relative to ``root``. A label CSV as ``root``
-    (``cnnlab.data.classify.read_label_csv``; its paths relative to ``images``) is
+    (``cnnlab.data.labels.read_label_csv``; its paths relative to ``images``) is
     checked the same way, its rows read first (an error names the line).
     """
     root, _ = _source(root, images)

@@ -4,6 +4,7 @@ Two layouts are understood. A class-folder tree (``DIR/<class>/*.jpg``) is split
 train/val/test by ``make_splits``, stratified by class. A pre-split tree
 (``DIR/train/<class>``, ``DIR/val/<class>`` and optionally ``DIR/test/<class>``) is used as
 given; a missing ``val`` or ``test`` part is carved out of ``train`` the same stratified way.
+A label CSV (``cnnlab.data.labels``) is split as a class-folder tree is.
 
 An unreadable image never stops training: ``ImageDataset`` logs one warning naming the file
 (``logging.getLogger("cnnlab")``) and returns ``None``; ``collate_skip_bad`` drops the
@@ -15,14 +16,12 @@ worker; cached datasets decode (and warn) once, up front.
 
 from __future__ import annotations
 
-import csv
 import logging
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
@@ -36,11 +35,17 @@ from cnnlab.data.images import (
     visible,
     walk_files,
 )
+from cnnlab.data.labels import (
+    Sample,
+    as_multi_label_samples,
+    is_label_csv,
+    is_multi,
+    read_label_csv,
+)
 from cnnlab.data.splits import (
     SPLIT_NAMES,
     check_fractions,
     fold_items,
-    inside,
     read_split_file,
     split_items,
     split_member,
@@ -50,8 +55,6 @@ from cnnlab.files import display_name
 
 log = logging.getLogger("cnnlab")
 
-# (absolute path, class index); in a multi-label set, the sorted tuple of its class indices
-Sample = tuple[Path, Any]
 CACHE_LIMIT_BYTES = 1 << 30  # decode once into memory when the set is estimated below this
 _PROBE_IMAGES = 8  # images decoded to estimate the decoded size of the whole set
 
@@ -111,82 +114,6 @@ def _class_name(folder: Path) -> str:
             " rename it (class names are saved in model.json and reports)"
         ) from None
     return folder.name
-
-
-LABEL_COLUMNS = ("file", "label")  # a label CSV's header
-LABEL_SEPARATOR = ";"  # between the labels of a multi-label cell: "cat;dog"
-
-
-def is_label_csv(path: Path | str) -> bool:
-    """Whether the data argument names a CSV of labels rather than a folder."""
-    return Path(path).suffix.lower() == ".csv"
-
-
-def read_label_csv(
-    path: Path, images: Path | None = None, multi_label: bool = False
-) -> tuple[Path, list[str], list[Sample]]:
-    """(the images folder, sorted class names, samples) of a CSV of ``file,label`` rows
-    (fastai's ``from_df``), its files relative to ``images`` (default: the CSV's folder).
-
-    A label cell may hold several labels separated by ``;`` (``LABEL_SEPARATOR``); when one
-    does, or with ``multi_label``, every sample's label is the sorted tuple of its class
-    indices (multi-label classification), else one class index.
-
-    Any error names the CSV and its line: an unknown or missing column, an empty label, a
-    file that is missing, outside the images folder, not an image or listed twice.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CnnlabError(f"{path}: no such CSV file")
-    root = require_folder(Path(images) if images is not None else path.parent).absolute()
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # Excel writes a byte-order mark
-    except (OSError, UnicodeDecodeError) as error:
-        raise CnnlabError(f"{path}: not a readable UTF-8 CSV file ({error})") from None
-    rows = csv.reader(text.splitlines())
-    header = [name.strip() for name in next(rows, [])]
-    where = f"{path} line 1"
-    for name in header:
-        if name not in LABEL_COLUMNS:
-            raise CnnlabError(f"{where}: unknown column {name!r}; the columns are file,label")
-    for name in LABEL_COLUMNS:
-        if name not in header:
-            raise CnnlabError(f"{where}: no {name!r} column; the columns are file,label")
-    file_at, label_at = header.index("file"), header.index("label")
-    labelled: list[tuple[Path, tuple[str, ...]]] = []
-    seen: dict[Path, int] = {}
-    for row in rows:
-        where = f"{path} line {rows.line_num}"
-        if not any(cell.strip() for cell in row):
-            continue  # a blank line
-        if len(row) != len(header):
-            raise CnnlabError(f"{where}: {len(row)} fields, the header has {len(header)}")
-        name, label = row[file_at].strip(), row[label_at].strip()
-        if not label:
-            raise CnnlabError(f"{where}: empty label for {name!r}")
-        if "/" in label or "\\" in label:
-            raise CnnlabError(f"{where}: label {label!r} holds a path separator")
-        names = tuple(sorted({part.strip() for part in label.split(LABEL_SEPARATOR)}))
-        if "" in names:
-            raise CnnlabError(f"{where}: label {label!r} holds an empty label between ';'")
-        if not name:
-            raise CnnlabError(f"{where}: empty file name")
-        file = inside(root, name, where)
-        if not file.is_file():
-            raise CnnlabError(f"{where}: no file {name!r} in {root}")
-        if not is_image_name(file):
-            raise CnnlabError(f"{where}: {name!r} is not an image file")
-        if file in seen:
-            raise CnnlabError(f"{where}: {name!r} is listed again (first on line {seen[file]})")
-        seen[file] = rows.line_num
-        labelled.append((file, names))
-    classes = sorted({name for _, names in labelled for name in names})
-    if not classes:
-        raise CnnlabError(f"{path}: no rows of file,label")
-    index = {name: i for i, name in enumerate(classes)}
-    if multi_label or any(len(names) > 1 for _, names in labelled):
-        return root, classes, sorted((f, tuple(index[n] for n in names)) for f, names in labelled)
-    return root, classes, sorted((file, index[names[0]]) for file, names in labelled)
 
 
 # --- splits --------------------------------------------------------------------------------
@@ -268,11 +195,6 @@ class Splits:
             raise CnnlabError(f"{path}: not a cnnlab split file ({error})") from None
 
 
-def is_multi(label: Any) -> bool:
-    """Whether a sample's label is a multi-label one (a tuple of class indices)."""
-    return isinstance(label, tuple | list)
-
-
 def strata(samples: Sequence[Sample], num_classes: int) -> dict[int, list[Sample]]:
     """The samples grouped by the class they are stratified on: their class, or in a
     multi-label set their rarest label (the fewest samples; the first of equals), so that
@@ -293,11 +215,6 @@ def strata(samples: Sequence[Sample], num_classes: int) -> dict[int, list[Sample
     return groups
 
 
-def as_multi_label_samples(samples: Sequence[Sample]) -> list[Sample]:
-    """The samples with multi-label labels: a single class index becomes a 1-tuple."""
-    return [(path, label if is_multi(label) else (label,)) for path, label in samples]
-
-
 def as_multi_label(splits: Splits) -> Splits:
     """``splits`` with every label a tuple of class indices (``--multi-label`` on a
     class-folder tree or a CSV of one label per image)."""
@@ -307,13 +224,6 @@ def as_multi_label(splits: Splits) -> Splits:
         val=as_multi_label_samples(splits.val),
         test=as_multi_label_samples(splits.test),
     )
-
-
-def multi_hot(label: Sequence[int], num_classes: int) -> torch.Tensor:
-    """(num_classes,) float32 with 1 at each of ``label``'s class indices."""
-    vector = torch.zeros(num_classes)
-    vector[list(label)] = 1.0
-    return vector
 
 
 def _stratified(

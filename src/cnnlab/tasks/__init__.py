@@ -5,8 +5,10 @@ prediction options. Adding a task is one ``TaskEntry`` here and one module besid
 Each module (``classify.py``, ``segment.py``, ``detect.py``) holds a class implementing
 both contracts: training (``cnnlab.engine.task.TrainingTask``, what the loop calls) and
 inference (``cnnlab.tasks.inference.InferenceTask``, what ``load_run``, the web page and
-export call). This file stays light (no torch): the command line reads it to build its
-parser.
+export call). A mode of a task is a class of its own that the task's class hands over to
+from ``setup`` and ``from_meta`` (classification's multi-label mode: ``multilabel.py``, its
+shared part in ``classify_base.py``); it has no entry here. This file stays light (no
+torch): the command line reads it to build its parser.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Image classification: cross-entropy, top-1/top-5, best checkpoint by val top-1; top-k
-prediction and the test report of a finished run."""
+"""Image classification, one class per image: cross-entropy, top-1/top-5, best checkpoint by
+val top-1; top-k prediction and the test report of a finished run. ``ClassifyTask`` is the
+task's class: it picks the multi-label mode (multilabel.py) when the data or the run has
+several labels per image; what both modes share is in classify_base.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -13,54 +14,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cnnlab import metrics, plots
-from cnnlab.checkpoint import ModelMeta, read_model_json, save_model_json
+from cnnlab import evaluation_plots, metrics
+from cnnlab.checkpoint import ModelMeta
 from cnnlab.config import TrainConfig
-from cnnlab.data.classify import (
-    ImageDataset,
-    MixingCollate,
-    Sample,
-    Splits,
-    as_multi_label,
-    as_multi_label_samples,
-    balanced_sampler,
-    class_weights,
-    collate_skip_bad,
-    is_label_csv,
-    make_splits,
-    multi_hot,
-    read_label_csv,
-    scan_class_folders,
-)
-from cnnlab.data.images import detect_in_channels
-from cnnlab.data.loaders import eval_loader, train_loader
-from cnnlab.data.splits import SPLIT_NAMES, split_folder
-from cnnlab.data.transforms import batch_mix, classify_eval, classify_train, default_stats
 from cnnlab.errors import CnnlabError
 from cnnlab.files import read_yaml
-from cnnlab.models.factory import model_info
-from cnnlab.tasks import TASKS
-from cnnlab.tasks.common import RunFacts, chunks, measured_on, per_class_line
-from cnnlab.tasks.options import Option
+from cnnlab.tasks.classify_base import (
+    EVAL_BATCH,
+    ClassifyBase,
+    logits_batches,
+    training_splits,
+)
+from cnnlab.tasks.common import chunks, measured_on
+from cnnlab.tasks.multilabel import MultiLabelClassifyTask
 from cnnlab.tasks.spec import Figure, MetricSpec
 from cnnlab.tasks.tta import TTA
 
 TTA_ZOOM = 0.9  # the centre part TTA enlarges: inside every training crop's scale range
-AUX_LOSS_WEIGHT = 0.3  # GoogLeNet's auxiliary classifiers (Szegedy et al. 2014, section 5)
 WORST_IMAGES = 16  # highest-loss test images kept for errors.png
-EVAL_BATCH = 64
 
 
 @dataclass
-class ClassifyTask(RunFacts):
+class ClassifyTask(ClassifyBase):
     """Classification for the training loop (``cnnlab.engine.task.TrainingTask``) and for a
-    finished run (``cnnlab.tasks.inference.InferenceTask``)."""
+    finished run (``cnnlab.tasks.inference.InferenceTask``); ``setup`` and ``from_meta``
+    return the multi-label mode (``MultiLabelClassifyTask``) where it applies."""
 
-    label_smoothing: float = 0.0
-    balance: str = "none"
-    class_weights: torch.Tensor | None = None  # (K,) on the training device
-    name: ClassVar[str] = "classify"
-    options: ClassVar[tuple[Option, ...]] = TASKS["classify"].options
     metrics: ClassVar[MetricSpec] = MetricSpec(
         val=(Figure("loss", "loss"), Figure("top1", "top1", True), Figure("top5", "top5", True)),
         # Higher is better: val top-1, then (on a tie) the lower val loss.
@@ -73,143 +52,29 @@ class ClassifyTask(RunFacts):
         in_line=("loss", "top1"),
         train=Figure("top1", "top1", True),
     )
-    channels_last: ClassVar[bool] = True
-    drawings: ClassVar[tuple[str, ...]] = ("labelled",)  # what ``draw`` returns, in order
     csv_columns: ClassVar[tuple[str, ...]] = ("file", "rank", "class", "prob")  # --save-csv
-    eval_split: ClassVar[str] = TASKS["classify"].eval_split  # what `cnnlab eval RUN` reports on
     exported_logits: ClassVar[str | None] = "images"  # export: (N, K), one row per image
-    multi_label: ClassVar[bool] = False  # MultiLabelClassifyTask: sigmoid outputs, BCE
 
     @classmethod
-    def from_meta(cls, meta: ModelMeta) -> ClassifyTask:
-        """The task of a finished run: the multi-label variant, with its fitted thresholds,
+    def from_meta(cls, meta: ModelMeta) -> ClassifyBase:
+        """The task of a finished run: the multi-label mode, with its fitted thresholds,
         when model.json records thresholds."""
-        channels, size, _ = meta.input_size
-        facts = (list(meta.classes), channels, size, tuple(meta.mean), tuple(meta.std))
-        if meta.thresholds is None:
-            return cls(*facts)
-        return MultiLabelClassifyTask(*facts, thresholds=list(meta.thresholds))
+        if meta.thresholds is not None:
+            return MultiLabelClassifyTask.from_meta(meta)
+        return super().from_meta(meta)
 
     # -- training
 
     @classmethod
     def setup(
         cls, cfg: TrainConfig, split_file: Path | None = None
-    ) -> tuple[TrainConfig, ClassifyTask]:
-        """Image size from the model, the stratified split, channels from the images."""
-        info = model_info(cfg.model)
-        img_size = cfg.img_size or info.input_size[1]
-        # Refuse a size the model cannot take before reading any data (a model built for
-        # img_size, the ConvNet, checks its own minimum once built).
-        if not info.takes_img_size and img_size < info.min_size:
-            raise CnnlabError(
-                f"{cfg.model} needs images of at least {info.min_size}x{info.min_size};"
-                f" img_size is {img_size}"
-            )
-        if split_file is None:
-            images = Path(cfg.images).absolute() if cfg.images else None
-            cfg = replace(cfg, images=str(images) if images else None)
-            splits = make_splits(
-                Path(cfg.data), cfg.val_split, cfg.test_split, cfg.seed, images, cfg.multi_label
-            )
-        else:
-            splits = Splits.from_json(split_file)
-        variant = cls
-        if cfg.multi_label or splits.multi_label:
-            variant = MultiLabelClassifyTask
-            splits = as_multi_label(splits)
-            refused = [
-                f"--{name.replace('_', '-')}"
-                for name, on in (
-                    ("balance", cfg.balance != "none"),
-                    ("mixup", cfg.mixup > 0),
-                    ("cutmix", cfg.cutmix > 0),
-                    ("label_smoothing", cfg.label_smoothing > 0),
-                )
-                if on
-            ]
-            if refused:
-                raise CnnlabError(
-                    f"multi-label classification takes no {', '.join(refused)}"
-                    " (they assume one class per image)"
-                )
-        in_channels = cfg.in_channels or detect_in_channels([p for p, _ in splits.train])
-        cfg = replace(cfg, img_size=img_size, in_channels=in_channels)
-        mean, std = default_stats(in_channels, pretrained=cfg.weights is not None)
-        task = variant(
-            splits.classes,
-            in_channels,
-            img_size,
-            mean,
-            std,
-            splits,
-            cfg.label_smoothing,
-            cfg.balance,
-        )
-        return cfg, task
-
-    def loaders(
-        self,
-        cfg: TrainConfig,
-        generator: torch.Generator,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> tuple[DataLoader, DataLoader, DataLoader | None]:
-        """Train, val and test loaders; only the main process (rank 0) decodes val and
-        test up front, since only it evaluates."""
-        splits, k = self.splits, len(self.classes)
-        train_tf = classify_train(self.img_size, cfg.augment, cfg.flip, self.mean, self.std)
-        eval_tf = classify_eval(self.img_size, self.mean, self.std)
-        pin = device.type == "cuda"
-        sampler = None
-        if self.balance == "sampler":
-            if world_size > 1:
-                raise CnnlabError("balance=sampler needs a single process; use balance=weights")
-            sampler = balanced_sampler(splits.train, k, generator)
-        elif self.balance == "weights":
-            self.class_weights = class_weights(splits.train, k).to(device)
-        mix = batch_mix(cfg.mixup, cfg.cutmix, k)
-        train = train_loader(
-            ImageDataset(self.encode(splits.train), train_tf, self.in_channels),
-            cfg.batch_size,
-            generator,
-            collate_skip_bad if mix is None else MixingCollate(mix),
-            workers=cfg.workers,
-            pin_memory=pin,
-            rank=rank,
-            world_size=world_size,
-            seed=cfg.seed,
-            sampler=sampler,
-        )
-        cache = None if rank == 0 else False
-        common = {"workers": cfg.workers, "pin_memory": pin}
-
-        def evaluation(samples: list[Sample], persistent: bool) -> DataLoader:
-            dataset = ImageDataset(self.encode(samples), eval_tf, self.in_channels, cache)
-            return eval_loader(
-                dataset, train.batch_size, collate_skip_bad, persistent=persistent, **common
-            )
-
-        test = evaluation(splits.test, False) if splits.test else None
-        return train, evaluation(splits.val, True), test
-
-    def forward_loss(
-        self, net: nn.Module, images: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, int]]:
-        """Cross-entropy of the logits (B, K) and the batch's right answers. A model with
-        auxiliary classifiers (GoogLeNet with ``aux_logits``) returns them in training;
-        they add 0.3 x their losses, the paper's weight, and only the main logits score.
-        MixUp/CutMix targets are soft (B, K): an answer is right when it names the class
-        with the larger share."""
-        outputs = net(images)
-        if isinstance(outputs, tuple):
-            outputs, *auxiliary = outputs
-            loss = self.loss(outputs, targets)
-            loss = loss + AUX_LOSS_WEIGHT * sum(self.loss(aux, targets) for aux in auxiliary)
-        else:
-            loss = self.loss(outputs, targets)
-        return loss, (self.right_answers(outputs, targets), len(targets))
+    ) -> tuple[TrainConfig, ClassifyBase]:
+        """Image size from the model, the stratified split, channels from the images; the
+        multi-label mode with ``--multi-label`` or a label CSV naming several labels for an
+        image."""
+        cfg, splits = training_splits(cfg, split_file)
+        mode = MultiLabelClassifyTask if cfg.multi_label or splits.multi_label else cls
+        return mode.for_splits(cfg, splits)
 
     @staticmethod
     def right_answers(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -248,9 +113,11 @@ class ClassifyTask(RunFacts):
         """The test split (val when there is none), confusion.png and errors.png."""
         split, loader = ("test", test) if test is not None else ("val", val)
         result = self.evaluate(model, loader, device, autocast_dtype, worst=WORST_IMAGES)
-        plots.plot_confusion(result["_confusion"], self.classes, run_dir / "confusion.png")
+        evaluation_plots.plot_confusion(
+            result["_confusion"], self.classes, run_dir / "confusion.png"
+        )
         worst = result["_worst"]
-        plots.plot_errors(
+        evaluation_plots.plot_errors(
             list(worst["images"]),
             [self.classes[i] for i in worst["targets"].tolist()],
             [self.classes[i] for i in worst["preds"].tolist()],
@@ -355,67 +222,6 @@ class ClassifyTask(RunFacts):
             )
         return TTA(model, mirror, TTA_ZOOM if zoom else None)
 
-    def preprocess(self, image: torch.Tensor) -> torch.Tensor:
-        """The model's float input (C, S, S) for a uint8 image (in_channels, H, W), as
-        ``predict`` and evaluation make it."""
-        return classify_eval(self.img_size, self.mean, self.std)(image)
-
-    def split_images(self, split_file: Path, split: str) -> list[Path]:
-        """The image files of the run's own ``split``."""
-        return [path for path, _ in getattr(Splits.from_json(split_file), split)]
-
-    def eval_data(self, split_file: Path, data_dir: Path | None, split: str) -> DataLoader:
-        """The run's own ``split`` (from its ``split_file``) or, with
-        ``data_dir``, ``DATA/<split>`` when that folder exists, else the whole class-folder
-        tree; its classes may be a subset of the run's, matched by name."""
-        if data_dir is None:
-            samples = self._own_split(split_file, split)
-        elif is_label_csv(data_dir):
-            _, classes, samples = read_label_csv(Path(data_dir), multi_label=self.multi_label)
-            samples = self._remap(classes, samples, Path(data_dir))
-        else:
-            root = split_folder(Path(data_dir), split)
-            classes, samples = scan_class_folders(root)
-            samples = self._remap(classes, samples, root)
-        dataset = ImageDataset(
-            self.encode(samples),
-            classify_eval(self.img_size, self.mean, self.std),
-            self.in_channels,
-        )
-        return eval_loader(dataset, EVAL_BATCH, collate_skip_bad)
-
-    def encode(self, samples: list[Sample]) -> list[Sample]:
-        """The samples as the dataset gives them to the model: class indices as they are
-        (multi-label: a multi-hot vector)."""
-        return samples
-
-    def _own_split(self, split_file: Path, split: str) -> list[Sample]:
-        if split not in SPLIT_NAMES:
-            raise CnnlabError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_NAMES)}")
-        splits = Splits.from_json(split_file)
-        samples = getattr(splits, split)
-        if not samples:
-            raise CnnlabError(
-                f"{split_file}: the run has no {split} images; pass a data folder instead"
-            )
-        return self._remap(splits.classes, samples, split_file)
-
-    def _remap(self, classes: list[str], samples: list[Sample], source: Path) -> list[Sample]:
-        """Relabel samples from ``classes`` indices to the model's, by class name."""
-        index = {name: i for i, name in enumerate(self.classes)}
-        unknown = [name for name in classes if name not in index]
-        if unknown:
-            raise CnnlabError(
-                f"{source}: class folder {unknown[0]!r} is not one of the run's"
-                f" {len(self.classes)} classes"
-            )
-        if self.multi_label:
-            return [
-                (path, tuple(sorted(index[classes[one]] for one in labels)))
-                for path, labels in as_multi_label_samples(samples)
-            ]
-        return [(path, index[classes[label]]) for path, label in samples]
-
     @staticmethod
     def describe(result: dict) -> str:
         return ", ".join(f"{t['class']} {t['prob']:.1%}" for t in result["top"])
@@ -439,28 +245,6 @@ class ClassifyTask(RunFacts):
 
 
 TASK = ClassifyTask
-
-
-def logits_batches(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(images, targets, float logits (B, K)) of each non-empty batch of ``loader`` on
-    ``device`` (model put in eval mode), under ``autocast_dtype`` when given: the one
-    evaluation loop of single- and multi-label classification. Call it under
-    ``torch.inference_mode()``."""
-    model.eval()
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    for images, targets in loader:  # (B, C, S, S), (B,) or (B, K)
-        if len(targets) == 0:
-            continue
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(images).float()
-        yield images, targets, logits  # outside autocast: the caller's losses in float
 
 
 @torch.inference_mode()
@@ -572,181 +356,3 @@ def per_class_lines(per_class: dict[str, dict], width: int | None = None) -> lis
     ]
     table = fit_table("per class", columns, rows, width or terminal_width())
     return [*render_plain(table).splitlines(), *([note] if note else [])]
-
-
-@dataclass
-class MultiLabelClassifyTask(ClassifyTask):
-    """Multi-label classification, a mode of ``ClassifyTask`` (``--multi-label``, or a label
-    CSV whose cells hold several labels): one sigmoid score per label, binary cross-entropy,
-    the best checkpoint by val mAP; after training each label's threshold is fitted on the
-    validation split (``metrics.fit_thresholds``) and saved in model.json."""
-
-    thresholds: list[float] | None = None  # per label; None: 0.5 each (not yet fitted)
-    multi_label: ClassVar[bool] = True
-    metrics: ClassVar[MetricSpec] = MetricSpec(
-        val=(
-            Figure("loss", "loss"),
-            Figure("map", "mAP"),
-            Figure("f1", "F1"),
-            Figure("exact_match", "exact", True),
-        ),
-        # Higher is better: val mAP, then (on a tie) the lower val loss.
-        best=("map", "-loss"),
-        best_label="val mAP",
-        curves={
-            "loss": ("train_loss", "val_loss"),
-            "mAP / F1": {"val_map": "val mAP", "val_f1": "val F1"},
-            "exact match": ("train_exact_match", "val_exact_match"),
-        },
-        in_line=("loss", "map", "exact_match"),
-        train=Figure("exact_match", "exact", True),
-    )
-    csv_columns: ClassVar[tuple[str, ...]] = ("file", "rank", "class", "prob", "threshold")
-    # export: (N, K) logits whose sigmoid each label's threshold decides (model.json's)
-    exported_logits: ClassVar[str | None] = "labels"
-
-    def encode(self, samples: list[Sample]) -> list[Sample]:
-        k = len(self.classes)
-        return [(path, multi_hot(labels, k)) for path, labels in as_multi_label_samples(samples)]
-
-    @staticmethod
-    def right_answers(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """How many of the batch's images have every label right at 0.5 (exact matches):
-        ``forward_loss`` is the parent's, with binary cross-entropy as ``loss``."""
-        return ((logits > 0) == (targets > 0.5)).all(dim=1).sum()
-
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))
-
-    def evaluate(
-        self,
-        model: nn.Module,
-        data: DataLoader,
-        device: torch.device,
-        autocast_dtype: torch.dtype | None = None,
-        worst: int = 0,
-    ) -> dict:
-        """``metrics.multilabel_report`` at the task's thresholds, with ``loss`` (mean
-        binary cross-entropy), ``n`` and, for fitting, ``_scores`` and ``_targets``."""
-        all_logits, all_targets = [], []
-        with torch.inference_mode():
-            for _, targets, logits in logits_batches(model, data, device, autocast_dtype):
-                all_logits.append(logits.cpu())
-                all_targets.append(targets.float().cpu())
-        if not all_logits:
-            raise CnnlabError("no readable images to evaluate")
-        logits, targets = torch.cat(all_logits), torch.cat(all_targets)  # (N, K) each
-        scores = logits.sigmoid()
-        report = metrics.multilabel_report(scores, targets, self.classes, self.thresholds)
-        report["loss"] = F.binary_cross_entropy_with_logits(logits, targets).item()
-        report["n"] = len(targets)
-        report["_scores"], report["_targets"] = scores, targets
-        return report
-
-    def finish(
-        self,
-        model: nn.Module,
-        val: DataLoader,
-        test: DataLoader | None,
-        device: torch.device,
-        autocast_dtype: torch.dtype | None,
-        run_dir: Path,
-    ) -> tuple[str, dict]:
-        """Each label's threshold fitted on val and saved in model.json, then the test
-        split (val when there is none) at those thresholds, and per_class.png (precision
-        and recall per label) in place of the confusion matrix."""
-        fitted = self.evaluate(model, val, device, autocast_dtype)
-        self.thresholds = metrics.fit_thresholds(fitted["_scores"], fitted["_targets"])
-        meta = read_model_json(run_dir)
-        save_model_json(run_dir, replace(meta, thresholds=self.thresholds))
-        split, loader = ("test", test) if test is not None else ("val", val)
-        result = self.evaluate(model, loader, device, autocast_dtype)
-        plots.plot_per_class_pr(result["per_class"], run_dir / "per_class.png")
-        return split, result
-
-    @staticmethod
-    def headline(report: dict) -> str:
-        return (
-            f"{measured_on(report)} mAP {report['map']:.3f}  F1 {report['f1']:.3f}"
-            f"  exact match {report['exact_match']:.2%}  loss {report['loss']:.4f}"
-            f"  ({report['n']} images)"
-        )
-
-    @staticmethod
-    def details(report: dict) -> list[str]:
-        """Each label's AP and F1, lowest first."""
-        per_class = report.get("per_class") or {}
-        return [
-            per_class_line("AP per label", {n: v["ap"] for n, v in per_class.items()}, ".3f"),
-            per_class_line("F1 per label", {n: v["f1"] for n, v in per_class.items()}, ".3f"),
-        ]
-
-    def batch_pictures(
-        self, images: torch.Tensor, targets: torch.Tensor
-    ) -> list[tuple[torch.Tensor, str]]:
-        """(uint8 image, its labels joined by ';') for each image of a training batch."""
-        from cnnlab.draw import unnormalise
-
-        def caption(label: torch.Tensor) -> str:
-            return ";".join(self.classes[i] for i in label.nonzero().flatten().tolist())
-
-        return [
-            (unnormalise(image, self.mean, self.std), caption(label))
-            for image, label in zip(images, targets, strict=False)
-        ]
-
-    @torch.inference_mode()
-    def predict(
-        self, model: nn.Module, images: list[torch.Tensor], device: torch.device, topk: int = 5
-    ) -> list[dict]:
-        """``[{"labels": [{"class", "prob", "threshold"}, ...], "top": [...]}]`` per uint8
-        image: ``labels`` every label whose sigmoid score is above its threshold, highest
-        first; ``top`` the ``topk`` highest scores whatever their thresholds."""
-        thresholds = self.thresholds or [0.5] * len(self.classes)
-        k = min(topk, len(self.classes))
-        results = []
-        for chunk in chunks(images, EVAL_BATCH):
-            batch = torch.stack([self.preprocess(image) for image in chunk]).to(device)
-            batch = batch.contiguous(memory_format=torch.channels_last)
-            scores = model(batch).float().sigmoid().cpu()  # (B, K)
-            for row in scores.tolist():
-                ranked = sorted(range(len(row)), key=lambda i: -row[i])
-                entry = [
-                    {"class": self.classes[i], "prob": row[i], "threshold": thresholds[i]}
-                    for i in ranked
-                ]
-                results.append(
-                    {
-                        "labels": [e for e in entry if e["prob"] > e["threshold"]],
-                        "top": entry[:k],
-                    }
-                )
-        return results
-
-    def test_time_augmented(self, model: nn.Module, config_file: Path) -> nn.Module:
-        raise CnnlabError(
-            "--tta averages softmax probabilities: not for a multi-label run, whose"
-            " thresholds were fitted on single views"
-        )
-
-    @staticmethod
-    def describe(result: dict) -> str:
-        if not result["labels"]:
-            return "no label above its threshold"
-        return ", ".join(f"{t['class']} {t['prob']:.1%}" for t in result["labels"])
-
-    @staticmethod
-    def csv_rows(result: dict) -> list[tuple]:
-        """One row per label above its threshold (rank 1 the highest score)."""
-        return [
-            (result["file"], rank, label["class"], label["prob"], label["threshold"])
-            for rank, label in enumerate(result["labels"], start=1)
-        ]
-
-    @staticmethod
-    def draw(image: torch.Tensor, result: dict) -> dict[str, bytes]:
-        """The image with every label above its threshold written above it."""
-        from cnnlab.draw import caption, encode_png
-
-        text = ", ".join(f"{t['class']} {t['prob']:.0%}" for t in result["labels"]) or "-"
-        return {"labelled": encode_png(caption(image, text))}

@@ -201,11 +201,13 @@ class DetectTask(RunFacts):
     ) -> tuple[str, dict]:
         """The val report, pr_curve.png (per class) and val_predictions.png (the first val
         images: their labelled boxes beside the boxes found)."""
-        from cnnlab import plots
+        from cnnlab import evaluation_plots, plots
         from cnnlab.draw import draw_boxes
 
         result = self.evaluate(model, val, device, autocast_dtype, pr_curves=True)
-        plots.plot_pr_curves(result["_pr"], result["per_class_ap50"], run_dir / "pr_curve.png")
+        evaluation_plots.plot_pr_curves(
+            result["_pr"], result["per_class_ap50"], run_dir / "pr_curve.png"
+        )
         shown = val[:VAL_PICTURES]
         images = [read_image(sample.path, self.in_channels) for sample in shown]
         pictures = []
