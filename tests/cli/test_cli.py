@@ -9,6 +9,7 @@ import pytest
 
 from cnnlab import cli, demo
 from cnnlab.errors import CnnlabError
+from tests.conftest import run_cli_here
 
 
 def json_out(capsys: pytest.CaptureFixture, *args: str) -> object:
@@ -79,12 +80,11 @@ def test_on_off_builder_settings_read_as_bare_flags() -> None:
 def test_bad_input_is_one_line_and_status_2(args: list[str], message: str, capsys) -> None:
     # In this process: `python -m cnnlab` exits with main's status (the real command's
     # one-line refusals are checked in a child by test_hardening.py's assert_refused).
-    status = cli.main(args)
-    stderr = capsys.readouterr().err
-    assert status == 2
-    assert message in stderr
-    assert "Traceback" not in stderr
-    assert len(stderr.strip().splitlines()) == 1
+    result = run_cli_here(capsys, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_models_lists_every_registered_model_with_figures(capsys) -> None:

@@ -18,6 +18,7 @@ from cnnlab.inspect.compare import compare
 from cnnlab.inspect.measure import BATCHES, CASES, measure_training_steps
 from cnnlab.inspect.memory import estimate_memory, max_batch_size, parse_bytes
 from cnnlab.inspect.specs import build_model
+from tests.conftest import run_cli_here
 from tests.inspect.test_inspect import zeroed
 
 # ---------------------------------------------------------------------------- memory
@@ -107,20 +108,9 @@ def test_summary_train_and_max_memory_in_json_and_table(capsys) -> None:
     ],
 )
 def test_bad_memory_flags_are_one_line_and_status_2(args, message, capsys) -> None:
-    status, _, stderr = refused(capsys, "summary", "convnet", *args)
-    assert status == 2
-    assert message in stderr and len(stderr.strip().splitlines()) == 1
-
-
-def refused(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    """``cnnlab ARGS`` in this process (a child would pay ~2 s of imports to print one
-    line): the exit status, whether returned or argparse's SystemExit, stdout and stderr."""
-    try:
-        status = cli.main(list(args))
-    except SystemExit as stop:
-        status = stop.code
-    done = capsys.readouterr()
-    return status, done.out, done.err
+    result = run_cli_here(capsys, "summary", "convnet", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 # ---------------------------------------------------------------------------- FLOPs
@@ -216,9 +206,9 @@ def test_operations_not_counted_are_listed_and_strict_fails(tmp_path: Path, caps
     assert cli.main(["summary", spec, "--input", "3,16,16"]) == 0
     table = capsys.readouterr().out
     assert "Not counted:          aten.round (1x), aten.upsample_bilinear2d (1x)" in table
-    status, stdout, stderr = refused(capsys, "summary", spec, "--input", "3,16,16", "--strict")
-    assert status == 2 and stdout == ""
-    assert stderr.strip().splitlines() == [
+    strict = run_cli_here(capsys, "summary", spec, "--input", "3,16,16", "--strict")
+    assert strict.returncode == 2 and strict.stdout == ""
+    assert strict.stderr.strip().splitlines() == [
         f"error: {spec}: FLOPs not counted for aten.round (1x), aten.upsample_bilinear2d (1x)"
         " (--strict)"
     ]
