@@ -141,16 +141,23 @@ def busy_loops(n: int, settle: float | None = None) -> Iterator[list[subprocess.
             time.sleep(1.0)
         yield procs
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(procs)
         if n > 0:
             signal.signal(signal.SIGTERM, previous)
+
+
+def stop_processes(procs: list[subprocess.Popen], timeout: float = 5) -> None:
+    """SIGTERM every one of ``procs`` still running (each may pass it on to its own
+    children), then SIGKILL any that has not ended ``timeout`` seconds later."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        proc.terminate()
+    for proc in running:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @dataclass

@@ -52,6 +52,23 @@ def run_cli(
     )
 
 
+def run_cli_here(capsys: pytest.CaptureFixture, *args: object) -> subprocess.CompletedProcess:
+    """``run_cli`` in this process, for a test of what the command prints and the status it
+    ends with rather than of the process (a child pays ~2 s for ``import torch``): main's
+    status, or the one argparse's SystemExit carries, and what it printed (read from
+    ``capsys``, which is cleared before and after)."""
+    from cnnlab import cli
+
+    capsys.readouterr()  # what came before is not this command's
+    argv = [str(arg) for arg in args]
+    try:
+        status = cli.main(argv)
+    except SystemExit as stop:
+        status = stop.code
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(["cnnlab", *argv], status, printed.out, printed.err)
+
+
 def read_metrics(run: Path, *, timed: bool = True) -> list[dict[str, str]]:
     """The rows of ``run``/metrics.csv as strings; ``timed=False`` leaves out each epoch's
     seconds, the one column that differs between two runs of the same training."""

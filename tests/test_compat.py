@@ -27,7 +27,7 @@ import yaml
 
 from cnnlab.runs import load_run
 from cnnlab.training import resume
-from tests.conftest import metrics_rows, read_metrics, run_cli
+from tests.conftest import metrics_rows, read_metrics, run_cli_here
 
 FIXTURES = Path(__file__).parent / "fixtures" / "legacy_runs"
 LEGACY_COMMIT = "ee1d98f"
@@ -159,9 +159,9 @@ def test_resume_finishes_like_the_uninterrupted_run(
     ],
 )
 def test_cli_eval_of_legacy_runs(
-    legacy: Path, expected: dict, command: list[str], report: str, key: str
+    legacy: Path, expected: dict, command: list[str], report: str, key: str, capsys
 ) -> None:
     task = {"eval": "classify"}.get(command[0], command[0])
-    done = run_cli(*command, legacy / "runs" / task, "--format", "json")
+    done = run_cli_here(capsys, *command, legacy / "runs" / task, "--format", "json")
     assert done.returncode == 0, done.stderr
     assert math.isclose(json.loads(done.stdout)[key], expected[task][report][key], rel_tol=1e-5)

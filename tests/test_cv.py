@@ -12,7 +12,7 @@ import pytest
 from cnnlab.cv import cross_validate, resume_cv
 from cnnlab.data.classify import make_folds, make_splits
 from cnnlab.errors import CnnlabError
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import run_cli_here, tiny_config
 
 
 def test_folds_are_stratified_disjoint_and_keep_the_test_split(few_digits: Path) -> None:
@@ -76,10 +76,12 @@ def test_cross_validation_reports_each_fold_and_resumes(few_digits: Path, tmp_pa
     assert again["per_fold"] == summary["per_fold"]
 
 
-def test_cv_command_refuses_a_used_folder_in_one_line(few_digits: Path, tmp_path: Path) -> None:
+def test_cv_command_refuses_a_used_folder_in_one_line(
+    few_digits: Path, tmp_path: Path, capsys
+) -> None:
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
-    result = run_cli("cv", few_digits, "--folds", "3", "--out", tmp_path / "used")
+    result = run_cli_here(capsys, "cv", few_digits, "--folds", "3", "--out", tmp_path / "used")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'used'}: --out takes a new or empty folder (continue with --resume)"

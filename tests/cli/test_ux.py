@@ -169,23 +169,25 @@ def write_folder(root: Path) -> Path:
     return root
 
 
-def test_data_check_flags_tiny_images_stored_modes_and_loose_files(tmp_path: Path) -> None:
+def test_data_check_flags_tiny_images_stored_modes_and_loose_files(tmp_path: Path, capsys) -> None:
     root = write_folder(tmp_path / "photos")
-    report = json.loads(run_cli("data", "check", str(root), "--format", "json").stdout)
+    report = json.loads(printed(capsys, "data", "check", str(root), "--format", "json")[0])
     assert report["tiny"] == [{"path": "cat/tiny.png", "width": 12, "height": 9}]
     assert report["sizes"]["modes"] == {"CMYK": 1, "RGB": 9, "RGBA": 1}
     assert report["sizes"]["channels"] == {"3": 11}
     assert report["ignored_files"] == ["loose.jpg"]
-    text = run_cli("data", "check", str(root)).stdout
+    text = printed(capsys, "data", "check", str(root))[0]
     assert "CMYK 1 (converted to RGB)" in text and "RGBA 1 (alpha dropped)" in text
     assert "tiny (a side under 32 px): cat/tiny.png (12x9)" in text
     assert "ignored: 1 image(s) outside any class folder: loose.jpg" in text
 
 
-def test_data_clean_keeps_the_original_not_the_copy(tmp_path: Path) -> None:
+def test_data_clean_keeps_the_original_not_the_copy(tmp_path: Path, capsys) -> None:
     root = write_folder(tmp_path / "photos")
-    done = run_cli("data", "clean", str(root), str(tmp_path / "clean"), "--format", "json")
-    left_out = {item["path"]: item["reason"] for item in json.loads(done.stdout)["left_out"]}
+    cleaned = printed(
+        capsys, "data", "clean", str(root), str(tmp_path / "clean"), "--format", "json"
+    )
+    left_out = {item["path"]: item["reason"] for item in json.loads(cleaned[0])["left_out"]}
     assert left_out == {
         "cat/0 (copy).jpg": "duplicate of cat/0.jpg (kept)",
         "cat/a (1).jpg": "duplicate of cat/1.jpg (kept)",
@@ -195,15 +197,15 @@ def test_data_clean_keeps_the_original_not_the_copy(tmp_path: Path) -> None:
 # ------------------------------------------------------------ pictures and mistakes (fastai)
 
 
-def test_eval_lists_the_most_confused_pairs(trained: dict, three_digits: Path) -> None:
+def test_eval_lists_the_most_confused_pairs(trained: dict, three_digits: Path, capsys) -> None:
     run = str(trained["run"])
-    report = json.loads(run_cli("eval", run, str(three_digits), "--format", "json").stdout)
+    report = json.loads(printed(capsys, "eval", run, str(three_digits), "--format", "json")[0])
     wrong = round(report["n"] * (1 - report["top1"]))
     assert sum(m["count"] for m in report["most_confused"]) == wrong
     counts = [m["count"] for m in report["most_confused"]]
     assert counts == sorted(counts, reverse=True)
     assert all(m["true"] != m["pred"] for m in report["most_confused"])
-    text = run_cli("eval", run, str(three_digits)).stdout.splitlines()
+    text = printed(capsys, "eval", run, str(three_digits))[0].splitlines()
     # Under the headline, each class's precision, recall, F1 and support (issue 25).
     header = next(line for line in text if "precision" in line)
     cells = [cell.strip() for cell in header.strip("┃ ").split("┃")]

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from fuzz_reader import apply, mutations
-from hypothesis import HealthCheck, given, settings
+from fuzz_reader import apply, mutations, repeatable
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -194,13 +194,7 @@ def main(examples: int, only: list[str]) -> None:
     def wanted(name: str) -> bool:
         return not only or name in only
 
-    common = settings(
-        max_examples=examples,
-        deadline=None,
-        database=None,
-        derandomize=True,
-        suppress_health_check=list(HealthCheck),
-    )
+    common = repeatable(examples)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         seeds = fixtures(root)

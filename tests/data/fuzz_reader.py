@@ -92,14 +92,21 @@ def fuzzer(seed: bytes):
     return fuzz
 
 
-def main(examples: int) -> None:
-    common = settings(
+def repeatable(examples: int) -> settings:
+    """Hypothesis settings of every fuzz run (this one and fuzz_files.py's): ``examples``
+    examples a search, derandomized and without a database so that a run is repeatable,
+    no deadline or health check (a slow or filtered example is no failure here)."""
+    return settings(
         max_examples=examples,
         deadline=None,
         database=None,
         derandomize=True,
         suppress_health_check=list(HealthCheck),
     )
+
+
+def main(examples: int) -> None:
+    common = repeatable(examples)
     for seed in SEEDS.values():
         common(fuzzer(seed))()
 

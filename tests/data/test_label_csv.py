@@ -15,7 +15,7 @@ from cnnlab.data.classify import make_splits
 from cnnlab.data.labels import read_label_csv
 from cnnlab.errors import CnnlabError
 from cnnlab.training import train
-from tests.conftest import run_cli, tiny_config
+from tests.conftest import run_cli_here, tiny_config
 
 NAMES = {"0": "zero", "1": "one", "2": "two"}
 
@@ -103,11 +103,13 @@ def test_train_eval_and_predict_from_a_csv(labelled: tuple[Path, Path], tmp_path
     assert {top["class"] for top in result["top"]} == {"one", "two", "zero"}
 
 
-def test_train_command_names_the_csv_line(labelled: tuple[Path, Path], tmp_path: Path) -> None:
+def test_train_command_names_the_csv_line(
+    labelled: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
     table, images = labelled
     broken = tmp_path / "broken.csv"
     broken.write_text(table.read_text() + "gone.png,zero\n")
-    result = run_cli("train", broken, "--images", images, "--out", tmp_path / "run")
+    result = run_cli_here(capsys, "train", broken, "--images", images, "--out", tmp_path / "run")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {broken} line 122: no file 'gone.png' in {images.absolute()}"

@@ -18,7 +18,7 @@ from cnnlab.inspect.compare import compare
 from cnnlab.inspect.measure import BATCHES, CASES, measure_training_steps
 from cnnlab.inspect.memory import estimate_memory, max_batch_size, parse_bytes
 from cnnlab.inspect.specs import build_model
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 from tests.inspect.test_inspect import zeroed
 
 # ---------------------------------------------------------------------------- memory
@@ -107,8 +107,8 @@ def test_summary_train_and_max_memory_in_json_and_table(capsys) -> None:
         (("--batch", "0"), "argument --batch: invalid positive value: '0'"),
     ],
 )
-def test_bad_memory_flags_are_one_line_and_status_2(args, message) -> None:
-    result = run_cli("summary", "convnet", *args)
+def test_bad_memory_flags_are_one_line_and_status_2(args, message, capsys) -> None:
+    result = run_cli_here(capsys, "summary", "convnet", *args)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
@@ -206,7 +206,7 @@ def test_operations_not_counted_are_listed_and_strict_fails(tmp_path: Path, caps
     assert cli.main(["summary", spec, "--input", "3,16,16"]) == 0
     table = capsys.readouterr().out
     assert "Not counted:          aten.round (1x), aten.upsample_bilinear2d (1x)" in table
-    strict = run_cli("summary", spec, "--input", "3,16,16", "--strict")
+    strict = run_cli_here(capsys, "summary", spec, "--input", "3,16,16", "--strict")
     assert strict.returncode == 2 and strict.stdout == ""
     assert strict.stderr.strip().splitlines() == [
         f"error: {spec}: FLOPs not counted for aten.round (1x), aten.upsample_bilinear2d (1x)"
