@@ -60,6 +60,8 @@ def compile_model(
     level = extension_log.level
     extension_log.setLevel(logging.ERROR)
     try:
+        if example.device.type == "cpu":
+            require_cpp_compiler()
         compiled = torch.compile(model, backend="inductor", mode=mode, dynamic=dynamic)
         if grad:
             _trial_step(model, compiled, example)
@@ -71,6 +73,18 @@ def compile_model(
     finally:
         extension_log.setLevel(level)
     return Compiled(compiled, True, time.perf_counter() - start)
+
+
+def require_cpp_compiler() -> None:
+    """Raise inductor's own InvalidCxxCompiler at once when it finds no C++ compiler (CXX,
+    else g++), which it needs for every CPU kernel: without this, a machine with no
+    compiler fails the same way only after tracing and lowering the whole model (10-20 s
+    for a small one). Where torch has moved that search, inductor finds out itself."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:
+        return
+    get_cpp_compiler()
 
 
 def one_line(error: BaseException) -> str:
