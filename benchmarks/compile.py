@@ -12,6 +12,7 @@ batch is often smaller: the time a batch of another size costs the first time is
 Prediction: the model as ``cnnlab.runs.load_run`` prepares it (eval mode, BatchNorm folded,
 channels_last), eager against compiled, at batch 1 and 16, each batch size compiled anew.
 
+Compile times are a first compile's (a fresh inductor cache, unless ``--warm-cache``).
 Break-even: the number of steps (or images) after which the compiled side has won back its
 compile time, ``compile seconds / (eager - compiled seconds per step)``; "never" when the
 compiled step is not faster.
@@ -25,6 +26,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,8 +217,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
     add_load_flag(parser)
+    parser.add_argument(
+        "--warm-cache",
+        action="store_true",
+        help="keep inductor's on-disk cache (default: a fresh one, the first compile's cost)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cache = None if args.warm_cache else tempfile.mkdtemp(prefix="cnnlab-inductor-")
+    if cache is not None:
+        # A model compiled before in any process is read back from inductor's cache in a
+        # fraction of the time: the figures are what a user waits for the first time.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
 
     def rows(load: int) -> list[Row]:
         out = []
@@ -227,7 +241,11 @@ def main() -> None:
         return out
 
     title = f"compile: torch.compile ({args.mode or 'default mode'}) vs eager"
-    report_loads(under_loads(args.load, rows), args.format, title)
+    try:
+        report_loads(under_loads(args.load, rows), args.format, title)
+    finally:
+        if cache is not None:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":

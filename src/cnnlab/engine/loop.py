@@ -276,9 +276,8 @@ def _fit(
         say.line(stats_line(task.in_channels, pretrained=cfg.weights is not None))
     if start_epoch:
         say.line(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
-    if start_epoch < cfg.epochs and cfg.compile != "off":
-        planned = (cfg.epochs - start_epoch) * len(train_loader)
-        compile_step(step, cfg.compile, train_loader, planned, ctx.world_size, say.line, main)
+    if start_epoch < cfg.epochs:
+        compile_step(step, cfg.compile, train_loader, ctx.world_size, say.line, main)
     stopped = None
     try:
         for epoch in range(start_epoch, cfg.epochs):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cnnlab.compiling import compile_model, training_pays
+from cnnlab.compiling import compile_model
 from cnnlab.engine.progress import Reporter
 from cnnlab.engine.task import TrainingTask
 
@@ -61,28 +61,29 @@ def compile_step(
     step: Step,
     setting: str,
     batches: Iterable[tuple[torch.Tensor, Any]],
-    planned_steps: int,
     processes: int,
     say: Callable[[str], None],
     main: bool = True,
 ) -> None:
     """Give ``step`` the model compiled for training (``step.compiled``) when ``setting``
-    asks for it: ``on`` always tries, ``auto`` only where compiling pays back its time over
-    ``planned_steps`` steps (``cnnlab.compiling.training_pays``). The first of ``batches``
-    is the example it compiles for. A model that fails to compile trains eagerly, with
-    one line on stderr saying why; under torchrun (``processes`` > 1) nothing is compiled.
-    """
-    if setting == "off":
+    is ``on``. ``auto`` would compile where the run's steps x the step time saved outweigh
+    the compile time; measured, a compiled training step saved nothing on a CPU
+    (``cnnlab.compiling``, docs/speed.md), so it stays eager whatever the run. The first
+    of ``batches`` is the example it compiles for. A model that fails to compile trains
+    eagerly, with one line on stderr saying why; under torchrun (``processes`` > 1)
+    nothing is compiled."""
+    if setting != "on":
         return
     if processes > 1:
         # DistributedDataParallel's gradient hooks with a compiled module need torch's
         # compiled-DDP settings (and a bucket per graph): not measured here, so not risked.
-        if setting == "on" and main:
-            print("compile: off under torchrun (DistributedDataParallel)", file=sys.stderr)
+        if main:
+            print(
+                "compile: off under torchrun (DistributedDataParallel): training eagerly",
+                file=sys.stderr,
+            )
         return
     net = step.net
-    if setting == "auto" and not training_pays(net, planned_steps, step.device):
-        return
     images, _ = next(iter(batches))
     images = images.to(step.device, memory_format=step.memory_format)
     with torch.autocast(step.device.type, dtype=step.amp_dtype, enabled=step.amp_dtype is not None):
@@ -92,7 +93,7 @@ def compile_step(
             print(f"compile: fell back to eager: {result.reason}", file=sys.stderr)
         return
     step.compiled, step.compiled_shape = result.model, tuple(images.shape)
-    say(f"compile: the model compiled for training in {result.seconds:.1f} s ({setting})")
+    say(f"compile: the model compiled for training in {result.seconds:.1f} s")
 
 
 def to_device(targets: Any, device: torch.device) -> Any:
