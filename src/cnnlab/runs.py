@@ -19,6 +19,7 @@ of thousands of images (docs/speed.md), more than a command predicts or evaluate
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -239,7 +240,14 @@ def load_run(
     run_dir = checkpoint.require_run_dir(Path(path))
     meta = checkpoint.read_model_json(run_dir)
     run = _load_model(run_dir, meta, device, fast, backend)
-    if compile == "on":
+    if compile == "on" and run.task.exported_logits is None:
+        # A detector predicts through its own methods (``model.detect``), not ``forward``.
+        print(
+            f"compile: fell back to eager: a {meta.task} model predicts through its own"
+            " methods, which torch.compile of the model does not cover",
+            file=sys.stderr,
+        )
+    elif compile == "on":
         run.model = CompiledOnFirstCall(run.model)
     if tta:
         run.model = run.task.test_time_augmented(run.model, run_dir / "config.yaml")
