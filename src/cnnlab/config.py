@@ -130,7 +130,8 @@ class TrainConfig:
     compile: str = _setting(
         "auto",
         "torch.compile the model for training (inductor); auto: only where it wins back its"
-        " compile time (docs/speed.md); a model that fails to compile trains eagerly",
+        " compile time, which on a CPU it never did (docs/speed.md); a model that fails to"
+        " compile trains eagerly",
         COMPILE_SETTINGS,
     )
     quiet: bool = _setting(False, "no progress bar and no per-epoch line")
