@@ -157,6 +157,11 @@ class CompiledOnFirstCall(nn.Module):
             self.seconds, self.reason = result.seconds, result.reason
             if result.compiled:
                 object.__setattr__(self, "compiled", result.model)
+                print(
+                    f"compile: the model compiled for batches of {self.shape[0]} in"
+                    f" {result.seconds:.1f} s",
+                    file=sys.stderr,
+                )
             else:
                 print(f"compile: fell back to eager: {result.reason}", file=sys.stderr)
         if self.compiled is not None and tuple(images.shape) == self.shape:
