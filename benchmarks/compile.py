@@ -158,17 +158,21 @@ def train_rows(case: Case, mode: str | None, repeats: int | None) -> list[Row]:
     ]
 
 
-def predict_rows(case: Case, mode: str | None, repeats: int | None) -> list[Row]:
+def predict_rows(
+    case: Case, mode: str | None, repeats: int | None, fold: bool = True, layout: str = "nhwc"
+) -> list[Row]:
     torch.manual_seed(0)
     model = create_model(
         case.model, num_classes=CLASSES, in_channels=case.channels, **case.model_args
     ).eval()
-    fold_batchnorm(model)  # as load_run prepares a run's model
-    model.to(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    if fold:
+        fold_batchnorm(model)  # as load_run prepares a run's model
+    model.to(memory_format=memory_format)
     rows = []
     for batch in (1, 16):
         images = torch.randn(batch, case.channels, case.size, case.size).contiguous(
-            memory_format=torch.channels_last
+            memory_format=memory_format
         )
         eager_model = copy.deepcopy(model)
         result = compile_model(model, images, mode=mode)
@@ -213,6 +217,15 @@ def main() -> None:
     parser.add_argument(
         "--mode", help="torch.compile mode (default: its default; max-autotune-no-cudagraphs)"
     )
+    parser.add_argument(
+        "--no-fold", action="store_true", help="predict: keep BatchNorm (load_run folds it)"
+    )
+    parser.add_argument(
+        "--layout",
+        choices=("nhwc", "nchw"),
+        default="nhwc",
+        help="predict: channels_last (load_run's, default) or contiguous weights and batches",
+    )
     parser.add_argument("--repeats", type=int, help="timed rounds per side (default per case)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--format", choices=("table", "json"), default="table")
@@ -237,10 +250,14 @@ def main() -> None:
                 out += train_rows(CASES[name], args.mode, args.repeats)
                 torch._dynamo.reset()
             if "predict" in args.parts:
-                out += predict_rows(CASES[name], args.mode, args.repeats)
+                out += predict_rows(
+                    CASES[name], args.mode, args.repeats, not args.no_fold, args.layout
+                )
         return out
 
     title = f"compile: torch.compile ({args.mode or 'default mode'}) vs eager"
+    if "predict" in args.parts:
+        title += f", predict {args.layout}{', BatchNorm kept' if args.no_fold else ''}"
     try:
         report_loads(under_loads(args.load, rows), args.format, title)
     finally:
