@@ -113,6 +113,12 @@ def test_a_compiled_run_saves_the_models_own_keys(
     assert set(load_file(run / "best.safetensors")) == expected
     assert set(checkpoint.load_state(run / "last.pt")["model"]) == expected
     assert set(load_run(run, fast=False).model.state_dict()) == expected
+    # Prediction with --compile on: compiled on the first batch, the keys still the model's.
+    loaded = load_run(run, compile="on", fast=False)
+    image = sorted((few_digits / "0").iterdir())[0]
+    assert loaded.predict(image)[0]["top"][0]["class"] in {"0", "1", "2"}
+    assert wrappers[-1].calls == 2  # the compile's trial, then the prediction
+    assert set(loaded.model.state_dict()) == expected
 
 
 def test_no_compile_under_torchrun(capsys: pytest.CaptureFixture) -> None:
