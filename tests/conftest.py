@@ -100,9 +100,10 @@ def tiny_config(data: Path | str, out: Path | str, **changes: object) -> TrainCo
     return TrainConfig(**{**settings, **changes})
 
 
-def train_tiny_classifier(data: Path, out: Path) -> Path:
+def train_tiny_classifier(data: Path, out: Path, **changes: object) -> Path:
     """``out``: a classification run of a tiny convnet trained one epoch on ``data`` (split
-    60/20/20), for tests that need any trained run rather than a good one."""
+    60/20/20), for tests that need any trained run rather than a good one; ``changes``
+    replace any of its settings."""
     import cnnlab
 
     cnnlab.train(
@@ -116,6 +117,7 @@ def train_tiny_classifier(data: Path, out: Path) -> Path:
         val_split=0.2,
         test_split=0.2,
         quiet=True,
+        **changes,
     )
     return out
 

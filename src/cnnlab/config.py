@@ -25,6 +25,8 @@ AUGMENTS = ("none", "light", "strong", "trivial", "randaugment")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # AdamW's decoupled decay wants a much larger value than SGD's L2 penalty (timm's defaults).
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 5e-4}
+# torch.compile for training, prediction and evaluation (cnnlab.compiling; docs/speed.md).
+COMPILE_SETTINGS = ("auto", "on", "off")
 
 
 def _setting(
@@ -134,6 +136,13 @@ class TrainConfig:
     )
     workers: int | None = _setting(
         None, "DataLoader worker processes; none: 0 on a CPU with few free cores (cpu_plan)"
+    )
+    compile: str = _setting(
+        "auto",
+        "torch.compile the model for training (inductor); auto: only where it wins back its"
+        " compile time, which on a CPU it never did (docs/speed.md); a model that fails to"
+        " compile trains eagerly",
+        COMPILE_SETTINGS,
     )
     quiet: bool = _setting(False, "no progress bar and no per-epoch line")
     resolved: dict = field(

@@ -9,14 +9,17 @@ through here; nothing here imports the trainer.
 The loaded model is made fast for inference without changing its answers beyond float
 rounding: each BatchNorm folded into the convolution before it (``fold_batchnorm``), and,
 where the task trains that way, weights and batches in channels_last layout, which oneDNN
-(CPU) and cuDNN convolve faster. torch.compile is not used: on a CPU it needs tens of
-seconds to compile before the first image, which a command that predicts a few images
-never wins back. ``backend="onnxruntime"`` swaps the model for the run's exported
+(CPU) and cuDNN convolve faster. torch.compile is used only when asked
+(``compile="on"``: ``cnnlab.compiling.CompiledOnFirstCall``): on a CPU it needs 20 s to a
+minute and more before the first image, which the measured models win back only after tens
+of thousands of images (docs/speed.md), more than a command predicts or evaluates, so
+``auto`` leaves the model eager. ``backend="onnxruntime"`` swaps the model for the run's exported
 ``model.onnx`` in ONNX Runtime (``cnnlab.runtime``); the task runs it unchanged.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from torch import nn
 
 from cnnlab import checkpoint
 from cnnlab.checkpoint import ModelMeta
+from cnnlab.compiling import COMPILE_SETTINGS, CompiledOnFirstCall
 from cnnlab.data.images import (
     BadImageError,
     from_pil,
@@ -212,6 +216,7 @@ def load_run(
     fast: bool = True,
     backend: str = "torch",
     tta: bool = False,
+    compile: str = "off",
 ) -> Run:
     """Load a run folder of any task: model from ``model.json`` and ``best.safetensors``.
 
@@ -222,12 +227,28 @@ def load_run(
     torch's thread count; it must have been exported from the run's present weights.
     ``tta`` (classification) predicts and evaluates with test-time augmentation: the class
     probabilities averaged over views the run trained on (see ``tasks.tta.TTA``).
+    ``compile="on"`` compiles the torch model (inductor) on its first batch, falling back to
+    it eagerly with one line on stderr when that fails; ``auto`` and ``off`` do not
+    compile: measured, it never paid back its compile time over a command's images.
     """
     if backend not in BACKENDS:
         raise CnnlabError(f"unknown backend {backend!r}; choose {' or '.join(BACKENDS)}")
+    if compile not in COMPILE_SETTINGS:
+        raise CnnlabError(f"compile must be one of {', '.join(COMPILE_SETTINGS)}, not {compile!r}")
+    if compile == "on" and backend != "torch":
+        raise CnnlabError(f"--compile on compiles the torch model; the {backend} backend has none")
     run_dir = checkpoint.require_run_dir(Path(path))
     meta = checkpoint.read_model_json(run_dir)
     run = _load_model(run_dir, meta, device, fast, backend)
+    if compile == "on" and run.task.exported_logits is None:
+        # A detector predicts through its own methods (``model.detect``), not ``forward``.
+        print(
+            f"compile: fell back to eager: a {meta.task} model predicts through its own"
+            " methods, which torch.compile of the model does not cover",
+            file=sys.stderr,
+        )
+    elif compile == "on":
+        run.model = CompiledOnFirstCall(run.model)
     if tta:
         run.model = run.task.test_time_augmented(run.model, run_dir / "config.yaml")
     return run

@@ -100,7 +100,9 @@ def _load(args: argparse.Namespace, task: str):
         for option in options_for(TASKS[task].options, args.action)
         if option.at_load and getattr(args, option.name)
     }
-    run = load_run(Path(args.run), device=args.device, backend=args.backend, **at_load)
+    run = load_run(
+        Path(args.run), device=args.device, backend=args.backend, compile=args.compile, **at_load
+    )
     if run.task.name != task:
         right = TASKS[run.task.name].prefix()
         raise CnnlabError(

@@ -224,6 +224,19 @@ def add_backend(sub: argparse.ArgumentParser) -> None:
     )
 
 
+def add_compile(sub: argparse.ArgumentParser) -> None:
+    from cnnlab.config import COMPILE_SETTINGS
+
+    sub.add_argument(
+        "--compile",
+        choices=COMPILE_SETTINGS,
+        default="auto",
+        help="torch.compile the model (inductor) on its first batch; auto: not for a"
+        " command's images, which never paid back the compile time (docs/speed.md);"
+        " a model that fails to compile runs eagerly",
+    )
+
+
 def add_batch(sub: argparse.ArgumentParser, default: int | None, what: str) -> None:
     """``--batch N``: the batch size ``what`` is estimated at (a whole number, at least 1)."""
     sub.add_argument("--batch", type=positive, default=default, metavar="N", help=what)

@@ -16,6 +16,7 @@ from cnnlab.cli.flags import (
     Parser,
     add_backend,
     add_batch,
+    add_compile,
     add_device,
     add_format,
     add_overwrite,
@@ -226,6 +227,7 @@ def _task_commands(group: Group, entry: TaskEntry) -> None:
     sub.add_argument("--split", choices=entry.splits, default=entry.eval_split)
     add_device(sub)
     add_backend(sub)
+    add_compile(sub)
     add_task_options(sub, entry, "eval")
     add_format(sub)
 
@@ -255,6 +257,7 @@ def _task_commands(group: Group, entry: TaskEntry) -> None:
     add_overwrite(sub, "files already in --out / --save-csv")
     add_device(sub)
     add_backend(sub)
+    add_compile(sub)
     add_task_options(sub, entry, "predict")
     add_format(sub)
 

@@ -30,7 +30,7 @@ from cnnlab.device import CpuPlan, threads_for
 from cnnlab.engine.optim import ema_model, warmup_cosine
 from cnnlab.engine.prepare import Prepared, Resolved, model_meta, prepare, resolve
 from cnnlab.engine.progress import Reporter, short_float
-from cnnlab.engine.step import Step, train_epoch
+from cnnlab.engine.step import Step, compile_step, train_epoch
 from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.files import (
@@ -45,7 +45,8 @@ from cnnlab.files import (
 from cnnlab.tasks.spec import MetricSpec
 
 _RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
-RESUME_OVERRIDES = ("device", "threads", "workers", "quiet")  # what a resumed run may change
+# What a resumed run may change.
+RESUME_OVERRIDES = ("device", "threads", "workers", "compile", "quiet")
 BATCH_PICTURES = 16  # training images shown in batch.png
 
 
@@ -275,6 +276,8 @@ def _fit(
         say.line(stats_line(task.in_channels, pretrained=cfg.weights is not None))
     if start_epoch:
         say.line(f"resuming {run_dir} after epoch {start_epoch} of {cfg.epochs}")
+    if start_epoch < cfg.epochs:
+        compile_step(step, cfg.compile, train_loader, ctx.world_size, say.line, main)
     stopped = None
     try:
         for epoch in range(start_epoch, cfg.epochs):

@@ -4,13 +4,15 @@ train_step benchmark time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from cnnlab.compiling import compile_model
 from cnnlab.engine.progress import Reporter
 from cnnlab.engine.task import TrainingTask
 
@@ -28,14 +30,21 @@ class Step:
     grad_clip: float | None
     memory_format: torch.memory_format = torch.preserve_format
     ema: nn.Module | None = None  # an AveragedModel updated after every step
+    # The model compiled (cnnlab.compiling) for batches of ``compiled_shape``: other batches
+    # (the loader's smaller last one) run eagerly, as a new shape would compile again.
+    compiled: nn.Module | None = None
+    compiled_shape: tuple[int, ...] = ()
 
     def __call__(self, images: torch.Tensor, targets: Any) -> tuple[torch.Tensor, tuple | None]:
         """Forward, backward, step; returns (loss, the task's batch score) on the device."""
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         targets = to_device(targets, self.device)
         enabled = self.amp_dtype is not None
+        net = self.net
+        if self.compiled is not None and tuple(images.shape) == self.compiled_shape:
+            net = self.compiled
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled):
-            loss, score = self.task.forward_loss(self.net, images, targets)
+            loss, score = self.task.forward_loss(net, images, targets)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.grad_clip is not None:
@@ -46,6 +55,45 @@ class Step:
         if self.ema is not None:
             self.ema.update_parameters(self.net)
         return loss, score
+
+
+def compile_step(
+    step: Step,
+    setting: str,
+    batches: Iterable[tuple[torch.Tensor, Any]],
+    processes: int,
+    say: Callable[[str], None],
+    main: bool = True,
+) -> None:
+    """Give ``step`` the model compiled for training (``step.compiled``) when ``setting``
+    is ``on``. ``auto`` would compile where the run's steps x the step time saved outweigh
+    the compile time; measured, a compiled training step saved nothing on a CPU
+    (``cnnlab.compiling``, docs/speed.md), so it stays eager whatever the run. The first
+    of ``batches`` is the example it compiles for. A model that fails to compile trains
+    eagerly, with one line on stderr saying why; under torchrun (``processes`` > 1)
+    nothing is compiled."""
+    if setting != "on":
+        return
+    if processes > 1:
+        # DistributedDataParallel's gradient hooks with a compiled module need torch's
+        # compiled-DDP settings (and a bucket per graph): not measured here, so not risked.
+        if main:
+            print(
+                "compile: off under torchrun (DistributedDataParallel): training eagerly",
+                file=sys.stderr,
+            )
+        return
+    net = step.net
+    images, _ = next(iter(batches))
+    images = images.to(step.device, memory_format=step.memory_format)
+    with torch.autocast(step.device.type, dtype=step.amp_dtype, enabled=step.amp_dtype is not None):
+        result = compile_model(net, images, grad=True)
+    if not result.compiled:
+        if main:
+            print(f"compile: fell back to eager: {result.reason}", file=sys.stderr)
+        return
+    step.compiled, step.compiled_shape = result.model, tuple(images.shape)
+    say(f"compile: the model compiled for training in {result.seconds:.1f} s")
 
 
 def to_device(targets: Any, device: torch.device) -> Any:
