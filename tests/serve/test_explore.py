@@ -6,6 +6,7 @@ which the server goes on."""
 
 from __future__ import annotations
 
+import copy
 import io
 import textwrap
 from pathlib import Path
@@ -104,14 +105,21 @@ def gradient_box(model: nn.Module, size, layer: str, y: int, x: int) -> list[int
     output is nonzero, on a copy with positive weights and max pools made average pools
     (the same windows; every pixel of a window then gets gradient), asserting that every
     pixel of that box does."""
-    model = swap_max_pools(model).double().eval()
+    model = swap_max_pools(copy.deepcopy(model)).double().eval()
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.copy_(parameter.abs() + 0.1)
     captured = []
-    model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: captured.append(out))
+
+    def capture(_module, _inputs, output):
+        captured.append(output)
+        raise StopIteration  # the rest of the forward pass is not needed
+
+    handle = model.get_submodule(layer).register_forward_hook(capture)
     pixels = torch.ones(1, *size, dtype=torch.float64, requires_grad=True)
-    model(pixels)
+    with pytest.raises(StopIteration):
+        model(pixels)
+    handle.remove()
     (grad,) = torch.autograd.grad(captured[0][0, :, y, x].sum(), pixels)
     seen = grad[0].abs().sum(dim=0) > 0
     rows, cols = seen.nonzero(as_tuple=True)

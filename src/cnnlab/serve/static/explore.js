@@ -418,7 +418,10 @@ function drawField() {
   const outside = x0 < 0 || y0 < 0 || x1 >= width || y1 >= height;
   box.replaceChildren(
     el("h3", {}, `Unit (y ${f.unit[0]}, x ${f.unit[1]}) of ${f.name}`),
-    el("p", { id: "field-box", "data-box": f.box.join(","), "data-inside": f.inside.join(",") },
+    el("p", {
+      id: "field-box", "data-layer": String(f.layer), "data-unit": f.unit.join(","),
+      "data-box": f.box.join(","), "data-inside": f.inside.join(","),
+    },
       `sees x ${x0} to ${x1}, y ${y0} to ${y1}: ${f.size[0]}×${f.size[1]} px, centre (${cx}, ${cy})`
       + (outside ? `; on the input x ${i0} to ${i1}, y ${j0} to ${j1} (the rest is padding, dashed)` : "")),
     el("p", { class: "muted" }, `Neighbouring units are ${f.jump[0]} px apart (the jump).`),
