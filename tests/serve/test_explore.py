@@ -185,7 +185,7 @@ def test_bad_input_is_a_4xx_line_and_the_server_goes_on(explore, tmp_path):
         explore, 404, "/maps", model="resnet18", layer=0, image="u0"
     )
     assert "no classifier run" in refused(explore, 400, "/classes", model="resnet18", image="digit")
-    assert "C,H,W" in refused(explore, 400, "/layers", model="resnet18", input="3,99999,2")
+    assert "input" in refused(explore, 422, "/layers", model="resnet18", input="3,99999,2")
     response = explore.post(
         "/api/explore/images", files={"file": ("x.png", b"not an image", "image/png")}
     )

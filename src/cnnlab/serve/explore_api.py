@@ -54,10 +54,11 @@ ModelName = Annotated[
         " or torchvision model (resnet50, torchvision:vgg11)",
     ),
 ]
+SIDE = r"(?:[1-9][0-9]{0,2}|10[01][0-9]|102[0-4])"  # 1 to 1024 (MAX_SIDE)
 InputSize = Annotated[
     str | None,
     Query(
-        max_length=40,
+        pattern=rf"^[13],{SIDE},{SIDE}$",
         description="C,H,W to explore a registered or torchvision model at (default: the"
         " command line's --input, else its natural size)",
     ),
@@ -92,8 +93,7 @@ class Explorer:
         self._building: dict[tuple, threading.Lock] = {}
 
     def explored(self, model: str, input_text: str | None = None) -> Explored:
-        size = parse_size(input_text) if input_text else None
-        key, build = self._resolve(model, size)
+        key, build = self._resolve(model, parse_size(input_text) if input_text else None)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
