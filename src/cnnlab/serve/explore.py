@@ -374,10 +374,17 @@ class Explored:
             return self._model
 
     def prepare(self) -> None:
-        """Build the model with weights in the background, so that the first layer opened
-        does not wait for it (a random ResNet-50 takes a second to initialise)."""
+        """Build the model with weights, and read the sample images, in the background, so
+        that the first layer opened waits for neither (a random ResNet-50 takes a second to
+        initialise; the samples come from scikit-learn, a second to import)."""
+
+        def ready() -> None:
+            self.model()
+            for name in SAMPLES:
+                sample_image(name)
+
         if self._model is None:
-            threading.Thread(target=self.model, daemon=True).start()
+            threading.Thread(target=ready, daemon=True).start()
 
     def view(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """(what the model sees as uint8 (C, H, W) at its input size, the model's input
