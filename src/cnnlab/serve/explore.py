@@ -24,6 +24,7 @@ initialisation (seed 0), so the maps show what the architecture computes before 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import threading
 import time
@@ -67,10 +68,15 @@ def sample_image(name: str) -> Tensor:
         digit = digit_images(8)[0][0]  # at its own 8x8: upscaling all 1,797 takes a second
         return tvf.resize_image(digit, [64, 64], tvf.InterpolationMode.BICUBIC)
     if name in ("china", "flower"):
-        from sklearn.datasets import load_sample_image
+        from cnnlab.data.images import read_image
 
-        pixels = load_sample_image(f"{name}.jpg").copy()  # scikit-learn's array is read-only
-        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+        # The JPEG load_sample_image reads, found without importing scikit-learn (seconds
+        # on a busy machine), read by cnnlab's reader.
+        package = importlib.util.find_spec("sklearn")
+        if package is None or not package.submodule_search_locations:
+            raise CnnlabError("the sample photographs come with scikit-learn, not installed")
+        folder = Path(package.submodule_search_locations[0]) / "datasets" / "images"
+        return read_image(folder / f"{name}.jpg", 3)
     raise BadRequest(f"no sample image {name!r}; the samples are {', '.join(SAMPLES)}")
 
 
@@ -379,9 +385,9 @@ class Explored:
         initialise; the samples come from scikit-learn, a second to import)."""
 
         def ready() -> None:
-            self.model()
             for name in SAMPLES:
                 sample_image(name)
+            self.model()
 
         if self._model is None:
             threading.Thread(target=ready, daemon=True).start()
