@@ -216,6 +216,7 @@ class Explored:
     build: Any  # () -> nn.Module with weights, on the CPU (called once, when maps are asked)
     run: Any = None  # a cnnlab.runs.Run for a run folder
     _model: nn.Module | None = field(default=None, repr=False)
+    _preparing: bool = field(default=False, repr=False)
     _built: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # One forward pass at a time: each hooks the shared model.
     _running: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -389,8 +390,11 @@ class Explored:
                 sample_image(name)
             self.model()
 
-        if self._model is None:
-            threading.Thread(target=ready, daemon=True).start()
+        with self._built:
+            if self._model is not None or self._preparing:
+                return
+            self._preparing = True
+        threading.Thread(target=ready, daemon=True).start()
 
     def view(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """(what the model sees as uint8 (C, H, W) at its input size, the model's input

@@ -319,7 +319,7 @@ def add_explore_routes(
         "/api/explore/gradcam",
         summary="a classifier run's Grad-CAM of one class at one layer",
         description="`cnnlab explain`'s document, with `map_png` the map over what the model sees.",
-        responses=problems(400, 404, 422),
+        responses=problems(400, 404, 413, 422, 503),
     )
     def gradcam(
         model: ModelName,
@@ -331,4 +331,5 @@ def add_explore_routes(
         ] = None,
     ) -> dict:
         explored = answer(lambda: explorer.explored(model))
+        explorer.check_memory(explored)
         return answer(lambda: explored.gradcam(layer, explorer.image(image), class_name))
