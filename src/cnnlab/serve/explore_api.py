@@ -208,7 +208,7 @@ def add_explore_routes(
             " block whose forward makes it, the row `after` which it happens, the rows it"
             " joins, -1 the input, null a tensor no layer made), and for a run `classes`."
         ),
-        responses=problems(400, 404, 422),
+        responses=problems(400, 404, 422, 503),
     )
     def layers(model: ModelName, input: InputSize = None) -> dict:
         explored = answer(lambda: explorer.explored(model, input))
@@ -254,7 +254,7 @@ def add_explore_routes(
     @app.get(
         "/api/explore/view",
         summary="what the model sees of an image: resized, centre-cropped, as a PNG",
-        responses=problems(400, 404, 422),
+        responses=problems(400, 404, 422, 503),
     )
     def view(model: ModelName, image: ImageToken, input: InputSize = None) -> dict:
         explored = answer(lambda: explorer.explored(model, input))
@@ -290,7 +290,7 @@ def add_explore_routes(
             " `inside` the same box clipped to the input; `centre` [x, y]; `chain` the layers"
             " before it where the field grows, with `step` the recurrence rf + (k - 1)*jump."
         ),
-        responses=problems(400, 404, 422),
+        responses=problems(400, 404, 422, 503),
     )
     def unit_field(
         model: ModelName,
@@ -305,7 +305,7 @@ def add_explore_routes(
     @app.get(
         "/api/explore/classes",
         summary="a classifier run's top classes for an image",
-        responses=problems(400, 404, 422),
+        responses=problems(400, 404, 422, 503),
     )
     def classes(
         model: ModelName,
