@@ -214,6 +214,9 @@ def test_a_model_file_with_concatenations_and_one_that_fails_to_build(tmp_path):
         assert api.get("/healthz").status_code == 200
         assert get(api, "/layers", model="convnet")["input"] == [1, 28, 28]
         assert api.get("/", follow_redirects=False).headers["location"] == "/explore"
+    missing = f"{tmp_path}/missing.py:Net"
+    with client(explore=missing) as api:
+        assert "missing.py: no such file" in refused(api, 400, "/layers", model=missing)
 
 
 def test_a_classifier_runs_classes_and_gradcam(serve_runs):

@@ -18,6 +18,7 @@ has not are 400s, all JSON ``{"detail": "one line"}``; the server goes on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from collections import OrderedDict
@@ -121,7 +122,10 @@ class Explorer:
                 return ("run", model), lambda: Explored.of_run(model, Path(model).name)
             size = size or self.input_size
             source = model.rpartition(":")[0]
-            changed = Path(source).stat().st_mtime if source.endswith(".py") else None
+            changed = None
+            if source.endswith(".py"):
+                with contextlib.suppress(OSError):  # missing: building says so, in one line
+                    changed = Path(source).stat().st_mtime
             # An edited model file is built again: fix it, reload the page.
             return ("model", model, size, changed), lambda: Explored.of_spec(model, size)
         source = model.rpartition(":")[0]
