@@ -119,11 +119,26 @@ function revealLayer(index) {
 // a join (add, concatenation) after the row it follows.
 function renderColumn() {
   const d = state.doc;
-  const joinsAfter = new Map();
+  // A join goes after the row it follows, or first in its block when the block starts
+  // with it (a DenseLayer concatenates its inputs before its first layer).
+  const joinsAt = new Map();
   d.joins.forEach((join, i) => {
-    if (!joinsAfter.has(join.after)) joinsAfter.set(join.after, []);
-    joinsAfter.get(join.after).push(i);
+    const block = d.blocks[join.block];
+    const key = block && block.rows[0] > join.after ? `before ${block.rows[0]}` : `after ${join.after}`;
+    if (!joinsAt.has(key)) joinsAt.set(key, []);
+    joinsAt.get(key).push(i);
   });
+  const joinItem = (j) => {
+    const join = d.joins[j];
+    const sources = join.from.filter((f) => f !== join.after);
+    const named = sources.map((f) => (f === -1 ? "the input" : f === null ? "an earlier result" : d.layers[f].name));
+    const text = join.kind === "add"
+      ? `⊕ + x: adds ${named.join(", ") || "its own input"} → ${shape(join.output)}`
+      : `⧺ concatenates ${join.inputs.length} maps (${join.inputs.map((s) => s[0]).join(" + ")} channels) → ${shape(join.output)}`;
+    return el("li", {
+      class: "join", "data-join": String(j), title: `${join.kind} in ${join.block}: ${named.join(", ")}`,
+    }, text);
+  };
   const root = el("ol", { class: "layer-list", id: "layer-list" });
   const stack = [{ name: null, list: root }];
   d.layers.forEach((layer) => {
@@ -133,19 +148,22 @@ function renderColumn() {
       const block = d.blocks[name];
       const isOpen = state.open.has(name);
       const parentOpen = stack.every((s) => s.name === null || (state.open.has(s.name) && !s.hidden));
-      const last = d.layers[block.rows[1]];
+      // Its output: its last row's, or the join it ends with (a DenseBlock's concatenation).
+      const closing = d.joins.filter((j) => j.block === name && j.after === block.rows[1]).pop();
+      const output = closing ? closing.output : d.layers[block.rows[1]].output_shape;
       const params = d.layers.slice(block.rows[0], block.rows[1] + 1).reduce((a, l) => a + l.params, 0);
       const head = el("button", {
         type: "button", class: "block-head", "data-block": name, "aria-expanded": String(isOpen),
-        onclick: () => toggleBlock(name),
-      }, el("span", {}, el("span", { class: "caret" }, isOpen ? "▾" : "▸"), `${name} `,
+        onclick: () => toggleBlock(name), title: `${name} (${block.type})`,
+      }, el("span", {}, el("span", { class: "caret" }, isOpen ? "▾" : "▸"), `${name.split(".").pop()} `,
         el("span", { class: "type" }, block.type)),
-      el("span", { class: "shape" }, `${shape(last.output_shape)} · ${count(params)}`));
+      el("span", { class: "shape" }, `${shape(output)} · ${count(params)}`));
       const children = el("ol", { hidden: isOpen ? null : "" });
       const item = el("li", { hidden: parentOpen ? null : "" }, head, children);
       stack[stack.length - 1].list.append(item);
       stack.push({ name, list: children, hidden: !parentOpen });
     }
+    for (const j of joinsAt.get(`before ${layer.index}`) || []) stack[stack.length - 1].list.append(joinItem(j));
     const row = el("button", {
       type: "button", class: "layer-row", "data-layer": String(layer.index),
       "aria-pressed": String(layer.index === state.selected), onclick: () => selectLayer(layer.index),
@@ -153,17 +171,7 @@ function renderColumn() {
     }, el("span", { class: "name" }, `${layer.name.split(".").pop()} `, el("span", { class: "type" }, layer.type)),
     el("span", { class: "shape" }, shape(layer.output_shape)));
     stack[stack.length - 1].list.append(el("li", {}, row));
-    for (const j of joinsAfter.get(layer.index) || []) {
-      const join = d.joins[j];
-      const sources = join.from.filter((f) => f !== layer.index);
-      const named = sources.map((f) => (f === -1 ? "the input" : f === null ? "an earlier result" : d.layers[f].name));
-      const text = join.kind === "add"
-        ? `⊕ + x: adds ${named.join(", ") || "its own input"} → ${shape(join.output)}`
-        : `⧺ concatenates ${join.inputs.length} maps (${join.inputs.map((s) => s[0]).join(" + ")} channels) → ${shape(join.output)}`;
-      stack[stack.length - 1].list.append(el("li", {
-        class: "join", "data-join": String(j), title: `${join.kind} in ${join.block}: ${named.join(", ")}`,
-      }, text));
-    }
+    for (const j of joinsAt.get(`after ${layer.index}`) || []) stack[stack.length - 1].list.append(joinItem(j));
   });
   $("layer-list").replaceWith(root);
   $("layer-column").removeAttribute("aria-busy");
