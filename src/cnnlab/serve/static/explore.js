@@ -155,7 +155,7 @@ function renderColumn() {
       const head = el("button", {
         type: "button", class: "block-head", "data-block": name, "aria-expanded": String(isOpen),
         onclick: () => toggleBlock(name), title: `${name} (${block.type})`,
-      }, el("span", {}, el("span", { class: "caret" }, isOpen ? "▾" : "▸"), `${name.split(".").pop()} `,
+      }, el("span", {}, el("span", { class: "caret" }, isOpen ? "▾" : "▸"), `${blockLabel(name)} `,
         el("span", { class: "type" }, block.type)),
       el("span", { class: "shape" }, `${shape(output)} · ${count(params)}`));
       const children = el("ol", { hidden: isOpen ? null : "" });
@@ -177,6 +177,10 @@ function renderColumn() {
   $("layer-column").removeAttribute("aria-busy");
   drawJoins();
 }
+
+// A block's shown name: a short path whole (layer1.0), a long one by its last part
+// (features.denseblock1 -> denseblock1); the header's title has the whole path.
+const blockLabel = (name) => (name.length > 16 ? name.split(".").pop() : name);
 
 function toggleBlock(name) {
   if (state.open.has(name)) state.open.delete(name); else state.open.add(name);
