@@ -277,11 +277,12 @@ def serve_runs(
 class ServerProcess:
     """``cnnlab serve ARGS --port 0`` in a child process; ``url`` once it said where."""
 
+    COMMAND = "serve"
     ANNOUNCED = re.compile(r"^cnnlab serve: .* at (http://\S+/) ")
 
     def __init__(self, *args: object, timeout: float = 120) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cnnlab", "serve", *map(str, args), "--port", "0"],
+            [sys.executable, "-m", "cnnlab", self.COMMAND, *map(str, args), "--port", "0"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -630,3 +630,22 @@ def cmd_serve(args: argparse.Namespace, extra: dict) -> int:
         args.upload_timeout,
         _memory_limit(args.max_memory),
     )
+
+
+def cmd_explore(args: argparse.Namespace, extra: dict) -> int:
+    """``cnnlab explore``: ``cnnlab serve``'s server on this machine only, for one model."""
+    from cnnlab.serve import serve
+
+    if not args.max_upload_mb > 0:  # also refuses nan
+        raise CnnlabError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
+    return serve(
+        [],
+        "127.0.0.1",
+        args.port,
+        "cpu",
+        max_upload=int(args.max_upload_mb * 1000 * 1000),
+        upload_timeout=args.upload_timeout,
+        max_memory=_memory_limit(args.max_memory),
+        explore=args.model,
+        explore_input=parse_input(args.input) if args.input else None,
+    )

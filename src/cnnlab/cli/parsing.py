@@ -417,6 +417,36 @@ def _tool_commands(commands: Group) -> None:
     add_device(sub)
     add_format(sub)
 
+    sub = _add(
+        commands,
+        "explore",
+        c.cmd_explore,
+        "a web page to explore a network: layers, formulas, feature maps, receptive fields",
+    )
+    sub.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a model name, a run folder, file.py:Name or torchvision:name",
+    )
+    sub.add_argument("--input", metavar="C,H,W", help="input size (default: the model's own)")
+    sub.add_argument("--port", type=int, default=8000, help="0: any free port")
+    sub.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="largest image file, in megabytes"
+    )
+    sub.add_argument(
+        "--upload-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="time for an upload to arrive, from its headers (default 30)",
+    )
+    sub.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="most memory one layer's maps may need, e.g. 2GB (default: half the memory free"
+        " at start, at most 4 GiB)",
+    )
+
     sub = _add(commands, "serve", c.cmd_serve, "a web page and JSON API for trying runs")
     sub.add_argument("runs", nargs="+", metavar="RUN", help="run folders of any task")
     sub.add_argument("--host", default="127.0.0.1", help="the address to listen on (this machine)")

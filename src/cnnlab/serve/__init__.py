@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -41,8 +42,11 @@ def serve(
     allow_hosts: Sequence[str] = (),
     upload_timeout: float = UPLOAD_TIMEOUT,
     max_memory: int | None = None,
+    explore: str | None = None,
+    explore_input: tuple[int, int, int] | None = None,
 ) -> int:
-    """Serve ``runs`` at http://HOST:PORT/ (``port`` 0: a free one) until stopped.
+    """Serve ``runs`` at http://HOST:PORT/ (``port`` 0: a free one) until stopped; with
+    ``explore`` (``cnnlab explore``), announce that model's explore page instead.
 
     ``threads`` is torch's thread count for each inference worker (default:
     ``default_threads``); the other arguments are ``create_app``'s. Returns 0 once stopped
@@ -63,6 +67,8 @@ def serve(
         allow_hosts=allow_hosts,
         upload_timeout=upload_timeout,
         max_memory=max_memory,
+        explore=explore,
+        explore_input=explore_input,
     )
     listener = bind(host, port)
     url = page_url(host, listener.getsockname()[1])
@@ -70,6 +76,9 @@ def serve(
     announce = (
         f"cnnlab serve: {n} run{'s' * (n != 1)} at {url} (API docs at {url}docs; Ctrl-C stops)"
     )
+    if explore is not None:
+        page = f"{url}explore?model={urllib.parse.quote(explore, safe='')}"
+        announce = f"cnnlab explore: {explore} at {page} (API docs at {url}docs; Ctrl-C stops)"
     config = uvicorn.Config(
         app,
         log_level="warning",

@@ -3,7 +3,8 @@
 Routes (OpenAPI at /docs): ``GET /`` the page (``static/``: no script, style or font from
 elsewhere), ``GET /api/runs``, ``GET /api/runs/{id}``, ``GET /api/runs/{id}/figures/NAME.png``,
 ``POST /api/predict`` (multipart: ``file``, and ``run`` unless one run is served), ``GET
-/healthz``. Clients name runs
+/healthz``; ``GET /explore``, the explore page, and its API ``/api/explore/...``
+(``explore_api``). Clients name runs
 by id; no path on disk is ever taken from a request.
 
 Every error is JSON ``{"detail": "one line"}``, never a traceback: a 4xx status for a bad
@@ -37,7 +38,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,6 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnnlab.device import free_memory
 from cnnlab.errors import CnnlabError
+from cnnlab.serve.explore_api import IMAGES_PATH, Explorer, add_explore_routes
 from cnnlab.serve.pool import Gate, Job, Pool
 from cnnlab.serve.served import Served, TooLargeToPredict, Upload, load_served
 from cnnlab.tasks import TASKS
@@ -53,12 +55,18 @@ from cnnlab.tasks.options import Option, options_for
 MAX_UPLOAD = 20 * 1000 * 1000  # bytes of one uploaded image
 FORM_OVERHEAD = 64 * 1024  # the multipart boundaries, headers and small fields around it
 PREDICT_PATH = "/api/predict"
+UPLOADS = (PREDICT_PATH, IMAGES_PATH)  # the routes that take an image: guarded alike
 UPLOAD_TIMEOUT = 30.0  # seconds for a prediction's body to arrive, once its headers have
 ARRIVING_PER_PLACE = 4  # uploads that may be arriving at once, per place in the queue
 # One prediction may need at most this, or half the memory free at start over the workers.
 MAX_MEMORY = 4 * 2**30
 WILDCARDS = ("", "0.0.0.0", "::")  # addresses that listen on every interface
-STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+STATIC = {
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+    "explore.js": "text/javascript",
+    "explore.css": "text/css",
+}
 # The page may load only what this server sends: no CDN, font or script from elsewhere.
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -92,8 +100,12 @@ def create_app(
     allow_hosts: Sequence[str] = (),
     upload_timeout: float = UPLOAD_TIMEOUT,
     max_memory: int | None = None,
+    explore: str | None = None,
+    explore_input: tuple[int, int, int] | None = None,
 ) -> FastAPI:
-    """The app serving the run folders ``runs``, loaded here (``load_served``).
+    """The app serving the run folders ``runs``, loaded here (``load_served``), and the
+    explore page (``/explore``) of each and of ``explore`` (any model ``cnnlab summary``
+    takes, or a run folder; at ``explore_input`` C,H,W), built when first asked for.
 
     ``queue_size`` predictions are in the server at once at most (waiting or running; more
     get 503); ``max_upload`` bytes per image, arriving within ``upload_timeout`` seconds;
@@ -111,15 +123,15 @@ def create_app(
         raise CnnlabError(f"--max-memory {max_memory}: expected a positive number of bytes")
     allowed = AllowedHosts(host, allow_hosts)
     served = load_served(runs, device)
-    if not served:
+    if not served and explore is None:
         raise CnnlabError("no runs to serve")
     if max_memory is None:
-        free = free_memory(next(iter(served.values())).run.device)
-        max_memory = min(MAX_MEMORY, free // (2 * workers))
+        where = next(iter(served.values())).run.device if served else torch.device("cpu")
+        max_memory = min(MAX_MEMORY, free_memory(where) // (2 * workers))
     for run in served.values():
         run.max_memory = max_memory
     pool = Pool(lambda key, uploads: _predict(served, key, uploads), workers, max_batch)
-    page = {name: _static(name) for name in ("index.html", *STATIC)}
+    page = {name: _static(name) for name in ("index.html", "explore.html", *STATIC)}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -158,7 +170,13 @@ def create_app(
 
     @app.get("/", include_in_schema=False)
     def index() -> Response:
+        if not served:  # `cnnlab explore MODEL`: the explore page is the page
+            return RedirectResponse("/explore")
         return Response(page["index.html"], media_type="text/html", headers=SECURITY_HEADERS)
+
+    @app.get("/explore", include_in_schema=False)
+    def explore_page() -> Response:
+        return Response(page["explore.html"], media_type="text/html", headers=SECURITY_HEADERS)
 
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> Response:
@@ -249,6 +267,8 @@ def create_app(
         ),
     )(predict)
 
+    explorer = Explorer(explore, explore_input, served, max_memory)
+    add_explore_routes(app, explorer, max_upload, problems)
     _error_handlers(app)
     return app
 
@@ -325,7 +345,8 @@ def _static(name: str) -> bytes:
 
 
 class PredictLimits:
-    """ASGI middleware for ``POST /api/predict``, all before the body is read: 415 unless
+    """ASGI middleware for the uploads (``POST /api/predict`` and ``POST
+    /api/explore/images``), all before the body is read: 415 unless
     multipart, 413 past ``max_upload`` and the form around it (the Content-Length, then
     the bytes as they arrive), 503 when the ``queue`` is full or ``arriving`` holds as many
     uploads as it takes. While the body arrives: 408 once ``upload_timeout`` seconds have
@@ -348,7 +369,7 @@ class PredictLimits:
         self.too_large = f"the upload is larger than the limit of {max_upload:,} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != PREDICT_PATH or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["path"] not in UPLOADS or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)

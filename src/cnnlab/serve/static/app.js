@@ -92,7 +92,8 @@ function renderDetails(run) {
   box.replaceChildren(...[
     el("div", { class: "details-head" },
       el("h2", {}, run.name),
-      el("span", {}, el("span", { class: `badge ${run.task}` }, run.task), run.model)),
+      el("span", {}, el("span", { class: `badge ${run.task}` }, run.task), run.model,
+        " · ", el("a", { href: `/explore?model=${encodeURIComponent(run.id)}`, class: "explore-link" }, "explore"))),
     el("div", { class: "facts" },
       el("span", {}, el("b", {}, count(run.parameters)), " parameters"),
       el("span", {}, el("b", {}, count(run.macs)), ` MACs (`, el("b", {}, count(run.flops)), ` FLOPs) at ${c}×${h}×${w}`),

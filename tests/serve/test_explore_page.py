@@ -1,0 +1,128 @@
+"""The explore page in a real browser (Playwright driving Debian's chromium, as the serve
+page's tests): for ResNet-18 at 224 and the notes' ConvNet, a layer's formulas read from
+the page are ``cnnlab summary --format json``'s for that row, and the receptive-field box of
+a clicked feature-map pixel, read from the page, is where that unit's gradient with respect
+to the input is nonzero. An unknown model is one line on the page. One browser, one
+server (``cnnlab explore``), one page load per model."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cnnlab.inspect.specs import build_model, summarize_spec
+from tests.conftest import ServerProcess
+from tests.serve.test_explore import gradient_box
+from tests.serve.test_serve_page import CHROMIUM_ARGS, chromium_path
+
+
+class ExploreServer(ServerProcess):
+    COMMAND = "explore"
+    ANNOUNCED = re.compile(r"^cnnlab explore: \S+ at (http://\S+/)explore\?model=\S+ ")
+
+
+@pytest.fixture(scope="module")
+def server():
+    started = ExploreServer("resnet18", "--input", "3,224,224")
+    yield started
+    assert started.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def open_page(browser, server, query: str):
+    """The explore page; its problems (script errors, console errors, requests that leave
+    the server) are collected in ``page.problems``."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on(
+        "request",
+        lambda r: (
+            None
+            if r.url.startswith((server.url, "data:", "blob:"))
+            else problems.append(f"request elsewhere: {r.url}")
+        ),
+    )
+    page.problems = problems
+    page.goto(f"{server.url}explore{query}")
+    return page
+
+
+def select(page, index: int, blocks: list[str]) -> None:
+    for block in blocks:  # open the blocks it is in (the page opens depth 1 only)
+        head = page.locator(f'[data-block="{block}"]')
+        if head.get_attribute("aria-expanded") == "false":
+            head.click()
+    page.click(f'[data-layer="{index}"]')
+    page.wait_for_selector(f'#layer-title:has-text("{index}. ")')
+
+
+def click_map_pixel(page, index: int, fraction: tuple[float, float]) -> tuple[list[int], list[int]]:
+    """Click a pixel of the first feature map of layer ``index``: (the unit, the box on the
+    input the page shows for it)."""
+    thumbnail = page.locator(f'#maps[data-layer="{index}"] img').first
+    thumbnail.wait_for()
+    size = thumbnail.bounding_box()
+    thumbnail.click(position={"x": size["width"] * fraction[0], "y": size["height"] * fraction[1]})
+    shown = page.locator(f'#field-box[data-layer="{index}"]')
+    shown.wait_for()
+    unit = [int(v) for v in shown.get_attribute("data-unit").split(",")]
+    return unit, [int(v) for v in shown.get_attribute("data-inside").split(",")]
+
+
+def test_resnet18_formulas_and_a_units_field(browser, server):
+    page = open_page(browser, server, "?model=resnet18")
+    page.wait_for_selector(".layer-row")
+    # The document `cnnlab summary resnet18 --input 3,224,224 --format json` prints (a
+    # subprocess would cost seconds of imports).
+    rows = summarize_spec("resnet18", {}, (3, 224, 224))[1].to_dict("resnet18")["layers"]
+    index = 4  # layer1.0.conv1
+    select(page, index, ["layer1", "layer1.0"])
+    assert page.text_content("#layer-size-formula") == rows[index]["size_formula"]
+    assert page.text_content("#layer-param-formula") == rows[index]["formula"]
+    assert page.text_content("#layer-param-formula") == "3*3*64*64 = 36,864"
+    # layer1.0's + x is drawn: its marker in the column, an arc from the maxpool to it.
+    assert "maxpool" in page.text_content('[data-join="0"]')
+    assert page.locator("#joins path").count() >= 1
+    page.click('[data-sample="china"]')
+    (y, x), box = click_map_pixel(page, index, (0.5, 0.4))
+    model, size = build_model("resnet18", {}, (3, 224, 224))
+    assert box == gradient_box(model, size, rows[index]["name"], y, x)
+    assert not page.problems, page.problems
+    page.close()
+
+
+def test_convnet_formulas_a_padded_units_field_and_an_unknown_model(browser, server):
+    page = open_page(browser, server, "?model=convnet")
+    page.wait_for_selector(".layer-row")
+    _, summary, size = summarize_spec("convnet", {}, None)
+    rows = summary.to_dict("convnet")["layers"]
+    index = 5  # features.conv2d_05, after a pool: a field of 8 with jump 2
+    select(page, index, ["features"])
+    assert page.text_content("#layer-size-formula") == rows[index]["size_formula"]
+    assert page.text_content("#layer-param-formula") == rows[index]["formula"]
+    page.click('[data-sample="digit"]')
+    (y, x), box = click_map_pixel(page, index, (0.02, 0.02))  # the corner: partly padding
+    assert (y, x) == (0, 0) and box == [0, 0, 4, 4]
+    model, size = build_model("convnet", {}, None)
+    assert box == gradient_box(model, size, rows[index]["name"], y, x)
+    assert "padding" in page.text_content("#field-box")
+    assert not page.problems, page.problems
+    page.close()
+    unknown = open_page(browser, server, "?model=resnet1800")
+    unknown.wait_for_selector("#error:not([hidden])")
+    assert "unknown model 'resnet1800'" in unknown.text_content("#error")
+    assert "\n" not in unknown.text_content("#error").strip()
+    unknown.close()
