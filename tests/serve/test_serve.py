@@ -367,6 +367,8 @@ def test_the_page_is_served_with_nothing_from_elsewhere(client) -> None:
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
     assert client.get("/static/../served.py").status_code == 404
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/api/predict", "/api/runs"}
+    for cdn_page in ("/docs", "/redoc"):  # FastAPI's viewers load their scripts from a CDN
+        assert client.get(cdn_page).status_code == 404
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

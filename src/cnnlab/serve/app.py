@@ -1,6 +1,6 @@
 """The web server's FastAPI app: the page, its JSON API and the limits that keep it serving.
 
-Routes (OpenAPI at /docs): ``GET /`` the page (``static/``: no script, style or font from
+Routes (OpenAPI at /openapi.json): ``GET /`` the page (``static/``: no script, style or font from
 elsewhere), ``GET /api/runs``, ``GET /api/runs/{id}``, ``GET /api/runs/{id}/figures/NAME.png``,
 ``POST /api/predict`` (multipart: ``file``, and ``run`` unless one run is served), ``GET
 /healthz``; ``GET /explore``, the explore page, and its API ``/api/explore/...``
@@ -147,6 +147,10 @@ def create_app(
         version=__version__,
         description="Predict with cnnlab run folders: classification, segmentation, detection.",
         lifespan=lifespan,
+        # Swagger UI and ReDoc load their scripts from a CDN: the server serves nothing it
+        # does not hold, so the API is described by /openapi.json alone.
+        docs_url=None,
+        redoc_url=None,
     )
     # Set when the server begins to stop (cnnlab.serve.Server): an upload still arriving
     # then gets a 503 at once, rather than holding the shutdown until it is cancelled.

@@ -1,5 +1,5 @@
 // cnnlab explore: the page. Its only backend is the JSON API under /api/explore (the
-// OpenAPI document at /docs describes it); every drawing is made here: the layer column
+// OpenAPI document at /openapi.json describes it); every drawing is made here: the layer column
 // with its blocks and joins, the receptive-field chart, the box of a unit's field.
 "use strict";
 
