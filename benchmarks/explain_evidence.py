@@ -2,6 +2,7 @@
 
     python benchmarks/explain_evidence.py textures OUT [--per-class 150] [--size 64]
     python benchmarks/explain_evidence.py cascade RUN IMAGE --out cascade.png [--methods ...]
+    python benchmarks/explain_evidence.py maps RUN IMAGE... --out maps.png [--methods ...]
 
 ``textures``: a real-image classification set from scikit-learn's two sample photographs
 (no download): random square crops (40 to 80 px, resized to ``--size``) of six regions,
@@ -15,6 +16,10 @@ to explain, not to rank models on.
 ``cascade``: Adebayo et al.'s picture of the cascading randomisation that ``cnnlab explain
 --audit`` measures: for one image, each method's map on the trained model and after each
 step of the cascade (``cnnlab.explain.cascade``), one row per method.
+
+``maps``: ``cnnlab explain``'s maps of several images and methods in one small picture, one
+row per image (the image as the model sees it, titled with the predicted class, then each
+method's map of that class over it).
 """
 
 from __future__ import annotations
@@ -71,6 +76,61 @@ def textures(out: Path, per_class: int, size: int, seed: int = 0) -> None:
     print(f"mosaic ({MOSAIC}): {out / 'mosaic.png'}")
 
 
+def model_view(x) -> np.ndarray:
+    """A preprocessed image (C, H, W) as (H, W, C) in [0, 1] for imshow."""
+    shown = x.permute(1, 2, 0).numpy()
+    return (shown - shown.min()) / max(float(shown.max() - shown.min()), 1e-12)
+
+
+def show(axis, picture: np.ndarray) -> None:
+    axis.imshow(picture.squeeze(), cmap="gray" if picture.shape[-1] == 1 else None)
+
+
+def maps_picture(run_dir: Path, paths: list[Path], methods: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from cnnlab.attribution import maps as attribution
+    from cnnlab.data.images import read_image
+    from cnnlab.explain import default_layer
+    from cnnlab.runs import load_run
+
+    run = load_run(run_dir, "cpu", fast=False)
+    layer = default_layer(run)
+    figure, axes = plt.subplots(
+        len(paths),
+        len(methods) + 1,
+        figsize=(1.4 * (len(methods) + 1), 1.45 * len(paths) + 0.3),
+        squeeze=False,
+    )
+    for row, path in enumerate(paths):
+        x = run.task.preprocess(read_image(path, run.task.in_channels))[None]
+        with torch.no_grad():
+            probabilities = run.model(x).softmax(dim=1)[0]
+        index = int(probabilities.argmax())
+        picture = model_view(x[0])
+        show(axes[row][0], picture)
+        axes[row][0].set_title(f"{run.classes[index]} {probabilities[index]:.0%}", fontsize=7)
+        for col, method in enumerate(methods, 1):
+            heat = attribution.attribute(
+                run.model, x, attribution.class_score(index), method, layer
+            )
+            show(axes[row][col], picture)
+            axes[row][col].imshow(heat[0].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
+            if row == 0:
+                axes[row][col].set_title(method, fontsize=7)
+        for axis in axes[row]:
+            axis.set_xticks([])
+            axis.set_yticks([])
+    figure.suptitle(f"{run_dir.name}: maps of the predicted class (CAMs at {layer})", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out, dpi=90)
+    print(f"wrote {out}: {len(paths)} images x {len(methods)} methods")
+
+
 def cascade_picture(run_dir: Path, image_path: Path, methods: list[str], out: Path) -> None:
     import matplotlib
 
@@ -78,7 +138,7 @@ def cascade_picture(run_dir: Path, image_path: Path, methods: list[str], out: Pa
     import matplotlib.pyplot as plt
     import torch
 
-    from cnnlab import attribution
+    from cnnlab.attribution import maps as attribution
     from cnnlab.data.images import read_image
     from cnnlab.explain import cascade, default_layer, randomised
     from cnnlab.runs import load_run
@@ -94,8 +154,7 @@ def cascade_picture(run_dir: Path, image_path: Path, methods: list[str], out: Pa
         (f"r{i}", randomised(run.model, names)) for i, (_, names) in enumerate(steps, 1)
     ]
     target = attribution.class_score(index)
-    shown = x[0].permute(1, 2, 0).numpy()
-    shown = (shown - shown.min()) / max(float(shown.max() - shown.min()), 1e-12)
+    shown = model_view(x[0])
     figure, axes = plt.subplots(
         len(methods),
         len(models) + 1,
@@ -103,7 +162,7 @@ def cascade_picture(run_dir: Path, image_path: Path, methods: list[str], out: Pa
         squeeze=False,
     )
     for row, method in enumerate(methods):
-        axes[row][0].imshow(shown.squeeze(), cmap="gray" if shown.shape[-1] == 1 else None)
+        show(axes[row][0], shown)
         axes[row][0].set_ylabel(method, fontsize=7)
         for col, (label, model) in enumerate(models, 1):
             heat = attribution.attribute(model, x, target, method, layer)[0]
@@ -134,9 +193,16 @@ def main() -> None:
     draw.add_argument(
         "--methods", nargs="+", default=["gradcam", "gradcam++", "eigencam", "saliency"]
     )
+    grid = commands.add_parser("maps")
+    grid.add_argument("run", type=Path)
+    grid.add_argument("images", type=Path, nargs="+")
+    grid.add_argument("--out", type=Path, required=True)
+    grid.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "ig", "saliency"])
     args = parser.parse_args()
     if args.command == "textures":
         textures(args.out, args.per_class, args.size)
+    elif args.command == "maps":
+        maps_picture(args.run, args.images, args.methods, args.out)
     else:
         cascade_picture(args.run, args.image, args.methods, args.out)
 

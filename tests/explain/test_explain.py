@@ -102,6 +102,30 @@ def test_the_audit_takes_its_images_from_every_part_of_the_split(serve_runs) -> 
     assert len(files) == 5 and len({file.parent.name for file in files}) == 5
 
 
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_a_map_of_tiny_gradients_still_peaks_at_one(method) -> None:
+    # A confident prediction's log-probability has gradients near 1e-7; Grad-CAM++ cubes
+    # them. The map is scaled by its own peak however small that is.
+    from cnnlab.attribution.maps import attribute
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    ).eval()
+    with torch.no_grad():
+        model[4].weight.abs_()  # every channel adds to the output: a non-zero CAM
+
+    def faint(output: torch.Tensor) -> torch.Tensor:
+        return 1e-7 * output[:, 0]
+
+    heat = attribute(model, torch.rand(1, 1, 8, 8), faint, method, "1")
+    assert float(heat.max()) == pytest.approx(1.0)
+
+
 def test_spearman_is_rank_correlation() -> None:
     a = torch.arange(16.0).view(4, 4)
     assert spearman(a, a**3) == pytest.approx(1.0)

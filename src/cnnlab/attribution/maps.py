@@ -125,7 +125,11 @@ def attribute(
                 heat = _pixels(scalar, image[None], method)
             found.append(heat[0])
     maps = torch.stack(found).detach().float().clamp_min(0)
-    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)
+    # Not clamp_min(eps): a confident prediction's log-probability has gradients near
+    # 1e-7, and Grad-CAM++'s cubes of them give maps whose peak is ~1e-14, which a floor
+    # of 1e-12 flattened to near zero.
+    peak = maps.flatten(1).amax(dim=1)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     return maps / peak[:, None, None]
 
 
