@@ -2,7 +2,8 @@
 milliseconds per image as a ratio to one forward+backward pass measured in the same
 process, interleaved with it, and its peak memory; then Grad-CAM from the three libraries
 side by side on the same model and image: torchcam's (what cnnlab uses), Captum's
-LayerGradCam and pytorch-grad-cam's GradCAM, their speed and how closely their maps agree.
+LayerGradCam and pytorch-grad-cam's GradCAM, and Grad-CAM++ from the two that have it,
+their speed and how closely their maps agree.
 
     python benchmarks/explain.py [--methods gradcam scorecam ...] [--repeats 5]
                                  [--slow-repeats 1] [--size 224] [--format json]
@@ -135,15 +136,17 @@ def measure_forward_backward(size: int, repeats: int) -> dict:
 
 
 def libraries(size: int, repeats: int) -> list[dict]:
-    """Grad-CAM of class CLASS at layer4 from torchcam (through cnnlab), Captum and
-    pytorch-grad-cam, each map at the input's size, scaled to [0, 1]."""
+    """Grad-CAM and Grad-CAM++ of class CLASS at layer4 from torchcam, Captum (Grad-CAM
+    only: it has no Grad-CAM++) and pytorch-grad-cam, each map at the input's size,
+    compared with cnnlab's map of the same method (torchcam's Grad-CAM; its own
+    Grad-CAM++). The largest difference is taken with both maps scaled to [0, 1]."""
     from captum.attr import LayerGradCam
 
     model, x = setup(size)
     scalar = ScalarModel(model, class_score(CLASS)).eval()
 
-    def torchcam() -> torch.Tensor:
-        return attribute(model, x, class_score(CLASS), "gradcam", "layer4")[0]
+    def cnnlab(method: str) -> Callable[[], torch.Tensor]:
+        return lambda: attribute(model, x, class_score(CLASS), method, "layer4")[0]
 
     def captum() -> torch.Tensor:
         cam = LayerGradCam(scalar, model.layer4).attribute(
@@ -152,46 +155,73 @@ def libraries(size: int, repeats: int) -> list[dict]:
         cam = F.interpolate(cam.detach(), x.shape[-2:], mode="bilinear")[0, 0]
         return cam / cam.max().clamp_min(1e-12)
 
-    candidates: list[tuple[str, Callable[[], torch.Tensor] | None, str]] = [
-        ("torchcam GradCAM (cnnlab)", torchcam, ""),
-        ("captum LayerGradCam", captum, ""),
+    def torchcam_plus_plus() -> torch.Tensor:
+        from torchcam.methods import GradCAMpp
+
+        with GradCAMpp(scalar, target_layer=model.layer4) as extractor:
+            scores = scalar(x.detach().requires_grad_())
+            cam = extractor(class_idx=0, scores=scores, normalized=False)[0]
+        cam = F.interpolate(cam[:, None], x.shape[-2:], mode="bilinear")[0, 0].clamp_min(0)
+        return cam / cam.max().clamp_min(1e-30)
+
+    candidates: list[tuple[str, str, Callable[[], torch.Tensor] | None]] = [
+        ("gradcam", "torchcam (cnnlab)", cnnlab("gradcam")),
+        ("gradcam", "captum LayerGradCam", captum),
     ]
+    skipped = ""
     try:
-        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        def grad_cam_library() -> torch.Tensor:
-            with GradCAM(model=scalar, target_layers=[model.layer4]) as cam:
-                found = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)])
-            return torch.from_numpy(found[0]).float()
+        def grad_cam_library(kind: type) -> Callable[[], torch.Tensor]:
+            def explain() -> torch.Tensor:
+                with kind(model=scalar, target_layers=[model.layer4]) as cam:
+                    found = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)])
+                return torch.from_numpy(found[0]).float()
 
-        candidates.append(("pytorch-grad-cam GradCAM", grad_cam_library, ""))
+            return explain
+
+        plus_plus = grad_cam_library(GradCAMPlusPlus)
+        grad_cam = grad_cam_library(GradCAM)
     except ImportError as error:
-        message = f"skipped: pytorch-grad-cam is not importable ({error}); see the docstring"
-        candidates.append(("pytorch-grad-cam GradCAM", None, message))
-
+        skipped = f"skipped: pytorch-grad-cam is not importable ({error}); see the docstring"
+        plus_plus = grad_cam = None
+    candidates += [
+        ("gradcam", "pytorch-grad-cam", grad_cam),
+        ("gradcam++", "cnnlab (by hand)", cnnlab("gradcam++")),
+        ("gradcam++", "torchcam GradCAMpp", torchcam_plus_plus),
+        ("gradcam++", "pytorch-grad-cam", plus_plus),
+    ]
     forward_backward = forward_backward_of(model, x)
     forward_backward()
-    reference = torchcam()
+    references = {method: cnnlab(method)() for method in ("gradcam", "gradcam++")}
     rows = []
-    for name, function, message in candidates:
+    for method, name, function in candidates:
         if function is None:
-            rows.append({"name": name, "skipped": message})
+            rows.append({"method": method, "name": name, "skipped": skipped})
             continue
-        found = function()
+        found, reference = function(), references[method]
         base, ms = interleaved(forward_backward, function, repeats)
         rows.append(
             {
+                "method": method,
                 "name": name,
                 "ms": round(ms, 1),
                 "forward_backward_ms": round(base, 1),
                 "ratio": round(ms / base, 2),
-                "pearson_with_torchcam": round(pearson(found, reference), 4),
-                "spearman_with_torchcam": round(spearman(found, reference), 4),
-                "max_difference_from_torchcam": round(float((found - reference).abs().max()), 4),
+                "pearson_with_cnnlab": round(pearson(found, reference), 4),
+                "spearman_with_cnnlab": round(spearman(found, reference), 4),
+                "max_difference_from_cnnlab": round(
+                    float((min_max(found) - min_max(reference)).abs().max()), 4
+                ),
             }
         )
     return rows
+
+
+def min_max(a: torch.Tensor) -> torch.Tensor:
+    """Scaled to [0, 1] (pytorch-grad-cam subtracts the minimum, the others do not)."""
+    return (a - a.min()) / (a.max() - a.min()).clamp_min(1e-30)
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -245,16 +275,19 @@ def main() -> None:
             f"{row['name']:<12}{row['ms']:>10.1f}{row['forward_backward_ms']:>12.1f}"
             f"{row['ratio']:>8.2f}{row['peak_mb']:>9.1f}"
         )
-    print("Grad-CAM, three libraries, same model and image (maps compared with torchcam's):")
-    print(f"{'library':<27}{'ms':>8}{'ratio':>7}{'pearson':>9}{'spearman':>9}{'max diff':>9}")
+    print("The libraries, same model and image (maps compared with cnnlab's of the method):")
+    print(
+        f"{'method':<10}{'library':<21}{'ms':>8}{'ratio':>7}{'pearson':>9}{'spearman':>9}"
+        f"{'max diff':>9}"
+    )
     for row in compared:
         if "skipped" in row:
-            print(f"{row['name']:<27}{row['skipped']}")
+            print(f"{row['method']:<10}{row['name']:<21}{row['skipped']}")
             continue
         print(
-            f"{row['name']:<27}{row['ms']:>8.1f}{row['ratio']:>7.2f}"
-            f"{row['pearson_with_torchcam']:>9.4f}{row['spearman_with_torchcam']:>9.4f}"
-            f"{row['max_difference_from_torchcam']:>9.4f}"
+            f"{row['method']:<10}{row['name']:<21}{row['ms']:>8.1f}{row['ratio']:>7.2f}"
+            f"{row['pearson_with_cnnlab']:>9.4f}{row['spearman_with_cnnlab']:>9.4f}"
+            f"{row['max_difference_from_cnnlab']:>9.4f}"
         )
 
 
