@@ -12,7 +12,7 @@ Each method is measured in a child process of its own, so that its peak memory (
 process's maximum resident set above what it held before the method's first call; torch's
 CPU allocator is invisible to tracemalloc) is its own and not an earlier method's.
 Score-CAM, Integrated Gradients and occlusion take seconds an image: they are timed
-``--slow-repeats`` times after the first call.
+``--slow-repeats`` times after the first call (0: the first call is the time).
 
 pytorch-grad-cam (``grad-cam`` on PyPI) is not a cnnlab dependency: it requires
 opencv-python-headless, a second OpenCV that would overwrite the cv2 of the
@@ -102,7 +102,11 @@ def measure_method(method: str, size: int, repeats: int) -> dict:
     explain()
     first_ms = (time.perf_counter() - start) * 1000
     peak = peak_rss_mb() - before
-    base, ms = interleaved(forward_backward_of(model, x), explain, repeats)
+    if repeats:
+        base, ms = interleaved(forward_backward_of(model, x), explain, repeats)
+    else:  # the first call is the time (a slow method on a busy machine)
+        forward_backward = forward_backward_of(model, x)
+        base, ms = interleaved(forward_backward, forward_backward, 2)[0], first_ms
     return {
         "name": method,
         "ms": round(ms, 1),
