@@ -466,6 +466,13 @@ def audit_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def audit_images(run: Run, count: int) -> list[Path]:
+    """``count`` images spread evenly over the run's own evaluation split, which lists its
+    images class by class (its first ``count`` could all be of one class)."""
+    split = run.task.split_images(run.path / "split.json", run.task.eval_split)
+    return [split[i * len(split) // count] for i in range(min(count, len(split)))]
+
+
 def audit_run(
     run_dir: str | Path,
     paths: Sequence[str | Path] = (),
@@ -474,12 +481,12 @@ def audit_run(
     layer: str | None = None,
     device: str = "auto",
 ) -> dict:
-    """``cnnlab explain RUN --audit``: ``audit`` on the given images, or on the first
-    ``count`` images of the run's own evaluation split."""
+    """``cnnlab explain RUN --audit``: ``audit`` on the given images, or on
+    ``audit_images(run, count)``."""
     run = load_run(run_dir, device, fast=False)
     check_run(run)
     files = [Path(p) for p in paths]
     if not files:
-        files = run.task.split_images(run.path / "split.json", run.task.eval_split)[:count]
+        files = audit_images(run, count)
     images = [read_image(file, run.task.in_channels) for file in files]
     return audit(run, images, methods, layer)

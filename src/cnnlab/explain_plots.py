@@ -57,7 +57,14 @@ def plot_attribution(
     pixels = image.permute(1, 2, 0).numpy()
     fig = new_figure((6, 5))
     ax = fig.subplots()
-    ax.imshow(pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3], cmap="gray")
+    height, width = pixels.shape[:2]
+    # Pixel edges at integers, as the map's extent and the peak's coordinates have them
+    # (imshow's default puts them at half pixels, shifting the image half a pixel).
+    ax.imshow(
+        pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3],
+        cmap="gray",
+        extent=(0, width, height, 0),
+    )
     x0, y0, x1, y1 = box
     shown = ax.imshow(
         heat,

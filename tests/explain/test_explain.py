@@ -13,7 +13,7 @@ import torch
 from cnnlab.attribution import METHODS
 from cnnlab.data.images import read_image
 from cnnlab.errors import CnnlabError
-from cnnlab.explain import audit, cascade, explain, explain_files, spearman
+from cnnlab.explain import audit, audit_images, cascade, explain, explain_files, spearman
 from cnnlab.features import feature_maps_file, filters_file
 from cnnlab.models.factory import create_model, list_models, model_info
 from cnnlab.runs import load_run
@@ -94,6 +94,36 @@ def test_the_audit_randomises_from_the_top_and_compares_with_a_random_map(serve_
         assert row["randomisation_passed"] == (row["spearman"][1] < 0.5)
         assert 0.0 <= row["deletion"] <= 1.0 and 0.0 <= row["random_insertion"] <= 1.0
     json.dumps(report)
+
+
+def test_the_audit_takes_its_images_from_every_part_of_the_split(serve_runs) -> None:
+    run = load_run(serve_runs["classify"], "cpu", fast=False)
+    files = audit_images(run, 5)
+    assert len(files) == 5 and len({file.parent.name for file in files}) == 5
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++"])
+def test_a_map_of_tiny_gradients_still_peaks_at_one(method) -> None:
+    # A confident prediction's log-probability has gradients near 1e-7; Grad-CAM++ cubes
+    # them. The map is scaled by its own peak however small that is.
+    from cnnlab.attribution.maps import attribute
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 2),
+    ).eval()
+    with torch.no_grad():
+        model[4].weight.abs_()  # every channel adds to the output: a non-zero CAM
+
+    def faint(output: torch.Tensor) -> torch.Tensor:
+        return 1e-7 * output[:, 0]
+
+    heat = attribute(model, torch.rand(1, 1, 8, 8), faint, method, "1")
+    assert float(heat.max()) == pytest.approx(1.0)
 
 
 def test_spearman_is_rank_correlation() -> None:

@@ -9,10 +9,12 @@ output is that scalar, which every library below explains as "class 0".
 The methods come from two maintained libraries, measured against each other in
 ``benchmarks/explain.py`` (docs/explain.md says why each is used where):
 
-- torchcam: Grad-CAM, Grad-CAM++ and Score-CAM (class activation maps at ``layer``);
+- torchcam: Grad-CAM and Score-CAM (class activation maps at ``layer``);
 - Captum: Integrated Gradients, occlusion and (vanilla) saliency, which work on pixels;
 - Eigen-CAM (the activations' first principal component) is in neither, and is a few
-  lines here.
+  lines here; so is Grad-CAM++: torchcam 0.5.0's never divides its alpha by the
+  denominator (``alpha[idx][mask].div_(...)`` divides a copy), which leaves its weights
+  the sum of g^2 relu(g), and Captum has none.
 
 A map is made non-negative the way each method's authors read it: the CAMs are ReLU'd by
 their definition, gradients (saliency, IG) are taken as magnitudes, and occlusion keeps
@@ -125,7 +127,12 @@ def attribute(
                 heat = _pixels(scalar, image[None], method)
             found.append(heat[0])
     maps = torch.stack(found).detach().float().clamp_min(0)
-    peak = maps.flatten(1).amax(dim=1).clamp_min(1e-12)
+    # Not clamp_min(eps): a confident prediction's log-probability has gradients near
+    # 1e-7 or below, and maps built of their powers can peak under any fixed floor
+    # (torchcam's Grad-CAM++ peaked at 5e-14 on a demo digit, which a floor of 1e-12 drew
+    # as a blank map).
+    peak = maps.flatten(1).amax(dim=1)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
     return maps / peak[:, None, None]
 
 
@@ -133,10 +140,12 @@ def _cam(scalar: ScalarModel, x: Tensor, method: str, module: nn.Module) -> Tens
     """(N, h, w) at the layer's resolution."""
     if method == "eigencam":
         return eigen_cam(scalar, x, module)
-    from torchcam.methods import GradCAM, GradCAMpp, ScoreCAM
+    if method == "gradcam++":
+        return grad_cam_plus_plus(scalar, x, module)
+    from torchcam.methods import GradCAM, ScoreCAM
 
     logging.getLogger("torchcam").setLevel(logging.ERROR)
-    kinds = {"gradcam": GradCAM, "gradcam++": GradCAMpp, "scorecam": ScoreCAM}
+    kinds = {"gradcam": GradCAM, "scorecam": ScoreCAM}
     options = {"batch_size": SCORECAM_BATCH} if method == "scorecam" else {}
     with kinds[method](scalar, target_layer=module, **options) as extractor:
         x = x.detach().requires_grad_(method != "scorecam")
@@ -147,6 +156,28 @@ def _cam(scalar: ScalarModel, x: Tensor, method: str, module: nn.Module) -> Tens
             scores = scalar(x)
         maps = extractor(class_idx=0, scores=scores, normalized=False)[0]
     return maps
+
+
+def grad_cam_plus_plus(model: nn.Module, x: Tensor, module: nn.Module) -> Tensor:
+    """Grad-CAM++ (Chattopadhay et al., 2018) of ``model``'s one output per image at
+    ``module`` (N, h, w): each channel weighted by its positive gradients, each gradient
+    weighted by alpha = g^2 / (2 g^2 + sum(A) g^3), the paper's closed form (and
+    pytorch-grad-cam's)."""
+    captured: list[Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        scores = model(x.detach().requires_grad_())
+    finally:
+        handle.remove()
+    activations = captured[0]
+    (grads,) = torch.autograd.grad(scores.sum(), activations)
+    activations, grads = activations.detach().float(), grads.float()
+    squared = grads.pow(2)
+    denominator = 2 * squared + activations.sum(dim=(2, 3), keepdim=True) * squared * grads
+    safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+    alpha = torch.where(grads != 0, squared / safe, torch.zeros_like(grads))
+    weights = (alpha * grads.clamp_min(0)).sum(dim=(2, 3), keepdim=True)
+    return (weights * activations).sum(dim=1).clamp_min(0)
 
 
 def eigen_cam(model: nn.Module, x: Tensor, module: nn.Module) -> Tensor:
