@@ -14,9 +14,12 @@ ConvNet shape with AdamW on a 20% stratified test split, 20 epochs.
 in new folders; the ratio (demo wall time over the bare loop's, target: at most 2) is the
 median of the rounds' ratios, with their spread, and the load average at each start. Each
 prints its test accuracy (target: >= 99%). With ``--load 4`` it runs again beside 4 busy
-loops (the demo's loaded time over its idle time).
+loops (the demo's loaded time over its idle time). On a machine that others keep busy,
+torch's default two threads make the bare loop wait for cores at every step (5x its idle
+time at a load average of 12 on 2 cores) and the ratio says nothing: ``--threads 1`` runs
+both on one thread, and the CPU seconds are then the steadier figure.
 
-    python benchmarks/demo.py --rounds 3 [--load 4]
+    python benchmarks/demo.py --rounds 3 [--load 4] [--threads 1]
 """
 
 from __future__ import annotations
@@ -86,9 +89,17 @@ def spread(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="timings of each side (3)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="OMP_NUM_THREADS for both processes (default: each its own choice: the CPU"
+        " rule's for the demo, torch's for the bare loop); 1 compares them on a busy machine",
+    )
     parser.add_argument("--format", choices=("table", "json"), default="table")
     add_load_flag(parser)
     args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     commands = {
         "demo": [sys.executable, "-m", "cnnlab", "demo"],
         "bare": [sys.executable, "-c", BARE],
