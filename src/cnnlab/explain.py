@@ -3,9 +3,10 @@ something (``--audit``).
 
 ``explain(run, images)`` maps where the evidence for one output lies in each image
 (``cnnlab.attribution`` computes the maps): a classifier's class (the predicted one by
-default), a segmenter's class over the region its mask gives that class. The map covers
-the model's view of the image (a classifier's centre crop, a segmenter's whole image) and
-its peak is given in the image's own pixels.
+default), a segmenter's class over the region its mask gives that class, a detector's
+score for each box it finds (one map per box, ``explain_boxes``). The map covers the
+model's view of the image (a classifier's centre crop, a segmenter's or a detector's whole
+image) and its peak is given in the image's own pixels.
 
 ``audit(run, images)`` runs the two sanity checks the literature asks of a saliency map:
 
@@ -35,23 +36,34 @@ from torch import Tensor, nn
 from cnnlab.attribution import maps as attribution
 from cnnlab.data.images import read_image
 from cnnlab.errors import CnnlabError
+from cnnlab.models.detection import PREDICT_LIMITS
 from cnnlab.models.factory import model_info
 from cnnlab.registry import check_input_size
 from cnnlab.runs import Run, load_run
 
 RANDOMISED_PASS = 0.5  # Spearman correlation a map must fall below once the top is random
 AUC_STEPS = 16  # fractions of the pixels deleted or inserted: 0, 1/16, ..., 1
-TASKS = ("classify", "segment")
+TASKS = ("classify", "segment", "detect")
+# Methods that cannot tell a detector's boxes apart, and why (one line each).
+BOX_REFUSALS = {
+    "eigencam": "is class-agnostic (the layer's first principal component), so every box"
+    " would get the same map",
+}
+DRAWN_BOXES = 12  # panels in one detection drawing (the highest scores; the JSON has all)
 
 
 def default_layer(run: Run) -> str:
-    """The registry's last convolutional stage of the run's model (``ModelInfo``)."""
+    """The registry's last convolutional stage of the run's model (``ModelInfo``); for a
+    head on a zoo backbone whose registry layer is the backbone (a detector's), the
+    backbone's deepest tapped stage (its ``feature_info`` module, e.g. ``layer3`` of a
+    ResNet cut at stride 16): the backbone returns a dict of maps, not one map."""
     layer = model_info(run.meta.architecture).explain_layer
     if layer is None:
         raise CnnlabError(
             f"{run.meta.architecture} names no layer to explain by default; pass --layer"
         )
-    return layer
+    tapped = getattr(run.model.get_submodule(layer), "feature_modules", None)
+    return f"{layer}.{tapped[-1]}" if tapped else layer
 
 
 @dataclass
@@ -114,9 +126,10 @@ class Explanation:
 
 def check_run(run: Run) -> None:
     if run.task.name not in TASKS:
-        raise CnnlabError(
-            f"{run.path}: explain maps {' and '.join(TASKS)} runs, not {run.task.name}"
-        )
+        raise CnnlabError(f"{run.path}: explain maps {', '.join(TASKS)} runs, not {run.task.name}")
+    refusal = getattr(run.model, "explain_refusal", None)  # a detector that cannot be
+    if refusal:
+        raise CnnlabError(f"{run.path}: {run.meta.architecture} {refusal}")
 
 
 def resolve_layer(run: Run, layer: str | None, x: Tensor) -> str:
@@ -185,14 +198,21 @@ def explain(
     class_name: str | None = None,
     layer: str | None = None,
     files: Sequence[str | None] | None = None,
-) -> list[Explanation]:
+    score_threshold: float | None = None,
+) -> list[Explanation] | list[BoxesExplanation]:
     """The ``method`` map of each uint8 image (in_channels, H, W) for ``class_name``
-    (default: the predicted class) at ``layer`` (default: ``default_layer``)."""
+    (default: the predicted class) at ``layer`` (default: ``default_layer``); a detection
+    run's, one map per box (``explain_boxes``, boxes scoring ``score_threshold`` or more,
+    default ``cnnlab predict``'s)."""
     check_run(run)
     if method not in attribution.METHODS:
         raise CnnlabError(
             f"unknown method {method!r}; choose one of {', '.join(attribution.METHODS)}"
         )
+    if run.task.name == "detect":
+        return explain_boxes(run, images, method, class_name, layer, files, score_threshold)
+    if score_threshold is not None:
+        raise CnnlabError("a score threshold picks a detector's boxes; this is not a detection run")
     wanted = class_index(run, class_name)
     found = []
     name = None
@@ -213,6 +233,149 @@ def explain(
     return found
 
 
+# ---- detection: one map per box ------------------------------------------------------
+
+
+@dataclass
+class BoxMap:
+    """One detected box and the map of its score."""
+
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the image's pixels
+    class_name: str
+    score: float  # the detection's score, the output explained
+    map: Tensor  # (H, W) in [0, 1] over the model's input
+    seconds: float
+
+
+@dataclass
+class BoxesExplanation:
+    """One image's detections (as ``cnnlab predict`` finds them), each with its map."""
+
+    file: str | None
+    method: str
+    layer: str
+    boxes: list[BoxMap]
+    image: Tensor  # uint8 (C, H, W) as read
+    view: View
+    seconds: float  # detecting and mapping every box
+
+    def peak(self, found: BoxMap) -> tuple[float, float]:
+        row, col = attribution.peak_of(found.map)
+        return self.view.pixel(row, col, found.map.shape)
+
+    @staticmethod
+    def inside(point: tuple[float, float], box: Sequence[float]) -> bool:
+        return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
+
+    def to_dict(self) -> dict:
+        boxes = []
+        for found in self.boxes:
+            x, y = self.peak(found)
+            boxes.append(
+                {
+                    "box": [round(v, 2) for v in found.box],
+                    "class": found.class_name,
+                    "score": round(found.score, 6),
+                    "method": self.method,
+                    "layer": self.layer,
+                    "peak_xy": [round(x, 2), round(y, 2)],
+                    "top10_share": round(attribution.top_share(found.map), 4),
+                    "peak_in_box": self.inside((x, y), found.box),
+                    "map_shape": list(found.map.shape),
+                    "seconds": round(found.seconds, 4),
+                }
+            )
+        return {
+            "file": self.file,
+            "method": self.method,
+            "layer": self.layer,
+            "boxes": boxes,
+            "view_box": [round(v, 2) for v in self.view.box],
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def explain_boxes(
+    run: Run,
+    images: Sequence[Tensor],
+    method: str = "gradcam",
+    class_name: str | None = None,
+    layer: str | None = None,
+    files: Sequence[str | None] | None = None,
+    score_threshold: float | None = None,
+) -> list[BoxesExplanation]:
+    """A detection run's boxes in each image, as ``cnnlab predict`` finds them (its score
+    threshold unless ``score_threshold`` is given; ``class_name``: only the boxes of that
+    class), each with the ``method`` map of its own score: the score the detector gave that
+    box, computed from the proposal or grid cell that made it
+    (``Detector.scored_detections``), so two boxes have two different targets even where
+    they share a class."""
+    if method in BOX_REFUSALS:
+        raise CnnlabError(f"{method} {BOX_REFUSALS[method]}; choose another --method")
+    limits = PREDICT_LIMITS
+    if score_threshold is not None:
+        if not 0.0 <= score_threshold <= 1.0:
+            raise CnnlabError(f"the score threshold must be in [0, 1], got {score_threshold}")
+        limits = limits.with_score(score_threshold)
+    wanted = class_index(run, class_name)
+    found = []
+    name = None
+    for i, image in enumerate(images):
+        x = model_input(run, image)
+        name = name or resolve_layer(run, layer, x)
+        module = run.model.get_submodule(name)
+        start = time.perf_counter()
+        detections, x, scorer = run.task.scored_boxes(run.model, image, run.device, limits)
+        boxes = []
+        for k, (box, score, label) in enumerate(
+            zip(
+                detections["boxes"].tolist(),
+                detections["scores"].tolist(),
+                detections["labels"].tolist(),
+                strict=True,
+            )
+        ):
+            if wanted is not None and label != wanted:
+                continue
+            box_start = time.perf_counter()
+            heat = attribution.attribute(scorer, x, _column(k), method, module)[0].cpu()
+            seconds = time.perf_counter() - box_start
+            boxes.append(BoxMap(tuple(box), run.classes[label], score, heat, seconds))
+        seconds = time.perf_counter() - start
+        view = View.of(run, *image.shape[-2:])
+        file = files[i] if files is not None else None
+        found.append(BoxesExplanation(file, method, name, boxes, image, view, seconds))
+    return found
+
+
+def _column(k: int) -> attribution.Target:
+    """The score of the k-th box (a ``scored_detections`` module's output (N, K))."""
+
+    def score(output: Tensor) -> Tensor:
+        return output[:, k]
+
+    return score
+
+
+def draw_boxes(result: BoxesExplanation, out: Path) -> None:
+    """One panel per box (the ``DRAWN_BOXES`` best): its map over the image, the box
+    outlined, the peak marked, with one colour bar."""
+    from cnnlab.plots import plot_box_attributions
+
+    shown = sorted(result.boxes, key=lambda b: -b.score)[:DRAWN_BOXES]
+    panels = []
+    for found in shown:
+        peak = result.peak(found)
+        where = "in" if result.inside(peak, found.box) else "outside"
+        label = f"{found.class_name} {found.score:.2f} (peak {where} box)"
+        panels.append((found.map.numpy(), found.box, peak, label))
+    count = len(result.boxes)
+    title = f"{result.method} at {result.layer}: {count} box{'es' if count != 1 else ''}"
+    if count > len(shown):
+        title += f" (the {len(shown)} best drawn)"
+    plot_box_attributions(result.image, panels, result.view.box, title, out)
+
+
 def explain_files(
     run_dir: str | Path,
     paths: Sequence[str | Path],
@@ -221,21 +384,26 @@ def explain_files(
     layer: str | None = None,
     out: str | Path | None = None,
     device: str = "auto",
+    score_threshold: float | None = None,
 ) -> list[dict]:
     """``cnnlab explain``: each image file's map (``explain``), drawn to ``OUT/STEM_METHOD.png``
-    when ``out`` is given; one document per image (``Explanation.to_dict``, with
-    ``"drawing"``)."""
+    when ``out`` is given; one document per image (``Explanation.to_dict`` or, for a
+    detection run, ``BoxesExplanation.to_dict``, with ``"drawing"``)."""
     run = load_run(run_dir, device, fast=False)
     check_run(run)
     images = [read_image(Path(path), run.task.in_channels) for path in paths]
-    results = explain(run, images, method, class_name, layer, [str(p) for p in paths])
+    files = [str(p) for p in paths]
+    results = explain(run, images, method, class_name, layer, files, score_threshold)
     documents = []
     for result in results:
         document = result.to_dict()
         if out is not None:
             target = Path(out) / f"{Path(str(result.file)).stem}_{method}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            draw(result, target)
+            if isinstance(result, BoxesExplanation):
+                draw_boxes(result, target)
+            else:
+                draw(result, target)
             document["drawing"] = str(target)
         documents.append(document)
     return documents

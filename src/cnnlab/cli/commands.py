@@ -560,13 +560,26 @@ def cmd_explain(args: argparse.Namespace, extra: dict) -> int:
         args.layer,
         args.out,
         args.device,
+        args.score_threshold,
     )
     if args.format == "json":
         print_json(documents)
         return 0
     for document in documents:
-        x, y = document["peak_xy"]
         drawn = f"; drawn to {document['drawing']}" if "drawing" in document else ""
+        if "boxes" in document:  # a detection run: one map per box
+            print(f"{document['file']}: {len(document['boxes'])} box(es){drawn}")
+            for box in document["boxes"]:
+                x, y = box["peak_xy"]
+                where = "inside" if box["peak_in_box"] else "outside"
+                print(
+                    f"  {box['class']} {box['score']:.2f} at {[round(v) for v in box['box']]}:"
+                    f" {box['method']} at {box['layer']} peaks at pixel ({x:g}, {y:g}),"
+                    f" {where} the box; {box['top10_share']:.0%} of the map in its top 10%"
+                    f" of pixels, {box['seconds'] * 1000:.0f} ms"
+                )
+            continue
+        x, y = document["peak_xy"]
         print(
             f"{document['file']}: {document['method']} at {document['layer']} for"
             f" {document['class']} (p={document['probability']:.2f}): peak at pixel"

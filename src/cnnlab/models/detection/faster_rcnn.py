@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -26,6 +26,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from cnnlab.models.detection.contract import EVAL_LIMITS, Detections, DetectLimits, Detector
 from cnnlab.models.detection.roi_heads import (
     RoIPool,
+    roi_scored_detections,
     set_detection_limits,
     with_background_label,
     without_background_label,
@@ -79,6 +80,22 @@ class FasterRCNN(TorchvisionFasterRCNN, Detector):
         its own boxes, so ``proposals`` is not read."""
         set_detection_limits(self.roi_heads, limits)
         return self(images)
+
+    def feature_maps(self, images: Tensor) -> dict[str, Tensor]:
+        """The backbone's map of a batch as the box head pools it (padded to a multiple of
+        32, as ``forward`` batches images)."""
+        batch, _ = self.transform(list(images.unbind(0)))
+        return self.backbone(batch.tensors)
+
+    def scored_detections(
+        self,
+        images: Tensor,
+        limits: DetectLimits = EVAL_LIMITS,
+        proposals: list[Tensor] | None = None,
+    ) -> tuple[Detections, nn.Module]:
+        """``detect``'s detections and ``RoIScores``: each box's class probability on the
+        RPN proposal that made it, the proposals held fixed."""
+        return roi_scored_detections(self, images, limits, proposals)
 
 
 def _fasterrcnn(
