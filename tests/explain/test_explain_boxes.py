@@ -11,6 +11,7 @@ maps. The run-level command (JSON, drawing, refusals) runs on the session's tiny
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,9 +23,9 @@ from cnnlab import cli
 from cnnlab.attribution.maps import attribute, peak_of
 from cnnlab.data.images import read_image
 from cnnlab.errors import CnnlabError
-from cnnlab.explain import check_run, draw_boxes, explain
+from cnnlab.explain import audit, audit_table, check_run, draw_boxes, explain
 from cnnlab.models.detection import EVAL_LIMITS
-from cnnlab.models.detection.yolov1 import YOLOv1, decode_with_sources
+from cnnlab.models.detection.yolov1 import YOLOv1
 from cnnlab.models.factory import create_model
 from cnnlab.runs import Run, load_run
 from tests.explain.test_pointing import shapes
@@ -113,8 +114,7 @@ def test_each_box_map_points_into_its_box_and_random_weights_do_not(trained) -> 
         with torch.no_grad():  # the score explained is the box's own score
             torch.testing.assert_close(scorer(image[None])[0], found[0]["scores"])
         # The same cells' scores read from random weights: the control.
-        _, sources = decode_with_sources(model(image[None]), 1, (SIDE, SIDE), FOUND)
-        random_scorer = type(scorer)(random, sources[0], found[0]["labels"])
+        random_scorer = scorer.on(random)
         for k, box in enumerate(boxes.tolist()):
             column = lambda output, k=k: output[:, k]  # noqa: E731
             heat = attribute(scorer, image[None], column, "saliency", "detector.backbone")
@@ -229,3 +229,21 @@ def test_the_command_prints_a_line_per_box(detect_run, capsys, tmp_path) -> None
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{file}: 3 box(es); drawn to ")
     assert len(lines) == 4 and all("the box;" in line for line in lines[1:])
+
+
+def test_the_audit_reads_each_box_score_from_the_randomised_copies(detect_run) -> None:
+    run, file, threshold = detect_run
+    image = read_image(file, 3)
+    methods = ("gradcam", "eigencam", "saliency")
+    # (seed 1: the run was initialised with seed 0 and barely trained; re-initialising with
+    # the same seed would give back nearly its own weights)
+    report = audit(run, [image], methods, seed=1, score_threshold=threshold)
+    assert report["boxes"] == 3 and report["layer"] == "backbone.features.2"
+    assert report["steps"][0] == "head (neck, head)"  # everything after the backbone first
+    assert [row["method"] for row in report["methods"]] == ["gradcam", "saliency"]
+    for row in report["methods"]:
+        assert len(row["spearman"]) == len(report["steps"])
+        assert row["randomisation_passed"] == (row["spearman"][1] < 0.5)
+        assert 0.0 <= row["deletion"] <= 1.0 and 0.0 <= row["random_insertion"] <= 1.0
+    assert "3 boxes, each its own output" in audit_table(report)
+    json.dumps(report)

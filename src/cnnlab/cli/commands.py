@@ -544,7 +544,15 @@ def cmd_explain(args: argparse.Namespace, extra: dict) -> int:
 
     if args.audit:
         methods = (args.method,) if args.method else METHODS
-        report = audit_run(args.run, args.paths, args.images, methods, args.layer, args.device)
+        report = audit_run(
+            args.run,
+            args.paths,
+            args.images,
+            methods,
+            args.layer,
+            args.device,
+            args.score_threshold,
+        )
         if args.format == "json":
             print_json(report)
         else:

@@ -89,7 +89,7 @@ class Detector(nn.Module):
         images: Tensor,
         limits: DetectLimits = EVAL_LIMITS,
         proposals: list[Tensor] | None = None,
-    ) -> tuple[Detections, nn.Module]:
+    ) -> tuple[Detections, BoxScores]:
         """``detect``'s detections of one image ``images`` (1, C, H, W), and a module that
         maps inputs shaped like it (N, C, H, W) to each of those K detections' score (N, K)
         as the detector computes it, differentiably, with whatever fixed the box's place
@@ -159,6 +159,22 @@ class Detector(nn.Module):
 
 
 _GRAPHS[Detector.graph_output] = Detector
+
+
+class BoxScores(nn.Module):
+    """What ``Detector.scored_detections`` returns: inputs (N, C, H, W) -> the score of
+    each of K detections (N, K), read from ``detector`` where the detections came from
+    (a proposal, a grid cell) for their classes ``labels`` (K,)."""
+
+    def __init__(self, detector: Detector, labels: Tensor) -> None:
+        super().__init__()
+        self.detector = detector
+        self.labels = labels
+
+    def on(self, detector: Detector) -> BoxScores:
+        """The same boxes' scores read from another detector of the same architecture (the
+        audit's copies with randomised weights)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement on")
 
 
 class DetectionsGraph(nn.Module):

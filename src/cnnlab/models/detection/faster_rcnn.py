@@ -16,14 +16,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.models.detection import FasterRCNN as TorchvisionFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from cnnlab.models.detection.contract import EVAL_LIMITS, Detections, DetectLimits, Detector
+from cnnlab.models.detection.contract import (
+    EVAL_LIMITS,
+    BoxScores,
+    Detections,
+    DetectLimits,
+    Detector,
+)
 from cnnlab.models.detection.roi_heads import (
     RoIPool,
     roi_scored_detections,
@@ -92,7 +98,7 @@ class FasterRCNN(TorchvisionFasterRCNN, Detector):
         images: Tensor,
         limits: DetectLimits = EVAL_LIMITS,
         proposals: list[Tensor] | None = None,
-    ) -> tuple[Detections, nn.Module]:
+    ) -> tuple[Detections, BoxScores]:
         """``detect``'s detections and ``RoIScores``: each box's class probability on the
         RPN proposal that made it, the proposals held fixed."""
         return roi_scored_detections(self, images, limits, proposals)

@@ -10,7 +10,13 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import box_iou, clip_boxes_to_image, roi_pool
 
-from cnnlab.models.detection.contract import EVAL_LIMITS, Detections, DetectLimits, Detector
+from cnnlab.models.detection.contract import (
+    EVAL_LIMITS,
+    BoxScores,
+    Detections,
+    DetectLimits,
+    Detector,
+)
 from cnnlab.models.features import backbone as backbone_features
 
 # What a bare forward pass in eval mode keeps (torchvision's score threshold 0.05);
@@ -56,15 +62,17 @@ def roi_outputs(detector: Detector, images: Tensor, rois: Tensor) -> tuple[Tenso
     return heads.box_predictor(heads.box_head(pooled))
 
 
-class RoIScores(nn.Module):
+class RoIScores(BoxScores):
     """Each of K detections' score (N, K) for inputs (N, C, H, W): the box head's softmax
-    probability of the detection's class on the proposal that made it, the proposals held
-    fixed (as an R-CNN-family detector scores a box)."""
+    probability of the detection's class on the proposal that made it (``rois`` (K, 4)),
+    the proposals held fixed (as an R-CNN-family detector scores a box)."""
 
     def __init__(self, detector: Detector, rois: Tensor, labels: Tensor) -> None:
-        super().__init__()
-        self.detector = detector
-        self.rois, self.labels = rois, labels
+        super().__init__(detector, labels)
+        self.rois = rois
+
+    def on(self, detector: Detector) -> RoIScores:
+        return RoIScores(detector, self.rois, self.labels)
 
     def forward(self, x: Tensor) -> Tensor:
         logits, _ = roi_outputs(self.detector, x, self.rois)
@@ -246,7 +254,7 @@ class ProposalRCNN(Detector):
         images: Tensor,
         limits: DetectLimits = EVAL_LIMITS,
         proposals: list[Tensor] | None = None,
-    ) -> tuple[Detections, nn.Module]:
+    ) -> tuple[Detections, BoxScores]:
         """``detect``'s detections and ``RoIScores``: each box's class probability on the
         proposal that made it."""
         return roi_scored_detections(self, images, limits, proposals)

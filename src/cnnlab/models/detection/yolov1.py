@@ -41,6 +41,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.models.blocks import ConvBNAct, check_rate
 from cnnlab.models.detection.contract import (
     EVAL_LIMITS,
+    BoxScores,
     Detections,
     DetectLimits,
     Detector,
@@ -218,14 +219,17 @@ def decode_with_sources(
     return detections, sources
 
 
-class BoxScores(nn.Module):
+class CellBoxScores(BoxScores):
     """Each of K detections' class-specific confidence (N, K) for inputs (N, C, H, W): the
-    confidence of the cell's box that made it x its cell's probability of its class."""
+    confidence of the cell's box that made it (``sources``, in S*S*B order) x its cell's
+    probability of its class."""
 
     def __init__(self, detector: YOLOv1, sources: Tensor, labels: Tensor) -> None:
-        super().__init__()
-        self.detector = detector
-        self.sources, self.labels = sources, labels
+        super().__init__(detector, labels)
+        self.sources = sources
+
+    def on(self, detector: YOLOv1) -> CellBoxScores:
+        return CellBoxScores(detector, self.sources, self.labels)
 
     def forward(self, x: Tensor) -> Tensor:
         scores = candidate_scores(self.detector(x), self.detector.boxes)
@@ -326,14 +330,14 @@ class YOLOv1(Detector):
         images: Tensor,
         limits: DetectLimits = EVAL_LIMITS,
         proposals: list[Tensor] | None = None,
-    ) -> tuple[Detections, nn.Module]:
-        """``detect``'s detections and ``BoxScores``: each box's score is read from the
+    ) -> tuple[Detections, CellBoxScores]:
+        """``detect``'s detections and ``CellBoxScores``: each box's score is read from the
         cell and box that made it."""
         with torch.no_grad():
             found, sources = decode_with_sources(
                 self(images), self.boxes, images.shape[-2:], limits
             )
-        return found, BoxScores(self, sources[0], found[0]["labels"])
+        return found, CellBoxScores(self, sources[0], found[0]["labels"])
 
     def graph_metadata(self, limits: DetectLimits) -> dict[str, Any]:
         return {"decoding": decoding(limits), "detect": {"boxes": self.boxes, "grid": self.grid}}
