@@ -77,7 +77,7 @@ class RoIScores(BoxScores):
     def forward(self, x: Tensor) -> Tensor:
         logits, _ = roi_outputs(self.detector, x, self.rois)
         probs = logits.float().softmax(dim=-1).view(len(x), len(self.rois), -1)
-        return probs[:, torch.arange(len(self.rois)), self.labels + 1]
+        return probs[:, torch.arange(len(self.rois), device=probs.device), self.labels + 1]
 
 
 def roi_scored_detections(
