@@ -260,7 +260,11 @@ class BoxesExplanation:
     view: View
     seconds: float  # detecting and mapping every box
 
-    def peak(self, found: BoxMap) -> tuple[float, float]:
+    def peak(self, found: BoxMap) -> tuple[float, float] | None:
+        """The map's peak in the image's pixels; None for an all-zero map (a CAM whose
+        ReLU left nothing: no peak to point with)."""
+        if float(found.map.max()) <= 0:
+            return None
         row, col = attribution.peak_of(found.map)
         return self.view.pixel(row, col, found.map.shape)
 
@@ -271,7 +275,7 @@ class BoxesExplanation:
     def to_dict(self) -> dict:
         boxes = []
         for found in self.boxes:
-            x, y = self.peak(found)
+            peak = self.peak(found)
             boxes.append(
                 {
                     "box": [round(v, 2) for v in found.box],
@@ -279,9 +283,9 @@ class BoxesExplanation:
                     "score": round(found.score, 6),
                     "method": self.method,
                     "layer": self.layer,
-                    "peak_xy": [round(x, 2), round(y, 2)],
+                    "peak_xy": None if peak is None else [round(v, 2) for v in peak],
                     "top10_share": round(attribution.top_share(found.map), 4),
-                    "peak_in_box": self.inside((x, y), found.box),
+                    "peak_in_box": None if peak is None else self.inside(peak, found.box),
                     "map_shape": list(found.map.shape),
                     "seconds": round(found.seconds, 4),
                 }
@@ -372,8 +376,11 @@ def draw_boxes(result: BoxesExplanation, out: Path) -> None:
     panels = []
     for found in shown:
         peak = result.peak(found)
-        where = "in" if result.inside(peak, found.box) else "outside"
-        label = f"{found.class_name} {found.score:.2f} (peak {where} box)"
+        if peak is None:
+            where = "map all zero"
+        else:
+            where = f"peak {'in' if result.inside(peak, found.box) else 'outside'} box"
+        label = f"{found.class_name} {found.score:.2f} ({where})"
         panels.append((found.map.numpy(), found.box, peak, label))
     count = len(result.boxes)
     title = f"{result.method} at {result.layer}: {count} box{'es' if count != 1 else ''}"

@@ -380,7 +380,7 @@ def plot_attribution(
 
 def plot_box_attributions(
     image: torch.Tensor,
-    panels: Sequence[tuple[np.ndarray, Sequence[float], tuple[float, float], str]],
+    panels: Sequence[tuple[np.ndarray, Sequence[float], tuple[float, float] | None, str]],
     view: tuple[float, float, float, float],
     title: str,
     out: Path,
@@ -388,7 +388,8 @@ def plot_box_attributions(
     """One panel per detected box: its attribution map (H', W') in [0, 1] over the image
     (uint8 (C, H, W)), spread over ``view`` (the model's view of the image), the box
     outlined, the map's peak marked, titled; one colour bar for all. ``panels`` are (map,
-    box (x0, y0, x1, y1) in the image's pixels, peak (x, y), title); none: the image alone."""
+    box (x0, y0, x1, y1) in the image's pixels, peak (x, y) or None, title); none: the
+    image alone."""
     from matplotlib.patches import Rectangle
 
     pixels = image.permute(1, 2, 0).numpy()
@@ -413,7 +414,8 @@ def plot_box_attributions(
         )
         bx0, by0, bx1, by1 = box
         ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, fill=False, color="white", lw=2))
-        ax.plot([peak[0]], [peak[1]], marker="+", color="white", markersize=12, mew=2)
+        if peak is not None:
+            ax.plot([peak[0]], [peak[1]], marker="+", color="white", markersize=12, mew=2)
         ax.set_xlim(0, pixels.shape[1])
         ax.set_ylim(pixels.shape[0], 0)
         ax.set_title(label, fontsize=9)

@@ -192,11 +192,15 @@ def test_explain_maps_each_box_predict_finds(detect_run, tmp_path) -> None:
         assert box["class"] == detection["class"]
         assert box["box"] == pytest.approx(detection["box"], abs=0.01)
         assert box["score"] == pytest.approx(detection["score"], abs=1e-5)
+        assert box["method"] == "gradcam"
+        if box["peak_xy"] is None:  # an all-zero map (Grad-CAM's ReLU left nothing)
+            assert box["peak_in_box"] is None and box["top10_share"] == 0.0
+            continue
         x, y = box["peak_xy"]  # in the image's own pixels
         assert 0 <= x <= image.shape[-1] and 0 <= y <= image.shape[-2]
         x0, y0, x1, y1 = box["box"]
         assert box["peak_in_box"] == (x0 <= x <= x1 and y0 <= y <= y1)
-        assert 0.0 < box["top10_share"] <= 1.0 and box["method"] == "gradcam"
+        assert 0.0 < box["top10_share"] <= 1.0
     draw_boxes(result, tmp_path / "boxes.png")
     assert (tmp_path / "boxes.png").read_bytes().startswith(b"\x89PNG")
     wanted = boxes[0]["class"]
@@ -229,7 +233,7 @@ def test_the_command_prints_a_line_per_box(detect_run, capsys, tmp_path) -> None
     assert cli.main([*command, "--score-threshold", f"{threshold:.6f}"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{file}: 3 box(es); drawn to ")
-    assert len(lines) == 4 and all("the box;" in line for line in lines[1:])
+    assert len(lines) == 4 and all(" ms" in line for line in lines[1:])
 
 
 def test_the_audit_reads_each_box_score_from_the_randomised_copies(detect_run) -> None:

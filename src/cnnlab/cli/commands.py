@@ -578,13 +578,17 @@ def cmd_explain(args: argparse.Namespace, extra: dict) -> int:
         if "boxes" in document:  # a detection run: one map per box
             print(f"{document['file']}: {len(document['boxes'])} box(es){drawn}")
             for box in document["boxes"]:
-                x, y = box["peak_xy"]
-                where = "inside" if box["peak_in_box"] else "outside"
+                if box["peak_xy"] is None:
+                    where = "is zero everywhere (no evidence for the box at this layer)"
+                else:
+                    x, y = box["peak_xy"]
+                    side = "inside" if box["peak_in_box"] else "outside"
+                    where = f"peaks at pixel ({x:g}, {y:g}), {side} the box"
                 print(
                     f"  {box['class']} {box['score']:.2f} at {[round(v) for v in box['box']]}:"
-                    f" {box['method']} at {box['layer']} peaks at pixel ({x:g}, {y:g}),"
-                    f" {where} the box; {box['top10_share']:.0%} of the map in its top 10%"
-                    f" of pixels, {box['seconds'] * 1000:.0f} ms"
+                    f" {box['method']} at {box['layer']} {where};"
+                    f" {box['top10_share']:.0%} of the map in its top 10% of pixels,"
+                    f" {box['seconds'] * 1000:.0f} ms"
                 )
             continue
         x, y = document["peak_xy"]
