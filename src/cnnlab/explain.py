@@ -3,9 +3,10 @@ something (``--audit``).
 
 ``explain(run, images)`` maps where the evidence for one output lies in each image
 (``cnnlab.attribution`` computes the maps): a classifier's class (the predicted one by
-default), a segmenter's class over the region its mask gives that class. The map covers
-the model's view of the image (a classifier's centre crop, a segmenter's whole image) and
-its peak is given in the image's own pixels.
+default), a segmenter's class over the region its mask gives that class, a detector's
+score for each box it finds (one map per box, ``explain_boxes``). The map covers the
+model's view of the image (a classifier's centre crop, a segmenter's or a detector's whole
+image) and its peak is given in the image's own pixels.
 
 ``audit(run, images)`` runs the two sanity checks the literature asks of a saliency map:
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,23 +36,35 @@ from torch import Tensor, nn
 from cnnlab.attribution import maps as attribution
 from cnnlab.data.images import read_image
 from cnnlab.errors import CnnlabError
+from cnnlab.models.detection import PREDICT_LIMITS, DetectLimits
+from cnnlab.models.detection.contract import BoxScores
 from cnnlab.models.factory import model_info
 from cnnlab.registry import check_input_size
 from cnnlab.runs import Run, load_run
 
 RANDOMISED_PASS = 0.5  # Spearman correlation a map must fall below once the top is random
 AUC_STEPS = 16  # fractions of the pixels deleted or inserted: 0, 1/16, ..., 1
-TASKS = ("classify", "segment")
+TASKS = ("classify", "segment", "detect")
+# Methods that cannot tell a detector's boxes apart, and why (one line each).
+BOX_REFUSALS = {
+    "eigencam": "is class-agnostic (the layer's first principal component), so every box"
+    " would get the same map",
+}
+DRAWN_BOXES = 12  # panels in one detection drawing (the highest scores; the JSON has all)
 
 
 def default_layer(run: Run) -> str:
-    """The registry's last convolutional stage of the run's model (``ModelInfo``)."""
+    """The registry's last convolutional stage of the run's model (``ModelInfo``); for a
+    head on a zoo backbone whose registry layer is the backbone (a detector's), the
+    backbone's deepest tapped stage (its ``feature_info`` module, e.g. ``layer3`` of a
+    ResNet cut at stride 16): the backbone returns a dict of maps, not one map."""
     layer = model_info(run.meta.architecture).explain_layer
     if layer is None:
         raise CnnlabError(
             f"{run.meta.architecture} names no layer to explain by default; pass --layer"
         )
-    return layer
+    tapped = getattr(run.model.get_submodule(layer), "feature_modules", None)
+    return f"{layer}.{tapped[-1]}" if tapped else layer
 
 
 @dataclass
@@ -114,9 +127,10 @@ class Explanation:
 
 def check_run(run: Run) -> None:
     if run.task.name not in TASKS:
-        raise CnnlabError(
-            f"{run.path}: explain maps {' and '.join(TASKS)} runs, not {run.task.name}"
-        )
+        raise CnnlabError(f"{run.path}: explain maps {', '.join(TASKS)} runs, not {run.task.name}")
+    refusal = getattr(run.model, "explain_refusal", None)  # a detector that cannot be
+    if refusal:
+        raise CnnlabError(f"{run.path}: {run.meta.architecture} {refusal}")
 
 
 def resolve_layer(run: Run, layer: str | None, x: Tensor) -> str:
@@ -185,14 +199,21 @@ def explain(
     class_name: str | None = None,
     layer: str | None = None,
     files: Sequence[str | None] | None = None,
-) -> list[Explanation]:
+    score_threshold: float | None = None,
+) -> list[Explanation] | list[BoxesExplanation]:
     """The ``method`` map of each uint8 image (in_channels, H, W) for ``class_name``
-    (default: the predicted class) at ``layer`` (default: ``default_layer``)."""
+    (default: the predicted class) at ``layer`` (default: ``default_layer``); a detection
+    run's, one map per box (``explain_boxes``, boxes scoring ``score_threshold`` or more,
+    default ``cnnlab predict``'s)."""
     check_run(run)
     if method not in attribution.METHODS:
         raise CnnlabError(
             f"unknown method {method!r}; choose one of {', '.join(attribution.METHODS)}"
         )
+    if run.task.name == "detect":
+        return explain_boxes(run, images, method, class_name, layer, files, score_threshold)
+    if score_threshold is not None:
+        raise CnnlabError("a score threshold picks a detector's boxes; this is not a detection run")
     wanted = class_index(run, class_name)
     found = []
     name = None
@@ -213,6 +234,161 @@ def explain(
     return found
 
 
+# ---- detection: one map per box ------------------------------------------------------
+
+
+@dataclass
+class BoxMap:
+    """One detected box and the map of its score."""
+
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in the image's pixels
+    class_name: str
+    score: float  # the detection's score, the output explained
+    map: Tensor  # (H, W) in [0, 1] over the model's input
+    seconds: float
+
+
+@dataclass
+class BoxesExplanation:
+    """One image's detections (as ``cnnlab predict`` finds them), each with its map."""
+
+    file: str | None
+    method: str
+    layer: str
+    boxes: list[BoxMap]
+    image: Tensor  # uint8 (C, H, W) as read
+    view: View
+    seconds: float  # detecting and mapping every box
+
+    def peak(self, found: BoxMap) -> tuple[float, float] | None:
+        """The map's peak in the image's pixels; None for an all-zero map (a CAM whose
+        ReLU left nothing: no peak to point with)."""
+        if float(found.map.max()) <= 0:
+            return None
+        row, col = attribution.peak_of(found.map)
+        return self.view.pixel(row, col, found.map.shape)
+
+    @staticmethod
+    def inside(point: tuple[float, float], box: Sequence[float]) -> bool:
+        return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
+
+    def to_dict(self) -> dict:
+        boxes = []
+        for found in self.boxes:
+            peak = self.peak(found)
+            boxes.append(
+                {
+                    "box": [round(v, 2) for v in found.box],
+                    "class": found.class_name,
+                    "score": round(found.score, 6),
+                    "method": self.method,
+                    "layer": self.layer,
+                    "peak_xy": None if peak is None else [round(v, 2) for v in peak],
+                    "top10_share": round(attribution.top_share(found.map), 4),
+                    "peak_in_box": None if peak is None else self.inside(peak, found.box),
+                    "map_shape": list(found.map.shape),
+                    "seconds": round(found.seconds, 4),
+                }
+            )
+        return {
+            "file": self.file,
+            "method": self.method,
+            "layer": self.layer,
+            "boxes": boxes,
+            "view_box": [round(v, 2) for v in self.view.box],
+            "seconds": round(self.seconds, 4),
+        }
+
+
+def explain_boxes(
+    run: Run,
+    images: Sequence[Tensor],
+    method: str = "gradcam",
+    class_name: str | None = None,
+    layer: str | None = None,
+    files: Sequence[str | None] | None = None,
+    score_threshold: float | None = None,
+) -> list[BoxesExplanation]:
+    """A detection run's boxes in each image, as ``cnnlab predict`` finds them (its score
+    threshold unless ``score_threshold`` is given; ``class_name``: only the boxes of that
+    class), each with the ``method`` map of its own score: the score the detector gave that
+    box, computed from the proposal or grid cell that made it
+    (``Detector.scored_detections``), so two boxes have two different targets even where
+    they share a class."""
+    if method in BOX_REFUSALS:
+        raise CnnlabError(f"{method} {BOX_REFUSALS[method]}; choose another --method")
+    limits = box_limits(score_threshold)
+    wanted = class_index(run, class_name)
+    found = []
+    name = None
+    for i, image in enumerate(images):
+        x = model_input(run, image)
+        name = name or resolve_layer(run, layer, x)
+        module = run.model.get_submodule(name)
+        start = time.perf_counter()
+        detections, x, scorer = run.task.scored_boxes(run.model, image, run.device, limits)
+        boxes = []
+        for k, (box, score, label) in enumerate(
+            zip(
+                detections["boxes"].tolist(),
+                detections["scores"].tolist(),
+                detections["labels"].tolist(),
+                strict=True,
+            )
+        ):
+            if wanted is not None and label != wanted:
+                continue
+            box_start = time.perf_counter()
+            heat = attribution.attribute(scorer, x, _column(k), method, module)[0].cpu()
+            seconds = time.perf_counter() - box_start
+            boxes.append(BoxMap(tuple(box), run.classes[label], score, heat, seconds))
+        seconds = time.perf_counter() - start
+        view = View.of(run, *image.shape[-2:])
+        file = files[i] if files is not None else None
+        found.append(BoxesExplanation(file, method, name, boxes, image, view, seconds))
+    return found
+
+
+def box_limits(score_threshold: float | None) -> DetectLimits:
+    """``cnnlab predict``'s limits, at ``score_threshold`` when one is given."""
+    if score_threshold is None:
+        return PREDICT_LIMITS
+    if not 0.0 <= score_threshold <= 1.0:
+        raise CnnlabError(f"the score threshold must be in [0, 1], got {score_threshold}")
+    return PREDICT_LIMITS.with_score(score_threshold)
+
+
+def _column(k: int) -> attribution.Target:
+    """The score of the k-th box (a ``scored_detections`` module's output (N, K))."""
+
+    def score(output: Tensor) -> Tensor:
+        return output[:, k]
+
+    return score
+
+
+def draw_boxes(result: BoxesExplanation, out: Path) -> None:
+    """One panel per box (the ``DRAWN_BOXES`` best): its map over the image, the box
+    outlined, the peak marked, with one colour bar."""
+    from cnnlab.explain_plots import plot_box_attributions
+
+    shown = sorted(result.boxes, key=lambda b: -b.score)[:DRAWN_BOXES]
+    panels = []
+    for found in shown:
+        peak = result.peak(found)
+        if peak is None:
+            where = "map all zero"
+        else:
+            where = f"peak {'in' if result.inside(peak, found.box) else 'outside'} box"
+        label = f"{found.class_name} {found.score:.2f} ({where})"
+        panels.append((found.map.numpy(), found.box, peak, label))
+    count = len(result.boxes)
+    title = f"{result.method} at {result.layer}: {count} box{'es' if count != 1 else ''}"
+    if count > len(shown):
+        title += f" (the {len(shown)} best drawn)"
+    plot_box_attributions(result.image, panels, result.view.box, title, out)
+
+
 def explain_files(
     run_dir: str | Path,
     paths: Sequence[str | Path],
@@ -221,21 +397,26 @@ def explain_files(
     layer: str | None = None,
     out: str | Path | None = None,
     device: str = "auto",
+    score_threshold: float | None = None,
 ) -> list[dict]:
     """``cnnlab explain``: each image file's map (``explain``), drawn to ``OUT/STEM_METHOD.png``
-    when ``out`` is given; one document per image (``Explanation.to_dict``, with
-    ``"drawing"``)."""
+    when ``out`` is given; one document per image (``Explanation.to_dict`` or, for a
+    detection run, ``BoxesExplanation.to_dict``, with ``"drawing"``)."""
     run = load_run(run_dir, device, fast=False)
     check_run(run)
     images = [read_image(Path(path), run.task.in_channels) for path in paths]
-    results = explain(run, images, method, class_name, layer, [str(p) for p in paths])
+    files = [str(p) for p in paths]
+    results = explain(run, images, method, class_name, layer, files, score_threshold)
     documents = []
     for result in results:
         document = result.to_dict()
         if out is not None:
             target = Path(out) / f"{Path(str(result.file)).stem}_{method}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            draw(result, target)
+            if isinstance(result, BoxesExplanation):
+                draw_boxes(result, target)
+            else:
+                draw(result, target)
             document["drawing"] = str(target)
         documents.append(document)
     return documents
@@ -263,22 +444,30 @@ def draw(result: Explanation, out: Path) -> None:
 def cascade(model: nn.Module, layer: str) -> list[tuple[str, list[str]]]:
     """The steps of cascading randomisation, each (what is random, the modules with weights
     random at that step), top first: the head (everything after ``layer``), then the top
-    block (the last child of ``layer`` that has a convolution, and what follows it), then
-    a third, two thirds and all of the rest."""
+    block (the last child of ``layer`` that has a convolution, and what follows it; for a
+    layer without weights, the nearest module with weights before it), then a third, two
+    thirds and all of the rest."""
+    order = [name for name, _ in model.named_modules()]
     weighted = [name for name, m in model.named_modules() if list(m.parameters(recurse=False))]
     inside = [name for name in weighted if name == layer or name.startswith(f"{layer}.")]
-    if not inside:
-        raise CnnlabError(f"layer {layer!r} has no weights to randomise")
+    if not inside:  # a layer without weights (a pool or an activation a backbone is cut at):
+        # the nearest module with weights before it is its top block.
+        before = [name for name in weighted if order.index(name) < order.index(layer)]
+        if not before:
+            raise CnnlabError(f"layer {layer!r} has no weights to randomise")
+        inside = top = [before[-1]]
+        top_name = top[0]
+    else:
+        module = model.get_submodule(layer)
+        children = [
+            (name, child)
+            for name, child in module.named_children()
+            if any(isinstance(m, nn.Conv2d) for m in child.modules())
+        ]
+        top_name = f"{layer}.{children[-1][0]}" if children else layer
+        first = next(i for i, name in enumerate(inside) if name.startswith(top_name))
+        top = inside[first:]
     after = weighted[weighted.index(inside[-1]) + 1 :]
-    module = model.get_submodule(layer)
-    children = [
-        (name, child)
-        for name, child in module.named_children()
-        if any(isinstance(m, nn.Conv2d) for m in child.modules())
-    ]
-    top_name = f"{layer}.{children[-1][0]}" if children else layer
-    first = next(i for i, name in enumerate(inside) if name.startswith(top_name))
-    top = inside[first:]
     below = weighted[: weighted.index(top[0])]
     steps = [(f"head ({', '.join(_roots(after)) or 'none'})", after)]
     steps.append((f"+ top block ({top_name})", after + top))
@@ -332,12 +521,22 @@ def spearman(a: Tensor, b: Tensor) -> float:
     return float((ra * rb).sum()) / denominator if denominator else 0.0
 
 
+def class_probability(model: nn.Module, index: int) -> Callable[[Tensor], Tensor]:
+    """Inputs (N, C, H, W) -> class ``index``'s probability (N,) under a classifier."""
+
+    def probability(batch: Tensor) -> Tensor:
+        return model(batch).float().softmax(dim=1)[:, index]
+
+    return probability
+
+
 def deletion_insertion(
-    model: nn.Module, x: Tensor, index: int, heat: Tensor, steps: int = AUC_STEPS
+    probability: Callable[[Tensor], Tensor], x: Tensor, heat: Tensor, steps: int = AUC_STEPS
 ) -> tuple[float, float]:
-    """(deletion AUC, insertion AUC) of class ``index``'s probability as the pixels of
-    ``x`` (1, C, H, W) are removed (set to 0, the mean colour) or inserted into a blurred
-    copy in ``heat``'s order, highest first."""
+    """(deletion AUC, insertion AUC) of ``probability`` (inputs (N, C, H, W) -> (N,) in
+    [0, 1]: a class's, a box's score) as the pixels of ``x`` (1, C, H, W) are removed (set
+    to 0, the mean colour) or inserted into a blurred copy in ``heat``'s order, highest
+    first."""
     height, width = x.shape[-2:]
     order = heat.flatten().argsort(descending=True)
     blurred = _blur(x)
@@ -350,8 +549,8 @@ def deletion_insertion(
         deleted.append(x * (1 - mask))
         inserted.append(blurred * (1 - mask) + x * mask)
     with torch.no_grad():
-        p_del = model(torch.cat(deleted)).float().softmax(dim=1)[:, index]
-        p_ins = model(torch.cat(inserted)).float().softmax(dim=1)[:, index]
+        p_del = probability(torch.cat(deleted)).float()
+        p_ins = probability(torch.cat(inserted)).float()
     return float(torch.trapezoid(p_del, dx=1 / steps)), float(torch.trapezoid(p_ins, dx=1 / steps))
 
 
@@ -370,12 +569,16 @@ def audit(
     methods: Sequence[str] = attribution.METHODS,
     layer: str | None = None,
     seed: int = 0,
+    score_threshold: float | None = None,
 ) -> dict:
     """Both sanity checks for each method on ``images`` (uint8, the run's channels), for
-    each image's predicted class. A classification run's only (deletion and insertion
-    read class probabilities)."""
-    if run.task.name != "classify":
-        raise CnnlabError(f"{run.path}: the audit checks classification runs, not {run.task.name}")
+    each image's predicted class (a detection run: for each box scoring
+    ``score_threshold`` or more, default predict's, its score, ``audit_boxes``).
+    Segmentation runs are not audited."""
+    if run.task.name not in ("classify", "detect"):
+        raise CnnlabError(
+            f"{run.path}: the audit checks classification and detection runs, not {run.task.name}"
+        )
     if not images:
         raise CnnlabError("the audit needs at least one image")
     for method in methods:
@@ -383,6 +586,10 @@ def audit(
             raise CnnlabError(
                 f"unknown method {method!r}; choose one of {', '.join(attribution.METHODS)}"
             )
+    if run.task.name == "detect":
+        return audit_boxes(run, images, methods, layer, seed, score_threshold)
+    if score_threshold is not None:
+        raise CnnlabError("a score threshold picks a detector's boxes; this is not a detection run")
     x = torch.stack([run.task.preprocess(image) for image in images]).to(run.device)
     name = resolve_layer(run, layer, x)
     with torch.no_grad():
@@ -397,33 +604,130 @@ def audit(
         start = time.perf_counter()
         trained = attribution.attribute(run.model, x, target, method, name)
         seconds = (time.perf_counter() - start) / len(images)
-        correlations = []
-        for _, model in models:
-            maps = attribution.attribute(model, x, target, method, name)
-            correlations.append(
-                sum(spearman(a, b) for a, b in zip(trained, maps, strict=True)) / len(images)
-            )
+        randomised_maps = [attribution.attribute(m, x, target, method, name) for _, m in models]
         coarse = _native_shape(run.model, name, x, method)
-        aucs = {"deletion": 0.0, "insertion": 0.0, "random_deletion": 0.0, "random_insertion": 0.0}
+        curves = []
         for i in range(len(images)):
-            noise = torch.rand((1, 1, *coarse), generator=generator)
-            noise = F.interpolate(noise, x.shape[-2:], mode="bilinear")[0, 0]
-            d, n = deletion_insertion(run.model, x[i : i + 1], int(indices[i]), trained[i])
-            rd, rn = deletion_insertion(run.model, x[i : i + 1], int(indices[i]), noise)
-            for key, value in zip(aucs, (d, n, rd, rn), strict=True):
-                aucs[key] += value / len(images)
-        top = correlations[1]
-        rows.append(
-            {
-                "method": method,
-                "spearman": [round(c, 4) for c in correlations],
-                "randomisation_passed": top < RANDOMISED_PASS,
-                **{key: round(value, 4) for key, value in aucs.items()},
-                "faithfulness_passed": aucs["deletion"] < aucs["random_deletion"]
-                and aucs["insertion"] > aucs["random_insertion"],
-                "ms_per_image": round(seconds * 1000, 2),
-            }
+            noise = _random_map(coarse, x.shape[-2:], generator)
+            probability = class_probability(run.model, int(indices[i]))
+            curves.append(
+                deletion_insertion(probability, x[i : i + 1], trained[i])
+                + deletion_insertion(probability, x[i : i + 1], noise)
+            )
+        rows.append(_audit_row(method, trained, randomised_maps, curves, seconds))
+    return _audit_report(report, rows)
+
+
+def audit_boxes(
+    run: Run,
+    images: Sequence[Tensor],
+    methods: Sequence[str] = attribution.METHODS,
+    layer: str | None = None,
+    seed: int = 0,
+    score_threshold: float | None = None,
+) -> dict:
+    """The audit of a detection run: every box ``cnnlab predict`` finds in ``images`` is
+    one explained output, its score (``Detector.scored_detections``); the randomised
+    copies read the same boxes' scores (the same proposals or cells), and deletion and
+    insertion follow the box's score. Methods that cannot tell boxes apart
+    (``BOX_REFUSALS``) are left out."""
+    methods = [method for method in methods if method not in BOX_REFUSALS]
+    if not methods:
+        raise CnnlabError(f"the audit maps boxes with none of {', '.join(BOX_REFUSALS)}")
+    limits = box_limits(score_threshold)
+    boxes: list[tuple[Tensor, BoxScores, int]] = []  # (input, its boxes' scores, which)
+    name = None
+    for image in images:
+        x = model_input(run, image)
+        name = name or resolve_layer(run, layer, x)
+        detections, x, scorer = run.task.scored_boxes(run.model, image, run.device, limits)
+        boxes += [(x, scorer, k) for k in range(len(detections["scores"]))]
+    if not boxes:
+        raise CnnlabError(
+            f"no box scores {limits.score_threshold} or more in these images: nothing to audit"
         )
+    steps = cascade(run.model, name)
+    models = [randomised(run.model, names, seed) for _, names in steps]
+    generator = torch.Generator().manual_seed(seed)
+    report: dict = {
+        "layer": name,
+        "images": len(images),
+        "boxes": len(boxes),
+        "steps": [s[0] for s in steps],
+    }
+    rows = []
+    for method in methods:
+        start = time.perf_counter()
+        trained = _box_maps(boxes, method, name)
+        seconds = (time.perf_counter() - start) / len(boxes)
+        randomised_maps = [_box_maps(boxes, method, name, model) for model in models]
+        coarse = _native_shape(run.model, name, boxes[0][0], method)
+        curves = []
+        for (x, scorer, k), heat in zip(boxes, trained, strict=True):
+            noise = _random_map(coarse, x.shape[-2:], generator)
+            score = _column_of(scorer, k)
+            curves.append(deletion_insertion(score, x, heat) + deletion_insertion(score, x, noise))
+        rows.append(_audit_row(method, trained, randomised_maps, curves, seconds))
+    return _audit_report(report, rows)
+
+
+def _box_maps(
+    boxes: Sequence[tuple[Tensor, BoxScores, int]],
+    method: str,
+    layer: str,
+    detector: nn.Module | None = None,
+) -> Tensor:
+    """Each box's map (B, H, W), its score read from ``detector`` (default: the run's)."""
+    maps = []
+    for x, scorer, k in boxes:
+        if detector is not None:
+            scorer = scorer.on(detector)
+        module = scorer.detector.get_submodule(layer)
+        maps.append(attribution.attribute(scorer, x, _column(k), method, module)[0])
+    return torch.stack(maps)
+
+
+def _column_of(scorer: BoxScores, k: int) -> Callable[[Tensor], Tensor]:
+    def score(batch: Tensor) -> Tensor:
+        return scorer(batch)[:, k]
+
+    return score
+
+
+def _random_map(coarse: Sequence[int], size: Sequence[int], generator: torch.Generator) -> Tensor:
+    """Uniform noise at a method's own resolution, upsampled as its maps are."""
+    noise = torch.rand((1, 1, *coarse), generator=generator)
+    return F.interpolate(noise, tuple(size), mode="bilinear")[0, 0]
+
+
+def _audit_row(
+    method: str,
+    trained: Tensor,
+    randomised_maps: Sequence[Tensor],
+    curves: Sequence[tuple[float, float, float, float]],
+    seconds: float,
+) -> dict:
+    """One method's line of the audit: the mean Spearman correlation of the trained maps
+    with each randomisation step's, and the mean (deletion, insertion) AUCs of the maps and
+    of random ones (``curves``: one (del, ins, random del, random ins) per output)."""
+    correlations = [
+        sum(spearman(a, b) for a, b in zip(trained, maps, strict=True)) / len(trained)
+        for maps in randomised_maps
+    ]
+    keys = ("deletion", "insertion", "random_deletion", "random_insertion")
+    aucs = {key: sum(c[i] for c in curves) / len(curves) for i, key in enumerate(keys)}
+    return {
+        "method": method,
+        "spearman": [round(c, 4) for c in correlations],
+        "randomisation_passed": correlations[1] < RANDOMISED_PASS,
+        **{key: round(value, 4) for key, value in aucs.items()},
+        "faithfulness_passed": aucs["deletion"] < aucs["random_deletion"]
+        and aucs["insertion"] > aucs["random_insertion"],
+        "ms_per_image": round(seconds * 1000, 2),
+    }
+
+
+def _audit_report(report: dict, rows: list[dict]) -> dict:
     report["methods"] = rows
     report["passed"] = [
         r["method"] for r in rows if r["randomisation_passed"] and r["faithfulness_passed"]
@@ -442,8 +746,9 @@ def audit_table(report: dict) -> str:
     """The audit as text: per method, the correlations down the cascade, the AUCs against
     the random map's, and which checks it passed."""
     steps = report["steps"]
+    boxes = f" ({report['boxes']} boxes, each its own output)" if "boxes" in report else ""
     lines = [
-        f"Sanity checks on {report['images']} image(s), layer {report['layer']}",
+        f"Sanity checks on {report['images']} image(s){boxes}, layer {report['layer']}",
         "Spearman correlation with the trained model's map as the weights are randomised:",
     ]
     for i, step in enumerate(steps, 1):
@@ -480,6 +785,7 @@ def audit_run(
     methods: Sequence[str] = attribution.METHODS,
     layer: str | None = None,
     device: str = "auto",
+    score_threshold: float | None = None,
 ) -> dict:
     """``cnnlab explain RUN --audit``: ``audit`` on the given images, or on
     ``audit_images(run, count)``."""
@@ -489,4 +795,4 @@ def audit_run(
     if not files:
         files = audit_images(run, count)
     images = [read_image(file, run.task.in_channels) for file in files]
-    return audit(run, images, methods, layer)
+    return audit(run, images, methods, layer, score_threshold=score_threshold)

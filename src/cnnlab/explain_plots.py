@@ -86,6 +86,57 @@ def plot_attribution(
     save_figure(fig, Path(out))
 
 
+def plot_box_attributions(
+    image: torch.Tensor,
+    panels: Sequence[tuple[np.ndarray, Sequence[float], tuple[float, float] | None, str]],
+    view: tuple[float, float, float, float],
+    title: str,
+    out: Path,
+) -> None:
+    """One panel per detected box: its attribution map (H', W') in [0, 1] over the image
+    (uint8 (C, H, W)), spread over ``view`` (the model's view of the image), the box
+    outlined, the map's peak marked, titled; one colour bar for all. ``panels`` are (map,
+    box (x0, y0, x1, y1) in the image's pixels, peak (x, y) or None, title); none: the
+    image alone."""
+    from matplotlib.patches import Rectangle
+
+    pixels = image.permute(1, 2, 0).numpy()
+    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3]
+    cols = max(1, min(4, len(panels)))
+    rows = max(1, math.ceil(len(panels) / cols))
+    fig = new_figure((3.2 * cols + 0.8, 3.2 * rows + 0.5))
+    fig.suptitle(title, fontsize=10)
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    shown = None
+    x0, y0, x1, y1 = view
+    for ax, (heat, box, peak, label) in zip(axes, panels, strict=False):
+        # pixel edges at integers, as the map's extent and the box have them
+        ax.imshow(pixels, cmap="gray", extent=(0, pixels.shape[1], pixels.shape[0], 0))
+        shown = ax.imshow(
+            heat,
+            cmap="jet",
+            alpha=0.5,
+            vmin=0.0,
+            vmax=1.0,
+            extent=(x0, x1, y1, y0),
+            interpolation="bilinear",
+        )
+        bx0, by0, bx1, by1 = box
+        ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, fill=False, color="white", lw=2))
+        if peak is not None:
+            ax.plot([peak[0]], [peak[1]], marker="+", color="white", markersize=12, mew=2)
+        ax.set_xlim(0, pixels.shape[1])
+        ax.set_ylim(pixels.shape[0], 0)
+        ax.set_title(label, fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
+    if not panels:
+        axes[0].imshow(pixels, cmap="gray")
+    if shown is not None:
+        fig.colorbar(shown, ax=list(axes), label="attribution (1 = the map's peak)", shrink=0.8)
+    save_figure(fig, Path(out))
+
+
 def plot_feature_maps(
     maps: Sequence[np.ndarray],
     channels: Sequence[tuple[int, float]],

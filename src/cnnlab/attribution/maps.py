@@ -105,17 +105,18 @@ def attribute(
     x: Tensor,
     target: Target | Sequence[Target],
     method: str,
-    layer: str,
+    layer: str | nn.Module,
 ) -> Tensor:
     """Maps (N, H, W) >= 0 of ``target`` (one for all images, or one per image) over the
     input ``x`` (N, C, H, W), each scaled so that its largest value is 1 (an all-zero map
-    stays zero). ``layer`` is where the CAM methods read the activations (the pixel methods
-    ignore it). Each image is explained alone: Score-CAM and Captum batch an image's own
-    perturbations, which a per-image target could not follow across images."""
+    stays zero). ``layer`` (a name, or the module itself inside ``model``) is where the CAM
+    methods read the activations (the pixel methods ignore it). Each image is explained
+    alone: Score-CAM and Captum batch an image's own perturbations, which a per-image target
+    could not follow across images."""
     if method not in METHODS:
         raise CnnlabError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     targets = list(target) if isinstance(target, Sequence) else [target] * len(x)
-    module = layer_module(model, layer)
+    module = layer if isinstance(layer, nn.Module) else layer_module(model, layer)
     found = []
     with torch.enable_grad():
         for image, one in zip(x, targets, strict=True):

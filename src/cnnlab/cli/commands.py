@@ -546,7 +546,15 @@ def cmd_explain(args: argparse.Namespace, extra: dict) -> int:
 
     if args.audit:
         methods = (args.method,) if args.method else METHODS
-        report = audit_run(args.run, args.paths, args.images, methods, args.layer, args.device)
+        report = audit_run(
+            args.run,
+            args.paths,
+            args.images,
+            methods,
+            args.layer,
+            args.device,
+            args.score_threshold,
+        )
         if args.format == "json":
             print_json(report)
         else:
@@ -562,13 +570,30 @@ def cmd_explain(args: argparse.Namespace, extra: dict) -> int:
         args.layer,
         args.out,
         args.device,
+        args.score_threshold,
     )
     if args.format == "json":
         print_json(documents)
         return 0
     for document in documents:
-        x, y = document["peak_xy"]
         drawn = f"; drawn to {document['drawing']}" if "drawing" in document else ""
+        if "boxes" in document:  # a detection run: one map per box
+            print(f"{document['file']}: {len(document['boxes'])} box(es){drawn}")
+            for box in document["boxes"]:
+                if box["peak_xy"] is None:
+                    where = "is zero everywhere (no evidence for the box at this layer)"
+                else:
+                    x, y = box["peak_xy"]
+                    side = "inside" if box["peak_in_box"] else "outside"
+                    where = f"peaks at pixel ({x:g}, {y:g}), {side} the box"
+                print(
+                    f"  {box['class']} {box['score']:.2f} at {[round(v) for v in box['box']]}:"
+                    f" {box['method']} at {box['layer']} {where};"
+                    f" {box['top10_share']:.0%} of the map in its top 10% of pixels,"
+                    f" {box['seconds'] * 1000:.0f} ms"
+                )
+            continue
+        x, y = document["peak_xy"]
         print(
             f"{document['file']}: {document['method']} at {document['layer']} for"
             f" {document['class']} (p={document['probability']:.2f}): peak at pixel"

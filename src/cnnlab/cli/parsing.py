@@ -379,18 +379,29 @@ def _tool_commands(commands: Group) -> None:
         "where a run's evidence lies in each image (Grad-CAM and other maps), and --audit:"
         " the sanity checks of those maps",
     )
-    sub.add_argument("run", help="a classification or segmentation run folder")
+    sub.add_argument(
+        "run", help="a classification, segmentation or detection run folder (one map per box)"
+    )
     sub.add_argument("paths", nargs="*", metavar="IMAGE", help="image files")
     sub.add_argument(
         "--method",
         choices=METHODS,
         help="the map (default: gradcam; --audit: every method)",
     )
-    sub.add_argument("--class", dest="class_name", help="class to explain (default: predicted)")
+    sub.add_argument(
+        "--class",
+        dest="class_name",
+        help="class to explain (default: predicted; detection: only its boxes)",
+    )
     sub.add_argument(
         "--layer", help="layer as `cnnlab summary` names it (default: the last conv stage)"
     )
     sub.add_argument("--out", metavar="DIR", help="draw each map to DIR/IMAGE_METHOD.png")
+    sub.add_argument(
+        "--score-threshold",
+        type=float,
+        help="detection: map the boxes scoring at least this (default: predict's, 0.25)",
+    )
     sub.add_argument(
         "--audit", action="store_true", help="randomisation and deletion/insertion checks"
     )

@@ -37,7 +37,8 @@ def backbone(
 
     Returns (module mapping (B, C, H, W) to ``{"0": map_0, "1": map_1, ...}``, one map per
     entry of ``reductions`` in that order, and the ``feature_info`` entry of each map).
-    The module has ``min_input_size`` (the classifier's) and ``out_channels`` (of map 0).
+    The module has ``min_input_size`` (the classifier's), ``out_channels`` (of map 0) and
+    ``feature_modules`` (the names, inside it, of the modules whose outputs are the maps).
     """
     # One class: the head is cut off anyway, and VGG's would cost 100M parameters.
     model = build_model(
@@ -55,6 +56,7 @@ def backbone(
     body = _cut(model, [tap["module"] for tap in taps], name)
     body.min_input_size = model.min_input_size
     body.out_channels = taps[0]["num_chs"]
+    body.feature_modules = tuple(tap["module"] for tap in taps)
     return body, taps
 
 

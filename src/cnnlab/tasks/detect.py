@@ -272,11 +272,7 @@ class DetectTask(RunFacts):
         A proposal-based model takes ``proposals`` (boxes (M, 4) in each image's pixels);
         without them selective search runs on each image."""
         model.eval()
-        source = proposal_source_of(model)
-        if source is not None and proposals is None:
-            from cnnlab.data.proposals import selective_search
-
-            proposals = [selective_search(image, source.mode, source.max_boxes) for image in images]
+        proposals = _proposals(model, images, proposals)
         results = []
         for start, chunk in zip(
             range(0, len(images), PREDICT_BATCH), chunks(images, PREDICT_BATCH), strict=True
@@ -284,14 +280,9 @@ class DetectTask(RunFacts):
             batch = torch.stack([self.preprocess(image) for image in chunk]).to(device)
             side = batch.shape[-1]
             options = {}
-            if source is not None:
-                options["proposals"] = [
-                    torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(device)
-                    * (side / _whwh(image, device))
-                    for image, boxes in zip(
-                        chunk, proposals[start : start + len(chunk)], strict=True
-                    )
-                ]
+            if proposals is not None:
+                given = proposals[start : start + len(chunk)]
+                options["proposals"] = _input_proposals(chunk, given, side, device)
             found = model.detect(batch, limits, **options)
             for image, detections in zip(chunk, found, strict=True):
                 scale = _whwh(image, device) / side
@@ -303,6 +294,31 @@ class DetectTask(RunFacts):
                     }
                 )
         return results
+
+    def scored_boxes(
+        self,
+        model: Detector,
+        image: Tensor,
+        device: torch.device,
+        limits: DetectLimits = PREDICT_LIMITS,
+    ) -> tuple[dict[str, Tensor], Tensor, nn.Module]:
+        """One uint8 image's detections as ``detect`` finds them (boxes in the image's own
+        pixels, on the CPU), the model's input ``x`` (1, C, S, S) and the module mapping
+        inputs like ``x`` to each detection's score (``Detector.scored_detections``)."""
+        model.eval()
+        proposals = _proposals(model, [image], None)
+        x = self.preprocess(image)[None].to(device)
+        options = {}
+        if proposals is not None:
+            options["proposals"] = _input_proposals([image], proposals, x.shape[-1], device)
+        found, scorer = model.scored_detections(x, limits, **options)
+        scale = _whwh(image, device) / x.shape[-1]
+        detections = {
+            "boxes": (found[0]["boxes"] * scale).cpu(),
+            "scores": found[0]["scores"].cpu(),
+            "labels": found[0]["labels"].cpu(),
+        }
+        return detections, x, scorer
 
     def preprocess(self, image: Tensor) -> Tensor:
         """The model's float input (C, S, S) for a uint8 image (in_channels, H, W), as
@@ -376,6 +392,28 @@ TASK = DetectTask
 def _whwh(image: Tensor, device: torch.device) -> Tensor:
     height, width = image.shape[-2:]
     return torch.tensor([width, height, width, height], dtype=torch.float32, device=device)
+
+
+def _proposals(model: nn.Module, images: list[Tensor], given: list | None) -> list | None:
+    """The proposals of a proposal-based model for ``images`` (in their own pixels):
+    ``given``, else selective search on each image; None for a model that finds its own."""
+    source = proposal_source_of(model)
+    if source is None or given is not None:
+        return None if source is None else given
+    from cnnlab.data.proposals import selective_search
+
+    return [selective_search(image, source.mode, source.max_boxes) for image in images]
+
+
+def _input_proposals(
+    images: list[Tensor], proposals: list, side: int, device: torch.device
+) -> list[Tensor]:
+    """Each image's proposals scaled from its own pixels to the model's square input."""
+    return [
+        torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).to(device)
+        * (side / _whwh(image, device))
+        for image, boxes in zip(images, proposals, strict=True)
+    ]
 
 
 def proposal_source(model: str, model_args: dict, workers: int = 1):

@@ -65,6 +65,8 @@ class Detector(nn.Module):
     # Where a task gets the proposals ``detect`` takes ({"mode", "max_boxes", "file"} for
     # ``cnnlab.data.proposals.ProposalSource``); None: the model finds its own boxes.
     proposal_settings: dict | None = None
+    # None, or why ``cnnlab explain`` cannot map its boxes: the end of "NAME ..." in one line.
+    explain_refusal: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -81,6 +83,19 @@ class Detector(nn.Module):
         in eval mode). ``proposals``: boxes (M, 4) per image for a model with
         ``proposal_settings`` (without them the whole image is the one proposal)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement detect")
+
+    def scored_detections(
+        self,
+        images: Tensor,
+        limits: DetectLimits = EVAL_LIMITS,
+        proposals: list[Tensor] | None = None,
+    ) -> tuple[Detections, BoxScores]:
+        """``detect``'s detections of one image ``images`` (1, C, H, W), and a module that
+        maps inputs shaped like it (N, C, H, W) to each of those K detections' score (N, K)
+        as the detector computes it, differentiably, with whatever fixed the box's place
+        (its proposal, its grid cell) held fixed: at ``images`` it returns the detections'
+        own scores. ``cnnlab explain`` maps where each box's evidence lies through it."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement scored_detections")
 
     @property
     def fitted(self) -> bool:
@@ -144,6 +159,22 @@ class Detector(nn.Module):
 
 
 _GRAPHS[Detector.graph_output] = Detector
+
+
+class BoxScores(nn.Module):
+    """What ``Detector.scored_detections`` returns: inputs (N, C, H, W) -> the score of
+    each of K detections (N, K), read from ``detector`` where the detections came from
+    (a proposal, a grid cell) for their classes ``labels`` (K,)."""
+
+    def __init__(self, detector: Detector, labels: Tensor) -> None:
+        super().__init__()
+        self.detector = detector
+        self.labels = labels
+
+    def on(self, detector: Detector) -> BoxScores:
+        """The same boxes' scores read from another detector of the same architecture (the
+        audit's copies with randomised weights)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement on")
 
 
 class DetectionsGraph(nn.Module):

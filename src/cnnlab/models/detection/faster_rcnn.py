@@ -23,9 +23,16 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from cnnlab.models.detection.contract import EVAL_LIMITS, Detections, DetectLimits, Detector
+from cnnlab.models.detection.contract import (
+    EVAL_LIMITS,
+    BoxScores,
+    Detections,
+    DetectLimits,
+    Detector,
+)
 from cnnlab.models.detection.roi_heads import (
     RoIPool,
+    roi_scored_detections,
     set_detection_limits,
     with_background_label,
     without_background_label,
@@ -79,6 +86,22 @@ class FasterRCNN(TorchvisionFasterRCNN, Detector):
         its own boxes, so ``proposals`` is not read."""
         set_detection_limits(self.roi_heads, limits)
         return self(images)
+
+    def feature_maps(self, images: Tensor) -> dict[str, Tensor]:
+        """The backbone's map of a batch as the box head pools it (padded to a multiple of
+        32, as ``forward`` batches images)."""
+        batch, _ = self.transform(list(images.unbind(0)))
+        return self.backbone(batch.tensors)
+
+    def scored_detections(
+        self,
+        images: Tensor,
+        limits: DetectLimits = EVAL_LIMITS,
+        proposals: list[Tensor] | None = None,
+    ) -> tuple[Detections, BoxScores]:
+        """``detect``'s detections and ``RoIScores``: each box's class probability on the
+        RPN proposal that made it, the proposals held fixed."""
+        return roi_scored_detections(self, images, limits, proposals)
 
 
 def _fasterrcnn(

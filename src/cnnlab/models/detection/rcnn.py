@@ -118,6 +118,10 @@ class RCNN(Detector):
     task gets them (``cnnlab.data.proposals.ProposalSource``). Labels are 0-based."""
 
     export_refusal = PROPOSALS_REFUSAL
+    explain_refusal = (
+        "runs its backbone once per warped proposal, not once over the image, so no layer"
+        " holds a map of the image; explain fasterrcnn, fastrcnn, sppnet or yolov1 runs"
+    )
 
     def __init__(
         self,

@@ -8,9 +8,15 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import box_iou, roi_pool
+from torchvision.ops import box_iou, clip_boxes_to_image, roi_pool
 
-from cnnlab.models.detection.contract import EVAL_LIMITS, Detections, DetectLimits, Detector
+from cnnlab.models.detection.contract import (
+    EVAL_LIMITS,
+    BoxScores,
+    Detections,
+    DetectLimits,
+    Detector,
+)
 from cnnlab.models.features import backbone as backbone_features
 
 # What a bare forward pass in eval mode keeps (torchvision's score threshold 0.05);
@@ -44,6 +50,62 @@ def proposal_settings(mode: str, max_boxes: int, file: str | None) -> dict:
     """A proposal-based model's ``proposal_settings``: where a task gets its proposals
     (``cnnlab.tasks.detect.proposal_source_of`` reads them)."""
     return {"mode": mode, "max_boxes": max_boxes, "file": file}
+
+
+def roi_outputs(detector: Detector, images: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
+    """(class logits (N * M, classes + 1), box regression (N * M, (classes + 1) * 4)) of
+    the box head on the same M boxes ``rois`` of each of the N ``images``."""
+    features = detector.feature_maps(images)
+    size = tuple(images.shape[-2:])
+    heads = detector.roi_heads
+    pooled = heads.box_roi_pool(features, [rois] * len(images), [size] * len(images))
+    return heads.box_predictor(heads.box_head(pooled))
+
+
+class RoIScores(BoxScores):
+    """Each of K detections' score (N, K) for inputs (N, C, H, W): the box head's softmax
+    probability of the detection's class on the proposal that made it (``rois`` (K, 4)),
+    the proposals held fixed (as an R-CNN-family detector scores a box)."""
+
+    def __init__(self, detector: Detector, rois: Tensor, labels: Tensor) -> None:
+        super().__init__(detector, labels)
+        self.rois = rois
+
+    def on(self, detector: Detector) -> RoIScores:
+        return RoIScores(detector, self.rois, self.labels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits, _ = roi_outputs(self.detector, x, self.rois)
+        probs = logits.float().softmax(dim=-1).view(len(x), len(self.rois), -1)
+        return probs[:, torch.arange(len(self.rois), device=probs.device), self.labels + 1]
+
+
+def roi_scored_detections(
+    detector: Detector, images: Tensor, limits: DetectLimits, proposals: list[Tensor] | None
+) -> tuple[Detections, RoIScores]:
+    """``Detector.scored_detections`` of a model whose ``roi_heads`` score proposals
+    (Faster R-CNN, Fast R-CNN, SPPNet): its ``detect``, and the proposal that made each
+    detection, found as the one whose box and score for the detection's class are the
+    detection's (torchvision's postprocessing filters them, never changes them)."""
+    captured: list[Tensor] = []
+    hook = detector.roi_heads.register_forward_pre_hook(
+        lambda _m, args: captured.append(args[1][0])  # (features, proposals, image_shapes)
+    )
+    try:
+        found = detector.detect(images, limits, proposals)
+    finally:
+        hook.remove()
+    rois = captured[0].detach()
+    with torch.no_grad():
+        logits, regression = roi_outputs(detector, images, rois)
+        decoded = detector.roi_heads.box_coder.decode(regression, [rois])  # (M, classes + 1, 4)
+        decoded = clip_boxes_to_image(decoded, tuple(images.shape[-2:]))
+        probs = logits.float().softmax(dim=-1)
+    boxes, scores, labels = found[0]["boxes"], found[0]["scores"], found[0]["labels"]
+    gap = (decoded[:, labels + 1] - boxes[None]).abs().sum(dim=-1)  # (M, K)
+    gap += (probs[:, labels + 1] - scores[None]).abs()
+    sources = gap.argmin(dim=0)
+    return found, RoIScores(detector, rois[sources], labels)
 
 
 class RoIPool(nn.Module):
@@ -182,6 +244,20 @@ class ProposalRCNN(Detector):
         """Detections per image in the input's pixels (model in eval mode)."""
         set_detection_limits(self.roi_heads, limits)
         return self(images, proposals=proposals)
+
+    def feature_maps(self, images: Tensor) -> dict[str, Tensor]:
+        """The backbone's map of a batch, as the box head pools it."""
+        return self.backbone(images)
+
+    def scored_detections(
+        self,
+        images: Tensor,
+        limits: DetectLimits = EVAL_LIMITS,
+        proposals: list[Tensor] | None = None,
+    ) -> tuple[Detections, BoxScores]:
+        """``detect``'s detections and ``RoIScores``: each box's class probability on the
+        proposal that made it."""
+        return roi_scored_detections(self, images, limits, proposals)
 
 
 def build_proposal_rcnn(

@@ -41,6 +41,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.models.blocks import ConvBNAct, check_rate
 from cnnlab.models.detection.contract import (
     EVAL_LIMITS,
+    BoxScores,
     Detections,
     DetectLimits,
     Detector,
@@ -169,24 +170,39 @@ def _sqrt(x: Tensor) -> Tensor:
     return (x + 1e-9).sqrt()
 
 
+def candidate_scores(pred: Tensor, boxes: int) -> Tensor:
+    """Model output (N, S, S, B*5 + C) -> (N, S*S*B, C): each box's class-specific
+    confidence, the paper's box confidence x Pr(class | object) of its cell."""
+    cells = pred[..., : boxes * 5].unflatten(-1, (boxes, 5))  # (N, S, S, B, 5)
+    probs = pred[..., boxes * 5 :].unsqueeze(-2)  # (N, S, S, 1, C), shared by the B boxes
+    return (cells[..., 4:5] * probs).reshape(pred.shape[0], -1, probs.shape[-1])
+
+
 def decode(
     pred: Tensor, boxes: int, image_size: tuple[int, int], limits: DetectLimits = EVAL_LIMITS
 ) -> Detections:
     """Model output (N, S, S, B*5 + C) -> detections per image in pixels of ``image_size``.
 
-    Each box and class gets the paper's class-specific confidence, box confidence x
-    Pr(class | object); candidates above the limits' score threshold go through per-class
-    NMS and the ``max_detections`` best are kept.
+    Each box and class gets the paper's class-specific confidence (``candidate_scores``);
+    candidates above the limits' score threshold go through per-class NMS and the
+    ``max_detections`` best are kept.
     """
+    return decode_with_sources(pred, boxes, image_size, limits)[0]
+
+
+def decode_with_sources(
+    pred: Tensor, boxes: int, image_size: tuple[int, int], limits: DetectLimits = EVAL_LIMITS
+) -> tuple[Detections, list[Tensor]]:
+    """``decode``, and for each image the index (in S*S*B order) of the cell's box that
+    made each detection."""
     n, grid = pred.shape[0], pred.shape[1]
     height, width = image_size
     cells = pred[..., : boxes * 5].unflatten(-1, (boxes, 5))  # (N, S, S, B, 5)
     scale = torch.tensor([width, height, width, height], device=pred.device)
     xyxy = cell_boxes_to_xyxy(cells[..., :4], grid) * scale
     xyxy = clip_boxes_to_image(xyxy.reshape(n, -1, 4), (height, width))  # (N, S*S*B, 4)
-    probs = pred[..., boxes * 5 :].unsqueeze(-2)  # (N, S, S, 1, C), shared by the B boxes
-    scores = (cells[..., 4:5] * probs).reshape(n, xyxy.shape[1], -1)  # (N, S*S*B, C)
-    detections = []
+    scores = candidate_scores(pred, boxes)  # (N, S*S*B, C)
+    detections, sources = [], []
     for image_boxes, image_scores in zip(xyxy, scores, strict=True):
         box_index, labels = (image_scores > limits.score_threshold).nonzero(as_tuple=True)
         kept_scores = image_scores[box_index, labels]
@@ -199,7 +215,25 @@ def decode(
                 "labels": labels[keep],
             }
         )
-    return detections
+        sources.append(box_index[keep])
+    return detections, sources
+
+
+class CellBoxScores(BoxScores):
+    """Each of K detections' class-specific confidence (N, K) for inputs (N, C, H, W): the
+    confidence of the cell's box that made it (``sources``, in S*S*B order) x its cell's
+    probability of its class."""
+
+    def __init__(self, detector: YOLOv1, sources: Tensor, labels: Tensor) -> None:
+        super().__init__(detector, labels)
+        self.sources = sources
+
+    def on(self, detector: YOLOv1) -> CellBoxScores:
+        return CellBoxScores(detector, self.sources, self.labels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scores = candidate_scores(self.detector(x), self.detector.boxes)
+        return scores[:, self.sources, self.labels]
 
 
 def decoding(limits: DetectLimits) -> str:
@@ -290,6 +324,20 @@ class YOLOv1(Detector):
         """Detections per image in the input's pixels, labels 0-based (it needs no
         ``proposals``)."""
         return decode(self(images), self.boxes, images.shape[-2:], limits)
+
+    def scored_detections(
+        self,
+        images: Tensor,
+        limits: DetectLimits = EVAL_LIMITS,
+        proposals: list[Tensor] | None = None,
+    ) -> tuple[Detections, CellBoxScores]:
+        """``detect``'s detections and ``CellBoxScores``: each box's score is read from the
+        cell and box that made it."""
+        with torch.no_grad():
+            found, sources = decode_with_sources(
+                self(images), self.boxes, images.shape[-2:], limits
+            )
+        return found, CellBoxScores(self, sources[0], found[0]["labels"])
 
     def graph_metadata(self, limits: DetectLimits) -> dict[str, Any]:
         return {"decoding": decoding(limits), "detect": {"boxes": self.boxes, "grid": self.grid}}
