@@ -93,6 +93,14 @@ class View:
             y0 + (row + 0.5) * (y1 - y0) / shape[0],
         )
 
+    def peak(self, heat: Tensor) -> tuple[float, float] | None:
+        """The (H, W) map's peak in the image's pixels; None for an all-zero map (a CAM whose
+        ReLU left nothing: no peak to point with)."""
+        if float(heat.max()) <= 0:
+            return None
+        row, col = attribution.peak_of(heat)
+        return self.pixel(row, col, heat.shape)
+
 
 @dataclass
 class Explanation:
@@ -109,15 +117,14 @@ class Explanation:
     seconds: float
 
     def to_dict(self) -> dict:
-        row, col = attribution.peak_of(self.map)
-        x, y = self.view.pixel(row, col, self.map.shape)
+        peak = self.view.peak(self.map)
         return {
             "file": self.file,
             "method": self.method,
             "layer": self.layer,
             "class": self.class_name,
             "probability": round(self.probability, 6),
-            "peak_xy": [round(x, 2), round(y, 2)],
+            "peak_xy": None if peak is None else [round(v, 2) for v in peak],
             "top10_share": round(attribution.top_share(self.map), 4),
             "map_shape": list(self.map.shape),
             "view_box": [round(v, 2) for v in self.view.box],
@@ -260,14 +267,6 @@ class BoxesExplanation:
     view: View
     seconds: float  # detecting and mapping every box
 
-    def peak(self, found: BoxMap) -> tuple[float, float] | None:
-        """The map's peak in the image's pixels; None for an all-zero map (a CAM whose
-        ReLU left nothing: no peak to point with)."""
-        if float(found.map.max()) <= 0:
-            return None
-        row, col = attribution.peak_of(found.map)
-        return self.view.pixel(row, col, found.map.shape)
-
     @staticmethod
     def inside(point: tuple[float, float], box: Sequence[float]) -> bool:
         return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
@@ -275,7 +274,7 @@ class BoxesExplanation:
     def to_dict(self) -> dict:
         boxes = []
         for found in self.boxes:
-            peak = self.peak(found)
+            peak = self.view.peak(found.map)
             boxes.append(
                 {
                     "box": [round(v, 2) for v in found.box],
@@ -375,7 +374,7 @@ def draw_boxes(result: BoxesExplanation, out: Path) -> None:
     shown = sorted(result.boxes, key=lambda b: -b.score)[:DRAWN_BOXES]
     panels = []
     for found in shown:
-        peak = result.peak(found)
+        peak = result.view.peak(found.map)
         if peak is None:
             where = "map all zero"
         else:
@@ -426,15 +425,11 @@ def draw(result: Explanation, out: Path) -> None:
     """The map over the image (its view box), with a colour bar and the peak marked."""
     from cnnlab.explain_plots import plot_attribution
 
-    row, col = attribution.peak_of(result.map)
     title = f"{result.method} at {result.layer}: {result.class_name} (p={result.probability:.2f})"
+    if float(result.map.max()) <= 0:
+        title += " (map all zero)"
     plot_attribution(
-        result.image,
-        result.map.numpy(),
-        result.view.box,
-        result.view.pixel(row, col, result.map.shape),
-        title,
-        out,
+        result.image, result.map.numpy(), result.view.box, result.view.peak(result.map), title, out
     )
 
 
@@ -512,10 +507,24 @@ def randomised(model: nn.Module, names: Sequence[str], seed: int = 0) -> nn.Modu
     return copied.eval()
 
 
+def average_ranks(values: Tensor) -> Tensor:
+    """1-based ranks of the flattened values, tied values sharing their mean rank (as
+    scipy.stats.rankdata): ranking ties by position would make two maps that are both zero
+    over the same pixels agree there by construction."""
+    flat = values.flatten().double()
+    order = flat.argsort()
+    _, group, counts = torch.unique_consecutive(
+        flat[order], return_inverse=True, return_counts=True
+    )
+    last = counts.cumsum(0).double()
+    ranks = torch.empty_like(flat)
+    ranks[order] = (last - (counts - 1) / 2)[group]
+    return ranks
+
+
 def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two maps (ties ranked by position)."""
-    ra = a.flatten().argsort().argsort().float()
-    rb = b.flatten().argsort().argsort().float()
+    """Spearman rank correlation of two maps (Pearson's of their average ranks)."""
+    ra, rb = average_ranks(a), average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denominator = float(ra.norm() * rb.norm())
     return float((ra * rb).sum()) / denominator if denominator else 0.0

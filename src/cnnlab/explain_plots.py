@@ -45,7 +45,7 @@ def plot_attribution(
     image: torch.Tensor,
     heat: np.ndarray,
     box: tuple[float, float, float, float],
-    peak: tuple[float, float],
+    peak: tuple[float, float] | None,
     title: str,
     out: Path,
 ) -> None:
@@ -77,7 +77,8 @@ def plot_attribution(
     )
     if (x0, y0, x1, y1) != (0, 0, pixels.shape[1], pixels.shape[0]):
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="white", lw=1))
-    ax.plot([peak[0]], [peak[1]], marker="+", color="white", markersize=14, mew=2)
+    if peak is not None:  # an all-zero map has none
+        ax.plot([peak[0]], [peak[1]], marker="+", color="white", markersize=14, mew=2)
     ax.set_xlim(0, pixels.shape[1])
     ax.set_ylim(pixels.shape[0], 0)
     ax.set_axis_off()

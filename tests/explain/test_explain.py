@@ -130,6 +130,12 @@ def test_spearman_is_rank_correlation() -> None:
     a = torch.arange(16.0).view(4, 4)
     assert spearman(a, a**3) == pytest.approx(1.0)
     assert spearman(a, -a) == pytest.approx(-1.0)
+    # ties share their mean rank, as scipy.stats.spearmanr ranks them: two maps zero over
+    # the same pixels do not agree there by the pixels' order
+    tied = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 2.0])
+    other = torch.tensor([0.0, 0.0, 0.0, 0.0, 2.0, 1.0])
+    assert spearman(tied, other) == pytest.approx(0.92)  # scipy.stats.spearmanr: 0.92
+    assert spearman(torch.zeros(4), torch.arange(4.0)) == 0.0  # no ranks to correlate
 
 
 def test_features_and_filters_draw(serve_runs, tmp_path) -> None:
