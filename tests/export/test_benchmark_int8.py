@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from cnnlab import cli
 from cnnlab.errors import CnnlabError
 from cnnlab.export import export_run
 from cnnlab.export.benchmark import benchmark_run
 from cnnlab.files import read_json
 from cnnlab.runs import load_run
-from tests.conftest import run_cli, train_tiny_classifier
+from tests.conftest import train_tiny_classifier
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +46,15 @@ def test_export_int8_records_its_drop_and_speedup(run_dir: Path) -> None:
 
 
 def test_an_int8_model_losing_more_than_allowed_is_refused_leaving_nothing(
-    run_dir: Path, tmp_path: Path
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # No model can lose less than -100 points of top-1 (it would need 200%): always refused.
     before = listing(run_dir)
     out = tmp_path / "out"
     out.mkdir()
-    result = run_cli(
-        "export", run_dir, "--int8", "--max-drop", "-100.5", "--calibration", "4",
-        "--out", out / "model.int8.onnx",
-    )  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
+    command = ["export", str(run_dir), "--int8", "--max-drop", "-100.5", "--calibration", "4"]
+    assert cli.main([*command, "--out", str(out / "model.int8.onnx")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "int8 loses" in lines[0] and "not written" in lines[0], lines
     assert list(out.iterdir()) == [] and listing(run_dir) == before
 

@@ -223,7 +223,7 @@ def describe(record: dict[str, Any]) -> str:
         lines[1] = "float graph's " + lines[1]
         lines.append(
             f"int8 ({int8['calibration']} to calibrate): {int8['split']} {int8['metric']}"
-            f" {int8['float']:.2%} -> {int8['int8']:.2%} ({int8['drop_points']:+.2f} points"
+            f" {int8['float']:.2%} -> {int8['int8']:.2%} ({int8['drop_points']:.2f} points"
             f" lost, {int8['max_drop_points']:g} allowed), {int8['speedup']:.2f}x the float"
             f" graph's speed in ONNX Runtime ({int8['float_ms']:.2f} -> {int8['int8_ms']:.2f}"
             f" ms, {int8['timed']})"

@@ -262,9 +262,15 @@ def _time(
     """Latency and throughput of every working contender at each batch size, interleaved,
     into ``rows``."""
     working = [(c, row) for c, row in zip(contenders, rows, strict=True) if c.model is not None]
+    # A detector is timed to its boxes, as predict runs it (an exported one decodes its
+    # graph's outputs in ``detect`` too); the others to their logits.
+    method = "detect" if run.meta.task == "detect" else "__call__"
     for size, batch in batches.items():
         laid = {c.format: _as_predicted(run, batch, c.format) for c, _ in working}
-        calls = {c.format: (lambda model=c.model, x=laid[c.format]: model(x)) for c, _ in working}
+        calls = {
+            c.format: (lambda call=getattr(c.model, method), x=laid[c.format]: call(x))
+            for c, _ in working
+        }
         times = interleaved_calls(calls, max(MIN_CALLS, math.ceil(images / size)))
         reference = percentile(times[REFERENCE], 0.5) if REFERENCE in times else None
         for contender, row in working:
