@@ -30,6 +30,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -267,10 +268,7 @@ def _time(
     method = "detect" if run.meta.task == "detect" else "__call__"
     for size, batch in batches.items():
         laid = {c.format: _as_predicted(run, batch, c.format) for c, _ in working}
-        calls = {
-            c.format: (lambda call=getattr(c.model, method), x=laid[c.format]: call(x))
-            for c, _ in working
-        }
+        calls = {c.format: partial(getattr(c.model, method), laid[c.format]) for c, _ in working}
         times = interleaved_calls(calls, max(MIN_CALLS, math.ceil(images / size)))
         reference = percentile(times[REFERENCE], 0.5) if REFERENCE in times else None
         for contender, row in working:
