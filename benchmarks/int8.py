@@ -52,7 +52,10 @@ def pt2e_int8(model: nn.Module, example: torch.Tensor, calibration: list[torch.T
 
     started = time.perf_counter()
     inductor.freezing = True  # weights as constants: inductor packs the int8 weights once
-    graph = torch.export.export(model.eval(), (example,)).module()
+    # Strict (TorchDynamo) tracing: with torch 2.14's default non-strict export, torchao
+    # 0.18's X86InductorQuantizer fails on ResNet's conv + add + ReLU ("Input partition has
+    # more than one output node"), torchvision's ResNet-18 included.
+    graph = torch.export.export(model.eval(), (example,), strict=True).module()
     quantizer = x86.X86InductorQuantizer()
     quantizer.set_global(x86.get_default_x86_inductor_quantization_config())
     prepared = prepare_pt2e(graph, quantizer)

@@ -118,7 +118,8 @@ def benchmark_run(
             build = _Builder(run, Path(folder), save, say)
             contenders = [build(name, torch.stack(inputs[:1])) for name in names]
             rows = [_evaluate(run, c, say) for c in contenders]
-            say(f"timing {', '.join(c.format for c in contenders if c.model)} interleaved")
+            timed = [c.format for c in contenders if c.model is not None]
+            say(f"timing {', '.join(timed)} interleaved")
             _time(run, contenders, rows, _batches(inputs, sizes), images)
     finally:
         torch.set_num_threads(previous)
