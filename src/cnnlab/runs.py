@@ -14,7 +14,8 @@ where the task trains that way, weights and batches in channels_last layout, whi
 minute and more before the first image, which the measured models win back only after tens
 of thousands of images (docs/speed.md), more than a command predicts or evaluates, so
 ``auto`` leaves the model eager. ``backend="onnxruntime"`` swaps the model for the run's exported
-``model.onnx`` in ONNX Runtime (``cnnlab.runtime``); the task runs it unchanged.
+``model.onnx`` in ONNX Runtime (``cnnlab.runtime``), ``"onnxruntime-int8"`` for its int8
+``model.int8.onnx`` (``cnnlab export --int8``); the task runs it unchanged.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ if TYPE_CHECKING:
 
 ImageInput = str | Path | torch.Tensor  # or a PIL.Image.Image
 FILE_BATCH = 64  # image files decoded and predicted at a time
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-int8")
+# The exported file each ONNX Runtime backend runs (``cnnlab.runtime.FILES``' kinds).
+BACKEND_FILES = {"onnxruntime": "onnx", "onnxruntime-int8": "onnx-int8"}
 
 
 @dataclass
@@ -262,11 +265,12 @@ def _load_model(run_dir: Path, meta: ModelMeta, device: str, fast: bool, backend
     weights = run_dir / "best.safetensors"
     if not weights.is_file():  # (checked against model.json above when it exists)
         raise CnnlabError(f"{weights}: weight file not found")
-    if backend == "onnxruntime":
+    if backend in BACKEND_FILES:
         if device not in ("auto", "cpu"):
-            raise CnnlabError(f"the onnxruntime backend runs on the CPU, not {device}")
+            raise CnnlabError(f"the {backend} backend runs on the CPU, not {device}")
         task = task_class(meta.task).from_meta(meta)
-        return Run(run_dir, meta, task, _onnx_model(run_dir, meta), torch.device("cpu"))
+        model = _onnx_model(run_dir, meta, BACKEND_FILES[backend])
+        return Run(run_dir, meta, task, model, torch.device("cpu"))
     model = create_model(meta.architecture, **meta.model_args)
     checkpoint.load_weights(weights, model)
     task = task_class(meta.task).from_meta(meta)
@@ -279,16 +283,18 @@ def _load_model(run_dir: Path, meta: ModelMeta, device: str, fast: bool, backend
     return Run(run_dir, meta, task, model, target)
 
 
-def _onnx_model(run_dir: Path, meta: ModelMeta) -> nn.Module:
-    """RUN/model.onnx in ONNX Runtime, refused when it was exported from other weights or
-    for other classes than the run has now (a retrained run must be exported again)."""
+def _onnx_model(run_dir: Path, meta: ModelMeta, kind: str = "onnx") -> nn.Module:
+    """RUN/model.onnx (``kind`` "onnx-int8": RUN/model.int8.onnx) in ONNX Runtime, refused
+    when it was exported from other weights or for other classes than the run has now (a
+    retrained run must be exported again)."""
     from cnnlab.files import sha256_of
     from cnnlab.runtime import FILES, onnx_model
 
-    file = run_dir / FILES["onnx"]
-    again = f"export it again with `cnnlab export {run_dir}`"
+    file = run_dir / FILES[kind]
+    command = f"cnnlab export {run_dir}" + (" --int8" if kind == "onnx-int8" else "")
+    again = f"export it again with `{command}`"
     if not file.is_file():
-        raise CnnlabError(f"{file}: not found; run `cnnlab export {run_dir}` first")
+        raise CnnlabError(f"{file}: not found; run `{command}` first")
     model = onnx_model(file)
     exported = model.metadata
     weights = run_dir / "best.safetensors"

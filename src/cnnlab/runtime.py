@@ -27,8 +27,9 @@ from cnnlab.errors import CnnlabError
 if TYPE_CHECKING:
     from cnnlab.models.detection.contract import DetectLimits
 
-# Each format's default file name in the run folder; its loader is ``LOADERS`` below.
-FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}
+# Each format's default file name in the run folder; its loader is ``LOADERS`` below
+# (``cnnlab export --int8``'s file is an ONNX one).
+FILES = {"onnx": "model.onnx", "pt2": "model.pt2", "onnx-int8": "model.int8.onnx"}
 PT2_METADATA = "cnnlab.json"  # the metadata's name among a .pt2 archive's extra files
 METADATA = (
     "task",  # "classify", "segment" or "detect"

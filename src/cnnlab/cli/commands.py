@@ -510,11 +510,30 @@ def cmd_export(args: argparse.Namespace, extra: dict) -> int:
         args.dynamic_batch,
         args.images,
         args.overwrite,
+        int8=args.int8,
+        calibration=args.calibration,
+        max_drop=args.max_drop,
     )
     if form == "json":
         print_json(record)
     else:
         print(describe(record))
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.export.benchmark import benchmark_run, describe
+
+    def say(line: str) -> None:
+        print(f"{line}...", file=sys.stderr, flush=True)
+
+    table = benchmark_run(
+        Path(args.run), args.formats, args.batch, args.threads, args.images, args.save, say
+    )
+    if args.format == "json":
+        print_json(table)
+    else:
+        print(describe(table))
     return 0
 
 

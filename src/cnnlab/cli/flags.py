@@ -218,9 +218,10 @@ def add_device(sub: argparse.ArgumentParser) -> None:
 def add_backend(sub: argparse.ArgumentParser) -> None:
     sub.add_argument(
         "--backend",
-        choices=("torch", "onnxruntime"),
+        choices=("torch", "onnxruntime", "onnxruntime-int8"),
         default="torch",
-        help="onnxruntime: run RUN/model.onnx (`cnnlab export RUN`) on the CPU",
+        help="onnxruntime: run RUN/model.onnx (`cnnlab export RUN`) on the CPU;"
+        " onnxruntime-int8: RUN/model.int8.onnx (`cnnlab export RUN --int8`)",
     )
 
 

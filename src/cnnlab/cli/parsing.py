@@ -348,6 +348,26 @@ def _tool_commands(commands: Group) -> None:
         "--dynamic-batch", action="store_true", help="any batch size (default: one image)"
     )
     sub.add_argument("--images", type=int, default=8, help="validation images for the parity check")
+    sub.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantise to int8 (RUN/model.int8.onnx; --backend onnxruntime-int8), kept only"
+        " when the test metric holds",
+    )
+    sub.add_argument(
+        "--calibration",
+        type=int,
+        default=64,
+        metavar="N",
+        help="--int8: training images its activation ranges are calibrated on",
+    )
+    sub.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.5,
+        metavar="POINTS",
+        help="--int8: the most points of the test metric int8 may lose (default 0.5)",
+    )
     add_overwrite(sub, "an existing FILE")
     # --format names the printed record's form, as everywhere; `--format onnx|pt2` and
     # `--json` (before --to) still work, with a line saying what to write instead.
@@ -355,6 +375,29 @@ def _tool_commands(commands: Group) -> None:
         "--format", metavar="{text,json}", default="text", help="json: one JSON document"
     )
     sub.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
+
+    sub = _add(
+        commands,
+        "benchmark",
+        c.cmd_benchmark,
+        "each format's size, accuracy and speed for a run, measured here (torch, onnx, int8...)",
+    )
+    sub.add_argument("run", help="a run folder")
+    sub.add_argument(
+        "--formats",
+        default="torch,compile,onnx,onnx-int8,pt2",
+        help="comma-separated, of torch, compile, onnx, onnx-int8, pt2 (torch is always"
+        " measured: the ratios are to it)",
+    )
+    sub.add_argument("--batch", default="1,16", help="batch sizes to time, comma-separated")
+    sub.add_argument("--threads", type=positive, help="CPU threads (default: torch's)")
+    sub.add_argument(
+        "--images", type=positive, default=64, help="images timed per format and batch size"
+    )
+    sub.add_argument(
+        "--save", action="store_true", help="write the files it builds into the run folder"
+    )
+    add_format(sub)
 
     sub = _add(
         commands, "demo", c.cmd_demo, "the built-in job: train the notes' ConvNet on the digits"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from cnnlab import checkpoint
 from cnnlab.errors import CnnlabError
+from cnnlab.export.int8 import CALIBRATION_IMAGES, MAX_DROP_POINTS, quantize_checked
 from cnnlab.export.parity import PARITY_IMAGES, check_parity
 from cnnlab.export.writers import WRITERS, Traced, trace
 from cnnlab.files import (
@@ -64,6 +66,9 @@ def export_run(
     dynamic_batch: bool = False,
     images: int = PARITY_IMAGES,
     overwrite: bool = False,
+    int8: bool = False,
+    calibration: int = CALIBRATION_IMAGES,
+    max_drop: float = MAX_DROP_POINTS,
 ) -> dict[str, Any]:
     """Export the run folder's model and return its record (also in ``export.json``).
 
@@ -73,9 +78,20 @@ def export_run(
     ``dynamic_batch`` lets the batch size vary (otherwise the graph takes one image).
     A model an exporter cannot handle, or an export whose outputs differ from the run's
     on ``images`` images, is a CnnlabError, and no file is left behind.
+
+    ``int8`` writes the float ONNX graph quantised to int8 instead (default
+    ``RUN/model.int8.onnx``; ``cnnlab.export.int8``), its activations calibrated on
+    ``calibration`` training images, kept only when the run's test metric drops by at most
+    ``max_drop`` points; the record's ``int8`` entry has the drop and the speed-up.
     """
     run_dir = checkpoint.require_run_dir(run_dir)
-    format, target = _target(run_dir, format, out, overwrite)
+    if int8 and format not in (None, "onnx"):
+        raise CnnlabError(f"--int8 writes an ONNX file, not {format}")
+    if calibration < 1:
+        raise CnnlabError(f"--calibration must be at least 1, got {calibration}")
+    format, target = _target(
+        run_dir, "onnx" if int8 else format, out, overwrite, "onnx-int8" if int8 else None
+    )
     record_file = target.parent / RECORD
     _read_records(record_file)  # a file that is not ours is refused before any work
     # Writing into the run folder takes it as training does: the run cannot change under
@@ -83,7 +99,12 @@ def export_run(
     # is refused, naming the first). A run only read (--out elsewhere) may be read-only.
     into_run = target.parent.resolve().is_relative_to(run_dir.resolve())
     with run_lock(run_dir) if into_run else nullcontext():
-        record = _export(run_dir, format, target, opset, dynamic_batch, images)
+        if int8:
+            record = _export_int8(
+                run_dir, target, opset, dynamic_batch, images, calibration, max_drop
+            )
+        else:
+            record = _export(run_dir, format, target, opset, dynamic_batch, images)
         # Other runs exported into the same folder write the same record: one at a time,
         # each re-reading it, so no entry is lost.
         with folder_lock(record_file.parent):
@@ -158,6 +179,34 @@ def _export(
     return record
 
 
+def _export_int8(
+    run_dir: Path,
+    target: Path,
+    opset: int | None,
+    dynamic_batch: bool,
+    images: int,
+    calibration: int,
+    max_drop: float,
+) -> dict[str, Any]:
+    """Write ``target``, the run's float ONNX graph (exported and checked in a temporary
+    folder) quantised to int8, when it holds the run's metric; return its record."""
+    with tempfile.TemporaryDirectory(prefix="cnnlab-int8-") as folder:
+        float_file, int8_file = Path(folder) / "float.onnx", Path(folder) / "int8.onnx"
+        record = _export(run_dir, "onnx", float_file, opset, dynamic_batch, images)
+        run = load_run(run_dir, device="cpu")
+        figures = quantize_checked(run, float_file, int8_file, calibration, max_drop, target)
+        data = int8_file.read_bytes()
+    atomic_write_bytes(target, data)
+    parity = {**record["parity"], "of": "the float graph before quantisation"}
+    return record | {
+        "file": str(target),
+        "bytes": len(data),
+        "float_bytes": record["bytes"],
+        "parity": parity,
+        "int8": figures,
+    }
+
+
 def describe(record: dict[str, Any]) -> str:
     """An export record in three lines, as ``cnnlab export`` prints it."""
     parity = record["parity"]
@@ -167,8 +216,19 @@ def describe(record: dict[str, Any]) -> str:
         f"exported {record['file']}: {record['format']} ({record['exporter']} exporter{opset}),"
         f" input {shape}, {record['bytes'] / 1e6:.1f} MB in {record['export_seconds']:.1f} s",
         f"parity with the run's model on {parity['inputs']}: " + _parity_figures(parity),
-        f"record: {Path(record['file']).parent / RECORD}",
     ]
+    if "int8" in record:
+        int8 = record["int8"]
+        lines[0] = lines[0].replace(": onnx (", ": int8 onnx (", 1)
+        lines[1] = "float graph's " + lines[1]
+        lines.append(
+            f"int8 ({int8['calibration']} to calibrate): {int8['split']} {int8['metric']}"
+            f" {int8['float']:.2%} -> {int8['int8']:.2%} ({int8['drop_points']:.2f} points"
+            f" lost, {int8['max_drop_points']:g} allowed), {int8['speedup']:.2f}x the float"
+            f" graph's speed in ONNX Runtime ({int8['float_ms']:.2f} -> {int8['int8_ms']:.2f}"
+            f" ms, {int8['timed']})"
+        )
+    lines.append(f"record: {Path(record['file']).parent / RECORD}")
     return "\n".join(lines)
 
 
@@ -193,15 +253,21 @@ def _parity_figures(parity: dict[str, Any]) -> str:
 
 
 def _target(
-    run_dir: Path, format: str | None, out: str | Path | None, overwrite: bool
+    run_dir: Path,
+    format: str | None,
+    out: str | Path | None,
+    overwrite: bool,
+    file: str | None = None,
 ) -> tuple[str, Path]:
+    """(format, file to write): ``file`` names the default's kind in ``FILES`` when it is
+    not the format's own (int8's)."""
     suffixed = {f".{name}": name for name in FORMATS}
     if out is not None and format is None:
         format = suffixed.get(Path(out).suffix, "onnx")
     format = format or "onnx"
     if format not in FORMATS:
         raise CnnlabError(f"unknown export format {format!r}; choose onnx or pt2")
-    target = Path(out) if out is not None else run_dir / FILES[format]
+    target = Path(out) if out is not None else run_dir / FILES[file or format]
     if target.suffix != f".{format}":
         raise CnnlabError(f"{target}: a {format} file must end in .{format}")
     check_targets([target], [], overwrite, "--out")

@@ -35,17 +35,20 @@ SCORE_TOLERANCE = 1e-4
 ODD_SIZE = (7, 13)  # added to the run's size for the extra segmentation image
 
 
-def parity_inputs(run: Run, count: int, any_size: bool = False) -> tuple[list[Tensor], str]:
-    """Up to ``count`` model inputs (C, H, W) and where they came from."""
+def parity_inputs(
+    run: Run, count: int, any_size: bool = False, split: str = "val"
+) -> tuple[list[Tensor], str]:
+    """Up to ``count`` model inputs (C, H, W) of the run's ``split`` (int8 calibrates on
+    "train") and where they came from."""
     task, split_file = run.task, run.path / "split.json"
     try:
         if not split_file.is_file():
             raise CnnlabError("the run has no split.json")
-        paths = task.split_images(split_file, "val")[:count]
+        paths = task.split_images(split_file, split)[:count]
         images = [read_image(path, task.in_channels) for path in paths]
-        source = f"{len(images)} images of the run's val split"
+        source = f"{len(images)} images of the run's {split} split"
         if not images:
-            source = "random images (the run's val split is empty)"
+            source = f"random images (the run's {split} split is empty)"
     except CnnlabError as error:  # no split.json, its data folder moved, an unreadable file
         images, source = [], f"random images ({error})"
     if not images:
