@@ -142,7 +142,7 @@ def test_heat_map_peaks_where_the_digit_is(digits_run, tmp_path):
     assert result["prob"] > 0.5
     assert (tmp_path / "heat.png").stat().st_size > 0
     # The text says (x, y) throughout: the cell's column first, as the pixel's x.
-    from cnnlab.cli.commands import heatmap_line
+    from cnnlab.cli.explain_commands import heatmap_line
 
     line = heatmap_line(result, None)
     assert f"cell (x {left // 4}, y {top // 4})" in line

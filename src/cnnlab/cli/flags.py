@@ -2,12 +2,14 @@
 from ``TrainConfig``'s fields, a task's prediction options from its declaration
 (``cnnlab.tasks.TASKS``), and the options every non-training command shares (``--format``,
 ``--device``, ``--backend``, ``--overwrite``); the model builder's pass-through arguments;
-and the parser that makes a usage error one line."""
+the parser that makes a usage error one line; and the values of the flags the handlers
+read themselves (``--input``, ``--kwargs``, ``--max-memory``)."""
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -280,3 +282,42 @@ def _argument_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
             raise argparse.ArgumentTypeError(str(error)) from None
 
     return argument
+
+
+# ---- the values of flags that the handlers read ----------------------------------------
+
+
+def parse_kwargs(text: str | None) -> dict:
+    """``--kwargs``: a JSON object of the model builder's keyword arguments ({} unset)."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CnnlabError(f"--kwargs {text!r}: not JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise CnnlabError(f"--kwargs {text!r}: expected a JSON object of keyword arguments")
+    return value
+
+
+def parse_input(text: str) -> tuple[int, int, int]:
+    """``--input``: C,H,W (or CxHxW) as three positive integers."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise CnnlabError(
+            f"--input {text!r}: expected C,H,W as three positive integers (3,224,224)"
+        )
+    return dims  # type: ignore[return-value]
+
+
+def memory_limit(text: str | None) -> int | None:
+    """``--max-memory`` (``8GB``, ``512MiB``) in bytes; None unset."""
+    if text is None:
+        return None
+    from cnnlab.inspect.memory import parse_bytes
+
+    return parse_bytes(text)

@@ -10,8 +10,10 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
 
-import cnnlab.cli.commands as c
 from cnnlab.attribution import METHODS
+from cnnlab.cli.data_commands import cmd_data, cmd_proposals
+from cnnlab.cli.deploy_commands import cmd_benchmark, cmd_explore, cmd_export, cmd_serve
+from cnnlab.cli.explain_commands import cmd_explain, cmd_features, cmd_heatmap
 from cnnlab.cli.flags import (
     Parser,
     add_backend,
@@ -25,13 +27,22 @@ from cnnlab.cli.flags import (
     models_help,
     positive,
 )
+from cnnlab.cli.inspect_commands import cmd_compare, cmd_models, cmd_summary
+from cnnlab.cli.train_commands import (
+    cmd_cv,
+    cmd_demo,
+    cmd_eval,
+    cmd_lr_find,
+    cmd_predict,
+    cmd_train,
+)
 from cnnlab.tasks import TASKS, TaskEntry
 
 Group = Any  # argparse's subparsers action (a private class)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Every command with its flags and its handler (``cnnlab.cli.commands``)."""
+    """Every command with its flags and its handler (``cnnlab.cli.*_commands``)."""
     from cnnlab.version import __version__
 
     parser = Parser(
@@ -69,7 +80,7 @@ def _add(
 
 
 def _inspector_commands(commands: Group) -> None:
-    sub = _add(commands, "models", c.cmd_models, "list every registered model")
+    sub = _add(commands, "models", cmd_models, "list every registered model")
     sub.add_argument(
         "pattern", nargs="?", help="only names matching: a glob (resnet*) or a part (resnet)"
     )
@@ -78,7 +89,7 @@ def _inspector_commands(commands: Group) -> None:
     sub = _add(
         commands,
         "summary",
-        c.cmd_summary,
+        cmd_summary,
         "per-layer output size (with its formula), parameters (with theirs), MACs, FLOPs,"
         " receptive field and, with --batch, the memory of a training step",
         epilog_of=functools.partial(models_help, None),
@@ -125,7 +136,7 @@ def _inspector_commands(commands: Group) -> None:
     sub = _add(
         commands,
         "compare",
-        c.cmd_compare,
+        cmd_compare,
         "models side by side: depth, parameters (and the share in dense layers), MACs, FLOPs,"
         " receptive field, output stride, training-step memory",
     )
@@ -146,22 +157,22 @@ def _add_wide(sub: argparse.ArgumentParser, help_text: str) -> None:
 def _data_commands(commands: Group) -> None:
     data = _add(commands, "data", None, "make, check and clean image folders")
     actions = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    sub = _add(actions, "digits", c.cmd_data, "write scikit-learn's 1,797 digits as PNG folders")
+    sub = _add(actions, "digits", cmd_data, "write scikit-learn's 1,797 digits as PNG folders")
     sub.add_argument("dst", help="the folder to create, one subfolder per digit")
     sub.add_argument("--size", type=positive, default=32, help="image side in pixels")
-    sub = _add(actions, "check", c.cmd_data, "counts, sizes, unreadable files and duplicates")
+    sub = _add(actions, "check", cmd_data, "counts, sizes, unreadable files and duplicates")
     sub.add_argument(
         "dir", help="class folders, train/ val/ test/ of them, or a CSV of file,label rows"
     )
     _images_flag(sub)
     add_format(sub)
-    sub = _add(actions, "shapes", c.cmd_data, "synthetic shapes for segmentation or detection")
+    sub = _add(actions, "shapes", cmd_data, "synthetic shapes for segmentation or detection")
     sub.add_argument("dst", help="the folder to create")
     sub.add_argument("--task", choices=("segment", "detect"), required=True, help="masks, or boxes")
     sub.add_argument("--n", type=positive, default=400, help="number of images")
     sub.add_argument("--size", type=positive, default=128, help="image side")
     sub.add_argument("--seed", type=int, default=0, help="what the images show")
-    sub = _add(actions, "clean", c.cmd_data, "copy a class-folder tree into a clean new folder")
+    sub = _add(actions, "clean", cmd_data, "copy a class-folder tree into a clean new folder")
     sub.add_argument("src", help="class folders or a CSV of file,label rows (left as they are)")
     _images_flag(sub)
     sub.add_argument("dst", help="the new folder")
@@ -178,7 +189,7 @@ def _convert_command(actions: Group) -> None:
     sub = _add(
         actions,
         "convert",
-        c.cmd_data,
+        cmd_data,
         "write a detection folder (COCO, YOLO txt or Pascal VOC) in another of the three",
     )
     sub.add_argument("src", help="a detection folder (left as it is)")
@@ -199,7 +210,7 @@ def _task_commands(group: Group, entry: TaskEntry) -> None:
     sub = _add(
         group,
         "train",
-        c.cmd_train,
+        cmd_train,
         f"train {entry.noun}",
         epilog_of=functools.partial(models_help, entry.name),
         task=entry.name,
@@ -215,7 +226,7 @@ def _task_commands(group: Group, entry: TaskEntry) -> None:
     sub = _add(
         group,
         "eval",
-        c.cmd_eval,
+        cmd_eval,
         "evaluate a run on its own split or another folder",
         task=entry.name,
         action="eval",
@@ -234,7 +245,7 @@ def _task_commands(group: Group, entry: TaskEntry) -> None:
     sub = _add(
         group,
         "predict",
-        c.cmd_predict,
+        cmd_predict,
         "run it on image files and folders",
         task=entry.name,
         action="predict",
@@ -269,7 +280,7 @@ def _proposals_command(group: Group) -> None:
     sub = _add(
         group,
         "proposals",
-        c.cmd_proposals,
+        cmd_proposals,
         "selective-search region proposals of every image, cached beside the data;"
         " prints boxes per image and their recall of the labelled boxes",
     )
@@ -289,7 +300,7 @@ def _tool_commands(commands: Group) -> None:
     sub = _add(
         commands,
         "cv",
-        c.cmd_cv,
+        cmd_cv,
         "stratified K-fold cross-validation of a classifier: a run per fold, mean ± std",
         epilog_of=functools.partial(models_help, "classify"),
         task="classify",
@@ -306,7 +317,7 @@ def _tool_commands(commands: Group) -> None:
     sub = _add(
         commands,
         "lr-find",
-        c.cmd_lr_find,
+        cmd_lr_find,
         "learning-rate range test: loss while the lr grows exponentially, and a suggested lr",
         model_args_from="model",
         task="classify",
@@ -335,7 +346,7 @@ def _tool_commands(commands: Group) -> None:
     sub = _add(
         commands,
         "export",
-        c.cmd_export,
+        cmd_export,
         "write a run's model as ONNX or torch.export .pt2, checked against the run first",
     )
     sub.add_argument("run", help="a run folder")
@@ -379,7 +390,7 @@ def _tool_commands(commands: Group) -> None:
     sub = _add(
         commands,
         "benchmark",
-        c.cmd_benchmark,
+        cmd_benchmark,
         "each format's size, accuracy and speed for a run, measured here (torch, onnx, int8...)",
     )
     sub.add_argument("run", help="a run folder")
@@ -400,13 +411,13 @@ def _tool_commands(commands: Group) -> None:
     add_format(sub)
 
     sub = _add(
-        commands, "demo", c.cmd_demo, "the built-in job: train the notes' ConvNet on the digits"
+        commands, "demo", cmd_demo, "the built-in job: train the notes' ConvNet on the digits"
     )
     sub.add_argument("--task", choices=tuple(TASKS), default="classify")
     sub.add_argument("--out", help="run folder (default runs/demo, runs/demo2, ...)")
     sub.add_argument("--quiet", action="store_true", help="no progress bar, no epoch lines")
 
-    sub = _add(commands, "heatmap", c.cmd_heatmap, "where a classification run sees each class")
+    sub = _add(commands, "heatmap", cmd_heatmap, "where a classification run sees each class")
     sub.add_argument("run", help="a classification run folder")
     sub.add_argument("image", help="an image, best larger than the training size")
     sub.add_argument("--class", dest="class_name", help="class to map (default: highest peak)")
@@ -418,7 +429,7 @@ def _tool_commands(commands: Group) -> None:
     sub = _add(
         commands,
         "explain",
-        c.cmd_explain,
+        cmd_explain,
         "where a run's evidence lies in each image (Grad-CAM and other maps), and --audit:"
         " the sanity checks of those maps",
     )
@@ -457,7 +468,7 @@ def _tool_commands(commands: Group) -> None:
     sub = _add(
         commands,
         "features",
-        c.cmd_features,
+        cmd_features,
         "a layer's activation maps for an image, or (--filters) the first convolution's kernels",
     )
     sub.add_argument("run", help="a run folder")
@@ -474,7 +485,7 @@ def _tool_commands(commands: Group) -> None:
     sub = _add(
         commands,
         "explore",
-        c.cmd_explore,
+        cmd_explore,
         "a web page to explore a network: layers, formulas, feature maps, receptive fields",
     )
     sub.add_argument(
@@ -501,7 +512,7 @@ def _tool_commands(commands: Group) -> None:
         " at start, at most 4 GiB)",
     )
 
-    sub = _add(commands, "serve", c.cmd_serve, "a web page and JSON API for trying runs")
+    sub = _add(commands, "serve", cmd_serve, "a web page and JSON API for trying runs")
     sub.add_argument("runs", nargs="+", metavar="RUN", help="run folders of any task")
     sub.add_argument("--host", default="127.0.0.1", help="the address to listen on (this machine)")
     sub.add_argument("--port", type=int, default=8000, help="0: any free port")
