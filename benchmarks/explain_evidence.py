@@ -15,7 +15,7 @@ to explain, not to rank models on.
 
 ``cascade``: Adebayo et al.'s picture of the cascading randomisation that ``cnnlab explain
 --audit`` measures: for one image, each method's map on the trained model and after each
-step of the cascade (``cnnlab.explain.cascade``), one row per method.
+step of the cascade (``cnnlab.explain.sanity_checks.cascade``), one row per method.
 
 ``maps``: ``cnnlab explain``'s maps of several images and methods in one small picture, one
 row per image (the image as the model sees it, titled with the predicted class, then each
@@ -95,7 +95,7 @@ def maps_picture(run_dir: Path, paths: list[Path], methods: list[str], out: Path
 
     from cnnlab.attribution import maps as attribution
     from cnnlab.data.images import read_image
-    from cnnlab.explain import default_layer
+    from cnnlab.explain.inputs import default_layer
     from cnnlab.runs import load_run
 
     run = load_run(run_dir, "cpu", fast=False)
@@ -140,7 +140,8 @@ def cascade_picture(run_dir: Path, image_path: Path, methods: list[str], out: Pa
 
     from cnnlab.attribution import maps as attribution
     from cnnlab.data.images import read_image
-    from cnnlab.explain import cascade, default_layer, randomised
+    from cnnlab.explain.inputs import default_layer
+    from cnnlab.explain.sanity_checks import cascade, randomised
     from cnnlab.runs import load_run
 
     run = load_run(run_dir, "cpu", fast=False)

@@ -14,7 +14,7 @@ from cnnlab.attribution.maps import check_spatial, layer_module, layer_output
 from cnnlab.checkpoint import INITIAL_WEIGHTS
 from cnnlab.data.images import read_image
 from cnnlab.errors import CnnlabError
-from cnnlab.explain import default_layer, model_input
+from cnnlab.explain.inputs import default_layer, model_input
 from cnnlab.models.factory import model_info
 from cnnlab.runs import load_run
 

@@ -13,7 +13,9 @@ import torch
 from cnnlab.attribution import METHODS
 from cnnlab.data.images import read_image
 from cnnlab.errors import CnnlabError
-from cnnlab.explain import audit, audit_images, cascade, explain, explain_files, spearman
+from cnnlab.explain.audit import audit, audit_images
+from cnnlab.explain.predictions import explain, explain_files
+from cnnlab.explain.sanity_checks import cascade, spearman
 from cnnlab.features import feature_maps_file, filters_file
 from cnnlab.models.factory import create_model, list_models, model_info
 from cnnlab.runs import load_run

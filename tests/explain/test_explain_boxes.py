@@ -23,7 +23,10 @@ from cnnlab import cli
 from cnnlab.attribution.maps import attribute, peak_of
 from cnnlab.data.images import read_image
 from cnnlab.errors import CnnlabError
-from cnnlab.explain import audit, audit_table, check_run, draw_boxes, explain
+from cnnlab.explain.audit import audit, audit_table
+from cnnlab.explain.box_maps import draw_boxes
+from cnnlab.explain.inputs import check_run
+from cnnlab.explain.predictions import explain
 from cnnlab.models.detection import EVAL_LIMITS
 from cnnlab.models.detection.yolov1 import YOLOv1
 from cnnlab.models.factory import create_model

@@ -13,7 +13,8 @@ from cnnlab.errors import CnnlabError
 
 def cmd_explain(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.attribution import METHODS
-    from cnnlab.explain import audit_run, audit_table, explain_files
+    from cnnlab.explain.audit import audit_run, audit_table
+    from cnnlab.explain.predictions import explain_files
 
     if args.audit:
         methods = (args.method,) if args.method else METHODS

@@ -170,7 +170,7 @@ class Explored(Network):
         seen = tvf.resize_image(image, [min(height, width)], antialias=True)
         seen = tvf.center_crop_image(seen, [height, width])
         if self.run is not None and self.run.task.name == "classify":
-            from cnnlab.explain import model_input
+            from cnnlab.explain.inputs import model_input
 
             return seen, model_input(self.run, image).cpu()
         mean, std = default_stats(channels)
@@ -270,7 +270,7 @@ class Explored(Network):
     def gradcam(self, index: int, image: Tensor, class_name: str | None) -> dict:
         """The Grad-CAM of ``class_name`` (default: the predicted one) at row ``index``'s
         module, over what the model sees (``cnnlab explain``'s document, with ``map_png``)."""
-        from cnnlab.explain import explain
+        from cnnlab.explain.predictions import explain
 
         run = self.classifier()
         row = self.row(index)

@@ -202,7 +202,7 @@ class Served:
     def _explain(self, image: torch.Tensor, class_name: str) -> dict:
         """The top class's Grad-CAM (``cnnlab explain``'s document) with ``map_png``, the
         map as a grey PNG data URL over ``view_box`` of the image, or ``{"error": why}``."""
-        from cnnlab.explain import explain
+        from cnnlab.explain.predictions import explain
 
         try:
             (found,) = explain(self.run, [image], "gradcam", class_name)
