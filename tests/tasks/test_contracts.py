@@ -252,11 +252,9 @@ def test_the_openapi_form_carries_every_declared_serve_option(serve_runs) -> Non
 
     with TestClient(create_app([serve_runs["classify"]]), base_url="http://127.0.0.1") as client:
         schema = client.get("/openapi.json").json()
-        form = next(
-            value
-            for name, value in schema["components"]["schemas"].items()
-            if name.startswith("Body_")
-        )["properties"]
+        body = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
+        reference = body["multipart/form-data"]["schema"]["$ref"]  # the predict form's
+        form = schema["components"]["schemas"][reference.rsplit("/", 1)[1]]["properties"]
         for task in TASKS.values():
             for option in task.options:
                 if "serve" not in option.commands:
