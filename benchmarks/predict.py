@@ -42,10 +42,11 @@ from _bench import Row, add_load_flag, interleaved, rate_row, report_loads, unde
 from cnnlab import checkpoint, create_model
 from cnnlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classify_eval
 from cnnlab.export import describe, export_run
-from cnnlab.runs import BACKENDS, load_run
+from cnnlab.runs import load_run
 
 BATCH, SIZE, CLASSES = 16, 224, 1000
 UNIT = "images/s"
+FLOAT = ("torch", "onnxruntime")  # the float backends; int8 is benchmarks/int8.py's
 
 
 def trained_looking_resnet18() -> nn.Module:
@@ -167,7 +168,7 @@ def main() -> None:
             print(f"exported in {record['export_seconds']:.1f} s; {parity}", file=sys.stderr)
             for threads in args.threads:
                 torch.set_num_threads(threads)  # the ONNX Runtime session takes torch's count
-                runs = {backend: load_run(folder, "cpu", backend=backend) for backend in BACKENDS}
+                runs = {backend: load_run(folder, "cpu", backend=backend) for backend in FLOAT}
                 same_answers(runs, baseline, images)
                 for size in args.batches:
                     rows += measure(runs, baseline, images[:size], threads, args.repeats)
