@@ -74,11 +74,11 @@ def serve(
     url = page_url(host, listener.getsockname()[1])
     n = len(app.state.served)
     announce = (
-        f"cnnlab serve: {n} run{'s' * (n != 1)} at {url} (API docs at {url}docs; Ctrl-C stops)"
+        f"cnnlab serve: {n} run{'s' * (n != 1)} at {url} (API: {url}openapi.json; Ctrl-C stops)"
     )
     if explore is not None:
         page = f"{url}explore?model={urllib.parse.quote(explore, safe='')}"
-        announce = f"cnnlab explore: {explore} at {page} (API docs at {url}docs; Ctrl-C stops)"
+        announce = f"cnnlab explore: {explore} at {page} (API: {url}openapi.json; Ctrl-C stops)"
     config = uvicorn.Config(
         app,
         log_level="warning",
