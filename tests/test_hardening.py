@@ -31,7 +31,7 @@ from PIL import Image
 import cnnlab
 from cnnlab import checkpoint, files
 from cnnlab.data.shapes import write_shapes
-from tests.conftest import run_cli, train_tiny_classifier
+from tests.conftest import run_cli, run_cli_here, train_tiny_classifier
 
 MEMORY_LIMIT = 6 << 30  # the children's address space: torch alone maps about 3 GiB
 
@@ -231,8 +231,14 @@ def segment_run(
     return root / "run", shapes
 
 
-def test_segment_predict_never_writes_over_its_input(segment_run, tmp_path: Path) -> None:
+def test_segment_predict_never_writes_over_its_input(
+    segment_run, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # Valid inputs and folders, not a bad file: the command runs in this process (five
+    # children cost ~25 s of imports), from tmp_path as its working folder.
     run, shapes = segment_run
+    monkeypatch.chdir(tmp_path)
+    here = functools.partial(run_cli_here, capsys)
     photo = tmp_path / "photo.png"
     shutil.copy(shapes / "images" / "0.png", photo)
     (tmp_path / "a").mkdir()
@@ -240,7 +246,7 @@ def test_segment_predict_never_writes_over_its_input(segment_run, tmp_path: Path
     shutil.copy(shapes / "images" / "1.png", tmp_path / "a" / "x.png")
     shutil.copy(shapes / "images" / "2.png", tmp_path / "b" / "x.png")
     before = snapshot(tmp_path)
-    done = cli("segment", "predict", run, "photo.png", "a/x.png", "b/x.png", cwd=tmp_path)
+    done = here("segment", "predict", run, "photo.png", "a/x.png", "b/x.png")
     assert done.returncode == 0, done.stderr
     assert_unchanged(before, tmp_path)  # photo.png is still the photo
     written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "predictions").rglob("*"))
@@ -255,19 +261,17 @@ def test_segment_predict_never_writes_over_its_input(segment_run, tmp_path: Path
         "predictions/photo_overlay.png",
     ]
     # The default folder is new each time; an explicit one refuses to replace files.
-    assert cli("segment", "predict", run, "photo.png", cwd=tmp_path).returncode == 0
+    assert here("segment", "predict", run, "photo.png").returncode == 0
     assert (tmp_path / "predictions2" / "photo.png").is_file()
     before = snapshot(tmp_path)
-    refused = cli("segment", "predict", run, "photo.png", "--out", "predictions", cwd=tmp_path)
+    refused = here("segment", "predict", run, "photo.png", "--out", "predictions")
     assert_refused(refused, "predictions/photo.png", "--overwrite")
     assert_unchanged(before, tmp_path)
-    again = cli(
-        "segment", "predict", run, "photo.png", "--out", "predictions", "--overwrite", cwd=tmp_path
-    )
+    again = here("segment", "predict", run, "photo.png", "--out", "predictions", "--overwrite")
     assert again.returncode == 0, again.stderr
     # --out pointing at the input's own folder: the input is never the output.
     before = snapshot(tmp_path)
-    clash = cli("segment", "predict", run, "a/x.png", "--out", "a", "--overwrite", cwd=tmp_path)
+    clash = here("segment", "predict", run, "a/x.png", "--out", "a", "--overwrite")
     assert_refused(clash, "x.png", "replace this input")
     assert_unchanged(before, tmp_path)
 
@@ -425,7 +429,11 @@ def test_a_foreign_last_pt_is_one_line(classify_run: Path, tmp_path: Path, state
     assert_unchanged(before, run)
 
 
-def test_bad_split_and_config_files_are_one_line(classify_run: Path, tmp_path: Path) -> None:
+def test_bad_split_and_config_files_are_one_line(
+    classify_run: Path, tmp_path: Path, capsys
+) -> None:
+    # Small JSON and YAML files, no memory at stake: the commands run in this process.
+    cli = functools.partial(run_cli_here, capsys)
     run = tmp_path / "run"
     shutil.copytree(classify_run, run)
     split = files.read_json(run / "split.json")
