@@ -279,7 +279,11 @@ def test_segment_predict_never_writes_over_its_input(
 # ---------------------------------------------------------------------------- run folders
 
 
-def test_train_out_must_be_new_empty_or_a_run_to_resume(classes_dir: Path, tmp_path: Path) -> None:
+def test_train_out_must_be_new_empty_or_a_run_to_resume(
+    classes_dir: Path, tmp_path: Path, capsys
+) -> None:
+    # Folders, not file contents: refused before any data is read, so in this process.
+    cli = functools.partial(run_cli_here, capsys)
     args = ["--model", "convnet", "--cdims", "4", "--hdims", "8", "--img-size", "16"]
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -394,8 +398,9 @@ def test_a_leftover_temporary_file_goes_when_the_run_is_opened(
     ],
 )
 def test_an_edited_model_json_is_one_line(
-    classify_run: Path, tmp_path: Path, edit, complaint
+    classify_run: Path, tmp_path: Path, edit, complaint, capsys
 ) -> None:
+    cli = functools.partial(run_cli_here, capsys)  # a small JSON file: in this process
     run = tmp_path / "run"
     shutil.copytree(classify_run, run)
     meta = files.read_json(run / "model.json")
@@ -412,7 +417,10 @@ def test_an_edited_model_json_is_one_line(
         "a state of another model",
     ],
 )
-def test_a_foreign_last_pt_is_one_line(classify_run: Path, tmp_path: Path, state: object) -> None:
+def test_a_foreign_last_pt_is_one_line(
+    classify_run: Path, tmp_path: Path, state: object, capsys
+) -> None:
+    cli = functools.partial(run_cli_here, capsys)  # a small checkpoint: in this process
     run = tmp_path / "run"
     shutil.copytree(classify_run, run)
     config = files.read_yaml(run / "config.yaml")
