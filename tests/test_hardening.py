@@ -3,7 +3,10 @@
 Each bad input is built here and given to the real command line in a child process whose
 address space is capped (``resource.setrlimit``): the child must end with exit status 2
 and one line on stderr naming the file (no traceback, no death by a signal, no runaway
-memory), and every file that existed before must be byte-identical afterwards.
+memory), and every file that existed before must be byte-identical afterwards. Where the
+input holds nothing that could run away (arguments, folders, small JSON, YAML and
+checkpoint files, valid images), the command runs in this process instead
+(``run_cli_here``: the same status and one line, without a child's seconds of imports).
 """
 
 from __future__ import annotations
@@ -377,8 +380,9 @@ def test_ctrl_c_saves_exits_130_and_says_how_to_resume(classes_dir: Path, tmp_pa
 
 
 def test_a_leftover_temporary_file_goes_when_the_run_is_opened(
-    classify_run: Path, tmp_path: Path
+    classify_run: Path, tmp_path: Path, capsys
 ) -> None:
+    cli = functools.partial(run_cli_here, capsys)  # a finished run's files: in this process
     run = tmp_path / "run"
     shutil.copytree(classify_run, run)
     leftover = run / ".metrics.csv.4242.deadbeef.tmp"
@@ -539,8 +543,9 @@ def test_binary_and_non_finite_annotation_files_are_one_line(tmp_path: Path) -> 
     ],
 )
 def test_out_of_range_arguments_are_refused_where_they_are_parsed(
-    classes_dir: Path, tmp_path: Path, args: list[str], complaint: str
+    classes_dir: Path, tmp_path: Path, args: list[str], complaint: str, capsys
 ) -> None:
+    cli = functools.partial(run_cli_here, capsys)  # arguments alone: in this process
     args = [
         str(classes_dir) if a == "DATA" else str(tmp_path / "run") if a == "RUN" else a
         for a in args
