@@ -3,7 +3,10 @@
 Each bad input is built here and given to the real command line in a child process whose
 address space is capped (``resource.setrlimit``): the child must end with exit status 2
 and one line on stderr naming the file (no traceback, no death by a signal, no runaway
-memory), and every file that existed before must be byte-identical afterwards.
+memory), and every file that existed before must be byte-identical afterwards. Where the
+input holds nothing that could run away (arguments, folders, small JSON, YAML and
+checkpoint files, valid images), the command runs in this process instead
+(``run_cli_here``: the same status and one line, without a child's seconds of imports).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from PIL import Image
 import cnnlab
 from cnnlab import checkpoint, files
 from cnnlab.data.shapes import write_shapes
-from tests.conftest import run_cli, train_tiny_classifier
+from tests.conftest import run_cli, run_cli_here, train_tiny_classifier
 
 MEMORY_LIMIT = 6 << 30  # the children's address space: torch alone maps about 3 GiB
 
@@ -231,8 +234,14 @@ def segment_run(
     return root / "run", shapes
 
 
-def test_segment_predict_never_writes_over_its_input(segment_run, tmp_path: Path) -> None:
+def test_segment_predict_never_writes_over_its_input(
+    segment_run, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # Valid inputs and folders, not a bad file: the command runs in this process (five
+    # children cost ~25 s of imports), from tmp_path as its working folder.
     run, shapes = segment_run
+    monkeypatch.chdir(tmp_path)
+    here = functools.partial(run_cli_here, capsys)
     photo = tmp_path / "photo.png"
     shutil.copy(shapes / "images" / "0.png", photo)
     (tmp_path / "a").mkdir()
@@ -240,7 +249,7 @@ def test_segment_predict_never_writes_over_its_input(segment_run, tmp_path: Path
     shutil.copy(shapes / "images" / "1.png", tmp_path / "a" / "x.png")
     shutil.copy(shapes / "images" / "2.png", tmp_path / "b" / "x.png")
     before = snapshot(tmp_path)
-    done = cli("segment", "predict", run, "photo.png", "a/x.png", "b/x.png", cwd=tmp_path)
+    done = here("segment", "predict", run, "photo.png", "a/x.png", "b/x.png")
     assert done.returncode == 0, done.stderr
     assert_unchanged(before, tmp_path)  # photo.png is still the photo
     written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "predictions").rglob("*"))
@@ -255,19 +264,17 @@ def test_segment_predict_never_writes_over_its_input(segment_run, tmp_path: Path
         "predictions/photo_overlay.png",
     ]
     # The default folder is new each time; an explicit one refuses to replace files.
-    assert cli("segment", "predict", run, "photo.png", cwd=tmp_path).returncode == 0
+    assert here("segment", "predict", run, "photo.png").returncode == 0
     assert (tmp_path / "predictions2" / "photo.png").is_file()
     before = snapshot(tmp_path)
-    refused = cli("segment", "predict", run, "photo.png", "--out", "predictions", cwd=tmp_path)
+    refused = here("segment", "predict", run, "photo.png", "--out", "predictions")
     assert_refused(refused, "predictions/photo.png", "--overwrite")
     assert_unchanged(before, tmp_path)
-    again = cli(
-        "segment", "predict", run, "photo.png", "--out", "predictions", "--overwrite", cwd=tmp_path
-    )
+    again = here("segment", "predict", run, "photo.png", "--out", "predictions", "--overwrite")
     assert again.returncode == 0, again.stderr
     # --out pointing at the input's own folder: the input is never the output.
     before = snapshot(tmp_path)
-    clash = cli("segment", "predict", run, "a/x.png", "--out", "a", "--overwrite", cwd=tmp_path)
+    clash = here("segment", "predict", run, "a/x.png", "--out", "a", "--overwrite")
     assert_refused(clash, "x.png", "replace this input")
     assert_unchanged(before, tmp_path)
 
@@ -275,7 +282,11 @@ def test_segment_predict_never_writes_over_its_input(segment_run, tmp_path: Path
 # ---------------------------------------------------------------------------- run folders
 
 
-def test_train_out_must_be_new_empty_or_a_run_to_resume(classes_dir: Path, tmp_path: Path) -> None:
+def test_train_out_must_be_new_empty_or_a_run_to_resume(
+    classes_dir: Path, tmp_path: Path, capsys
+) -> None:
+    # Folders, not file contents: refused before any data is read, so in this process.
+    cli = functools.partial(run_cli_here, capsys)
     args = ["--model", "convnet", "--cdims", "4", "--hdims", "8", "--img-size", "16"]
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -369,8 +380,9 @@ def test_ctrl_c_saves_exits_130_and_says_how_to_resume(classes_dir: Path, tmp_pa
 
 
 def test_a_leftover_temporary_file_goes_when_the_run_is_opened(
-    classify_run: Path, tmp_path: Path
+    classify_run: Path, tmp_path: Path, capsys
 ) -> None:
+    cli = functools.partial(run_cli_here, capsys)  # a finished run's files: in this process
     run = tmp_path / "run"
     shutil.copytree(classify_run, run)
     leftover = run / ".metrics.csv.4242.deadbeef.tmp"
@@ -390,8 +402,9 @@ def test_a_leftover_temporary_file_goes_when_the_run_is_opened(
     ],
 )
 def test_an_edited_model_json_is_one_line(
-    classify_run: Path, tmp_path: Path, edit, complaint
+    classify_run: Path, tmp_path: Path, edit, complaint, capsys
 ) -> None:
+    cli = functools.partial(run_cli_here, capsys)  # a small JSON file: in this process
     run = tmp_path / "run"
     shutil.copytree(classify_run, run)
     meta = files.read_json(run / "model.json")
@@ -408,7 +421,10 @@ def test_an_edited_model_json_is_one_line(
         "a state of another model",
     ],
 )
-def test_a_foreign_last_pt_is_one_line(classify_run: Path, tmp_path: Path, state: object) -> None:
+def test_a_foreign_last_pt_is_one_line(
+    classify_run: Path, tmp_path: Path, state: object, capsys
+) -> None:
+    cli = functools.partial(run_cli_here, capsys)  # a small checkpoint: in this process
     run = tmp_path / "run"
     shutil.copytree(classify_run, run)
     config = files.read_yaml(run / "config.yaml")
@@ -425,7 +441,11 @@ def test_a_foreign_last_pt_is_one_line(classify_run: Path, tmp_path: Path, state
     assert_unchanged(before, run)
 
 
-def test_bad_split_and_config_files_are_one_line(classify_run: Path, tmp_path: Path) -> None:
+def test_bad_split_and_config_files_are_one_line(
+    classify_run: Path, tmp_path: Path, capsys
+) -> None:
+    # Small JSON and YAML files, no memory at stake: the commands run in this process.
+    cli = functools.partial(run_cli_here, capsys)
     run = tmp_path / "run"
     shutil.copytree(classify_run, run)
     split = files.read_json(run / "split.json")
@@ -523,8 +543,9 @@ def test_binary_and_non_finite_annotation_files_are_one_line(tmp_path: Path) -> 
     ],
 )
 def test_out_of_range_arguments_are_refused_where_they_are_parsed(
-    classes_dir: Path, tmp_path: Path, args: list[str], complaint: str
+    classes_dir: Path, tmp_path: Path, args: list[str], complaint: str, capsys
 ) -> None:
+    cli = functools.partial(run_cli_here, capsys)  # arguments alone: in this process
     args = [
         str(classes_dir) if a == "DATA" else str(tmp_path / "run") if a == "RUN" else a
         for a in args
