@@ -24,21 +24,13 @@ from tests.inspect.test_inspect import zeroed
 # ---------------------------------------------------------------------------- memory
 
 
-# The docs table (``python -m cnnlab.inspect.measure``) covers every case in ``CASES``; the
-# suite checks the ones whose real steps are cheap. VGG-11's six AdamW steps over 132 M
-# parameters alone cost half the measurement (about 23 s of CPU); the estimate's weights,
-# gradients and optimiser state are the same arithmetic for every model.
-TESTED_CASES = tuple(case for case in CASES if case[0] != "vgg11")
-
-
 @pytest.fixture(scope="module")
 def measured() -> dict[str, list[int]]:
-    """The peaks of real AdamW steps of every tested case at every batch, in one fresh
-    process."""
-    return measure_training_steps(TESTED_CASES, BATCHES)
+    """The peaks of real AdamW steps of every case at every batch, in one fresh process."""
+    return measure_training_steps(CASES, BATCHES)
 
 
-@pytest.mark.parametrize(("name", "size"), TESTED_CASES)
+@pytest.mark.parametrize(("name", "size"), CASES)
 def test_training_step_estimate_within_15_percent_of_the_measured_peak(
     name, size, measured
 ) -> None:
