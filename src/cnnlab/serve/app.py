@@ -225,16 +225,8 @@ def create_app(
             raise HTTPException(400, f"run is required: {len(served)} runs are served")
         target = find(next(iter(served)) if run is None else run)
         options = _options(target, given)
-        name = Path(file.filename or "upload").name or "upload"
-        kind = (file.content_type or "").split(";")[0].strip().lower()
-        if kind and not kind.startswith("image/") and kind != "application/octet-stream":
-            raise HTTPException(415, f"{name}: {kind} is not an image type")
-        data = await file.read(max_upload + 1)
-        if len(data) > max_upload:
-            raise HTTPException(
-                413, f"{name}: larger than the upload limit of {max_upload:,} bytes"
-            )
-        job = Job((target.id, tuple(sorted(options.items()))), Upload(name, data))
+        upload = await Upload.read(file, max_upload)
+        job = Job((target.id, tuple(sorted(options.items()))), upload)
         # The body has arrived: now the prediction takes a place in the queue.
         if not queue.enter():
             raise HTTPException(503, "busy: too many predictions queued", {"Retry-After": "1"})
@@ -248,7 +240,9 @@ def create_app(
             raise HTTPException(413, str(error)) from None
         except (MemoryError, torch.OutOfMemoryError):  # the estimate fell short, or others ran
             raise HTTPException(
-                503, f"{name}: out of memory while predicting; try again", {"Retry-After": "5"}
+                503,
+                f"{upload.name}: out of memory while predicting; try again",
+                {"Retry-After": "5"},
             ) from None
         except CnnlabError as error:  # the image, or the model's refusal of it
             raise HTTPException(400, str(error)) from None

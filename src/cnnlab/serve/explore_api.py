@@ -40,7 +40,7 @@ from cnnlab.serve.explore import (
     parse_size,
     sample_image,
 )
-from cnnlab.serve.served import IMAGE_BYTES, Served, size_text
+from cnnlab.serve.served import IMAGE_BYTES, Served, Upload, size_text
 
 IMAGES_PATH = "/api/explore/images"
 KEPT_MODELS = 4  # explored networks kept built (the least recently used goes first)
@@ -227,15 +227,8 @@ def add_explore_routes(
     async def add_image(
         file: Annotated[UploadFile, File(description="the image (PNG, JPEG, BMP, GIF, ...)")],
     ) -> dict:
-        name = Path(file.filename or "upload").name or "upload"
-        kind = (file.content_type or "").split(";")[0].strip().lower()
-        if kind and not kind.startswith("image/") and kind != "application/octet-stream":
-            raise HTTPException(415, f"{name}: {kind} is not an image type")
-        data = await file.read(max_upload + 1)
-        if len(data) > max_upload:
-            raise HTTPException(
-                413, f"{name}: larger than the upload limit of {max_upload:,} bytes"
-            )
+        upload = await Upload.read(file, max_upload)
+        name, data = upload.name, upload.data
         try:
             width, height = encoded_size(data, name)
             need = width * height * 3 * IMAGE_BYTES

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import HTTPException, UploadFile
 from torch import nn
 
 from cnnlab.data.images import BadImageError, decode_bytes, encoded_size, to_channels
@@ -113,6 +114,21 @@ class Upload:
 
     name: str
     data: bytes
+
+    @classmethod
+    async def read(cls, file: UploadFile, max_upload: int) -> Upload:
+        """The uploaded file's body, named by its base name: a 415 when the client says it
+        is no image, a 413 past ``max_upload`` bytes (read no further than one byte over)."""
+        name = Path(file.filename or "upload").name or "upload"
+        kind = (file.content_type or "").split(";")[0].strip().lower()
+        if kind and not kind.startswith("image/") and kind != "application/octet-stream":
+            raise HTTPException(415, f"{name}: {kind} is not an image type")
+        data = await file.read(max_upload + 1)
+        if len(data) > max_upload:
+            raise HTTPException(
+                413, f"{name}: larger than the upload limit of {max_upload:,} bytes"
+            )
+        return cls(name, data)
 
 
 @dataclass
