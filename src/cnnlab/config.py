@@ -86,10 +86,16 @@ class TrainConfig:
     )
     augment: str = _setting("light", "training augmentation", AUGMENTS)
     flip: bool = _setting(True, "random horizontal flips (--no-flip for digits, text)")
-    label_smoothing: float = _setting(0.0, "cross-entropy label smoothing for training")
-    mixup: float = _setting(0.0, "MixUp alpha for training batches (timm: 0.8); 0: off")
+    label_smoothing: float = _setting(
+        0.0, "cross-entropy label smoothing for training", tasks=("classify",)
+    )
+    mixup: float = _setting(
+        0.0, "MixUp alpha for training batches (timm: 0.8); 0: off", tasks=("classify",)
+    )
     cutmix: float = _setting(
-        0.0, "CutMix alpha (timm: 1.0); 0: off; with mixup each batch takes one of the two"
+        0.0,
+        "CutMix alpha (timm: 1.0); 0: off; with mixup each batch takes one of the two",
+        tasks=("classify",),
     )
     ema: float | None = _setting(
         None,
@@ -124,7 +130,10 @@ class TrainConfig:
     val_split: float = _setting(0.1, "fraction held out for validation (unless DIR/val exists)")
     test_split: float = _setting(0.1, "fraction held out for testing (unless DIR/test exists)")
     balance: str = _setting(
-        "none", "weights: weighted loss; sampler: balanced batches", ("none", "weights", "sampler")
+        "none",
+        "weights: weighted loss; sampler: balanced batches",
+        ("none", "weights", "sampler"),
+        tasks=("classify",),
     )
     amp: str = _setting(
         "auto", "CUDA mixed precision (auto: bf16, else fp16)", ("auto", "bf16", "fp16", "off")

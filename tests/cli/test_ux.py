@@ -311,16 +311,39 @@ def test_a_models_own_flag_is_not_taken_for_a_longer_training_flag(tmp_path: Pat
     assert args.backbone_lr_mult is None  # not given
 
 
+CLASSIFICATION_ONLY = ("images", "multi_label", "label_smoothing", "mixup", "cutmix", "balance")
+
+
 @pytest.mark.parametrize("task", ["segment", "detect"])
-def test_train_flags_of_classification_data_appear_only_where_they_apply(task: str) -> None:
-    """A label CSV's --images and --multi-label are classification's (config.py's
-    ``tasks``); --split-file is every task's (each reads its own split.json)."""
+def test_train_flags_of_classification_appear_only_where_they_apply(task: str, capsys) -> None:
+    """A label CSV's --images and --multi-label, and the class-label recipes (--mixup,
+    --cutmix, --label-smoothing, --balance) are classification's (config.py's ``tasks``):
+    not listed by the other tasks' train, and refused there in argparse's one line rather
+    than passed on to the model as one of its own flags. --split-file is every task's
+    (each reads its own split.json)."""
     parser = cli.build_parser()
     args = parser.parse_known_args([task, "train", "DIR"])[0]
-    assert not hasattr(args, "images") and not hasattr(args, "multi_label")
+    assert not [name for name in CLASSIFICATION_ONLY if hasattr(args, name)]
     assert hasattr(args, "split_file")
     args = parser.parse_known_args(["train", "DIR"])[0]
-    assert hasattr(args, "images") and hasattr(args, "multi_label")
+    assert all(hasattr(args, name) for name in CLASSIFICATION_ONLY)
+
+    for command in ([task, "train", "--help"], ["train", "--help"]):
+        with pytest.raises(SystemExit):
+            parser.parse_known_args(command)
+    task_help, classify_help = capsys.readouterr().out.split("usage: ")[1:]
+    for name in CLASSIFICATION_ONLY:
+        flag = f"--{name.replace('_', '-')}"
+        assert flag not in task_help and flag in classify_help
+    for given in (["--mixup", "0.2"], ["--balance=weights"], ["--no-multi-label"]):
+        with pytest.raises(SystemExit) as stopped:
+            parser.parse_known_args([task, "train", "DIR", *given])
+        assert stopped.value.code == 2
+        flag = given[0].partition("=")[0]
+        assert capsys.readouterr().err == (
+            f"error: argument {flag}: only `cnnlab train` takes it"
+            f" (see `cnnlab {task} train --help`)\n"
+        )
 
 
 def first_image(folder: Path) -> Path:

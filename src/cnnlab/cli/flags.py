@@ -16,7 +16,7 @@ from dataclasses import fields
 from typing import Any
 
 from cnnlab.errors import CnnlabError
-from cnnlab.tasks import TaskEntry
+from cnnlab.tasks import TASKS, TaskEntry
 from cnnlab.tasks.options import options_for
 
 EXPLICIT_NONE = object()  # `--grad-clip none`: an explicit None, not an unset flag
@@ -128,16 +128,27 @@ def _shown(default: object) -> str:
 
 def config_flags(sub: argparse.ArgumentParser, task: str, skip: Sequence[str] = ()) -> None:
     """One flag per TrainConfig field that ``task`` takes, with its help, choices and
-    ``task``'s default."""
+    ``task``'s default; a field only other tasks take is refused (``OtherTasksFlag``)."""
     from cnnlab.config import TrainConfig, default_of
 
     hints = typing.get_type_hints(TrainConfig)
     for item in fields(TrainConfig):
         if not item.metadata.get("cli", True) or item.name in skip:
             continue
-        if task not in (item.metadata.get("tasks") or (task,)):
-            continue
         flag = f"--{item.name.replace('_', '-')}"
+        takers = item.metadata.get("tasks") or (task,)
+        if task not in takers:
+            commands = " and ".join(f"`cnnlab {TASKS[t].prefix()}train`" for t in takers)
+            spellings = (flag, f"--no-{flag[2:]}") if hints[item.name] is bool else (flag,)
+            sub.add_argument(
+                *spellings,
+                action=OtherTasksFlag,
+                commands=commands,
+                nargs="?",
+                default=argparse.SUPPRESS,
+                help=argparse.SUPPRESS,
+            )
+            continue
         default = default_of(task, item.name)
         help_text = f"{item.metadata['help']} (default: {default})"
         options = typing.get_args(hints[item.name]) or (hints[item.name],)
@@ -148,6 +159,25 @@ def config_flags(sub: argparse.ArgumentParser, task: str, skip: Sequence[str] = 
         choices = item.metadata.get("choices")
         parse = _optional(kind) if type(None) in options else kind
         sub.add_argument(flag, type=parse, choices=choices, help=help_text)
+
+
+class OtherTasksFlag(argparse.Action):
+    """A training flag that only other tasks take: not listed in --help, and refused in
+    argparse's one line, rather than passed on to the model builder as an argument of the
+    model's own (which would name the model, not the task, as what does not take it)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, commands: str, **kwargs: Any):
+        super().__init__(option_strings, dest, **kwargs)
+        self.commands = commands
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        parser.error(f"argument {option_string}: only {self.commands} takes it")
 
 
 def _optional(kind: type) -> Callable[[str], Any]:
