@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -125,6 +126,32 @@ def test_help_shows_defaults_the_models_and_their_own_flags(capsys) -> None:
     assert "--aux-logits false" in train_help and "(default: adamw)" in train_help
     assert "(default: auto)" in predict_help and "(default: 5)" in predict_help
     assert all(len(line) <= 80 for line in train_help.splitlines())
+
+
+def command_parser(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+    """The parser of ``cnnlab NAMES...`` inside ``parser``."""
+    for name in names:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = commands.choices[name]
+    return parser
+
+
+def test_serve_and_explore_take_the_same_upload_limits(tmp_path: Path, capsys) -> None:
+    """One declaration (``flags.add_upload_limits``): the same help, default, type and
+    check in both commands (explore's --max-memory once had help of its own)."""
+    parser = cli.build_parser()
+
+    def declared(command: str) -> dict[str, tuple]:
+        return {
+            action.option_strings[0]: (action.help, action.default, action.type, action.metavar)
+            for action in command_parser(parser, command)._actions
+            if action.dest in ("max_upload_mb", "upload_timeout", "max_memory")
+        }
+
+    assert len(declared("serve")) == 3 and declared("serve") == declared("explore")
+    for command in (["serve", str(tmp_path)], ["explore", "convnet"]):
+        assert cli.main([*command, "--max-upload-mb", "nan"]) == 2
+        assert capsys.readouterr().err == "error: --max-upload-mb nan: expected a positive size\n"
 
 
 def test_version() -> None:

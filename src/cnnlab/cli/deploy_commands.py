@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cnnlab.cli.flags import memory_limit, parse_input
+from cnnlab.cli.flags import parse_input, upload_limits
 from cnnlab.cli.output import print_json
 from cnnlab.errors import CnnlabError
 
@@ -16,21 +16,16 @@ from cnnlab.errors import CnnlabError
 def cmd_serve(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.serve import serve
 
-    if not args.max_upload_mb > 0:  # also refuses nan
-        raise CnnlabError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
-    upload = int(args.max_upload_mb * 1000 * 1000)
     return serve(
         args.runs,
         args.host,
         args.port,
         args.device,
         args.queue_size,
-        upload,
-        args.workers,
-        args.threads,
-        args.allow_host,
-        args.upload_timeout,
-        memory_limit(args.max_memory),
+        workers=args.workers,
+        threads=args.threads,
+        allow_hosts=args.allow_host,
+        **upload_limits(args),
     )
 
 
@@ -38,18 +33,14 @@ def cmd_explore(args: argparse.Namespace, extra: dict) -> int:
     """``cnnlab explore``: ``cnnlab serve``'s server on this machine only, for one model."""
     from cnnlab.serve import serve
 
-    if not args.max_upload_mb > 0:  # also refuses nan
-        raise CnnlabError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
     return serve(
         [],
         "127.0.0.1",
         args.port,
         "cpu",
-        max_upload=int(args.max_upload_mb * 1000 * 1000),
-        upload_timeout=args.upload_timeout,
-        max_memory=memory_limit(args.max_memory),
         explore=args.model,
         explore_input=parse_input(args.input) if args.input else None,
+        **upload_limits(args),
     )
 
 

@@ -279,6 +279,40 @@ def add_overwrite(sub: argparse.ArgumentParser, what: str) -> None:
     sub.add_argument("--overwrite", action="store_true", help=f"replace {what}")
 
 
+def add_upload_limits(sub: argparse.ArgumentParser) -> None:
+    """What one request to the web page may bring and cost (``serve``, ``explore``):
+    ``--max-upload-mb``, ``--upload-timeout``, ``--max-memory``; ``upload_limits`` reads
+    them."""
+    sub.add_argument(
+        "--max-upload-mb", type=float, default=20.0, help="largest image file, in megabytes"
+    )
+    sub.add_argument(
+        "--upload-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="time for an upload to arrive, from its headers (default 30)",
+    )
+    sub.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="most memory one request (a prediction, a layer's maps) may need, e.g. 2GB"
+        " (default: half the memory free at start over the workers, at most 4 GiB)",
+    )
+
+
+def upload_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """``add_upload_limits``' flags as ``cnnlab.serve.serve``'s keywords: ``max_upload``
+    and ``max_memory`` in bytes, ``upload_timeout`` in seconds (the server checks it)."""
+    if not args.max_upload_mb > 0:  # also refuses nan
+        raise CnnlabError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
+    return {
+        "max_upload": int(args.max_upload_mb * 1000 * 1000),
+        "upload_timeout": args.upload_timeout,
+        "max_memory": memory_limit(args.max_memory),
+    }
+
+
 def add_task_options(sub: argparse.ArgumentParser, entry: TaskEntry, command: str) -> None:
     """One flag per prediction option ``entry``'s task declares for ``command``: its type
     and range checked by the declaration itself, its default in the help."""

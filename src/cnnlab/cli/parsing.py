@@ -23,6 +23,7 @@ from cnnlab.cli.flags import (
     add_format,
     add_overwrite,
     add_task_options,
+    add_upload_limits,
     config_flags,
     models_help,
     positive,
@@ -495,22 +496,7 @@ def _tool_commands(commands: Group) -> None:
     )
     sub.add_argument("--input", metavar="C,H,W", help="input size (default: the model's own)")
     sub.add_argument("--port", type=int, default=8000, help="0: any free port")
-    sub.add_argument(
-        "--max-upload-mb", type=float, default=20.0, help="largest image file, in megabytes"
-    )
-    sub.add_argument(
-        "--upload-timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="time for an upload to arrive, from its headers (default 30)",
-    )
-    sub.add_argument(
-        "--max-memory",
-        metavar="SIZE",
-        help="most memory one layer's maps may need, e.g. 2GB (default: half the memory free"
-        " at start, at most 4 GiB)",
-    )
+    add_upload_limits(sub)
 
     sub = _add(commands, "serve", cmd_serve, "a web page and JSON API for trying runs")
     sub.add_argument("runs", nargs="+", metavar="RUN", help="run folders of any task")
@@ -519,9 +505,6 @@ def _tool_commands(commands: Group) -> None:
     add_device(sub)
     sub.add_argument(
         "--queue-size", type=positive, default=32, help="predictions inside the server at once"
-    )
-    sub.add_argument(
-        "--max-upload-mb", type=float, default=20.0, help="largest image file, in megabytes"
     )
     sub.add_argument("--workers", type=positive, default=1, help="inference threads")
     sub.add_argument(
@@ -535,16 +518,4 @@ def _tool_commands(commands: Group) -> None:
         help="also answer requests for this host name (repeatable; * any): the name you open"
         " the page by, beside --host, localhost and loopback addresses",
     )
-    sub.add_argument(
-        "--upload-timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="time for an upload to arrive, from its headers (default 30)",
-    )
-    sub.add_argument(
-        "--max-memory",
-        metavar="SIZE",
-        help="most memory one prediction may need, e.g. 2GB (default: half the memory free"
-        " at start over the workers, at most 4 GiB)",
-    )
+    add_upload_limits(sub)
