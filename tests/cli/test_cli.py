@@ -87,6 +87,25 @@ def test_bad_input_is_one_line_and_status_2(args: list[str], message: str, capsy
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_an_input_size_has_one_reader_and_one_message(capsys) -> None:
+    """`summary --input`, `compare --input`, `explore --input` and the explore page's
+    ``input`` are read by ``parse_input_size``: one message, the page's limits added."""
+    from cnnlab.inspect.specs import parse_input_size
+    from cnnlab.serve.explore_api import Explorer
+
+    assert parse_input_size("1x28x28") == (1, 28, 28) and parse_input_size(None) is None
+    expected = "input '3,0,8': expected C,H,W as three positive integers (3,224,224)"
+    assert run_cli_here(capsys, "compare", "convnet", "--input", "3,0,8").stderr == (
+        f"error: {expected}\n"
+    )
+    with pytest.raises(CnnlabError) as refused:
+        Explorer(None, None, {}, None).explored("resnet18", "5,8,8")
+    assert str(refused.value) == (
+        "input '5,8,8': expected C,H,W as three positive integers, C 1 or 3,"
+        " H and W at most 1024 (3,224,224)"
+    )
+
+
 def test_models_lists_every_registered_model_with_figures(capsys) -> None:
     rows = json_out(capsys, "models", "--format", "json")
     by_name = {row["name"]: row for row in rows}

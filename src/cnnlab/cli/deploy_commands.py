@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cnnlab.cli.flags import parse_input, upload_limits
+from cnnlab.cli.flags import upload_limits
 from cnnlab.cli.output import print_json
 from cnnlab.errors import CnnlabError
 
@@ -31,6 +31,7 @@ def cmd_serve(args: argparse.Namespace, extra: dict) -> int:
 
 def cmd_explore(args: argparse.Namespace, extra: dict) -> int:
     """``cnnlab explore``: ``cnnlab serve``'s server on this machine only, for one model."""
+    from cnnlab.inspect.specs import parse_input_size
     from cnnlab.serve import serve
 
     return serve(
@@ -39,7 +40,7 @@ def cmd_explore(args: argparse.Namespace, extra: dict) -> int:
         args.port,
         "cpu",
         explore=args.model,
-        explore_input=parse_input(args.input) if args.input else None,
+        explore_input=parse_input_size(args.input),
         **upload_limits(args),
     )
 

@@ -3,7 +3,8 @@ from ``TrainConfig``'s fields, a task's prediction options from its declaration
 (``cnnlab.tasks.TASKS``), and the options every non-training command shares (``--format``,
 ``--device``, ``--backend``, ``--overwrite``); the model builder's pass-through arguments;
 the parser that makes a usage error one line; and the values of the flags the handlers
-read themselves (``--input``, ``--kwargs``, ``--max-memory``)."""
+read themselves (``--kwargs``, ``--max-memory``; ``--input`` is
+``cnnlab.inspect.specs.parse_input_size``)."""
 
 from __future__ import annotations
 
@@ -362,20 +363,6 @@ def parse_kwargs(text: str | None) -> dict:
     if not isinstance(value, dict):
         raise CnnlabError(f"--kwargs {text!r}: expected a JSON object of keyword arguments")
     return value
-
-
-def parse_input(text: str) -> tuple[int, int, int]:
-    """``--input``: C,H,W (or CxHxW) as three positive integers."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        dims = ()
-    if len(dims) != 3 or min(dims) < 1:
-        raise CnnlabError(
-            f"--input {text!r}: expected C,H,W as three positive integers (3,224,224)"
-        )
-    return dims  # type: ignore[return-value]
 
 
 def memory_limit(text: str | None) -> int | None:

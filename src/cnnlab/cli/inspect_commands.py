@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cnnlab.cli.flags import memory_limit, parse_input, parse_kwargs
+from cnnlab.cli.flags import memory_limit, parse_kwargs
 from cnnlab.cli.output import console_width, new_console, print_json, print_table
 from cnnlab.errors import CnnlabError
 
@@ -26,11 +26,11 @@ def cmd_models(args: argparse.Namespace, extra: dict) -> int:
 
 def cmd_summary(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.inspect import render_summary
-    from cnnlab.inspect.specs import summarize_spec
+    from cnnlab.inspect.specs import parse_input_size, summarize_spec
 
     if args.erf:
         return _summary_erf(args, extra)
-    size = parse_input(args.input) if args.input else None
+    size = parse_input_size(args.input)
     limit = memory_limit(args.max_memory)
     kwargs = {**parse_kwargs(args.kwargs), **extra}
     if args.num_classes is not None:
@@ -71,8 +71,9 @@ def _summary_erf(args: argparse.Namespace, extra: dict) -> int:
     """``summary MODEL --erf`` (fresh weights) or ``summary RUN --erf`` (trained ones)."""
     from cnnlab.explain_plots import plot_erf
     from cnnlab.inspect.erf import effective_fields, erf_table
+    from cnnlab.inspect.specs import parse_input_size
 
-    size = parse_input(args.input) if args.input else None
+    size = parse_input_size(args.input)
     if (Path(args.model) / "model.json").is_file():
         from cnnlab.runs import load_run
 
@@ -116,8 +117,9 @@ def _fit_line(text: str, optimizer: str, fit: dict) -> str:
 
 def cmd_compare(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.inspect.compare import compare, compare_table
+    from cnnlab.inspect.specs import parse_input_size
 
-    size = parse_input(args.input) if args.input else None
+    size = parse_input_size(args.input)
     if args.plot:
         from cnnlab.files import check_targets
 

@@ -33,6 +33,34 @@ from cnnlab.models.factory import create_model, model_info
 DEFAULT_INPUT = (3, 224, 224)
 
 
+def parse_input_size(
+    text: str | None, channels: tuple[int, ...] = (), max_side: int | None = None
+) -> tuple[int, int, int] | None:
+    """An input size as ``C,H,W`` (or ``CxHxW``): three positive integers, C among
+    ``channels`` and H, W at most ``max_side`` where they are given (the explore page's
+    limits); None (not given: the model's own size) stays None."""
+    if text is None:
+        return None
+    try:
+        size = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        size = ()
+    fits = len(size) == 3 and min(size) >= 1
+    if fits and channels and size[0] not in channels:
+        fits = False
+    if fits and max_side is not None and max(size[1:]) > max_side:
+        fits = False
+    if not fits:
+        limits = [f"C {' or '.join(map(str, channels))}"] if channels else []
+        limits += [f"H and W at most {max_side}"] if max_side is not None else []
+        raise CnnlabError(
+            f"input {text!r}: expected C,H,W as three positive integers"
+            + "".join(f", {limit}" for limit in limits)
+            + " (3,224,224)"
+        )
+    return size  # type: ignore[return-value]
+
+
 def build_model(
     spec: str, kwargs: dict[str, Any] | None = None, input_size: tuple[int, int, int] | None = None
 ) -> tuple[nn.Module, tuple[int, int, int]]:

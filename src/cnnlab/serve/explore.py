@@ -64,20 +64,6 @@ def sample_image(name: str) -> Tensor:
     raise BadRequest(f"no sample image {name!r}; the samples are {', '.join(SAMPLES)}")
 
 
-def parse_size(text: str) -> tuple[int, int, int]:
-    """``C,H,W`` (or ``CxHxW``): 1 or 3 channels, sides from 1 to ``MAX_SIDE``."""
-    parts = text.replace("x", ",").split(",")
-    try:
-        size = tuple(int(part) for part in parts)
-    except ValueError:
-        size = ()
-    if len(size) != 3 or size[0] not in (1, 3) or not all(1 <= s <= MAX_SIDE for s in size[1:]):
-        raise BadRequest(
-            f"input {text!r}: expected C,H,W with C 1 or 3 and sides 1 to {MAX_SIDE} (3,224,224)"
-        )
-    return size  # type: ignore[return-value]
-
-
 class _Stop(Exception):
     """Raised by a hook once the wanted layer's output is captured: the rest of the forward
     pass is not needed."""

@@ -31,13 +31,14 @@ from fastapi import FastAPI, File, HTTPException, Query, UploadFile
 
 from cnnlab.data.images import BadImageError, decode_bytes, encoded_size
 from cnnlab.errors import CnnlabError
+from cnnlab.inspect.specs import parse_input_size
 from cnnlab.serve.explore import (
     DEFAULT_SHOWN,
     MAX_SHOWN,
+    MAX_SIDE,
     SAMPLES,
     Explored,
     UnknownModel,
-    parse_size,
     sample_image,
 )
 from cnnlab.serve.served import IMAGE_BYTES, Served, Upload, size_text
@@ -94,7 +95,8 @@ class Explorer:
         self._building: dict[tuple, threading.Lock] = {}
 
     def explored(self, model: str, input_text: str | None = None) -> Explored:
-        key, build = self._resolve(model, parse_size(input_text) if input_text else None)
+        size = parse_input_size(input_text or None, channels=(1, 3), max_side=MAX_SIDE)
+        key, build = self._resolve(model, size)
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
