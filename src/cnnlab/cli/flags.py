@@ -231,6 +231,24 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
 
 
+Group = Any  # argparse's subparsers action (a private class)
+
+
+def add_command(
+    group: Group,
+    name: str,
+    handler: Callable | None,
+    help_text: str,
+    epilog_of: Callable[[], str] | None = None,
+    **defaults: Any,
+) -> argparse.ArgumentParser:
+    """A command ``name`` in ``group``: its help, its handler (``cnnlab.cli.*_commands``;
+    None for a group of its own) and the values ``defaults`` sets in its namespace."""
+    sub = group.add_parser(name, help=help_text, description=help_text, epilog_of=epilog_of)
+    sub.set_defaults(handler=handler, **defaults)
+    return sub
+
+
 # ---------------------------------------------------------------------------- shared flags
 
 

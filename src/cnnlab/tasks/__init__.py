@@ -36,7 +36,7 @@ class TaskEntry:
     defaults: dict[str, Any] = field(default_factory=dict)
     options: tuple[Option, ...] = ()  # prediction options (``cnnlab.tasks.options``)
     predict_folder: str | None = None  # where `predict` draws when --out is not given
-    tools: tuple[str, ...] = ()  # commands beside train/eval/predict (``cnnlab.cli.parsing``)
+    tools: tuple[str, ...] = ()  # commands beside train/eval/predict (``cli.train_parsers``)
 
     def prefix(self) -> str:
         """``"segment "`` in ``cnnlab segment train``; ``""`` for classification."""
