@@ -1,8 +1,10 @@
 """The command line's flags, each kind made in one place: the training flags generated
 from ``TrainConfig``'s fields, a task's prediction options from its declaration
-(``cnnlab.tasks.TASKS``), and the options every non-training command shares (``--format``,
-``--device``, ``--backend``, ``--overwrite``); the model builder's pass-through arguments;
-the parser that makes a usage error one line; and the values of the flags the handlers
+(``cnnlab.tasks.TASKS``), the options every non-training command shares (``--format``,
+``--device``, ``--backend``, ``--overwrite``) and the web page's upload limits (``serve``,
+``explore``); the model builder's pass-through arguments; the parser that makes a usage
+error one line, and ``add_command``, which each ``cli/*_parsers.py`` declares its commands
+with; and the values of the flags the handlers
 read themselves (``--kwargs``, ``--max-memory``; ``--input`` is
 ``cnnlab.inspect.specs.parse_input_size``)."""
 
