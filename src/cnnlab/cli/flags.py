@@ -4,9 +4,8 @@ from ``TrainConfig``'s fields, a task's prediction options from its declaration
 ``--device``, ``--backend``, ``--overwrite``) and the web page's upload limits (``serve``,
 ``explore``); the model builder's pass-through arguments; the parser that makes a usage
 error one line, and ``add_command``, which each ``cli/*_parsers.py`` declares its commands
-with; and the values of the flags the handlers
-read themselves (``--kwargs``, ``--max-memory``; ``--input`` is
-``cnnlab.inspect.specs.parse_input_size``)."""
+with; and the values of the flags the handlers read themselves (``--kwargs``,
+``--max-memory``; ``--input`` is ``cnnlab.inspect.specs.parse_input_size``)."""
 
 from __future__ import annotations
 
