@@ -55,6 +55,7 @@ ARRIVING_PER_PLACE = 4  # uploads that may be arriving at once, per place in the
 # One prediction may need at most this, or half the memory free at start over the workers.
 MAX_MEMORY = 4 * 2**30
 STATIC = {
+    "common.js": "text/javascript",  # what both pages' scripts share
     "app.js": "text/javascript",
     "style.css": "text/css",
     "explore.js": "text/javascript",
