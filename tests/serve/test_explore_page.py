@@ -2,8 +2,10 @@
 page's tests): for ResNet-18 at 224 and the notes' ConvNet, a layer's formulas read from
 the page are ``cnnlab summary --format json``'s for that row, and the receptive-field box of
 a clicked feature-map pixel, read from the page, is where that unit's gradient with respect
-to the input is nonzero. An unknown model is one line on the page. One browser, one
-server (``cnnlab explore``), one page load per model."""
+to the input is nonzero. An unknown model is one line on the page. A classifier run's
+Grad-CAM is drawn in colour over the image, with its scale. One browser, one server per
+kind (``cnnlab explore`` of ResNet-18; the serve page's ``cnnlab serve`` of the tiny runs),
+one page load per model."""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import pytest
 
 from cnnlab.inspect.specs import build_model, summarize_spec
 from tests.conftest import ServerProcess
+from tests.serve.conftest import watched_page
 from tests.serve.test_explore import gradient_box
-from tests.serve.test_serve_page import CHROMIUM_ARGS, chromium_path
 
 
 class ExploreServer(ServerProcess):
@@ -29,35 +31,9 @@ def server():
     assert started.stop() == 0
 
 
-@pytest.fixture(scope="module")
-def browser():
-    executable = chromium_path()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
-
-
 def open_page(browser, server, query: str):
-    """The explore page; its problems (script errors, console errors, requests that leave
-    the server) are collected in ``page.problems``."""
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
-    problems: list[str] = []
-    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    page.on(
-        "request",
-        lambda r: (
-            None
-            if r.url.startswith((server.url, "data:", "blob:"))
-            else problems.append(f"request elsewhere: {r.url}")
-        ),
-    )
-    page.problems = problems
-    page.goto(f"{server.url}explore{query}")
-    return page
+    """The explore page at 1280 px; its problems in ``page.problems``."""
+    return watched_page(browser, server.url, f"explore{query}")
 
 
 def select(page, index: int, blocks: list[str]) -> None:
@@ -126,3 +102,36 @@ def test_convnet_formulas_a_padded_units_field_and_an_unknown_model(browser, ser
     assert "unknown model 'resnet1800'" in unknown.text_content("#error")
     assert "\n" not in unknown.text_content("#error").strip()
     unknown.close()
+
+
+# The overlay's pixels that are drawn (alpha > 0), and how many of them are coloured
+# (R, G, B not all equal): a grey map has none.
+OVERLAY_COLOURS = """() => { const c = document.getElementById('input-overlay');
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let drawn = 0, coloured = 0;
+    for (let i = 0; i < d.length; i += 4) {
+        if (d[i + 3] === 0) continue;
+        drawn += 1;
+        if (d[i] !== d[i + 1] || d[i + 1] !== d[i + 2]) coloured += 1;
+    }
+    return [c.width * c.height, drawn, coloured]; }"""
+
+
+def test_a_classifier_runs_gradcam_is_drawn_in_colour_with_its_scale(browser, runs_server):
+    """The explore page of the serve page's classifier run: its top classes for the digit
+    sample, and the top class's Grad-CAM at the first layer over the image in the jet colour
+    map (every pixel of the overlay coloured, none grey), with a scale saying what high is."""
+    page = open_page(browser, runs_server, "?model=digits")
+    page.wait_for_selector(".layer-row[aria-pressed=true]")
+    page.click('[data-sample="digit"]')
+    page.wait_for_selector("#classes button[aria-pressed=true]")
+    page.wait_for_selector("#gradcam-legend:not([hidden])")
+    top = page.get_attribute("#classes button[aria-pressed=true]", "data-class")
+    assert f"Grad-CAM of {top}" in page.text_content("#input-caption")
+    legend = page.text_content("#gradcam-what")
+    assert legend.startswith("High (red, 1 = the map's peak)") and top in legend
+    assert page.is_visible("#gradcam-legend .colourbar")
+    pixels, drawn, coloured = page.evaluate(OVERLAY_COLOURS)
+    assert pixels > 0 and drawn == pixels and coloured == drawn  # no unit picked: the map alone
+    assert not page.problems, page.problems
+    page.close()

@@ -35,7 +35,7 @@ from cnnlab.heatmap import heatmap
 from cnnlab.inspect.specs import summarize_spec
 from cnnlab.runs import load_run
 from cnnlab.serve import create_app
-from cnnlab.serve.app import AllowedHosts
+from cnnlab.serve.doors import AllowedHosts
 from cnnlab.serve.pool import Gate, Job, Pool
 from cnnlab.serve.served import Upload, load_served
 from tests.conftest import run_cli

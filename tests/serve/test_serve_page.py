@@ -2,13 +2,12 @@
 a user picks each run, uploads an image and sees its answer drawn; a bad file is one line
 on the page and the next good one still works; nothing is fetched from elsewhere.
 
-Without chromium these tests skip with the command that installs it, except under CI
-(``CI=true``), where a missing browser is a failure. Screenshots go to pytest's tmp dir.
+Chromium, the page's problem collector and the server come from ``tests/serve/conftest.py``.
+Screenshots go to pytest's tmp dir.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -16,66 +15,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def chromium_path() -> str:
-    for found in (shutil.which("chromium"), "/usr/bin/chromium"):
-        if found and os.access(found, os.X_OK):
-            return found
-    message = "no chromium for the browser tests: apt-get install -y chromium"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = chromium_path()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
-
-
-@pytest.fixture(scope="module")
-def server(serve_runs, launch_server):
-    return launch_server(*(serve_runs[task] for task in ("classify", "segment", "detect")))
+from tests.serve.conftest import watched_page
 
 
 @pytest.fixture
-def page(browser, server):
+def page(browser, runs_server):
     """A fresh page on the server; fails the test on any script error or console error, and
     on any request that leaves the server."""
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    opened = context.new_page()
-    problems: list[str] = []
-    opened.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    opened.on(
-        "console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None
-    )
-    opened.on(
-        "request",
-        lambda r: (
-            None
-            if r.url.startswith((server.url, "data:", "blob:"))
-            else problems.append(f"request elsewhere: {r.url}")
-        ),
-    )
-    opened.problems = problems
-    opened.goto(server.url)
+    opened = watched_page(browser, runs_server.url)
     opened.wait_for_selector("#run-list button")
     yield opened
-    context.close()
+    opened.close()
+    problems = opened.problems
     assert not [p for p in problems if "status of 4" not in p], problems  # 4xx: asked for
 
 
@@ -115,7 +66,9 @@ def choose(page, task: str) -> None:
     page.wait_for_selector(f"#run-details .badge.{task}")
 
 
-def test_classify_shows_top_classes_and_each_class_heat_map(page, server, serve_runs, tmp_path):
+def test_classify_shows_top_classes_and_each_class_heat_map(
+    page, runs_server, serve_runs, tmp_path
+):
     buttons = page.locator("#run-list button")
     assert buttons.count() == 3
     assert sorted(buttons.nth(i).locator(".badge").inner_text() for i in range(3)) == [
@@ -131,7 +84,7 @@ def test_classify_shows_top_classes_and_each_class_heat_map(page, server, serve_
     run_id = page.locator("#run-list button[aria-pressed=true]").get_attribute("data-run")
     with image.open("rb") as handle:
         answer = httpx.post(
-            server.url + "api/predict",
+            runs_server.url + "api/predict",
             data={"run": run_id, "topk": "10", "heatmaps": "true"},
             files={"file": (image.name, handle, "image/png")},
         ).json()
@@ -210,14 +163,14 @@ def hex_rgb(colour: str) -> str:
 
 @pytest.mark.parametrize("width", [1280, 400])
 def test_the_page_fits_the_screen_and_never_shows_a_broken_image(
-    browser, server, serve_runs, tmp_path, width: int
+    browser, runs_server, serve_runs, tmp_path, width: int
 ) -> None:
     """Before any upload, with a segmentation drawn (the class map beside the image in pure
     class colours), and after a bad file (the error's text, no empty box)."""
     context = browser.new_context(viewport={"width": width, "height": 900})
     page = context.new_page()
     try:
-        page.goto(server.url)
+        page.goto(runs_server.url)
         page.wait_for_selector("#run-list button")
         assert page.evaluate(FITS) and page.evaluate(NO_BROKEN_IMAGE)
         assert page.is_hidden("#result") and page.is_hidden("#photo")
@@ -247,7 +200,7 @@ def test_the_page_fits_the_screen_and_never_shows_a_broken_image(
         context.close()
 
 
-def test_a_runs_first_use_says_the_model_is_loading(browser, server, serve_runs, tmp_path):
+def test_a_runs_first_use_says_the_model_is_loading(browser, runs_server, serve_runs, tmp_path):
     """Until a run has answered once (``warm`` false in GET /api/runs, made so here for
     every run), the status line says the model is loading while the request is out."""
 
@@ -263,7 +216,7 @@ def test_a_runs_first_use_says_the_model_is_loading(browser, server, serve_runs,
     page.route("**/api/runs", cold)
     page.route("**/api/predict", lambda route: held.append(route))
     try:
-        page.goto(server.url)
+        page.goto(runs_server.url)
         page.wait_for_selector("#run-list button")
         choose(page, "segment")
         page.set_input_files("#file", image_of(serve_runs["segment_data"]))

@@ -4,8 +4,7 @@ Routes (OpenAPI at /openapi.json): ``GET /`` the page (``static/``: no script, s
 elsewhere), ``GET /api/runs``, ``GET /api/runs/{id}``, ``GET /api/runs/{id}/figures/NAME.png``,
 ``POST /api/predict`` (multipart: ``file``, and ``run`` unless one run is served), ``GET
 /healthz``; ``GET /explore``, the explore page, and its API ``/api/explore/...``
-(``explore_api``). Clients name runs
-by id; no path on disk is ever taken from a request.
+(``explore_api``). Clients name runs by id; no path on disk is ever taken from a request.
 
 Every error is JSON ``{"detail": "one line"}``, never a traceback: a 4xx status for a bad
 request (413 too large, or an image whose prediction needs more than ``max_memory``; 415
@@ -16,19 +15,18 @@ or malformed field), 503 with
 ``Retry-After`` when ``queue_size`` predictions are already in the server (or four times
 as many uploads are arriving), 500 for a fault of the server itself.
 
-The doors: only the ``Host`` names of ``AllowedHosts`` are answered (a web page the user
-visits cannot reach this server by DNS rebinding, as Jupyter checks); a prediction's
-size is checked before its body is read, and its body must arrive within
-``upload_timeout`` seconds, so stalled clients give their place back; a prediction takes
-its place in the queue only once its body has arrived, so clients still uploading never
-keep the others' predictions waiting.
+The doors (``doors``, in front of every route): only the ``Host`` names of ``AllowedHosts``
+are answered (a web page the user visits cannot reach this server by DNS rebinding, as
+Jupyter checks); a prediction's size is checked before its body is read, and its body must
+arrive within ``upload_timeout`` seconds, so stalled clients give their place back; a
+prediction takes its place in the queue only once its body has arrived, so clients still
+uploading never keep the others' predictions waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import ipaddress
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -36,16 +34,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from pydantic import BaseModel
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cnnlab.device import free_memory
 from cnnlab.errors import CnnlabError
+from cnnlab.serve.doors import AllowedHosts, HostCheck, PredictLimits, add_error_handlers
 from cnnlab.serve.explore_api import IMAGES_PATH, Explorer, add_explore_routes
 from cnnlab.serve.pool import Gate, Job, Pool
 from cnnlab.serve.served import Served, TooLargeToPredict, Upload, load_served
@@ -53,15 +48,14 @@ from cnnlab.tasks import TASKS
 from cnnlab.tasks.options import Option, options_for
 
 MAX_UPLOAD = 20 * 1000 * 1000  # bytes of one uploaded image
-FORM_OVERHEAD = 64 * 1024  # the multipart boundaries, headers and small fields around it
 PREDICT_PATH = "/api/predict"
 UPLOADS = (PREDICT_PATH, IMAGES_PATH)  # the routes that take an image: guarded alike
 UPLOAD_TIMEOUT = 30.0  # seconds for a prediction's body to arrive, once its headers have
 ARRIVING_PER_PLACE = 4  # uploads that may be arriving at once, per place in the queue
 # One prediction may need at most this, or half the memory free at start over the workers.
 MAX_MEMORY = 4 * 2**30
-WILDCARDS = ("", "0.0.0.0", "::")  # addresses that listen on every interface
 STATIC = {
+    "common.js": "text/javascript",  # what both pages' scripts share
     "app.js": "text/javascript",
     "style.css": "text/css",
     "explore.js": "text/javascript",
@@ -158,6 +152,7 @@ def create_app(
     queue = Gate(queue_size)
     app.add_middleware(
         PredictLimits,
+        paths=UPLOADS,
         queue=queue,
         arriving=Gate(ARRIVING_PER_PLACE * queue_size),
         max_upload=max_upload,
@@ -267,7 +262,7 @@ def create_app(
 
     explorer = Explorer(explore, explore_input, served, max_memory)
     add_explore_routes(app, explorer, max_upload, problems)
-    _error_handlers(app)
+    add_error_handlers(app)
     return app
 
 
@@ -340,183 +335,3 @@ def _options(target: Served, given: dict[str, Any]) -> dict:
 
 def _static(name: str) -> bytes:
     return resources.files("cnnlab.serve").joinpath("static", name).read_bytes()
-
-
-class PredictLimits:
-    """ASGI middleware for the uploads (``POST /api/predict`` and ``POST
-    /api/explore/images``), all before the body is read: 415 unless
-    multipart, 413 past ``max_upload`` and the form around it (the Content-Length, then
-    the bytes as they arrive), 503 when the ``queue`` is full or ``arriving`` holds as many
-    uploads as it takes. While the body arrives: 408 once ``upload_timeout`` seconds have
-    passed since its headers (a stalled or trickling client gives its place back), 503
-    once ``stopping`` is set. The place in ``arriving`` is given back as soon as the body
-    has arrived; the route then takes one in ``queue``."""
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        queue: Gate,
-        arriving: Gate,
-        max_upload: int,
-        upload_timeout: float,
-        stopping: asyncio.Event,
-    ) -> None:
-        self.app, self.queue, self.arriving, self.stopping = app, queue, arriving, stopping
-        self.max_body = max_upload + FORM_OVERHEAD
-        self.upload_timeout = upload_timeout
-        self.too_large = f"the upload is larger than the limit of {max_upload:,} bytes"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in UPLOADS or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        headers = Headers(scope=scope)
-        kind = headers.get("content-type", "").split(";")[0].strip().lower()
-        length = headers.get("content-length", "0")
-        refusal = None
-        if kind != "multipart/form-data":
-            refusal = _error(415, f"expected a multipart/form-data upload, not {kind or 'none'}")
-        elif not length.isdigit():
-            refusal = _error(400, f"malformed Content-Length {length!r}")
-        elif int(length) > self.max_body:
-            refusal = _error(413, self.too_large)
-        elif self.queue.full():
-            refusal = _error(503, "busy: too many predictions queued", {"Retry-After": "1"})
-        elif not self.arriving.enter():
-            refusal = _error(503, "busy: too many uploads arriving", {"Retry-After": "1"})
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
-        deadline = asyncio.get_running_loop().time() + self.upload_timeout
-        received, arrived = 0, False
-
-        def give_back() -> None:
-            nonlocal arrived
-            if not arrived:
-                arrived = True
-                self.arriving.leave()
-
-        async def counted() -> Message:
-            nonlocal received
-            if arrived:  # the body is in: no deadline on what the app waits for next
-                return await receive()
-            message = await self._next(receive, deadline)
-            received += len(message.get("body", b""))
-            if received > self.max_body:  # a body longer than its Content-Length, or chunked
-                raise HTTPException(413, self.too_large)
-            if not message.get("more_body", False):
-                give_back()
-            return message
-
-        try:
-            await self.app(scope, counted, send)
-        finally:
-            give_back()
-
-    async def _next(self, receive: Receive, deadline: float) -> Message:
-        """The next message, or a 408 once ``deadline`` passes, a 503 once stopping."""
-        arrived = asyncio.ensure_future(receive())
-        stop = asyncio.ensure_future(self.stopping.wait())
-        left = deadline - asyncio.get_running_loop().time()
-        await asyncio.wait((arrived, stop), timeout=max(left, 0), return_when="FIRST_COMPLETED")
-        stop.cancel()
-        if arrived.done():
-            return arrived.result()
-        arrived.cancel()
-        if self.stopping.is_set():
-            raise HTTPException(503, "the server is stopping", {"Retry-After": "1"})
-        raise HTTPException(
-            408, f"the upload did not arrive within {self.upload_timeout:g} s (--upload-timeout)"
-        )
-
-
-class AllowedHosts:
-    """The ``Host`` names a server answers to: the address it listens on, ``localhost``
-    and loopback addresses, and ``extra`` (``--allow-host``; ``*`` admits any). Listening
-    on every interface (0.0.0.0 or ::), any IP address is admitted too: a name is what a
-    DNS-rebinding page sends, an address never is. Ports are not compared."""
-
-    def __init__(self, bound: str, extra: Sequence[str] = ()) -> None:
-        self.any_host = "*" in extra
-        self.any_address = bound in WILDCARDS
-        self.names = {"localhost", *(host_name(name) for name in extra)}
-        if not self.any_address:
-            self.names.add(host_name(bound))
-
-    def admits(self, header: str | None) -> bool:
-        if header is None or self.any_host:  # no Host: not a browser (it always sends one)
-            return True
-        name = host_name(header)
-        if name in self.names:
-            return True
-        address = _address(name)
-        if address is None:
-            return False
-        bound = {_address(known) for known in self.names} - {None}
-        return address.is_loopback or self.any_address or address in bound
-
-
-def host_name(header: str) -> str:
-    """The host of a ``Host`` header, lower case, without its port or final dot."""
-    text = header.strip().lower()
-    if text.startswith("["):  # [IPv6]:port
-        return text[1:].split("]")[0]
-    if text.count(":") == 1:
-        text = text.rsplit(":", 1)[0]
-    return text.rstrip(".")
-
-
-def _address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(name)
-    except ValueError:
-        return None
-
-
-class HostCheck:
-    """ASGI middleware answering 403 to a request whose ``Host`` is not ``allowed``."""
-
-    def __init__(self, app: ASGIApp, allowed: AllowedHosts) -> None:
-        self.app, self.allowed = app, allowed
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket"):
-            header = Headers(scope=scope).get("host")
-            if not self.allowed.admits(header):
-                name = _one_line(host_name(header or ""))[:100]
-                detail = (
-                    f"Host {name!r} is not an address of this server (a page elsewhere"
-                    f" reaching it?); if you opened it by that name, start it with"
-                    f" --allow-host {name}"
-                )
-                if scope["type"] == "http":
-                    await _error(403, detail)(scope, receive, send)
-                else:
-                    await send({"type": "websocket.close", "code": 1008})
-                return
-        await self.app(scope, receive, send)
-
-
-def _error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status, headers=headers)
-
-
-def _error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return _error(error.status_code, _one_line(str(error.detail)), error.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"] if part != "body")
-        return _error(422, _one_line(f"{where}: {first['msg']}"))
-
-    @app.exception_handler(Exception)
-    async def failure(request: Request, error: Exception) -> JSONResponse:
-        # Starlette raises the error again once this is sent: uvicorn logs its traceback.
-        return _error(500, _one_line(f"internal error: {type(error).__name__}: {error}"))
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

@@ -1,37 +1,16 @@
 // cnnlab serve: the page. Its only backend is the JSON API (GET /api/runs, POST /api/predict);
 // every drawing (heat map, mask outlines, boxes) is made here on a canvas over the uploaded
-// image; a segmentation's class map goes on a second canvas beside it.
+// image; a segmentation's class map goes on a second canvas beside it. common.js (loaded
+// first) has $, el, count, showError, fetchJSON and the jet colour map.
 "use strict";
 
 const state = { runs: [], run: null, file: null, answer: null, maxUpload: 20e6, heatClass: null };
-const $ = (id) => document.getElementById(id);
 const STAGE_SIDE = 440; // CSS pixels the longer side of the shown image gets, room permitting
 const PANEL_GAP = 8; // CSS pixels between the image and a segmentation's class map
 const DETECT_REQUEST_THRESHOLD = 0.05; // asked of the server; the slider filters above it
 const DETECTIONS_LISTED = 15; // rows in the list; every box above the threshold is drawn
 
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "class") node.className = value;
-    else if (key === "style") node.style.cssText = value; // CSSOM: allowed by the page's CSP
-    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else if (value !== null && value !== undefined && value !== false) node.setAttribute(key, value);
-  }
-  for (const child of children.flat()) {
-    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
-  }
-  return node;
-}
-
 const pct = (p) => `${(100 * p).toFixed(1)}%`;
-function count(n) {
-  if (n === null || n === undefined) return "?";
-  for (const [size, unit] of [[1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
-    if (n >= size) return `${(n / size).toFixed(n >= 10 * size ? 1 : 2)} ${unit}`;
-  }
-  return String(n);
-}
 
 // The number a run is judged by, from its report.json.
 function headline(run) {
@@ -42,18 +21,10 @@ function headline(run) {
   return `${m.split} mAP@0.5 ${m.map50.toFixed(3)}`;
 }
 
-function showError(text) {
-  const box = $("error");
-  box.textContent = text;
-  box.hidden = !text;
-}
-
 async function loadRuns() {
   let body;
   try {
-    const response = await fetch("/api/runs");
-    body = await response.json();
-    if (!response.ok) throw new Error(body.detail || response.statusText);
+    body = await fetchJSON("/api/runs");
   } catch (error) {
     showError(`Cannot list the runs: ${error.message}`);
     return;
@@ -116,8 +87,9 @@ function renderDetails(run) {
 async function predict(file) {
   state.file = file;
   showError("");
-  if (file.size > state.maxUpload) {
-    showError(`${file.name}: ${count(file.size)}B is larger than the server's limit of ${count(state.maxUpload)}B`);
+  const refusal = uploadRefusal(file, state.maxUpload);
+  if (refusal) {
+    showError(refusal);
     return;
   }
   const run = state.run;
@@ -136,27 +108,26 @@ async function predict(file) {
   $("status").textContent = run.warm ? "predicting…"
     : `first use of ${run.name}: loading the model, then predicting (this can take several seconds)…`;
   const started = performance.now();
-  let response, body;
+  let body;
   try {
-    response = await fetch("/api/predict", { method: "POST", body: form });
-    body = await response.json();
+    body = await fetchJSON("/api/predict", { method: "POST", body: form });
   } catch (error) {
+    if (state.run !== run || state.file !== file) return; // a newer request took over
     $("status").textContent = "";
-    showError(`The server did not answer: ${error.message}`);
-    return;
-  }
-  if (state.run !== run || state.file !== file) return; // a newer request took over
-  const took = Math.round(performance.now() - started);
-  if (!response.ok) {
+    if (!(error instanceof HttpError)) {
+      showError(`The server did not answer: ${error.message}`);
+      return;
+    }
     // the error's text alone: no empty stage, no image the answer is not about
-    $("status").textContent = "";
     $("panel").replaceChildren();
     $("result").hidden = true;
     $("raw").hidden = true;
     clearOverlay();
-    showError(`${response.status}: ${body.detail}`);
+    showError(`${error.status}: ${error.message}`);
     return;
   }
+  if (state.run !== run || state.file !== file) return; // a newer request took over
+  const took = Math.round(performance.now() - started);
   run.warm = true;
   state.answer = body;
   state.heatClass = body.heatmaps ? body.heatmaps.maps[0].class : null;
@@ -329,12 +300,6 @@ function drawOverlay() {
   if (task === "classify") drawHeatmap(answer);
   else if (task === "segment") drawMask(answer);
   else drawBoxes(answer);
-}
-
-// jet, as matplotlib draws `cnnlab heatmap`'s figure
-function jet(t) {
-  const c = (x) => Math.round(255 * Math.min(1, Math.max(0, 1.5 - Math.abs(x))));
-  return [c(4 * t - 3), c(4 * t - 2), c(4 * t - 1)];
 }
 
 function drawHeatmap(answer) {

@@ -1,29 +1,17 @@
 // cnnlab explore: the page. Its only backend is the JSON API under /api/explore (the
 // OpenAPI document at /openapi.json describes it); every drawing is made here: the layer column
-// with its blocks and joins, the receptive-field chart, the box of a unit's field.
+// with its blocks and joins, the receptive-field chart, the box of a unit's field, a class's
+// Grad-CAM in the jet colour map. common.js (loaded first) has $, el, count, showError,
+// fetchJSON and jet.
 "use strict";
 
 const state = {
   model: null, input: null, doc: null, selected: null, image: null, open: new Set(),
-  field: null, cls: null, maps: 0,
+  field: null, cls: null, maps: 0, cams: 0, gradcam: null,
 };
-const $ = (id) => document.getElementById(id);
 const SVG = "http://www.w3.org/2000/svg";
 const JOIN_GUTTER = 30; // CSS pixels right of the rows where the joins' arcs are drawn (explore.css)
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "class") node.className = value;
-    else if (key === "style") node.style.cssText = value; // CSSOM: allowed by the page's CSP
-    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
-    else if (value !== null && value !== undefined && value !== false) node.setAttribute(key, value);
-  }
-  for (const child of children.flat()) {
-    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
-  }
-  return node;
-}
+const GRADCAM_ALPHA = 0.5; // the map over the image, as `cnnlab explain` draws it
 
 function svg(tag, attrs = {}, text) {
   const node = document.createElementNS(SVG, tag);
@@ -33,27 +21,12 @@ function svg(tag, attrs = {}, text) {
 }
 
 const grouped = (n) => Number(n).toLocaleString("en-US");
-function count(n) {
-  if (n === null || n === undefined) return "?";
-  for (const [size, unit] of [[1e9, "G"], [1e6, "M"], [1e3, "k"]]) {
-    if (n >= size) return `${(n / size).toFixed(n >= 10 * size ? 1 : 2)} ${unit}`;
-  }
-  return String(n);
-}
 const shape = (s) => (s && s.length ? s.join("×") : "–");
 
-function showError(text) {
-  $("error").textContent = text;
-  $("error").hidden = !text;
-}
-
 // GET /api/explore/NAME?params: the JSON body, or an Error with the server's one line.
-async function api(name, params, init) {
+function api(name, params, init) {
   const query = new URLSearchParams(params || {});
-  const response = await fetch(`/api/explore${name}${query.size ? `?${query}` : ""}`, init);
-  const body = await response.json().catch(() => ({ detail: response.statusText }));
-  if (!response.ok) throw new Error(body.detail || response.statusText);
-  return body;
+  return fetchJSON(`/api/explore${name}${query.size ? `?${query}` : ""}`, init);
 }
 
 const modelParams = (extra = {}) => ({ model: state.model, ...(state.input ? { input: state.input } : {}), ...extra });
@@ -308,7 +281,8 @@ function drawChart() {
 function wireUploads(maxUpload) {
   const send = async (file) => {
     if (!file) return;
-    if (file.size > maxUpload) { showError(`${file.name}: larger than the server's limit of ${count(maxUpload)}B`); return; }
+    const refusal = uploadRefusal(file, maxUpload);
+    if (refusal) { showError(refusal); return; }
     const form = new FormData();
     form.append("file", file, file.name);
     try {
@@ -403,8 +377,9 @@ function drawField() {
   canvas.height = img.clientHeight * devicePixelRatio;
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const f = state.field;
-  if (state.gradcam && state.gradcam.complete && state.gradcam.naturalWidth) {
-    ctx.globalAlpha = 0.5;
+  if (state.gradcam) {
+    ctx.globalAlpha = GRADCAM_ALPHA;
+    ctx.imageSmoothingEnabled = true; // bilinear, as the explain pictures' map
     ctx.drawImage(state.gradcam, 0, 0, canvas.width, canvas.height);
     ctx.globalAlpha = 1;
   }
@@ -461,16 +436,37 @@ async function showClasses() {
 
 async function showGradcam() {
   const layer = state.doc.layers[state.selected];
+  const asked = ++state.cams;
   state.gradcam = null;
+  $("gradcam-legend").hidden = true;
   if (!state.cls || !layer.spatial) { drawField(); return; }
   try {
     const body = await api("/gradcam", { model: state.model, layer: layer.index, image: state.image, class: state.cls });
     const heat = new Image();
     await new Promise((resolve) => { heat.onload = resolve; heat.src = body.map_png; });
-    state.gradcam = heat;
+    if (asked !== state.cams) return; // another layer or class was asked for meanwhile
+    state.gradcam = inJet(heat);
     $("input-caption").textContent = `${$("input-caption").textContent.split(" · ")[0]} · Grad-CAM of ${body.class} at ${layer.name}`;
+    $("gradcam-what").textContent = `High (red, 1 = the map's peak): where the evidence for`
+      + ` ${body.class} is strongest; dark blue (0): none.`;
+    $("gradcam-legend").hidden = false;
   } catch (error) { showError(error.message); }
   drawField();
+}
+
+// The server's map is grey (its value, 0 to 255, in every channel): in jet, at its own size.
+function inJet(grey) {
+  const canvas = document.createElement("canvas");
+  canvas.width = grey.naturalWidth;
+  canvas.height = grey.naturalHeight;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(grey, 0, 0);
+  const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  for (let i = 0; i < pixels.data.length; i += 4) {
+    pixels.data.set([...jet(pixels.data[i] / 255), 255], i);
+  }
+  ctx.putImageData(pixels, 0, 0);
+  return canvas;
 }
 
 start();
