@@ -17,17 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnlab.data.classify import class_dirs, is_presplit
-from cnnlab.data.images import (
-    BadImageError,
-    decode_bytes,
-    is_image_name,
-    read_bytes,
-    require_folder,
-    stored_mode,
-    visible,
-    walk_files,
-)
+from cnnlab.data.images import BadImageError, decode_bytes, read_bytes, stored_mode
 from cnnlab.data.labels import is_label_csv, is_multi, read_label_csv
+from cnnlab.data.listing import is_image_name, require_folder, visible, walk_files
 from cnnlab.data.splits import SPLIT_NAMES
 from cnnlab.destinations import require_new_folder, staged_folder
 from cnnlab.errors import CnnlabError
