@@ -1,11 +1,11 @@
 """What cnnlab writes, and what happens when writing goes wrong (docs/safety.md).
 
-Every command that writes follows one rule (``cnnlab.files``): a new or empty folder, never
-an input, nothing inside the data, no existing file without ``--overwrite``, never through
-a symbolic link. A full disk or a read-only folder is one line naming the path (exit 2),
-SIGTERM stops a command as Ctrl-C does (exit 130), and neither leaves a ``.partial``
-folder, a ``.tmp`` file or half a run behind. The faults are real: a tmpfs filled to the
-last byte, a read-only tmpfs (both need root; CI runs the tests as root).
+Every command that writes follows one rule (``cnnlab.destinations``): a new or empty
+folder, never an input, nothing inside the data, no existing file without ``--overwrite``,
+never through a symbolic link. A full disk or a read-only folder is one line naming the
+path (exit 2), SIGTERM stops a command as Ctrl-C does (exit 130), and neither leaves a
+``.partial`` folder, a ``.tmp`` file or half a run behind. The faults are real: a tmpfs
+filled to the last byte, a read-only tmpfs (both need root; CI runs the tests as root).
 
 Most commands run in this process through ``cnnlab.cli.main`` (a child process costs
 seconds of imports); the SIGTERM and concurrency tests need real child processes.

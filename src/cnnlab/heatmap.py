@@ -19,8 +19,8 @@ from torchvision.transforms import v2
 
 from cnnlab.data.images import read_image
 from cnnlab.dense_to_conv import FullyConvolutional, convolutionalize
+from cnnlab.destinations import check_targets
 from cnnlab.errors import CnnlabError
-from cnnlab.files import check_targets
 from cnnlab.runs import Run, load_run
 
 

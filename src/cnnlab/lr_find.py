@@ -32,6 +32,7 @@ import torch
 
 from cnnlab import transfer
 from cnnlab.config import TrainConfig
+from cnnlab.destinations import check_targets
 from cnnlab.device import threads_for
 from cnnlab.engine.prepare import Resolved, prepare, resolve
 from cnnlab.engine.progress import Reporter
@@ -39,7 +40,6 @@ from cnnlab.engine.state import seed_everything
 from cnnlab.engine.step import Step
 from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError
-from cnnlab.files import check_targets
 from cnnlab.training import task_of_model
 
 DIVERGE = 4.0  # stop when the smoothed loss exceeds this many times its best

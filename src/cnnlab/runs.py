@@ -33,14 +33,8 @@ from torch import nn
 from cnnlab import checkpoint
 from cnnlab.checkpoint import ModelMeta
 from cnnlab.compiling import COMPILE_SETTINGS, CompiledOnFirstCall
-from cnnlab.data.images import (
-    BadImageError,
-    from_pil,
-    list_images,
-    read_image,
-    to_channels,
-    to_uint8,
-)
+from cnnlab.data.images import BadImageError, from_pil, read_image, to_channels, to_uint8
+from cnnlab.data.listing import list_images
 from cnnlab.data.splits import split_folder
 from cnnlab.device import pick_device
 from cnnlab.errors import CnnlabError

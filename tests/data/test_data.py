@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from cnnlab.data import images as image_files
+from cnnlab.data import listing
 from cnnlab.data.check import check_folder, clean_folder, summarize_check
 from cnnlab.data.classify import (
     ImageDataset,
@@ -298,7 +298,7 @@ def test_split_ignores_listing_order(tmp_path: Path, monkeypatch: pytest.MonkeyP
         for dirpath, dirnames, filenames in real_walk(*args, **kwargs):
             yield dirpath, dirnames, filenames[::-1]
 
-    monkeypatch.setattr(image_files.os, "walk", reversed_walk)
+    monkeypatch.setattr(listing.os, "walk", reversed_walk)
     assert make_splits(root, seed=3).to_json() == expected
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cnnlab.data.images import list_images
+from cnnlab.data.listing import list_images
 
 
 def test_a_file_named_and_inside_a_named_folder_is_listed_once(tmp_path: Path) -> None:

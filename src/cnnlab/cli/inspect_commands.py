@@ -121,7 +121,7 @@ def cmd_compare(args: argparse.Namespace, extra: dict) -> int:
 
     size = parse_input_size(args.input)
     if args.plot:
-        from cnnlab.files import check_targets
+        from cnnlab.destinations import check_targets
 
         check_targets([Path(args.plot)], [], args.overwrite, "--plot")
     rows = compare(args.models, size, parse_kwargs(args.kwargs), batch=args.batch)

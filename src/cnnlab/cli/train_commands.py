@@ -167,7 +167,8 @@ def cmd_eval(args: argparse.Namespace, extra: dict) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, extra: dict) -> int:
-    from cnnlab.files import atomic_write_text, check_destination, check_targets, output_stems
+    from cnnlab.destinations import check_destination, check_targets, output_stems
+    from cnnlab.files import atomic_write_text
 
     run = _load(args, args.task)
     results, errors = run.predict_files([Path(p) for p in args.paths], **_task_options(args))

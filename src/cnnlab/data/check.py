@@ -17,20 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnlab.data.classify import class_dirs, is_presplit
-from cnnlab.data.images import (
-    BadImageError,
-    decode_bytes,
-    is_image_name,
-    read_bytes,
-    require_folder,
-    stored_mode,
-    visible,
-    walk_files,
-)
+from cnnlab.data.images import BadImageError, decode_bytes, read_bytes, stored_mode
 from cnnlab.data.labels import is_label_csv, is_multi, read_label_csv
+from cnnlab.data.listing import is_image_name, require_folder, visible, walk_files
 from cnnlab.data.splits import SPLIT_NAMES
+from cnnlab.destinations import require_new_folder, staged_folder
 from cnnlab.errors import CnnlabError
-from cnnlab.files import require_new_folder, staged_folder, write_json
+from cnnlab.files import write_json
 
 MIN_IMAGES_PER_CLASS = 3  # one each for train, val and test
 TINY_SIDE = 32  # images with a side below this are flagged: enlarged, they are mostly blur

@@ -26,21 +26,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, WeightedRandomSampler, default_collate
 
-from cnnlab.data.images import (
-    IMAGE_EXTENSIONS,
-    BadImageError,
-    is_image_name,
-    read_image,
-    require_folder,
-    visible,
-    walk_files,
-)
+from cnnlab.data.images import BadImageError, read_image
 from cnnlab.data.labels import (
     Sample,
     as_multi_label_samples,
     is_label_csv,
     is_multi,
     read_label_csv,
+)
+from cnnlab.data.listing import (
+    IMAGE_EXTENSIONS,
+    is_image_name,
+    require_folder,
+    visible,
+    walk_files,
 )
 from cnnlab.data.splits import (
     SPLIT_NAMES,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from cnnlab.data.detect import DetectionSample, make_detection_splits, read_detection_folder
 from cnnlab.data.voc import ANNOTATIONS, IMAGE_SETS, IMAGES, voc_xml
+from cnnlab.destinations import require_new_folder, staged_folder
 from cnnlab.errors import CnnlabError
-from cnnlab.files import require_new_folder, staged_folder
 
 FORMATS = ("coco", "voc", "yolo")
 

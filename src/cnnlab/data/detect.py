@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from cnnlab.data.images import image_size, read_image, walk_files
+from cnnlab.data.images import image_size, read_image
+from cnnlab.data.listing import walk_files
 from cnnlab.data.splits import read_split_file, split_items
 from cnnlab.data.voc import is_voc_folder, read_voc, voc_image_sets
 from cnnlab.errors import CnnlabError

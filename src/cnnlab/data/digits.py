@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from cnnlab.destinations import staged_folder
 from cnnlab.errors import CnnlabError
-from cnnlab.files import staged_folder
 
 MAX_LEVEL = 16  # load_digits grey levels are 0..16
 

@@ -1,19 +1,15 @@
-"""Image files: the one lister and the one reader every part of cnnlab uses.
+"""Image files: the one reader every part of cnnlab uses (the lister is
+``cnnlab.data.listing``).
 
-Listing: folders are searched recursively and sorted; names starting with ``.``
-(``.DS_Store``, macOS ``._photo.jpg``) and ``__MACOSX`` folders are never images; only
-regular files count, and symlinked folders are followed only when they stay inside the
-folder searched and do not lead back into it.
-
-Reading: any file becomes uint8 (C, H, W) with C in {1, 3} or a ``BadImageError`` that
-names the file and says what is wrong with it; nothing a file holds can crash or exhaust
-the process. Only regular files are opened (a FIFO would block). The image's size is read
-from its header and refused above ``max_pixels()`` before anything is decoded (a 900 KB
-PNG can decode to 30000 x 30000). JPEGs go to torchvision's fast libjpeg-turbo decoder once
-every segment before the scan is known to lie inside the file; everything else, PNG
-included, decodes through Pillow, which raises on bad data where torchvision's PNG decoder
-segfaults (a chunk length past the end of the file, a broken zlib stream). A PNG's chunks
-are checked first (inside the file, CRCs, IHDR first, IEND last) for a clear message.
+Any file becomes uint8 (C, H, W) with C in {1, 3} or a ``BadImageError`` that names the
+file and says what is wrong with it; nothing a file holds can crash or exhaust the process.
+Only regular files are opened (a FIFO would block). The image's size is read from its
+header and refused above ``max_pixels()`` before anything is decoded (a 900 KB PNG can
+decode to 30000 x 30000). JPEGs go to torchvision's fast libjpeg-turbo decoder once every
+segment before the scan is known to lie inside the file; everything else, PNG included,
+decodes through Pillow, which raises on bad data where torchvision's PNG decoder segfaults
+(a chunk length past the end of the file, a broken zlib stream). A PNG's chunks are checked
+first (inside the file, CRCs, IHDR first, IEND last) for a clear message.
 """
 
 from __future__ import annotations
@@ -25,7 +21,7 @@ import re
 import stat
 import warnings
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +30,9 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import grayscale_to_rgb, rgb_to_grayscale, to_dtype
 
+from cnnlab.data.listing import is_regular_file
 from cnnlab.errors import CnnlabError
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-)
-_SKIP_NAMES = frozenset({"__MACOSX"})
 # Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS): about a quarter gigabyte of RGB.
 DEFAULT_MAX_PIXELS = 89_478_485
 MAX_PIXELS_ENV = "CNNLAB_MAX_PIXELS"  # the setting: width x height above this is refused
@@ -55,97 +48,6 @@ class BadImageError(CnnlabError):
         super().__init__(f"{path}: {reason}")
         self.path = Path(path)
         self.reason = reason
-
-
-# --- listing ---------------------------------------------------------------------------
-
-
-def visible(name: str) -> bool:
-    """Whether a file or folder name can hold images (not hidden, not macOS metadata)."""
-    return not name.startswith(".") and name not in _SKIP_NAMES
-
-
-def is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def walk_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under ``folder``, recursively, sorted by path.
-
-    Only regular files are listed (not FIFOs, sockets or devices). A symlinked folder is
-    followed when it resolves inside ``folder`` and to a folder not seen yet, so a link to
-    another part of the disk or back up the tree (a loop) is passed over.
-    """
-    root = Path(folder).resolve()
-    images, others = [], []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        here = os.stat(dirpath)
-        seen.add((here.st_dev, here.st_ino))
-        kept = []
-        for name in sorted(dirnames):
-            target = Path(dirpath, name)
-            if not visible(name):
-                continue
-            if target.is_symlink():
-                resolved = target.resolve()
-                key = _inode(resolved)
-                if key is None or key in seen or not resolved.is_relative_to(root):
-                    continue
-            kept.append(name)
-        dirnames[:] = kept
-        for name in filenames:
-            path = Path(dirpath, name)
-            if visible(name) and _is_regular(path):
-                (images if is_image_name(path) else others).append(path)
-    return sorted(images), sorted(others)
-
-
-def _inode(path: Path) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
-
-
-def _is_regular(path: Path) -> bool:
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:  # a dangling link
-        return False
-
-
-def list_images(paths: Sequence[str | Path] | str | Path) -> tuple[list[Path], list[str]]:
-    """Files named directly, plus the image files found under folders; and one error line
-    ``"path: reason"`` for each path that gives nothing (missing, or a folder without
-    images). A file reached twice (named, and inside a named folder) is listed once, where
-    it first appears. Nothing is raised: callers go on with what was found."""
-    files: list[Path] = []
-    errors: list[str] = []
-    seen: set[Path] = set()
-
-    def add(file: Path) -> None:
-        real = file.resolve()
-        if real not in seen:
-            seen.add(real)
-            files.append(file)
-
-    for path in map(Path, [paths] if isinstance(paths, str | Path) else paths):
-        if path.is_dir():
-            found = walk_files(path)[0]
-            for file in found:
-                add(file)
-            if not found:
-                errors.append(f"{path}: no image files in this folder")
-        elif path.exists():
-            add(path)
-        else:
-            errors.append(f"{path}: no such file or folder")
-    return files, errors
-
-
-# --- reading -------------------------------------------------------------------------
 
 
 def _sniff(data: bytes) -> str | None:
@@ -381,7 +283,7 @@ def image_size(path: Path | str) -> tuple[int, int]:
     reader does), so labels and masks are placed on the pixels as they are read."""
     from PIL import Image, UnidentifiedImageError
 
-    if not _is_regular(Path(path)):
+    if not is_regular_file(Path(path)):
         raise BadImageError(path, "not a regular file (a folder, pipe or device)")
     try:
         with Image.open(path) as image:
@@ -458,13 +360,3 @@ def detect_in_channels(paths: Iterable[Path | str], max_samples: int = 32) -> in
             return 3
         readable += 1
     return 1 if readable else 3
-
-
-def require_folder(root: Path | str) -> Path:
-    """``root`` made absolute, or a CnnlabError when it is missing or not a folder."""
-    root = Path(root)
-    if not root.exists():
-        raise CnnlabError(f"{root}: folder not found")
-    if not root.is_dir():
-        raise CnnlabError(f"{root}: not a folder")
-    return root.absolute()

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cnnlab.data.images import is_image_name, require_folder
+from cnnlab.data.listing import is_image_name, require_folder
 from cnnlab.data.splits import inside
 from cnnlab.errors import CnnlabError
 

@@ -23,7 +23,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision import tv_tensors
 
-from cnnlab.data.images import check_pixels, image_size, read_image, require_folder, walk_files
+from cnnlab.data.images import check_pixels, image_size, read_image
+from cnnlab.data.listing import require_folder, walk_files
 from cnnlab.data.splits import read_split_file, split_items, split_member
 from cnnlab.errors import CnnlabError
 from cnnlab.files import read_text

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cnnlab.destinations import staged_folder
 from cnnlab.errors import CnnlabError
-from cnnlab.files import staged_folder
 
 SHAPE_CLASSES = ("circle", "square", "triangle")  # class index = position + 1; 0 is background
 TASKS = ("segment", "detect")

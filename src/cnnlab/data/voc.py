@@ -17,7 +17,7 @@ from xml.etree.ElementTree import Element, ParseError, SubElement, indent, tostr
 import defusedxml
 from defusedxml.ElementTree import parse
 
-from cnnlab.data.images import IMAGE_EXTENSIONS
+from cnnlab.data.listing import IMAGE_EXTENSIONS
 from cnnlab.errors import CnnlabError
 from cnnlab.files import read_text
 

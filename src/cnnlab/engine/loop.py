@@ -26,6 +26,7 @@ import cnnlab.engine.state as state
 from cnnlab import checkpoint, plots, transfer
 from cnnlab.config import TrainConfig
 from cnnlab.data.transforms import stats_line
+from cnnlab.destinations import check_destination
 from cnnlab.device import CpuPlan, threads_for
 from cnnlab.engine.optim import ema_model, warmup_cosine
 from cnnlab.engine.prepare import Prepared, Resolved, model_meta, prepare, resolve
@@ -35,7 +36,6 @@ from cnnlab.engine.task import TrainingTask
 from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.files import (
     LOCK_NAME,
-    check_destination,
     read_yaml,
     run_lock,
     sha256_of,

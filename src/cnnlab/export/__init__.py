@@ -33,14 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab import checkpoint
+from cnnlab.destinations import check_destination, check_targets
 from cnnlab.errors import CnnlabError
 from cnnlab.export.int8 import CALIBRATION_IMAGES, MAX_DROP_POINTS, quantize_checked
 from cnnlab.export.parity import PARITY_IMAGES, check_parity
 from cnnlab.export.writers import WRITERS, Traced, trace
 from cnnlab.files import (
     atomic_write_bytes,
-    check_destination,
-    check_targets,
     discard,
     folder_lock,
     read_json,

@@ -17,7 +17,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "LayerRow": "cnnlab.inspect.summary",
+    "LayerRow": "cnnlab.inspect.rows",
     "Summary": "cnnlab.inspect.summary",
     "model_table_rows": "cnnlab.inspect.cache",
     "models_table": "cnnlab.inspect.cache",

@@ -1,8 +1,6 @@
-"""Receptive field and jump of every tensor of a forward pass, through any architecture.
-
-``FieldTracker`` is a ``TorchFunctionMode``: it sees every torch function the forward pass
-calls, counts its MACs (``cnnlab.inspect.macs``) and gives each output tensor a field
-derived from its inputs'.
+"""Receptive field and jump of every tensor of a forward pass, through any architecture:
+how each torch function changes a field (the rules ``tracker.FieldTracker`` applies as the
+forward pass runs), and which field a model reports (``feature_field``).
 
 A field says, for each spatial axis and each output position ``o``, the first and last
 input pixel that ``o`` sees. After convolutions and pooling that is ``jump * o + offset``
@@ -18,15 +16,13 @@ field's sizes and scale its jump.
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
-from cnnlab.inspect.macs import MAC_RULES, arg
+from cnnlab.inspect.macs import arg
 
 _HOLE = (math.inf, -math.inf)  # a position no input reaches (a transposed conv with k < s)
 
@@ -221,7 +217,7 @@ def _window_rules() -> dict[str, WindowRule]:
     return rules
 
 
-_WINDOW_RULES = _window_rules()
+WINDOW_RULES = _window_rules()  # op name -> the rule of an op with a window
 _RESAMPLERS = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear", "pixel_shuffle"}
 
 
@@ -315,109 +311,21 @@ def _broadcast(x: Tensor, y: Tensor, rank: int) -> tuple[bool, ...]:
     return tuple(n == 1 < m for n, m in zip(x.shape[-rank:], y.shape[-rank:], strict=True))
 
 
-class FieldTracker(TorchFunctionMode):
-    """Sees every torch function of the forward pass: counts MACs and gives each output
-    tensor a receptive field derived from its inputs; ``on_merge(name, inputs, output)`` is
-    told of every add or concatenation of spatial maps (for the size formulas).
-
-    Tensors are keyed by ``id`` with a weak reference, so a recycled id is never mistaken
-    for the tensor that used to have it, and nothing is kept alive longer than the model
-    keeps it.
-    """
-
-    # Layers with weights: the depth of a network counts them along its longest path.
-    WEIGHTED = frozenset(
-        {"linear", *(f"conv{n}d" for n in (1, 2, 3))} | {f"conv_transpose{n}d" for n in (1, 2, 3)}
-    )
-    MERGES = frozenset(
-        {"add", "add_", "__add__", "__iadd__", "__radd__", "cat", "concat", "concatenate"}
-    )
-
-    def __init__(
-        self,
-        add_macs: Callable[[int], None],
-        on_merge: Callable[[str, list[Tensor], Tensor], None] = lambda *_: None,
-    ) -> None:
-        super().__init__()
-        self._add_macs = add_macs
-        self._on_merge = on_merge
-        self._fields: dict[int, tuple[weakref.ref, Field]] = {}
-        self._depths: dict[int, tuple[weakref.ref, int]] = {}
-        self.total_macs = 0
-
-    def start(self, x: Tensor) -> None:
-        if x.dim() >= 3:  # (B, C, *spatial)
-            self._set(x, Field((Axis.pixels(),) * (x.dim() - 2)))
-
-    def field(self, tensor: Tensor) -> Field | None:
-        entry = self._fields.get(id(tensor))
-        return entry[1] if entry is not None and entry[0]() is tensor else None
-
-    def depth(self, tensor: Tensor) -> int:
-        """Layers with weights on the longest path from the input to ``tensor``."""
-        entry = self._depths.get(id(tensor))
-        return entry[1] if entry is not None and entry[0]() is tensor else 0
-
-    def _set(self, tensor: Tensor, f: Field) -> None:
-        self._fields[id(tensor)] = (weakref.ref(tensor), f)
-
-    def __torch_function__(
-        self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None
-    ) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        count = MAC_RULES.get(name)
-        if count is not None:
-            macs = int(count(args, kwargs, out))
-            self.total_macs += macs
-            self._add_macs(macs)
-        self._propagate(name, args, kwargs, out)
-        self._deepen(name, args, kwargs, out)
-        return out
-
-    def _deepen(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        deepest = max((self.depth(t) for t in tensors_in((args, kwargs))), default=0)
-        depth = deepest + (name in self.WEIGHTED)
-        if depth:
-            for tensor in tensors_in(out):
-                self._depths[id(tensor)] = (weakref.ref(tensor), depth)
-
-    def _propagate(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        outputs = list(tensors_in(out))
-        if not outputs:
-            return
-        rule = _WINDOW_RULES.get(name)
-        if rule is not None:
-            x = args[0] if args else kwargs.get("input")
-            f = self.field(x) if isinstance(x, Tensor) else None
-            if f is not None and outputs[0].dim() == x.dim():
-                self._set(outputs[0], rule(f, x, outputs[0], args, kwargs))
-            return
-        sources = [(t, f) for t in tensors_in((args, kwargs)) if (f := self.field(t)) is not None]
-        if name in self.MERGES and len(sources) > 1:
-            self._on_merge(name, [t for t, _ in sources], outputs[0])
-        for y in outputs:
-            # A change of rank (flatten, a mean without keepdim) ends the spatial field.
-            fields = [
-                (_follow(f, x, y, name, args, kwargs), _broadcast(x, y, len(f.axes)))
-                for x, f in sources
-                if x.dim() == y.dim()
-            ]
-            if fields:
-                self._set(y, _merge(fields, y.shape[-len(fields[0][0].axes) :]))
-
-
-def tensors_in(value: Any) -> Iterator[Tensor]:
-    """Tensors inside nested tuples, lists and dicts, in order."""
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from tensors_in(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from tensors_in(item)
+def field_after(
+    name: str, sources: Sequence[tuple[Tensor, Field]], y: Tensor, args: tuple, kwargs: dict
+) -> Field | None:
+    """The field of ``y``, an output of the op ``name`` without a window, from its input
+    tensors and their fields: each input of ``y``'s rank followed through the op, then
+    merged. None when no input has that rank: a change of rank (flatten, a mean without
+    keepdim) ends the spatial field."""
+    fields = [
+        (_follow(f, x, y, name, args, kwargs), _broadcast(x, y, len(f.axes)))
+        for x, f in sources
+        if x.dim() == y.dim()
+    ]
+    if not fields:
+        return None
+    return _merge(fields, y.shape[-len(fields[0][0].axes) :])
 
 
 class _FieldRow(Protocol):

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as tvf
 
 from cnnlab.errors import CnnlabError
-from cnnlab.inspect.receptive_field import tensors_in
 from cnnlab.inspect.summary import summarize
+from cnnlab.inspect.tracker import tensors_in
 from cnnlab.serve.explore_network import BadRequest, Network, block_levels, trace_summary
 from cnnlab.serve.served import png_data_url
 

@@ -27,8 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from cnnlab.errors import CnnlabError
-from cnnlab.inspect.receptive_field import Field, FieldTracker, tensors_in
-from cnnlab.inspect.summary import LayerRow, Summary
+from cnnlab.inspect.receptive_field import Field
+from cnnlab.inspect.rows import LayerRow
+from cnnlab.inspect.summary import Summary
+from cnnlab.inspect.tracker import FieldTracker, tensors_in
 
 
 class BadRequest(CnnlabError):
