@@ -142,12 +142,16 @@ def cmd_cv(args: argparse.Namespace, extra: dict) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.config import default_of
     from cnnlab.lr_find import lr_find, png_path
     from cnnlab.plots import plot_lr_find
+    from cnnlab.training import task_of_model
 
     out = png_path(args.out, args.overwrite, [Path(args.data)])
     args.out = "."  # the run folder TrainConfig asks for; lr-find writes none
-    cfg = _train_config(args, extra, "classify")
+    # A segmentation or detection model sweeps with its own task's defaults (no test split).
+    task = task_of_model(args.model or default_of("classify", "model")).name
+    cfg = _train_config(args, extra, task)
     result = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
     plot_lr_find(result.lrs, result.losses, result.suggested_lr, out)
     if args.format == "json":
