@@ -120,7 +120,7 @@ def test_every_listed_setting_and_choice_passes_the_tasks_setup_check(words: lis
     probe = {float: 0.5, int: 2, str: "x", bool: True}
     for item in fields(TrainConfig):
         flag = f"--{item.name.replace('_', '-')}"
-        if flag not in listed or item.name == "model":
+        if flag not in listed or not item.metadata.get("cli", True) or item.name == "model":
             continue
         action = next(a for a in parser._actions if flag in a.option_strings)
         kind = next(
@@ -191,3 +191,23 @@ def test_lr_find_sweeps_a_segmentation_model_with_its_tasks_defaults(
     args = ["lr-find", str(tmp_path / "data"), "--model", "fcn8s", "--out", str(tmp_path)]
     assert run_cli_here(capsys, *args).stderr == "error: captured\n"
     assert seen[0].test_split == 0.0 and seen[0].model_args == {"backbone": "resnet18"}
+
+
+def test_a_resumed_run_refuses_the_settings_it_would_not_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`train --resume RUN --epochs 20` continued with the saved epochs and said nothing;
+    the flags a resumed run reads (where it runs) stay taken."""
+    train = run_cli_here(capsys, "segment", "train", "--resume", tmp_path, "--epochs", "20")
+    assert train.returncode == 2
+    assert train.stderr == (
+        "error: --resume RUN continues with its saved settings; --epochs would change nothing"
+        " (it takes --device, --threads, --workers, --compile, --quiet)\n"
+    )
+    kept = run_cli_here(capsys, "train", "--resume", tmp_path, "--threads", "1", "--quiet")
+    assert kept.returncode == 2 and "would change nothing" not in kept.stderr  # no run there
+    cv = run_cli_here(capsys, "cv", "--resume", tmp_path, "--lr", "0.1", "--no-flip")
+    assert cv.stderr == (
+        "error: cv --resume OUT continues with its saved settings; --lr --flip would change"
+        " nothing\n"
+    )
