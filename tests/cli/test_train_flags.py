@@ -206,8 +206,8 @@ def test_a_resumed_run_refuses_the_settings_it_would_not_read(
     )
     kept = run_cli_here(capsys, "train", "--resume", tmp_path, "--threads", "1", "--quiet")
     assert kept.returncode == 2 and "would change nothing" not in kept.stderr  # no run there
-    cv = run_cli_here(capsys, "cv", "--resume", tmp_path, "--lr", "0.1", "--no-flip")
+    cv = run_cli_here(capsys, "cv", "--resume", tmp_path, "--lr", "0.1", "--no-flip", "--folds", 3)
     assert cv.stderr == (
-        "error: cv --resume OUT continues with its saved settings; --lr --flip would change"
-        " nothing\n"
+        "error: cv --resume OUT continues with its saved settings; --lr --flip --folds would"
+        " change nothing\n"
     )

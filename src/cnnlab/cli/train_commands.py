@@ -17,6 +17,8 @@ from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.tasks import TASKS
 from cnnlab.tasks.options import options_for
 
+DEFAULT_FOLDS = 5  # `cnnlab cv`'s K
+
 
 def _print_report(report: dict, form: str, task: Any) -> None:
     """A training or evaluation report: JSON, or its task's headline."""
@@ -71,10 +73,13 @@ def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: None if v is EXPLICIT_NONE else v for k, v in given.items()}
 
 
-def _refuse_on_resume(args: argparse.Namespace, what: str, kept: tuple[str, ...] = ()) -> None:
+def _refuse_on_resume(
+    args: argparse.Namespace, what: str, kept: tuple[str, ...] = (), given: list[str] | None = None
+) -> None:
     """A training flag given with ``--resume`` that the resumed run would not read (it
-    continues with its own config.yaml): refused rather than silently dropped."""
-    dropped = [name for name in _given_settings(args) if name not in kept]
+    continues with its own config.yaml; ``given``: the command's own such flags set):
+    refused rather than silently dropped."""
+    dropped = [name for name in _given_settings(args) if name not in kept] + (given or [])
     if dropped:
         flags = " ".join(f"--{name.replace('_', '-')}" for name in dropped)
         takes = ", ".join(f"--{name}" for name in kept)
@@ -139,7 +144,7 @@ def cmd_cv(args: argparse.Namespace, extra: dict) -> int:
     if args.resume and (extra or args.data or args.out):
         raise CnnlabError("cv --resume OUT continues as it was; give no DIR, --out or model flags")
     if args.resume:
-        _refuse_on_resume(args, "cv --resume OUT")
+        _refuse_on_resume(args, "cv --resume OUT", given=["folds"] if args.folds else [])
     if not args.resume and not (args.data and args.out):
         raise CnnlabError("cv needs DIR and --out OUT (or --resume OUT)")
     cfg = None if args.resume else _train_config(args, extra, "classify")
@@ -150,7 +155,9 @@ def cmd_cv(args: argparse.Namespace, extra: dict) -> int:
 
     try:
         summary = (
-            resume_cv(args.resume, say) if args.resume else cross_validate(cfg, args.folds, say)
+            resume_cv(args.resume, say)
+            if args.resume
+            else cross_validate(cfg, args.folds or DEFAULT_FOLDS, say)
         )
     except TrainingInterrupted as stop:
         out = args.resume or args.out

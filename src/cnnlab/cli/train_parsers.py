@@ -22,6 +22,7 @@ from cnnlab.cli.flags import (
     positive,
 )
 from cnnlab.cli.train_commands import (
+    DEFAULT_FOLDS,
     cmd_cv,
     cmd_demo,
     cmd_eval,
@@ -120,7 +121,9 @@ def add_cv_command(commands: Group) -> None:
     )
     sub.add_argument("data", nargs="?", metavar="DIR", help="the data folder")
     sub.add_argument("--out", help="the folder to create: OUT/fold-I/, OUT/cv.json")
-    sub.add_argument("--folds", type=positive, default=5, help="K, the number of folds")
+    sub.add_argument(
+        "--folds", type=positive, help=f"K, the number of folds (default: {DEFAULT_FOLDS})"
+    )  # unset (None) so that --resume can refuse it: the folds are dealt already
     sub.add_argument("--resume", metavar="OUT", help="continue an interrupted cross-validation")
     config_flags(
         sub,
