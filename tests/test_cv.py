@@ -87,3 +87,22 @@ def test_cv_command_refuses_a_used_folder_in_one_line(
         f"error: {tmp_path / 'used'}: --out takes a new or empty folder (continue with --resume)"
     ]
     assert (tmp_path / "used" / "notes.txt").read_text() == "mine"
+
+
+def test_a_label_csv_is_read_with_its_images_folder(
+    few_digits: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`cnnlab cv labels.csv --images DIR` splits the CSV's files as found in DIR (its
+    --images was once left out of the split, which then looked beside the CSV)."""
+    import cnnlab.cv
+
+    rows = [
+        f"{p.relative_to(few_digits)},{p.parent.name}" for p in sorted(few_digits.rglob("*.png"))
+    ]
+    table = tmp_path / "labels" / "digits.csv"
+    table.parent.mkdir()
+    table.write_text("file,label\n" + "\n".join(rows) + "\n")
+    monkeypatch.setattr(cnnlab.cv, "_run_folds", lambda out, say: {})  # the folds: no training
+    cross_validate(tiny_config(table, tmp_path / "cv", images=str(few_digits)), 2)
+    fold = json.loads((tmp_path / "cv" / "splits" / "fold-1.json").read_text())
+    assert Path(fold["root"]) == few_digits.absolute()

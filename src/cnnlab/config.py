@@ -22,6 +22,9 @@ from cnnlab.tasks import entry
 # trivial and randaugment: torchvision's TrivialAugmentWide and RandAugment policies after the
 # light crop (classification only; see cnnlab.data.transforms).
 AUGMENTS = ("none", "light", "strong", "trivial", "randaugment")
+# The recipes the other tasks' joint (image, mask / boxes) transforms have (the same lists
+# as cnnlab.data.transforms' segment_train and detect_train check).
+TASK_AUGMENTS = {"segment": ("none", "light", "strong"), "detect": ("none", "light")}
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # AdamW's decoupled decay wants a much larger value than SGD's L2 penalty (timm's defaults).
 DEFAULT_WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 5e-4}
@@ -35,11 +38,16 @@ def _setting(
     choices: tuple | None = None,
     cli: bool = True,
     tasks: tuple[str, ...] | None = None,
+    instead: dict[str, str] | None = None,
+    task_choices: dict[str, tuple] | None = None,
 ) -> Any:
     """A field with the command line's help text (and choices); ``cli=False`` keeps it off
     the command line (filled in by the run, or given another way); ``tasks`` names the only
-    tasks whose train command takes it as a flag (None: every task's)."""
+    tasks whose train command takes it as a flag (None: every task's), ``instead`` what
+    another task takes in its place (its refusals say so), ``task_choices`` the fewer
+    choices a task has (``choices_of``)."""
     metadata = {"help": help, "choices": choices, "cli": cli, "tasks": tasks}
+    metadata |= {"instead": instead or {}, "task_choices": task_choices or {}}
     return field(default=default, metadata=metadata)
 
 
@@ -55,15 +63,25 @@ class TrainConfig:
     model_args: dict = field(
         default_factory=dict, metadata={"help": "extra builder arguments", "cli": False}
     )
+    # A detector starts from a zoo model's weights through its backbone (the model argument
+    # backbone_weights); whole-model files and the head-only recipes need a classifier head
+    # (transfer.head_parameter_names), which no segmentation or detection model names.
     weights: str | None = _setting(
-        None, "initial weights: a .pth/.safetensors file, or torchvision (from the torch cache)"
+        None,
+        "initial weights: a .pth/.safetensors file, or torchvision (from the torch cache)",
+        tasks=("classify", "segment"),
+        instead={"detect": "a detector's backbone takes the model flag --backbone-weights FILE"},
     )
     weights_file: str | None = _setting(None, "filled in: the weight file read", cli=False)
     weights_sha256: str | None = _setting(None, "filled in: its SHA-256", cli=False)
     freeze_backbone: bool = _setting(
-        False, "train the classifier head only (backbone BatchNorm statistics frozen too)"
+        False,
+        "train the classifier head only (backbone BatchNorm statistics frozen too)",
+        tasks=("classify",),
     )
-    backbone_lr_mult: float = _setting(1.0, "backbone learning rate = lr x this; the head: lr")
+    backbone_lr_mult: float = _setting(
+        1.0, "backbone learning rate = lr x this; the head: lr", tasks=("classify",)
+    )
     epochs: int = _setting(10, "passes over the training split")
     batch_size: int = _setting(
         64, "images per optimizer step; under torchrun, over all processes together"
@@ -84,7 +102,7 @@ class TrainConfig:
     in_channels: int | None = _setting(
         None, "none: 1 when every sampled image is grayscale, else 3", (1, 3)
     )
-    augment: str = _setting("light", "training augmentation", AUGMENTS)
+    augment: str = _setting("light", "training augmentation", AUGMENTS, task_choices=TASK_AUGMENTS)
     flip: bool = _setting(True, "random horizontal flips (--no-flip for digits, text)")
     label_smoothing: float = _setting(
         0.0, "cross-entropy label smoothing for training", tasks=("classify",)
@@ -128,7 +146,10 @@ class TrainConfig:
         " of splitting the data",
     )
     val_split: float = _setting(0.1, "fraction held out for validation (unless DIR/val exists)")
-    test_split: float = _setting(0.1, "fraction held out for testing (unless DIR/test exists)")
+    # Segmentation and detection split train/val only: their validation split reports.
+    test_split: float = _setting(
+        0.1, "fraction held out for testing (unless DIR/test exists)", tasks=("classify",)
+    )
     balance: str = _setting(
         "none",
         "weights: weighted loss; sampler: balanced batches",
@@ -242,6 +263,40 @@ def default_of(task: str, name: str) -> Any:
         return defaults[name]
     item = next(f for f in fields(TrainConfig) if f.name == name)
     return item.default_factory() if callable(item.default_factory) else item.default
+
+
+def choices_of(task: str, name: str) -> tuple | None:
+    """The values field ``name`` may take in a ``task`` run (None: any of its type)."""
+    item = next(f for f in fields(TrainConfig) if f.name == name)
+    return item.metadata.get("task_choices", {}).get(task, item.metadata.get("choices"))
+
+
+def check_task_settings(cfg: TrainConfig, task: str) -> None:
+    """A CnnlabError naming every setting of ``cfg`` that only other tasks take (a field's
+    ``tasks``: the same declaration that keeps the flag off ``task``'s train command) and
+    that is set away from the defaults, and what ``task`` takes instead (``instead``);
+    and a value outside the choices ``task`` has (``choices_of``)."""
+    # TrainConfig's own default passes too: a config built without make_config (a test
+    # split of 0.1 in a segmentation run) holds it unasked.
+    given = [
+        item
+        for item in fields(TrainConfig)
+        if item.metadata.get("tasks") is not None
+        and task not in item.metadata["tasks"]
+        and getattr(cfg, item.name) not in (default_of(task, item.name), item.default)
+    ]
+    if given:
+        whose = "it is another task's setting" if len(given) == 1 else "they are other tasks'"
+        hints = [
+            item.metadata["instead"][task] for item in given if task in item.metadata["instead"]
+        ]
+        named = ", ".join(item.name for item in given)
+        raise CnnlabError(f"a {task} run does not take {named}: {'; '.join([whose, *hints])}")
+    for item in fields(TrainConfig):
+        allowed, value = choices_of(task, item.name), getattr(cfg, item.name)
+        if allowed and value is not None and value not in allowed:
+            listed = ", ".join(map(str, allowed))
+            raise CnnlabError(f"{item.name} of a {task} run must be one of {listed}, got {value!r}")
 
 
 def _require(condition: bool, message: str) -> None:

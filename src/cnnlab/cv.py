@@ -44,7 +44,10 @@ def cross_validate(cfg: TrainConfig, folds: int, say: Callable[[str], None] = pr
     if training.task_of_model(cfg.model).name != "classify":
         raise CnnlabError(f"{cfg.model} is not a classifier; cv cross-validates classifiers")
     data = Path(cfg.data).absolute()
-    splits = make_splits(data, cfg.val_split, cfg.test_split, cfg.seed)
+    # A label CSV's files are relative to --images (absolute, as each fold's config keeps it).
+    images = Path(cfg.images).absolute() if cfg.images else None
+    cfg = replace(cfg, images=str(images) if images else None)
+    splits = make_splits(data, cfg.val_split, cfg.test_split, cfg.seed, images)
     if cfg.multi_label or splits.multi_label:
         # Its folds are scored by top-1 and summed into a confusion matrix: one class each.
         raise CnnlabError(f"{data}: cnnlab cv scores single-label classification only")

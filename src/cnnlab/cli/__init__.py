@@ -49,9 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_name = default_of(args.task, "model")
         if model_name and ":" in model_name:
             model_name = None
-        if unknown and not model_name:
-            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        extra = builder_args(unknown, model_name) if model_name and unknown else {}
+        command = getattr(args, "command_line", parser.prog)
+        if unknown and not model_name:  # argparse's line, naming the command's own --help
+            parser.exit(
+                2, f"error: unrecognized arguments: {' '.join(unknown)} (see `{command} --help`)\n"
+            )
+        extra = builder_args(unknown, model_name, command) if model_name and unknown else {}
         return args.handler(args, extra)
     except CnnlabError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -13,7 +13,7 @@ import argparse
 import functools
 import json
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -41,10 +41,13 @@ def parse_value(text: str) -> object:
     return text
 
 
-def builder_args(extra: Sequence[str], model: str) -> dict:
+def builder_args(extra: Sequence[str], model: str, command: str = "cnnlab") -> dict:
     """Turn unknown ``--key value`` pairs into keyword arguments the model's builder takes
     (``ModelInfo.options``); an on/off setting (a bool default) also reads as ``--key`` or
-    ``--no-key``."""
+    ``--no-key``. An error names ``command`` (``cnnlab summary``) and says whether the
+    flag is a training setting (one ``command`` has no use for) or no argument of
+    ``model``'s."""
+    from cnnlab.config import TrainConfig
     from cnnlab.models.factory import model_info
 
     options = model_info(model).options
@@ -57,7 +60,7 @@ def builder_args(extra: Sequence[str], model: str) -> dict:
     while tokens:
         token = tokens.pop(0)
         if not token.startswith("--"):
-            raise CnnlabError(f"unexpected argument {token!r}")
+            raise CnnlabError(f"{command}: unexpected argument {token!r}")
         flag, _, value = token[2:].partition("=")
         key = flag.replace("-", "_")
         if not value and (not tokens or tokens[0].startswith("--")):
@@ -67,14 +70,20 @@ def builder_args(extra: Sequence[str], model: str) -> dict:
             if key.startswith("no_") and is_switch(key[3:]):
                 args[key[3:]] = False
                 continue
-            raise CnnlabError(f"--{flag} needs a value")
+            raise CnnlabError(f"{command}: --{flag} needs a value")
         args[key] = parse_value(value or tokens.pop(0))
+    settings = {f.name for f in fields(TrainConfig) if f.metadata.get("cli", True)}
     for key in args:
-        if key not in options and key != "num_classes":  # the data decides; train checks
-            known = ", ".join(f"--{n.replace('_', '-')}" for n in options) or "none"
+        if key in options or key == "num_classes":  # the data decides; train checks
+            continue
+        flag = f"--{key.replace('_', '-')}"
+        if key in settings:
             raise CnnlabError(
-                f"{model} does not take --{key.replace('_', '-')} (it takes: {known})"
+                f"{command} has no use for {flag}: a training setting (`cnnlab train --help`),"
+                f" not one of {model}'s own flags"
             )
+        known = ", ".join(f"--{n.replace('_', '-')}" for n in options) or "none"
+        raise CnnlabError(f"{command}: {model} does not take {flag} (it takes: {known})")
     return args
 
 
@@ -128,24 +137,35 @@ def _shown(default: object) -> str:
     )
 
 
-def config_flags(sub: argparse.ArgumentParser, task: str, skip: Sequence[str] = ()) -> None:
+def config_flags(
+    sub: argparse.ArgumentParser, task: str, unused: Mapping[str, str] | None = None
+) -> None:
     """One flag per TrainConfig field that ``task`` takes, with its help, choices and
-    ``task``'s default; a field only other tasks take is refused (``OtherTasksFlag``)."""
-    from cnnlab.config import TrainConfig, default_of
+    ``task``'s default. A field only other tasks take, or one of ``unused`` (the fields
+    this command has no use for, each with why), is refused in argparse's one line
+    (``RefusedFlag``) and not listed."""
+    unused = unused or {}
+    from cnnlab.config import TrainConfig, choices_of, default_of
 
     hints = typing.get_type_hints(TrainConfig)
     for item in fields(TrainConfig):
-        if not item.metadata.get("cli", True) or item.name in skip:
+        if not item.metadata.get("cli", True):
             continue
         flag = f"--{item.name.replace('_', '-')}"
         takers = item.metadata.get("tasks") or (task,)
-        if task not in takers:
-            commands = " and ".join(f"`cnnlab {TASKS[t].prefix()}train`" for t in takers)
+        if task not in takers or item.name in unused:
+            if task not in takers:
+                commands = " and ".join(f"`cnnlab {TASKS[t].prefix()}train`" for t in takers)
+                reason = f"only {commands} take{'s' if len(takers) == 1 else ''} it"
+                if task in item.metadata["instead"]:
+                    reason += f"; {item.metadata['instead'][task]}"
+            else:
+                reason = f"`{sub.prog}` has no use for it ({unused[item.name]})"
             spellings = (flag, f"--no-{flag[2:]}") if hints[item.name] is bool else (flag,)
             sub.add_argument(
                 *spellings,
-                action=OtherTasksFlag,
-                commands=commands,
+                action=RefusedFlag,
+                reason=reason,
                 nargs="?",
                 default=argparse.SUPPRESS,
                 help=argparse.SUPPRESS,
@@ -158,19 +178,20 @@ def config_flags(sub: argparse.ArgumentParser, task: str, skip: Sequence[str] = 
         if kind is bool:
             sub.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
             continue
-        choices = item.metadata.get("choices")
+        choices = choices_of(task, item.name)
         parse = _optional(kind) if type(None) in options else kind
         sub.add_argument(flag, type=parse, choices=choices, help=help_text)
 
 
-class OtherTasksFlag(argparse.Action):
-    """A training flag that only other tasks take: not listed in --help, and refused in
-    argparse's one line, rather than passed on to the model builder as an argument of the
-    model's own (which would name the model, not the task, as what does not take it)."""
+class RefusedFlag(argparse.Action):
+    """A training flag this command does not take (only other tasks take it, or the
+    command has no use for it): not listed in --help, and refused in argparse's one line
+    saying why, rather than passed on to the model builder as an argument of the model's
+    own (which would name the model, not the command, as what does not take it)."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, commands: str, **kwargs: Any):
+    def __init__(self, option_strings: Sequence[str], dest: str, reason: str, **kwargs: Any):
         super().__init__(option_strings, dest, **kwargs)
-        self.commands = commands
+        self.reason = reason
 
     def __call__(
         self,
@@ -179,7 +200,7 @@ class OtherTasksFlag(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        parser.error(f"argument {option_string}: only {self.commands} takes it")
+        parser.error(f"argument {option_string}: {self.reason}")
 
 
 def _optional(kind: type) -> Callable[[str], Any]:
@@ -244,9 +265,10 @@ def add_command(
     **defaults: Any,
 ) -> argparse.ArgumentParser:
     """A command ``name`` in ``group``: its help, its handler (``cnnlab.cli.*_commands``;
-    None for a group of its own) and the values ``defaults`` sets in its namespace."""
+    None for a group of its own) and the values ``defaults`` sets in its namespace (and
+    ``command_line``, what the command is called: ``cnnlab segment train``)."""
     sub = group.add_parser(name, help=help_text, description=help_text, epilog_of=epilog_of)
-    sub.set_defaults(handler=handler, **defaults)
+    sub.set_defaults(handler=handler, command_line=sub.prog, **defaults)
     return sub
 
 

@@ -17,6 +17,8 @@ from cnnlab.errors import CnnlabError, TrainingInterrupted
 from cnnlab.tasks import TASKS
 from cnnlab.tasks.options import options_for
 
+DEFAULT_FOLDS = 5  # `cnnlab cv`'s K
+
 
 def _print_report(report: dict, form: str, task: Any) -> None:
     """A training or evaluation report: JSON, or its task's headline."""
@@ -62,13 +64,36 @@ def _task_options(args: argparse.Namespace) -> dict:
     }
 
 
-def _train_config(args: argparse.Namespace, extra: dict, task: str):
-    """The TrainConfig of the flags the user set, over ``task``'s defaults."""
-    from cnnlab.config import TrainConfig, make_config
+def _given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig flags the user set (``--grad-clip none``: None)."""
+    from cnnlab.config import TrainConfig
 
     names = {f.name for f in fields(TrainConfig) if f.metadata.get("cli", True)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    given = {k: None if v is EXPLICIT_NONE else v for k, v in given.items()}
+    return {k: None if v is EXPLICIT_NONE else v for k, v in given.items()}
+
+
+def _refuse_on_resume(
+    args: argparse.Namespace, what: str, kept: tuple[str, ...] = (), given: list[str] | None = None
+) -> None:
+    """A training flag given with ``--resume`` that the resumed run would not read (it
+    continues with its own config.yaml; ``given``: the command's own such flags set):
+    refused rather than silently dropped."""
+    dropped = [name for name in _given_settings(args) if name not in kept] + (given or [])
+    if dropped:
+        flags = " ".join(f"--{name.replace('_', '-')}" for name in dropped)
+        takes = ", ".join(f"--{name}" for name in kept)
+        raise CnnlabError(
+            f"{what} continues with its saved settings; {flags} would change nothing"
+            + (f" (it takes {takes})" if takes else "")
+        )
+
+
+def _train_config(args: argparse.Namespace, extra: dict, task: str):
+    """The TrainConfig of the flags the user set, over ``task``'s defaults."""
+    from cnnlab.config import make_config
+
+    given = _given_settings(args)
     data = getattr(args, "data", None)
     return make_config(task, data=str(data), out=str(args.out), model_args=extra, **given)
 
@@ -90,6 +115,8 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
     from cnnlab.tasks import task_class
     from cnnlab.training import resume, train
 
+    if args.resume:
+        _refuse_on_resume(args, "--resume RUN", RESUME_OVERRIDES)
     task = read_model_json(args.resume).task if args.resume else args.task
     try:
         if args.resume:
@@ -116,6 +143,8 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
 def cmd_cv(args: argparse.Namespace, extra: dict) -> int:
     if args.resume and (extra or args.data or args.out):
         raise CnnlabError("cv --resume OUT continues as it was; give no DIR, --out or model flags")
+    if args.resume:
+        _refuse_on_resume(args, "cv --resume OUT", given=["folds"] if args.folds else [])
     if not args.resume and not (args.data and args.out):
         raise CnnlabError("cv needs DIR and --out OUT (or --resume OUT)")
     cfg = None if args.resume else _train_config(args, extra, "classify")
@@ -126,7 +155,9 @@ def cmd_cv(args: argparse.Namespace, extra: dict) -> int:
 
     try:
         summary = (
-            resume_cv(args.resume, say) if args.resume else cross_validate(cfg, args.folds, say)
+            resume_cv(args.resume, say)
+            if args.resume
+            else cross_validate(cfg, args.folds or DEFAULT_FOLDS, say)
         )
     except TrainingInterrupted as stop:
         out = args.resume or args.out
@@ -142,12 +173,16 @@ def cmd_cv(args: argparse.Namespace, extra: dict) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace, extra: dict) -> int:
+    from cnnlab.config import default_of
     from cnnlab.lr_find import lr_find, png_path
     from cnnlab.plots import plot_lr_find
+    from cnnlab.training import task_of_model
 
     out = png_path(args.out, args.overwrite, [Path(args.data)])
     args.out = "."  # the run folder TrainConfig asks for; lr-find writes none
-    cfg = _train_config(args, extra, "classify")
+    # A segmentation or detection model sweeps with its own task's defaults (no test split).
+    task = task_of_model(args.model or default_of("classify", "model")).name
+    cfg = _train_config(args, extra, task)
     result = lr_find(cfg, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
     plot_lr_find(result.lrs, result.losses, result.suggested_lr, out)
     if args.format == "json":

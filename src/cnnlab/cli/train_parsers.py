@@ -22,6 +22,7 @@ from cnnlab.cli.flags import (
     positive,
 )
 from cnnlab.cli.train_commands import (
+    DEFAULT_FOLDS,
     cmd_cv,
     cmd_demo,
     cmd_eval,
@@ -120,9 +121,18 @@ def add_cv_command(commands: Group) -> None:
     )
     sub.add_argument("data", nargs="?", metavar="DIR", help="the data folder")
     sub.add_argument("--out", help="the folder to create: OUT/fold-I/, OUT/cv.json")
-    sub.add_argument("--folds", type=positive, default=5, help="K, the number of folds")
+    sub.add_argument(
+        "--folds", type=positive, help=f"K, the number of folds (default: {DEFAULT_FOLDS})"
+    )  # unset (None) so that --resume can refuse it: the folds are dealt already
     sub.add_argument("--resume", metavar="OUT", help="continue an interrupted cross-validation")
-    config_flags(sub, "classify", skip=("split_file",))
+    config_flags(
+        sub,
+        "classify",
+        unused={
+            "split_file": "it splits DIR into --folds folds itself",
+            "multi_label": "it scores single-label classification only",
+        },
+    )
     add_format(sub)
 
 
@@ -142,19 +152,18 @@ def add_lr_find_command(commands: Group) -> None:
     sub.add_argument("--end-lr", type=float, default=10.0, help="the last step's lr")
     sub.add_argument("--steps", type=int, default=100, help="optimizer steps")
     add_overwrite(sub, "an existing lr_find.png (or --out .png file)")
-    config_flags(
-        sub,
-        "classify",
-        skip=(
-            "lr",
-            "epochs",
-            "warmup_epochs",
-            "lr_interval",
-            "patience",
-            "min_delta",
-            "split_file",
-        ),
+    # The range test's own schedule replaces the run's; it saves no model and evaluates none.
+    sweep = "the lr grows from --start-lr to --end-lr over --steps optimizer steps"
+    unused = dict.fromkeys(("lr", "epochs", "warmup_epochs", "lr_interval"), sweep)
+    unused |= dict.fromkeys(
+        ("patience", "min_delta"), "it validates nothing; it stops early when the loss diverges"
     )
+    unused |= {
+        "ema": "its model is thrown away: no average is evaluated or kept",
+        "compile": "it runs its steps eagerly",
+        "split_file": "it splits DIR as `cnnlab train` would",
+    }
+    config_flags(sub, "classify", unused)
     add_format(sub)
 
 

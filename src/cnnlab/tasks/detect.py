@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from cnnlab.config import TrainConfig
+from cnnlab.config import TrainConfig, check_task_settings
 from cnnlab.data.detect import (
     DetectionDataset,
     DetectionSample,
@@ -85,20 +85,7 @@ class DetectTask(RunFacts):
         cls, cfg: TrainConfig, split_file: Path | None = None
     ) -> tuple[TrainConfig, DetectTask]:
         """Refuse settings detection has no use for; read the annotations and split them."""
-        if (
-            cfg.balance != "none"
-            or cfg.label_smoothing
-            or cfg.weights
-            or cfg.freeze_backbone
-            or cfg.mixup
-            or cfg.cutmix
-        ):
-            raise CnnlabError(
-                "balance, label_smoothing, mixup, cutmix, weights and freeze_backbone are"
-                " classification settings; a detector takes backbone_weights"
-            )
-        if cfg.augment not in ("none", "light"):
-            raise CnnlabError("detection has one augmentation recipe: augment light or none")
+        check_task_settings(cfg, "detect")
         if split_file is None:
             splits = make_detection_splits(Path(cfg.data), cfg.val_split, cfg.seed)
         else:

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
-from cnnlab.config import TrainConfig
+from cnnlab.config import TrainConfig, check_task_settings
 from cnnlab.data import segment as segdata
 from cnnlab.data.images import detect_in_channels, image_size, read_image
 from cnnlab.data.loaders import eval_loader, train_loader
@@ -100,8 +100,7 @@ class SegmentTask(RunFacts):
     ) -> tuple[TrainConfig, SegmentTask]:
         """The split, masks checked against their images, the crop size (default: the
         shorter side of the first training image) and the channels."""
-        if cfg.mixup or cfg.cutmix:
-            raise CnnlabError("mixup and cutmix mix class labels: classification settings")
+        check_task_settings(cfg, "segment")
         if split_file is None:
             splits = segdata.make_seg_splits(cfg.data, cfg.val_split, cfg.seed)
             if len(splits.classes) > IGNORE_INDEX:
