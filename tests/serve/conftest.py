@@ -14,20 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from cnnlab.serve.chromium import CHROMIUM, chromium_launch
 from tests.conftest import ServerProcess
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def chromium_path() -> str:
-    for found in (shutil.which("chromium"), "/usr/bin/chromium"):
+    """Debian's chromium (the one the screenshots and the benchmark launch), else the
+    chromium on PATH."""
+    for found in (CHROMIUM, shutil.which("chromium")):
         if found and os.access(found, os.X_OK):
             return found
     message = "no chromium for the browser tests: apt-get install -y chromium"
@@ -45,7 +39,7 @@ def browser() -> Iterator:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(**chromium_launch(executable))
         yield launched
         launched.close()
 
