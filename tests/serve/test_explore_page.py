@@ -58,6 +58,15 @@ def click_map_pixel(page, index: int, fraction: tuple[float, float]) -> tuple[li
     return unit, [int(v) for v in shown.get_attribute("data-inside").split(",")]
 
 
+# The width of a space over that of a digit in the font an element is drawn in: 1 in a
+# monospace font, about a half in a text font.
+SPACE_PER_DIGIT = """(selector) => {
+    const style = getComputedStyle(document.querySelector(selector));
+    const ctx = document.createElement('canvas').getContext('2d');
+    ctx.font = `${style.fontSize} ${style.fontFamily}`;
+    return ctx.measureText(' ').width / ctx.measureText('0').width; }"""
+
+
 def test_resnet18_formulas_and_a_units_field(browser, server):
     page = open_page(browser, server, "?model=resnet18")
     page.wait_for_selector(".layer-row")
@@ -76,6 +85,12 @@ def test_resnet18_formulas_and_a_units_field(browser, server):
     (y, x), box = click_map_pixel(page, index, (0.5, 0.4))
     model, size = build_model("resnet18", {}, (3, 224, 224))
     assert box == gradient_box(model, size, rows[index]["name"], y, x)
+    # The field's steps read as text: "1 + (7 - 1)*1 = 7", one space each, spaces narrower
+    # than a digit (a monospace font makes them a digit wide: "(7  -  1)*1").
+    steps = page.locator("#field-chain .formula").all_text_contents()
+    assert steps[0] == "1 + (7 - 1)*1 = 7"
+    assert page.evaluate(SPACE_PER_DIGIT, "#field-chain .formula") < 0.75
+    assert page.evaluate(SPACE_PER_DIGIT, "#layer-size-formula") < 0.75
     assert not page.problems, page.problems
     page.close()
 
