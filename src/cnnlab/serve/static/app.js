@@ -14,7 +14,7 @@ const STAGE_SIDE = 440; // CSS pixels the longer side of the shown image gets, r
 const PANEL_GAP = 8; // CSS pixels between the image and a segmentation's class map
 const DETECT_REQUEST_THRESHOLD = 0.05; // asked of the server; the slider filters above it
 const DETECTIONS_LISTED = 15; // rows in the list; every box above the threshold is drawn
-const GRADCAM_SIDE = 200; // CSS pixels of the "where it looks" picture's longer side
+const GRADCAM_SIDE = 240; // CSS pixels of the "where it looks" picture's longer side
 
 const pct = (p) => `${(100 * p).toFixed(1)}%`;
 
@@ -249,10 +249,11 @@ function classifyPanel(answer) {
     const found = answer.explain;
     const peak = found.peak_xy ? `, peak at (${found.peak_xy.map(Math.round).join(", ")})` : "";
     const [x0, y0, x1, y1] = found.view_box, scale = GRADCAM_SIDE / Math.max(x1 - x0, y1 - y0);
-    parts.push(el("figure", { class: "where-it-looks" },
+    // the caption and the scale as wide as the picture
+    parts.push(el("figure", { class: "where-it-looks", style: `width:${Math.round(scale * (x1 - x0))}px` },
       el("canvas", {
         id: "gradcam", role: "img", "aria-label": `Grad-CAM of ${found.class} over the image`,
-        style: `width:${Math.round(scale * (x1 - x0))}px;aspect-ratio:${x1 - x0} / ${y1 - y0}`,
+        style: `aspect-ratio:${x1 - x0} / ${y1 - y0}`,
       }),
       el("figcaption", { class: "muted" },
         `Where it looks: Grad-CAM of ${found.class} at ${found.layer}${peak}`),
