@@ -8,7 +8,8 @@
   and shown at opacity 0.8.
 
 Playwright drives Debian's chromium, offline, launched as the page tests do
-(``cnnlab.serve.chromium``). Each page must fit its width (no horizontal scroll) and say nothing in its console.
+(``cnnlab.serve.chromium``). Each page must fit its width (no horizontal scroll) and say
+nothing in its console.
 
     python docs/screenshots.py [--demo runs/demo] [--out docs]
 """
