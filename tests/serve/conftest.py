@@ -67,6 +67,20 @@ def watched_page(browser, server_url: str, path: str = "", width: int = 1280):
     return page
 
 
+# A canvas's (pixels, those drawn (alpha > 0), those coloured (R, G, B not all equal: a grey
+# picture has none)); null while the canvas is missing or has no size yet.
+CANVAS_COLOURS = """(id) => { const c = document.getElementById(id);
+    if (!c || !c.width) return null;
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let drawn = 0, coloured = 0;
+    for (let i = 0; i < d.length; i += 4) {
+        if (d[i + 3] === 0) continue;
+        drawn += 1;
+        if (d[i] !== d[i + 1] || d[i + 1] !== d[i + 2]) coloured += 1;
+    }
+    return [c.width * c.height, drawn, coloured]; }"""
+
+
 @pytest.fixture(scope="session")
 def runs_server(
     serve_runs: dict[str, Path], launch_server: Callable[..., ServerProcess]

@@ -15,7 +15,7 @@ import pytest
 
 from cnnlab.inspect.specs import build_model, summarize_spec
 from tests.conftest import ServerProcess
-from tests.serve.conftest import watched_page
+from tests.serve.conftest import CANVAS_COLOURS, watched_page
 from tests.serve.test_explore import gradient_box
 
 
@@ -119,19 +119,6 @@ def test_convnet_formulas_a_padded_units_field_and_an_unknown_model(browser, ser
     unknown.close()
 
 
-# The overlay's pixels that are drawn (alpha > 0), and how many of them are coloured
-# (R, G, B not all equal): a grey map has none.
-OVERLAY_COLOURS = """() => { const c = document.getElementById('input-overlay');
-    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-    let drawn = 0, coloured = 0;
-    for (let i = 0; i < d.length; i += 4) {
-        if (d[i + 3] === 0) continue;
-        drawn += 1;
-        if (d[i] !== d[i + 1] || d[i + 1] !== d[i + 2]) coloured += 1;
-    }
-    return [c.width * c.height, drawn, coloured]; }"""
-
-
 def test_a_classifier_runs_gradcam_is_drawn_in_colour_with_its_scale(browser, runs_server):
     """The explore page of the serve page's classifier run: its top classes for the digit
     sample, and the top class's Grad-CAM at the first layer over the image in the jet colour
@@ -146,7 +133,7 @@ def test_a_classifier_runs_gradcam_is_drawn_in_colour_with_its_scale(browser, ru
     legend = page.text_content("#gradcam-what")
     assert legend.startswith("High (red, 1 = the map's peak)") and top in legend
     assert page.is_visible("#gradcam-legend .colourbar")
-    pixels, drawn, coloured = page.evaluate(OVERLAY_COLOURS)
+    pixels, drawn, coloured = page.evaluate(CANVAS_COLOURS, "input-overlay")
     assert pixels > 0 and drawn == pixels and coloured == drawn  # no unit picked: the map alone
     assert not page.problems, page.problems
     page.close()

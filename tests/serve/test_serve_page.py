@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.serve.conftest import watched_page
+from tests.serve.conftest import CANVAS_COLOURS, watched_page
 
 
 @pytest.fixture
@@ -67,20 +67,6 @@ def choose(page, task: str) -> None:
     page.wait_for_selector(f"#run-details .badge.{task}")
 
 
-# The "where it looks" canvas: (its pixels, those drawn (alpha > 0), those coloured (R, G, B
-# not all equal)).
-GRADCAM_COLOURS = """() => { const c = document.getElementById('gradcam');
-    if (!c || !c.width) return null;
-    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-    let drawn = 0, coloured = 0;
-    for (let i = 0; i < d.length; i += 4) {
-        if (d[i + 3] === 0) continue;
-        drawn += 1;
-        if (d[i] !== d[i + 1] || d[i + 1] !== d[i + 2]) coloured += 1;
-    }
-    return [c.width * c.height, drawn, coloured]; }"""
-
-
 def test_classify_shows_top_classes_and_each_class_heat_map(
     page, runs_server, serve_runs, tmp_path
 ):
@@ -113,8 +99,8 @@ def test_classify_shows_top_classes_and_each_class_heat_map(
     first = page.inner_text("#peak")
     assert first.startswith(f"P({best['class']})")
     assert Image.open(image).mode in ("L", "1")  # grey: colour can come from the map alone
-    wait_until(page, f"() => ({GRADCAM_COLOURS})() !== null")
-    pixels, drawn, coloured = page.evaluate(GRADCAM_COLOURS)
+    wait_until(page, f"() => ({CANVAS_COLOURS})('gradcam') !== null")
+    pixels, drawn, coloured = page.evaluate(CANVAS_COLOURS, "gradcam")
     assert pixels > 0 and drawn == pixels and coloured == drawn
     assert page.inner_text(".where-it-looks figcaption").startswith(
         f"Where it looks: Grad-CAM of {best['class']} at "

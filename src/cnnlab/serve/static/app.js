@@ -309,12 +309,11 @@ const colourOf = (name) => state.run.colours[state.run.classes.indexOf(name)] ||
 
 function drawOverlay() {
   const answer = state.answer, photo = $("photo");
-  if (!answer || !photo.naturalWidth) return;
+  if (!answer) return;
   const task = state.run.task;
-  if (task === "classify") {
-    drawHeatmap(answer);
-    drawWhereItLooks(answer);
-  }
+  if (task === "classify") drawWhereItLooks(answer); // its own canvas, the map alone if need be
+  if (!photo.naturalWidth) return;
+  if (task === "classify") drawHeatmap(answer);
   else if (task === "segment") drawMask(answer);
   else drawBoxes(answer);
 }
