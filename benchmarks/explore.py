@@ -1,5 +1,5 @@
 """The explore page: ``cnnlab explore resnet50 --input 3,224,224`` in a child process, a
-browser (Playwright, Debian's chromium) on its page.
+browser (Playwright, Debian's chromium launched as the page tests do) on its page.
 
 Measured each round, on a fresh server (nothing built yet):
 
@@ -35,10 +35,10 @@ import torchvision
 
 from _bench import Row, add_load_flag, report_loads, under_loads
 from cnnlab.inspect.specs import summarize_spec
+from cnnlab.serve.chromium import chromium_launch
 
 LAYERS = ("conv1", "layer1.0.conv1", "layer2.1.conv2", "layer3.3.relu", "layer4.2.conv3")
 ANNOUNCED = re.compile(r"^cnnlab explore: \S+ at (http://\S+/)explore")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu"]
 
 
 def start_server() -> tuple[subprocess.Popen, str]:
@@ -132,9 +132,7 @@ def main() -> None:
 
     def measure(load: int) -> list[Row]:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
-            )
+            browser = playwright.chromium.launch(**chromium_launch())
             rounds = [one_round(browser) for _ in range(args.rounds)]
             browser.close()
         paint = statistics.median(r[0] for r in rounds)

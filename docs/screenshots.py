@@ -7,8 +7,9 @@
   (``make demo``'s ``runs/demo``) given ``docs/digits_page.png``, class 5's heat map chosen
   and shown at opacity 0.8.
 
-Playwright drives Debian's chromium, offline, as the page tests do (tests/serve/conftest.py).
-Each page must fit its width (no horizontal scroll) and say nothing in its console.
+Playwright drives Debian's chromium, offline, launched as the page tests do
+(``cnnlab.serve.chromium``). Each page must fit its width (no horizontal scroll) and say
+nothing in its console.
 
     python docs/screenshots.py [--demo runs/demo] [--out docs]
 """
@@ -26,16 +27,9 @@ from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
+from cnnlab.serve.chromium import chromium_launch
+
 DOCS = Path(__file__).resolve().parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 ANNOUNCED = re.compile(r"^cnnlab (?:serve|explore): .* at (http://\S+/)")
 FITS = "() => document.documentElement.scrollWidth <= window.innerWidth"
 # every image shown has loaded (the figures in a closed <details> are lazy: never loaded)
@@ -136,7 +130,7 @@ def main() -> None:
         print(f"no {args.demo} (make demo writes it): serve.png not taken")
     try:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(**chromium_launch())
             explore_shots(browser, servers[0][1], args.out)
             if len(servers) > 1:
                 serve_shot(browser, servers[1][1], args.out)

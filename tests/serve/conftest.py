@@ -14,20 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from cnnlab.serve.chromium import CHROMIUM, chromium_launch
 from tests.conftest import ServerProcess
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def chromium_path() -> str:
-    for found in (shutil.which("chromium"), "/usr/bin/chromium"):
+    """Debian's chromium (the one the screenshots and the benchmark launch), else the
+    chromium on PATH."""
+    for found in (CHROMIUM, shutil.which("chromium")):
         if found and os.access(found, os.X_OK):
             return found
     message = "no chromium for the browser tests: apt-get install -y chromium"
@@ -45,7 +39,7 @@ def browser() -> Iterator:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        launched = playwright.chromium.launch(**chromium_launch(executable))
         yield launched
         launched.close()
 
@@ -71,6 +65,20 @@ def watched_page(browser, server_url: str, path: str = "", width: int = 1280):
     page.problems = problems
     page.goto(server_url + path)
     return page
+
+
+# A canvas's (pixels, those drawn (alpha > 0), those coloured (R, G, B not all equal: a grey
+# picture has none)); null while the canvas is missing or has no size yet.
+CANVAS_COLOURS = """(id) => { const c = document.getElementById(id);
+    if (!c || !c.width) return null;
+    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    let drawn = 0, coloured = 0;
+    for (let i = 0; i < d.length; i += 4) {
+        if (d[i + 3] === 0) continue;
+        drawn += 1;
+        if (d[i] !== d[i + 1] || d[i + 1] !== d[i + 2]) coloured += 1;
+    }
+    return [c.width * c.height, drawn, coloured]; }"""
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 
 from cnnlab.inspect.specs import build_model, summarize_spec
 from tests.conftest import ServerProcess
-from tests.serve.conftest import watched_page
+from tests.serve.conftest import CANVAS_COLOURS, watched_page
 from tests.serve.test_explore import gradient_box
 
 
@@ -58,6 +58,15 @@ def click_map_pixel(page, index: int, fraction: tuple[float, float]) -> tuple[li
     return unit, [int(v) for v in shown.get_attribute("data-inside").split(",")]
 
 
+# The width of a space over that of a digit in the font an element is drawn in: 1 in a
+# monospace font, about a half in a text font.
+SPACE_PER_DIGIT = """(selector) => {
+    const style = getComputedStyle(document.querySelector(selector));
+    const ctx = document.createElement('canvas').getContext('2d');
+    ctx.font = `${style.fontSize} ${style.fontFamily}`;
+    return ctx.measureText(' ').width / ctx.measureText('0').width; }"""
+
+
 def test_resnet18_formulas_and_a_units_field(browser, server):
     page = open_page(browser, server, "?model=resnet18")
     page.wait_for_selector(".layer-row")
@@ -76,6 +85,12 @@ def test_resnet18_formulas_and_a_units_field(browser, server):
     (y, x), box = click_map_pixel(page, index, (0.5, 0.4))
     model, size = build_model("resnet18", {}, (3, 224, 224))
     assert box == gradient_box(model, size, rows[index]["name"], y, x)
+    # The field's steps read as text: "1 + (7 - 1)*1 = 7", one space each, spaces narrower
+    # than a digit (a monospace font makes them a digit wide: "(7  -  1)*1").
+    steps = page.locator("#field-chain .formula").all_text_contents()
+    assert steps[0] == "1 + (7 - 1)*1 = 7"
+    assert page.evaluate(SPACE_PER_DIGIT, "#field-chain .formula") < 0.75
+    assert page.evaluate(SPACE_PER_DIGIT, "#layer-size-formula") < 0.75
     assert not page.problems, page.problems
     page.close()
 
@@ -104,19 +119,6 @@ def test_convnet_formulas_a_padded_units_field_and_an_unknown_model(browser, ser
     unknown.close()
 
 
-# The overlay's pixels that are drawn (alpha > 0), and how many of them are coloured
-# (R, G, B not all equal): a grey map has none.
-OVERLAY_COLOURS = """() => { const c = document.getElementById('input-overlay');
-    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-    let drawn = 0, coloured = 0;
-    for (let i = 0; i < d.length; i += 4) {
-        if (d[i + 3] === 0) continue;
-        drawn += 1;
-        if (d[i] !== d[i + 1] || d[i + 1] !== d[i + 2]) coloured += 1;
-    }
-    return [c.width * c.height, drawn, coloured]; }"""
-
-
 def test_a_classifier_runs_gradcam_is_drawn_in_colour_with_its_scale(browser, runs_server):
     """The explore page of the serve page's classifier run: its top classes for the digit
     sample, and the top class's Grad-CAM at the first layer over the image in the jet colour
@@ -131,7 +133,7 @@ def test_a_classifier_runs_gradcam_is_drawn_in_colour_with_its_scale(browser, ru
     legend = page.text_content("#gradcam-what")
     assert legend.startswith("High (red, 1 = the map's peak)") and top in legend
     assert page.is_visible("#gradcam-legend .colourbar")
-    pixels, drawn, coloured = page.evaluate(OVERLAY_COLOURS)
+    pixels, drawn, coloured = page.evaluate(CANVAS_COLOURS, "input-overlay")
     assert pixels > 0 and drawn == pixels and coloured == drawn  # no unit picked: the map alone
     assert not page.problems, page.problems
     page.close()

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
-from tests.serve.conftest import watched_page
+from tests.serve.conftest import CANVAS_COLOURS, watched_page
 
 
 @pytest.fixture
@@ -69,6 +70,9 @@ def choose(page, task: str) -> None:
 def test_classify_shows_top_classes_and_each_class_heat_map(
     page, runs_server, serve_runs, tmp_path
 ):
+    """The top classes, each one's heat map, and where the model looks: the top class's
+    Grad-CAM in jet over the (grey) digit, so that every pixel of it is coloured (a grey
+    map over a grey image would have none), with its scale and what high means."""
     buttons = page.locator("#run-list button")
     assert buttons.count() == 3
     assert sorted(buttons.nth(i).locator(".badge").inner_text() for i in range(3)) == [
@@ -94,6 +98,15 @@ def test_classify_shows_top_classes_and_each_class_heat_map(
     wait_drawn(page)  # the top class's heat map
     first = page.inner_text("#peak")
     assert first.startswith(f"P({best['class']})")
+    assert Image.open(image).mode in ("L", "1")  # grey: colour can come from the map alone
+    wait_until(page, f"() => ({CANVAS_COLOURS})('gradcam') !== null")
+    pixels, drawn, coloured = page.evaluate(CANVAS_COLOURS, "gradcam")
+    assert pixels > 0 and drawn == pixels and coloured == drawn
+    assert page.inner_text(".where-it-looks figcaption").startswith(
+        f"Where it looks: Grad-CAM of {best['class']} at "
+    )
+    assert page.inner_text("#gradcam-what").startswith("High (red, 1 = the map's peak)")
+    assert page.is_visible(".where-it-looks .colourbar")
     other = answer["top"][1]["class"]
     page.check(f"#top input[value='{other}']")
     wait_until(page, f"() => document.getElementById('peak').textContent.startsWith('P({other})')")

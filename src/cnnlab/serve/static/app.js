@@ -1,14 +1,20 @@
 // cnnlab serve: the page. Its only backend is the JSON API (GET /api/runs, POST /api/predict);
 // every drawing (heat map, mask outlines, boxes) is made here on a canvas over the uploaded
-// image; a segmentation's class map goes on a second canvas beside it. common.js (loaded
-// first) has $, el, count, showError, fetchJSON and the jet colour map.
+// image; a segmentation's class map goes on a second canvas beside it; a classifier's
+// "where it looks" (Grad-CAM) on a third, in jet over the part of the image the model sees.
+// common.js (loaded first) has $, el, count, showError, fetchJSON, loadImage, the jet colour
+// map and the Grad-CAM drawing the explore page shares (inJet, drawGradcam, gradcamLegend).
 "use strict";
 
-const state = { runs: [], run: null, file: null, answer: null, maxUpload: 20e6, heatClass: null };
+const state = {
+  runs: [], run: null, file: null, answer: null, maxUpload: 20e6, heatClass: null,
+  gradcam: null, // { answer, map }: the answer's Grad-CAM in jet (inJet), made once
+};
 const STAGE_SIDE = 440; // CSS pixels the longer side of the shown image gets, room permitting
 const PANEL_GAP = 8; // CSS pixels between the image and a segmentation's class map
 const DETECT_REQUEST_THRESHOLD = 0.05; // asked of the server; the slider filters above it
 const DETECTIONS_LISTED = 15; // rows in the list; every box above the threshold is drawn
+const GRADCAM_SIDE = 240; // CSS pixels of the "where it looks" picture's longer side
 
 const pct = (p) => `${(100 * p).toFixed(1)}%`;
 
@@ -233,19 +239,27 @@ function classifyPanel(answer) {
       el("span", { class: "num" }, pct(t.prob)))))));
   if (answer.heatmaps) {
     parts.push(opacitySlider("heat map opacity", overlay.alpha, (v) => { overlay.alpha = v; drawOverlay(); }));
-    parts.push(el("div", { class: "colourbar", "aria-hidden": "true" }),
-      el("div", { class: "scale" }, el("span", {}, "P = 0"), el("span", {}, "per window"), el("span", {}, "1")));
+    parts.push(...jetScale("P = 0", "per window", "1"));
     parts.push(el("p", { class: "muted", id: "peak" }));
   } else if (answer.heatmaps_error) {
     parts.push(el("p", { class: "muted" }, `No heat map: ${answer.heatmaps_error}`));
   }
   if (answer.explain && answer.explain.map_png) {
-    // where it looks: the top class's Grad-CAM over the model's view (white: the evidence)
+    // where it looks: the top class's Grad-CAM over the part of the image the model sees
     const found = answer.explain;
-    parts.push(el("figure", { class: "where-it-looks" },
-      el("img", { src: found.map_png, alt: `Grad-CAM of ${found.class}`, width: "128", height: "128" }),
+    const peak = found.peak_xy ? `, peak at (${found.peak_xy.map(Math.round).join(", ")})` : "";
+    const [x0, y0, x1, y1] = found.view_box, scale = GRADCAM_SIDE / Math.max(x1 - x0, y1 - y0);
+    // the caption and the scale as wide as the picture
+    parts.push(el("figure", { class: "where-it-looks", style: `width:${Math.round(scale * (x1 - x0))}px` },
+      el("canvas", {
+        id: "gradcam", role: "img", "aria-label": `Grad-CAM of ${found.class} over the image`,
+        style: `aspect-ratio:${x1 - x0} / ${y1 - y0}`,
+      }),
       el("figcaption", { class: "muted" },
-        `where it looks: Grad-CAM of ${found.class} at ${found.layer}, peak at (${found.peak_xy.join(", ")})`)));
+        `Where it looks: Grad-CAM of ${found.class} at ${found.layer}${peak}`),
+      gradcamLegend(found.class, "gradcam-what")));
+  } else if (answer.explain && answer.explain.error) {
+    parts.push(el("p", { class: "muted" }, `No Grad-CAM: ${answer.explain.error}`));
   }
   return parts;
 }
@@ -295,8 +309,10 @@ const colourOf = (name) => state.run.colours[state.run.classes.indexOf(name)] ||
 
 function drawOverlay() {
   const answer = state.answer, photo = $("photo");
-  if (!answer || !photo.naturalWidth) return;
+  if (!answer) return;
   const task = state.run.task;
+  if (task === "classify") drawWhereItLooks(answer); // its own canvas, the map alone if need be
+  if (!photo.naturalWidth) return;
   if (task === "classify") drawHeatmap(answer);
   else if (task === "segment") drawMask(answer);
   else drawBoxes(answer);
@@ -331,6 +347,29 @@ function drawHeatmap(answer) {
   ctx.strokeRect(x0, y0, x1 - x0, y1 - y0);
   const peak = $("peak");
   if (peak) peak.textContent = `P(${found.class}) peaks at ${pct(found.prob)} in the window outlined (cell ${found.peak.join(", ")} of ${rows}×${cols}).`;
+}
+
+// The answer's Grad-CAM in jet at GRADCAM_ALPHA over the model's view of the image (its
+// view_box: a classifier's centre crop), as the explore page and `cnnlab explain` draw it.
+async function drawWhereItLooks(answer) {
+  const canvas = $("gradcam");
+  if (!canvas || !answer.explain || !answer.explain.map_png) return;
+  if (!state.gradcam || state.gradcam.answer !== answer) {
+    const grey = await loadImage(answer.explain.map_png);
+    if (state.answer !== answer) return; // a newer answer took over
+    state.gradcam = { answer, map: inJet(grey) };
+  }
+  const width = Math.round(canvas.clientWidth * devicePixelRatio);
+  const height = Math.round(canvas.clientHeight * devicePixelRatio);
+  canvas.width = width;
+  canvas.height = height;
+  const ctx = canvas.getContext("2d"), photo = $("photo");
+  if (photo.naturalWidth) { // (an image the browser cannot show: the map alone)
+    const [x0, y0, x1, y1] = answer.explain.view_box;
+    ctx.imageSmoothingEnabled = width / (x1 - x0) < 2; // small images enlarged keep their pixels
+    ctx.drawImage(photo, x0, y0, x1 - x0, y1 - y0, 0, 0, width, height);
+  }
+  drawGradcam(ctx, state.gradcam.map, width, height);
 }
 
 // Outlines, not a tint: a class colour blended over a colourful image reads as a third

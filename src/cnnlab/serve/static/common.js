@@ -63,3 +63,59 @@ function jet(t) {
   const c = (x) => Math.round(255 * Math.min(1, Math.max(0, 1.5 - Math.abs(x))));
   return [c(4 * t - 3), c(4 * t - 2), c(4 * t - 1)];
 }
+
+// An image (a data: or blob: URL) once the browser has decoded it.
+function loadImage(src) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => resolve(image);
+    image.onerror = () => reject(new Error("the browser cannot decode the image"));
+    image.src = src;
+  });
+}
+
+// ---- Grad-CAM, as both pages and `cnnlab explain`'s pictures draw it -------------------
+
+const GRADCAM_ALPHA = 0.5; // the map over the image, as `cnnlab explain` draws it
+
+// The server's map is grey (its value, 0 to 255, in every channel): in jet, at its own size.
+function inJet(grey) {
+  const canvas = document.createElement("canvas");
+  canvas.width = grey.naturalWidth;
+  canvas.height = grey.naturalHeight;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(grey, 0, 0);
+  const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  for (let i = 0; i < pixels.data.length; i += 4) {
+    pixels.data.set([...jet(pixels.data[i] / 255), 255], i);
+  }
+  ctx.putImageData(pixels, 0, 0);
+  return canvas;
+}
+
+// The jet map (inJet's canvas) over what `ctx` already shows, stretched to width x height.
+function drawGradcam(ctx, map, width, height) {
+  ctx.save();
+  ctx.globalAlpha = GRADCAM_ALPHA;
+  ctx.imageSmoothingEnabled = true; // bilinear, as the explain pictures' map
+  ctx.drawImage(map, 0, 0, width, height);
+  ctx.restore();
+}
+
+// The colour bar of jet and the words under its two ends and its middle.
+function jetScale(low, middle, high) {
+  return [
+    el("div", { class: "colourbar", "aria-hidden": "true" }),
+    el("div", { class: "scale", "aria-hidden": "true" },
+      el("span", {}, low), el("span", {}, middle), el("span", {}, high)),
+  ];
+}
+
+// The line under a Grad-CAM map: what its colours mean.
+const gradcamMeaning = (className) => `High (red, 1 = the map's peak): where the evidence for`
+  + ` ${className} is strongest; dark blue (0): none.`;
+
+// A Grad-CAM's legend: the scale and the line saying what high is.
+function gradcamLegend(className, id) {
+  return [...jetScale("0", "Grad-CAM", "1"), el("p", { class: "muted", id }, gradcamMeaning(className))];
+}

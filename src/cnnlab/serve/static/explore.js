@@ -2,7 +2,8 @@
 // OpenAPI document at /openapi.json describes it); every drawing is made here: the layer column
 // with its blocks and joins, the receptive-field chart, the box of a unit's field, a class's
 // Grad-CAM in the jet colour map. common.js (loaded first) has $, el, count, showError,
-// fetchJSON and jet.
+// fetchJSON, loadImage and the Grad-CAM drawing the serve page shares (inJet, drawGradcam,
+// gradcamLegend).
 "use strict";
 
 const state = {
@@ -11,7 +12,6 @@ const state = {
 };
 const SVG = "http://www.w3.org/2000/svg";
 const JOIN_GUTTER = 30; // CSS pixels right of the rows where the joins' arcs are drawn (explore.css)
-const GRADCAM_ALPHA = 0.5; // the map over the image, as `cnnlab explain` draws it
 
 function svg(tag, attrs = {}, text) {
   const node = document.createElementNS(SVG, tag);
@@ -377,12 +377,7 @@ function drawField() {
   canvas.height = img.clientHeight * devicePixelRatio;
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   const f = state.field;
-  if (state.gradcam) {
-    ctx.globalAlpha = GRADCAM_ALPHA;
-    ctx.imageSmoothingEnabled = true; // bilinear, as the explain pictures' map
-    ctx.drawImage(state.gradcam, 0, 0, canvas.width, canvas.height);
-    ctx.globalAlpha = 1;
-  }
+  if (state.gradcam) drawGradcam(ctx, state.gradcam, canvas.width, canvas.height);
   if (!f) { box.hidden = true; return; }
   const [, height, width] = f.input;
   const sx = canvas.width / width;
@@ -442,31 +437,14 @@ async function showGradcam() {
   if (!state.cls || !layer.spatial) { drawField(); return; }
   try {
     const body = await api("/gradcam", { model: state.model, layer: layer.index, image: state.image, class: state.cls });
-    const heat = new Image();
-    await new Promise((resolve) => { heat.onload = resolve; heat.src = body.map_png; });
+    const heat = await loadImage(body.map_png);
     if (asked !== state.cams) return; // another layer or class was asked for meanwhile
     state.gradcam = inJet(heat);
     $("input-caption").textContent = `${$("input-caption").textContent.split(" · ")[0]} · Grad-CAM of ${body.class} at ${layer.name}`;
-    $("gradcam-what").textContent = `High (red, 1 = the map's peak): where the evidence for`
-      + ` ${body.class} is strongest; dark blue (0): none.`;
+    $("gradcam-legend").replaceChildren(...gradcamLegend(body.class, "gradcam-what"));
     $("gradcam-legend").hidden = false;
   } catch (error) { showError(error.message); }
   drawField();
-}
-
-// The server's map is grey (its value, 0 to 255, in every channel): in jet, at its own size.
-function inJet(grey) {
-  const canvas = document.createElement("canvas");
-  canvas.width = grey.naturalWidth;
-  canvas.height = grey.naturalHeight;
-  const ctx = canvas.getContext("2d");
-  ctx.drawImage(grey, 0, 0);
-  const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
-  for (let i = 0; i < pixels.data.length; i += 4) {
-    pixels.data.set([...jet(pixels.data[i] / 255), 255], i);
-  }
-  ctx.putImageData(pixels, 0, 0);
-  return canvas;
 }
 
 start();
