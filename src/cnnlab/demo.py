@@ -14,8 +14,6 @@ from typing import Any
 
 from cnnlab import checkpoint
 from cnnlab.config import make_config
-from cnnlab.runs import load_run
-from cnnlab.tasks.detect import SHAPES_YOLO_ARGS
 from cnnlab.training import resume, train
 
 RUNS = Path("runs")
@@ -58,10 +56,11 @@ SHAPES_SEGMENT_DEMO = {
 }
 # YOLOv1 (conv head, 8x8 grid) on 400 128x128 shapes images: mAP@0.5 0.83 in 2 min 43 s
 # on an idle 2-core CPU; 0.72 with one thread, whose different float sums lead 15 short
-# epochs elsewhere.
+# epochs elsewhere. Its model_args, the detection task's SHAPES_YOLO_ARGS, are added in
+# shapes_demo: the classify demo does not import the detection task (nor runs.py), whose
+# imports (torchvision's detection parts) cost it a second.
 SHAPES_DETECT_DEMO = {
     "model": "yolov1",
-    "model_args": SHAPES_YOLO_ARGS,
     "epochs": 15,
     "img_size": 128,
 }
@@ -115,6 +114,8 @@ def shapes_demo(
     report with ``run`` and ``seconds`` added. ``n`` images (default 300 for segment, 400
     for detect) and TrainConfig ``settings`` change the demo's own."""
     from cnnlab.data.shapes import write_shapes
+    from cnnlab.runs import load_run
+    from cnnlab.tasks.detect import SHAPES_YOLO_ARGS
 
     out = Path(out)
     started = time.perf_counter()
@@ -124,7 +125,8 @@ def shapes_demo(
         if not marker.is_file():
             write_shapes(data, task="segment", n=n or 300, size=96, seed=0)
     else:
-        demo, marker = SHAPES_DETECT_DEMO, data / "annotations.json"
+        demo = {**SHAPES_DETECT_DEMO, "model_args": SHAPES_YOLO_ARGS}
+        marker = data / "annotations.json"
         if not marker.is_file():
             write_shapes(data, task="detect", n=n or 400, size=128, seed=0)
     run_dir = out / "run"

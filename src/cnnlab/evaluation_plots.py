@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cnnlab.plots import new_figure, save_figure
+from cnnlab.plots import new_figure, picture_grid, save_figure
 
 if TYPE_CHECKING:
     import numpy as np
@@ -114,28 +114,22 @@ def plot_errors(
     shown = min(len(images), _MAX_ERROR_IMAGES)
     wrong = sum(t != p for t, p in zip(true, pred, strict=True))
     cols = max(1, min(4, math.ceil(math.sqrt(shown))))
-    rows = max(1, math.ceil(shown / cols))
-    fig = new_figure(((5.5 if heats is not None else 3) * cols, 3.3 * rows + 0.4))
-    if not shown:
-        fig.text(0.5, 0.5, "no images to show", ha="center", va="center")
-    order = "misclassified first (red), then" if wrong else "none misclassified;"
-    fig.suptitle(
-        f"true / predicted (p: the prediction's probability): {order} the highest losses"
-        " (green: right)",
-        fontsize=10,
-    )
+    cells = []
     for slot in range(shown):
-        ax = fig.add_subplot(rows, cols, slot + 1)
         pixels = _denormalise(images[slot], mean, std)  # (H, W) or (H, W, 3) in [0, 1]
         if heats is not None:
             pixels = _beside_heat(pixels, heats[slot].numpy())
-        ax.imshow(pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0.0, vmax=1.0)
         names = textwrap.shorten(f"{true[slot]} / {pred[slot]}", 34, placeholder="...")
         colour = "tab:green" if true[slot] == pred[slot] else "tab:red"
         figures = f"(p={float(probs[slot]):.2f}, loss {float(losses[slot]):.2f})"
-        ax.set_title(f"{names}\n{figures}", fontsize=8, color=colour)
-        ax.axis("off")
-    save_figure(fig, Path(out))
+        cells.append((pixels, f"{names}\n{figures}", colour))
+    order = "misclassified first (red), then" if wrong else "none misclassified;"
+    title = (
+        f"true / predicted (p: the prediction's probability): {order} the highest losses"
+        " (green: right)"
+    )
+    size = (5.5 if heats is not None else 3, 3.3)
+    save_figure(picture_grid(cells, cols, size, title, "no images to show"), Path(out))
 
 
 def _beside_heat(pixels: np.ndarray, heat: np.ndarray) -> np.ndarray:

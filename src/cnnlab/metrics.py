@@ -1,8 +1,13 @@
-"""Metrics, a thin layer over torchmetrics.
+"""Metrics: classification's in plain torch, average precision and mAP through torchmetrics.
 
 The classification functions take the logits (or scores) of a whole split, shape (N, K),
-and the true class indices, shape (N,), and return plain numbers or CPU tensors;
-``mean_average_precision`` scores a detector's boxes against a split's samples.
+and the true class indices, shape (N,), and return plain numbers or CPU tensors; they are
+torchmetrics' multiclass accuracy, confusion matrix, precision, recall and F1 (micro or
+per class, 0 where a ratio is undefined) written out in a few lines of torch, because
+importing torchmetrics (which imports scipy.signal and matplotlib.pyplot for its audio
+and plotting parts) took longer than the demo's whole evaluation; tests/test_metrics.py
+checks them against torchmetrics on random inputs. ``multilabel_report``'s average
+precision and ``mean_average_precision`` import torchmetrics when they are called.
 """
 
 from __future__ import annotations
@@ -11,14 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import (
-    binary_average_precision,
-    multiclass_accuracy,
-    multiclass_confusion_matrix,
-    multiclass_f1_score,
-    multiclass_precision,
-    multiclass_recall,
-)
 
 from cnnlab.errors import CnnlabError
 
@@ -27,31 +24,42 @@ if TYPE_CHECKING:  # classification imports this module; it needs no detection d
 
 
 def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> float:
-    """Fraction of samples whose true class is among the ``k`` highest scores."""
-    num_classes = logits.shape[1]
-    k = min(k, num_classes)
-    return multiclass_accuracy(
-        logits, targets, num_classes=num_classes, top_k=k, average="micro"
-    ).item()
+    """Fraction of samples whose true class is among the ``k`` highest scores (0 for no
+    samples)."""
+    if len(targets) == 0:
+        return 0.0
+    k = min(k, logits.shape[1])
+    top = logits.argmax(dim=1, keepdim=True) if k == 1 else logits.topk(k, dim=1).indices
+    return (top == targets[:, None]).any(dim=1).float().mean().item()
 
 
 def confusion_matrix(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(K, K) int64 counts; row = true class, column = predicted class."""
-    return multiclass_confusion_matrix(logits, targets, num_classes=logits.shape[1])
+    """(K, K) int64 counts; row = true class, column = predicted class (the highest score)."""
+    num_classes = logits.shape[1]
+    targets = targets.long()
+    if len(targets) and not 0 <= int(targets.min()) <= int(targets.max()) < num_classes:
+        raise ValueError(f"class indices outside 0..{num_classes - 1} for {num_classes} scores")
+    cells = targets * num_classes + logits.argmax(dim=1)
+    return torch.bincount(cells, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 
 def per_class(logits: torch.Tensor, targets: torch.Tensor, classes: list[str]) -> dict:
     """``{class: {"precision", "recall", "f1", "support"}}``; 0 where a ratio is undefined."""
-    num_classes = len(classes)
-    kwargs = {"num_classes": num_classes, "average": "none"}
-    precision = multiclass_precision(logits, targets, **kwargs).tolist()
-    recall = multiclass_recall(logits, targets, **kwargs).tolist()
-    f1 = multiclass_f1_score(logits, targets, **kwargs).tolist()
-    support = torch.bincount(targets, minlength=num_classes).tolist()
+    confusion = confusion_matrix(logits, targets)
+    right = confusion.diagonal().float()
+    predicted, support = confusion.sum(dim=0).float(), confusion.sum(dim=1)
+    precision = _ratio(right, predicted).tolist()
+    recall = _ratio(right, support.float()).tolist()
+    f1 = _ratio(2 * right, predicted + support).tolist()
     return {
         name: {"precision": p, "recall": r, "f1": f, "support": s}
-        for name, p, r, f, s in zip(classes, precision, recall, f1, support, strict=True)
+        for name, p, r, f, s in zip(classes, precision, recall, f1, support.tolist(), strict=True)
     }
+
+
+def _ratio(part: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """``part / whole`` element by element, 0 where ``whole`` is 0 (torchmetrics' rule)."""
+    return torch.where(whole == 0, torch.zeros_like(part), part / whole)
 
 
 def most_confused(confusion: torch.Tensor, classes: list[str], top: int = 10) -> list[dict]:
@@ -105,6 +113,8 @@ def multilabel_report(
     scores); ``f1`` the macro F1 and ``exact_match`` the fraction of images whose predicted
     label set (scores above each label's threshold, 0.5 when none is given) is exactly
     the true one. A label without positives has AP None and is left out of ``map``."""
+    from torchmetrics.functional.classification import binary_average_precision
+
     num = len(classes)
     thresholds = thresholds if thresholds is not None else [0.5] * num
     truth = targets.bool()

@@ -25,6 +25,7 @@ from cnnlab.errors import CnnlabError
 from cnnlab.files import atomic_write_bytes
 
 if TYPE_CHECKING:
+    import numpy as np
     from matplotlib.figure import Figure
 
 _MAX_PICTURES = 16
@@ -133,34 +134,83 @@ def plot_pictures(
     columns: int = 4,
     legend: Sequence[tuple[str, Sequence[int]]] = (),
 ) -> None:
-    """A grid of uint8 (C, H, W) pictures, each above its caption: a run's batch.png (the
+    """A grid of uint8 (C, H, W) pictures, each below its caption: a run's batch.png (the
     training images as the model sees them, augmented, with their labels) and its
     validation drawings; ``legend`` names colours (class name, RGB) below the grid."""
     shown = list(pictures)[:_MAX_PICTURES]
     cols = max(1, min(columns, len(shown)))
-    rows = max(1, math.ceil(len(shown) / cols))
     # A wide picture (an image beside its class map) gets a wider column, not a smaller
     # scale: the text drawn into it stays at its own size.
     aspect = max([p.shape[-1] / p.shape[-2] for p, _ in shown] + [1.0])
-    fig = new_figure((3 * min(aspect, 3.0) * cols, 3.2 * rows + 0.4))
-    fig.suptitle(title, fontsize=10)
-    if not shown:
-        fig.text(0.5, 0.5, "nothing to show", ha="center", va="center")
-    for slot, (picture, text) in enumerate(shown):
-        ax = fig.add_subplot(rows, cols, slot + 1)
-        pixels = picture.permute(1, 2, 0).numpy()
+    cells = []
+    for picture, text in shown:
+        pixels = picture.permute(1, 2, 0).numpy() / 255
         grey = pixels.shape[-1] == 1
-        ax.imshow(
-            pixels[..., 0] if grey else pixels, cmap="gray" if grey else None, vmin=0, vmax=255
+        cells.append(
+            (pixels[..., 0] if grey else pixels, textwrap.shorten(text, 40, placeholder="..."))
         )
-        ax.set_title(textwrap.shorten(text, 40, placeholder="..."), fontsize=8)
-        ax.axis("off")
+    size = (3 * min(aspect, 3.0), 3.2)
+    fig = picture_grid(cells, cols, size, title, "nothing to show", legend=bool(legend))
     if legend:
         from matplotlib.patches import Patch
 
         handles = [Patch(color=[c / 255 for c in rgb], label=name) for name, rgb in legend]
-        fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)))
+        fig.legend(handles=handles, loc="lower center", ncols=min(6, len(handles)))
     save_figure(fig, Path(out))
+
+
+_GRID_TITLE = 0.4  # inches above the grid for the figure's title
+_GRID_LEGEND = 0.5  # inches below it for a legend
+_CAPTION_LINE = 8 * 1.25 / 72  # one line of an 8-point caption, in inches
+
+
+def picture_grid(
+    cells: Sequence[tuple[np.ndarray, str] | tuple[np.ndarray, str, str]],
+    columns: int,
+    cell: tuple[float, float],
+    title: str,
+    empty: str,
+    legend: bool = False,
+) -> Figure:
+    """A figure of pictures in ``columns`` columns, each fitted into a ``cell`` (width,
+    height in inches) under its 8-point caption, in the caption's colour when a cell gives
+    one; ``title`` above them, ``empty`` in the middle when there are none, room for a
+    legend below when ``legend``. A picture is (H, W) floats in [0, 1], drawn in grey, or
+    (H, W, 3). Every picture is drawn into one set of axes that spans the figure, placed
+    in inches: sixteen axes of their own, laid out by matplotlib's constrained layout,
+    took 4x as long to draw (batch.png and errors.png were most of the demo's drawing)."""
+    rows = max(1, math.ceil(len(cells) / columns))
+    width = cell[0] * columns
+    bottom = _GRID_LEGEND if legend else 0.0
+    height = cell[1] * rows + _GRID_TITLE + bottom
+    fig = new_figure((width, height), constrained=False)
+    fig.suptitle(title, fontsize=10, y=1 - 0.12 / height, va="top")
+    if not cells:
+        fig.text(0.5, 0.5, empty, ha="center", va="center")
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.axis("off")
+    for slot, (pixels, caption, *colour) in enumerate(cells):
+        row, col = divmod(slot, columns)
+        lines = caption.count("\n") + 1
+        # The picture's box in inches, y downwards: the caption above, a margin around.
+        left, top = col * cell[0] + 0.05, _GRID_TITLE + row * cell[1] + lines * _CAPTION_LINE + 0.1
+        box_width, box_height = cell[0] - 0.1, (row + 1) * cell[1] + _GRID_TITLE - 0.05 - top
+        scale = min(box_width / pixels.shape[1], box_height / pixels.shape[0])
+        shown_width, shown_height = pixels.shape[1] * scale, pixels.shape[0] * scale
+        left += (box_width - shown_width) / 2
+        ax.imshow(
+            pixels, cmap="gray" if pixels.ndim == 2 else None, vmin=0.0, vmax=1.0,
+            extent=(left, left + shown_width, top + shown_height, top),
+        )  # fmt: skip
+        ax.text(
+            left + shown_width / 2, top - 0.04, caption, ha="center", va="bottom", fontsize=8,
+            color=colour[0] if colour else "black", linespacing=1.1,
+        )  # fmt: skip
+    # imshow moved the limits to its last picture: the axes are the figure, in inches.
+    ax.set_aspect("auto")
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    return fig
 
 
 def plot_lr_find(
@@ -234,12 +284,13 @@ def _number(text: str | None) -> float:
         return math.nan
 
 
-def new_figure(size: tuple[float, float]) -> Figure:
-    """A matplotlib figure of ``size`` inches on its own Agg canvas (no pyplot)."""
+def new_figure(size: tuple[float, float], constrained: bool = True) -> Figure:
+    """A matplotlib figure of ``size`` inches on its own Agg canvas (no pyplot), laid out
+    by matplotlib's constrained layout unless the caller places everything itself."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=size, layout="constrained")
+    fig = Figure(figsize=size, layout="constrained" if constrained else None)
     FigureCanvasAgg(fig)
     return fig
 

@@ -27,7 +27,7 @@ from cnnlab.data.classify import (
     collate_skip_bad,
     make_splits,
 )
-from cnnlab.data.digits import write_digits
+from cnnlab.data.digits import bundled_digits, write_digits
 from cnnlab.data.images import BadImageError, detect_in_channels, read_image, to_channels
 from cnnlab.data.transforms import classify_eval, classify_train, default_stats
 from cnnlab.errors import CnnlabError
@@ -118,6 +118,10 @@ def test_write_digits_real_images(digits_dir: Path) -> None:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    # The digits are read from scikit-learn's own file, without importing it: the same data.
+    table = torch.from_numpy(bundled_digits())
+    assert torch.equal(table[:, :-1].reshape(-1, 8, 8), torch.from_numpy(digits.images))
+    assert torch.equal(table[:, -1].long(), torch.from_numpy(digits.target))
     for index in (0, 1, 1000):
         path = digits_dir / str(digits.target[index]) / f"{index:04d}.png"
         image = read_image(path).float()  # (1, 32, 32)

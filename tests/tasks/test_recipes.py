@@ -171,6 +171,10 @@ def test_ema_warms_up_as_timm_and_copies_counters():
         expected = rate * expected + (1 - rate) * value
     assert ema.module[0].weight[0, 0].item() == pytest.approx(expected)
     assert ema.module[1].num_batches_tracked.item() == 4
+    # last.pt keeps torch's AveragedModel layout: runs saved before resume with it.
+    from torch.optim.swa_utils import AveragedModel
+
+    assert ema.state_dict().keys() == AveragedModel(model, use_buffers=True).state_dict().keys()
 
 
 def test_ema_run_saves_the_average_and_resumes_to_the_same_metrics(

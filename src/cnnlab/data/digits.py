@@ -7,8 +7,11 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -19,19 +22,29 @@ MAX_LEVEL = 16  # load_digits grey levels are 0..16
 
 
 def digit_images(size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 (N, 1, size, size), labels (N,)) from ``sklearn.datasets.load_digits``."""
+    """(images uint8 (N, 1, size, size), labels (N,)): ``sklearn.datasets.load_digits``."""
     if not 8 <= size <= 1024:
         raise CnnlabError(f"digit image size must be between 8 and 1024, got {size}")
-    from sklearn.datasets import load_digits  # imported here: it costs ~1 s at start-up
-
-    digits = load_digits()
-    images = torch.from_numpy(digits.images).float()[:, None] / MAX_LEVEL  # (N, 1, 8, 8)
+    table = bundled_digits()
+    images = torch.from_numpy(table[:, :-1]).float().reshape(-1, 1, 8, 8) / MAX_LEVEL
     if size != 8:
         images = torch.nn.functional.interpolate(
             images, size=(size, size), mode="bicubic", align_corners=False
         )
     pixels = (images * 255).round().clamp(0, 255).to(torch.uint8)  # bicubic overshoots
-    return pixels, torch.from_numpy(digits.target).long()
+    return pixels, torch.from_numpy(table[:, -1]).long()
+
+
+def bundled_digits() -> np.ndarray:
+    """scikit-learn's digits.csv.gz (N, 65): 64 grey levels, then the digit; what
+    ``load_digits`` reads, read without importing scikit-learn, whose import (scipy's
+    statistics and sparse matrices) took longer than writing the 1,797 PNGs."""
+    package = importlib.util.find_spec("sklearn")
+    if package is None or not package.submodule_search_locations:
+        raise CnnlabError("the digits come with scikit-learn, which is not installed")
+    path = Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    with gzip.open(path, "rt") as text:
+        return np.loadtxt(text, delimiter=",", dtype=np.float64)
 
 
 def write_digits(dst: Path, size: int = 32) -> dict[str, int]:
