@@ -131,6 +131,26 @@ def test_write_digits_real_images(digits_dir: Path) -> None:
         assert (small - torch.from_numpy(digits.images[index]).float()).abs().mean() < 1.0
 
 
+def test_bundled_digits_fall_back_to_load_digits_without_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scikit-learn whose digits.csv.gz is not where this version keeps it: its reader."""
+    import importlib.machinery
+
+    from cnnlab.data import digits as digits_module
+
+    elsewhere = importlib.machinery.ModuleSpec("sklearn", None, is_package=True)
+    elsewhere.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(digits_module.importlib.util, "find_spec", lambda name: elsewhere)
+    table = bundled_digits()
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    assert table.shape == (1797, 65)
+    assert torch.equal(torch.from_numpy(table[:, -1]).long(), torch.from_numpy(digits.target))
+    assert torch.equal(torch.from_numpy(table[:, :-1]), torch.from_numpy(digits.data))
+
+
 def test_write_digits_refuses_bad_size_and_existing_data(tmp_path: Path) -> None:
     with pytest.raises(CnnlabError, match="size"):
         write_digits(tmp_path / "d", size=4)

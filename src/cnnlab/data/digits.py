@@ -43,6 +43,11 @@ def bundled_digits() -> np.ndarray:
     if package is None or not package.submodule_search_locations:
         raise CnnlabError("the digits come with scikit-learn, which is not installed")
     path = Path(package.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():  # a scikit-learn that keeps its data elsewhere: its own reader
+        from sklearn.datasets import load_digits
+
+        images, labels = load_digits(return_X_y=True)
+        return np.column_stack([images, labels]).astype(np.float64)
     with gzip.open(path, "rt") as text:
         return np.loadtxt(text, delimiter=",", dtype=np.float64)
 
