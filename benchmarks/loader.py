@@ -101,7 +101,7 @@ def augment_rows(repeats: int) -> list[Row]:
         ours = classify_train(size, "light", flip, *default_stats(channels))
         baseline = v2_light(size, flip, channels)
 
-        def over_images(transform):
+        def over_images(transform, images=images):
             return lambda: [transform(image) for image in images]
 
         seconds = interleaved(
