@@ -18,7 +18,8 @@ training images/s at 224x224 (batch 16, a bare loop like ``train_step.py``'s), m
 this run with torch's default threads; the target is at least 3x.
 
 The augmentation alone is timed too, in microseconds an image on one thread, at the demo's
-1x16x16 gray digit (no flip) and at 3x224x224 RGB (flip on): ``LightAugment`` against
+1x16x16 gray digit (no flip) and at 3x224x224 RGB (flip on), laid out in memory as
+decoded images are (channels last): ``LightAugment`` against
 torchvision's ``v2.Compose`` of the same steps (RandomResizedCrop, RandomHorizontalFlip,
 ToDtype, ColorJitter on the float image, Normalize), which draws from the same
 distributions and gives the same images for the same parameters
@@ -97,7 +98,9 @@ def augment_rows(repeats: int) -> list[Row]:
     one thread, on a gray 16x16 digit and a 224x224 RGB image."""
     rows = []
     for channels, size, flip, count in ((1, 16, False, 2000), (3, 224, True, 40)):
-        images = torch.randint(0, 256, (count, channels, size, size), dtype=torch.uint8)
+        # Laid out as read_image returns decoded files: (C, H, W) over HWC memory.
+        pixels = torch.randint(0, 256, (count, size, size, channels), dtype=torch.uint8)
+        images = pixels.permute(0, 3, 1, 2)
         ours = classify_train(size, "light", flip, *default_stats(channels))
         baseline = v2_light(size, flip, channels)
 
