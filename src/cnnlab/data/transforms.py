@@ -131,9 +131,6 @@ class ClassifyEval:
 
 _LIGHT_SCALE = (0.7, 1.0)
 _LIGHT_RATIO = (5 / 6, 6 / 5)
-_UINT8_SCALE = np.float32(1 / 255)
-_ZERO, _ONE = np.float32(0), np.float32(1)
-_SUM = np.add.reduce  # ndarray.sum without its Python-level wrapper
 _LIGHT_JITTER = 0.2  # brightness, contrast and saturation factors drawn from 1 -/+ this
 _CROP_ATTEMPTS = 10  # RandomResizedCrop's tries before it falls back to a centre crop
 # torchvision resizes uint8 images natively (rounding inside the kernel) where the CPU has
@@ -145,6 +142,9 @@ _NATIVE_UINT8_RESIZE = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX5
 _LUMA = (0.2989, 0.587, 0.114)
 _JITTER_OPS = ("brightness", "contrast", "saturation")
 _JITTER_ORDERS = tuple(itertools.permutations(_JITTER_OPS))
+_UINT8_SCALE = np.float32(1 / 255)  # to_dtype_image's factor for uint8
+_ZERO, _ONE = np.float32(0), np.float32(1)
+_SUM = np.add.reduce  # ndarray.sum without its Python-level wrapper
 
 
 class LightParams(NamedTuple):
