@@ -17,6 +17,14 @@ The pipeline must also keep up with training: its images/s are compared with Res
 training images/s at 224x224 (batch 16, a bare loop like ``train_step.py``'s), measured in
 this run with torch's default threads; the target is at least 3x.
 
+The augmentation alone is timed too, in microseconds an image on one thread, at the demo's
+1x16x16 gray digit (no flip) and at 3x224x224 RGB (flip on), laid out in memory as
+decoded images are (channels last): ``LightAugment`` against
+torchvision's ``v2.Compose`` of the same steps (RandomResizedCrop, RandomHorizontalFlip,
+ToDtype, ColorJitter on the float image, Normalize), which draws from the same
+distributions and gives the same images for the same parameters
+(tests/data/test_light_augment.py).
+
     python benchmarks/loader.py
     python benchmarks/loader.py --format json
 """
@@ -33,11 +41,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from _bench import Row, add_load_flag, interleaved, rate_row, report_loads, under_loads
 from cnnlab import create_model
 from cnnlab.data.classify import ImageDataset, scan_class_folders
-from cnnlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classify_train
+from cnnlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, classify_train, default_stats
 
 SIZE = 224
 
@@ -68,6 +77,44 @@ def baseline_transform() -> T.Compose:
             T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
+
+
+def v2_light(img_size: int, flip: bool, channels: int) -> v2.Compose:
+    """torchvision's v2 pipeline of the ``light`` preset's steps (LightAugment's baseline)."""
+    mean, std = default_stats(channels)
+    steps = [v2.RandomResizedCrop(img_size, scale=(0.7, 1.0), ratio=(5 / 6, 6 / 5))]
+    if flip:
+        steps.append(v2.RandomHorizontalFlip())
+    steps += [
+        v2.ToDtype(torch.float32, scale=True),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        v2.Normalize(list(mean), list(std)),
+    ]
+    return v2.Compose(steps)
+
+
+def augment_rows(repeats: int) -> list[Row]:
+    """Microseconds an image of ``classify_train(.., "light", ..)`` against ``v2_light``,
+    one thread, on a gray 16x16 digit and a 224x224 RGB image."""
+    rows = []
+    for channels, size, flip, count in ((1, 16, False, 2000), (3, 224, True, 40)):
+        # Laid out as read_image returns decoded files: (C, H, W) over HWC memory.
+        pixels = torch.randint(0, 256, (count, size, size, channels), dtype=torch.uint8)
+        images = pixels.permute(0, 3, 1, 2)
+        ours = classify_train(size, "light", flip, *default_stats(channels))
+        baseline = v2_light(size, flip, channels)
+
+        def over_images(transform, images=images):
+            return lambda: [transform(image) for image in images]
+
+        seconds = interleaved(
+            {"ours": over_images(ours), "baseline": over_images(baseline)}, repeats
+        )
+        us = {name: s / count * 1e6 for name, s in seconds.items()}
+        name = f"light augment {channels}x{size}x{size}, 1 thread"
+        unit = "us/image (baseline: v2.Compose)"
+        rows.append(Row(name, us["ours"], us["baseline"], unit, us["baseline"] / us["ours"]))
+    return rows
 
 
 def every_item(dataset: torch.utils.data.Dataset):
@@ -139,6 +186,9 @@ def main() -> None:
                 "images/s (baseline: training)",
             ),
         ]
+        torch.set_num_threads(1)
+        rows += augment_rows(args.repeats)
+        torch.set_num_threads(threads)
         return rows
 
     title = "loader: cnnlab ImageDataset vs torchvision ImageFolder + PIL"

@@ -454,35 +454,23 @@ def test_flip_false_never_mirrors() -> None:
         outputs = [transform(image) for _ in range(40)]
         return sum(int(out[..., :8].mean() < out[..., 8:].mean()) for out in outputs)
 
+    # Each preset from seed 0: one preset's draws must not move the next one's stream.
     torch.manual_seed(0)
     assert mirrored(train_transform(16, "light", flip=False, in_channels=1)) == 0
+    torch.manual_seed(0)
     assert mirrored(train_transform(16, "strong", flip=False, in_channels=1)) == 0
+    torch.manual_seed(0)
     assert 5 < mirrored(train_transform(16, "light", flip=True, in_channels=1)) < 35
     with pytest.raises(CnnlabError, match="unknown augment"):
         train_transform(16, "heavy")
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_fused_classify_transforms_equal_torchvision_compose(channels: int) -> None:
-    # The light preset and the evaluation transform call v2's kernels directly; with the
-    # same random draws they must give what the v2.Compose of the same steps gives.
+def test_evaluation_transform_equals_torchvision_compose(channels: int) -> None:
+    # The evaluation transform calls v2's kernels directly; it must give what the v2.Compose
+    # of the same steps gives (the light preset: tests/data/test_light_augment.py).
     mean, std = default_stats(channels)
     image = torch.randint(0, 256, (channels, 30, 23), dtype=torch.uint8)
-    reference = v2.Compose(
-        [
-            v2.RandomResizedCrop(16, scale=(0.7, 1.0), ratio=(5 / 6, 6 / 5)),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
-    fused = train_transform(16, "light", flip=True, in_channels=channels)
-    for seed in range(5):
-        torch.manual_seed(seed)
-        expected = reference(image)
-        torch.manual_seed(seed)
-        assert torch.equal(fused(image), expected)
     evaluation = v2.Compose(
         [
             v2.Resize(16, antialias=True),
