@@ -1,17 +1,25 @@
 """Two processes on CPU (gloo) through torchrun: the run trains on the whole data, only rank
-0 writes and prints, and a two-process run stopped mid-way resumes to the end."""
+0 writes and prints, and a two-process run stopped mid-way resumes to the end; a signal
+that reaches one process stops both at the same step."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 
+import cnnlab.engine.distributed as distributed
+import cnnlab.engine.state as state
 from cnnlab import checkpoint
 from cnnlab.data.digits import write_digits
 from tests.conftest import read_metrics
@@ -56,7 +64,8 @@ def _alive(pid: int) -> bool:
 
 def _stop_after_first_epoch(command: list[str], run: Path) -> None:
     """Start the two-process run and SIGTERM torchrun (as a job scheduler would) once an
-    epoch is written; torchrun passes it on and the workers die at once."""
+    epoch is written; torchrun passes it on and the workers stop together at the next
+    step (``cnnlab.engine.state.stop_together``), report and leave."""
     process = subprocess.Popen(
         command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -70,8 +79,15 @@ def _stop_after_first_epoch(command: list[str], run: Path) -> None:
         workers = _children(process.pid)
     finally:
         process.terminate()
-        process.wait(timeout=30)
-        process.stderr.close()
+        try:
+            # torchrun gives its workers 30 s after SIGTERM, then SIGKILLs them.
+            said = process.communicate(timeout=30)[1].decode()
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    assert "forcefully" not in said, said  # no worker outlived SIGTERM until SIGKILL
+    # Both stopped together and reported once, through rank 0, on the epoch written.
+    assert said.count("interrupted after epoch") == 1, said
     assert len(workers) == 2
     for pid in workers:  # each worker runs in its own session: check none is left behind
         for _ in range(100):
@@ -150,3 +166,59 @@ def test_segmentation_and_detection_train_under_torchrun(
     assert report[key] == count and json.loads((run / "report.json").read_text()) == report
     assert sum(line.split()[:1] == ["1/1"] for line in trained.stderr.splitlines()) == 1
     assert len(read_metrics(run)) == 1
+
+
+STEPS, SIGNALLED_AT = 50, 3
+
+
+def _train_steps(rank: int, store: Path, out: Path) -> None:
+    """One process of two: steps with a collective each (as DDP's), Ctrl-C and SIGTERM held
+    as ``fit`` holds them in a group; rank 0 alone is signalled, at step SIGNALLED_AT,
+    while rank 1 is already on its way into the next step's collective. Writes the steps
+    it took and what rank 0 sent after stopping (the report's collective)."""
+    code = 1
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{store}",
+            rank=rank,
+            world_size=2,
+            timeout=datetime.timedelta(seconds=20),  # a broken stop fails, not hangs
+        )
+        taken = []
+        try:
+            with state.hold_ctrl_c():
+                for step in state.stop_together(range(STEPS)):
+                    taken.append(step)
+                    if rank == 0 and step == SIGNALLED_AT:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                    dist.all_reduce(torch.ones(4))
+        except KeyboardInterrupt:
+            report = distributed.from_main({"stopped_after": taken[-1]} if rank == 0 else None)
+            out.write_text(json.dumps({"taken": taken, "report": report}))
+            code = 0
+        dist.destroy_process_group()
+    finally:
+        os._exit(code)
+
+
+def test_a_signal_to_one_process_stops_the_group_at_the_same_step(tmp_path: Path) -> None:
+    fork = multiprocessing.get_context("fork")  # the children import nothing: a second
+    outs = [tmp_path / f"rank{rank}.json" for rank in range(2)]
+    workers = [
+        fork.Process(target=_train_steps, args=(rank, tmp_path / "store", outs[rank]))
+        for rank in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=40)
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+    codes = [worker.exitcode for worker in workers]
+    assert codes == [0, 0], f"exit codes {codes}: a process was left in a collective"
+    results = [json.loads(out.read_text()) for out in outs]
+    # Both left after the step that read the signal's vote: the next one.
+    assert results[0]["taken"] == results[1]["taken"] == list(range(SIGNALLED_AT + 2))
+    assert results[1]["report"] == {"stopped_after": SIGNALLED_AT + 1}

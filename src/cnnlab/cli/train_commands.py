@@ -128,13 +128,16 @@ def cmd_train(args: argparse.Namespace, extra: dict) -> int:
         else:
             report = train(cfg, task=task)
     except TrainingInterrupted as stop:
+        from cnnlab.engine.distributed import is_main_process
+
         if stop.report is not None:
             _print_report(stop.report, args.format, task_class(task))
-        print(
-            f"{stop}; the report above is of the best weights. Continue with:"
-            f" cnnlab {TASKS[task].prefix()}train --resume {stop.run_dir}",
-            file=sys.stderr,
-        )
+        if is_main_process():  # every process of a torchrun group stops; one says so
+            print(
+                f"{stop}; the report above is of the best weights. Continue with:"
+                f" cnnlab {TASKS[task].prefix()}train --resume {stop.run_dir}",
+                file=sys.stderr,
+            )
         return 130
     _print_report(report, args.format, task_class(task))
     return 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -26,6 +26,8 @@ import torch.distributed as dist
 from torch import nn
 
 T = TypeVar("T")
+# A gloo group beside an nccl one, for votes on the CPU (``any_across``).
+_cpu_votes: dist.ProcessGroup | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ def session(device_type: str) -> Iterator[Context]:
     already set up a group (it then stays the caller's to destroy). Other ranks log errors
     only, so a warning is printed once, by the main process.
     """
+    global _cpu_votes
     if not launched() or dist.is_initialized():
         yield context()
         return
@@ -106,6 +109,7 @@ def session(device_type: str) -> Iterator[Context]:
     finally:
         logger.setLevel(level)
         dist.destroy_process_group()
+        _cpu_votes = None
 
 
 def local_device(device: torch.device, ctx: Context) -> torch.device:
@@ -131,6 +135,27 @@ def sum_across(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     packed = torch.stack([v.double() for v in values])  # (len(values),)
     dist.all_reduce(packed)
     return tuple(p.to(v.dtype) for p, v in zip(packed, values, strict=True))
+
+
+def any_across(flag: bool) -> Callable[[], bool]:
+    """Start a vote of every process on whether ``flag`` is true on any of them; returns
+    the function that waits for the answer, so the vote travels while the caller works.
+    One all_reduce of one number, on the CPU (with nccl, in a gloo group made at the
+    first vote): a vote at every step costs no wait for the device. Every process must
+    vote at the same points."""
+    if not context().active:
+        return lambda: flag
+    global _cpu_votes
+    if dist.get_backend() != "gloo" and _cpu_votes is None:
+        _cpu_votes = dist.new_group(backend="gloo")  # every process votes at the same point
+    vote = torch.tensor([int(flag)], dtype=torch.int32)
+    work = dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=_cpu_votes, async_op=True)
+
+    def answer() -> bool:
+        work.wait()
+        return bool(vote.item())
+
+    return answer
 
 
 def from_main(obj: T) -> T:

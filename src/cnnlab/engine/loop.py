@@ -199,8 +199,10 @@ def fit(
     """Train ``task`` with ``cfg`` into ``run_dir``, from scratch or from the ``saved``
     last.pt state, and return the report of the best weights. Torch's thread count is the
     resolved CPU plan's (``cnnlab.device.cpu_plan``) while it trains, the caller's again
-    after."""
-    with threads_for(resolved.plan.threads):
+    after. The processes of a group hold Ctrl-C and SIGTERM meanwhile and stop together
+    (``cnnlab.engine.state.stop_together``)."""
+    together = state.hold_ctrl_c() if distributed.context().active else nullcontext()
+    with threads_for(resolved.plan.threads), together:
         return _fit(cfg, run_dir, task, saved, resolved)
 
 
@@ -384,7 +386,7 @@ def _train_pass(
     per_step = cfg.lr_interval == "step"
     say.start(f"epoch {epoch + 1}/{cfg.epochs}", len(train_loader))
     seen, loss_sum, right, scored, lr = train_epoch(
-        step, train_loader, scheduler if per_step else None, say
+        step, state.stop_together(train_loader), scheduler if per_step else None, say
     )
     if not per_step:
         scheduler.step()

@@ -15,13 +15,15 @@ import io
 import random
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import nn
 
+import cnnlab.engine.distributed as distributed
 from cnnlab import checkpoint
 from cnnlab.errors import CnnlabError
 from cnnlab.files import atomic_write_text
@@ -37,6 +39,7 @@ STATE_KEYS = {
     "history": list,
     "rng": dict,
 }
+T = TypeVar("T")
 
 
 def restore(saved: dict, source: Path, *parts: object, ema: nn.Module | None = None) -> None:
@@ -84,25 +87,63 @@ def metrics_csv(history: list[dict], columns: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
+# The caught-signal list of the hold in force (at most one: an inner hold adds nothing).
+_HELD: list[list[int]] = []
+
+
 @contextlib.contextmanager
-def hold_ctrl_c() -> Iterator[None]:
+def hold_ctrl_c() -> Iterator[list[int]]:
     """Delay Ctrl-C and SIGTERM until the block ends, so an epoch's files are written all
-    or none."""
+    or none; yields the signals caught so far. Inside another hold the outer one keeps
+    them: the processes of a group hold them through training and stop together
+    (``stop_together``). A block that raises ends with its own exception."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield []
+        return
+    if _HELD:
+        yield _HELD[-1]
         return
     caught: list[int] = []
     stops = (signal.SIGINT, signal.SIGTERM)
     previous = {
         sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in stops
     }
+    _HELD.append(caught)
     try:
-        yield
+        yield caught
     finally:
+        _HELD.pop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if caught:
+    if caught:
+        raise KeyboardInterrupt
+
+
+def stop_together(batches: Iterable[T]) -> Iterator[T]:
+    """``batches``, left by every process of a group at the same batch once one of them
+    caught a Ctrl-C or SIGTERM (held by ``hold_ctrl_c``): they vote at every batch.
+
+    A process that stopped alone would leave the others waiting in a collective it never
+    joins (torchrun signals them all, but each notices between its own steps, and one
+    blocked in a collective notices nothing), and the collectives it then makes (the
+    report's) meet the wrong ones: gloo waits its 30-minute timeout, long past torchrun's
+    30 s before SIGKILL. Each process votes as it takes a batch and reads the answer
+    before the next one (the vote travels while it trains), so all stop together one or
+    two batches after the signal. Outside a group the signal stops at once, as ever."""
+    held = _HELD[-1] if _HELD and distributed.context().active else None
+    if held is None:
+        yield from batches
+        return
+    answer = None  # each batch's vote is read before the next batch, the last one after it
+    for batch in batches:
+        if answer is not None and answer():
+            held.clear()  # this stop answers them
             raise KeyboardInterrupt
+        answer = distributed.any_across(bool(held))
+        yield batch
+    if answer is not None and answer():
+        held.clear()
+        raise KeyboardInterrupt
 
 
 def seed_everything(seed: int) -> None:
