@@ -10,6 +10,9 @@ reordered once into oneDNN's blocked layout for the input shape it sees
 inductor's freezing does), kept for the last ``PACKED_SHAPES`` shapes: a layout chosen for one
 batch size is slower at another (benchmarks/README.md, "predict"), so every shape gets its
 own, packed on its first call. Eager torch reorders the weights on every call instead.
+The batch is taken in plain NCHW (one copy of a channels_last one): with packed weights,
+oneDNN convolved ResNet-18's batch of 16 faster from it (1.28x the folded channels_last
+model against 1.12x from channels_last, the same at batch 1; benchmarks/README.md).
 
 The answers are the model's (the same oneDNN convolution, float rounding aside). Anything the
 fast path does not cover runs as plain torch ops: a call with autograd on (explanations need
@@ -136,6 +139,11 @@ def fuse_for_cpu(model: nn.Module) -> nn.Module | None:
     except Exception:  # data-dependent control flow: not every forward can be traced
         return None
     graph = graph_module.graph
+    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+    if inputs:  # the image batch, taken in plain NCHW whatever layout it comes in
+        with graph.inserting_after(inputs[0]):
+            plain = graph.call_method("contiguous", (inputs[0],))
+        inputs[0].replace_all_uses_with(plain, delete_user_cb=lambda user: user is not plain)
     for node in list(graph.nodes):  # the folded BatchNorms
         if node.op == "call_module" and type(_module(graph_module, node)) is nn.Identity:
             node.replace_all_uses_with(node.args[0])

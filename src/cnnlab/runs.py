@@ -12,11 +12,12 @@ where the task trains that way, weights and batches in channels_last layout, whi
 (CPU) and cuDNN convolve faster; on the CPU, predict and evaluate then run a copy
 (``Run.predictor``, sharing the weights) whose convolutions are fused with the ReLU and
 residual add after them and packed once per input shape (``cnnlab.cpu_fusion``), while
-``Run.model`` stays the module itself for explanations, export and features. torch.compile is used only when asked
-(``compile="on"``: ``cnnlab.compiling.CompiledOnFirstCall``): on a CPU it needs 20 s to a
-minute and more before the first image, which the measured models win back only after tens
-of thousands of images (docs/speed.md), more than a command predicts or evaluates, so
-``auto`` leaves the model eager. ``backend="onnxruntime"`` swaps the model for the run's exported
+``Run.model`` stays the module itself for explanations, export and features.
+torch.compile is used only when asked (``compile="on"``:
+``cnnlab.compiling.CompiledOnFirstCall``): on a CPU it needs 20 s to a minute and more
+before the first image, which the measured models win back only after tens of thousands of
+images (docs/speed.md), more than a command predicts or evaluates, so ``auto`` leaves the
+model eager. ``backend="onnxruntime"`` swaps the model for the run's exported
 ``model.onnx`` in ONNX Runtime (``cnnlab.runtime``), ``"onnxruntime-int8"`` for its int8
 ``model.int8.onnx`` (``cnnlab export --int8``); the task runs it unchanged.
 """
