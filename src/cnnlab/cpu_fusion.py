@@ -10,9 +10,8 @@ reordered once into oneDNN's blocked layout for the input shape it sees
 inductor's freezing does), kept for the last ``PACKED_SHAPES`` shapes: a layout chosen for one
 batch size is slower at another (benchmarks/README.md, "predict"), so every shape gets its
 own, packed on its first call. Eager torch reorders the weights on every call instead.
-The batch is taken in plain NCHW (one copy of a channels_last one): with packed weights,
-oneDNN convolved ResNet-18's batch of 16 faster from it (1.28x the folded channels_last
-model against 1.12x from channels_last, the same at batch 1; benchmarks/README.md).
+The layout of the batch is left as it comes (channels_last from a task that trains so):
+measured in CPU time, packed convolutions took the same time from NCHW.
 
 The answers are the model's (the same oneDNN convolution, float rounding aside). Anything the
 fast path does not cover runs as plain torch ops: a call with autograd on (explanations need
@@ -23,7 +22,6 @@ packing fails. The original model is not changed; the fused one shares its weigh
 from __future__ import annotations
 
 import operator
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ from torch import Tensor, fx, nn
 
 PACKED_SHAPES = 4  # input shapes whose packed weights each convolution keeps (a full batch,
 # the last smaller one, a single image, ...)
+_MISSING = object()
 _RELUS = {F.relu, torch.relu}
 _ADDS = {operator.add, operator.iadd, torch.add}
 # Modules whose output is a tensor of its own (never a view of another), so a fused add may
@@ -53,7 +52,7 @@ class PackedConv2d(nn.Module):
         self.stride, self.dilation = list(conv.stride), list(conv.dilation)
         self.groups = conv.groups
         self.relu, self.add, self.in_place = relu, add, in_place
-        self.packed: OrderedDict[tuple[int, ...], Tensor | None] = OrderedDict()
+        self.packed: dict[tuple[int, ...], Tensor | None] = {}  # by input shape
 
     def extra_repr(self) -> str:
         fused = "+".join(["conv", *(["add"] if self.add else []), *(["relu"] if self.relu else [])])
@@ -92,9 +91,11 @@ class PackedConv2d(nn.Module):
         ):
             return None
         key = tuple(x.shape)
-        if key in self.packed:
-            self.packed.move_to_end(key)
-            return self.packed[key]
+        # A plain dict, read and written in single calls, oldest shape out first: threads
+        # predicting at once (``cnnlab serve``) can at worst pack a shape twice.
+        packed = self.packed.get(key, _MISSING)
+        if packed is not _MISSING:
+            return packed
         try:
             packed = torch.ops.mkldnn._reorder_convolution_weight(
                 self.weight.detach(), self.padding, self.stride, self.dilation, self.groups, key
@@ -102,8 +103,8 @@ class PackedConv2d(nn.Module):
         except RuntimeError:  # a shape oneDNN does not take: plain torch for it, every time
             packed = None
         self.packed[key] = packed
-        if len(self.packed) > PACKED_SHAPES:
-            self.packed.popitem(last=False)
+        while len(self.packed) > PACKED_SHAPES:
+            self.packed.pop(next(iter(self.packed)), None)
         return packed
 
     def _output_shape(self, x: Tensor) -> tuple[int, ...]:
@@ -139,11 +140,6 @@ def fuse_for_cpu(model: nn.Module) -> nn.Module | None:
     except Exception:  # data-dependent control flow: not every forward can be traced
         return None
     graph = graph_module.graph
-    inputs = [node for node in graph.nodes if node.op == "placeholder"]
-    if inputs:  # the image batch, taken in plain NCHW whatever layout it comes in
-        with graph.inserting_after(inputs[0]):
-            plain = graph.call_method("contiguous", (inputs[0],))
-        inputs[0].replace_all_uses_with(plain, delete_user_cb=lambda user: user is not plain)
     for node in list(graph.nodes):  # the folded BatchNorms
         if node.op == "call_module" and type(_module(graph_module, node)) is nn.Identity:
             node.replace_all_uses_with(node.args[0])
