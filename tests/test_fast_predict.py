@@ -71,6 +71,8 @@ def test_loaded_run_folds_batchnorm_and_keeps_logits(
     assert norms_before - norms_left == folds
     images = torch.randn(4, 3, SIZE, SIZE)
     assert run.fused is not None and run.predictor is run.fused
+    for size_rule in ("model_name", "min_input_size", "fixed_input_size"):  # read by tasks
+        assert getattr(run.fused, size_rule, None) == getattr(run.model, size_rule, None)
     with torch.inference_mode():
         expected = model(images)
         got = run.model(images.contiguous(memory_format=torch.channels_last))

@@ -167,6 +167,11 @@ def fuse_for_cpu(model: nn.Module) -> nn.Module | None:
         fused += 1
     if not fused:
         return None
+    # What callers read off the model besides calling it (its name, min_input_size,
+    # fixed_input_size, feature_info) holds for the fused one too.
+    for name, value in vars(model).items():
+        if not name.startswith("_") and not hasattr(graph_module, name):
+            setattr(graph_module, name, value)
     graph.lint()
     graph_module.delete_all_unused_submodules()
     graph_module.recompile()
