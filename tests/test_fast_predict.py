@@ -5,6 +5,7 @@ and the same top-1."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,22 @@ def test_an_untraceable_model_is_not_fused() -> None:
             return self.conv(x) if x.sum() > 0 else x  # data-dependent: fx cannot trace
 
     assert fuse_for_cpu(Branching().eval()) is None
+
+
+def test_a_run_given_another_model_predicts_with_that_model(tmp_path: Path) -> None:
+    """``dataclasses.replace(run, model=other)`` (how the benchmark and int8 checks evaluate
+    an exported model through a run) runs ``other``, not the run's fused torch model."""
+    args = {"img_size": SIZE, "cdims": [8], "hdims": [16]}
+    run = load_run(
+        _run_folder(_trained_looking("convnet", **args), "convnet", tmp_path / "r", **args)
+    )
+    assert run.fused is not None
+
+    class Constant(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.eye(len(CLASSES))[[3] * len(x)]
+
+    other = dataclasses.replace(run, model=Constant())
+    assert other.fused is None
+    image = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8)
+    assert other.predict(image, topk=1)[0]["top"][0]["class"] == CLASSES[3]
