@@ -16,7 +16,8 @@ measured in CPU time, packed convolutions took the same time from NCHW.
 The answers are the model's (the same oneDNN convolution, float rounding aside). Anything the
 fast path does not cover runs as plain torch ops: a call with autograd on (explanations need
 gradients), another device or dtype, a residual whose shape does not match, or a shape whose
-packing fails. The original model is not changed; the fused one shares its weights.
+packing fails. The original model is not changed; the fused one shares its weights, but
+packs a copy of them on first use: after changing the weights, fuse the model again.
 """
 
 from __future__ import annotations
@@ -103,8 +104,8 @@ class PackedConv2d(nn.Module):
         except RuntimeError:  # a shape oneDNN does not take: plain torch for it, every time
             packed = None
         self.packed[key] = packed
-        while len(self.packed) > PACKED_SHAPES:
-            self.packed.pop(next(iter(self.packed)), None)
+        for oldest in list(self.packed)[:-PACKED_SHAPES]:  # (list(): one call, one snapshot)
+            self.packed.pop(oldest, None)
         return packed
 
     def _output_shape(self, x: Tensor) -> tuple[int, ...]:
