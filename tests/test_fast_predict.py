@@ -1,8 +1,11 @@
-"""The fast inference path of a loaded run: BatchNorm folded into convolutions and
-channels_last give the trained model's logits (within 1e-4) and the same top-1."""
+"""The fast inference path of a loaded run: BatchNorm folded into convolutions,
+channels_last, and on the CPU the convolutions fused with their ReLUs and residual adds and
+packed per input shape (``cnnlab.cpu_fusion``) give the trained model's logits (within 1e-4)
+and the same top-1."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 from torch import nn
 
 from cnnlab import checkpoint, create_model
+from cnnlab.cpu_fusion import PackedConv2d, fuse_for_cpu
 from cnnlab.runs import fold_batchnorm, load_run
 
 SIZE = 64
@@ -67,12 +71,17 @@ def test_loaded_run_folds_batchnorm_and_keeps_logits(
     norms_before = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert norms_before - norms_left == folds
     images = torch.randn(4, 3, SIZE, SIZE)
+    assert run.fused is not None and run.predictor is run.fused
+    for size_rule in ("model_name", "min_input_size", "fixed_input_size"):  # read by tasks
+        assert getattr(run.fused, size_rule, None) == getattr(run.model, size_rule, None)
     with torch.inference_mode():
         expected = model(images)
         got = run.model(images.contiguous(memory_format=torch.channels_last))
+        fused = run.predictor(images.contiguous(memory_format=torch.channels_last))
     assert expected.std(dim=0).max() > 0.01  # the logits depend on the image
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    assert torch.equal(got.argmax(1), expected.argmax(1))
+    for logits in (got, fused):
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+        assert torch.equal(logits.argmax(1), expected.argmax(1))
 
 
 def test_predict_gives_the_unfolded_models_answers(tmp_path: Path) -> None:
@@ -121,3 +130,97 @@ def test_fold_batchnorm_leaves_a_shared_conv_output_alone() -> None:
     assert isinstance(model.norm, nn.BatchNorm2d)
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(TwoUses())
+
+
+class _Blocks(nn.Module):
+    """Every pattern the fusion knows: conv+ReLU (module and function), conv+add+ReLU whose
+    residual is another convolution's output (overwritten in place), conv+add whose
+    residual is the model's input (never overwritten), and a conv used twice (not fused
+    with what follows)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(4, 4, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.c = nn.Conv2d(4, 4, 1)
+        self.d = nn.Conv2d(4, 4, 3, stride=2, padding=2, dilation=2, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stem = self.relu(self.stem(x))
+        y = torch.relu(self.a(stem))
+        y = self.relu(self.b(y) + stem)  # residual block
+        z = self.c(y) + x  # the input as residual
+        twice = self.d(z)
+        return twice * torch.relu(twice)
+
+
+def test_fusion_covers_relu_and_residual_adds_and_keeps_the_answers() -> None:
+    torch.manual_seed(2)
+    model = _Blocks().eval()
+    fused = fuse_for_cpu(model)
+    assert fused is not None
+    kinds = {
+        name: (m.relu, m.add, m.in_place)
+        for name, m in fused.named_modules()
+        if isinstance(m, PackedConv2d)
+    }
+    assert sorted(kinds.values()) == [
+        (False, False, False),  # d: its output is used twice
+        (False, True, False),  # c + x: the input is never overwritten
+        (True, False, False),  # stem
+        (True, False, False),  # a
+        (True, True, True),  # b + stem: stem is read by nothing after
+    ]
+    for shape in [(1, 4, 9, 9), (3, 4, 9, 9), (1, 4, 12, 10), (2, 4, 9, 9), (1, 4, 8, 8)]:
+        x = torch.randn(shape)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            given = x.contiguous(memory_format=layout)
+            with torch.inference_mode():
+                expected, got = model(given), fused(given)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+            assert torch.equal(given, x)  # the input is not written to
+    # With autograd on (an explanation's backward), the plain ops run, gradients and all.
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    fused(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # Each shape packed once, and only the last PACKED_SHAPES (4) shapes kept.
+    assert list(fused.get_submodule(next(iter(kinds))).packed) == [
+        (3, 4, 9, 9),
+        (1, 4, 12, 10),
+        (2, 4, 9, 9),
+        (1, 4, 8, 8),
+    ]
+    assert not any(isinstance(m, PackedConv2d) for m in model.modules())
+
+
+def test_an_untraceable_model_is_not_fused() -> None:
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) if x.sum() > 0 else x  # data-dependent: fx cannot trace
+
+    assert fuse_for_cpu(Branching().eval()) is None
+
+
+def test_a_run_given_another_model_predicts_with_that_model(tmp_path: Path) -> None:
+    """``dataclasses.replace(run, model=other)`` (how the benchmark and int8 checks evaluate
+    an exported model through a run) runs ``other``, not the run's fused torch model."""
+    args = {"img_size": SIZE, "cdims": [8], "hdims": [16]}
+    run = load_run(
+        _run_folder(_trained_looking("convnet", **args), "convnet", tmp_path / "r", **args)
+    )
+    assert run.fused is not None
+
+    class Constant(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.eye(len(CLASSES))[[3] * len(x)]
+
+    other = dataclasses.replace(run, model=Constant())
+    assert other.fused is None
+    image = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8)
+    assert other.predict(image, topk=1)[0]["top"][0]["class"] == CLASSES[3]

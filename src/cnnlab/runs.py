@@ -9,11 +9,15 @@ through here; nothing here imports the trainer.
 The loaded model is made fast for inference without changing its answers beyond float
 rounding: each BatchNorm folded into the convolution before it (``fold_batchnorm``), and,
 where the task trains that way, weights and batches in channels_last layout, which oneDNN
-(CPU) and cuDNN convolve faster. torch.compile is used only when asked
-(``compile="on"``: ``cnnlab.compiling.CompiledOnFirstCall``): on a CPU it needs 20 s to a
-minute and more before the first image, which the measured models win back only after tens
-of thousands of images (docs/speed.md), more than a command predicts or evaluates, so
-``auto`` leaves the model eager. ``backend="onnxruntime"`` swaps the model for the run's exported
+(CPU) and cuDNN convolve faster; on the CPU, predict and evaluate then run a copy
+(``Run.predictor``, sharing the weights) whose convolutions are fused with the ReLU and
+residual add after them and packed once per input shape (``cnnlab.cpu_fusion``), while
+``Run.model`` stays the module itself for explanations, export and features.
+torch.compile is used only when asked (``compile="on"``:
+``cnnlab.compiling.CompiledOnFirstCall``): on a CPU it needs 20 s to a minute and more
+before the first image, which the measured models win back only after tens of thousands of
+images (docs/speed.md), more than a command predicts or evaluates, so ``auto`` leaves the
+model eager. ``backend="onnxruntime"`` swaps the model for the run's exported
 ``model.onnx`` in ONNX Runtime (``cnnlab.runtime``), ``"onnxruntime-int8"`` for its int8
 ``model.int8.onnx`` (``cnnlab export --int8``); the task runs it unchanged.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +37,7 @@ from torch import nn
 from cnnlab import checkpoint
 from cnnlab.checkpoint import ModelMeta
 from cnnlab.compiling import COMPILE_SETTINGS, CompiledOnFirstCall
+from cnnlab.cpu_fusion import fuse_for_cpu
 from cnnlab.data.images import BadImageError, from_pil, read_image, to_channels, to_uint8
 from cnnlab.data.listing import list_images
 from cnnlab.data.splits import split_folder
@@ -63,6 +68,16 @@ class Run:
     task: InferenceTask  # preprocessing, prediction, metrics, drawing (cnnlab.tasks)
     model: nn.Module  # eval mode, best weights, on ``device``
     device: torch.device
+    # On the CPU, ``model``'s convolutions fused with their ReLUs and residual adds and
+    # packed per input shape (``cnnlab.cpu_fusion``), sharing its weights: what predict and
+    # evaluate run. None: they run ``model``. Not an __init__ field, so that
+    # ``dataclasses.replace(run, model=other)`` runs the other model.
+    fused: nn.Module | None = field(default=None, init=False, repr=False)
+
+    @property
+    def predictor(self) -> nn.Module:
+        """The module ``predict`` and ``evaluate`` call: ``fused`` when there is one."""
+        return self.fused if self.fused is not None else self.model
 
     @property
     def classes(self) -> list[str]:
@@ -86,7 +101,7 @@ class Run:
         items = _as_list(images)
         decoded = [self._decode(item) for item in items]
         files = [str(item) if isinstance(item, str | Path) else None for item in items]
-        results = self.task.predict(self.model, decoded, self.device, **options)
+        results = self.task.predict(self.predictor, decoded, self.device, **options)
         return [{"file": file, **result} for file, result in zip(files, results, strict=True)]
 
     def predict_files(
@@ -109,7 +124,7 @@ class Run:
                     errors.append(str(error))
             if readable:
                 found = self.task.predict(
-                    self.model, [image for _, image in readable], self.device, **options
+                    self.predictor, [image for _, image in readable], self.device, **options
                 )
                 results += [
                     {"file": str(file), **result}
@@ -130,7 +145,7 @@ class Run:
         split = split or self.task.eval_split
         folder = Path(data_dir) if data_dir is not None else None
         data = self.task.eval_data(self.path / "split.json", folder, split)
-        report = self.task.evaluate(self.model, data, self.device, **options)
+        report = self.task.evaluate(self.predictor, data, self.device, **options)
         where: dict[str, Any] = {"split": split}
         if folder is not None:
             read = split_folder(folder, split)
@@ -245,9 +260,11 @@ def load_run(
             file=sys.stderr,
         )
     elif compile == "on":
-        run.model = CompiledOnFirstCall(run.model)
+        run.model, run.fused = CompiledOnFirstCall(run.model), None  # inductor packs its own
     if tta:
         run.model = run.task.test_time_augmented(run.model, run_dir / "config.yaml")
+        if run.fused is not None:
+            run.fused = run.task.test_time_augmented(run.fused, run_dir / "config.yaml")
     return run
 
 
@@ -270,11 +287,17 @@ def _load_model(run_dir: Path, meta: ModelMeta, device: str, fast: bool, backend
     task = task_class(meta.task).from_meta(meta)
     target = pick_device(device)
     model.to(target).eval()
+    fused = None
     if fast:
         fold_batchnorm(model)
         if task.channels_last:
             model.to(memory_format=torch.channels_last)
-    return Run(run_dir, meta, task, model, target)
+        # A detector predicts through its own methods, which the fused forward lacks.
+        if target.type == "cpu" and task.exported_logits is not None:
+            fused = fuse_for_cpu(model)
+    run = Run(run_dir, meta, task, model, target)
+    run.fused = fused
+    return run
 
 
 def _onnx_model(run_dir: Path, meta: ModelMeta, kind: str = "onnx") -> nn.Module:

@@ -4,7 +4,8 @@ at what accuracy.
 Each format is a way to run the run's model on the CPU:
 
 * ``torch``: what ``cnnlab predict`` runs (``load_run``: BatchNorm folded, channels_last
-  where the task trains so), eager; the other rows' ratios are to it;
+  where the task trains so, on the CPU convolutions fused and packed: ``Run.predictor``),
+  eager; the other rows' ratios are to it;
 * ``compile``: the same module through ``torch.compile`` (inductor,
   ``cnnlab.compiling.compile_model``; the build time is its compile time);
 * ``onnx``: ``RUN/model.onnx`` in ONNX Runtime (``--backend onnxruntime``);
@@ -155,7 +156,7 @@ class _Builder:
     def _torch(self, contender: Contender, example: Tensor) -> None:
         weights = self.run.path / "best.safetensors"
         contender.file, contender.bytes = str(weights), weights.stat().st_size
-        contender.model = self.run.model
+        contender.model = self.run.predictor  # the fused model, as predict and eval run it
         if contender.format == "compile":
             self.say("compiling the model (torch.compile, inductor)")
             compiled = compile_model(self.run.model, _as_predicted(self.run, example, "torch"))
