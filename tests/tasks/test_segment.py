@@ -302,10 +302,11 @@ def test_commands_eval_predict_and_resume_a_finished_run(shapes_run, shapes, tmp
     assert capsys.readouterr().out.startswith("val mIoU ")
 
 
-def test_an_image_below_the_models_minimum_is_one_line(shapes_run, tmp_path, capsys):
+def test_an_image_below_the_models_minimum_is_one_line(shapes_run, tmp_path, capsys, monkeypatch):
     """Segmented at its own size, an 8x8 image cannot pass five poolings: a named
     refusal, not torch's "Output size is too small"."""
     root, _ = shapes_run
+    monkeypatch.chdir(tmp_path)  # were it drawn, ./predictions lands here, not in the checkout
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "tiny.png")
     assert cli.main(["segment", "predict", str(root / "run"), str(tmp_path / "tiny.png")]) == 2
     assert "needs images of at least 32x32, got 8x8" in capsys.readouterr().err
