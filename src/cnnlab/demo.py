@@ -23,11 +23,11 @@ RUNS = Path("runs")
 # 32x32's cost; one hidden layer of 128 and light dropout generalise better than (1024, 128)
 # on 1,259 training images; no flips (a flipped 2 is no digit); a 20% test split so that
 # "99%" is measured on 359 images rather than 180. 20 epochs, as many as the bare loop of
-# benchmarks/demo.py: seeds 0, 1 and 2 gave 99.44%, 99.44% and 99.16% test top-1 on one
-# thread and on two, in about 20 s of training (40 epochs gave 99.16% to 99.72% in twice
-# the time). The moving average of the weights (ema 0.99, about the last 2.5 epochs) keeps
-# the result off the last epochs' noise: without it one thread instead of two (the CPU
-# rule's choice on a busy machine) once gave 98.33% instead of 99.72%.
+# benchmarks/demo.py: seeds 0, 1 and 2 gave 99.16%, 99.44% and 99.44% test top-1 on one
+# thread (seed 0 on two: 99.16%), in about 15 s of training (40 epochs gave 99.16% to
+# 99.72% in twice the time). The moving average of the weights (ema 0.99, about the last
+# 2.5 epochs) keeps the result off the last epochs' noise: without it one thread instead of
+# two (the CPU rule's choice on a busy machine) once gave 98.33% instead of 99.72%.
 DIGITS_DEMO = {
     "model": "convnet",
     "model_args": {"cdims": [32, 64], "hdims": [128], "dropout": 0.1},
