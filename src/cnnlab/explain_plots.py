@@ -15,6 +15,8 @@ from cnnlab.plots import new_figure, save_figure
 
 if TYPE_CHECKING:
     import numpy as np
+    from matplotlib.axes import Axes
+    from matplotlib.image import AxesImage
 
 
 def plot_heatmap(
@@ -41,6 +43,35 @@ def plot_heatmap(
     save_figure(fig, Path(out))
 
 
+def _display_pixels(image: torch.Tensor) -> np.ndarray:
+    """A uint8 (C, H, W) image as imshow takes it: (H, W) for gray, (H, W, 3) for colour."""
+    pixels = image.permute(1, 2, 0).numpy()
+    return pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3]
+
+
+def _draw_map(ax: Axes, pixels: np.ndarray, heat: np.ndarray, view: Sequence[float]) -> AxesImage:
+    """The image in gray and an attribution map (H', W') in [0, 1] over it in jet at half
+    opacity, spread over ``view`` (x0, y0, x1, y1), as every explain picture draws them;
+    the axes limited to the image. Pixel edges sit at integers, as the map's extent, boxes
+    and peaks have them (imshow's default puts them at half pixels, shifting the image half
+    a pixel). Returns the map's image, for a colour bar."""
+    height, width = pixels.shape[:2]
+    ax.imshow(pixels, cmap="gray", extent=(0, width, height, 0))
+    x0, y0, x1, y1 = view
+    shown = ax.imshow(
+        heat,
+        cmap="jet",
+        alpha=0.5,
+        vmin=0.0,
+        vmax=1.0,
+        extent=(x0, x1, y1, y0),
+        interpolation="bilinear",
+    )
+    ax.set_xlim(0, width)  # also stops the marks drawn next from rescaling the axes
+    ax.set_ylim(height, 0)
+    return shown
+
+
 def plot_attribution(
     image: torch.Tensor,
     heat: np.ndarray,
@@ -54,33 +85,15 @@ def plot_attribution(
     whole image), its peak marked, with a colour bar."""
     from matplotlib.patches import Rectangle
 
-    pixels = image.permute(1, 2, 0).numpy()
+    pixels = _display_pixels(image)
     fig = new_figure((6, 5))
     ax = fig.subplots()
-    height, width = pixels.shape[:2]
-    # Pixel edges at integers, as the map's extent and the peak's coordinates have them
-    # (imshow's default puts them at half pixels, shifting the image half a pixel).
-    ax.imshow(
-        pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3],
-        cmap="gray",
-        extent=(0, width, height, 0),
-    )
+    shown = _draw_map(ax, pixels, heat, box)
     x0, y0, x1, y1 = box
-    shown = ax.imshow(
-        heat,
-        cmap="jet",
-        alpha=0.5,
-        vmin=0.0,
-        vmax=1.0,
-        extent=(x0, x1, y1, y0),
-        interpolation="bilinear",
-    )
     if (x0, y0, x1, y1) != (0, 0, pixels.shape[1], pixels.shape[0]):
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="white", lw=1))
     if peak is not None:  # an all-zero map has none
         ax.plot([peak[0]], [peak[1]], marker="+", color="white", markersize=14, mew=2)
-    ax.set_xlim(0, pixels.shape[1])
-    ax.set_ylim(pixels.shape[0], 0)
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
     fig.colorbar(shown, ax=ax, label="attribution (1 = the map's peak)")
@@ -101,33 +114,19 @@ def plot_box_attributions(
     image alone."""
     from matplotlib.patches import Rectangle
 
-    pixels = image.permute(1, 2, 0).numpy()
-    pixels = pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3]
+    pixels = _display_pixels(image)
     cols = max(1, min(4, len(panels)))
     rows = max(1, math.ceil(len(panels) / cols))
     fig = new_figure((3.2 * cols + 0.8, 3.2 * rows + 0.5))
     fig.suptitle(title, fontsize=10)
     axes = fig.subplots(rows, cols, squeeze=False).flatten()
     shown = None
-    x0, y0, x1, y1 = view
     for ax, (heat, box, peak, label) in zip(axes, panels, strict=False):
-        # pixel edges at integers, as the map's extent and the box have them
-        ax.imshow(pixels, cmap="gray", extent=(0, pixels.shape[1], pixels.shape[0], 0))
-        shown = ax.imshow(
-            heat,
-            cmap="jet",
-            alpha=0.5,
-            vmin=0.0,
-            vmax=1.0,
-            extent=(x0, x1, y1, y0),
-            interpolation="bilinear",
-        )
+        shown = _draw_map(ax, pixels, heat, view)
         bx0, by0, bx1, by1 = box
         ax.add_patch(Rectangle((bx0, by0), bx1 - bx0, by1 - by0, fill=False, color="white", lw=2))
         if peak is not None:
             ax.plot([peak[0]], [peak[1]], marker="+", color="white", markersize=12, mew=2)
-        ax.set_xlim(0, pixels.shape[1])
-        ax.set_ylim(pixels.shape[0], 0)
         ax.set_title(label, fontsize=9)
     for ax in axes:
         ax.set_axis_off()
