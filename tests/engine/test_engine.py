@@ -545,7 +545,7 @@ def test_epoch_rows_fit_80_columns_and_messages_wrap_at_words(capsys, monkeypatc
 
 
 def test_a_hint_when_validation_stays_far_below_training(tmp_path) -> None:
-    from cnnlab.engine.loop import overfitting_hint
+    from cnnlab.engine.messages import overfitting_hint
     from cnnlab.tasks.classify import ClassifyTask
 
     spec = ClassifyTask.metrics

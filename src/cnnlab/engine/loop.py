@@ -27,7 +27,8 @@ from cnnlab import checkpoint, plots, transfer
 from cnnlab.config import TrainConfig
 from cnnlab.data.transforms import stats_line
 from cnnlab.destinations import check_destination
-from cnnlab.device import CpuPlan, threads_for
+from cnnlab.device import threads_for
+from cnnlab.engine.messages import batch_recipe, early_stop, overfitting_hint, setup_line
 from cnnlab.engine.optim import ema_model, warmup_cosine
 from cnnlab.engine.prepare import Prepared, Resolved, model_meta, prepare, resolve
 from cnnlab.engine.progress import Reporter, short_float
@@ -42,7 +43,6 @@ from cnnlab.files import (
     write_json,
     write_yaml,
 )
-from cnnlab.tasks.spec import MetricSpec
 
 _RANK_SEED_STRIDE = 1_000_003  # keeps the processes' per-epoch seeds apart (a prime)
 # What a resumed run may change.
@@ -321,7 +321,7 @@ def _fit(
                     "mark": mark,
                     "history": history,
                 }
-                _save_epoch(run_dir, latest, model, step, scheduler, evaluated, spec.columns)
+                state.save_epoch(run_dir, latest, model, step, scheduler, evaluated, spec.columns)
             row = history[-1]
             say.epoch(
                 [
@@ -408,37 +408,6 @@ def _train_pass(
     return seen, train_loss, score, lr, time.perf_counter() - started
 
 
-def _save_epoch(
-    run_dir: Path,
-    latest: dict,
-    model: nn.Module,
-    step: Step,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    evaluated: nn.Module,
-    columns: tuple[str, ...],
-) -> None:
-    """last.pt (everything resume needs) and the epoch's files, Ctrl-C held off meanwhile;
-    ``latest``: epoch, best, stale (epochs without improvement) and history."""
-    with state.hold_ctrl_c():
-        checkpoint.save_state(
-            run_dir / "last.pt",
-            {
-                "epoch": latest["epoch"],
-                "model": model.state_dict(),
-                "optimizer": step.optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": step.scaler.state_dict(),
-                "best": latest["best"],
-                "epochs_without_improvement": latest["stale"],
-                "stop_mark": latest["mark"],
-                "history": latest["history"],
-                "rng": state.rng_state(),
-                **({"ema": step.ema.state_dict()} if step.ema is not None else {}),
-            },
-        )
-        state.sync_epoch_files(run_dir, latest["history"], latest["best"], evaluated, columns)
-
-
 def _report_best(
     run_dir: Path,
     task: TrainingTask,
@@ -472,97 +441,6 @@ def _report_best(
     # The figures themselves are the caller's to print (the CLI: on stdout).
     say.line(f"best weights: epoch {best_epoch}; report, weights and plots in {run_dir}")
     return report
-
-
-def early_stop(cfg: TrainConfig, best_label: str, epoch: int, stale: int, best: int) -> dict:
-    """How early stopping ended a run after ``epoch`` epochs: report.json's ``early_stop``."""
-    gain = f" by more than {cfg.min_delta:g}" if cfg.min_delta else ""
-    return {
-        "epoch": epoch,
-        "of": cfg.epochs,
-        "patience": cfg.patience,
-        "min_delta": cfg.min_delta,
-        "reason": f"{best_label} did not improve{gain} for {stale} epochs (patience"
-        f" {cfg.patience}; best weights: epoch {best})",
-    }
-
-
-def setup_line(
-    cfg: TrainConfig,
-    task: TrainingTask,
-    model: nn.Module,
-    device: torch.device,
-    processes: int,
-    plan: CpuPlan,
-) -> str:
-    """What is about to train, before the first epoch: the split, the model, the device
-    and the resolved CPU plan (``cnnlab.engine.prepare.resolve``)."""
-    splits = task.splits
-    sizes = [f"{len(splits.train):,} train", f"{len(splits.val):,} val"]
-    if getattr(splits, "test", None):
-        sizes.append(f"{len(splits.test):,} test")
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    counted = f"{params:,} parameters" + (
-        f" ({trainable:,} trainable)" if trainable != params else ""
-    )
-    where = f"{device.type if device.type == 'cpu' else device} ({plan.describe()})"
-    if processes > 1:
-        where = f"{processes} processes on {device.type}"
-    line = (
-        f"{' / '.join(sizes)} images, {len(task.classes)} classes; {cfg.model}, {counted};"
-        f" {where}; {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
-        f" of batches of {cfg.batch_size}"
-    )
-    if cfg.batch_size > len(splits.train):
-        line += f" (more than the {len(splits.train)} training images: one step per epoch)"
-    recipe = batch_recipe(cfg)[1:]
-    if cfg.ema is not None:
-        recipe.append(f"the weights' moving average (decay {cfg.ema:g}) evaluated")
-    return line + "".join(f"; {part}" for part in recipe)
-
-
-GAP_HINTED = 0.25  # train score this far (25 points) above validation's: a hint
-
-
-def overfitting_hint(
-    spec: MetricSpec, history: list[dict], cfg: TrainConfig, train_images: int
-) -> str:
-    """A hint when validation stays far below training (as fastai and Ultralytics give):
-    the model learnt the training images, not the task; '' when it did not happen or the
-    task has no training score to compare."""
-    if spec.train is None or not any(f.key == spec.train.key for f in spec.val):
-        return ""
-    last = history[-1]
-    key = spec.train.key
-    train, val = last.get(f"train_{key}"), last.get(f"val_{key}")
-    if train is None or val is None or train - val < GAP_HINTED:
-        return ""
-    steps = -(-train_images // cfg.batch_size)
-    advice = []
-    if cfg.weights is None:
-        advice.append("start from pretrained weights (--weights torchvision)")
-    advice += [
-        "a smaller model",
-        f"more epochs (--epochs {2 * cfg.epochs})",
-        f"a lower --lr ({short_float(cfg.lr / 10)})",
-    ]
-    if cfg.augment in ("none", "light"):
-        advice.append("stronger augmentation (--augment strong)")
-    label = spec.train.label
-    return (
-        f"hint: val {label} {spec.train.shown(val)} is far below train {label}"
-        f" {spec.train.shown(train)}: the model learnt the {train_images:,} training images"
-        f" ({steps} steps an epoch), not what tells the classes apart. Try "
-        + ", ".join(advice)
-        + "; curves.png shows when the two parted."
-    )
-
-
-def batch_recipe(cfg: TrainConfig) -> list[str]:
-    """What makes a training batch, in words: the augmentation, then any batch mixing."""
-    mixes = (("mixup", cfg.mixup), ("cutmix", cfg.cutmix))
-    return [f"augment {cfg.augment}", *(f"{name} {alpha:g}" for name, alpha in mixes if alpha)]
 
 
 def public(result: dict) -> dict:

@@ -17,7 +17,7 @@ import signal
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ import cnnlab.engine.distributed as distributed
 from cnnlab import checkpoint
 from cnnlab.errors import CnnlabError
 from cnnlab.files import atomic_write_text
+
+if TYPE_CHECKING:
+    from cnnlab.engine.step import Step
 
 STATE_KEYS = {
     "epoch": int,
@@ -172,3 +175,34 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_epoch(
+    run_dir: Path,
+    latest: dict,
+    model: nn.Module,
+    step: Step,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    evaluated: nn.Module,
+    columns: tuple[str, ...],
+) -> None:
+    """last.pt (everything resume needs) and the epoch's files, Ctrl-C held off meanwhile;
+    ``latest``: epoch, best, stale (epochs without improvement) and history."""
+    with hold_ctrl_c():
+        checkpoint.save_state(
+            run_dir / "last.pt",
+            {
+                "epoch": latest["epoch"],
+                "model": model.state_dict(),
+                "optimizer": step.optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": step.scaler.state_dict(),
+                "best": latest["best"],
+                "epochs_without_improvement": latest["stale"],
+                "stop_mark": latest["mark"],
+                "history": latest["history"],
+                "rng": rng_state(),
+                **({"ema": step.ema.state_dict()} if step.ema is not None else {}),
+            },
+        )
+        sync_epoch_files(run_dir, latest["history"], latest["best"], evaluated, columns)
